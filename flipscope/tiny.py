@@ -1,0 +1,233 @@
+"""Offline Gemma 3 VLM checkpoints built from a config.
+
+MedGemma cannot be downloaded here, so tests and the model organism use small
+`Gemma3ForConditionalGeneration` checkpoints with the same classes, processor, chat template
+and special tokens. This module builds them: a word-level `tokenizers` tokenizer carrying the
+Gemma special tokens, a `Gemma3Processor` with the PIL image processor, the Gemma 3 chat
+template, and a randomly initialised model. Everything is written with `save_pretrained`
+so it loads back through the same `from_pretrained` path a user takes for MedGemma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+__all__ = [
+    "GEMMA_CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "TinyVLMConfig",
+    "build_processor",
+    "build_tiny_vlm",
+    "save_tiny_vlm",
+]
+
+# Gemma 3's chat template (as shipped with google/gemma-3-4b-it and MedGemma), with every
+# newline written as a Jinja string literal so the file round-trips through JSON unchanged.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception('Invalid content type') }}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+# Gemma's special tokens in the order their ids are assigned here (pad=0, eos=1, bos=2, unk=3).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+_STRUCTURAL_WORDS: tuple[str, ...] = ("\n", "user", "model", "system")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyVLMConfig:
+    """Sizes of a small Gemma 3 VLM.
+
+    Attributes:
+        words: Vocabulary beside the special and structural tokens (lower-cased; punctuation
+            marks are tokens of their own).
+        text_layers: Decoder layers of the language model.
+        d_model: Language-model hidden size.
+        d_mlp: Language-model MLP width.
+        n_heads: Query heads; `n_kv_heads` key/value heads; `head_dim` per head.
+        sliding_window: Window of the sliding-attention layers (every layer but the last).
+        vision_layers: SigLIP encoder layers; `vision_d_model` its width.
+        image_size: Square input size in pixels; `patch_size` the SigLIP patch.
+        mm_tokens_per_image: Image soft tokens after pooling (a square number).
+        seed: Seed for the random weights.
+    """
+
+    words: Sequence[str] = field(default_factory=tuple)
+    text_layers: int = 4
+    d_model: int = 64
+    d_mlp: int = 128
+    n_heads: int = 2
+    n_kv_heads: int = 1
+    head_dim: int = 32
+    sliding_window: int = 16
+    vision_layers: int = 2
+    vision_d_model: int = 32
+    image_size: int = 32
+    patch_size: int = 8
+    mm_tokens_per_image: int = 4
+    seed: int = 0
+
+
+def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
+    """A `Gemma3Processor` with a word-level tokenizer over `words` and Gemma's special tokens."""
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *_STRUCTURAL_WORDS, *(w.lower() for w in words)):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "start_of_turn_token": "<start_of_turn>",
+            "end_of_turn_token": "<end_of_turn>",
+        },
+        padding_side="left",
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        image_seq_length=mm_tokens_per_image,
+    )
+
+
+def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """A randomly initialised Gemma 3 VLM and its processor.
+
+    HF initialises the projector weight to zeros (so the model would ignore its image); it is
+    re-drawn here so the image reaches the language model.
+    """
+    processor = build_processor(cfg.words, image_size=cfg.image_size, mm_tokens_per_image=cfg.mm_tokens_per_image)
+    tokenizer = processor.tokenizer
+    layer_types = ["sliding_attention"] * (cfg.text_layers - 1) + ["full_attention"]
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        sliding_window=cfg.sliding_window,
+        layer_types=layer_types,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=cfg.vision_d_model,
+        intermediate_size=2 * cfg.vision_d_model,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=2,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        vision_use_head=False,
+    )
+    config = Gemma3Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        mm_tokens_per_image=cfg.mm_tokens_per_image,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, proj.shape[0] ** -0.5)
+        # Random (rather than zero) RMSNorm gains so that the (1 + w) convention matters.
+        for name, param in model.named_parameters():
+            if "norm" in name and param.ndim == 1:
+                param.normal_(0.0, 0.1)
+    model.eval()
+    return model, processor
+
+
+def save_tiny_vlm(cfg: TinyVLMConfig, directory: str | Path) -> Path:
+    """Build a tiny VLM and write model + processor to `directory` (safetensors)."""
+    directory = Path(directory)
+    model, processor = build_tiny_vlm(cfg)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory
