@@ -81,7 +81,7 @@ def main() -> None:
                 subprocess.check_call = saved
 
     rng = np.random.default_rng(0)
-    questions = ["Is there an effusion?", "Is there any pleural effusion?", "Are the lungs clear?", "Is there an opacity?"]
+    questions = ["Is there an effusion?", "Is there any pleural effusion?", "Are the lungs clear?", "Is there opacity?"]
     specs = [
         PromptSpec(question=questions[i % len(questions)], image=rng.integers(0, 256, (256, 256), dtype=np.uint8))
         for i in range(args.batch)

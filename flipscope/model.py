@@ -173,7 +173,7 @@ class HookedVLM(HookedRootModule):
         """
         source = str(name_or_path)
         local = Path(source).expanduser()
-        is_local = local.exists() or source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[0]
+        is_local = local.exists() or source.startswith((".", "/", "~"))
         if is_local and not (local / "config.json").is_file():
             raise FlipscopeError(f"model directory {source!r} has no config.json; expected a saved Gemma 3 VLM")
         try:

@@ -87,8 +87,9 @@ def test_with_image_matches_bridge_once_its_vision_norms_are_native(bridge, eage
     bridge_logits, _ = _bridge_run(bridge, inputs)
     gap = float((bridge_logits - logits).abs().max())
     assert gap > 1e-3, "TransformerBridge's Gemma 3 vision norms look fixed upstream; drop the workaround"
+    n_vision_norms = 2 * eager_vlm.hf_model.config.vision_config.num_hidden_layers + 1
     try:
-        assert _set_native_vision_norms(bridge, True) == 2 * eager_vlm.hf_model.config.vision_config.num_hidden_layers + 1
+        assert _set_native_vision_norms(bridge, True) == n_vision_norms
         bridge_logits, bridge_cache = _bridge_run(bridge, inputs)
     finally:
         _set_native_vision_norms(bridge, False)
