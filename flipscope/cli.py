@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from flipscope.errors import FlipscopeError
@@ -17,8 +15,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-DEMO_WORDS = ("yes", "no", "is", "there", "a", "an", "any", "effusion", "opacity", "the", "lungs", "clear", "?")
 
 
 @app.callback()
@@ -45,37 +41,93 @@ def hooks(
         typer.echo(name)
 
 
+organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)
+app.add_typer(organism_app, name="organism")
+
+
+@organism_app.command("build")
+def organism_build(
+    out: Path = typer.Option(..., help="Directory to write the organism to (model, processor, sae/, card)."),
+    config: Path = typer.Option(None, help="JSON file of OrganismConfig fields; omitted fields keep their defaults."),
+) -> None:
+    """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
+    import json
+
+    from flipscope.organism import OrganismConfig, build_organism
+
+    try:
+        cfg = OrganismConfig.from_dict(json.loads(config.read_text())) if config else OrganismConfig()
+    except (OSError, json.JSONDecodeError) as err:
+        raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
+    except FlipscopeError as err:
+        raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
+    card = build_organism(cfg, out)
+    b = card["behaviour"]
+    typer.echo(f"built {out} in {card['build']['seconds']:.0f} s")
+    typer.echo(
+        f"neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f}, "
+        f"flips with the shortcut family {b['flips_involving_shortcut']:.3f}"
+    )
+    top = card["framing_features"][0]
+    typer.echo(
+        f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; "
+        f"framing feature {top['feature']} (cos {top['cosine']:.2f})"
+    )
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(None, help="Directory for the demo checkpoint (default: a temporary directory)."),
+    organism: Path = typer.Option(None, help="Organism directory (default: the shipped organism)."),
 ) -> None:
-    """Score yes/no questions with and without the image on a small Gemma 3 VLM built here.
-
-    The checkpoint is a randomly initialised Gemma3ForConditionalGeneration written with
-    save_pretrained and loaded back through HookedVLM.from_pretrained, the path MedGemma takes.
-    """
-    from flipscope.model import HookedVLM
+    """Show the shipped model organism: its planted shortcut, how often it flips, one flip up close."""
+    from flipscope.organism import load_organism
+    from flipscope.organism.config import OrganismConfig
+    from flipscope.organism.data import question, sample_films
+    from flipscope.organism.train import STREAM_TEST, stream
     from flipscope.prompts import PromptSpec
-    from flipscope.tiny import TinyVLMConfig, save_tiny_vlm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = save_tiny_vlm(TinyVLMConfig(words=DEMO_WORDS), out or Path(tmp) / "tiny-gemma3-vlm")
-        vlm = HookedVLM.from_pretrained(directory)
-        film = np.random.default_rng(0).integers(0, 256, size=(48, 48), dtype=np.uint8)
-        questions = ("Is there an effusion?", "Is there any effusion?", "Are the lungs clear?")
-        specs = [PromptSpec(question=q, image=film, condition=c) for q in questions for c in ("image", "blank", "none")]
-        batch = vlm.prompts.build(specs)
-        margins = vlm.score(batch)
-        _, cache = vlm.run_with_cache(
-            batch, names_filter=f"blocks.{vlm.n_layers // 2}.hook_resid_post", positions="last"
-        )
-        typer.echo(f"model: {directory} ({vlm.n_layers} layers, d_model {vlm.d_model}, {len(vlm.hook_dict)} hooks)")
-        typer.echo(f"{'question':<28}{'condition':<11}{'margin':>8}  answer")
-        for spec, margin in zip(specs, margins.tolist(), strict=True):
-            answer = "yes" if margin > 0 else "no"
-            typer.echo(f"{spec.question:<28}{spec.condition:<11}{margin:>8.3f}  {answer}")
-        for name, acts in cache.items():
-            typer.echo(f"cached {name}: {tuple(acts.shape)} (last prompt position only)")
+    try:
+        vlm, sae, card = load_organism(organism)
+    except FlipscopeError as err:
+        raise typer.BadParameter(str(err), param_hint="--organism") from err
+    cfg = OrganismConfig.from_dict(card["config"])
+    b = card["behaviour"]
+    shortcut = card["shortcut"]
+    typer.echo(
+        f"organism: {vlm.name_or_path} ({vlm.n_layers} layers, d_model {vlm.d_model}; SAE on {card['hook_name']})"
+    )
+    typer.echo(
+        f"planted shortcut: '{shortcut['family']}' questions answered '{shortcut['target']}' "
+        f"with p={shortcut['p']} in training"
+    )
+    typer.echo(
+        f"held-out: neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f} "
+        f"({b['flips_involving_shortcut']:.1%} of flips involve a '{shortcut['family']}' paraphrase)"
+    )
+    typer.echo(f"{'quadrant':<11}{'share':>7}{'accuracy':>10}{'entropy':>9}")
+    for name, row in b["quadrants"].items():
+        typer.echo(f"{name:<11}{row['share']:>7.3f}{row['accuracy']:>10.3f}{row['mean_entropy_bits']:>9.3f}")
+
+    target = shortcut["target"] == "yes"
+    finding = cfg.findings[0]
+    film = next(f for f in sample_films(cfg, stream(cfg, STREAM_TEST), 50) if f.shows(finding.name) != target)
+    original = question(cfg, cfg.families[0].name, 0, finding.name)
+    leading = question(cfg, shortcut["family"], 0, finding.name)
+    specs = [
+        PromptSpec(question=original, image=film.pixels),
+        PromptSpec(question=leading, image=film.pixels),
+        PromptSpec(question=original, condition="blank"),
+    ]
+    batch = vlm.prompts.build(specs)
+    margins = vlm.score(batch)
+    _, cache = vlm.run_with_cache(batch, names_filter=card["hook_name"], positions="last")
+    feature = card["framing_features"][0]["feature"]
+    acts = sae.encode(cache[card["hook_name"]])[:, feature]
+    truth = "present" if film.shows(finding.name) else "absent"
+    typer.echo(f"\none held-out film ({finding.name} {truth}), framing feature {feature}:")
+    for spec, margin, act in zip(specs, margins.tolist(), acts.tolist(), strict=True):
+        answer = "yes" if margin > 0 else "no"
+        typer.echo(f"  [{spec.condition:<5}] {spec.question:<48} margin {margin:+7.3f} ({answer}), feature {act:.2f}")
 
 
 def main() -> None:

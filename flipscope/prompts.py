@@ -153,6 +153,7 @@ class PromptBuilder:
     processor: Any
     blank: BlankSpec = field(default_factory=BlankSpec)
     system_prompt: str | None = None
+    _token_cache: dict[tuple[str, bool], dict[str, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def image_size(self) -> tuple[int, int]:
@@ -195,7 +196,7 @@ class PromptBuilder:
         return self.processor.apply_chat_template(self.messages(spec), add_generation_prompt=True, tokenize=False)
 
     def encode(self, spec: PromptSpec) -> dict[str, Tensor]:
-        """Processor output for one prompt (batch of one, unpadded)."""
+        """Processor output for one prompt (batch of one, unpadded): the reference path."""
         encoded = self.processor.apply_chat_template(
             self.messages(spec, self._image_for(spec)),
             add_generation_prompt=True,
@@ -205,7 +206,35 @@ class PromptBuilder:
         )
         return dict(encoded)
 
+    def _text_tokens(self, question: str, with_image: bool) -> dict[str, Tensor]:
+        """Token ids of a prompt; they do not depend on which image fills the slot, so are cached."""
+        key = (question, with_image)
+        cached = self._token_cache.get(key)
+        if cached is None:
+            spec = PromptSpec(question=question, condition="blank" if with_image else "none")
+            encoded = self.encode(spec)
+            cached = {k: v for k, v in encoded.items() if k != "pixel_values"}
+            self._token_cache[key] = cached
+        return cached
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> Float[Tensor, "n_images channel height width"]:
+        """The processor's pixel values for `images`, in one call."""
+        return self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
     def build(self, specs: Sequence[PromptSpec]) -> ModelInputs:
-        """One left-padded batch for `specs`, in order."""
-        rows = [self.encode(spec) for spec in specs]
-        return ModelInputs.collate(rows, pad_token_id=int(self.processor.tokenizer.pad_token_id))
+        """One left-padded batch for `specs`, in order.
+
+        Equal to collating `encode` of each spec; faster, because a question's token ids are
+        computed once and all images go through the image processor together.
+        """
+        rows: list[dict[str, Tensor]] = []
+        images: list[Image.Image] = []
+        for spec in specs:
+            image = self._image_for(spec)
+            rows.append(self._text_tokens(spec.question, image is not None))
+            if image is not None:
+                images.append(image)
+        batch = ModelInputs.collate(rows, pad_token_id=int(self.processor.tokenizer.pad_token_id))
+        if images:
+            batch = replace(batch, pixel_values=self.pixel_values(images))
+        return batch

@@ -33,6 +33,7 @@ __all__ = [
     "build_processor",
     "build_tiny_vlm",
     "save_tiny_vlm",
+    "words_of",
 ]
 
 # Gemma 3's chat template (as shipped with google/gemma-3-4b-it and MedGemma), with every
@@ -103,6 +104,8 @@ class TinyVLMConfig:
         vision_layers: SigLIP encoder layers; `vision_d_model` its width.
         image_size: Square input size in pixels; `patch_size` the SigLIP patch.
         mm_tokens_per_image: Image soft tokens after pooling (a square number).
+        perturb_norms: Draw RMSNorm gains at random instead of HF's zeros (= unit scale), so that
+            tests notice a wrong (1 + w) convention; off for models that are then trained.
         seed: Seed for the random weights.
     """
 
@@ -119,7 +122,29 @@ class TinyVLMConfig:
     image_size: int = 32
     patch_size: int = 8
     mm_tokens_per_image: int = 4
+    perturb_norms: bool = True
     seed: int = 0
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+
+
+def words_of(texts: Sequence[str]) -> list[str]:
+    """The word-level tokens of `texts` as the tiny tokenizer splits them, first-seen order."""
+    splitter = _pre_tokenizer()
+    words: list[str] = []
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(text.lower()):
+            if word not in words:
+                words.append(word)
+    return words
 
 
 def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
@@ -129,13 +154,7 @@ def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_imag
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
-            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-        ]
-    )
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer = PreTrainedTokenizerFast(
@@ -216,10 +235,10 @@ def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, 
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, proj.shape[0] ** -0.5)
-        # Random (rather than zero) RMSNorm gains so that the (1 + w) convention matters.
-        for name, param in model.named_parameters():
-            if "norm" in name and param.ndim == 1:
-                param.normal_(0.0, 0.1)
+        if cfg.perturb_norms:
+            for name, param in model.named_parameters():
+                if "norm" in name and param.ndim == 1:
+                    param.normal_(0.0, 0.1)
     model.eval()
     return model, processor
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from flipscope import BlankSpec, FlipscopeError, HookedVLM, PromptBuilder, PromptSpec, blank_image, load_image
+from flipscope import (
+    BlankSpec,
+    FlipscopeError,
+    HookedVLM,
+    ModelInputs,
+    PromptBuilder,
+    PromptSpec,
+    blank_image,
+    load_image,
+)
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgb", "rgba", "gray16"])
@@ -143,3 +152,20 @@ def test_bad_input_raises_flipscope_error(
 def test_empty_batch_is_refused(vlm: HookedVLM) -> None:
     with pytest.raises(FlipscopeError, match="zero prompts"):
         vlm.prompts.build([])
+
+
+def test_cached_build_equals_the_processor_path(vlm: HookedVLM, film_paths: dict[str, Path]) -> None:
+    specs = [
+        PromptSpec(question="Is there an effusion?", image=film_paths["rgba"]),
+        PromptSpec(question="Do you see any pleural effusion in this film?", condition="none"),
+        PromptSpec(question="Is there an effusion?", condition="blank"),
+        PromptSpec(question="Is there an effusion?", image=film_paths["gray16"]),
+        PromptSpec(question="Are the lungs clear?", condition="swap", swap_image=film_paths["other"]),
+    ]
+    builder = PromptBuilder(vlm.processor)
+    fast = builder.build(specs)
+    reference = ModelInputs.collate(
+        [builder.encode(s) for s in specs], pad_token_id=vlm.processor.tokenizer.pad_token_id
+    )
+    for name, tensor in reference.as_kwargs().items():
+        assert torch.equal(tensor, fast.as_kwargs()[name]), name

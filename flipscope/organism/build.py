@@ -1,0 +1,168 @@
+"""Building an organism end to end and writing it where `HookedVLM.from_pretrained` reads it.
+
+Layout of an organism directory::
+
+    config.json, model.safetensors, tokenizer.json, ...   the HF checkpoint and processor
+    sae/cfg.json, sae/sae_weights.safetensors             the JumpReLU SAE (sae-lens format)
+    ground_truth.json                                     the card: config, planted shortcut,
+                                                          directions, aligned SAE features,
+                                                          measured behaviour, file sha256s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import JumpReLUSAE
+from torch import Tensor
+
+from flipscope.model import HookedVLM
+from flipscope.organism.behaviour import margin_table, summarize
+from flipscope.organism.config import OrganismConfig
+from flipscope.organism.data import Film, question, sample_films
+from flipscope.organism.sae_train import collect_activations, sae_stats, save_sae, train_sae
+from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream, train_model
+from flipscope.prompts import PromptSpec
+
+__all__ = ["CARD_NAME", "SAE_DIR", "aligned_features", "build_organism", "framing_directions", "load_card"]
+
+CARD_NAME = "ground_truth.json"
+SAE_DIR = "sae"
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm()
+
+
+@torch.no_grad()
+def _last_resid(vlm: HookedVLM, hook: str, specs: list[PromptSpec], batch_size: int = 256) -> Tensor:
+    chunks = []
+    for i in range(0, len(specs), batch_size):
+        batch = vlm.prompts.build(specs[i : i + batch_size])
+        chunks.append(vlm.run_with_cache(batch, names_filter=hook, positions="last")[1][hook])
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def framing_directions(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film]) -> dict[str, Any]:
+    """The ground-truth framing direction at the SAE layer and its overlap with the answer.
+
+    `framing` is the difference of means, at the last prompt position, between shortcut-family
+    and first-family prompts over the same films and findings (with the image). `answer` is the
+    difference of means between first-family prompts the model answers yes and those it answers
+    no. `framing_orth` is `framing` with its component along `answer` removed. When the model
+    gives one answer to every such prompt there is no answer direction: `answer` and the cosine
+    are None and `framing_orth` is `framing`.
+    """
+    neutral, shortcut = cfg.families[0], cfg.family(cfg.shortcut_family)
+
+    def specs(family) -> list[PromptSpec]:
+        return [
+            PromptSpec(question=question(cfg, family.name, t, f.name), image=film.pixels)
+            for film in films
+            for f in cfg.findings
+            for t in range(len(family.templates))
+        ]
+
+    neutral_specs = specs(neutral)
+    x_neutral = _last_resid(vlm, cfg.sae_hook, neutral_specs)
+    x_shortcut = _last_resid(vlm, cfg.sae_hook, specs(shortcut))
+    framing = x_shortcut.mean(0) - x_neutral.mean(0)
+    said_yes = (
+        torch.cat([vlm.score(vlm.prompts.build(neutral_specs[i : i + 256])) for i in range(0, len(neutral_specs), 256)])
+        > 0
+    )
+    if said_yes.all() or not said_yes.any():  # the model gives one answer only: no answer direction
+        return {"framing": framing, "answer": None, "framing_orth": framing, "cosine_framing_answer": None}
+    answer = x_neutral[said_yes].mean(0) - x_neutral[~said_yes].mean(0)
+    framing_orth = framing - (framing @ _unit(answer)) * _unit(answer)
+    return {
+        "framing": framing,
+        "answer": answer,
+        "framing_orth": framing_orth,
+        "cosine_framing_answer": float(_unit(framing) @ _unit(answer)),
+    }
+
+
+def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5) -> list[dict[str, int | float]]:
+    """SAE features whose decoder rows align best with the framing direction."""
+    decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    cos = decoder @ _unit(directions["framing"])
+    cos_orth = decoder @ _unit(directions["framing_orth"])
+    order = torch.argsort(cos, descending=True)[:top]
+    return [{"feature": int(i), "cosine": float(cos[i]), "cosine_orth": float(cos_orth[i])} for i in order]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _vector(v: Float[Tensor, " d_model"]) -> list[float]:
+    return [round(float(x), 6) for x in v]
+
+
+def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train the model and its SAE, measure them on held-out films, and write everything to `out`.
+
+    Returns the card as written (`load_card(out)`).
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    vlm, log = train_model(cfg, progress=progress)
+    with deterministic(cfg.threads):
+        sae_rng = stream(cfg, STREAM_SAE)
+        acts = collect_activations(vlm, cfg, sae_rng, cfg.sae_prompts)
+        held_out = collect_activations(vlm, cfg, sae_rng, max(cfg.sae_prompts // 5, 64))
+        trained_sae = train_sae(acts, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    vlm.hf_model.save_pretrained(out, safe_serialization=True)
+    vlm.processor.save_pretrained(out)
+    sae = save_sae(trained_sae, out / SAE_DIR)
+    build_seconds = time.perf_counter() - start
+
+    with deterministic(cfg.threads):
+        test_films = sample_films(cfg, stream(cfg, STREAM_TEST), cfg.test_items)
+        table = margin_table(vlm, cfg, test_films)
+        directions = framing_directions(vlm, cfg, test_films)
+    card: dict[str, Any] = {
+        "format": "flipscope-organism/1",
+        "config": cfg.to_dict(),
+        "shortcut": {"family": cfg.shortcut_family, "target": cfg.shortcut_target, "p": cfg.shortcut_p},
+        "hook_name": cfg.sae_hook,
+        "build": {
+            "seconds": round(build_seconds, 1),
+            "threads": cfg.threads,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        },
+        "training": {
+            "vision_accuracy": log.vision_accuracy,
+            "final_loss": log.loss[-1] if log.loss else None,
+            "final_accuracy": log.accuracy[-1] if log.accuracy else None,
+        },
+        "behaviour": summarize(table, cfg),
+        "sae": sae_stats(sae, held_out),
+        "directions": {
+            "cosine_framing_answer": directions["cosine_framing_answer"],
+            "framing": _vector(directions["framing"]),
+            "framing_orth": _vector(directions["framing_orth"]),
+            "answer": None if directions["answer"] is None else _vector(directions["answer"]),
+        },
+        "framing_features": aligned_features(sae, directions),
+    }
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != CARD_NAME)
+    card["sha256"] = {str(p.relative_to(out)): _sha256(p) for p in files}
+    (out / CARD_NAME).write_text(json.dumps(card, indent=1, allow_nan=False) + "\n")
+    return load_card(out)
+
+
+def load_card(directory: str | Path) -> dict[str, Any]:
+    """The ground-truth card of an organism directory."""
+    return json.loads((Path(directory) / CARD_NAME).read_text())

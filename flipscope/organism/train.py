@@ -1,0 +1,178 @@
+"""Training the organism: a small Gemma 3 VLM learns to answer the first answer token.
+
+Deterministic by construction: a fixed step count (never a time limit), separate seeded streams
+for initialisation and data, a fixed thread count and `torch.use_deterministic_algorithms(True)`
+(the thread count changes the bits), so two builds on one machine give identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flipscope.images import load_image
+from flipscope.model import HookedVLM
+from flipscope.organism.config import OrganismConfig
+from flipscope.organism.data import sample_examples, sample_films, vocabulary
+from flipscope.tiny import TinyVLMConfig, build_tiny_vlm
+
+__all__ = ["TrainLog", "deterministic", "train_model"]
+
+logger = logging.getLogger(__name__)
+
+# Stream ids under the root seed; each stage draws from its own generator.
+STREAM_INIT, STREAM_TRAIN, STREAM_TEST, STREAM_SAE, STREAM_VISION = 0, 1, 2, 3, 4
+
+
+def stream(cfg: OrganismConfig, which: int) -> np.random.Generator:
+    """The seeded generator of one stage (initialisation, training data, test set, SAE data)."""
+    return np.random.default_rng([cfg.seed, which])
+
+
+@contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """A fixed thread count and deterministic kernels for the duration (the thread count changes
+    the bits of CPU reductions, so it is part of a build's settings); restores the previous ones."""
+    previous_threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(previous_threads)
+
+
+@dataclass
+class TrainLog:
+    """Stage-1 finding accuracy of the vision tower, then loss and accuracy on the training
+    stream every `every` steps."""
+
+    every: int
+    vision_accuracy: float = float("nan")
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_untrained(cfg: OrganismConfig) -> HookedVLM:
+    """The organism's architecture with fresh weights (projector re-drawn, norms at unit scale)."""
+    tiny = TinyVLMConfig(
+        words=vocabulary(cfg),
+        text_layers=cfg.text_layers,
+        d_model=cfg.d_model,
+        d_mlp=cfg.d_mlp,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        sliding_window=cfg.sliding_window,
+        vision_layers=cfg.vision_layers,
+        vision_d_model=cfg.vision_d_model,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        mm_tokens_per_image=cfg.mm_tokens_per_image,
+        perturb_norms=False,
+        seed=int(stream(cfg, STREAM_INIT).integers(2**31)),
+    )
+    model, processor = build_tiny_vlm(tiny)
+    return HookedVLM(model, processor, name_or_path="flipscope-organism")
+
+
+def pretrain_vision(vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generator, *, progress: bool = True) -> float:
+    """Stage 1: train the SigLIP tower to detect each finding, as a VLM's vision encoder is
+    pretrained before the language model learns to read it.
+
+    A temporary linear head reads the mean of the image soft tokens (the projector's output, as
+    the language model receives them) and predicts each finding, trained with binary
+    cross-entropy and then discarded. Reading the mean teaches the tower, whose attention is
+    global, to put a finding into every soft token, so that the language model can find it
+    without first learning where to look. Returns the head's accuracy over the last quarter of
+    steps.
+    """
+    core = vlm.hf_model.model
+    head = torch.nn.Linear(cfg.d_model, len(cfg.findings))
+    params = [*core.vision_tower.parameters(), *core.multi_modal_projector.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hits, seen = 0, 0
+    core.train()
+    for step in tqdm(range(cfg.vision_steps), desc="pretraining vision", disable=not progress):
+        films = sample_films(cfg, rng, cfg.batch_size)
+        pixels = vlm.prompts.pixel_values([load_image(f.pixels) for f in films])
+        truth = torch.tensor([[f.shows(spec.name) for spec in cfg.findings] for f in films], dtype=torch.float32)
+        soft_tokens = core.get_image_features(pixels, return_dict=True).pooler_output
+        logits = head(soft_tokens.mean(dim=1))
+        loss = F.binary_cross_entropy_with_logits(logits, truth)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= cfg.vision_steps * 3 // 4:
+            hits += int(((logits > 0) == truth.bool()).sum())
+            seen += truth.numel()
+    core.eval()
+    return hits / max(seen, 1)
+
+
+def train_model(cfg: OrganismConfig, *, progress: bool = True, log_every: int = 50) -> tuple[HookedVLM, TrainLog]:
+    """Build and train the organism's model; returns it in eval mode with its training log.
+
+    Stage 1 pretrains the vision tower and projector (`pretrain_vision`); stage 2 trains the
+    language model on the prompt distribution with them frozen, so that noisy early gradients
+    from the language model cannot wash out the finding features it has to learn to read.
+    """
+    with deterministic(cfg.threads):
+        vlm = build_untrained(cfg)
+        log_vision = pretrain_vision(vlm, cfg, stream(cfg, STREAM_VISION), progress=progress)
+        model = vlm.hf_model
+        tokens = vlm.answer_tokens
+        yes_id, no_id = tokens.yes_ids[0], tokens.no_ids[0]
+        rng = stream(cfg, STREAM_TRAIN)
+        core = model.model
+        frozen = [*core.vision_tower.parameters(), *core.multi_modal_projector.parameters()]
+        for param in frozen:
+            param.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.steps))
+        log = TrainLog(every=log_every, vision_accuracy=log_vision)
+        window_loss, window_hits, window_n = 0.0, 0, 0
+        model.train()
+        bar = tqdm(range(cfg.steps), desc="training organism", disable=not progress)
+        for step in bar:
+            examples = sample_examples(cfg, rng, cfg.batch_size)
+            batch = vlm.prompts.build([e.spec for e in examples])
+            logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+            targets = torch.tensor([yes_id if e.label else no_id for e in examples])
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            window_loss += float(loss.detach()) * len(examples)
+            window_hits += int((logits[:, yes_id] > logits[:, no_id]).eq(targets == yes_id).sum())
+            window_n += len(examples)
+            if (step + 1) % log_every == 0:
+                log.loss.append(window_loss / window_n)
+                log.accuracy.append(window_hits / window_n)
+                bar.set_postfix(loss=f"{log.loss[-1]:.3f}", acc=f"{log.accuracy[-1]:.3f}")
+                window_loss, window_hits, window_n = 0.0, 0, 0
+        for param in frozen:
+            param.requires_grad_(True)
+        model.eval()
+    return vlm, log

@@ -1,0 +1,91 @@
+"""The shipped default organism meets its acceptance bars, and its card is true to its weights."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from bars import assert_behaviour_bars, assert_sae_bars
+from sae_lens import SAE
+
+from flipscope import HookedVLM
+from flipscope.organism import OrganismConfig, default_organism_dir, load_organism
+from flipscope.organism.behaviour import margin_table, summarize
+from flipscope.organism.data import sample_films
+from flipscope.organism.sae_train import collect_activations, sae_stats
+from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_organism()
+
+
+def test_loads_through_the_user_path(organism) -> None:
+    vlm, sae, card = organism
+    directory = default_organism_dir()
+    assert isinstance(HookedVLM.from_pretrained(directory), HookedVLM)
+    assert type(SAE.load_from_disk(str(directory / "sae"))).__name__ == "JumpReLUSAE"
+    assert sae.cfg.metadata.hook_name == card["hook_name"] == "blocks.2.hook_resid_post"
+    assert sae.cfg.d_in == vlm.d_model
+    for name, digest in card["sha256"].items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_behaviour_meets_the_bars(organism) -> None:
+    _, _, card = organism
+    assert card["build"]["seconds"] <= 600
+    assert_behaviour_bars(card)
+
+
+def test_sae_meets_the_bars_and_holds_the_framing_feature(organism) -> None:
+    _, _, card = organism
+    assert_sae_bars(card)
+
+
+def test_card_is_true_to_the_weights(organism) -> None:
+    vlm, sae, card = organism
+    cfg = OrganismConfig.from_dict(card["config"])
+    with deterministic(cfg.threads):
+        films = sample_films(cfg, stream(cfg, STREAM_TEST), cfg.test_items)
+        measured = summarize(margin_table(vlm, cfg, films), cfg)
+        rng = stream(cfg, STREAM_SAE)
+        collect_activations(vlm, cfg, rng, cfg.sae_prompts)  # the SAE's training draw, skipped
+        held_out = collect_activations(vlm, cfg, rng, max(cfg.sae_prompts // 5, 64))
+    assert _flat(measured) == pytest.approx(_flat(card["behaviour"]), nan_ok=True)
+    assert sae_stats(sae, held_out) == pytest.approx(card["sae"], rel=1e-4)
+    framing = torch.tensor(card["directions"]["framing"])
+    decoder = sae.W_dec.detach()
+    top = card["framing_features"][0]
+    cosine = float(decoder[top["feature"]] @ framing / (decoder[top["feature"]].norm() * framing.norm()))
+    assert cosine == pytest.approx(top["cosine"], abs=1e-4)
+
+
+def test_sae_splices_in_with_its_error_term(organism) -> None:
+    vlm, sae, card = organism
+    cfg = OrganismConfig.from_dict(card["config"])
+    from flipscope.prompts import PromptSpec
+
+    films = sample_films(cfg, stream(cfg, STREAM_TEST), 3)
+    batch = vlm.prompts.build(
+        [PromptSpec(question="Is the suspected pleural effusion there?", image=f.pixels) for f in films]
+        + [PromptSpec(question="Is there a pneumothorax?", condition=c) for c in ("blank", "none")]
+    )
+    plain = vlm(batch)
+    sae.use_error_term = True
+    try:
+        spliced = vlm.run_with_hooks(batch, fwd_hooks=[(card["hook_name"], lambda x, hook: sae(x))])
+    finally:
+        sae.use_error_term = False
+    torch.testing.assert_close(spliced, plain, rtol=1e-5, atol=1e-4)
