@@ -110,9 +110,13 @@ def demo(
 
     target = shortcut["target"] == "yes"
     finding = cfg.findings[0]
-    film = next(f for f in sample_films(cfg, stream(cfg, STREAM_TEST), 50) if f.shows(finding.name) != target)
     original = question(cfg, cfg.families[0].name, 0, finding.name)
     leading = question(cfg, shortcut["family"], 0, finding.name)
+    candidates = [f for f in sample_films(cfg, stream(cfg, STREAM_TEST), 40) if f.shows(finding.name) != target]
+    pairs = vlm.prompts.build([PromptSpec(question=q, image=f.pixels) for f in candidates for q in (original, leading)])
+    answers = (vlm.score(pairs) > 0).reshape(len(candidates), 2)
+    flipped = [i for i in range(len(candidates)) if answers[i, 0] != answers[i, 1]]
+    film = candidates[flipped[0] if flipped else 0]
     specs = [
         PromptSpec(question=original, image=film.pixels),
         PromptSpec(question=leading, image=film.pixels),
