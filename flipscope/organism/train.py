@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -71,25 +71,15 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# The model sizes, named alike in OrganismConfig and TinyVLMConfig.
+_SIZE_FIELDS = tuple(f.name for f in fields(TinyVLMConfig) if f.name not in ("words", "perturb_norms", "seed"))
+
+
 def build_untrained(cfg: OrganismConfig) -> HookedVLM:
     """The organism's architecture with fresh weights (projector re-drawn, norms at unit scale)."""
-    tiny = TinyVLMConfig(
-        words=vocabulary(cfg),
-        text_layers=cfg.text_layers,
-        d_model=cfg.d_model,
-        d_mlp=cfg.d_mlp,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        sliding_window=cfg.sliding_window,
-        vision_layers=cfg.vision_layers,
-        vision_d_model=cfg.vision_d_model,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        mm_tokens_per_image=cfg.mm_tokens_per_image,
-        perturb_norms=False,
-        seed=int(stream(cfg, STREAM_INIT).integers(2**31)),
-    )
+    sizes = {name: getattr(cfg, name) for name in _SIZE_FIELDS}
+    seed = int(stream(cfg, STREAM_INIT).integers(2**31))
+    tiny = TinyVLMConfig(words=vocabulary(cfg), perturb_norms=False, seed=seed, **sizes)
     model, processor = build_tiny_vlm(tiny)
     return HookedVLM(model, processor, name_or_path="flipscope-organism")
 
