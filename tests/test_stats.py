@@ -1,0 +1,32 @@
+"""Bootstrap intervals: cover the truth, shrink with n, repeat exactly with the seed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flipscope.stats import bootstrap
+
+
+def test_interval_covers_and_shrinks() -> None:
+    rng = np.random.default_rng(0)
+    small = bootstrap(rng.random(100) < 0.3)
+    large = bootstrap(rng.random(4000) < 0.3)
+    for estimate in (small, large):
+        assert estimate.low <= estimate.value <= estimate.high
+        assert estimate.low < 0.3 < estimate.high
+    assert (large.high - large.low) < (small.high - small.low) / 4
+    # Normal approximation of a share's 95% interval: ±1.96·sqrt(p(1-p)/n).
+    assert abs((large.high - large.low) - 2 * 1.96 * math.sqrt(0.3 * 0.7 / 4000)) < 0.005
+
+
+def test_seeded_and_degenerate_cases() -> None:
+    values = np.arange(20.0)
+    assert bootstrap(values, seed=3) == bootstrap(values, seed=3)
+    median = bootstrap(values, np.median)
+    assert median.value == 9.5 and median.low < 9.5 < median.high
+    one = bootstrap(np.array([2.0]))
+    assert (one.value, one.low, one.high, one.n) == (2.0, 2.0, 2.0, 1)
+    assert math.isnan(bootstrap(np.array([])).value)
+    assert str(bootstrap(np.array([0.0, 1.0]), seed=0)).startswith("0.500 [")
