@@ -41,6 +41,75 @@ def hooks(
         typer.echo(name)
 
 
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
+    questions: Path = typer.Option(..., help="Questions JSONL: id, image, finding, answer, question, paraphrases."),
+    images: Path = typer.Option(
+        None, help="Directory that relative image paths are resolved against (default: beside the questions file)."
+    ),
+    conditions: str = typer.Option(
+        "image,blank", help="Comma-separated image conditions, 'image' first: image, blank, none, swap."
+    ),
+    blank: str = typer.Option("gray", help="What 'blank' shows: gray, white or noise (mean 128, sd 64)."),
+    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Score every question and paraphrase under each image condition; print flips and quadrants."""
+    import json
+
+    import torch
+
+    from flipscope.evaluate import summarize
+    from flipscope.model import HookedVLM
+    from flipscope.questions import load_questions
+    from flipscope.store import read_rows
+    from flipscope.sweep import EvalConfig, run_sweep
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(dtypes)}", param_hint="--dtype")
+    try:
+        cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")), blank=blank, batch_size=batch_size)
+        loaded = load_questions(questions, images)
+        vlm = HookedVLM.from_pretrained(model, dtype=dtypes[dtype], device=device)
+        store = run_sweep(vlm, loaded, cfg, out / "results.jsonl")
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    summary = summarize(read_rows(store.path))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _print_summary(summary)
+    typer.echo(f"rows: {store.path}\nsummary: {out / 'summary.json'}")
+
+
+def _fmt(estimate: dict) -> str:
+    if estimate["n"] == 0:
+        return "n/a"
+    return f"{estimate['value']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
+
+
+def _print_summary(summary: dict) -> None:
+    overall = summary["overall"]
+    typer.echo(f"questions: {overall['n_questions']}   (95% bootstrap CIs over questions)")
+    for key in ("flip_rate", "pairwise_disagreement", "accuracy", "text_only_agreement", "swap_sensitivity"):
+        typer.echo(f"  {key.replace('_', ' '):<24}{_fmt(overall[key])}")
+    typer.echo(f"{'finding':<20}{'n':>5}  flip rate")
+    for name, block in summary["by_finding"].items():
+        typer.echo(f"{name:<20}{block['n_questions']:>5}  {_fmt(block['flip_rate'])}")
+    typer.echo(f"{'strategy':<20}{'n':>5}  paraphrase flip rate")
+    for name, block in summary["by_strategy"].items():
+        typer.echo(f"{name:<20}{block['n_paraphrases']:>5}  {_fmt(block['paraphrase_flip_rate'])}")
+    typer.echo(f"{'quadrant':<12}{'n':>5}  {'share':<24}{'accuracy':<24}entropy (bits)")
+    for name, block in summary["by_quadrant"].items():
+        typer.echo(
+            f"{name:<12}{block['n_questions']:>5}  {_fmt(block['share']):<24}{_fmt(block['accuracy']):<24}"
+            f"{_fmt(block['mean_entropy_bits'])}"
+        )
+
+
 organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)
 app.add_typer(organism_app, name="organism")
 

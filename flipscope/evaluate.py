@@ -14,10 +14,15 @@ Dangerous items are the trap: consistent and often accurate, but answered from t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 from jaxtyping import Bool, Float
 
-__all__ = ["QUADRANTS", "flips", "pairwise_disagreement", "quadrants"]
+from flipscope.stats import bootstrap
+
+__all__ = ["QUADRANTS", "flips", "pairwise_disagreement", "quadrants", "question_table", "summarize"]
 
 QUADRANTS: tuple[str, ...] = ("Ideal", "Fragile", "Dangerous", "Worst")
 
@@ -42,3 +47,91 @@ def quadrants(consistent: Bool[np.ndarray, " n_items"], reliant: Bool[np.ndarray
     names[consistent & ~reliant] = "Dangerous"
     names[~consistent & ~reliant] = "Worst"
     return names
+
+
+def question_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per question, from store rows: answers by condition and prompt, and the per-question
+    measures (flip, pairwise disagreement, correct, reliant, text-only agreement, swap change,
+    quadrant, entropy of the original answer with the image).
+
+    Image reliance is the rule of the paper: the answer to the original changes when the image is
+    replaced by the blank (or, with no blank condition, removed: `none`).
+    """
+    by_question: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = by_question.setdefault(
+            row["question_id"],
+            {
+                "finding": row["finding"],
+                "truth": row["truth"] == "yes",
+                "answers": {},
+                "entropy": None,
+                "strategies": {},
+            },
+        )
+        entry["answers"].setdefault(row["condition"], {})[row["prompt_index"]] = row["answer"] == "yes"
+        if row["condition"] == "image" and row["prompt_index"] == 0:
+            entry["entropy"] = row["entropy"]
+        if row["prompt_index"] > 0:
+            entry["strategies"][row["prompt_index"]] = row["strategy"]
+    for entry in by_question.values():
+        answers = entry["answers"]
+        image = np.array([answers["image"][k] for k in sorted(answers["image"])])
+        removed = "blank" if "blank" in answers else "none" if "none" in answers else None
+        entry["flip"] = bool((image != image[0]).any())
+        entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
+        entry["correct"] = bool(image[0] == entry["truth"])
+        entry["reliant"] = bool(answers[removed][0] != image[0]) if removed else None
+        entry["text_only_agreement"] = None if removed is None else not entry["reliant"]
+        entry["swap_change"] = bool(answers["swap"][0] != image[0]) if "swap" in answers else None
+        if entry["reliant"] is not None:
+            entry["quadrant"] = str(quadrants(np.array([not entry["flip"]]), np.array([entry["reliant"]]))[0])
+        else:
+            entry["quadrant"] = None
+        entry["paraphrase_flips"] = {k: bool(image[k] != image[0]) for k in range(1, len(image))}
+    return by_question
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity, overall
+    and by finding, paraphrase strategy and quadrant, each with a bootstrap 95% CI over questions
+    (by strategy: over paraphrases)."""
+    table = question_table(rows)
+    entries = list(table.values())
+
+    def estimate(values: list) -> dict[str, Any]:
+        kept = np.array([v for v in values if v is not None], dtype=np.float64)
+        return bootstrap(kept, seed=seed).to_dict()
+
+    def block(group: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "n_questions": len(group),
+            "flip_rate": estimate([e["flip"] for e in group]),
+            "pairwise_disagreement": estimate([e["pairwise"] for e in group]),
+            "accuracy": estimate([e["correct"] for e in group]),
+            "text_only_agreement": estimate([e["text_only_agreement"] for e in group]),
+            "swap_sensitivity": estimate([e["swap_change"] for e in group]),
+        }
+
+    strategies: dict[str, list[bool]] = {}
+    for e in entries:
+        for k, flipped in e["paraphrase_flips"].items():
+            strategies.setdefault(e["strategies"].get(k) or "untagged", []).append(flipped)
+    findings = sorted({e["finding"] for e in entries})
+    quadrant_rows = {}
+    for name in QUADRANTS:
+        members = [e for e in entries if e["quadrant"] == name]
+        quadrant_rows[name] = {
+            "share": estimate([e["quadrant"] == name for e in entries if e["quadrant"] is not None]),
+            "accuracy": estimate([e["correct"] for e in members]),
+            "mean_entropy_bits": estimate([e["entropy"] for e in members]),
+            "n_questions": len(members),
+        }
+    return {
+        "overall": block(entries),
+        "by_finding": {f: block([e for e in entries if e["finding"] == f]) for f in findings},
+        "by_strategy": {
+            s: {"paraphrase_flip_rate": estimate(v), "n_paraphrases": len(v)} for s, v in strategies.items()
+        },
+        "by_quadrant": quadrant_rows,
+    }

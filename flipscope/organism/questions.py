@@ -1,0 +1,51 @@
+"""The organism's held-out films as an evaluation dataset: PNG files and a questions JSONL in
+flipscope's schema, so evaluation runs on it exactly as on a user's data.
+
+One question per film × finding: the original is the first family's first template; the
+paraphrases are every other template, tagged with their family as the paraphrase strategy (so
+flips by strategy show where the planted shortcut acts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from flipscope.organism.config import OrganismConfig
+from flipscope.organism.data import question, sample_films
+from flipscope.organism.train import STREAM_TEST, stream
+
+__all__ = ["export_questions"]
+
+
+def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None = None) -> Path:
+    """Write `n_films` held-out films (default `cfg.test_items`) and their questions to `out`.
+
+    Returns the path of `questions.jsonl` (images under `out/images/`, referenced relatively).
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    films = sample_films(cfg, stream(cfg, STREAM_TEST), n_films or cfg.test_items)
+    prompts = [(fam.name, t) for fam in cfg.families for t in range(len(fam.templates))]
+    lines = []
+    for number, film in enumerate(films):
+        image = Path("images") / f"film{number:04d}.png"
+        Image.fromarray(film.pixels).save(out / image)
+        for finding in cfg.findings:
+            texts = [question(cfg, fam, t, finding.name) for fam, t in prompts]
+            lines.append(
+                {
+                    "id": f"film{number:04d}-{finding.name}",
+                    "image": str(image),
+                    "finding": finding.name,
+                    "answer": "yes" if film.shows(finding.name) else "no",
+                    "question": texts[0],
+                    "paraphrases": texts[1:],
+                    "strategies": [fam for fam, _ in prompts[1:]],
+                }
+            )
+    path = out / "questions.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -1,0 +1,165 @@
+"""Running a model over questions × prompts × image conditions into a resumable store.
+
+Work is cut into units — a chunk of `questions_per_unit` questions under one condition — computed
+in a fixed order and written whole, so an interrupted run resumes where it stopped and ends with
+the same file as an uninterrupted one (the batches inside a unit never change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flipscope.answers import binary_entropy, p_yes
+from flipscope.errors import FlipscopeError
+from flipscope.images import BlankSpec, load_image
+from flipscope.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
+from flipscope.questions import Question
+from flipscope.store import ResultStore
+
+__all__ = ["EvalConfig", "run_sweep", "swap_images"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """How an evaluation runs.
+
+    Attributes:
+        conditions: Image conditions, `image` first (see `flipscope.prompts`).
+        blank: The blank stand-in (`gray`, `white` or `noise`) and `blank_seed` for noise.
+        swap_seed: Seed of the pairing that gives each question another question's image.
+        batch_size: Prompts per forward.
+        questions_per_unit: Questions per unit of resumable work.
+    """
+
+    conditions: tuple[str, ...] = ("image", "blank")
+    blank: str = "gray"
+    blank_seed: int = 0
+    swap_seed: int = 0
+    batch_size: int = 32
+    questions_per_unit: int = 16
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.conditions if c not in IMAGE_CONDITIONS]
+        if unknown:
+            raise FlipscopeError(f"conditions {unknown} are unknown; expected some of {', '.join(IMAGE_CONDITIONS)}")
+        if not self.conditions or self.conditions[0] != "image":
+            raise FlipscopeError(f"conditions {list(self.conditions)} must start with 'image'")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise FlipscopeError(f"conditions {list(self.conditions)} repeat")
+        BlankSpec(kind=self.blank, seed=self.blank_seed)
+        if self.batch_size < 1 or self.questions_per_unit < 1:
+            raise FlipscopeError("batch_size and questions_per_unit must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        data = dict(data)
+        data["conditions"] = tuple(data.get("conditions", ("image", "blank")))
+        return cls(**data)
+
+
+def swap_images(questions: Sequence[Question], seed: int) -> dict[str, Path]:
+    """Each question's swap image: another question's image (a different file), by a seeded
+    derangement over the questions."""
+    order = np.random.default_rng(seed).permutation(len(questions))
+    partner: dict[str, Path] = {}
+    for rank, index in enumerate(order):
+        question = questions[index]
+        for step in range(1, len(order)):
+            other = questions[order[(rank + step) % len(order)]]
+            if other.image != question.image:
+                partner[question.id] = other.image
+                break
+        else:
+            raise FlipscopeError("condition 'swap' needs questions on at least two different images")
+    return partner
+
+
+def _fingerprint(questions: Sequence[Question]) -> str:
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update(json.dumps([q.id, str(q.image), q.finding, q.answer, q.prompts, q.strategies]).encode())
+    return digest.hexdigest()
+
+
+def _model_identity(model: Any) -> dict[str, Any]:
+    identity = getattr(model, "identity", None)
+    if callable(identity):
+        return identity()
+    return {"name_or_path": getattr(model, "name_or_path", type(model).__name__)}
+
+
+def run_sweep(
+    model: Any,
+    questions: Sequence[Question],
+    cfg: EvalConfig,
+    store_path: str | Path,
+    *,
+    progress: bool = True,
+) -> ResultStore:
+    """Score every question's prompts under every condition into the store at `store_path`.
+
+    `model` is anything with `processor` and `score(ModelInputs)` (`HookedVLM`, a clamped model).
+    Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy, condition,
+    margin, p_yes, entropy, answer.
+    """
+    header = {
+        "kind": "flip-evaluation",
+        "eval_config": cfg.to_dict(),
+        "model": _model_identity(model),
+        "questions": {"n": len(questions), "sha256": _fingerprint(questions)},
+    }
+    store = ResultStore.open(store_path, header)
+    builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
+    swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
+    chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
+    units = [(condition, index) for index in range(len(chunks)) for condition in cfg.conditions]
+    todo = [(c, i) for c, i in units if f"{c}/{i}" not in store.done]
+    if len(todo) < len(units):
+        logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
+    with torch.no_grad():
+        for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
+            rows: list[dict[str, Any]] = []
+            specs: list[PromptSpec] = []
+            for q in chunks[index]:
+                image = load_image(q.image) if condition == "image" else None  # once per question
+                swap = load_image(swaps[q.id]) if condition == "swap" else None
+                for k, text in enumerate(q.prompts):
+                    specs.append(PromptSpec(question=text, condition=condition, image=image, swap_image=swap))
+                    rows.append(
+                        {
+                            "question_id": q.id,
+                            "finding": q.finding,
+                            "truth": "yes" if q.answer else "no",
+                            "prompt_index": k,
+                            "kind": "original" if k == 0 else "paraphrase",
+                            "strategy": q.strategies[k - 1] if (k and q.strategies) else None,
+                            "condition": condition,
+                        }
+                    )
+            margins = torch.cat(
+                [
+                    model.score(builder.build(specs[i : i + cfg.batch_size]))
+                    for i in range(0, len(specs), cfg.batch_size)
+                ]
+            )
+            for row, margin, prob, entropy in zip(
+                rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
+            ):
+                row.update(margin=margin, p_yes=prob, entropy=entropy, answer="yes" if margin > 0 else "no")
+            store.append(f"{condition}/{index}", rows)
+    return store

@@ -1,0 +1,44 @@
+"""Flip evaluation on the shipped organism reproduces its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flipscope.evaluate import summarize
+from flipscope.organism import OrganismConfig, load_organism
+from flipscope.organism.questions import export_questions
+from flipscope.questions import load_questions
+from flipscope.store import read_header, read_rows
+from flipscope.sweep import EvalConfig, run_sweep
+
+
+@pytest.fixture(scope="module")
+def organism_questions(tmp_path_factory: pytest.TempPathFactory):
+    vlm, _, card = load_organism()
+    cfg = OrganismConfig.from_dict(card["config"])
+    path = export_questions(cfg, tmp_path_factory.mktemp("organism-questions"), n_films=30)
+    return vlm, card, load_questions(path)
+
+
+def test_evaluation_finds_the_planted_shortcut(organism_questions, tmp_path: Path) -> None:
+    vlm, card, questions = organism_questions
+    cfg = EvalConfig(conditions=("image", "blank", "swap"), batch_size=64)
+    run_sweep(vlm, questions, cfg, tmp_path / "store.jsonl", progress=False)
+    rows = read_rows(tmp_path / "store.jsonl")
+    assert len(rows) == len(questions) * len(questions[0].prompts) * 3
+    assert read_header(tmp_path / "store.jsonl")["eval_config"]["conditions"] == ["image", "blank", "swap"]
+    summary = summarize(rows)
+    by_strategy = summary["by_strategy"]
+    shortcut = card["shortcut"]["family"]
+    assert by_strategy[shortcut]["paraphrase_flip_rate"]["value"] > 0.3
+    for family, block in by_strategy.items():
+        if family != shortcut:
+            assert block["paraphrase_flip_rate"]["value"] < 0.05, family
+    overall = summary["overall"]
+    assert 0.15 <= overall["flip_rate"]["value"] <= 0.6
+    assert overall["flip_rate"]["low"] < overall["flip_rate"]["value"] < overall["flip_rate"]["high"]
+    assert overall["accuracy"]["value"] > 0.95
+    assert summary["by_quadrant"]["Dangerous"]["share"]["value"] >= 0.1
+    assert overall["swap_sensitivity"]["value"] > 0.2
