@@ -78,7 +78,7 @@ def question_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
         answers = entry["answers"]
         image = np.array([answers["image"][k] for k in sorted(answers["image"])])
         removed = "blank" if "blank" in answers else "none" if "none" in answers else None
-        entry["flip"] = bool((image != image[0]).any())
+        entry["flip"] = bool(flips(image[None, :])[0])
         entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
         entry["correct"] = bool(image[0] == entry["truth"])
         entry["reliant"] = bool(answers[removed][0] != image[0]) if removed else None
