@@ -56,33 +56,63 @@ def evaluate(
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    shard: str = typer.Option(
+        None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
+    ),
 ) -> None:
     """Score every question and paraphrase under each image condition; print flips and quadrants."""
-    import json
-
     import torch
 
-    from flipscope.evaluate import summarize
     from flipscope.model import HookedVLM
     from flipscope.questions import load_questions
-    from flipscope.store import read_rows
-    from flipscope.sweep import EvalConfig, run_sweep
+    from flipscope.sweep import EvalConfig, parse_shard, run_sweep
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(dtypes)}", param_hint="--dtype")
     try:
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")), blank=blank, batch_size=batch_size)
+        part = parse_shard(shard) if shard else None
         loaded = load_questions(questions, images)
         vlm = HookedVLM.from_pretrained(model, dtype=dtypes[dtype], device=device)
-        store = run_sweep(vlm, loaded, cfg, out / "results.jsonl")
+        store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
     except FlipscopeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    summary = summarize(read_rows(store.path))
+    if part is not None:
+        typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
+        return
+    _write_summary(store.path, out)
+
+
+@app.command()
+def merge(
+    shards: list[Path] = typer.Argument(
+        ..., help="Output directories of `flipscope evaluate --shard K/N`, all N of them."
+    ),
+    out: Path = typer.Option(..., help="Directory for the merged results.jsonl and summary.json."),
+) -> None:
+    """Join shard results into the store a single process would have written, and summarize it."""
+    from flipscope.sweep import merge_shards
+
+    try:
+        store = merge_shards([d / "results.jsonl" for d in shards], out / "results.jsonl")
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    _write_summary(store.path, out)
+
+
+def _write_summary(rows_path: Path, out: Path) -> None:
+    import json
+
+    from flipscope.evaluate import summarize
+    from flipscope.store import read_rows
+
+    summary = summarize(read_rows(rows_path))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _print_summary(summary)
-    typer.echo(f"rows: {store.path}\nsummary: {out / 'summary.json'}")
+    typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")
 
 
 def _fmt(estimate: dict) -> str:

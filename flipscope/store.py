@@ -18,7 +18,7 @@ from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["ResultStore", "read_header", "read_rows"]
+__all__ = ["ResultStore", "read_header", "read_rows", "read_units"]
 
 _HEADER_KEY = "flipscope_store"
 _FORMAT = 1
@@ -106,16 +106,23 @@ def read_header(path: str | Path) -> dict[str, Any]:
     raise FlipscopeError(f"{str(path)!r} is empty")
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of every finished unit (for pandas: `pandas.DataFrame(read_rows(path))`)."""
-    rows: list[dict[str, Any]] = []
+def read_units(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Finished unit → its rows, in file order (rows of a unit cut off mid-write are left out)."""
+    units: dict[str, list[dict[str, Any]]] = {}
     pending: list[dict[str, Any]] = []
     for _, number, record in _lines(Path(path)):
-        if number == 1 or record is None:
+        if number == 1:
             continue
+        if record is None:
+            break
         if "done" in record:
-            rows.extend(pending)
+            units[record["done"]] = pending
             pending = []
         else:
             pending.append(record)
-    return rows
+    return units
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of every finished unit (for pandas: `pandas.DataFrame(read_rows(path))`)."""
+    return [row for rows in read_units(path).values() for row in rows]

@@ -24,9 +24,9 @@ from flipscope.errors import FlipscopeError
 from flipscope.images import BlankSpec, load_image
 from flipscope.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 from flipscope.questions import Question
-from flipscope.store import ResultStore
+from flipscope.store import ResultStore, read_header, read_units
 
-__all__ = ["EvalConfig", "run_sweep", "swap_images"]
+__all__ = ["EvalConfig", "merge_shards", "parse_shard", "run_sweep", "swap_images", "unit_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,31 +103,55 @@ def _model_identity(model: Any) -> dict[str, Any]:
     return {"name_or_path": getattr(model, "name_or_path", type(model).__name__)}
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"K/N"` → (K, N) with 0 ≤ K < N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError as err:
+        raise FlipscopeError(f"shard {text!r} is not K/N (e.g. 0/4)") from err
+    if not 0 <= k < n:
+        raise FlipscopeError(f"shard {text!r}: expected 0 <= K < N")
+    return k, n
+
+
+def unit_order(conditions: Sequence[str], n_questions: int, questions_per_unit: int) -> list[str]:
+    """Every unit of a run, in the order a single process computes them."""
+    n_chunks = -(-n_questions // questions_per_unit)
+    return [f"{condition}/{index}" for index in range(n_chunks) for condition in conditions]
+
+
 def run_sweep(
     model: Any,
     questions: Sequence[Question],
     cfg: EvalConfig,
     store_path: str | Path,
     *,
+    shard: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> ResultStore:
     """Score every question's prompts under every condition into the store at `store_path`.
 
     `model` is anything with `processor` and `score(ModelInputs)` (`HookedVLM`, a clamped model).
     Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy, condition,
-    margin, p_yes, entropy, answer.
+    margin, p_yes, entropy, answer. With `shard=(K, N)` only question chunks whose index is K
+    modulo N are run (one shard per GPU or array task); `merge_shards` joins the N stores into the
+    store a single process writes.
     """
     header = {
         "kind": "flip-evaluation",
         "eval_config": cfg.to_dict(),
         "model": _model_identity(model),
         "questions": {"n": len(questions), "sha256": _fingerprint(questions)},
+        "shard": list(shard) if shard is not None else None,
     }
     store = ResultStore.open(store_path, header)
     builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
     swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
-    units = [(condition, index) for index in range(len(chunks)) for condition in cfg.conditions]
+    units = [tuple(u.split("/")) for u in unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)]
+    units = [(condition, int(index)) for condition, index in units]
+    if shard is not None:
+        units = [(c, i) for c, i in units if i % shard[1] == shard[0]]
     todo = [(c, i) for c, i in units if f"{c}/{i}" not in store.done]
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
@@ -163,3 +187,36 @@ def run_sweep(
                 row.update(margin=margin, p_yes=prob, entropy=entropy, answer="yes" if margin > 0 else "no")
             store.append(f"{condition}/{index}", rows)
     return store
+
+
+def merge_shards(paths: Sequence[str | Path], out: str | Path) -> ResultStore:
+    """Join the stores of shards 0..N-1 of one run into the store one process would have written.
+
+    Raises:
+        FlipscopeError: the stores are not all shards of one run, a shard is missing or unfinished.
+    """
+    headers = [read_header(p) for p in paths]
+    base = {k: v for k, v in headers[0].items() if k != "shard"}
+    shards = []
+    for path, header in zip(paths, headers, strict=True):
+        if {k: v for k, v in header.items() if k != "shard"} != base:
+            raise FlipscopeError(f"{str(path)!r} is not a shard of the same run as {str(paths[0])!r}")
+        if header.get("shard") is None:
+            raise FlipscopeError(f"{str(path)!r} is not a shard (no shard in its header)")
+        shards.append(tuple(header["shard"]))
+    n = shards[0][1]
+    if sorted(shards) != [(k, n) for k in range(n)]:
+        raise FlipscopeError(f"shards {sorted(shards)} are not exactly 0/{n} .. {n - 1}/{n}")
+    units: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        units.update(read_units(path))
+    cfg = base["eval_config"]
+    order = unit_order(cfg["conditions"], base["questions"]["n"], cfg["questions_per_unit"])
+    missing = [u for u in order if u not in units]
+    if missing:
+        raise FlipscopeError(f"{len(missing)} unit(s) unfinished in the shards (e.g. {missing[0]}); rerun them first")
+    merged = ResultStore.open(out, {**base, "shard": None})
+    for unit in order:
+        if unit not in merged.done:
+            merged.append(unit, units[unit])
+    return merged

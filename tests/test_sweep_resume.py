@@ -63,3 +63,19 @@ def vlm_organism():
     from flipscope import HookedVLM
 
     return HookedVLM.from_pretrained(default_organism_dir())
+
+
+def test_two_shards_merged_equal_the_unsharded_store(vlm_organism, questions_file: Path, tmp_path: Path) -> None:
+    from flipscope import FlipscopeError
+    from flipscope.sweep import merge_shards
+
+    cfg = EvalConfig(conditions=("image", "blank"), batch_size=16, questions_per_unit=3)
+    questions = load_questions(questions_file)
+    run_sweep(vlm_organism, questions, cfg, tmp_path / "single.jsonl", progress=False)
+    for k in range(2):
+        run_sweep(vlm_organism, questions, cfg, tmp_path / f"shard{k}.jsonl", shard=(k, 2), progress=False)
+    assert 0 < len(read_rows(tmp_path / "shard0.jsonl")) < len(read_rows(tmp_path / "single.jsonl"))
+    with pytest.raises(FlipscopeError, match="are not exactly 0/2 .. 1/2"):
+        merge_shards([tmp_path / "shard0.jsonl"], tmp_path / "bad.jsonl")
+    merge_shards([tmp_path / "shard1.jsonl", tmp_path / "shard0.jsonl"], tmp_path / "merged.jsonl")
+    assert (tmp_path / "merged.jsonl").read_bytes() == (tmp_path / "single.jsonl").read_bytes()
