@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from flipscope.answers import binary_entropy, p_yes
 from flipscope.errors import FlipscopeError
+from flipscope.fastpath import score_shared_prefix
 from flipscope.images import BlankSpec, load_image
 from flipscope.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 from flipscope.questions import Question
@@ -41,6 +42,9 @@ class EvalConfig:
         swap_seed: Seed of the pairing that gives each question another question's image.
         batch_size: Prompts per forward.
         questions_per_unit: Questions per unit of resumable work.
+        fast: Run prompts that share an image on one cached prefix (`flipscope.fastpath`): the
+            vision tower and the shared tokens once per image, once per unit for the blank and
+            no-image conditions. Off: plain left-padded batches of full prompts.
     """
 
     conditions: tuple[str, ...] = ("image", "blank")
@@ -49,6 +53,7 @@ class EvalConfig:
     swap_seed: int = 0
     batch_size: int = 32
     questions_per_unit: int = 16
+    fast: bool = True
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.conditions if c not in IMAGE_CONDITIONS]
@@ -103,6 +108,17 @@ def _model_identity(model: Any) -> dict[str, Any]:
     return {"name_or_path": getattr(model, "name_or_path", type(model).__name__)}
 
 
+def _groups(questions: Sequence[Question], whole: int | None) -> list[tuple[int, int]]:
+    """(start, end) of each run of prompts that share an image slot, in prompt order."""
+    if whole is not None:
+        return [(0, whole)]
+    bounds, start = [], 0
+    for q in questions:
+        bounds.append((start, start + len(q.prompts)))
+        start += len(q.prompts)
+    return bounds
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`"K/N"` → (K, N) with 0 ≤ K < N."""
     try:
@@ -144,6 +160,9 @@ def run_sweep(
         "questions": {"n": len(questions), "sha256": _fingerprint(questions)},
         "shard": list(shard) if shard is not None else None,
     }
+    fast = cfg.fast and hasattr(model, "hf_model")
+    header["path"] = "shared-prefix" if fast else "batched"
+    logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
     builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
     swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
@@ -175,12 +194,23 @@ def run_sweep(
                             "condition": condition,
                         }
                     )
-            margins = torch.cat(
-                [
-                    model.score(builder.build(specs[i : i + cfg.batch_size]))
-                    for i in range(0, len(specs), cfg.batch_size)
-                ]
-            )
+            if fast:
+                # Prompts sharing the image slot: one question's prompts (image, swap), or the
+                # whole unit (blank, none).
+                whole = len(specs) if condition in ("blank", "none") else None
+                margins = torch.cat(
+                    [
+                        score_shared_prefix(model, builder, specs[a:b], cfg.batch_size)
+                        for a, b in _groups(chunks[index], whole)
+                    ]
+                )
+            else:
+                margins = torch.cat(
+                    [
+                        model.score(builder.build(specs[i : i + cfg.batch_size]))
+                        for i in range(0, len(specs), cfg.batch_size)
+                    ]
+                )
             for row, margin, prob, entropy in zip(
                 rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
             ):
@@ -215,7 +245,7 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> ResultStore:
     missing = [u for u in order if u not in units]
     if missing:
         raise FlipscopeError(f"{len(missing)} unit(s) unfinished in the shards (e.g. {missing[0]}); rerun them first")
-    merged = ResultStore.open(out, {**base, "shard": None})
+    merged = ResultStore.open(out, {k: (None if k == "shard" else v) for k, v in headers[0].items()})
     for unit in order:
         if unit not in merged.done:
             merged.append(unit, units[unit])

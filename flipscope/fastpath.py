@@ -1,0 +1,103 @@
+"""Scoring many prompts that share an image with the shared part computed once.
+
+Gemma 3 puts the image before the question: every paraphrase of a question about one film
+starts with the same tokens (chat header, image block, the newlines after it). Image tokens
+attend bidirectionally only within their block and never to later tokens, so the keys and
+values of that prefix do not depend on what follows. `score_shared_prefix` runs the prefix once
+(the vision tower included), then all suffixes as one right-padded batch on copies of the prefix's
+key/value cache, and reads each row's margin at its own last real token. It equals the plain
+forward of each full prompt up to float reassociation (tested to 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from flipscope.answers import yes_no_margin
+from flipscope.errors import FlipscopeError
+from flipscope.prompts import PromptBuilder, PromptSpec
+
+__all__ = ["score_shared_prefix", "shared_prefix_length"]
+
+
+def shared_prefix_length(sequences: Sequence[Tensor]) -> int:
+    """Length of the longest token prefix common to every sequence, less one so every sequence
+    keeps at least one suffix token."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(bool(s[length] == first[length]) for s in sequences[1:]):
+        length += 1
+    return length
+
+
+@torch.no_grad()
+def score_shared_prefix(
+    model, builder: PromptBuilder, specs: Sequence[PromptSpec], batch_size: int = 32
+) -> Float[Tensor, " batch"]:
+    """Margins of `specs`, which must show the same image (or none): the prefix is run once, the
+    suffixes in batches of `batch_size` on copies of its cache.
+
+    Raises:
+        FlipscopeError: the prompts do not share their image slot.
+    """
+    if not specs:
+        raise FlipscopeError("no prompts to score")
+    conditions = {s.condition for s in specs}
+    if len(conditions) != 1:
+        raise FlipscopeError(f"prompts sharing a prefix must share one image condition, got {sorted(conditions)}")
+    hf = model.hf_model
+    rows = [builder._text_tokens(s.question, s.condition != "none") for s in specs]
+    ids = [r["input_ids"].reshape(-1) for r in rows]
+    types = [r["token_type_ids"].reshape(-1) for r in rows]
+    prefix_len = shared_prefix_length(ids)
+    if any(bool(t[prefix_len:].any()) for t in types):
+        raise FlipscopeError("the image block is not inside the shared prefix")
+    device = model.device
+    prefix_ids = ids[0][:prefix_len].unsqueeze(0).to(device)
+    image = builder._image_for(specs[0])
+    kwargs = {
+        "input_ids": prefix_ids,
+        "attention_mask": torch.ones_like(prefix_ids),
+        "token_type_ids": types[0][:prefix_len].unsqueeze(0).to(device),
+        "use_cache": True,
+    }
+    if image is not None:
+        kwargs["pixel_values"] = builder.pixel_values([image]).to(device=device, dtype=model.dtype)
+    prefix_cache = hf(**kwargs, logits_to_keep=1).past_key_values
+
+    margins = [
+        _score_suffixes(model, builder, prefix_cache, prefix_len, [s[prefix_len:] for s in ids[i : i + batch_size]])
+        for i in range(0, len(ids), batch_size)
+    ]
+    return torch.cat(margins)
+
+
+def _score_suffixes(model, builder: PromptBuilder, prefix_cache, prefix_len: int, suffixes: list[Tensor]) -> Tensor:
+    device = model.device
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    width = int(lengths.max())
+    pad = int(builder.processor.tokenizer.pad_token_id)
+    batch = torch.full((len(suffixes), width), pad, dtype=torch.long, device=device)
+    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long, device=device)
+    for i, suffix in enumerate(suffixes):
+        batch[i, : len(suffix)] = suffix.to(device)
+        suffix_mask[i, : len(suffix)] = 1
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(len(suffixes))
+    prefix_mask = torch.ones((len(suffixes), prefix_len), dtype=torch.long, device=device)
+    position_ids = (prefix_len + torch.arange(width, device=device)).expand(len(suffixes), width)
+    logits = model.hf_model(
+        input_ids=batch,
+        attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    last = logits[torch.arange(len(suffixes), device=device), lengths - 1]
+    return yes_no_margin(last, model.answer_tokens)

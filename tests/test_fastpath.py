@@ -1,0 +1,68 @@
+"""The shared-prefix path equals the naive per-prompt forward (margins within 1e-4, same answers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipscope import HookedVLM, PromptSpec, yes_no_margin
+from flipscope.fastpath import score_shared_prefix
+from flipscope.organism import OrganismConfig, default_organism_dir, load_card
+from flipscope.organism.questions import export_questions
+from flipscope.questions import load_questions
+from flipscope.store import read_header, read_rows
+from flipscope.sweep import EvalConfig, run_sweep
+
+QUESTIONS = (
+    "Is there an effusion?",
+    "Do you see any pleural effusion in this film?",
+    "Are the lungs clear?",
+    "Is there any opacity in the lungs?",
+)
+
+
+def _naive(vlm: HookedVLM, specs: list[PromptSpec]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = [vlm.hf_model(**vlm.prompts.encode(spec)).logits[:, -1] for spec in specs]
+    return yes_no_margin(torch.cat(logits), vlm.answer_tokens)
+
+
+@pytest.mark.parametrize("condition", ["image", "blank", "none"])
+def test_equals_naive_with_a_window_shorter_than_the_prompt(vlm: HookedVLM, film_paths, condition: str) -> None:
+    specs = [PromptSpec(question=q, condition=condition, image=film_paths["gray"]) for q in QUESTIONS]
+    assert vlm.prompts.build(specs).input_ids.shape[1] > vlm.hf_model.config.text_config.sliding_window
+    fast = score_shared_prefix(vlm, vlm.prompts, specs, batch_size=3)
+    naive = _naive(vlm, specs)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
+    assert torch.equal(fast > 0, naive > 0)
+
+
+def test_sweep_fast_path_equals_naive_on_the_organism(tmp_path: Path) -> None:
+    cfg = OrganismConfig.from_dict(load_card(default_organism_dir())["config"])
+    questions = load_questions(export_questions(cfg, tmp_path / "qs", n_films=3))
+    vlm = HookedVLM.from_pretrained(default_organism_dir())
+    cfg_eval = EvalConfig(conditions=("image", "blank", "none", "swap"), batch_size=8)
+    assert cfg_eval.fast
+    run_sweep(vlm, questions, cfg_eval, tmp_path / "fast.jsonl", progress=False)
+    assert read_header(tmp_path / "fast.jsonl")["path"] == "shared-prefix"
+    rows = read_rows(tmp_path / "fast.jsonl")
+    images = {q.id: q.image for q in questions}
+    from flipscope.sweep import swap_images
+
+    swaps = swap_images(questions, 0)
+    texts = {q.id: q.prompts for q in questions}
+    specs = [
+        PromptSpec(
+            question=texts[r["question_id"]][r["prompt_index"]],
+            condition=r["condition"],
+            image=images[r["question_id"]],
+            swap_image=swaps[r["question_id"]],
+        )
+        for r in rows
+    ]
+    naive = _naive(vlm, specs)
+    fast = torch.tensor([r["margin"] for r in rows])
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
+    assert [r["answer"] == "yes" for r in rows] == (naive > 0).tolist()
