@@ -45,7 +45,7 @@ def hooks(
 def evaluate(
     model: str = typer.Option(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
     questions: Path = typer.Option(..., help="Questions JSONL: id, image, finding, answer, question, paraphrases."),
-    images: Path = typer.Option(
+    images: Path | None = typer.Option(
         None, help="Directory that relative image paths are resolved against (default: beside the questions file)."
     ),
     conditions: str = typer.Option(
@@ -56,7 +56,7 @@ def evaluate(
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
-    shard: str = typer.Option(
+    shard: str | None = typer.Option(
         None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
     ),
 ) -> None:
@@ -147,7 +147,9 @@ app.add_typer(organism_app, name="organism")
 @organism_app.command("build")
 def organism_build(
     out: Path = typer.Option(..., help="Directory to write the organism to (model, processor, sae/, card)."),
-    config: Path = typer.Option(None, help="JSON file of OrganismConfig fields; omitted fields keep their defaults."),
+    config: Path | None = typer.Option(
+        None, help="JSON file of OrganismConfig fields; omitted fields keep their defaults."
+    ),
 ) -> None:
     """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
     import json
@@ -176,7 +178,7 @@ def organism_build(
 
 @app.command()
 def demo(
-    organism: Path = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
 ) -> None:
     """Show the shipped model organism: its planted shortcut, how often it flips, one flip up close."""
     from flipscope.organism import load_organism

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Bool, Float
 
+from flipscope.errors import FlipscopeError
 from flipscope.stats import bootstrap
 
 __all__ = ["QUADRANTS", "flips", "pairwise_disagreement", "quadrants", "question_table", "summarize"]
@@ -49,13 +50,15 @@ def quadrants(consistent: Bool[np.ndarray, " n_items"], reliant: Bool[np.ndarray
     return names
 
 
-def question_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def question_table(rows: Sequence[Mapping[str, Any]], removed: str | None = None) -> dict[str, dict[str, Any]]:
     """Per question, from store rows: answers by condition and prompt, and the per-question
     measures (flip, pairwise disagreement, correct, reliant, text-only agreement, swap change,
     quadrant, entropy of the original answer with the image).
 
-    Image reliance is the rule of the paper: the answer to the original changes when the image is
-    replaced by the blank (or, with no blank condition, removed: `none`).
+    Image reliance follows the paper: the answer to the original changes when the image is
+    removed. `removed` names the condition that stands for "removed": `blank` (the paper's
+    uniform image; the default when present), `none` (no image tokens), or `swap` (another
+    patient's film); with None, `blank` if evaluated, else `none`.
     """
     by_question: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -77,12 +80,14 @@ def question_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     for entry in by_question.values():
         answers = entry["answers"]
         image = np.array([answers["image"][k] for k in sorted(answers["image"])])
-        removed = "blank" if "blank" in answers else "none" if "none" in answers else None
+        if removed is not None and removed not in answers:
+            raise FlipscopeError(f"reliance condition {removed!r} was not evaluated (have {sorted(answers)})")
+        removal = removed or ("blank" if "blank" in answers else "none" if "none" in answers else None)
         entry["flip"] = bool(flips(image[None, :])[0])
         entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
         entry["correct"] = bool(image[0] == entry["truth"])
-        entry["reliant"] = bool(answers[removed][0] != image[0]) if removed else None
-        entry["text_only_agreement"] = None if removed is None else not entry["reliant"]
+        entry["reliant"] = bool(answers[removal][0] != image[0]) if removal else None
+        entry["text_only_agreement"] = None if removal is None else not entry["reliant"]
         entry["swap_change"] = bool(answers["swap"][0] != image[0]) if "swap" in answers else None
         if entry["reliant"] is not None:
             entry["quadrant"] = str(quadrants(np.array([not entry["flip"]]), np.array([entry["reliant"]]))[0])
@@ -92,11 +97,11 @@ def question_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     return by_question
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+def summarize(rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity, overall
     and by finding, paraphrase strategy and quadrant, each with a bootstrap 95% CI over questions
-    (by strategy: over paraphrases)."""
-    table = question_table(rows)
+    (by strategy: over paraphrases). `removed`: the image-reliance rule (see `question_table`)."""
+    table = question_table(rows, removed)
     entries = list(table.values())
 
     def estimate(values: list) -> dict[str, Any]:
