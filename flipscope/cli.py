@@ -56,6 +56,16 @@ def evaluate(
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    generate_tokens: int = typer.Option(
+        0, help="Also generate this many tokens per prompt and keyword-parse them, as the paper does (0: off)."
+    ),
+    answers: str = typer.Option(
+        "margin", help="Answers the summary uses: margin (its sign) or generated (parsed text)."
+    ),
+    reliance: str | None = typer.Option(
+        None,
+        help="Condition that counts as 'image removed' for reliance: blank, none or swap (default: blank, else none).",
+    ),
     shard: str | None = typer.Option(
         None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
     ),
@@ -71,7 +81,20 @@ def evaluate(
     if dtype not in dtypes:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(dtypes)}", param_hint="--dtype")
     try:
-        cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")), blank=blank, batch_size=batch_size)
+        cfg = EvalConfig(
+            conditions=tuple(c.strip() for c in conditions.split(",")),
+            blank=blank,
+            batch_size=batch_size,
+            generate_tokens=generate_tokens,
+        )
+        if answers not in ("margin", "generated"):
+            raise FlipscopeError(f"--answers {answers!r} is not 'margin' or 'generated'")
+        if answers == "generated" and not generate_tokens:
+            raise FlipscopeError("--answers generated needs --generate-tokens > 0")
+        if reliance is not None and reliance not in cfg.conditions:
+            raise FlipscopeError(
+                f"--reliance {reliance!r} is not among the evaluated conditions {list(cfg.conditions)}"
+            )
         part = parse_shard(shard) if shard else None
         loaded = load_questions(questions, images)
         vlm = HookedVLM.from_pretrained(model, dtype=dtypes[dtype], device=device)
@@ -82,7 +105,7 @@ def evaluate(
     if part is not None:
         typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
         return
-    _write_summary(store.path, out)
+    _write_summary(store.path, out, reliance=reliance, source=answers)
 
 
 @app.command()
@@ -103,13 +126,17 @@ def merge(
     _write_summary(store.path, out)
 
 
-def _write_summary(rows_path: Path, out: Path) -> None:
+def _write_summary(rows_path: Path, out: Path, *, reliance: str | None = None, source: str = "margin") -> None:
     import json
 
     from flipscope.evaluate import summarize
     from flipscope.store import read_rows
 
-    summary = summarize(read_rows(rows_path))
+    try:
+        summary = summarize(read_rows(rows_path), removed=reliance, source=source)
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _print_summary(summary)
     typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")

@@ -50,7 +50,9 @@ def quadrants(consistent: Bool[np.ndarray, " n_items"], reliant: Bool[np.ndarray
     return names
 
 
-def question_table(rows: Sequence[Mapping[str, Any]], removed: str | None = None) -> dict[str, dict[str, Any]]:
+def question_table(
+    rows: Sequence[Mapping[str, Any]], removed: str | None = None, source: str = "margin"
+) -> dict[str, dict[str, Any]]:
     """Per question, from store rows: answers by condition and prompt, and the per-question
     measures (flip, pairwise disagreement, correct, reliant, text-only agreement, swap change,
     quadrant, entropy of the original answer with the image).
@@ -59,7 +61,20 @@ def question_table(rows: Sequence[Mapping[str, Any]], removed: str | None = None
     removed. `removed` names the condition that stands for "removed": `blank` (the paper's
     uniform image; the default when present), `none` (no image tokens), or `swap` (another
     patient's film); with None, `blank` if evaluated, else `none`.
+
+    `source` is where answers come from: `margin` (its sign) or `generated` (the keyword-parsed
+    generated text). With `generated`, prompts whose text is excluded by the parser drop out, and
+    a question whose original is excluded (under any condition) drops out entirely.
     """
+    if source not in ("margin", "generated"):
+        raise FlipscopeError(f"answer source {source!r} is not 'margin' or 'generated'")
+    if source == "generated":
+        if any("parsed" not in row for row in rows):
+            raise FlipscopeError("answer source 'generated' needs rows from a run with generate_tokens > 0")
+        excluded = {r["question_id"] for r in rows if r["prompt_index"] == 0 and r["parsed"] is None}
+        rows = [
+            {**r, "answer": r["parsed"]} for r in rows if r["parsed"] is not None and r["question_id"] not in excluded
+        ]
     by_question: dict[str, dict[str, Any]] = {}
     for row in rows:
         entry = by_question.setdefault(
@@ -79,7 +94,8 @@ def question_table(rows: Sequence[Mapping[str, Any]], removed: str | None = None
             entry["strategies"][row["prompt_index"]] = row["strategy"]
     for entry in by_question.values():
         answers = entry["answers"]
-        image = np.array([answers["image"][k] for k in sorted(answers["image"])])
+        indices = sorted(answers["image"])  # 0 (the original) first; dropped prompts are absent
+        image = np.array([answers["image"][k] for k in indices])
         if removed is not None and removed not in answers:
             raise FlipscopeError(f"reliance condition {removed!r} was not evaluated (have {sorted(answers)})")
         removal = removed or ("blank" if "blank" in answers else "none" if "none" in answers else None)
@@ -93,15 +109,17 @@ def question_table(rows: Sequence[Mapping[str, Any]], removed: str | None = None
             entry["quadrant"] = str(quadrants(np.array([not entry["flip"]]), np.array([entry["reliant"]]))[0])
         else:
             entry["quadrant"] = None
-        entry["paraphrase_flips"] = {k: bool(image[k] != image[0]) for k in range(1, len(image))}
+        entry["paraphrase_flips"] = {k: bool(answers["image"][k] != image[0]) for k in indices[1:]}
     return by_question
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, source: str = "margin", seed: int = 0
+) -> dict[str, Any]:
     """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity, overall
     and by finding, paraphrase strategy and quadrant, each with a bootstrap 95% CI over questions
-    (by strategy: over paraphrases). `removed`: the image-reliance rule (see `question_table`)."""
-    table = question_table(rows, removed)
+    (by strategy: over paraphrases). `removed` and `source`: see `question_table`."""
+    table = question_table(rows, removed, source)
     entries = list(table.values())
 
     def estimate(values: list) -> dict[str, Any]:

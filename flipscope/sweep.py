@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flipscope.answers import binary_entropy, p_yes
+from flipscope.answers import binary_entropy, p_yes, parse_answer
 from flipscope.errors import FlipscopeError
 from flipscope.fastpath import score_shared_prefix
 from flipscope.images import BlankSpec, load_image
@@ -42,6 +42,8 @@ class EvalConfig:
         swap_seed: Seed of the pairing that gives each question another question's image.
         batch_size: Prompts per forward.
         questions_per_unit: Questions per unit of resumable work.
+        generate_tokens: Also generate this many tokens greedily per prompt and parse the text
+            with the keyword parser, as the paper computes flip rates (0: off).
         fast: Run prompts that share an image on one cached prefix (`flipscope.fastpath`): the
             vision tower and the shared tokens once per image, once per unit for the blank and
             no-image conditions. Off: plain left-padded batches of full prompts.
@@ -53,6 +55,7 @@ class EvalConfig:
     swap_seed: int = 0
     batch_size: int = 32
     questions_per_unit: int = 16
+    generate_tokens: int = 0
     fast: bool = True
 
     def __post_init__(self) -> None:
@@ -149,7 +152,8 @@ def run_sweep(
 
     `model` is anything with `processor` and `score(ModelInputs)` (`HookedVLM`, a clamped model).
     Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy, condition,
-    margin, p_yes, entropy, answer. With `shard=(K, N)` only question chunks whose index is K
+    margin, p_yes, entropy, answer; with `generate_tokens`, also generated, parsed (yes/no or
+    None when excluded) and parse_reason. With `shard=(K, N)` only question chunks whose index is K
     modulo N are run (one shard per GPU or array task); `merge_shards` joins the N stores into the
     store a single process writes.
     """
@@ -211,6 +215,17 @@ def run_sweep(
                         for i in range(0, len(specs), cfg.batch_size)
                     ]
                 )
+            if cfg.generate_tokens:
+                texts = [
+                    text
+                    for i in range(0, len(specs), cfg.batch_size)
+                    for text in model.generate(
+                        builder.build(specs[i : i + cfg.batch_size]), max_new_tokens=cfg.generate_tokens
+                    )
+                ]
+                for row, text in zip(rows, texts, strict=True):
+                    parsed = parse_answer(text)
+                    row.update(generated=text, parsed=parsed.answer, parse_reason=parsed.reason)
             for row, margin, prob, entropy in zip(
                 rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
             ):

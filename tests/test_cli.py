@@ -36,6 +36,10 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
         app, ["evaluate", "--model", "/no/model", "--questions", "q", "--out", "o", "--dtype", "fp8"]
     )
     assert result.exit_code == 2 and "'fp8' is not one of" in result.output
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--answers", "generated"])
+    assert result.exit_code == 2 and "needs --generate-tokens > 0" in result.output
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--reliance", "swap"])
+    assert result.exit_code == 2 and "--reliance 'swap' is not among the evaluated conditions" in result.output
     assert not (tmp_path / "o").exists()
 
 

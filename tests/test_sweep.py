@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,22 @@ def test_evaluation_finds_the_planted_shortcut(organism_questions, tmp_path: Pat
     assert overall["accuracy"]["value"] > 0.95
     assert summary["by_quadrant"]["Dangerous"]["share"]["value"] >= 0.1
     assert overall["swap_sensitivity"]["value"] > 0.2
+
+
+def test_generated_answers_are_parsed_and_summarized(organism_questions, tmp_path: Path) -> None:
+    vlm, _, questions = organism_questions
+    cfg = EvalConfig(conditions=("image", "blank"), batch_size=64, generate_tokens=1)
+    run_sweep(vlm, questions[:12], cfg, tmp_path / "gen.jsonl", progress=False)
+    rows = read_rows(tmp_path / "gen.jsonl")
+    assert all(r["generated"].strip() in ("yes", "no") for r in rows)
+    # One generated token is the argmax over the vocabulary, so it agrees with the margin's sign
+    # wherever yes or no is that argmax.
+    assert all(r["parsed"] == r["answer"] for r in rows)
+    same = json.dumps(summarize(rows, source="generated"), sort_keys=True) == json.dumps(
+        summarize(rows), sort_keys=True
+    )
+    assert same  # compared as JSON: estimates over no units are NaN
+    edited = [
+        dict(r, parsed=None) if (r["question_id"] == questions[0].id and r["prompt_index"] == 0) else r for r in rows
+    ]
+    assert summarize(edited, source="generated")["overall"]["n_questions"] == 11
