@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -22,26 +24,55 @@ from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
 from flipscope.prompts import PromptBuilder, PromptSpec
 
-__all__ = ["score_shared_prefix", "shared_prefix_length"]
+__all__ = ["Prefix", "run_prefix", "score_shared_prefix", "template_prefix_length"]
 
 
-def shared_prefix_length(sequences: Sequence[Tensor]) -> int:
-    """Length of the longest token prefix common to every sequence, less one so every sequence
-    keeps at least one suffix token."""
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
+def template_prefix_length(builder: PromptBuilder, with_image: bool) -> int:
+    """Tokens of the chat template before the question (header, image block and its newlines):
+    the common prefix of two prompts whose questions share no token."""
+    first = builder._text_tokens("yes", with_image)["input_ids"].reshape(-1)
+    second = builder._text_tokens("no", with_image)["input_ids"].reshape(-1)
     length = 0
-    while length < shortest - 1 and all(bool(s[length] == first[length]) for s in sequences[1:]):
+    while length < min(len(first), len(second)) and bool(first[length] == second[length]):
         length += 1
     return length
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """The key/value cache of a prompt prefix and its length in tokens."""
+
+    cache: Any
+    length: int
+
+
+@torch.no_grad()
+def run_prefix(model, builder: PromptBuilder, spec: PromptSpec) -> Prefix:
+    """Run the template prefix of `spec` (its image included) once, keeping its cache."""
+    with_image = spec.condition != "none"
+    length = template_prefix_length(builder, with_image)
+    row = builder._text_tokens(spec.question, with_image)
+    device = model.device
+    ids = row["input_ids"].reshape(-1)[:length].unsqueeze(0).to(device)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": row["token_type_ids"].reshape(-1)[:length].unsqueeze(0).to(device),
+        "use_cache": True,
+    }
+    image = builder._image_for(spec)
+    if image is not None:
+        kwargs["pixel_values"] = builder.pixel_values([image]).to(device=device, dtype=model.dtype)
+    return Prefix(model.hf_model(**kwargs, logits_to_keep=1).past_key_values, length)
+
+
 @torch.no_grad()
 def score_shared_prefix(
-    model, builder: PromptBuilder, specs: Sequence[PromptSpec], batch_size: int = 32
+    model, builder: PromptBuilder, specs: Sequence[PromptSpec], batch_size: int = 32, prefix: Prefix | None = None
 ) -> Float[Tensor, " batch"]:
-    """Margins of `specs`, which must show the same image (or none): the prefix is run once, the
-    suffixes in batches of `batch_size` on copies of its cache.
+    """Margins of `specs`, which must show the same image (or none): the prefix is run once (or
+    taken from `prefix`, e.g. the blank's, computed once per run), the suffixes in batches of
+    `batch_size` on copies of its cache.
 
     Raises:
         FlipscopeError: the prompts do not share their image slot.
@@ -51,28 +82,13 @@ def score_shared_prefix(
     conditions = {s.condition for s in specs}
     if len(conditions) != 1:
         raise FlipscopeError(f"prompts sharing a prefix must share one image condition, got {sorted(conditions)}")
-    hf = model.hf_model
-    rows = [builder._text_tokens(s.question, s.condition != "none") for s in specs]
-    ids = [r["input_ids"].reshape(-1) for r in rows]
-    types = [r["token_type_ids"].reshape(-1) for r in rows]
-    prefix_len = shared_prefix_length(ids)
-    if any(bool(t[prefix_len:].any()) for t in types):
-        raise FlipscopeError("the image block is not inside the shared prefix")
-    device = model.device
-    prefix_ids = ids[0][:prefix_len].unsqueeze(0).to(device)
-    image = builder._image_for(specs[0])
-    kwargs = {
-        "input_ids": prefix_ids,
-        "attention_mask": torch.ones_like(prefix_ids),
-        "token_type_ids": types[0][:prefix_len].unsqueeze(0).to(device),
-        "use_cache": True,
-    }
-    if image is not None:
-        kwargs["pixel_values"] = builder.pixel_values([image]).to(device=device, dtype=model.dtype)
-    prefix_cache = hf(**kwargs, logits_to_keep=1).past_key_values
-
+    with_image = specs[0].condition != "none"
+    prefix = prefix or run_prefix(model, builder, specs[0])
+    ids = [builder._text_tokens(s.question, with_image)["input_ids"].reshape(-1) for s in specs]
     margins = [
-        _score_suffixes(model, builder, prefix_cache, prefix_len, [s[prefix_len:] for s in ids[i : i + batch_size]])
+        _score_suffixes(
+            model, builder, prefix.cache, prefix.length, [s[prefix.length :] for s in ids[i : i + batch_size]]
+        )
         for i in range(0, len(ids), batch_size)
     ]
     return torch.cat(margins)

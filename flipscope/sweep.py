@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from flipscope.answers import binary_entropy, p_yes, parse_answer
 from flipscope.errors import FlipscopeError
-from flipscope.fastpath import score_shared_prefix
+from flipscope.fastpath import Prefix, run_prefix, score_shared_prefix
 from flipscope.images import BlankSpec, load_image
 from flipscope.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 from flipscope.questions import Question
@@ -45,8 +45,8 @@ class EvalConfig:
         generate_tokens: Also generate this many tokens greedily per prompt and parse the text
             with the keyword parser, as the paper computes flip rates (0: off).
         fast: Run prompts that share an image on one cached prefix (`flipscope.fastpath`): the
-            vision tower and the shared tokens once per image, once per unit for the blank and
-            no-image conditions. Off: plain left-padded batches of full prompts.
+            vision tower and the template's pre-question tokens once per image, and once per run
+            for the blank and no-image conditions. Off: plain left-padded batches of full prompts.
     """
 
     conditions: tuple[str, ...] = ("image", "blank")
@@ -111,15 +111,15 @@ def _model_identity(model: Any) -> dict[str, Any]:
     return {"name_or_path": getattr(model, "name_or_path", type(model).__name__)}
 
 
-def _groups(questions: Sequence[Question], whole: int | None) -> list[tuple[int, int]]:
-    """(start, end) of each run of prompts that share an image slot, in prompt order."""
-    if whole is not None:
-        return [(0, whole)]
-    bounds, start = [], 0
+def _by_image(questions: Sequence[Question], swaps: dict[str, Path] | None) -> dict[Path, list[int]]:
+    """Prompt indices (in unit order) grouped by the image their question shows."""
+    groups: dict[Path, list[int]] = {}
+    start = 0
     for q in questions:
-        bounds.append((start, start + len(q.prompts)))
+        image = swaps[q.id] if swaps is not None else q.image
+        groups.setdefault(image, []).extend(range(start, start + len(q.prompts)))
         start += len(q.prompts)
-    return bounds
+    return groups
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -178,6 +178,7 @@ def run_sweep(
     todo = [(c, i) for c, i in units if f"{c}/{i}" not in store.done]
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
+    shared: dict[str, Prefix] = {}
     with torch.no_grad():
         for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
             rows: list[dict[str, Any]] = []
@@ -199,15 +200,15 @@ def run_sweep(
                         }
                     )
             if fast:
-                # Prompts sharing the image slot: one question's prompts (image, swap), or the
-                # whole unit (blank, none).
-                whole = len(specs) if condition in ("blank", "none") else None
-                margins = torch.cat(
-                    [
-                        score_shared_prefix(model, builder, specs[a:b], cfg.batch_size)
-                        for a, b in _groups(chunks[index], whole)
-                    ]
-                )
+                if condition in ("blank", "none"):  # one image slot for every question: once per run
+                    if condition not in shared:
+                        shared[condition] = run_prefix(model, builder, specs[0])
+                    margins = score_shared_prefix(model, builder, specs, cfg.batch_size, shared[condition])
+                else:  # one prefix per distinct image (questions about one film share it)
+                    margins = torch.empty(len(specs))
+                    for members in _by_image(chunks[index], swaps if condition == "swap" else None).values():
+                        group = [specs[i] for i in members]
+                        margins[members] = score_shared_prefix(model, builder, group, cfg.batch_size)
             else:
                 margins = torch.cat(
                     [

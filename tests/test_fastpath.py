@@ -66,3 +66,22 @@ def test_sweep_fast_path_equals_naive_on_the_organism(tmp_path: Path) -> None:
     fast = torch.tensor([r["margin"] for r in rows])
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
     assert [r["answer"] == "yes" for r in rows] == (naive > 0).tolist()
+
+
+def test_vision_runs_once_per_image_and_once_per_run_for_the_blank(tmp_path: Path) -> None:
+    cfg = OrganismConfig.from_dict(load_card(default_organism_dir())["config"])
+    questions = load_questions(export_questions(cfg, tmp_path / "qs", n_films=3))
+    vlm = HookedVLM.from_pretrained(default_organism_dir())
+    images_seen: list[int] = []
+    handle = vlm.hf_model.model.vision_tower.register_forward_hook(
+        lambda module, args, output: images_seen.append(output.last_hidden_state.shape[0])
+    )
+    try:
+        cfg_eval = EvalConfig(conditions=("image", "blank"), questions_per_unit=4)
+        run_sweep(vlm, questions, cfg_eval, tmp_path / "s.jsonl", progress=False)
+    finally:
+        handle.remove()
+    assert len(questions) == 12 and len(read_rows(tmp_path / "s.jsonl")) == 12 * 10 * 2
+    # One per film (its four questions share it) in each unit that holds it, one blank per run.
+    films_per_unit = [len({q.image for q in questions[i : i + 4]}) for i in range(0, 12, 4)]
+    assert sum(images_seen) == sum(films_per_unit) + 1 == 3 + 1
