@@ -22,6 +22,10 @@ from flipscope.hook_table import HookSite, hook_sites
 from flipscope.images import BlankSpec, blank_image, load_image
 from flipscope.model import HookedVLM
 from flipscope.prompts import IMAGE_CONDITIONS, ModelInputs, PromptBuilder, PromptSpec
+from flipscope.questions import Question, load_questions, questions_from_table
+from flipscope.sae import SAEEncoding, check_sae, encode_with_error, load_sae
+from flipscope.stats import Estimate, bootstrap
+from flipscope.sweep import EvalConfig, merge_shards, run_sweep
 
 __all__ = [
     "IMAGE_CONDITIONS",
@@ -34,11 +38,23 @@ __all__ = [
     "ParsedAnswer",
     "PromptBuilder",
     "PromptSpec",
+    "Question",
+    "SAEEncoding",
+    "Estimate",
+    "EvalConfig",
     "binary_entropy",
     "blank_image",
+    "bootstrap",
+    "check_sae",
+    "encode_with_error",
     "hook_sites",
     "load_image",
+    "load_questions",
+    "load_sae",
+    "merge_shards",
     "p_yes",
     "parse_answer",
+    "questions_from_table",
+    "run_sweep",
     "yes_no_margin",
 ]
