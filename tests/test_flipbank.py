@@ -1,0 +1,68 @@
+"""FlipBank curation is deterministic and records its rules; a corrupted bank lists every bad case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flipscope import FlipscopeError, HookedVLM
+from flipscope.flipbank import CurationRules, curate, load_flipbank, save_flipbank
+from flipscope.organism import OrganismConfig, default_organism_dir, load_card
+from flipscope.organism.questions import export_questions
+from flipscope.questions import load_questions
+from flipscope.store import read_header, read_rows
+from flipscope.sweep import EvalConfig, run_sweep
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("flipbank")
+    cfg = OrganismConfig.from_dict(load_card(default_organism_dir())["config"])
+    questions = load_questions(export_questions(cfg, root / "qs", n_films=10))
+    vlm = HookedVLM.from_pretrained(default_organism_dir())
+    store = run_sweep(vlm, questions, EvalConfig(conditions=("image",)), root / "eval.jsonl", progress=False)
+    return root, questions, read_rows(store.path), read_header(store.path)
+
+
+def test_curation_is_deterministic_and_records_its_rules(evaluated) -> None:
+    root, questions, rows, header = evaluated
+    rules = CurationRules(min_margin=0.0, controls_per_flip=1, seed=3)
+    bank = curate(rows, questions, rules, source=header)
+    assert bank == curate(rows, questions, rules, source=header)
+    assert bank["rules"] == rules.to_dict() and bank["source"] == header
+    assert bank["n_flips"] > 10 and bank["n_controls"] == bank["n_flips"]
+    for case in bank["flips"]:
+        assert case["original_answer"] != case["paraphrase_answer"]
+        assert case["direction"] == f"{case['original_answer']}→{case['paraphrase_answer']}"
+        assert case["strategy"] == "leading"  # the organism flips only under its planted framing
+    assert all(c["original_answer"] == c["paraphrase_answer"] for c in bank["controls"])
+    flipped = {c["question_id"] for c in bank["flips"]}
+    assert {c["question_id"] for c in bank["controls"]} <= flipped
+    strict = curate(rows, questions, CurationRules(min_margin=1.0), source=header)
+    assert strict["n_flips"] < bank["n_flips"]
+    assert all(min(abs(c["original_margin"]), abs(c["paraphrase_margin"])) >= 1.0 for c in strict["flips"])
+    path = save_flipbank(bank, root / "qs" / "flipbank.json")
+    assert load_flipbank(path) == json.loads(json.dumps(bank))
+
+
+def test_corrupted_flipbank_lists_every_bad_case(evaluated, tmp_path: Path) -> None:
+    root, questions, rows, header = evaluated
+    bank = json.loads(json.dumps(curate(rows, questions, CurationRules(), source=header)))
+    del bank["flips"][0]["paraphrase"]
+    bank["flips"][1]["paraphrase_margin"] = "large"
+    bank["controls"][0]["image"] = "images/nowhere.png"
+    bank["controls"][1]["paraphrase_answer"] = "maybe"
+    path = tmp_path / "bank.json"
+    path.write_text(json.dumps(bank))
+    with pytest.raises(FlipscopeError) as info:
+        load_flipbank(path, image_root=root / "qs")
+    message = str(info.value)
+    assert "flips[0]" in message and "field 'paraphrase': expected str, got None" in message
+    assert "flips[1]" in message and "field 'paraphrase_margin': expected float, got 'large'" in message
+    assert "controls[0]" in message and "nowhere.png' does not exist" in message
+    assert "controls[1]" in message and "field 'paraphrase_answer': expected 'yes' or 'no', got 'maybe'" in message
+    with pytest.raises(FlipscopeError, match="problem"):
+        save_flipbank(bank, tmp_path / "never.json")
+    assert not (tmp_path / "never.json").exists()
