@@ -106,9 +106,8 @@ def _select_positions(tensor: Float[Tensor, "batch pos d"], positions: Positions
     if isinstance(positions, Tensor):
         rows = torch.arange(tensor.shape[0], device=tensor.device)
         return tensor[rows, positions.to(tensor.device)]
-    if isinstance(positions, int):
-        return tensor[:, positions].clone()
-    if isinstance(positions, slice):
+    if isinstance(positions, int | slice):
+        # Basic indexing returns a view that would keep the whole activation alive: copy.
         return tensor[:, positions].clone()
     return tensor[:, list(positions)]
 
@@ -224,12 +223,6 @@ class HookedVLM(HookedRootModule):
         if name not in self.hook_dict:
             raise FlipscopeError(f"unknown hook name {name!r}; valid names: {_describe_names(list(self.hook_dict))}")
 
-    def _check_names(self, names: NamesFilter) -> None:
-        if names is None or callable(names):
-            return
-        for name in [names] if isinstance(names, str) else names:
-            self.check_hook_name(name)
-
     def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):
             self.check_hook_name(name)
@@ -283,7 +276,6 @@ class HookedVLM(HookedRootModule):
         Returns:
             The logits and a dict from hook name to activation (detached).
         """
-        self._check_names(names_filter)
         if names_filter is None:
             selected = list(self.hook_dict)
         elif isinstance(names_filter, str):

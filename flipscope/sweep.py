@@ -133,10 +133,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def unit_order(conditions: Sequence[str], n_questions: int, questions_per_unit: int) -> list[str]:
-    """Every unit of a run, in the order a single process computes them."""
+def unit_order(conditions: Sequence[str], n_questions: int, questions_per_unit: int) -> list[tuple[str, int]]:
+    """Every unit of a run as (condition, question chunk), in the order a single process computes them."""
     n_chunks = -(-n_questions // questions_per_unit)
-    return [f"{condition}/{index}" for index in range(n_chunks) for condition in conditions]
+    return [(condition, index) for index in range(n_chunks) for condition in conditions]
+
+
+def _unit_key(condition: str, index: int) -> str:
+    return f"{condition}/{index}"
 
 
 def run_sweep(
@@ -171,11 +175,10 @@ def run_sweep(
     builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
     swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
-    units = [tuple(u.split("/")) for u in unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)]
-    units = [(condition, int(index)) for condition, index in units]
+    units = unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)
     if shard is not None:
         units = [(c, i) for c, i in units if i % shard[1] == shard[0]]
-    todo = [(c, i) for c, i in units if f"{c}/{i}" not in store.done]
+    todo = [(c, i) for c, i in units if _unit_key(c, i) not in store.done]
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
     shared: dict[str, Prefix] = {}
@@ -183,9 +186,13 @@ def run_sweep(
         for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
             rows: list[dict[str, Any]] = []
             specs: list[PromptSpec] = []
+            films: dict[Path, Any] = {}  # each film read once per unit, however many questions show it
             for q in chunks[index]:
-                image = load_image(q.image) if condition == "image" else None  # once per question
-                swap = load_image(swaps[q.id]) if condition == "swap" else None
+                shown = q.image if condition == "image" else swaps[q.id] if condition == "swap" else None
+                if shown is not None and shown not in films:
+                    films[shown] = load_image(shown)
+                image = films[shown] if condition == "image" else None
+                swap = films[shown] if condition == "swap" else None
                 for k, text in enumerate(q.prompts):
                     specs.append(PromptSpec(question=text, condition=condition, image=image, swap_image=swap))
                     rows.append(
@@ -231,7 +238,7 @@ def run_sweep(
                 rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
             ):
                 row.update(margin=margin, p_yes=prob, entropy=entropy, answer="yes" if margin > 0 else "no")
-            store.append(f"{condition}/{index}", rows)
+            store.append(_unit_key(condition, index), rows)
     return store
 
 
@@ -257,7 +264,9 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> ResultStore:
     for path in paths:
         units.update(read_units(path))
     cfg = base["eval_config"]
-    order = unit_order(cfg["conditions"], base["questions"]["n"], cfg["questions_per_unit"])
+    order = [
+        _unit_key(c, i) for c, i in unit_order(cfg["conditions"], base["questions"]["n"], cfg["questions_per_unit"])
+    ]
     missing = [u for u in order if u not in units]
     if missing:
         raise FlipscopeError(f"{len(missing)} unit(s) unfinished in the shards (e.g. {missing[0]}); rerun them first")
