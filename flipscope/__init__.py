@@ -18,17 +18,40 @@ from flipscope.answers import (
     yes_no_margin,
 )
 from flipscope.errors import FlipscopeError
+from flipscope.evaluate import QUADRANTS, question_table, summarize
+from flipscope.features import Discovery, discover, feature_table
+from flipscope.flipbank import CurationRules, check_flipbank_model, curate, load_flipbank, save_flipbank
 from flipscope.hook_table import HookSite, hook_sites
 from flipscope.images import BlankSpec, blank_image, load_image
 from flipscope.model import HookedVLM
+from flipscope.pairs import PairActivations, collect_pairs
 from flipscope.prompts import IMAGE_CONDITIONS, ModelInputs, PromptBuilder, PromptSpec
 from flipscope.questions import Question, load_questions, questions_from_table
-from flipscope.sae import SAEEncoding, check_sae, encode_with_error, load_sae
-from flipscope.stats import Estimate, bootstrap
+from flipscope.sae import PositionEncoding, SAEEncoding, check_sae, encode_prompts, encode_with_error, load_sae
+from flipscope.stats import Estimate, auc, bh_qvalues, bootstrap, correlations, mann_whitney
 from flipscope.sweep import EvalConfig, merge_shards, run_sweep
 
 __all__ = [
     "IMAGE_CONDITIONS",
+    "QUADRANTS",
+    "CurationRules",
+    "Discovery",
+    "PairActivations",
+    "PositionEncoding",
+    "encode_prompts",
+    "auc",
+    "bh_qvalues",
+    "check_flipbank_model",
+    "collect_pairs",
+    "correlations",
+    "curate",
+    "discover",
+    "feature_table",
+    "load_flipbank",
+    "mann_whitney",
+    "question_table",
+    "save_flipbank",
+    "summarize",
     "AnswerTokens",
     "BlankSpec",
     "FlipscopeError",

@@ -167,6 +167,138 @@ def _print_summary(summary: dict) -> None:
         )
 
 
+@app.command()
+def curate(
+    results: Path = typer.Option(..., help="Output directory of `flipscope evaluate` (holds results.jsonl)."),
+    questions: Path = typer.Option(..., help="The questions JSONL that evaluation ran on."),
+    images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
+    out: Path = typer.Option(..., help="FlipBank file to write (e.g. flipbank/mymodel/flipbank.json)."),
+    min_margin: float = typer.Option(0.0, help="Keep flips whose two margins are both at least this far from 0."),
+    use_generated: bool = typer.Option(
+        False, help="Flip on the keyword-parsed generated answers (both must parse without hedges)."
+    ),
+    min_similarity: float | None = typer.Option(
+        None, help="Keep paraphrases with similarity >= this (rows must carry a 'similarity' value)."
+    ),
+    controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip, from the same questions."),
+    seed: int = typer.Option(0, help="Seed of the control draw."),
+) -> None:
+    """Curate a FlipBank (flip cases + matched non-flip controls) from an evaluation."""
+    from flipscope.flipbank import CurationRules, save_flipbank
+    from flipscope.flipbank import curate as curate_bank
+    from flipscope.questions import load_questions
+    from flipscope.store import read_header, read_rows
+
+    try:
+        rules = CurationRules(
+            min_margin=min_margin,
+            use_generated=use_generated,
+            min_similarity=min_similarity,
+            controls_per_flip=controls_per_flip,
+            seed=seed,
+        )
+        store = results / "results.jsonl" if results.is_dir() else results
+        if not store.is_file():
+            raise FlipscopeError(f"{str(store)!r} does not exist; pass the output directory of `flipscope evaluate`")
+        bank = curate_bank(read_rows(store), load_questions(questions, images), rules, source=read_header(store))
+        path = save_flipbank(bank, out)
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    directions = sorted({c["direction"] for c in bank["flips"]})
+    counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)
+    typer.echo(f"{bank['n_flips']} flip cases ({counts}), {bank['n_controls']} controls: {path}")
+
+
+@app.command()
+def discover(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    model: str | None = typer.Option(
+        None, help="Hub id or model directory that made the FlipBank (default: the shipped organism)."
+    ),
+    sae: str | None = typer.Option(
+        None,
+        help="SAE: a sae-lens folder, a raw GemmaScope 2 folder, or a release (with --sae-id); default: MODEL/sae.",
+    ),
+    sae_id: str | None = typer.Option(
+        None, help="SAE id within a sae-lens release, e.g. layer_17_width_16k_l0_medium."
+    ),
+    layers: str | None = typer.Option(None, help="Layers of the flip-prediction AUC sweep, e.g. 0,4,8 (default: all)."),
+    top: int = typer.Option(10, help="Features to print."),
+    exact_top: int = typer.Option(50, help="Check attribution against exact ablation of this many features (0: skip)."),
+    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.features.json beside the FlipBank)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Rank the SAE features that track the paraphrase framing behind the FlipBank's flips."""
+    import torch
+
+    from flipscope.features import discover as run_discovery
+    from flipscope.flipbank import load_flipbank
+    from flipscope.model import HookedVLM
+    from flipscope.organism import default_organism_dir
+    from flipscope.sae import load_sae
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    try:
+        if dtype not in dtypes:
+            raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
+        layer_ids = [int(x) for x in layers.split(",")] if layers else None
+        bank = load_flipbank(flipbank)
+        model_source = model if model is not None else str(default_organism_dir())
+        vlm = HookedVLM.from_pretrained(model_source, dtype=dtypes[dtype], device=device)
+        sae_source = sae if sae is not None else str(Path(model_source) / "sae")
+        dictionary = load_sae(sae_source, sae_id, device=device)
+        bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
+        if bad:
+            raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
+        found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
+        json_path, csv_path = found.save(out or flipbank.with_name(f"{flipbank.stem}.features.json"))
+    except ValueError as err:  # FlipscopeError, and int() of a bad --layers
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    _print_discovery(found, top)
+    typer.echo(f"table: {json_path}\n       {csv_path}")
+
+
+def _print_discovery(found, top: int) -> None:
+    meta = found.meta
+    shift_f, shift_c = meta["margin_shift_flips"], meta["margin_shift_controls"]
+    typer.echo(
+        f"{meta['bank']['n_flips']} flips, {meta['bank']['n_controls']} controls; SAE on {found.hook} "
+        f"({meta['sae']['d_sae']} features). Margin shift (para - orig): flips {_fmt(shift_f)}, "
+        f"controls {_fmt(shift_c)}"
+    )
+    typer.echo("ranked by |Pearson r| of Δf with the margin shift over flips (95% CIs; q = Benjamini-Hochberg):")
+    typer.echo(
+        f"{'feature':>7} {'mean|Δf| [CI]':<22}{'Pearson r [CI]':<24}{'q':>9} {'Spearman':>8} "
+        f"{'AUC':>6}{'q(MWU)':>9} {'attrib.':>8} {'rank attr':>9}"
+    )
+    for row in found.top(top).itertuples():
+        typer.echo(
+            f"{row.feature:>7} {row.mean_abs_delta:6.3f} [{row.mean_abs_delta_low:.3f}, {row.mean_abs_delta_high:.3f}]"
+            f"{'':<2}{row.pearson_r:+.3f} [{row.pearson_low:+.3f}, {row.pearson_high:+.3f}]"
+            f"{'':<2}{row.pearson_q:9.2e} {row.spearman_r:+8.3f} {row.auc:6.3f}{row.mwu_q:9.2e} "
+            f"{row.attribution:+8.3f} {row.rank_attribution:>9}"
+        )
+    best = found.diffmean["top_features"][0]
+    typer.echo(
+        f"DiffMean direction (flip minus control Δresidual) at {found.hook}: norm {found.diffmean['norm']:.3f}; "
+        f"closest SAE decoder row: feature {best['feature']} (cosine {best['cosine']:.3f})"
+    )
+    typer.echo("flip-vs-control AUC by layer (cross-validated DiffMean projection):")
+    for row in found.layers:
+        typer.echo(f"  {row['hook']:<28} {row['auc']:.3f} [{row['low']:.3f}, {row['high']:.3f}]")
+    if found.ablation is not None:
+        a = found.ablation
+        typer.echo(
+            f"attribution vs exact single-feature ablation on {len(a['features'])} features "
+            f"({a['n_moving_features']} move at all): Spearman {a['spearman']:.3f} over features, "
+            f"{a['spearman_cases']:.3f} over cases"
+        )
+
+
 organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)
 app.add_typer(organism_app, name="organism")
 
@@ -201,6 +333,28 @@ def organism_build(
         f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; "
         f"framing feature {top['feature']} (cos {top['cosine']:.2f})"
     )
+
+
+@organism_app.command("flipbank")
+def organism_flipbank(
+    out: Path = typer.Option(..., help="Folder to write films, questions, evaluation and flipbank.json to."),
+    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    n_films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
+    min_margin: float = typer.Option(0.2, help="Keep flips whose two margins are both at least this far from 0."),
+) -> None:
+    """Evaluate held-out films of an organism and curate its FlipBank (what flipbank/organism holds)."""
+    import json
+
+    from flipscope.flipbank import CurationRules
+    from flipscope.organism.bank import DEFAULT_RULES, build_flipbank
+
+    rules = CurationRules(**{**DEFAULT_RULES.to_dict(), "min_margin": min_margin})
+    try:
+        path = build_flipbank(out, organism, n_films=n_films, rules=rules)
+    except FlipscopeError as err:
+        raise typer.BadParameter(str(err), param_hint="--organism") from err
+    bank = json.loads(path.read_text())
+    typer.echo(f"{bank['n_flips']} flip cases, {bank['n_controls']} controls: {path}")
 
 
 @app.command()

@@ -28,14 +28,8 @@ __all__ = ["Prefix", "run_prefix", "score_shared_prefix", "template_prefix_lengt
 
 
 def template_prefix_length(builder: PromptBuilder, with_image: bool) -> int:
-    """Tokens of the chat template before the question (header, image block and its newlines):
-    the common prefix of two prompts whose questions share no token."""
-    first = builder._text_tokens("yes", with_image)["input_ids"].reshape(-1)
-    second = builder._text_tokens("no", with_image)["input_ids"].reshape(-1)
-    length = 0
-    while length < min(len(first), len(second)) and bool(first[length] == second[length]):
-        length += 1
-    return length
+    """Tokens of the chat template before the question (header, image block and its newlines)."""
+    return builder.template_lengths(with_image)[0]
 
 
 @dataclass(frozen=True)

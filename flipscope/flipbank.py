@@ -25,7 +25,7 @@ import numpy as np
 from flipscope.errors import FlipscopeError
 from flipscope.questions import Question
 
-__all__ = ["CurationRules", "FLIPBANK_FORMAT", "curate", "load_flipbank", "save_flipbank"]
+__all__ = ["CurationRules", "FLIPBANK_FORMAT", "check_flipbank_model", "curate", "load_flipbank", "save_flipbank"]
 
 FLIPBANK_FORMAT = "flipbank/1"
 _CASE_FIELDS = {
@@ -133,12 +133,24 @@ def curate(
     }
 
 
+def _relative_images(bank: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """The bank with every image under `root` written relative to it (so the folder can move)."""
+    root = root.resolve()
+
+    def rel(case: Mapping[str, Any]) -> dict[str, Any]:
+        image = Path(case["image"]).resolve()
+        return {**case, "image": image.relative_to(root).as_posix() if image.is_relative_to(root) else str(image)}
+
+    return {**bank, "flips": [rel(c) for c in bank["flips"]], "controls": [rel(c) for c in bank["controls"]]}
+
+
 def save_flipbank(bank: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a FlipBank (validated first, so a bad bank is never written)."""
+    """Write a FlipBank (validated first, so a bad bank is never written); images inside the
+    bank's folder are written relative to it."""
     _validate(bank, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bank, indent=1, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(_relative_images(bank, path.parent), indent=1, ensure_ascii=False) + "\n")
     return path
 
 
@@ -180,7 +192,8 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
 
 
 def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> dict[str, Any]:
-    """Read and validate a FlipBank; every bad case is listed.
+    """Read and validate a FlipBank; every bad case is listed. Relative image paths come back
+    resolved against `image_root` (default: the bank's folder).
 
     Raises:
         FlipscopeError: the file is unreadable or a case is bad (field, value, why).
@@ -190,5 +203,25 @@ def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> dic
         bank = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise FlipscopeError(f"cannot read FlipBank {str(path)!r}: {err}") from err
-    _validate(bank, str(path), Path(image_root) if image_root is not None else path.parent)
+    root = Path(image_root) if image_root is not None else path.parent
+    _validate(bank, str(path), root)
+    for case in (*bank["flips"], *bank["controls"]):
+        image = Path(case["image"])
+        case["image"] = str(image if image.is_absolute() else root / image)
     return bank
+
+
+def check_flipbank_model(bank: Mapping[str, Any], model: Any, where: str = "FlipBank") -> None:
+    """Refuse a FlipBank made by another model: its margins and flips say nothing about `model`.
+
+    Raises:
+        FlipscopeError: the bank records a model whose weight fingerprint differs from `model`'s.
+    """
+    recorded = bank.get("source", {}).get("model", {})
+    current = model.identity()
+    if recorded.get("fingerprint") not in (None, current["fingerprint"]):
+        raise FlipscopeError(
+            f"{where} was made by model {recorded.get('name')!r} (fingerprint {recorded.get('fingerprint')}), "
+            f"not by {current['name']!r} (fingerprint {current['fingerprint']}); curate a FlipBank for this model "
+            "with `flipscope evaluate` and `flipscope curate`"
+        )

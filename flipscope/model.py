@@ -10,6 +10,7 @@ and a hooked one pays only for the sites it uses.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -211,6 +212,26 @@ class HookedVLM(HookedRootModule):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
+
+    def identity(self) -> dict[str, Any]:
+        """Which model produced a result: its name (hub id or folder name), size and a weight
+        fingerprint, so results (evaluation stores, FlipBanks) can be checked against a model.
+
+        The fingerprint hashes the first 64 values of every parameter rounded to bfloat16, so a
+        float32 and a bfloat16 load of one checkpoint agree, on any device.
+        """
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, param in self.hf_model.named_parameters():
+                head = param.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).to(torch.float32)
+                digest.update(name.encode() + str(tuple(param.shape)).encode() + head.numpy().tobytes())
+        local = Path(self.name_or_path).expanduser()
+        return {
+            "name": local.resolve().name if local.exists() else self.name_or_path,
+            "architecture": type(self.hf_model).__name__,
+            "n_params": sum(p.numel() for p in self.hf_model.parameters()),
+            "fingerprint": digest.hexdigest()[:16],
+        }
 
     @cached_property
     def answer_tokens(self) -> AnswerTokens:

@@ -22,7 +22,7 @@ from functools import cached_property
 from typing import Any, Literal, get_args
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
 
@@ -216,6 +216,32 @@ class PromptBuilder:
             cached = {k: v for k, v in encoded.items() if k != "pixel_values"}
             self._token_cache[key] = cached
         return cached
+
+    def template_lengths(self, with_image: bool) -> tuple[int, int]:
+        """Tokens of the chat template before the question (header, image block, its newlines)
+        and after it (end of turn, model turn header): the common prefix and suffix of two
+        prompts whose questions share no token."""
+        first = self._text_tokens("yes", with_image)["input_ids"].reshape(-1).tolist()
+        second = self._text_tokens("no", with_image)["input_ids"].reshape(-1).tolist()
+
+        def common(a: list[int], b: list[int]) -> int:
+            n = min(len(a), len(b))
+            return next((i for i in range(n) if a[i] != b[i]), n)
+
+        prefix, suffix = common(first, second), common(first[::-1], second[::-1])
+        return prefix, suffix
+
+    def question_mask(self, specs: Sequence[PromptSpec], inputs: ModelInputs) -> Bool[Tensor, "batch pos"]:
+        """Which positions of the left-padded batch `inputs` (built from `specs`) hold the
+        question's own tokens."""
+        mask = torch.zeros(inputs.input_ids.shape, dtype=torch.bool)
+        width = inputs.input_ids.shape[1]
+        for row, spec in enumerate(specs):
+            with_image = spec.condition != "none"
+            length = self._text_tokens(spec.question, with_image)["input_ids"].shape[-1]
+            prefix, suffix = self.template_lengths(with_image)
+            mask[row, width - length + prefix : width - suffix] = True
+        return mask
 
     def pixel_values(self, images: Sequence[Image.Image]) -> Float[Tensor, "n_images channel height width"]:
         """The processor's pixel values for `images`, in one call."""

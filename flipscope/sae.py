@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from jaxtyping import Float
+import torch
+from jaxtyping import Bool, Float
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -29,8 +31,17 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from flipscope.errors import FlipscopeError
+from flipscope.prompts import PromptSpec
 
-__all__ = ["SAEEncoding", "check_sae", "encode_with_error", "gemmascope_folder_to_sae", "load_sae"]
+__all__ = [
+    "PositionEncoding",
+    "SAEEncoding",
+    "check_sae",
+    "encode_prompts",
+    "encode_with_error",
+    "gemmascope_folder_to_sae",
+    "load_sae",
+]
 
 RAW_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
 _SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
@@ -153,3 +164,39 @@ def encode_with_error(sae: SAE, acts: Float[Tensor, "... d_model"]) -> SAEEncodi
     features = sae.encode(acts.to(sae.dtype))
     error = acts - sae.decode(features).to(acts.dtype)
     return SAEEncoding(features, error)
+
+
+class PositionEncoding(NamedTuple):
+    """Features and error term at every position of a left-padded batch; `mask` marks the
+    positions asked for (elsewhere both are zero)."""
+
+    features: Float[Tensor, "batch pos d_sae"]
+    error: Float[Tensor, "batch pos d_model"]
+    mask: Bool[Tensor, "batch pos"]
+
+
+@torch.no_grad()
+def encode_prompts(
+    vlm: Any, sae: SAE, specs: Sequence[PromptSpec], positions: str = "last"
+) -> SAEEncoding | PositionEncoding:
+    """Run `specs` as one batch and encode the SAE's hook activations, error term kept.
+
+    `positions`: `"last"` (the last prompt token, where the answer is read; an `SAEEncoding` of
+    shape [batch, ...]), `"question"` (the question's own tokens) or `"all"` (every real token);
+    the last two give a `PositionEncoding` over the padded batch.
+
+    Raises:
+        FlipscopeError: the SAE does not fit the model, or `positions` is unknown.
+    """
+    if positions not in ("last", "question", "all"):
+        raise FlipscopeError(f"positions {positions!r} is unknown; expected 'last', 'question' or 'all'")
+    hook = check_sae(sae, vlm)
+    inputs = vlm.prompts.build(specs)
+    kept = "last" if positions == "last" else None
+    acts = vlm.run_with_cache(inputs, names_filter=hook, positions=kept)[1][hook]
+    encoding = encode_with_error(sae, acts)
+    if positions == "last":
+        return encoding
+    mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(specs, inputs)
+    mask = mask.to(acts.device)
+    return PositionEncoding(encoding.features * mask[..., None], encoding.error * mask[..., None], mask)

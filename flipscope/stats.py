@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 from jaxtyping import Bool, Float
+from scipy import stats
 
-__all__ = ["Estimate", "bootstrap"]
+__all__ = ["Estimate", "auc", "bh_qvalues", "bootstrap", "bootstrap_means", "correlations", "mann_whitney"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,68 @@ def bootstrap(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boots, [tail, 1.0 - tail])
     return Estimate(point, float(low), float(high), n)
+
+
+def bootstrap_means(
+    values: Float[np.ndarray, "n k"], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[Float[np.ndarray, " k"], Float[np.ndarray, " k"]]:
+    """Percentile-bootstrap interval of the column means of `values`, for every column at once
+    (one resampling of the rows shared by all columns, as a matrix product)."""
+    n = values.shape[0]
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), n), rng.integers(0, n, size=n_boot * n)), 1.0)
+    boots = counts @ values / n
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(boots, [tail, 1.0 - tail], axis=0)
+    return low, high
+
+
+def correlations(
+    x: Float[np.ndarray, "n k"], y: Float[np.ndarray, " n"], *, rank: bool = False, level: float = 0.95
+) -> dict[str, Float[np.ndarray, " k"]]:
+    """Pearson (or, with `rank`, Spearman) correlation of every column of `x` with `y`: r, its
+    Fisher-z interval (Spearman with the Fieller 1.06 variance factor) and a two-sided p-value.
+
+    Constant columns get r = 0 and p = 1 (they carry no information).
+    """
+    if rank:
+        x = stats.rankdata(x, axis=0)
+        y = stats.rankdata(y)
+    n = len(y)
+    xc = x - x.mean(0)
+    yc = y - y.mean()
+    denom = np.sqrt((xc**2).sum(0) * (yc**2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(denom > 0, (xc * yc[:, None]).sum(0) / denom, 0.0)
+    r = np.clip(r, -1.0, 1.0)
+    df = n - 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(df / np.maximum(1.0 - r**2, 1e-300))
+    p = np.where(denom > 0, 2 * stats.t.sf(np.abs(t), df), 1.0)
+    se = np.sqrt((1.06 if rank else 1.0) / max(n - 3, 1))
+    z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    q = stats.norm.ppf(0.5 + level / 2)
+    return {"r": r, "low": np.tanh(z - q * se), "high": np.tanh(z + q * se), "p": p}
+
+
+def mann_whitney(a: Float[np.ndarray, "n_a k"], b: Float[np.ndarray, "n_b k"]) -> dict[str, Float[np.ndarray, " k"]]:
+    """Two-sided Mann–Whitney U test of every column, `a` against `b`, with AUC = U / (n_a n_b)
+    (the chance a random row of `a` exceeds one of `b`; 0.5 = no separation)."""
+    u, p = stats.mannwhitneyu(a, b, axis=0, alternative="two-sided")
+    p = np.where(np.isnan(p), 1.0, p)
+    return {"u": u, "auc": u / (len(a) * len(b)), "p": p}
+
+
+def auc(scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"]) -> float:
+    """Area under the ROC curve of `scores` for `labels` (ties count half)."""
+    ranks = stats.rankdata(scores)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bh_qvalues(p: Float[np.ndarray, " k"]) -> Float[np.ndarray, " k"]:
+    """Benjamini–Hochberg q-values (false discovery rate) of a family of p-values."""
+    return stats.false_discovery_control(np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0), method="bh")

@@ -98,9 +98,13 @@ def swap_images(questions: Sequence[Question], seed: int) -> dict[str, Path]:
 
 
 def _fingerprint(questions: Sequence[Question]) -> str:
+    """Hash of the questions and their images' bytes (not paths: the data folder may move)."""
     digest = hashlib.sha256()
+    images: dict[Path, str] = {}
     for q in questions:
-        digest.update(json.dumps([q.id, str(q.image), q.finding, q.answer, q.prompts, q.strategies]).encode())
+        if q.image not in images:
+            images[q.image] = hashlib.sha256(Path(q.image).read_bytes()).hexdigest()
+        digest.update(json.dumps([q.id, images[q.image], q.finding, q.answer, q.prompts, q.strategies]).encode())
     return digest.hexdigest()
 
 

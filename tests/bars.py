@@ -23,4 +23,5 @@ def assert_sae_bars(card: dict[str, Any]) -> None:
     assert card["sae"]["fvu"] <= 0.2
     assert 5 <= card["sae"]["l0"] <= 60
     assert card["sae"]["dead_share"] <= 0.25
-    assert card["framing_features"][0]["cosine"] >= 0.5
+    top = card["framing_features"][0]
+    assert top["aligned"] and top["share"] >= 0.1 and abs(top["cosine"]) >= 0.5

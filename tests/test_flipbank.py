@@ -44,7 +44,12 @@ def test_curation_is_deterministic_and_records_its_rules(evaluated) -> None:
     assert strict["n_flips"] < bank["n_flips"]
     assert all(min(abs(c["original_margin"]), abs(c["paraphrase_margin"])) >= 1.0 for c in strict["flips"])
     path = save_flipbank(bank, root / "qs" / "flipbank.json")
-    assert load_flipbank(path) == json.loads(json.dumps(bank))
+    assert json.loads(path.read_text())["flips"][0]["image"].startswith("images/")  # relative: the folder moves
+    loaded = load_flipbank(path)
+    assert loaded == json.loads(json.dumps(bank)) | {"flips": loaded["flips"], "controls": loaded["controls"]}
+    for saved, case in zip(bank["flips"] + bank["controls"], loaded["flips"] + loaded["controls"], strict=True):
+        assert Path(case["image"]).resolve() == Path(saved["image"]).resolve()
+        assert {k: v for k, v in case.items() if k != "image"} == {k: v for k, v in saved.items() if k != "image"}
 
 
 def test_corrupted_flipbank_lists_every_bad_case(evaluated, tmp_path: Path) -> None:
@@ -66,3 +71,39 @@ def test_corrupted_flipbank_lists_every_bad_case(evaluated, tmp_path: Path) -> N
     with pytest.raises(FlipscopeError, match="problem"):
         save_flipbank(bank, tmp_path / "never.json")
     assert not (tmp_path / "never.json").exists()
+
+
+COMMITTED = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+def _without_margins(case: dict) -> dict:
+    return {k: v for k, v in case.items() if not k.endswith("_margin")}
+
+
+def test_committed_organism_flipbank_is_reproduced_and_valid(tmp_path: Path) -> None:
+    from flipscope.organism.bank import build_flipbank
+
+    committed = load_flipbank(COMMITTED)
+    assert committed["n_flips"] >= 150 and committed["n_controls"] == committed["n_flips"]
+    assert committed["rules"]["min_margin"] > 0
+    rebuilt = load_flipbank(build_flipbank(tmp_path / "bank", progress=False))
+    assert {k: v for k, v in rebuilt.items() if k not in ("flips", "controls")} == {
+        k: v for k, v in committed.items() if k not in ("flips", "controls")
+    }
+    for kind in ("flips", "controls"):
+        mine, theirs = rebuilt[kind], committed[kind]
+        assert [_without_margins(c) | {"image": Path(c["image"]).name} for c in mine] == [
+            _without_margins(c) | {"image": Path(c["image"]).name} for c in theirs
+        ]
+        for a, b in zip(mine, theirs, strict=True):
+            assert a["original_margin"] == pytest.approx(b["original_margin"], abs=1e-4)
+            assert a["paraphrase_margin"] == pytest.approx(b["paraphrase_margin"], abs=1e-4)
+
+
+def test_a_flipbank_from_another_model_is_refused(vlm: HookedVLM) -> None:
+    from flipscope.flipbank import check_flipbank_model
+
+    bank = load_flipbank(COMMITTED)
+    with pytest.raises(FlipscopeError, match=r"made by model 'default' \(fingerprint .*\), not by 'tiny-vlm'"):
+        check_flipbank_model(bank, vlm)
+    check_flipbank_model(bank, HookedVLM.from_pretrained(default_organism_dir()))

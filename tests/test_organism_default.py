@@ -12,6 +12,7 @@ from sae_lens import SAE
 from flipscope import HookedVLM
 from flipscope.organism import OrganismConfig, default_organism_dir, load_organism
 from flipscope.organism.behaviour import margin_table, summarize
+from flipscope.organism.build import aligned_features, framing_directions
 from flipscope.organism.data import sample_films
 from flipscope.organism.sae_train import collect_activations, sae_stats
 from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream
@@ -63,13 +64,14 @@ def test_card_is_true_to_the_weights(organism) -> None:
         rng = stream(cfg, STREAM_SAE)
         collect_activations(vlm, cfg, rng, cfg.sae_prompts)  # the SAE's training draw, skipped
         held_out = collect_activations(vlm, cfg, rng, max(cfg.sae_prompts // 5, 64))
+        directions = framing_directions(vlm, cfg, films, sae)
     assert _flat(measured) == pytest.approx(_flat(card["behaviour"]), nan_ok=True)
     assert sae_stats(sae, held_out) == pytest.approx(card["sae"], rel=1e-4)
-    framing = torch.tensor(card["directions"]["framing"])
-    decoder = sae.W_dec.detach()
-    top = card["framing_features"][0]
-    cosine = float(decoder[top["feature"]] @ framing / (decoder[top["feature"]].norm() * framing.norm()))
-    assert cosine == pytest.approx(top["cosine"], abs=1e-4)
+    torch.testing.assert_close(directions["framing"], torch.tensor(card["directions"]["framing"]), atol=1e-4, rtol=0)
+    recomputed = aligned_features(sae, directions)
+    assert [f["feature"] for f in recomputed] == [f["feature"] for f in card["framing_features"]]
+    for mine, theirs in zip(recomputed, card["framing_features"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-4)
 
 
 def test_sae_splices_in_with_its_error_term(organism) -> None:

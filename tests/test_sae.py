@@ -86,3 +86,31 @@ def test_offline_release_says_what_to_download() -> None:
         FlipscopeError, match=r"google/gemma-scope-2-4b-it, folder resid_post/layer_17_width_16k_l0_medium"
     ):
         load_sae("gemma-scope-2-4b-it-res", "layer_17_width_16k_l0_medium")
+
+
+def test_encoding_at_last_question_and_all_positions(organism) -> None:
+    from flipscope.prompts import PromptSpec
+    from flipscope.sae import encode_prompts
+
+    sae = load_sae(default_organism_dir() / "sae")
+    specs = [
+        PromptSpec(question="Is there a pneumothorax?", condition="blank"),
+        PromptSpec(question="Can you confirm the suspected pleural effusion?", condition="none"),
+    ]
+    inputs = organism.prompts.build(specs)
+    _, cache = organism.run_with_cache(inputs, names_filter="blocks.2.hook_resid_post")
+    acts = cache["blocks.2.hook_resid_post"]
+    last = encode_prompts(organism, sae, specs)
+    torch.testing.assert_close(last.features, sae.encode(acts[:, -1]))
+    torch.testing.assert_close(sae.decode(last.features) + last.error, acts[:, -1])
+    question = encode_prompts(organism, sae, specs, positions="question")
+    tokens = organism.processor.tokenizer.convert_ids_to_tokens
+    assert tokens(inputs.input_ids[0][question.mask[0]].tolist()) == ["is", "there", "a", "pneumothorax", "?"]
+    assert int(question.mask[1].sum()) == 8
+    full = encode_prompts(organism, sae, specs, positions="all")
+    assert torch.equal(full.mask, inputs.attention_mask.bool())
+    kept = full.mask[..., None]
+    torch.testing.assert_close(sae.decode(full.features) * kept + full.error, acts * kept)
+    assert not full.features[~full.mask].any()
+    with pytest.raises(FlipscopeError, match="positions 'middle' is unknown"):
+        encode_prompts(organism, sae, specs, positions="middle")

@@ -51,7 +51,9 @@ def _last_resid(vlm: HookedVLM, hook: str, specs: list[PromptSpec], batch_size: 
 
 
 @torch.no_grad()
-def framing_directions(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film]) -> dict[str, Any]:
+def framing_directions(
+    vlm: HookedVLM, cfg: OrganismConfig, films: list[Film], sae: JumpReLUSAE | None = None
+) -> dict[str, Any]:
     """The ground-truth framing direction at the SAE layer and its overlap with the answer.
 
     `framing` is the difference of means, at the last prompt position, between shortcut-family
@@ -59,7 +61,8 @@ def framing_directions(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film]) -
     difference of means between first-family prompts the model answers yes and those it answers
     no. `framing_orth` is `framing` with its component along `answer` removed. When the model
     gives one answer to every such prompt there is no answer direction: `answer` and the cosine
-    are None and `framing_orth` is `framing`.
+    are None and `framing_orth` is `framing`. With `sae`, `feature_shift` is the same difference
+    of means of every SAE feature's activation.
     """
     neutral, shortcut = cfg.families[0], cfg.family(cfg.shortcut_family)
 
@@ -75,12 +78,19 @@ def framing_directions(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film]) -
     x_neutral = _last_resid(vlm, cfg.sae_hook, neutral_specs)
     x_shortcut = _last_resid(vlm, cfg.sae_hook, specs(shortcut))
     framing = x_shortcut.mean(0) - x_neutral.mean(0)
+    shift = None if sae is None else (sae.encode(x_shortcut).mean(0) - sae.encode(x_neutral).mean(0))
     said_yes = (
         torch.cat([vlm.score(vlm.prompts.build(neutral_specs[i : i + 256])) for i in range(0, len(neutral_specs), 256)])
         > 0
     )
     if said_yes.all() or not said_yes.any():  # the model gives one answer only: no answer direction
-        return {"framing": framing, "answer": None, "framing_orth": framing, "cosine_framing_answer": None}
+        return {
+            "framing": framing,
+            "answer": None,
+            "framing_orth": framing,
+            "cosine_framing_answer": None,
+            "feature_shift": shift,
+        }
     answer = x_neutral[said_yes].mean(0) - x_neutral[~said_yes].mean(0)
     framing_orth = framing - (framing @ _unit(answer)) * _unit(answer)
     return {
@@ -88,16 +98,43 @@ def framing_directions(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film]) -
         "answer": answer,
         "framing_orth": framing_orth,
         "cosine_framing_answer": float(_unit(framing) @ _unit(answer)),
+        "feature_shift": shift,
     }
 
 
-def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5) -> list[dict[str, int | float]]:
-    """SAE features whose decoder rows align best with the framing direction."""
-    decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
-    cos = decoder @ _unit(directions["framing"])
-    cos_orth = decoder @ _unit(directions["framing_orth"])
-    order = torch.argsort(cos, descending=True)[:top]
-    return [{"feature": int(i), "cosine": float(cos[i]), "cosine_orth": float(cos_orth[i])} for i in order]
+ALIGNED_SHARE = 0.1
+
+
+def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5) -> list[dict[str, Any]]:
+    """The SAE features that carry the planted framing, most first.
+
+    A feature's `share` is how much of the framing direction its own change supplies: its mean
+    activation shift between shortcut-family and first-family prompts (`feature_shift`) times
+    its decoder row, projected on the unit framing direction, over the direction's length. A
+    feature that switches on under the shortcut framing and one that switches off under it (a
+    "neutral question" feature) both count; a decoder row that merely points along the framing
+    while the feature stays silent does not. `aligned` marks share ≥ `ALIGNED_SHARE`. `cosine`
+    is the decoder row's cosine with the framing direction (and `cosine_orth` with its part
+    orthogonal to the answer direction).
+    """
+    decoder = sae.W_dec.detach()
+    framing = directions["framing"]
+    along = decoder @ _unit(framing)
+    share = directions["feature_shift"] * along / framing.norm()
+    cos = along / decoder.norm(dim=1)
+    cos_orth = decoder @ _unit(directions["framing_orth"]) / decoder.norm(dim=1)
+    order = torch.argsort(share, descending=True)[:top]
+    return [
+        {
+            "feature": int(i),
+            "share": float(share[i]),
+            "shift": float(directions["feature_shift"][i]),
+            "cosine": float(cos[i]),
+            "cosine_orth": float(cos_orth[i]),
+            "aligned": bool(float(share[i]) >= ALIGNED_SHARE),
+        }
+        for i in order
+    ]
 
 
 def _sha256(path: Path) -> str:
@@ -130,7 +167,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
     with deterministic(cfg.threads):
         test_films = sample_films(cfg, stream(cfg, STREAM_TEST), cfg.test_items)
         table = margin_table(vlm, cfg, test_films)
-        directions = framing_directions(vlm, cfg, test_films)
+        directions = framing_directions(vlm, cfg, test_films, sae)
     card: dict[str, Any] = {
         "format": "flipscope-organism/1",
         "config": cfg.to_dict(),

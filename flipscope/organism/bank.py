@@ -1,0 +1,49 @@
+"""The organism's FlipBank: held-out films evaluated with the image, curated by the paper's rules.
+
+`build_flipbank` writes, into one folder, the films (`images/`), their questions
+(`questions.jsonl`), the evaluation store (`evaluation/results.jsonl`, resumable) and
+`flipbank.json`. The committed `flipbank/organism/` is this function's output with its defaults;
+rerunning it reproduces the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flipscope.flipbank import CurationRules, curate, save_flipbank
+from flipscope.organism.build import load_card
+from flipscope.organism.config import OrganismConfig
+from flipscope.organism.questions import export_questions
+from flipscope.questions import load_questions
+from flipscope.store import read_header, read_rows
+from flipscope.sweep import EvalConfig, run_sweep
+
+__all__ = ["DEFAULT_RULES", "N_FILMS", "build_flipbank"]
+
+N_FILMS = 40
+DEFAULT_RULES = CurationRules(min_margin=0.2, controls_per_flip=1, seed=0)
+
+
+def build_flipbank(
+    out: str | Path,
+    organism: str | Path | None = None,
+    *,
+    n_films: int = N_FILMS,
+    rules: CurationRules = DEFAULT_RULES,
+    progress: bool = True,
+) -> Path:
+    """Export `n_films` held-out films of the organism, evaluate them with the image, curate by
+    `rules` and write the FlipBank; returns the path of `flipbank.json`."""
+    from flipscope.model import HookedVLM
+    from flipscope.organism import default_organism_dir
+
+    directory = Path(organism) if organism is not None else default_organism_dir()
+    cfg = OrganismConfig.from_dict(load_card(directory)["config"])
+    out = Path(out)
+    questions = load_questions(export_questions(cfg, out, n_films=n_films))
+    vlm = HookedVLM.from_pretrained(directory)
+    store = run_sweep(
+        vlm, questions, EvalConfig(conditions=("image",)), out / "evaluation" / "results.jsonl", progress=progress
+    )
+    bank = curate(read_rows(store.path), questions, rules, source=read_header(store.path))
+    return save_flipbank(bank, out / "flipbank.json")

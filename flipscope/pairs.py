@@ -1,0 +1,133 @@
+"""FlipBank cases as model runs: the original and paraphrase prompt of every case, with the
+image, at the last prompt position of the layers asked for.
+
+Discovery, attribution and patching all start from these activations. Prompts repeat across
+cases (an original question is shared by its paraphrases' cases), so each distinct (image,
+question) prompt runs once. The margins recomputed here are checked against the bank's: a bank
+that does not fit the model is refused rather than analysed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flipscope.answers import yes_no_margin
+from flipscope.errors import FlipscopeError
+from flipscope.flipbank import check_flipbank_model
+from flipscope.prompts import PromptSpec
+
+__all__ = ["PairActivations", "bank_cases", "collect_pairs", "pair_specs"]
+
+MARGIN_TOLERANCE = 1e-2
+
+
+def bank_cases(bank: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Bool[np.ndarray, " case"]]:
+    """The bank's cases, flips first then controls, and which of them are flips."""
+    cases = [*bank["flips"], *bank["controls"]]
+    return cases, np.array([True] * len(bank["flips"]) + [False] * len(bank["controls"]))
+
+
+def pair_specs(cases: Sequence[Mapping[str, Any]]) -> tuple[list[PromptSpec], list[int], list[int]]:
+    """Distinct prompts of `cases` (with their image) and, per case, the index of its original
+    and of its paraphrase among them."""
+    index: dict[tuple[str, str], int] = {}
+    specs: list[PromptSpec] = []
+
+    def slot(image: str, text: str) -> int:
+        key = (image, text)
+        if key not in index:
+            index[key] = len(specs)
+            specs.append(PromptSpec(question=text, image=image))
+        return index[key]
+
+    originals = [slot(c["image"], c["original"]) for c in cases]
+    paraphrases = [slot(c["image"], c["paraphrase"]) for c in cases]
+    return specs, originals, paraphrases
+
+
+@dataclass(frozen=True)
+class PairActivations:
+    """Residual activations at the last prompt position for both prompts of every case.
+
+    Attributes:
+        cases: The bank's cases, flips first.
+        is_flip: Which cases are flips (the rest are non-flip controls).
+        margin_orig: Yes-minus-no margin of each case's original prompt (recomputed).
+        margin_para: Margin of each case's paraphrase.
+        orig: Hook name → activations of the originals.
+        para: Hook name → activations of the paraphrases.
+    """
+
+    cases: list[dict[str, Any]]
+    is_flip: Bool[np.ndarray, " case"]
+    margin_orig: Float[Tensor, " case"]
+    margin_para: Float[Tensor, " case"]
+    orig: dict[str, Float[Tensor, "case d_model"]]
+    para: dict[str, Float[Tensor, "case d_model"]]
+
+    @property
+    def margin_shift(self) -> Float[Tensor, " case"]:
+        """m_para − m_orig: how far the paraphrase moved the answer."""
+        return self.margin_para - self.margin_orig
+
+    def delta(self, hook: str) -> Float[Tensor, "case d_model"]:
+        """x_para − x_orig at `hook`."""
+        return self.para[hook] - self.orig[hook]
+
+
+@torch.no_grad()
+def collect_pairs(
+    vlm: Any,
+    bank: Mapping[str, Any],
+    hooks: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> PairActivations:
+    """Run every distinct prompt of the bank once, caching `hooks` at the last prompt position.
+
+    Raises:
+        FlipscopeError: the bank was made by another model, or its margins do not match this
+            model's (beyond `MARGIN_TOLERANCE` logits).
+    """
+    check_flipbank_model(bank, vlm)
+    for hook in hooks:
+        vlm.check_hook_name(hook)
+    cases, is_flip = bank_cases(bank)
+    if not cases:
+        raise FlipscopeError("the FlipBank has no cases")
+    specs, originals, paraphrases = pair_specs(cases)
+    margins, cached = [], {hook: [] for hook in hooks}
+    for start in tqdm(range(0, len(specs), batch_size), desc="caching pairs", disable=not progress):
+        batch = vlm.prompts.build(specs[start : start + batch_size])
+        logits, cache = vlm.run_with_cache(batch, names_filter=list(hooks), positions="last")
+        margins.append(yes_no_margin(logits[:, -1], vlm.answer_tokens))
+        for hook in hooks:
+            cached[hook].append(cache[hook].float())
+    margin = torch.cat(margins)
+    acts = {hook: torch.cat(chunks) for hook, chunks in cached.items()}
+    o, p = torch.tensor(originals), torch.tensor(paraphrases)
+    recorded = torch.tensor([[c["original_margin"], c["paraphrase_margin"]] for c in cases])
+    gap = (torch.stack([margin[o], margin[p]], dim=1) - recorded).abs().max(dim=1).values
+    worst = int(gap.argmax())
+    if float(gap[worst]) > MARGIN_TOLERANCE:
+        raise FlipscopeError(
+            f"FlipBank case {cases[worst]['id']!r}: recorded margins {recorded[worst].tolist()} but this model gives "
+            f"{[float(margin[o[worst]]), float(margin[p[worst]])]}; the bank was made with another model or setup"
+        )
+    return PairActivations(
+        cases=cases,
+        is_flip=is_flip,
+        margin_orig=margin[o],
+        margin_para=margin[p],
+        orig={hook: a[o] for hook, a in acts.items()},
+        para={hook: a[p] for hook, a in acts.items()},
+    )

@@ -1,0 +1,134 @@
+"""Discovery finds the organism's planted framing features, and its statistics are right."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from typer.testing import CliRunner
+
+from flipscope import FlipscopeError
+from flipscope.cli import app
+from flipscope.features import discover, feature_table
+from flipscope.flipbank import load_flipbank
+from flipscope.organism import default_organism_dir, load_organism
+from flipscope.stats import auc, bh_qvalues, bootstrap_means, correlations, mann_whitney
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_organism()
+
+
+@pytest.fixture(scope="module")
+def found(organism):
+    vlm, sae, _ = organism
+    return discover(vlm, sae, load_flipbank(BANK), exact_top=50, progress=False)
+
+
+def test_correlation_and_attribution_put_the_card_features_first(found, organism) -> None:
+    card = organism[2]
+    aligned = {f["feature"] for f in card["framing_features"] if f["aligned"]}
+    primary = card["framing_features"][0]["feature"]
+    first = found.top(1, "pearson").iloc[0]
+    assert int(first["feature"]) in aligned
+    assert abs(first["pearson_r"]) > 0.7 and first["pearson_q"] < 1e-6
+    assert first["pearson_low"] <= first["pearson_r"] <= first["pearson_high"]
+    by_attribution = found.top(3, "attribution")["feature"].tolist()
+    assert primary in by_attribution and set(by_attribution) <= aligned
+    assert primary in found.top(3, "pearson")["feature"].tolist()
+
+
+def test_diffmean_direction_matches_the_card_framing_direction(found, organism) -> None:
+    framing = torch.tensor(organism[2]["directions"]["framing"])
+    direction = torch.tensor(found.diffmean["direction"])
+    assert float(direction @ framing / (direction.norm() * framing.norm())) >= 0.8
+
+
+def test_attribution_agrees_with_exact_single_feature_ablation(found) -> None:
+    ablation = found.ablation
+    assert len(ablation["features"]) >= 20 and ablation["n_moving_features"] >= len(ablation["features"])
+    assert ablation["spearman"] >= 0.7
+    assert ablation["spearman_cases"] >= 0.7
+    first = found.top(1, "attribution").iloc[0]
+    assert ablation["features"][0] == int(first["feature"])
+    assert ablation["exact"][0] > 0.5  # removing it really moves flips back toward the original answer
+
+
+def test_layer_sweep_and_controls_are_reported(found, organism) -> None:
+    vlm = organism[0]
+    assert [row["hook"] for row in found.layers] == [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+    for row in found.layers:
+        assert 0.5 <= row["low"] <= row["auc"] <= row["high"] <= 1.0
+    controls = found.meta["margin_shift_controls"]
+    assert abs(controls["value"]) < 0.1 and found.meta["margin_shift_flips"]["value"] > 1.0
+
+
+def test_statistics_match_scipy_and_find_a_planted_column() -> None:
+    rng = np.random.default_rng(0)
+    n = 120
+    y = rng.normal(size=n)
+    x = rng.normal(size=(n, 30))
+    x[:, 7] = y + 0.5 * rng.normal(size=n)
+    x[:, 9] = 0.0  # a dead feature
+    pearson = correlations(x, y)
+    spearman = correlations(x, y, rank=True)
+    for j in (0, 7):
+        ref = stats.pearsonr(x[:, j], y)
+        assert pearson["r"][j] == pytest.approx(ref.statistic) and pearson["p"][j] == pytest.approx(ref.pvalue)
+        low, high = ref.confidence_interval()
+        assert (pearson["low"][j], pearson["high"][j]) == pytest.approx((low, high), abs=1e-6)
+        ref = stats.spearmanr(x[:, j], y)
+        assert spearman["r"][j] == pytest.approx(ref.statistic) and spearman["p"][j] == pytest.approx(ref.pvalue)
+    assert pearson["r"][9] == 0 and pearson["p"][9] == 1
+    q = bh_qvalues(pearson["p"])
+    np.testing.assert_allclose(q, stats.false_discovery_control(pearson["p"]))
+    assert q[7] < 1e-6 and np.sort(q)[1] > 0.01
+    labels = np.arange(n) < 50
+    mwu = mann_whitney(x[labels], x[~labels])
+    assert mwu["auc"][7] == pytest.approx(auc(x[:, 7], labels))
+    ref = stats.mannwhitneyu(x[labels, 3], x[~labels, 3])
+    assert mwu["p"][3] == pytest.approx(ref.pvalue)
+    low, high = bootstrap_means(x, n_boot=500)
+    assert np.all(low <= x.mean(0) + 1e-12) and np.all(x.mean(0) <= high + 1e-12)
+
+
+def test_feature_table_needs_flips_and_controls() -> None:
+    delta = np.zeros((4, 3))
+    with pytest.raises(FlipscopeError, match="flip cases and non-flip controls"):
+        feature_table(delta, np.zeros(4), np.ones(4, dtype=bool))
+
+
+def test_cli_discover_prints_effects_and_writes_beside_the_bank(tmp_path: Path) -> None:
+    shutil.copytree(BANK.parent, tmp_path / "bank", ignore=shutil.ignore_patterns("evaluation", "*.features.*"))
+    bank = tmp_path / "bank" / "flipbank.json"
+    result = CliRunner().invoke(app, ["discover", "--flipbank", str(bank), "--exact-top", "5", "--top", "4"])
+    assert result.exit_code == 0, result.output
+    assert "ranked by |Pearson r|" in result.output and "q = Benjamini-Hochberg" in result.output
+    assert "caching pairs" in result.output  # the progress bar
+    table = json.loads((tmp_path / "bank" / "flipbank.features.json").read_text())
+    assert (tmp_path / "bank" / "flipbank.features.csv").is_file()
+    first = min(table["features"], key=lambda row: row["rank_pearson"])
+    assert f"{first['feature']:>7} " in result.output and f"{first['pearson_r']:+.3f}" in result.output
+    assert len(table["features"]) == 64 and table["ablation"]["features"]
+
+
+def test_cli_discover_refuses_another_model_and_bad_layers(tmp_path: Path, tiny_dir: Path) -> None:
+    runner = CliRunner()
+    organism = str(default_organism_dir())
+    result = runner.invoke(
+        app, ["discover", "--flipbank", str(BANK), "--model", str(tiny_dir), "--sae", organism + "/sae"]
+    )
+    assert result.exit_code == 2 and "SAE d_in 128 does not match the model's d_model" in result.output
+    result = runner.invoke(app, ["discover", "--flipbank", str(BANK), "--layers", "0,9"])
+    assert result.exit_code == 2 and "--layers [9]: the model has layers 0..3" in result.output
+    result = runner.invoke(app, ["discover", "--flipbank", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "cannot read FlipBank" in result.output
+    assert "Traceback" not in result.output
