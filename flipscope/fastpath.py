@@ -24,7 +24,7 @@ from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
 from flipscope.prompts import PromptBuilder, PromptSpec
 
-__all__ = ["Prefix", "run_prefix", "score_shared_prefix", "template_prefix_length"]
+__all__ = ["Prefix", "run_prefix", "score_last_token", "score_shared_prefix", "template_prefix_length"]
 
 
 def template_prefix_length(builder: PromptBuilder, with_image: bool) -> int:
@@ -41,10 +41,11 @@ class Prefix:
 
 
 @torch.no_grad()
-def run_prefix(model, builder: PromptBuilder, spec: PromptSpec) -> Prefix:
-    """Run the template prefix of `spec` (its image included) once, keeping its cache."""
+def run_prefix(model, builder: PromptBuilder, spec: PromptSpec, length: int | None = None) -> Prefix:
+    """Run the first `length` tokens of `spec` (default: the template prefix; its image
+    included) once, keeping their key/value cache."""
     with_image = spec.condition != "none"
-    length = template_prefix_length(builder, with_image)
+    length = template_prefix_length(builder, with_image) if length is None else length
     row = builder._text_tokens(spec.question, with_image)
     device = model.device
     ids = row["input_ids"].reshape(-1)[:length].unsqueeze(0).to(device)
@@ -111,3 +112,39 @@ def _score_suffixes(model, builder: PromptBuilder, prefix_cache, prefix_len: int
     ).logits
     last = logits[torch.arange(len(suffixes), device=device), lengths - 1]
     return yes_no_margin(last, model.answer_tokens)
+
+
+@torch.no_grad()
+def score_last_token(
+    model, builder: PromptBuilder, specs: Sequence[PromptSpec], n_variants: int, fwd_hooks: Sequence = ()
+) -> Float[Tensor, "spec variant"]:
+    """Margins of `n_variants` copies of each of `specs` that differ only in what `fwd_hooks` do
+    at the last token (the hooks see a [spec × variant, 1, d] slice, spec-major). Every earlier
+    position runs once per spec, unhooked — an edit at the last position cannot reach it — and
+    the last token runs once per variant on that key/value cache."""
+    inputs = builder.build(specs)
+    device = model.device
+    prefix = {
+        "input_ids": inputs.input_ids[:, :-1],
+        "attention_mask": inputs.attention_mask[:, :-1],
+        "token_type_ids": inputs.token_type_ids[:, :-1],
+        "position_ids": inputs.position_ids[:, :-1],
+    }
+    prefix = {k: v.to(device) for k, v in prefix.items()}
+    if inputs.pixel_values is not None:
+        prefix["pixel_values"] = inputs.pixel_values.to(device=device, dtype=model.dtype)
+    cache = model.hf_model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(n_variants)
+
+    def repeat(t: Tensor) -> Tensor:
+        return t.to(device).repeat_interleave(n_variants, dim=0)
+
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        logits = model.hf_model(
+            input_ids=repeat(inputs.input_ids[:, -1:]),
+            attention_mask=repeat(inputs.attention_mask),
+            position_ids=repeat(inputs.position_ids[:, -1:]),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+    return yes_no_margin(logits[:, -1], model.answer_tokens).reshape(len(specs), n_variants)

@@ -1,0 +1,150 @@
+"""The clamped model: a `HookedVLM` whose SAE features are held at fixed values at inference.
+
+At the SAE's hook, at every position of every forward (prefill and each decoding step),
+x ← x − (f(x) − value) · W_dec[f] for each clamped feature f: the feature's own contribution is
+replaced by `value` (0 switches it off) and everything else, the SAE error term included, stays.
+`ClampedVLM` exposes the calls the rest of flipscope makes — `score`, `last_logits`, `generate`,
+`run_with_cache`, `run_with_hooks`, `prompts`, `processor`, `identity` — so evaluation, discovery
+and the CLI take it in place of the model. Its `hf_model` runs the HF model with the clamp on, so
+the shared-prefix evaluation path stays exact (a clamp at every position is position-local).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from flipscope.patching import check_features
+from flipscope.sae import check_sae
+
+__all__ = ["ClampedVLM", "clamp", "clamp_hook"]
+
+
+def clamp_hook(sae: Any, values: Mapping[int, float]):
+    """A hook holding each feature in `values` at its value, at every position."""
+    index = torch.tensor([int(f) for f in values])
+    target = torch.tensor([float(v) for v in values.values()])
+    w_dec = sae.W_dec.detach()[index]
+
+    def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        current = sae.encode(x.to(sae.dtype))[..., index]
+        return x - ((current - target.to(current)) @ w_dec).to(x.dtype)
+
+    return hook
+
+
+class _ClampedHF:
+    """The HF model, called with the clamp hook on (for code that calls `model.hf_model(...)`)."""
+
+    def __init__(self, owner: ClampedVLM) -> None:
+        self._owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._owner.active():
+            return self._owner.model.hf_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._owner.model.hf_model, name)
+
+
+class ClampedVLM:
+    """`model` with SAE features clamped: `ClampedVLM(vlm, sae, {3818: 0.0})`.
+
+    Raises:
+        FlipscopeError: a feature is outside the SAE, or the SAE does not fit the model.
+    """
+
+    def __init__(self, model: Any, sae: Any, values: Mapping[int, float]) -> None:
+        check_features(sae, list(values))
+        self.model = model
+        self.sae = sae
+        self.values = {int(f): float(v) for f, v in values.items()}
+        self.hook_name = check_sae(sae, model)
+        self.hf_model = _ClampedHF(self)
+
+    # the model's facts, unchanged
+    @property
+    def prompts(self) -> Any:
+        return self.model.prompts
+
+    @property
+    def processor(self) -> Any:
+        return self.model.processor
+
+    @property
+    def answer_tokens(self) -> Any:
+        return self.model.answer_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.d_model
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        return self.model.hook_dict
+
+    def identity(self) -> dict[str, Any]:
+        """The model's identity plus the clamp (so a clamped run never resumes an unclamped store)."""
+        return {**self.model.identity(), "clamp": {"hook": self.hook_name, "values": self.values}}
+
+    @contextmanager
+    def active(self, fwd_hooks: Sequence = ()) -> Iterator[ClampedVLM]:
+        """The clamp (and any extra hooks) on for the block; all removed on exit, even on error."""
+        with self.model.hooks(fwd_hooks=[(self.hook_name, clamp_hook(self.sae, self.values)), *fwd_hooks]):
+            yield self
+
+    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = ()) -> Any:
+        """Extra hooks for a block, with the clamp on (same shape as `HookedVLM.hooks`)."""
+        if bwd_hooks:
+            return self.model.hooks(
+                fwd_hooks=[(self.hook_name, clamp_hook(self.sae, self.values)), *fwd_hooks], bwd_hooks=bwd_hooks
+            )
+        return self.active(fwd_hooks)
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Tensor:
+        with self.active():
+            return self.model(inputs, **kwargs)
+
+    def score(self, inputs: Any) -> Float[Tensor, " batch"]:
+        with self.active():
+            return self.model.score(inputs)
+
+    def last_logits(self, inputs: Any) -> Float[Tensor, "batch d_vocab"]:
+        with self.active():
+            return self.model.last_logits(inputs)
+
+    def generate(self, inputs: Any, *, max_new_tokens: int = 16) -> list[str]:
+        with self.active():
+            return self.model.generate(inputs, max_new_tokens=max_new_tokens)
+
+    def run_with_cache(self, inputs: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        with self.active():
+            return self.model.run_with_cache(inputs, **kwargs)
+
+    def run_with_hooks(self, inputs: Any, *, fwd_hooks: Sequence = (), **kwargs: Any) -> Tensor:
+        with self.active():
+            return self.model.run_with_hooks(inputs, fwd_hooks=fwd_hooks, **kwargs)
+
+
+@contextmanager
+def clamp(model: Any, sae: Any, values: Mapping[int, float]) -> Iterator[ClampedVLM]:
+    """`with clamp(vlm, sae, {f: 0.0}) as clamped:` — the same model, clamped, for a block."""
+    yield ClampedVLM(model, sae, values)

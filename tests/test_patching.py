@@ -1,0 +1,133 @@
+"""Patching and clamping: invariants, the organism's planted mechanism, controls, bad input, no leftover hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flipscope import FlipscopeError
+from flipscope.clamp import ClampedVLM
+from flipscope.flipbank import load_flipbank
+from flipscope.organism import load_organism
+from flipscope.pairs import collect_pairs, pair_specs
+from flipscope.patching import layer_sweep, patch_bank, patch_sweep, patched_margins, subtract_at_last
+from flipscope.prompts import PromptSpec
+from flipscope.store import read_rows
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    vlm, sae, card = load_organism()
+    bank = load_flipbank(BANK)
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+    pairs = collect_pairs(vlm, bank, hooks, progress=False)
+    return vlm, sae, card, bank, pairs
+
+
+def _no_hooks_left(vlm) -> bool:
+    return all(not point.fwd_hooks and not point.bwd_hooks for point in vlm.hook_dict.values())
+
+
+def test_zero_delta_patch_is_bit_identical(setup) -> None:
+    vlm, _, card, _, pairs = setup
+    specs, _, para = pair_specs(pairs.cases[:12])
+    inputs = vlm.prompts.build([specs[i] for i in para])
+    zero = torch.zeros(12, vlm.d_model)
+    assert torch.equal(patched_margins(vlm, inputs, card["hook_name"], zero), vlm.score(inputs))
+
+
+def test_clamping_a_silent_feature_to_its_value_changes_nothing(setup) -> None:
+    vlm, sae, card, _, _ = setup
+    batch = vlm.prompts.build(
+        [
+            PromptSpec(question="Is the suspected opacity there?", condition="blank"),
+            PromptSpec(question="Is there a pneumothorax?", condition="none"),
+        ]
+    )
+    _, cache = vlm.run_with_cache(batch, names_filter=card["hook_name"])
+    acts = sae.encode(cache[card["hook_name"]]).detach()
+    silent = int(torch.nonzero(acts.amax((0, 1)) == 0)[0])
+    clamped = ClampedVLM(vlm, sae, {silent: 0.0})
+    torch.testing.assert_close(clamped(batch), vlm(batch), rtol=1e-5, atol=1e-5)
+    framing = card["framing_features"][0]["feature"]
+    moved = ClampedVLM(vlm, sae, {framing: 0.0}).score(batch)
+    assert (moved - vlm.score(batch)).abs().max() > 0.1  # the framing feature matters
+    assert _no_hooks_left(vlm)
+
+
+def test_original_vector_at_the_last_layer_recovers_everything(setup, tmp_path: Path) -> None:
+    vlm, _, _, bank, pairs = setup
+    store = layer_sweep(vlm, bank, tmp_path / "layers.jsonl", pairs=pairs, progress=False)
+    last = [r for r in read_rows(store.path) if r["variant"] == vlm.n_layers - 1 and r["kind"] == "flip"]
+    recovery = [(r["m_patched"] - r["m_para"]) / (r["m_orig"] - r["m_para"]) for r in last]
+    np.testing.assert_allclose(recovery, 1.0, atol=1e-4)
+
+
+def test_fast_patch_path_equals_full_forwards(setup, tmp_path: Path) -> None:
+    vlm, sae, _, bank, pairs = setup
+    few = {**bank, "flips": bank["flips"][:9], "controls": bank["controls"][:3]}
+    sub = collect_pairs(vlm, few, list(pairs.orig), progress=False)
+    features = list(range(0, 64, 5))
+    fast = read_rows(patch_sweep(vlm, sae, few, features, tmp_path / "f.jsonl", pairs=sub, progress=False).path)
+    full = read_rows(
+        patch_sweep(vlm, sae, few, features, tmp_path / "s.jsonl", pairs=sub, fast=False, progress=False).path
+    )
+    assert [(r["case"], r["variant"]) for r in fast] == [(r["case"], r["variant"]) for r in full]
+    np.testing.assert_allclose([r["m_patched"] for r in fast], [r["m_patched"] for r in full], atol=1e-4)
+    assert any(abs(r["m_patched"] - r["m_para"]) > 0.1 for r in fast)  # some patch really moved a margin
+    fast = read_rows(layer_sweep(vlm, few, tmp_path / "lf.jsonl", pairs=sub, progress=False).path)
+    full = read_rows(layer_sweep(vlm, few, tmp_path / "ls.jsonl", pairs=sub, fast=False, progress=False).path)
+    np.testing.assert_allclose([r["m_patched"] for r in fast], [r["m_patched"] for r in full], atol=1e-4)
+
+
+def test_removing_the_framing_features_undoes_the_flips_and_controls_stay(setup) -> None:
+    vlm, sae, card, bank, pairs = setup
+    aligned = [f["feature"] for f in card["framing_features"] if f["aligned"]]
+    result = patch_bank(vlm, sae, bank, aligned, pairs=pairs, progress=False)
+    flips = result.summary["flips"]
+    assert flips["n"] == bank["n_flips"]
+    assert flips["mean_recovery"]["value"] >= 0.5 and flips["mean_recovery"]["low"] >= 0.4
+    assert flips["share_reversed"]["value"] >= 0.3
+    assert abs(result.summary["controls"]["mean_margin_change"]["value"]) < 0.1
+    control = result.summary["matched_control_feature"]
+    assert result.summary["setup"]["control_feature"] not in aligned
+    assert abs(control["mean_recovery"]["value"]) < 0.1
+    single = patch_bank(vlm, sae, bank, [card["framing_features"][0]["feature"]], pairs=pairs, progress=False)
+    assert 0 < single.summary["flips"]["mean_recovery"]["value"] < flips["mean_recovery"]["value"]
+
+
+def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path) -> None:
+    vlm, sae, card, bank, pairs = setup
+    with pytest.raises(FlipscopeError, match="feature index 64 is out of range; the SAE has 64 features"):
+        patch_bank(vlm, sae, bank, [38, 64], pairs=pairs, progress=False)
+    with pytest.raises(FlipscopeError, match="feature index -1 is out of range"):
+        ClampedVLM(vlm, sae, {-1: 0.0})
+    with pytest.raises(FlipscopeError, match="positions 'middle' is unknown"):
+        patch_bank(vlm, sae, bank, [38], positions="middle", pairs=pairs, progress=False)
+    from flipscope import HookedVLM
+
+    tiny = HookedVLM.from_pretrained(tiny_dir)
+    with pytest.raises(FlipscopeError, match=r"SAE d_in 128 does not match the model's d_model"):
+        ClampedVLM(tiny, sae, {38: 0.0})
+    with pytest.raises(FlipscopeError, match="d_in 128 does not match"):
+        patch_bank(tiny, sae, bank, [38], progress=False)
+
+    def explode(x, hook):
+        raise RuntimeError("boom")
+
+    inputs = vlm.prompts.build([PromptSpec(question="Is there an opacity?", condition="blank")])
+    with pytest.raises(RuntimeError, match="boom"):
+        ClampedVLM(vlm, sae, {38: 0.0}).run_with_hooks(inputs, fwd_hooks=[("blocks.3.hook_resid_post", explode)])
+    assert _no_hooks_left(vlm)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        vlm.hooks(fwd_hooks=[(card["hook_name"], subtract_at_last(torch.zeros(1, 128)))]),
+    ):
+        vlm.run_with_hooks(inputs, fwd_hooks=[("blocks.3.hook_resid_post", explode)])
+    assert _no_hooks_left(vlm)
+    torch.testing.assert_close(vlm.score(inputs), vlm.score(inputs))
