@@ -17,6 +17,7 @@ from flipscope.answers import (
     parse_answer,
     yes_no_margin,
 )
+from flipscope.clamp import ClampedVLM, clamp, compare_clamped
 from flipscope.errors import FlipscopeError
 from flipscope.evaluate import QUADRANTS, question_table, summarize
 from flipscope.features import Discovery, discover, feature_table
@@ -25,6 +26,7 @@ from flipscope.hook_table import HookSite, hook_sites
 from flipscope.images import BlankSpec, blank_image, load_image
 from flipscope.model import HookedVLM
 from flipscope.pairs import PairActivations, collect_pairs
+from flipscope.patching import PatchResult, layer_sweep, patch_bank, patch_sweep, recovery, summarize_patch
 from flipscope.prompts import IMAGE_CONDITIONS, ModelInputs, PromptBuilder, PromptSpec
 from flipscope.questions import Question, load_questions, questions_from_table
 from flipscope.sae import PositionEncoding, SAEEncoding, check_sae, encode_prompts, encode_with_error, load_sae
@@ -36,7 +38,16 @@ __all__ = [
     "QUADRANTS",
     "CurationRules",
     "Discovery",
+    "ClampedVLM",
     "PairActivations",
+    "PatchResult",
+    "clamp",
+    "compare_clamped",
+    "layer_sweep",
+    "patch_bank",
+    "patch_sweep",
+    "recovery",
+    "summarize_patch",
     "PositionEncoding",
     "encode_prompts",
     "auc",

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
+from scipy import stats
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from flipscope.patching import check_features
 from flipscope.sae import check_sae
+from flipscope.stats import bootstrap
 
-__all__ = ["ClampedVLM", "clamp", "clamp_hook"]
+__all__ = ["ClampedVLM", "clamp", "clamp_hook", "compare_clamped", "paired_difference"]
 
 
 def clamp_hook(sae: Any, values: Mapping[int, float]):
@@ -148,3 +152,62 @@ class ClampedVLM:
 def clamp(model: Any, sae: Any, values: Mapping[int, float]) -> Iterator[ClampedVLM]:
     """`with clamp(vlm, sae, {f: 0.0}) as clamped:` — the same model, clamped, for a block."""
     yield ClampedVLM(model, sae, values)
+
+
+def paired_difference(before: Sequence[bool], after: Sequence[bool], seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of a per-question yes/no measure (e.g. flipped) before and after: the
+    change in its rate with a bootstrap 95% CI over questions, and McNemar's exact test on the
+    discordant questions."""
+    a = np.asarray(before, dtype=np.float64)
+    b = np.asarray(after, dtype=np.float64)
+    up, down = int(((a == 0) & (b == 1)).sum()), int(((a == 1) & (b == 0)).sum())
+    p = float(stats.binomtest(up, up + down, 0.5).pvalue) if up + down else 1.0
+    return {
+        "before": float(a.mean()),
+        "after": float(b.mean()),
+        "change": bootstrap(b - a, seed=seed).to_dict(),
+        "relative_change": float((b.mean() - a.mean()) / a.mean()) if a.mean() else None,
+        "became_1": up,
+        "became_0": down,
+        "mcnemar_p": p,
+    }
+
+
+def compare_clamped(
+    vlm: Any,
+    sae: Any,
+    questions: Sequence[Any],
+    clamps: Sequence[Mapping[int, float]],
+    out: str | Path,
+    cfg: Any = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `vlm` unclamped and with each clamp in `clamps` on the same questions (stores under
+    `out/unclamped`, `out/clamp-<k>`, each resumable) and compare: every summary, and per clamp
+    the paired change in flip rate, accuracy and text-only agreement against the unclamped run."""
+    from flipscope.evaluate import question_table, summarize
+    from flipscope.store import read_rows
+    from flipscope.sweep import EvalConfig, run_sweep
+
+    cfg = cfg or EvalConfig(conditions=("image", "blank"))
+    out = Path(out)
+    base_rows = read_rows(run_sweep(vlm, questions, cfg, out / "unclamped" / "results.jsonl", progress=progress).path)
+    base = question_table(base_rows)
+    report: dict[str, Any] = {"unclamped": summarize(base_rows), "clamped": []}
+    for k, values in enumerate(clamps):
+        model = ClampedVLM(vlm, sae, values)
+        rows = read_rows(run_sweep(model, questions, cfg, out / f"clamp-{k}" / "results.jsonl", progress=progress).path)
+        table = question_table(rows)
+        ids = sorted(base)
+        paired = {
+            measure: paired_difference([base[q][key] for q in ids], [table[q][key] for q in ids])
+            for measure, key in (
+                ("flip_rate", "flip"),
+                ("accuracy", "correct"),
+                ("text_only_agreement", "text_only_agreement"),
+            )
+            if base[ids[0]][key] is not None
+        }
+        report["clamped"].append({"values": model.values, "summary": summarize(rows), "paired": paired})
+    return report

@@ -299,6 +299,177 @@ def _print_discovery(found, top: int) -> None:
         )
 
 
+def _load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str):
+    import torch
+
+    from flipscope.model import HookedVLM
+    from flipscope.organism import default_organism_dir
+    from flipscope.sae import load_sae
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
+    source = model if model is not None else str(default_organism_dir())
+    vlm = HookedVLM.from_pretrained(source, dtype=dtypes[dtype], device=device)
+    return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise FlipscopeError(f"{option} {text!r} is not a comma-separated list of integers") from err
+
+
+@app.command()
+def patch(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    features: str = typer.Option(..., help="SAE features to remove together, e.g. 38 or 38,32,0."),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    positions: str = typer.Option("last", help="Where to patch: last (the paper's), question or all."),
+    sweep: str | None = typer.Option(
+        None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
+    ),
+    out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.patch/ beside the FlipBank)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
+    import json
+
+    from flipscope.flipbank import load_flipbank
+    from flipscope.pairs import collect_pairs
+    from flipscope.patching import patch_bank, patch_sweep, summarize_patch
+    from flipscope.sae import check_sae
+    from flipscope.store import read_rows
+
+    out = out or flipbank.with_name(f"{flipbank.stem}.patch")
+    try:
+        chosen = _ints(features, "--features")
+        swept = None
+        if sweep:
+            if "-" in sweep:
+                low, high = _ints(sweep.replace("-", ","), "--sweep")
+                swept = list(range(low, high + 1))
+            else:
+                swept = _ints(sweep, "--sweep")
+        bank = load_flipbank(flipbank)
+        vlm, dictionary = _load_model_and_sae(model, sae, sae_id, dtype, device)
+        pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
+        result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "patch.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}, indent=1) + "\n")
+        if swept:
+            store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    s = result.summary
+    typer.echo(
+        f"removing features {chosen} at {s['setup']['hook']} ({positions} position(s)); 95% bootstrap CIs over cases"
+    )
+    flips = s["flips"]
+    typer.echo(
+        f"  flips ({flips['n']}): mean recovery {_fmt(flips['mean_recovery'])}, median {_fmt(flips['median_recovery'])}"
+    )
+    typer.echo(
+        f"    recovered > 50%: {_fmt(flips['share_recovered_over_half'])}; "
+        f"fully reversed: {_fmt(flips['share_reversed'])}"
+    )
+    for direction, block in s["by_direction"].items():
+        typer.echo(
+            f"    {direction} ({block['n']}): recovery {_fmt(block['mean_recovery'])}, "
+            f"reversed {_fmt(block['share_reversed'])}"
+        )
+    if "controls" in s:
+        c = s["controls"]
+        typer.echo(
+            f"  non-flip controls ({c['n']}): margin change {_fmt(c['mean_margin_change'])}, "
+            f"|change| {_fmt(c['mean_abs_margin_change'])}"
+        )
+    if "matched_control_feature" in s:
+        m = s["matched_control_feature"]
+        typer.echo(
+            f"  matched control feature {s['setup']['control_feature']}: recovery {_fmt(m['mean_recovery'])}, "
+            f"reversed {_fmt(m['share_reversed'])}"
+        )
+    if swept:
+        rows = [r for r in read_rows(store.path) if r["kind"] == "flip"]
+        typer.echo("  each feature alone (flips): feature, mean recovery [CI], reversed")
+        ranked = sorted(
+            swept,
+            key=lambda f: -summarize_patch([r for r in rows if r["variant"] == f])["flips"]["mean_recovery"]["value"],
+        )
+        for feature in ranked[:10]:
+            block = summarize_patch([r for r in rows if r["variant"] == feature])["flips"]
+            typer.echo(f"    {feature:>6} {_fmt(block['mean_recovery'])}  {block['share_reversed']['value']:.3f}")
+    typer.echo(f"results: {out}")
+
+
+@app.command()
+def clamp(
+    questions: Path = typer.Option(..., help="Questions JSONL to evaluate (e.g. flipbank/organism/questions.jsonl)."),
+    features: str = typer.Option(..., help="SAE features to clamp, e.g. 38 or 38,32."),
+    values: str = typer.Option("0", help="Clamp value(s); several give the trade-off curve, e.g. 0,1,2,4."),
+    model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
+    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
+    conditions: str = typer.Option("image,blank", help="Image conditions, 'image' first: image, blank, none, swap."),
+    out: Path = typer.Option(..., help="Output folder; rerunning resumes."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
+    import json
+
+    from flipscope.clamp import compare_clamped
+    from flipscope.questions import load_questions
+    from flipscope.sweep import EvalConfig
+
+    try:
+        chosen = _ints(features, "--features")
+        try:
+            levels = [float(v) for v in values.split(",")]
+        except ValueError as err:
+            raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
+        cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
+        loaded = load_questions(questions, images)
+        vlm, dictionary = _load_model_and_sae(model, sae, sae_id, dtype, device)
+        report = compare_clamped(vlm, dictionary, loaded, [{f: v for f in chosen} for v in levels], out, cfg)
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    (out / "clamp.json").write_text(json.dumps(report, indent=1) + "\n")
+    base = report["unclamped"]["overall"]
+    typer.echo(
+        f"questions: {base['flip_rate']['n']}   (95% bootstrap CIs over questions; McNemar p for paired changes)"
+    )
+    typer.echo(f"{'clamp':<22}{'flip rate':<24}{'accuracy':<24}text-only agreement")
+    typer.echo(
+        f"{'none':<22}{_fmt(base['flip_rate']):<24}{_fmt(base['accuracy']):<24}{_fmt(base['text_only_agreement'])}"
+    )
+    for entry in report["clamped"]:
+        o = entry["summary"]["overall"]
+        label = ",".join(f"{f}={v:g}" for f, v in entry["values"].items())
+        typer.echo(f"{label:<22}{_fmt(o['flip_rate']):<24}{_fmt(o['accuracy']):<24}{_fmt(o['text_only_agreement'])}")
+        for measure, p in entry["paired"].items():
+            rel = f", {p['relative_change']:+.1%} relative" if p["relative_change"] is not None else ""
+            typer.echo(
+                f"    {measure.replace('_', ' ')}: change {_fmt(p['change'])}{rel}, McNemar p={p['mcnemar_p']:.2g}"
+            )
+        for strategy, block in entry["summary"]["by_strategy"].items():
+            before = report["unclamped"]["by_strategy"][strategy]
+            typer.echo(
+                f"    {strategy}: paraphrase flips {_fmt(before['paraphrase_flip_rate'])} -> "
+                f"{_fmt(block['paraphrase_flip_rate'])}; "
+                f"text-only agreement {_fmt(before['text_only_agreement'])} -> {_fmt(block['text_only_agreement'])}"
+            )
+    typer.echo(f"results: {out / 'clamp.json'}")
+
+
 organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)
 app.add_typer(organism_app, name="organism")
 

@@ -110,6 +110,11 @@ def question_table(
         else:
             entry["quadrant"] = None
         entry["paraphrase_flips"] = {k: bool(answers["image"][k] != image[0]) for k in indices[1:]}
+        entry["paraphrase_text_only"] = (
+            {k: bool(answers[removal][k] == answers["image"][k]) for k in indices[1:] if k in answers[removal]}
+            if removal
+            else {}
+        )
     return by_question
 
 
@@ -118,7 +123,8 @@ def summarize(
 ) -> dict[str, Any]:
     """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity, overall
     and by finding, paraphrase strategy and quadrant, each with a bootstrap 95% CI over questions
-    (by strategy: over paraphrases). `removed` and `source`: see `question_table`."""
+    (by strategy: over paraphrases; there text-only agreement is the share of paraphrases answered
+    the same with the image removed). `removed` and `source`: see `question_table`."""
     table = question_table(rows, removed, source)
     entries = list(table.values())
 
@@ -137,9 +143,12 @@ def summarize(
         }
 
     strategies: dict[str, list[bool]] = {}
+    text_only: dict[str, list[bool]] = {}
     for e in entries:
         for k, flipped in e["paraphrase_flips"].items():
             strategies.setdefault(e["strategies"].get(k) or "untagged", []).append(flipped)
+        for k, same in e["paraphrase_text_only"].items():
+            text_only.setdefault(e["strategies"].get(k) or "untagged", []).append(same)
     findings = sorted({e["finding"] for e in entries})
     quadrant_rows = {}
     for name in QUADRANTS:
@@ -154,7 +163,12 @@ def summarize(
         "overall": block(entries),
         "by_finding": {f: block([e for e in entries if e["finding"] == f]) for f in findings},
         "by_strategy": {
-            s: {"paraphrase_flip_rate": estimate(v), "n_paraphrases": len(v)} for s, v in strategies.items()
+            s: {
+                "paraphrase_flip_rate": estimate(v),
+                "text_only_agreement": estimate(text_only.get(s, [])),
+                "n_paraphrases": len(v),
+            }
+            for s, v in strategies.items()
         },
         "by_quadrant": quadrant_rows,
     }

@@ -131,3 +131,58 @@ def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path)
         vlm.run_with_hooks(inputs, fwd_hooks=[("blocks.3.hook_resid_post", explode)])
     assert _no_hooks_left(vlm)
     torch.testing.assert_close(vlm.score(inputs), vlm.score(inputs))
+
+
+def test_clamping_the_framing_feature_cuts_flips_at_no_accuracy_cost(setup, tmp_path: Path) -> None:
+    from flipscope.clamp import compare_clamped
+    from flipscope.questions import load_questions
+    from flipscope.sweep import EvalConfig, run_sweep
+
+    vlm, sae, card, _, _ = setup
+    questions = load_questions(BANK.parent / "questions.jsonl")
+    feature = card["framing_features"][0]["feature"]
+    report = compare_clamped(vlm, sae, questions, [{feature: 0.0}], tmp_path / "clamp", progress=False)
+    paired = report["clamped"][0]["paired"]
+    assert paired["flip_rate"]["relative_change"] <= -0.5 and paired["flip_rate"]["change"]["high"] < 0
+    assert paired["flip_rate"]["mcnemar_p"] < 0.01
+    assert paired["accuracy"]["change"]["value"] >= -0.02
+    before = report["unclamped"]["by_strategy"]["leading"]["text_only_agreement"]
+    after = report["clamped"][0]["summary"]["by_strategy"]["leading"]["text_only_agreement"]
+    assert after["high"] < before["low"]
+    # the clamped model runs on the evaluation's shared-prefix path exactly as on plain batches
+    clamped = ClampedVLM(vlm, sae, {feature: 0.0})
+    few = questions[:6]
+    cfg = EvalConfig(conditions=("image", "blank"))
+    fast = read_rows(run_sweep(clamped, few, cfg, tmp_path / "fast.jsonl", progress=False).path)
+    slow_cfg = EvalConfig(conditions=("image", "blank"), fast=False)
+    slow = read_rows(run_sweep(clamped, few, slow_cfg, tmp_path / "slow.jsonl", progress=False).path)
+    np.testing.assert_allclose([r["margin"] for r in fast], [r["margin"] for r in slow], atol=1e-4)
+    assert _no_hooks_left(vlm)
+
+
+def test_cli_patch_and_clamp(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["patch", "--flipbank", str(BANK), "--features", "38", "--sweep", "36-39", "--out", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "mean recovery" in result.output and "non-flip controls" in result.output
+    assert "matched control feature" in result.output and "each feature alone" in result.output
+    assert (tmp_path / "p" / "patch.json").is_file() and (tmp_path / "p" / "sweep.jsonl").is_file()
+    result = runner.invoke(app, ["patch", "--flipbank", str(BANK), "--features", "38,99"])
+    assert result.exit_code == 2 and "feature index 99 is out of range" in result.output
+    few = tmp_path / "q.jsonl"
+    few.write_text("".join((BANK.parent / "questions.jsonl").read_text().splitlines(keepends=True)[:8]))
+    result = runner.invoke(
+        app,
+        ["clamp", "--questions", str(few), "--images", str(BANK.parent), "--features", "38", "--values", "0,2",
+         "--out", str(tmp_path / "c")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "38=0" in result.output and "38=2" in result.output and "McNemar" in result.output
+    result = runner.invoke(app, ["clamp", "--questions", str(few), "--features", "x", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--features 'x' is not a comma-separated list" in result.output
