@@ -24,7 +24,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from flipscope.patching import check_features
-from flipscope.sae import check_sae
+from flipscope.sae import check_sae, feature_encoder
 from flipscope.stats import bootstrap
 
 __all__ = ["ClampedVLM", "clamp", "clamp_hook", "compare_clamped", "paired_difference"]
@@ -35,9 +35,10 @@ def clamp_hook(sae: Any, values: Mapping[int, float]):
     index = torch.tensor([int(f) for f in values])
     target = torch.tensor([float(v) for v in values.values()])
     w_dec = sae.W_dec.detach()[index]
+    encode = feature_encoder(sae, index.tolist())
 
     def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        current = sae.encode(x.to(sae.dtype))[..., index]
+        current = encode(x)
         return x - ((current - target.to(current)) @ w_dec).to(x.dtype)
 
     return hook

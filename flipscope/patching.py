@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from flipscope.errors import FlipscopeError
 from flipscope.fastpath import score_last_token
 from flipscope.pairs import PairActivations, collect_pairs, pair_specs
-from flipscope.sae import check_sae
+from flipscope.sae import check_sae, feature_encoder
 from flipscope.stats import bootstrap, correlations
 from flipscope.store import ResultStore
 
@@ -112,11 +112,11 @@ def shift_features_hook(
 ):
     """A hook that moves `features` to `reference` at the positions in `mask`:
     x ← x − (f(x) − reference) · W_dec, computed from the activations as they arrive."""
-    index = torch.tensor(list(features))
-    w_dec = sae.W_dec.detach()[index]
+    w_dec = sae.W_dec.detach()[torch.tensor(list(features))]
+    encode = feature_encoder(sae, features)
 
     def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        current = sae.encode(x.to(sae.dtype))[..., index]
+        current = encode(x)
         shift = (current - reference[:, None].to(current.dtype)) * mask[..., None].to(current.device, current.dtype)
         return x - (shift @ w_dec).to(x.dtype)
 

@@ -39,6 +39,7 @@ __all__ = [
     "check_sae",
     "encode_prompts",
     "encode_with_error",
+    "feature_encoder",
     "gemmascope_folder_to_sae",
     "load_sae",
 ]
@@ -200,3 +201,22 @@ def encode_prompts(
     mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(specs, inputs)
     mask = mask.to(acts.device)
     return PositionEncoding(encoding.features * mask[..., None], encoding.error * mask[..., None], mask)
+
+
+def feature_encoder(sae: SAE, features: Sequence[int]):
+    """A function x → the activations of `features` only ([..., len(features)]).
+
+    For a JumpReLU SAE it computes just those encoder columns (a clamp or patch of a few
+    features at every position then costs a few dot products, not the whole dictionary); any
+    other SAE is encoded whole and indexed.
+    """
+    index = torch.tensor([int(f) for f in features])
+    if isinstance(sae, JumpReLUSAE) and sae.cfg.normalize_activations == "none":
+        w_enc, b_enc, threshold = sae.W_enc[:, index], sae.b_enc[index], sae.threshold[index]
+
+        def encode(x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_features"]:
+            pre = sae.process_sae_in(x) @ w_enc + b_enc
+            return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+        return encode
+    return lambda x: sae.encode(x)[..., index]

@@ -114,3 +114,12 @@ def test_encoding_at_last_question_and_all_positions(organism) -> None:
     assert not full.features[~full.mask].any()
     with pytest.raises(FlipscopeError, match="positions 'middle' is unknown"):
         encode_prompts(organism, sae, specs, positions="middle")
+
+
+def test_feature_encoder_equals_the_full_encode(organism) -> None:
+    from flipscope.sae import feature_encoder
+
+    sae = load_sae(default_organism_dir() / "sae")
+    x = torch.randn(3, 5, organism.d_model) * 4
+    torch.testing.assert_close(feature_encoder(sae, [38, 3, 0])(x), sae.encode(x)[..., [38, 3, 0]])
+    assert (feature_encoder(sae, list(range(64)))(x) > 0).any()

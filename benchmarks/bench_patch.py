@@ -1,0 +1,131 @@
+"""Patching and clamping cost, side by side in one run.
+
+1. **Feature sweep**: each of `--features` SAE features patched alone (delta-only, last position)
+   on every case of the organism FlipBank, with the last-token fast path (`patch_sweep(fast=True)`:
+   each prompt runs once up to its last token, the last token once per feature on that cache)
+   against full re-forwards of every (case, feature) prompt (`fast=False`). Same rows per forward;
+   prints seconds, the ratio, and the largest margin difference.
+2. **Clamp overhead**: a random ~100M-parameter Gemma 3 VLM (text 15 × 640, 224-px images) with a
+   random JumpReLU SAE (8192 features) on its middle layer, batch `--batch` prompts; the plain
+   forward and the `ClampedVLM` forward (one feature clamped at every position) interleaved for
+   `--rounds` rounds; prints median ms and the ratio.
+
+Run: `.venv/bin/python benchmarks/bench_patch.py [--features 50] [--batch 16] [--rounds 9]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from sae_lens import JumpReLUSAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from flipscope import HookedVLM, PromptSpec
+from flipscope.clamp import ClampedVLM
+from flipscope.flipbank import load_flipbank
+from flipscope.organism import load_organism
+from flipscope.pairs import collect_pairs
+from flipscope.patching import patch_sweep
+from flipscope.store import read_rows
+from flipscope.tiny import TinyVLMConfig, save_tiny_vlm
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+def feature_sweep(n_features: int) -> dict:
+    vlm, sae, card = load_organism()
+    bank = load_flipbank(BANK)
+    pairs = collect_pairs(vlm, bank, [card["hook_name"]], progress=False)
+    features = list(range(n_features))
+    timings, rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fast in (True, False):
+            start = time.perf_counter()
+            store = patch_sweep(vlm, sae, bank, features, Path(tmp) / f"{fast}.jsonl", fast=fast, pairs=pairs,
+                                progress=False)  # fmt: skip
+            timings[fast] = time.perf_counter() - start
+            rows[fast] = [r["m_patched"] for r in read_rows(store.path)]
+    return {
+        "cases": len(pairs.cases),
+        "features": n_features,
+        "fast_s": timings[True],
+        "full_s": timings[False],
+        "ratio": timings[False] / timings[True],
+        "max_margin_diff": max(abs(a - b) for a, b in zip(rows[True], rows[False], strict=True)),
+    }
+
+
+def clamp_overhead(batch: int, rounds: int) -> dict:
+    words = "yes no is there a an pleural effusion opacity the lungs clear do you see this film ?".split()
+    cfg = TinyVLMConfig(words=words, text_layers=15, d_model=640, d_mlp=2560, n_heads=8, n_kv_heads=4,
+                        head_dim=80, image_size=224, seed=0)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm = HookedVLM.from_pretrained(save_tiny_vlm(cfg, Path(tmp) / "m"))
+    layer = vlm.n_layers // 2
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=vlm.d_model, d_sae=8192,
+                                        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))  # fmt: skip
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.02)
+    clamped = ClampedVLM(vlm, sae, {7: 0.0})
+    inputs = vlm.prompts.build([PromptSpec(question="Is there a pleural effusion?", condition="blank")] * batch)
+    plain, hooked = [], []
+    with torch.no_grad():
+        vlm(inputs), clamped(inputs)  # warm up
+        for _ in range(rounds):
+            start = time.perf_counter()
+            vlm(inputs)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            clamped(inputs)
+            hooked.append(time.perf_counter() - start)
+    n_params = sum(p.numel() for p in vlm.hf_model.parameters())
+    return {
+        "params_m": n_params / 1e6,
+        "batch": batch,
+        "tokens": int(inputs.input_ids.shape[1]),
+        "plain_ms": 1000 * statistics.median(plain),
+        "clamped_ms": 1000 * statistics.median(hooked),
+        "ratio": statistics.median(hooked) / statistics.median(plain),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patch.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = {
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "feature_sweep": feature_sweep(args.features),
+        "clamp": clamp_overhead(args.batch, args.rounds),
+    }
+    s, c = result["feature_sweep"], result["clamp"]
+    print(
+        f"feature sweep, {s['features']} features x {s['cases']} cases: fast {s['fast_s']:.2f} s, "
+        f"full {s['full_s']:.2f} s, ratio {s['ratio']:.1f}x, max margin diff {s['max_margin_diff']:.1e}"
+    )
+    print(
+        f"clamp, {c['params_m']:.0f}M params, batch {c['batch']} x {c['tokens']} tokens: "
+        f"plain {c['plain_ms']:.0f} ms, clamped {c['clamped_ms']:.0f} ms, ratio {c['ratio']:.3f}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
