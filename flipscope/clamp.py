@@ -23,8 +23,8 @@ from scipy import stats
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from flipscope.patching import check_features
-from flipscope.sae import check_sae, feature_encoder
+from flipscope.patching import check_features, shift_features_hook
+from flipscope.sae import check_sae
 from flipscope.stats import bootstrap
 
 __all__ = ["ClampedVLM", "clamp", "clamp_hook", "compare_clamped", "paired_difference"]
@@ -32,16 +32,7 @@ __all__ = ["ClampedVLM", "clamp", "clamp_hook", "compare_clamped", "paired_diffe
 
 def clamp_hook(sae: Any, values: Mapping[int, float]):
     """A hook holding each feature in `values` at its value, at every position."""
-    index = torch.tensor([int(f) for f in values])
-    target = torch.tensor([float(v) for v in values.values()])
-    w_dec = sae.W_dec.detach()[index]
-    encode = feature_encoder(sae, index.tolist())
-
-    def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        current = encode(x)
-        return x - ((current - target.to(current)) @ w_dec).to(x.dtype)
-
-    return hook
+    return shift_features_hook(sae, [int(f) for f in values], torch.tensor([float(v) for v in values.values()]))
 
 
 class _ClampedHF:

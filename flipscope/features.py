@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
-from flipscope.pairs import PairActivations, collect_pairs, pair_specs
+from flipscope.pairs import PairActivations, collect_pairs
 from flipscope.patching import decoder_vectors, patched_margins
 from flipscope.sae import check_sae, encode_with_error
 from flipscope.stats import auc, bh_qvalues, bootstrap, bootstrap_means, correlations, mann_whitney
@@ -148,14 +148,13 @@ def attribution_scores(
     The gradient is taken on the paraphrase run with the SAE spliced in at `hook` (last position,
     error term kept, so the forward is unchanged), with respect to every feature at once.
     """
-    flips = [c for c, flip in zip(pairs.cases, pairs.is_flip, strict=True) if flip]
-    specs, _, para_index = pair_specs(flips)
-    para_specs = [specs[i] for i in para_index]
-    f_orig = sae.encode(pairs.orig[hook][: len(flips)].to(sae.dtype)).detach()
-    sign = _direction_sign(pairs)[: len(flips)]
+    n_flips = int(pairs.is_flip.sum())  # flips come first
+    para_specs = pairs.paraphrase_specs()[:n_flips]
+    f_orig = pairs.features(sae, hook)[0][:n_flips]
+    sign = _direction_sign(pairs)[:n_flips]
     out = []
-    for start in tqdm(range(0, len(flips), batch_size), desc="attribution", disable=not progress):
-        stop = min(start + batch_size, len(flips))
+    for start in tqdm(range(0, n_flips, batch_size), desc="attribution", disable=not progress):
+        stop = min(start + batch_size, n_flips)
         inputs = vlm.prompts.build(para_specs[start:stop])
         grabbed: dict[str, Tensor] = {}
         with torch.enable_grad(), vlm.hooks(fwd_hooks=[(hook, _splice_leaf(sae, grabbed))]):
@@ -179,13 +178,9 @@ def exact_ablation_effects(
     """Per flip case and feature, the exact margin change toward the original's when that one
     feature's Δf is removed at `hook` (delta-only patch, last position): (m_patched − m_para) ·
     sign(m_orig − m_para)."""
-    n_flips = int(pairs.is_flip.sum())
-    flips = pairs.cases[:n_flips]
-    specs, _, para_index = pair_specs(flips)
-    para_specs = [specs[i] for i in para_index]
-    delta_f = (
-        sae.encode(pairs.para[hook][:n_flips].to(sae.dtype)) - sae.encode(pairs.orig[hook][:n_flips].to(sae.dtype))
-    ).detach()
+    n_flips = int(pairs.is_flip.sum())  # flips come first
+    para_specs = pairs.paraphrase_specs()[:n_flips]
+    delta_f = pairs.feature_delta(sae, hook)[:n_flips]
     sign = _direction_sign(pairs)[:n_flips]
     effects = torch.empty(n_flips, len(features))
     jobs = [(k, c) for k in range(len(features)) for c in range(n_flips)]
@@ -341,10 +336,7 @@ def discover(
     layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
     layer_hooks = [f"blocks.{layer}.hook_resid_post" for layer in layer_ids]
     pairs = collect_pairs(vlm, bank, sorted({*layer_hooks, hook}), batch_size=batch_size, progress=progress)
-    with torch.no_grad():
-        f_orig = sae.encode(pairs.orig[hook].to(sae.dtype)).float()
-        f_para = sae.encode(pairs.para[hook].to(sae.dtype)).float()
-    delta_f = (f_para - f_orig).numpy().astype(np.float64)
+    delta_f = pairs.feature_delta(sae, hook).double().numpy()
     per_case = attribution_scores(vlm, sae, hook, pairs, batch_size=batch_size, progress=progress)
     table = feature_table(
         delta_f,

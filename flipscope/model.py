@@ -282,6 +282,7 @@ class HookedVLM(HookedRootModule):
         names_filter: NamesFilter = None,
         positions: Positions = None,
         device: str | torch.device | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
         """Run the model and cache the activations asked for.
 
@@ -293,6 +294,8 @@ class HookedVLM(HookedRootModule):
                 ints, or a per-row index tensor `[batch]`. Vision and projector hooks are kept
                 whole. Only the selection is stored, so a sweep does not hold every activation.
             device: Where to store the cache (default: the model's device).
+            logits_to_keep: Return logits for the last this many positions only (0: all); 1
+                when only the answer is read spares the unembedding of every position.
 
         Returns:
             The logits and a dict from hook name to activation (detached).
@@ -312,7 +315,7 @@ class HookedVLM(HookedRootModule):
             cache[hook.name] = kept.detach().to(device) if device is not None else kept.detach()
 
         with self.hooks(fwd_hooks=[(name, save) for name in selected]):
-            logits = self(inputs)
+            logits = self(inputs, logits_to_keep=logits_to_keep)
         return logits, cache
 
     def run_with_hooks(

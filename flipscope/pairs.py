@@ -82,6 +82,21 @@ class PairActivations:
         """x_para − x_orig at `hook`."""
         return self.para[hook] - self.orig[hook]
 
+    @torch.no_grad()
+    def features(self, sae: Any, hook: str) -> tuple[Float[Tensor, "case d_sae"], Float[Tensor, "case d_sae"]]:
+        """SAE feature activations of the originals and of the paraphrases at `hook`."""
+        return sae.encode(self.orig[hook].to(sae.dtype)), sae.encode(self.para[hook].to(sae.dtype))
+
+    def feature_delta(self, sae: Any, hook: str) -> Float[Tensor, "case d_sae"]:
+        """Δf = f(paraphrase) − f(original) at `hook`, per case."""
+        f_orig, f_para = self.features(sae, hook)
+        return f_para - f_orig
+
+    def paraphrase_specs(self) -> list[PromptSpec]:
+        """The paraphrase prompt of every case, in case order."""
+        specs, _, paraphrases = pair_specs(self.cases)
+        return [specs[i] for i in paraphrases]
+
 
 @torch.no_grad()
 def collect_pairs(
@@ -108,7 +123,7 @@ def collect_pairs(
     margins, cached = [], {hook: [] for hook in hooks}
     for start in tqdm(range(0, len(specs), batch_size), desc="caching pairs", disable=not progress):
         batch = vlm.prompts.build(specs[start : start + batch_size])
-        logits, cache = vlm.run_with_cache(batch, names_filter=list(hooks), positions="last")
+        logits, cache = vlm.run_with_cache(batch, names_filter=list(hooks), positions="last", logits_to_keep=1)
         margins.append(yes_no_margin(logits[:, -1], vlm.answer_tokens))
         for hook in hooks:
             cached[hook].append(cache[hook].float())

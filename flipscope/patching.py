@@ -107,17 +107,20 @@ def replace_at_last(values: Float[Tensor, "batch d_model"], rows: Bool[Tensor, "
 def shift_features_hook(
     sae: Any,
     features: Sequence[int],
-    reference: Float[Tensor, "batch n_features"],
-    mask: Bool[Tensor, "batch pos"],
+    target: Float[Tensor, "*target n_features"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
 ):
-    """A hook that moves `features` to `reference` at the positions in `mask`:
-    x ← x − (f(x) − reference) · W_dec, computed from the activations as they arrive."""
+    """A hook that moves `features` to `target` (broadcast over [batch, pos]) at the positions in
+    `mask` (default: every position): x ← x − (f(x) − target) · W_dec, computed from the
+    activations as they arrive. Clamping and span patching both use it."""
     w_dec = sae.W_dec.detach()[torch.tensor(list(features))]
     encode = feature_encoder(sae, features)
 
     def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         current = encode(x)
-        shift = (current - reference[:, None].to(current.dtype)) * mask[..., None].to(current.device, current.dtype)
+        shift = current - target.to(current)
+        if mask is not None:
+            shift = shift * mask[..., None].to(current)
         return x - (shift @ w_dec).to(x.dtype)
 
     return hook
@@ -155,9 +158,7 @@ def matched_control_feature(
     below `max_abs_r`; else the least correlated), not among `features`, whose mean activation on
     the flip paraphrases is closest to that of `features[0]`."""
     flips = torch.from_numpy(pairs.is_flip)
-    with torch.no_grad():
-        f_para = sae.encode(pairs.para[hook][flips].to(sae.dtype)).double()
-        f_orig = sae.encode(pairs.orig[hook][flips].to(sae.dtype)).double()
+    f_orig, f_para = (f[flips].double() for f in pairs.features(sae, hook))
     r = np.abs(correlations((f_para - f_orig).numpy(), pairs.margin_shift[flips].double().numpy())["r"])
     active = (f_para > 0).any(0).numpy()
     allowed = np.ones(len(r), dtype=bool)
@@ -177,8 +178,7 @@ def _vectors(
 ) -> tuple[Tensor, Tensor | None]:
     """Per case, the delta-only patch vector of `features`, and of the matched control: the same
     norm along the control feature's unit decoder row."""
-    with torch.no_grad():
-        delta = sae.encode(pairs.para[hook].to(sae.dtype)) - sae.encode(pairs.orig[hook].to(sae.dtype))
+    delta = pairs.feature_delta(sae, hook)
     vectors = decoder_vectors(sae, delta[:, list(features)], features)
     if control is None:
         return vectors, None
@@ -194,7 +194,7 @@ def _span_reference(
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
         inputs = vlm.prompts.build(chunk)
-        acts = vlm.run_with_cache(inputs, names_filter=hook)[1][hook]
+        acts = vlm.run_with_cache(inputs, names_filter=hook, logits_to_keep=1)[1][hook]
         mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(chunk, inputs)
         mask = mask.to(acts.device)
         with torch.no_grad():
@@ -241,7 +241,7 @@ def patch_bank(
         raise FlipscopeError("original-value patching is defined at the last position only")
     pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
     specs, orig_index, para_index = pair_specs(pairs.cases)
-    para_specs = [specs[i] for i in para_index]
+    para_specs = [specs[i] for i in para_index]  # the originals are needed too, for span references
     control = None
     if variant == "delta" and positions == "last" and control_feature is not None:
         control = (
@@ -264,7 +264,7 @@ def patch_bank(
             fn = subtract_at_last(vectors[start:stop])
         else:
             mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(chunk, inputs)
-            fn = shift_features_hook(sae, features, reference[start:stop], mask)
+            fn = shift_features_hook(sae, features, reference[start:stop, None], mask)
         with vlm.hooks(fwd_hooks=[(hook, fn)]):
             patched.append(vlm.score(inputs))
         if control is not None:
@@ -360,11 +360,11 @@ def _sweep(
     per_chunk = max(1, rows_per_forward // n_variants)
     header = {**header, "fast": fast, "cases_per_unit": per_chunk}
     store = ResultStore.open(store_path, header)
-    specs, _, para_index = pair_specs(pairs.cases)
+    para_specs = pairs.paraphrase_specs()
     chunks = [list(range(i, min(i + per_chunk, len(pairs.cases)))) for i in range(0, len(pairs.cases), per_chunk)]
     todo = [(k, chunk) for k, chunk in enumerate(chunks) if f"cases/{k}" not in store.done]
     for k, chunk in tqdm(todo, desc=desc, disable=not progress):
-        chunk_specs = [specs[para_index[i]] for i in chunk]
+        chunk_specs = [para_specs[i] for i in chunk]
         fwd_hooks = hooks_for(chunk)
         if fast:
             margins = score_last_token(vlm, vlm.prompts, chunk_specs, n_variants, fwd_hooks)
@@ -413,10 +413,7 @@ def patch_sweep(
     hook = check_sae(sae, vlm)
     check_features(sae, features)
     pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
-    with torch.no_grad():
-        delta = (sae.encode(pairs.para[hook].to(sae.dtype)) - sae.encode(pairs.orig[hook].to(sae.dtype)))[
-            :, list(features)
-        ]
+    delta = pairs.feature_delta(sae, hook)[:, list(features)]
     w_dec = sae.W_dec.detach()[list(features)]
     header = {
         "kind": "patch-sweep",
