@@ -9,6 +9,8 @@ import typer
 
 from flipscope.errors import FlipscopeError
 
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype options take
+
 app = typer.Typer(
     help="flipscope: find why a medical VLM flips its yes/no answer under paraphrase.",
     no_args_is_help=True,
@@ -77,9 +79,8 @@ def evaluate(
     from flipscope.questions import load_questions
     from flipscope.sweep import EvalConfig, parse_shard, run_sweep
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(dtypes)}", param_hint="--dtype")
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
     try:
         cfg = EvalConfig(
             conditions=tuple(c.strip() for c in conditions.split(",")),
@@ -97,7 +98,7 @@ def evaluate(
             )
         part = parse_shard(shard) if shard else None
         loaded = load_questions(questions, images)
-        vlm = HookedVLM.from_pretrained(model, dtype=dtypes[dtype], device=device)
+        vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
         store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
     except FlipscopeError as err:
         typer.echo(f"error: {err}", err=True)
@@ -232,30 +233,19 @@ def discover(
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
 ) -> None:
     """Rank the SAE features that track the paraphrase framing behind the FlipBank's flips."""
-    import torch
-
     from flipscope.features import discover as run_discovery
     from flipscope.flipbank import load_flipbank
-    from flipscope.model import HookedVLM
-    from flipscope.organism import default_organism_dir
-    from flipscope.sae import load_sae
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     try:
-        if dtype not in dtypes:
-            raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
-        layer_ids = [int(x) for x in layers.split(",")] if layers else None
+        layer_ids = _ints(layers, "--layers") if layers else None
         bank = load_flipbank(flipbank)
-        model_source = model if model is not None else str(default_organism_dir())
-        vlm = HookedVLM.from_pretrained(model_source, dtype=dtypes[dtype], device=device)
-        sae_source = sae if sae is not None else str(Path(model_source) / "sae")
-        dictionary = load_sae(sae_source, sae_id, device=device)
+        vlm, dictionary = _load_model_and_sae(model, sae, sae_id, dtype, device)
         bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
         if bad:
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
         found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
         json_path, csv_path = found.save(out or flipbank.with_name(f"{flipbank.stem}.features.json"))
-    except ValueError as err:  # FlipscopeError, and int() of a bad --layers
+    except FlipscopeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     _print_discovery(found, top)
@@ -306,11 +296,10 @@ def _load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, 
     from flipscope.organism import default_organism_dir
     from flipscope.sae import load_sae
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
+    if dtype not in DTYPES:
+        raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source = model if model is not None else str(default_organism_dir())
-    vlm = HookedVLM.from_pretrained(source, dtype=dtypes[dtype], device=device)
+    vlm = HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device)
     return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
 
 
@@ -398,12 +387,10 @@ def patch(
     if swept:
         rows = [r for r in read_rows(store.path) if r["kind"] == "flip"]
         typer.echo("  each feature alone (flips): feature, mean recovery [CI], reversed")
-        ranked = sorted(
-            swept,
-            key=lambda f: -summarize_patch([r for r in rows if r["variant"] == f])["flips"]["mean_recovery"]["value"],
-        )
+        blocks = {f: summarize_patch([r for r in rows if r["variant"] == f])["flips"] for f in swept}
+        ranked = sorted(swept, key=lambda f: -blocks[f]["mean_recovery"]["value"])
         for feature in ranked[:10]:
-            block = summarize_patch([r for r in rows if r["variant"] == feature])["flips"]
+            block = blocks[feature]
             typer.echo(f"    {feature:>6} {_fmt(block['mean_recovery'])}  {block['share_reversed']['value']:.3f}")
     typer.echo(f"results: {out}")
 
