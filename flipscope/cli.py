@@ -400,6 +400,11 @@ def clamp(
     questions: Path = typer.Option(..., help="Questions JSONL to evaluate (e.g. flipbank/organism/questions.jsonl)."),
     features: str = typer.Option(..., help="SAE features to clamp, e.g. 38 or 38,32."),
     values: str = typer.Option("0", help="Clamp value(s); several give the trade-off curve, e.g. 0,1,2,4."),
+    diffmean_from: Path | None = typer.Option(
+        None,
+        "--diffmean-from",
+        help="FlipBank JSON: also ablate its DiffMean direction (flips vs controls, at the SAE's hook) for comparison.",
+    ),
     model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
     sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
     sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
@@ -412,8 +417,12 @@ def clamp(
     """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
     import json
 
-    from flipscope.clamp import compare_clamped
+    from flipscope.clamp import DirectionAblatedVLM, compare_clamped
+    from flipscope.features import diffmean_direction
+    from flipscope.flipbank import load_flipbank
+    from flipscope.pairs import collect_pairs
     from flipscope.questions import load_questions
+    from flipscope.sae import check_sae
     from flipscope.sweep import EvalConfig
 
     try:
@@ -424,23 +433,43 @@ def clamp(
             raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
         loaded = load_questions(questions, images)
+        bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
         vlm, dictionary = _load_model_and_sae(model, sae, sae_id, dtype, device)
-        report = compare_clamped(vlm, dictionary, loaded, [{f: v for f in chosen} for v in levels], out, cfg)
+        also = {}
+        if bank is not None:
+            hook = check_sae(dictionary, vlm)
+            direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
+            also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="diffmean")
+        clamps = [{f: v for f in chosen} for v in levels]
+        report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
     except FlipscopeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     (out / "clamp.json").write_text(json.dumps(report, indent=1) + "\n")
-    base = report["unclamped"]["overall"]
+    _print_comparison(report)
+    typer.echo(f"results: {out / 'clamp.json'}")
+
+
+def _intervention_label(description: dict) -> str:
+    if "clamp" in description:
+        return ",".join(f"{f}={v:g}" for f, v in description["clamp"]["values"].items())
+    if "ablate_direction" in description:
+        return f"{description['ablate_direction']['name']} ablated"
+    return "intervention"
+
+
+def _print_comparison(report: dict) -> None:
+    base = report["baseline"]["overall"]
     typer.echo(
         f"questions: {base['flip_rate']['n']}   (95% bootstrap CIs over questions; McNemar p for paired changes)"
     )
-    typer.echo(f"{'clamp':<22}{'flip rate':<24}{'accuracy':<24}text-only agreement")
+    typer.echo(f"{'model':<22}{'flip rate':<24}{'accuracy':<24}text-only agreement")
     typer.echo(
-        f"{'none':<22}{_fmt(base['flip_rate']):<24}{_fmt(base['accuracy']):<24}{_fmt(base['text_only_agreement'])}"
+        f"{'as is':<22}{_fmt(base['flip_rate']):<24}{_fmt(base['accuracy']):<24}{_fmt(base['text_only_agreement'])}"
     )
-    for entry in report["clamped"]:
+    for entry in report["interventions"]:
         o = entry["summary"]["overall"]
-        label = ",".join(f"{f}={v:g}" for f, v in entry["values"].items())
+        label = _intervention_label(entry["description"])
         typer.echo(f"{label:<22}{_fmt(o['flip_rate']):<24}{_fmt(o['accuracy']):<24}{_fmt(o['text_only_agreement'])}")
         for measure, p in entry["paired"].items():
             rel = f", {p['relative_change']:+.1%} relative" if p["relative_change"] is not None else ""
@@ -448,13 +477,12 @@ def clamp(
                 f"    {measure.replace('_', ' ')}: change {_fmt(p['change'])}{rel}, McNemar p={p['mcnemar_p']:.2g}"
             )
         for strategy, block in entry["summary"]["by_strategy"].items():
-            before = report["unclamped"]["by_strategy"][strategy]
+            before = report["baseline"]["by_strategy"][strategy]
             typer.echo(
                 f"    {strategy}: paraphrase flips {_fmt(before['paraphrase_flip_rate'])} -> "
                 f"{_fmt(block['paraphrase_flip_rate'])}; "
                 f"text-only agreement {_fmt(before['text_only_agreement'])} -> {_fmt(block['text_only_agreement'])}"
             )
-    typer.echo(f"results: {out / 'clamp.json'}")
 
 
 organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)

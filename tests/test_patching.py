@@ -142,12 +142,12 @@ def test_clamping_the_framing_feature_cuts_flips_at_no_accuracy_cost(setup, tmp_
     questions = load_questions(BANK.parent / "questions.jsonl")
     feature = card["framing_features"][0]["feature"]
     report = compare_clamped(vlm, sae, questions, [{feature: 0.0}], tmp_path / "clamp", progress=False)
-    paired = report["clamped"][0]["paired"]
+    paired = report["interventions"][0]["paired"]
     assert paired["flip_rate"]["relative_change"] <= -0.5 and paired["flip_rate"]["change"]["high"] < 0
     assert paired["flip_rate"]["mcnemar_p"] < 0.01
     assert paired["accuracy"]["change"]["value"] >= -0.02
-    before = report["unclamped"]["by_strategy"]["leading"]["text_only_agreement"]
-    after = report["clamped"][0]["summary"]["by_strategy"]["leading"]["text_only_agreement"]
+    before = report["baseline"]["by_strategy"]["leading"]["text_only_agreement"]
+    after = report["interventions"][0]["summary"]["by_strategy"]["leading"]["text_only_agreement"]
     assert after["high"] < before["low"]
     # the clamped model runs on the evaluation's shared-prefix path exactly as on plain batches
     clamped = ClampedVLM(vlm, sae, {feature: 0.0})
@@ -180,9 +180,76 @@ def test_cli_patch_and_clamp(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
         ["clamp", "--questions", str(few), "--images", str(BANK.parent), "--features", "38", "--values", "0,2",
-         "--out", str(tmp_path / "c")],
+         "--diffmean-from", str(BANK), "--out", str(tmp_path / "c")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "38=0" in result.output and "38=2" in result.output and "McNemar" in result.output
+    assert "diffmean ablated" in result.output
     result = runner.invoke(app, ["clamp", "--questions", str(few), "--features", "x", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "--features 'x' is not a comma-separated list" in result.output
+
+
+def test_diffmean_ablation_removes_the_direction_and_cuts_flips(setup, tmp_path: Path) -> None:
+    from flipscope.clamp import DirectionAblatedVLM, compare_interventions
+    from flipscope.features import diffmean_direction
+    from flipscope.questions import load_questions
+
+    vlm, sae, card, _, pairs = setup
+    hook = card["hook_name"]
+    direction = diffmean_direction(pairs, hook)
+    ablated = DirectionAblatedVLM(vlm, hook, direction, name="diffmean")
+    inputs = vlm.prompts.build([PromptSpec(question="Is the suspected opacity there?", condition="blank")] * 2)
+    _, plain = vlm.run_with_cache(inputs, names_filter=[hook])
+    _, cache = ablated.run_with_cache(inputs, names_filter=[hook])
+    unit = direction / direction.norm()
+    assert (plain[hook] @ unit).abs().max() > 1.0
+    assert (cache[hook] @ unit).abs().max() < 1e-4
+    # everything orthogonal to the direction is untouched
+    torch.testing.assert_close(cache[hook] - plain[hook], -(plain[hook] @ unit)[..., None] * unit, atol=1e-4, rtol=0)
+    assert ablated.identity()["ablate_direction"]["hook"] == hook and "ablate_direction" not in vlm.identity()
+
+    questions = load_questions(BANK.parent / "questions.jsonl")
+    report = compare_interventions(vlm, questions, {"diffmean": ablated}, tmp_path / "cmp", progress=False)
+    paired = report["interventions"][0]["paired"]
+    assert paired["flip_rate"]["relative_change"] <= -0.5 and paired["flip_rate"]["mcnemar_p"] < 0.01
+    assert report["interventions"][0]["description"]["ablate_direction"]["name"] == "diffmean"
+    assert _no_hooks_left(vlm)
+
+    with pytest.raises(FlipscopeError, match=r"direction has shape \(3,\); expected \(128,\)"):
+        DirectionAblatedVLM(vlm, hook, torch.ones(3))
+    with pytest.raises(FlipscopeError, match="finite and nonzero"):
+        DirectionAblatedVLM(vlm, hook, torch.zeros(128))
+    with pytest.raises(FlipscopeError, match="'blocks.99.hook_resid_post' is not a hook point"):
+        DirectionAblatedVLM(vlm, "blocks.99.hook_resid_post", direction)
+    with pytest.raises(FlipscopeError, match="other than 'baseline'"):
+        compare_interventions(vlm, questions, {"baseline": ablated}, tmp_path / "bad", progress=False)
+
+
+def _cut_after_units(path: Path, n_units: int) -> None:
+    """Keep the header and `n_units` finished units, then half of the next line (a run killed mid-write)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    markers = [i for i, line in enumerate(lines) if line.startswith(b'{"done"')]
+    keep = lines[: markers[n_units - 1] + 1]
+    path.write_bytes(b"".join(keep) + lines[len(keep)][: len(lines[len(keep)]) // 2])
+
+
+def test_feature_and_layer_sweeps_resume_to_the_uninterrupted_store(setup, tmp_path: Path) -> None:
+    vlm, sae, _, bank, pairs = setup
+    few = {**bank, "flips": bank["flips"][:10], "controls": bank["controls"][:4]}
+    sub = collect_pairs(vlm, few, list(pairs.orig), progress=False)
+    runs = {
+        "features": lambda path: patch_sweep(
+            vlm, sae, few, [38, 3, 32], path, pairs=sub, rows_per_forward=9, progress=False
+        ),
+        "layers": lambda path: layer_sweep(vlm, few, path, pairs=sub, rows_per_forward=12, progress=False),
+    }
+    for name, run in runs.items():
+        whole, cut = tmp_path / f"{name}-whole.jsonl", tmp_path / f"{name}-cut.jsonl"
+        run(whole)
+        assert whole.read_bytes().count(b'{"done"') == 5
+        cut.write_bytes(whole.read_bytes())
+        _cut_after_units(cut, 2)
+        assert run(cut).done.keys() == run(whole).done.keys()
+        assert cut.read_bytes() == whole.read_bytes()
+    with pytest.raises(FlipscopeError, match="written by a different run"):
+        patch_sweep(vlm, sae, few, [38, 3], tmp_path / "features-whole.jsonl", pairs=sub, progress=False)
