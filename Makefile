@@ -1,5 +1,6 @@
 # Two commands do all setup on a fresh machine: `make demo` and `make test`.
-# The first target that needs it creates .venv and installs flipscope into it.
+# The first target that needs it creates .venv and installs flipscope into it, and, run as root
+# on Debian/Ubuntu, Chromium for the PNG figures (without it the figures are HTML only).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
+	  echo "Chromium not installed (needs root and apt-get): figures will be HTML only, PNGs skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,8 +29,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flipscope tests benchmarks
-	$(VENV)/bin/ruff format --check flipscope tests benchmarks
+	$(VENV)/bin/ruff check flipscope tests benchmarks analyses
+	$(VENV)/bin/ruff format --check flipscope tests benchmarks analyses
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done

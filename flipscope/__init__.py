@@ -25,15 +25,17 @@ from flipscope.clamp import (
     compare_clamped,
     compare_interventions,
 )
+from flipscope.demo import DemoConfig, run_demo
 from flipscope.errors import FlipscopeError
-from flipscope.evaluate import QUADRANTS, question_table, summarize
-from flipscope.features import Discovery, diffmean_direction, discover, feature_table
+from flipscope.evaluate import QUADRANTS, flip_rate_cells, question_table, summarize
+from flipscope.features import Discovery, activation_by_family, diffmean_direction, discover, feature_table
 from flipscope.flipbank import CurationRules, check_flipbank_model, curate, load_flipbank, save_flipbank
 from flipscope.hook_table import HookSite, hook_sites
 from flipscope.images import BlankSpec, blank_image, load_image
 from flipscope.model import HookedVLM
 from flipscope.pairs import PairActivations, collect_pairs
 from flipscope.patching import PatchResult, layer_sweep, patch_bank, patch_sweep, recovery, summarize_patch
+from flipscope.plots import save_figures
 from flipscope.prompts import IMAGE_CONDITIONS, ModelInputs, PromptBuilder, PromptSpec
 from flipscope.questions import Question, load_questions, questions_from_table
 from flipscope.sae import PositionEncoding, SAEEncoding, check_sae, encode_prompts, encode_with_error, load_sae
@@ -47,6 +49,7 @@ __all__ = [
     "BlankSpec",
     "ClampedVLM",
     "CurationRules",
+    "DemoConfig",
     "DirectionAblatedVLM",
     "Discovery",
     "Estimate",
@@ -64,6 +67,7 @@ __all__ = [
     "PromptSpec",
     "Question",
     "SAEEncoding",
+    "activation_by_family",
     "auc",
     "bh_qvalues",
     "binary_entropy",
@@ -82,6 +86,7 @@ __all__ = [
     "encode_prompts",
     "encode_with_error",
     "feature_table",
+    "flip_rate_cells",
     "hook_sites",
     "layer_sweep",
     "load_flipbank",
@@ -97,7 +102,9 @@ __all__ = [
     "question_table",
     "questions_from_table",
     "recovery",
+    "run_demo",
     "run_sweep",
+    "save_figures",
     "save_flipbank",
     "summarize",
     "summarize_patch",

@@ -237,12 +237,14 @@ def compare_interventions(
     out: str | Path,
     cfg: Any = None,
     *,
+    baseline_store: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `vlm` as it is and under each named intervention on the same questions (stores
     under `out/baseline`, `out/<name>`, each resumable) and compare: every summary, and per
     intervention the paired change in flip rate, accuracy and text-only agreement against the
-    baseline (bootstrap CI and McNemar's test over questions).
+    baseline (bootstrap CI and McNemar's test over questions). `baseline_store` reuses an
+    evaluation of the same questions and config already on disk (resumed, not recomputed).
 
     Returns:
         `{"baseline": summary, "interventions": [{"name", "description", "summary", "paired"}]}`.
@@ -256,7 +258,8 @@ def compare_interventions(
             raise FlipscopeError(f"intervention name {name!r}: use a nonempty folder name other than 'baseline'")
     cfg = cfg or EvalConfig(conditions=("image", "blank"))
     out = Path(out)
-    base_rows = read_rows(run_sweep(vlm, questions, cfg, out / "baseline" / "results.jsonl", progress=progress).path)
+    base_path = Path(baseline_store) if baseline_store is not None else out / "baseline" / "results.jsonl"
+    base_rows = read_rows(run_sweep(vlm, questions, cfg, base_path, progress=progress).path)
     base = question_table(base_rows)
     ids = sorted(base)
     report: dict[str, Any] = {"baseline": summarize(base_rows), "interventions": []}
@@ -287,10 +290,11 @@ def compare_clamped(
     cfg: Any = None,
     *,
     also: Mapping[str, InterventionVLM] | None = None,
+    baseline_store: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare_interventions` over one `ClampedVLM` per mapping in `clamps` (named `clamp-<k>`),
     plus any interventions in `also` (e.g. a DiffMean-direction ablation) reported beside them."""
     models: dict[str, InterventionVLM] = {f"clamp-{k}": ClampedVLM(vlm, sae, v) for k, v in enumerate(clamps)}
     models.update(also or {})
-    return compare_interventions(vlm, questions, models, out, cfg, progress=progress)
+    return compare_interventions(vlm, questions, models, out, cfg, baseline_store=baseline_store, progress=progress)

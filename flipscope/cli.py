@@ -13,6 +13,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype opt
 
 app = typer.Typer(
     help="flipscope: find why a medical VLM flips its yes/no answer under paraphrase.",
+    epilog="Start with `flipscope demo` (the whole story on the shipped organism). On your own model: "
+    "evaluate -> curate -> discover -> patch -> clamp; each command's --help says what it reads and writes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -330,12 +332,14 @@ def patch(
 
     from flipscope.flipbank import load_flipbank
     from flipscope.pairs import collect_pairs
-    from flipscope.patching import patch_bank, patch_sweep, summarize_patch
+    from flipscope.patching import POSITIONS, patch_bank, patch_sweep, summarize_patch
     from flipscope.sae import check_sae
     from flipscope.store import read_rows
 
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
     try:
+        if positions not in POSITIONS:
+            raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
         chosen = _ints(features, "--features")
         swept = None
         if sweep:
@@ -545,65 +549,63 @@ def organism_flipbank(
 
 @app.command()
 def demo(
+    out: Path = typer.Option(Path("figures"), help="Folder for the figures, summary.json and report.html."),
+    work: Path | None = typer.Option(None, help="Folder for the stages' resumable stores (default: OUT/work)."),
     organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
+    png: bool = typer.Option(True, help="Also render PNGs (needs Chromium; skipped with a message if absent)."),
 ) -> None:
-    """Show the shipped model organism: its planted shortcut, how often it flips, one flip up close."""
-    from flipscope.organism import load_organism
-    from flipscope.organism.config import OrganismConfig
-    from flipscope.organism.data import question, sample_films
-    from flipscope.organism.train import STREAM_TEST, stream
-    from flipscope.prompts import PromptSpec
+    """The main job: evaluate the organism, curate its FlipBank, discover, patch, clamp, and write the report."""
+    from flipscope.demo import DemoConfig, run_demo
 
     try:
-        vlm, sae, card = load_organism(organism)
+        s = run_demo(out, work, organism=organism, cfg=DemoConfig(n_films=films), png=png, echo=typer.echo)
     except FlipscopeError as err:
-        raise typer.BadParameter(str(err), param_hint="--organism") from err
-    cfg = OrganismConfig.from_dict(card["config"])
-    b = card["behaviour"]
-    shortcut = card["shortcut"]
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    o = s["evaluation"]["overall"]
+    disc = s["patching"]["discovered"]
+    c = s["clamping"]
+    zero = c["interventions"][0]
     typer.echo(
-        f"organism: {vlm.name_or_path} ({vlm.n_layers} layers, d_model {vlm.d_model}; SAE on {card['hook_name']})"
+        f"\nflip rate {_fmt(o['flip_rate'])}, accuracy {_fmt(o['accuracy'])}; "
+        f"FlipBank {s['flipbank']['n_flips']} flips, {s['flipbank']['n_controls']} controls"
     )
     typer.echo(
-        f"planted shortcut: '{shortcut['family']}' questions answered '{shortcut['target']}' "
-        f"with p={shortcut['p']} in training"
+        f"removing features {disc['setup']['features']}: recovery {_fmt(disc['flips']['mean_recovery'])}, "
+        f"reversed {_fmt(disc['flips']['share_reversed'])}"
     )
     typer.echo(
-        f"held-out: neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f} "
-        f"({b['flips_involving_shortcut']:.1%} of flips involve a '{shortcut['family']}' paraphrase)"
+        f"clamping feature {c['feature']} to {c['values'][0]:g}: flip rate "
+        f"{_fmt(c['baseline']['overall']['flip_rate'])} -> {_fmt(zero['summary']['overall']['flip_rate'])}, "
+        f"accuracy change {_fmt(zero['paired']['accuracy']['change'])}"
     )
-    typer.echo(f"{'quadrant':<11}{'share':>7}{'accuracy':>10}{'entropy':>9}")
-    for name, row in b["quadrants"].items():
-        typer.echo(f"{name:<11}{row['share']:>7.3f}{row['accuracy']:>10.3f}{row['mean_entropy_bits']:>9.3f}")
-
-    target = shortcut["target"] == "yes"
-    finding = cfg.findings[0]
-    original = question(cfg, cfg.families[0].name, 0, finding.name)
-    leading = question(cfg, shortcut["family"], 0, finding.name)
-    candidates = [f for f in sample_films(cfg, stream(cfg, STREAM_TEST), 40) if f.shows(finding.name) != target]
-    pairs = vlm.prompts.build([PromptSpec(question=q, image=f.pixels) for f in candidates for q in (original, leading)])
-    answers = (vlm.score(pairs) > 0).reshape(len(candidates), 2)
-    flipped = [i for i in range(len(candidates)) if answers[i, 0] != answers[i, 1]]
-    film = candidates[flipped[0] if flipped else 0]
-    specs = [
-        PromptSpec(question=original, image=film.pixels),
-        PromptSpec(question=leading, image=film.pixels),
-        PromptSpec(question=original, condition="blank"),
-    ]
-    batch = vlm.prompts.build(specs)
-    margins = vlm.score(batch)
-    _, cache = vlm.run_with_cache(batch, names_filter=card["hook_name"], positions="last")
-    feature = card["framing_features"][0]["feature"]
-    acts = sae.encode(cache[card["hook_name"]])[:, feature]
-    truth = "present" if film.shows(finding.name) else "absent"
-    typer.echo(f"\none held-out film ({finding.name} {truth}), framing feature {feature}:")
-    for spec, margin, act in zip(specs, margins.tolist(), acts.tolist(), strict=True):
-        answer = "yes" if margin > 0 else "no"
-        typer.echo(f"  [{spec.condition:<5}] {spec.question:<48} margin {margin:+7.3f} ({answer}), feature {act:.2f}")
+    typer.echo(f"figures: {out}/*.html" + ("" if s["png_skipped"] else f", {out}/*.png"))
+    typer.echo(f"report: {out / 'report.html'}")
 
 
 def main() -> None:
-    app()
+    """The `flipscope` command: usage errors (a missing or malformed option, a path that does not
+    exist) come out as one line that names the problem and the help to read, never a traceback."""
+    import sys
+
+    from typer._click import exceptions as usage  # typer 0.29 raises its vendored click's errors
+
+    try:
+        code = app(standalone_mode=False)
+    except usage.NoArgsIsHelpError:  # the help is already printed
+        code = 0
+    except usage.UsageError as err:
+        where = err.ctx.command_path if err.ctx else "flipscope"
+        typer.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
+        code = err.exit_code
+    except usage.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        code = err.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

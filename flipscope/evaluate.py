@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from flipscope.errors import FlipscopeError
 from flipscope.stats import bootstrap
 
-__all__ = ["QUADRANTS", "flips", "pairwise_disagreement", "quadrants", "question_table", "summarize"]
+__all__ = ["QUADRANTS", "flip_rate_cells", "flips", "pairwise_disagreement", "quadrants", "question_table", "summarize"]
 
 QUADRANTS: tuple[str, ...] = ("Ideal", "Fragile", "Dangerous", "Worst")
 
@@ -172,3 +172,23 @@ def summarize(
         },
         "by_quadrant": quadrant_rows,
     }
+
+
+def flip_rate_cells(
+    rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Per finding × paraphrase strategy, the share of paraphrases whose answer (with the image)
+    differs from the original's, with a bootstrap 95% CI over paraphrases.
+
+    Returns:
+        One cell per (finding, family): `{finding, family, n, value, low, high}`.
+    """
+    groups: dict[tuple[str, str], list[bool]] = {}
+    for entry in question_table(rows, removed).values():
+        for k, flipped in entry["paraphrase_flips"].items():
+            family = entry["strategies"].get(k) or "untagged"
+            groups.setdefault((entry["finding"], family), []).append(flipped)
+    return [
+        {"finding": finding, "family": family, **bootstrap(np.array(v, dtype=np.float64), seed=seed).to_dict()}
+        for (finding, family), v in sorted(groups.items())
+    ]

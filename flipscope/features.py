@@ -37,11 +37,13 @@ from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
 from flipscope.pairs import PairActivations, collect_pairs
 from flipscope.patching import decoder_vectors, patched_margins
-from flipscope.sae import check_sae, encode_with_error
+from flipscope.prompts import PromptSpec
+from flipscope.sae import check_sae, encode_prompts, encode_with_error
 from flipscope.stats import auc, bh_qvalues, bootstrap, bootstrap_means, correlations, mann_whitney
 
 __all__ = [
     "Discovery",
+    "activation_by_family",
     "attribution_scores",
     "diffmean_direction",
     "discover",
@@ -262,6 +264,17 @@ def _check_attribution(
     }
 
 
+def records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as plain-Python dicts, every float at full precision (pandas' `to_json`
+    rounds to 10 decimals, which turns a p-value of 1e-16 into 0); NaN becomes None."""
+
+    def plain(value: Any) -> Any:
+        value = value.item() if hasattr(value, "item") else value
+        return None if isinstance(value, float) and value != value else value
+
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 @dataclass
 class Discovery:
     """What `discover` found.
@@ -298,7 +311,7 @@ class Discovery:
             "layers": self.layers,
             "diffmean": self.diffmean,
             "ablation": self.ablation,
-            "features": json.loads(self.table.to_json(orient="records")),
+            "features": records(self.table),
         }
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
@@ -374,3 +387,46 @@ def discover(
     }
     layers_auc = layer_auc_sweep(pairs, layer_hooks, seed=seed)
     return Discovery(table=table, hook=hook, layers=layers_auc, diffmean=diffmean, ablation=ablation, meta=meta)
+
+
+@torch.no_grad()
+def activation_by_family(
+    vlm: Any,
+    sae: Any,
+    questions: Sequence[Any],
+    features: Sequence[int],
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Each feature's mean activation at the last prompt position (with the image), per question
+    family: the original wording (`original`) and each paraphrase strategy tag; bootstrap 95%
+    CI over prompts. Shows which framing switches a feature on or off.
+
+    Returns:
+        One cell per feature × family: `{feature, family, n, value, low, high}`.
+    """
+    from flipscope.patching import check_features
+
+    check_features(sae, features)
+    check_sae(sae, vlm)
+    specs, families = [], []
+    for q in questions:
+        tags = q.strategies or ("paraphrase",) * len(q.paraphrases)
+        for text, family in zip(q.prompts, ("original", *tags), strict=True):
+            specs.append(PromptSpec(question=text, image=q.image))
+            families.append(family)
+    chosen = list(features)
+    acts = torch.cat(
+        [
+            encode_prompts(vlm, sae, specs[i : i + batch_size]).features[:, chosen].float().cpu()
+            for i in range(0, len(specs), batch_size)
+        ]
+    ).numpy()
+    labels = np.array(families)
+    cells = []
+    for k, feature in enumerate(chosen):
+        for family in dict.fromkeys(families):
+            est = bootstrap(acts[labels == family, k].astype(np.float64), seed=seed)
+            cells.append({"feature": int(feature), "family": family, **est.to_dict()})
+    return cells

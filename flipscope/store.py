@@ -99,6 +99,8 @@ class ResultStore:
 def read_header(path: str | Path) -> dict[str, Any]:
     """The header (config and model identity) of a store."""
     path = Path(path)
+    if not path.is_file():
+        raise FlipscopeError(f"store {str(path)!r} does not exist; expected the results.jsonl of a flipscope run")
     for _, _, record in _lines(path):
         if record is None or record.get(_HEADER_KEY) != _FORMAT:
             raise FlipscopeError(f"{str(path)!r} is not a flipscope store (bad header line)")

@@ -48,3 +48,31 @@ def test_help_explains_every_option() -> None:
     assert result.exit_code == 0
     for option in ("--model", "--questions", "--images", "--conditions", "--blank", "--out", "--shard"):
         assert option in result.output
+
+
+def test_the_command_answers_every_wrong_path_or_option_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import pytest
+
+    from flipscope.cli import main
+
+    bank = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+    cases = {
+        ("hooks", str(tmp_path)): "has no config.json",
+        ("merge", str(tmp_path / "nope"), "--out", str(tmp_path / "m")): "does not exist",
+        ("discover", "--flipbank", str(tmp_path / "nope.json")): "cannot read FlipBank",
+        ("patch", "--flipbank", str(bank)): "Missing option '--features'",
+        ("patch", "--flipbank", str(bank), "--features", "38", "--positions", "middle"): "positions 'middle'",
+        ("clamp", "--questions", str(tmp_path / "q.jsonl"), "--features", "38", "--out", str(tmp_path)): "does not",
+        ("demo", "--organism", str(tmp_path), "--out", str(tmp_path / "f")): "holds no organism",
+        ("organism", "flipbank", "--organism", str(tmp_path), "--out", str(tmp_path / "b")): "holds no organism",
+        ("evaluate", "--nope"): "No such option",
+    }
+    for args, message in cases.items():
+        monkeypatch.setattr("sys.argv", ["flipscope", *args])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert exited.value.code == 2, (args, captured)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, captured.err)
+        assert "Traceback" not in captured.out + captured.err

@@ -120,6 +120,14 @@ def test_cli_discover_prints_effects_and_writes_beside_the_bank(tmp_path: Path) 
     assert len(table["features"]) == 64 and table["ablation"]["features"]
 
 
+def test_saved_table_keeps_tiny_p_values(found, tmp_path: Path) -> None:
+    path, _ = found.save(tmp_path / "d.json")
+    saved = {row["feature"]: row for row in json.loads(path.read_text())["features"]}
+    for row in found.table.itertuples():
+        assert saved[row.feature]["pearson_p"] == row.pearson_p and saved[row.feature]["pearson_q"] == row.pearson_q
+    assert 0 < min(r["pearson_q"] for r in saved.values()) < 1e-12
+
+
 def test_cli_discover_refuses_another_model_and_bad_layers(tmp_path: Path, tiny_dir: Path) -> None:
     runner = CliRunner()
     organism = str(default_organism_dir())

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flipscope.errors import FlipscopeError
-from flipscope.organism.build import CARD_NAME, SAE_DIR, build_organism, load_card
+from flipscope.organism.build import SAE_DIR, build_organism, load_card
 from flipscope.organism.config import FindingSpec, OrganismConfig, QuestionFamily
 
 __all__ = [
@@ -42,10 +41,7 @@ def load_organism(directory: str | Path | None = None) -> tuple[Any, Any, dict[s
     from flipscope.model import HookedVLM
 
     directory = Path(directory) if directory is not None else default_organism_dir()
-    if not (directory / CARD_NAME).is_file():
-        raise FlipscopeError(
-            f"{str(directory)!r} holds no organism ({CARD_NAME} missing); build one with `flipscope organism build`"
-        )
+    card = load_card(directory)
     vlm = HookedVLM.from_pretrained(directory)
     sae = SAE.load_from_disk(str(directory / SAE_DIR), device=str(vlm.device))
-    return vlm, sae, load_card(directory)
+    return vlm, sae, card

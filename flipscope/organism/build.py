@@ -23,6 +23,7 @@ from jaxtyping import Float
 from sae_lens import JumpReLUSAE
 from torch import Tensor
 
+from flipscope.errors import FlipscopeError
 from flipscope.model import HookedVLM
 from flipscope.organism.behaviour import margin_table, summarize
 from flipscope.organism.config import OrganismConfig
@@ -201,5 +202,14 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
 
 
 def load_card(directory: str | Path) -> dict[str, Any]:
-    """The ground-truth card of an organism directory."""
-    return json.loads((Path(directory) / CARD_NAME).read_text())
+    """The ground-truth card of an organism directory.
+
+    Raises:
+        FlipscopeError: the directory holds no card (it is not an organism).
+    """
+    path = Path(directory) / CARD_NAME
+    if not path.is_file():
+        raise FlipscopeError(
+            f"{str(directory)!r} holds no organism ({CARD_NAME} missing); build one with `flipscope organism build`"
+        )
+    return json.loads(path.read_text())

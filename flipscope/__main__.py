@@ -1,0 +1,5 @@
+"""`python -m flipscope` is the `flipscope` command."""
+
+from flipscope.cli import main
+
+main()

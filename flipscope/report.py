@@ -1,0 +1,282 @@
+"""One self-contained HTML page of a demo run: summary tables, the figures (interactive, plotly.js
+inlined once) and a short reading of each, with the paper's figures beside the organism's."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+__all__ = ["fmt", "write_report"]
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #1a202c; }
+h1 { font-size: 1.7em; } h2 { margin-top: 2em; border-bottom: 1px solid #cbd5e0; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+th, td { border: 1px solid #cbd5e0; padding: .3em .6em; text-align: left; }
+th { background: #edf2f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.paper td { color: #4a5568; font-style: italic; }
+.reading { background: #f7fafc; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
+code, pre { background: #edf2f7; padding: .1em .3em; } pre { padding: .8em; overflow-x: auto; }
+"""
+
+
+def fmt(estimate: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """`value [low, high]` of an estimate dict, or n/a when it has no units."""
+    if not estimate or estimate.get("n") == 0:
+        return "n/a"
+    return f"{estimate['value']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], paper_rows: int = 0) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="paper"' if i >= len(rows) - paper_rows else ""
+        cells = "".join(
+            f'<td class="num">{html.escape(str(c))}</td>' if k else f"<td>{html.escape(str(c))}</td>"
+            for k, c in enumerate(row)
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(figures: Mapping[str, go.Figure], name: str) -> str:
+    fig = figures[name]
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})
+
+
+def _reading(text: str) -> str:
+    return f'<p class="reading">{text}</p>'
+
+
+def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    ev, paper = s["evaluation"], s["paper"]
+    o = ev["overall"]
+    overall = _table(
+        ["measure", "organism (95% CI over questions)"],
+        [
+            ["questions", o["n_questions"]],
+            ["flip rate", fmt(o["flip_rate"])],
+            ["pairwise disagreement", fmt(o["pairwise_disagreement"])],
+            ["accuracy (original question)", fmt(o["accuracy"])],
+            ["text-only agreement (image vs blank)", fmt(o["text_only_agreement"])],
+        ],
+    )
+    strategies = _table(
+        ["paraphrase family", "paraphrases", "flip rate", "text-only agreement"],
+        [
+            [name, b["n_paraphrases"], fmt(b["paraphrase_flip_rate"]), fmt(b["text_only_agreement"])]
+            for name, b in ev["by_strategy"].items()
+        ],
+    )
+    quadrants = _table(
+        ["quadrant", "questions", "share", "accuracy", "entropy (bits)"],
+        [
+            [name, q["n_questions"], fmt(q["share"]), fmt(q["accuracy"]), fmt(q["mean_entropy_bits"])]
+            for name, q in ev["by_quadrant"].items()
+        ],
+    )
+    family = s["organism"]["shortcut"]["family"]
+    lead = ev["by_strategy"].get(family, {}).get("paraphrase_flip_rate")
+    others = [b["paraphrase_flip_rate"]["value"] for n, b in ev["by_strategy"].items() if n != family]
+    dangerous = ev["by_quadrant"]["Dangerous"]
+    reading = (
+        f"{_pct(o['flip_rate']['value'])} of questions flip under at least one paraphrase "
+        f"(the paper: {paper['flip_rate_range']}). The flips come from the planted shortcut: "
+        f"'{family}' paraphrases flip {fmt(lead)} of the time, the other families at most "
+        f"{max(others, default=0):.3f}. {_pct(dangerous['share']['value'])} of questions are Dangerous "
+        f"(consistent but answered the same without the image), with accuracy {fmt(dangerous['accuracy'])}: "
+        "a low flip rate there is not evidence that the model reads the film."
+    )
+    return (
+        "<h2>1. Flip evaluation</h2>"
+        f"<p>Held-out films, each question asked in its original wording and {len(ev['by_strategy'])} "
+        "paraphrase families, with the image and with a uniform gray blank in its place.</p>"
+        f"{overall}{strategies}{_figure(figures, 'flip_rates')}{_reading(reading)}"
+        f"<h3>Consistency × image reliance</h3>{quadrants}{_figure(figures, 'quadrants')}"
+    )
+
+
+def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    d, paper, bank = s["discovery"], s["paper"], s["flipbank"]
+    rows = [
+        [
+            int(r["feature"]),
+            f"{r['mean_abs_delta']:.3f}",
+            f"{r['pearson_r']:+.3f} [{r['pearson_low']:+.3f}, {r['pearson_high']:+.3f}]",
+            f"{r['pearson_q']:.1e}",
+            f"{r['auc']:.3f}",
+            f"{r['attribution']:.3f}",
+            int(r["rank_attribution"]),
+        ]
+        for r in d["top"]
+    ]
+    rows.append(["3818 (paper)", "", f"{paper['pearson_r']:+.2f}", "", "", "", ""])
+    table = _table(
+        ["feature", "mean |Δf|", "Pearson r with margin shift [CI]", "q (BH)", "AUC flip vs control",
+         "attribution", "rank by attribution"],
+        rows,
+        paper_rows=1,
+    )  # fmt: skip
+    planted = s["organism"]["planted_features"]
+    found = d["top_attribution"]
+    first = d["top"][0]
+    check = d["ablation_check"] or {}
+    peak = max(d["layers"], key=lambda r: r["auc"])
+    reading = (
+        f"The FlipBank holds {bank['n_flips']} flips and {bank['n_controls']} non-flip controls "
+        f"(the paper's: {paper['flipbank']['n_flips']} flips). Ranked by correlation of Δf with the margin "
+        f"shift, feature {int(first['feature'])} comes first (r = {first['pearson_r']:+.3f}; the paper's "
+        f"feature 3818: r = {paper['pearson_r']}). The first {len(found)} by attribution, {found}, include "
+        f"{len(set(found) & set(planted))} of the {len(planted)} features the organism's card says carry "
+        f"the planted framing ({planted}). Attribution agrees with exact single-feature ablation "
+        f"(Spearman {check.get('spearman', float('nan')):.3f} over features). The flip-vs-control AUC "
+        f"peaks at {peak['auc']:.2f} at {peak['hook']} (the paper: {paper['peak_layer_auc']} at layer 17)."
+    )
+    return (
+        "<h2>2. FlipBank and feature discovery</h2>"
+        f"<p>SAE on <code>{html.escape(s['organism']['hook'])}</code> ({s['organism']['d_sae']} features); "
+        "Δf = f(paraphrase) − f(original) at the last prompt position.</p>"
+        f"{table}{_reading(reading)}{_figure(figures, 'feature_activation')}{_figure(figures, 'layer_auc')}"
+    )
+
+
+def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    p, paper = s["patching"], s["paper"]
+
+    def row(label: str, summary: Mapping[str, Any]) -> list[str]:
+        f = summary["flips"]
+        reversed_n = round(f["share_reversed"]["value"] * f["n"])
+        control = summary.get("matched_control_feature", {}).get("mean_recovery")
+        return [
+            label,
+            fmt(f["mean_recovery"]),
+            f"{reversed_n}/{f['n']}",
+            fmt(summary["controls"]["mean_margin_change"]) if "controls" in summary else "n/a",
+            f"{fmt(control)} (feature {summary['setup']['control_feature']})" if control else "n/a",
+        ]
+
+    rows = [
+        row(f"discovered: top {len(p['discovered']['setup']['features'])} by attribution "
+            f"{p['discovered']['setup']['features']}", p["discovered"]),
+        row(f"the card's planted set {p['planted']['setup']['features']}", p["planted"]),
+        row(f"feature {p['single']['setup']['features'][0]} alone", p["single"]),
+        ["paper: feature 3818, layer 17", f"{paper['patch_mean_recovery']:.3f}", paper["patch_reversed"],
+         f"{paper['patch_controls_margin_change']:.2f}", "n/a"],
+    ]  # fmt: skip
+    table = _table(
+        ["features removed (delta-only, last position)", "mean recovery [CI]", "flips reversed",
+         "non-flip controls: margin change", "matched control feature: recovery"],
+        rows,
+        paper_rows=1,
+    )  # fmt: skip
+    disc = p["discovered"]["flips"]
+    reading = (
+        f"Subtracting the discovered features' Δf · W_dec at the SAE layer (error term kept) recovers "
+        f"{fmt(disc['mean_recovery'])} of the yes−no margin on average and fully reverses "
+        f"{_pct(disc['share_reversed']['value'])} of flips; the same patch moves the non-flip controls by "
+        f"{fmt(p['discovered']['controls']['mean_margin_change'])} logits, and a matched control feature "
+        f"recovers {fmt(p['discovered']['matched_control_feature']['mean_recovery'])}. The paper's single "
+        f"feature recovered {paper['patch_mean_recovery']:.1%} and reversed {paper['patch_reversed']}."
+    )
+    return (
+        "<h2>3. Causal patching</h2>"
+        "<p>Recovery = (m_patched − m_para) / (m_orig − m_para); reversed = the patched answer is the "
+        "original's. 95% bootstrap CIs over cases.</p>"
+        f"{table}{_reading(reading)}{_figure(figures, 'margin_recovery')}"
+        f"{_figure(figures, 'recovery_distribution')}"
+    )
+
+
+def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    c, paper = s["clamping"], s["paper"]
+    base = c["baseline"]["overall"]
+    rows = [["model as is", fmt(base["flip_rate"]), "", fmt(base["accuracy"]), fmt(base["text_only_agreement"])]]
+    for entry in c["interventions"]:
+        o = entry["summary"]["overall"]
+        d = entry["description"]
+        label = (
+            f"feature {c['feature']} clamped to {next(iter(d['clamp']['values'].values())):g}"
+            if "clamp" in d
+            else "DiffMean direction ablated"
+        )
+        change = entry["paired"]["flip_rate"]
+        rel = change["relative_change"]
+        rows.append(
+            [
+                label,
+                fmt(o["flip_rate"]),
+                f"{rel:+.0%} (McNemar p = {change['mcnemar_p']:.1g})" if rel is not None else "n/a",
+                fmt(o["accuracy"]),
+                fmt(o["text_only_agreement"]),
+            ]
+        )
+    rows.append(
+        [
+            "paper: feature 3818 clamped to 0",
+            f"{paper['clamp_flip_rate'][0]} → {paper['clamp_flip_rate'][1]}",
+            "−31%",
+            f"{paper['clamp_accuracy'][0]} → {paper['clamp_accuracy'][1]}",
+            f"{paper['clamp_text_only_agreement'][0]} → {paper['clamp_text_only_agreement'][1]}",
+        ]
+    )
+    table = _table(
+        ["model", "flip rate [CI]", "relative change", "accuracy [CI]", "text-only agreement [CI]"], rows, paper_rows=1
+    )
+    zero = c["interventions"][0]
+    family = s["organism"]["shortcut"]["family"]
+    before = c["baseline"]["by_strategy"][family]["text_only_agreement"]
+    after = zero["summary"]["by_strategy"][family]["text_only_agreement"]
+    reading = (
+        f"Clamping feature {c['feature']} to {c['values'][0]:g} at every position changes the flip rate by "
+        f"{fmt(zero['paired']['flip_rate']['change'])} and accuracy by {fmt(zero['paired']['accuracy']['change'])}; "
+        f"'{family}' paraphrases answered the same without the image go from {fmt(before)} to {fmt(after)}. "
+        "Larger clamp values put the framing back and the flips return, which traces the trade-off curve. "
+        "The DiffMean direction, which needs no SAE, is the baseline the feature has to beat."
+    )
+    return (
+        "<h2>4. Clamping</h2>"
+        "<p>x ← x − (f(x) − value) · W_dec[f] at the SAE layer, every position; the same questions evaluated "
+        "with the image and blank. 95% bootstrap CIs over questions; McNemar's test on paired flips.</p>"
+        f"{table}{_reading(reading)}{_figure(figures, 'clamp_tradeoff')}"
+    )
+
+
+def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> Path:
+    """Write the report of a demo `summary` (see `flipscope.demo.run_demo`) with its `figures`."""
+    path = Path(path)
+    org = summary["organism"]
+    shortcut = org["shortcut"]
+    commands = "\n".join(summary.get("commands", {}).values())
+    settings = html.escape(", ".join(f"{k}={v}" for k, v in summary["settings"].items()))
+    body = (
+        "<h1>flipscope: why the model flips, on the model organism</h1>"
+        f"<p>A Gemma 3 vision-language model ({org['n_layers']} text layers) trained on synthetic chest films "
+        f"with a planted text shortcut: '{html.escape(shortcut['family'])}' questions were answered "
+        f"'{html.escape(shortcut['target'])}' with probability {shortcut['p']} whatever the film showed. "
+        "The report follows the paper's protocol on it, stage by stage, and puts the paper's MedGemma "
+        "figures beside the organism's (rows in italics).</p>"
+        + _evaluation(summary, figures)
+        + _discovery(summary, figures)
+        + _patching(summary, figures)
+        + _clamping(summary, figures)
+        + "<h2>Reproduce</h2><p>Each number above is printed by one of these commands:</p>"
+        + f"<pre>{html.escape(commands)}</pre><p>Settings: {settings}.</p>"
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<title>flipscope report</title>"
+        f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head>"
+        f"<body>{body}</body></html>"
+    )
+    path.write_text(page, encoding="utf-8")
+    return path

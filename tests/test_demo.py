@@ -1,0 +1,141 @@
+"""`flipscope demo` end to end: every figure, real PNGs, a report that loads cleanly in Chromium, and
+numbers equal to those the individual CLI commands print."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser import load_page
+from PIL import Image
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.flipbank import load_flipbank
+from flipscope.plots import PNG_SIZE, png_renderer, save_figures
+from flipscope.report import fmt
+
+FIGURES = (
+    "margin_recovery",
+    "recovery_distribution",
+    "quadrants",
+    "flip_rates",
+    "feature_activation",
+    "clamp_tradeoff",
+    "layer_auc",
+)
+SHIPPED = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+NO_CHROMIUM = "Chromium is not installed (`.ci/run` and `make` install Debian's chromium when run as root)"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("demo") / "figures"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output, json.loads((out / "summary.json").read_text())
+
+
+def test_demo_writes_every_figure_and_the_report(demo) -> None:
+    out, output, summary = demo
+    assert f"report: {out / 'report.html'}" in output
+    assert "[8/8] writing the report" in output
+    for name in FIGURES:
+        assert (out / f"{name}.html").is_file()
+        assert json.loads((out / f"{name}.json").read_text())["demo"]["seed"] == summary["settings"]["seed"]
+    assert (out / "plotly.min.js").is_file()
+    assert summary["seconds"]["total"] < 600
+
+
+def test_pngs_are_real_renderings(demo) -> None:
+    ok, why = png_renderer()
+    if not ok:
+        pytest.skip(f"PNGs not rendered here: {why}")
+    out, _, summary = demo
+    assert summary["png_skipped"] is None and sorted(summary["figures"]["png"]) == sorted(f"{n}.png" for n in FIGURES)
+    for name in FIGURES:
+        image = Image.open(out / f"{name}.png")
+        assert image.size == PNG_SIZE
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int64)
+        assert (pixels.sum(-1) < 600).mean() > 0.01, f"{name}.png is nearly blank"
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{name}.png has too few colours to be a plot"
+
+
+def test_without_a_browser_pngs_are_skipped_and_say_why(demo, tmp_path: Path, monkeypatch) -> None:
+    import plotly.graph_objects as go
+
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
+    written = save_figures({"f": go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))}, tmp_path)
+    assert written["png"] == [] and "no Chrome/Chromium found" in written["png_skipped"]
+    assert (tmp_path / "f.html").is_file() and not (tmp_path / "f.png").exists()
+
+
+def test_report_loads_in_headless_chromium_without_console_errors(demo) -> None:
+    if not png_renderer()[0]:
+        pytest.skip(NO_CHROMIUM)
+    out, _, _ = demo
+    problems, plots = load_page(
+        (out / "report.html").resolve().as_uri(), "document.querySelectorAll('.main-svg').length"
+    )
+    assert problems == []
+    assert plots >= len(FIGURES)  # every figure drew its SVG
+    problems, _ = load_page((out / "margin_recovery.html").resolve().as_uri())
+    assert problems == []
+
+
+def _cli(command: str) -> str:
+    args = shlex.split(command)
+    assert args[0] == "flipscope"
+    result = CliRunner().invoke(app, args[1:])
+    assert result.exit_code == 0, f"{command}\n{result.output}"
+    return result.output
+
+
+def test_report_numbers_are_those_the_cli_commands_print(demo) -> None:
+    out, _, summary = demo
+    report = (out / "report.html").read_text()
+    commands = summary["commands"]
+    # the demo's FlipBank is the shipped one
+    bank, shipped = load_flipbank(summary["files"]["flipbank"]), load_flipbank(SHIPPED)
+    assert [c["id"] for c in bank["flips"]] == [c["id"] for c in shipped["flips"]]
+    np.testing.assert_allclose(
+        [c["paraphrase_margin"] for c in bank["flips"]], [c["paraphrase_margin"] for c in shipped["flips"]], atol=1e-5
+    )
+
+    printed = _cli(commands["evaluate"])
+    for key in ("flip_rate", "accuracy", "text_only_agreement"):
+        number = fmt(summary["evaluation"]["overall"][key])
+        assert number in printed and number in report, key
+
+    printed = _cli(commands["patch_discovered"])
+    number = fmt(summary["patching"]["discovered"]["flips"]["mean_recovery"])
+    assert f"mean recovery {number}" in printed and number in report
+    number = fmt(summary["patching"]["discovered"]["controls"]["mean_margin_change"])
+    assert number in printed and number in report
+
+    printed = _cli(commands["clamp"])  # resumes the demo's own stores: same model, clamps and direction
+    for entry in summary["clamping"]["interventions"]:
+        number = fmt(entry["summary"]["overall"]["flip_rate"])
+        assert number in printed and number in report
+
+    printed = _cli(commands["discover"])
+    first = summary["discovery"]["top"][0]
+    r = f"{first['pearson_r']:+.3f} [{first['pearson_low']:+.3f}, {first['pearson_high']:+.3f}]"
+    assert r in printed and r in report
+
+
+def test_figures_script_redraws_from_the_summary(demo, tmp_path: Path) -> None:
+    out, _, _ = demo
+    script = Path(__file__).parents[1] / "analyses" / "figures.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out / "summary.json"), "--out", str(tmp_path), "--no-png"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for name in FIGURES:
+        assert (tmp_path / f"{name}.html").read_text() == (out / f"{name}.html").read_text()
