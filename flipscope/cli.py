@@ -443,7 +443,7 @@ def clamp(
         if bank is not None:
             hook = check_sae(dictionary, vlm)
             direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
-            also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="diffmean")
+            also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
         clamps = [{f: v for f in chosen} for v in levels]
         report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
     except FlipscopeError as err:

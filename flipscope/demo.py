@@ -218,7 +218,7 @@ def run_demo(
     def clamp():
         import torch
 
-        ablated = DirectionAblatedVLM(vlm, hook, torch.tensor(found.diffmean["direction"]), name="diffmean")
+        ablated = DirectionAblatedVLM(vlm, hook, torch.tensor(found.diffmean["direction"]), name="DiffMean")
         clamps = [{clamp_feature: v} for v in cfg.clamp_values]
         return compare_clamped(
             vlm, sae, questions, clamps, work / "clamp", EvalConfig(conditions=cfg.conditions),

@@ -103,6 +103,7 @@ def margin_recovery(rows: Sequence[Mapping[str, Any]], title: str = "Margin reco
     fig.add_vline(x=0, line=dict(color="black", width=1, dash="dot"))
     fig.update_layout(
         title=title,
+        height=max(450, min(1400, 4 * len(flips) + 150)),
         xaxis_title="yes − no logit margin (> 0: yes)",
         yaxis=dict(title=f"flip cases ({len(flips)}), sorted by recovery", showticklabels=False),
         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"),

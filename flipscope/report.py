@@ -236,13 +236,22 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     family = s["organism"]["shortcut"]["family"]
     before = c["baseline"]["by_strategy"][family]["text_only_agreement"]
     after = zero["summary"]["by_strategy"][family]["text_only_agreement"]
+    clamps = [e for e in c["interventions"] if "clamp" in e["description"]]
+    others = [e for e in c["interventions"] if "clamp" not in e["description"]]
+    last = clamps[-1]
     reading = (
         f"Clamping feature {c['feature']} to {c['values'][0]:g} at every position changes the flip rate by "
         f"{fmt(zero['paired']['flip_rate']['change'])} and accuracy by {fmt(zero['paired']['accuracy']['change'])}; "
         f"'{family}' paraphrases answered the same without the image go from {fmt(before)} to {fmt(after)}. "
-        "Larger clamp values put the framing back and the flips return, which traces the trade-off curve. "
-        "The DiffMean direction, which needs no SAE, is the baseline the feature has to beat."
+        f"Clamped to {c['values'][len(clamps) - 1]:g} instead, the flip rate is "
+        f"{fmt(last['summary']['overall']['flip_rate'])}: the curve below is the trade-off over clamp values."
     )
+    for entry in others:
+        reading += (
+            f" Ablating the {entry['description']['ablate_direction']['name']} direction, which needs no SAE, "
+            f"changes the flip rate by {fmt(entry['paired']['flip_rate']['change'])} and accuracy by "
+            f"{fmt(entry['paired']['accuracy']['change'])}: the baseline the feature is measured against."
+        )
     return (
         "<h2>4. Clamping</h2>"
         "<p>x ← x − (f(x) − value) · W_dec[f] at the SAE layer, every position; the same questions evaluated "

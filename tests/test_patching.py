@@ -184,7 +184,7 @@ def test_cli_patch_and_clamp(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "38=0" in result.output and "38=2" in result.output and "McNemar" in result.output
-    assert "diffmean ablated" in result.output
+    assert "DiffMean ablated" in result.output
     result = runner.invoke(app, ["clamp", "--questions", str(few), "--features", "x", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "--features 'x' is not a comma-separated list" in result.output
 
