@@ -17,10 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from flipscope.errors import FlipscopeError
-from flipscope.stats import bootstrap
 
 __all__ = ["PAPER", "DemoConfig", "run_demo"]
 
@@ -75,12 +72,17 @@ class _Stages:
 
 
 def _layer_recovery(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    out = []
-    for layer in sorted({r["variant"] for r in rows}):
-        flips = [r for r in rows if r["variant"] == layer and r["kind"] == "flip"]
-        rec = np.array([(r["m_patched"] - r["m_para"]) / (r["m_orig"] - r["m_para"]) for r in flips])
-        out.append({"layer": int(layer), **bootstrap(rec, seed=seed).to_dict()})
-    return out
+    """Mean recovery over flips, with its CI, of original-value patching at each layer."""
+    from flipscope.patching import summarize_patch
+
+    layers = sorted({r["variant"] for r in rows})
+    return [
+        {
+            "layer": int(layer),
+            **summarize_patch([r for r in rows if r["variant"] == layer], seed)["flips"]["mean_recovery"],
+        }
+        for layer in layers
+    ]
 
 
 def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -192,17 +194,20 @@ def run_demo(
     if not bank["n_flips"]:
         raise FlipscopeError(f"the organism made no flips on {cfg.n_films} films; nothing to explain")
 
-    # 3. discovery
-    found = stages.run("discovering features", lambda: discover(vlm, sae, bank, seed=cfg.seed, progress=progress))
+    # 3. discovery, on pair activations at every layer (patching reuses them)
+    def find():
+        hooks = [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)]
+        pairs = collect_pairs(vlm, bank, hooks, progress=progress)
+        return pairs, discover(vlm, sae, bank, pairs=pairs, seed=cfg.seed, progress=progress)
+
+    pairs, found = stages.run("discovering features", find)
     found.save(work / "discovery.json")
     chosen = [int(f) for f in found.top(cfg.top_k, by="attribution")["feature"]]
-    table = found.table.set_index("feature")
-    switched_on = [f for f in found.top(len(table), by="attribution")["feature"] if table.loc[f, "mean_delta_flip"] > 0]
-    clamp_feature = int(switched_on[0])
+    ranked = found.top(len(found.table), by="attribution")
+    clamp_feature = int(ranked[ranked["mean_delta_flip"] > 0]["feature"].iloc[0])  # the first the framing switches on
 
     # 4. patching: the discovered features, the card's planted set, and every layer
     def patch():
-        pairs = collect_pairs(vlm, bank, [f"blocks.{i}.hook_resid_post" for i in range(vlm.n_layers)], progress=False)
         planted = [f["feature"] for f in card["framing_features"] if f["aligned"]]
         discovered = patch_bank(vlm, sae, bank, chosen, pairs=pairs, progress=progress)
         card_set = patch_bank(vlm, sae, bank, planted, pairs=pairs, progress=progress)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
 from flipscope.pairs import PairActivations, collect_pairs
-from flipscope.patching import decoder_vectors, patched_margins
+from flipscope.patching import check_features, decoder_vectors, patched_margins
 from flipscope.prompts import PromptSpec
 from flipscope.sae import check_sae, encode_prompts, encode_with_error
 from flipscope.stats import auc, bh_qvalues, bootstrap, bootstrap_means, correlations, mann_whitney
@@ -331,6 +331,7 @@ def discover(
     *,
     layers: Sequence[int] | None = None,
     exact_top: int = 50,
+    pairs: PairActivations | None = None,
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
@@ -339,16 +340,22 @@ def discover(
     """Everything above on one FlipBank: pair activations at every layer in `layers` (default all)
     and the SAE's hook, the feature table with attribution, the DiffMean baseline, the layer
     sweep, and (with `exact_top` > 0) exact single-feature ablation of the top attributed
-    features to check the attribution ranking.
+    features to check the attribution ranking. `pairs` reuses activations already collected
+    from this bank at those hooks (e.g. to patch the same cases afterwards).
 
     Raises:
-        FlipscopeError: the SAE does not fit the model, the bank was made by another model, or
-            the bank lacks flips or controls.
+        FlipscopeError: the SAE does not fit the model, the bank was made by another model, the
+            bank lacks flips or controls, or `pairs` lacks one of the hooks.
     """
     hook = check_sae(sae, vlm)
     layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
     layer_hooks = [f"blocks.{layer}.hook_resid_post" for layer in layer_ids]
-    pairs = collect_pairs(vlm, bank, sorted({*layer_hooks, hook}), batch_size=batch_size, progress=progress)
+    needed = sorted({*layer_hooks, hook})
+    if pairs is None:
+        pairs = collect_pairs(vlm, bank, needed, batch_size=batch_size, progress=progress)
+    missing = [name for name in needed if name not in pairs.orig]
+    if missing:
+        raise FlipscopeError(f"pairs lack the hooks {missing}; collect them with collect_pairs(vlm, bank, hooks)")
     delta_f = pairs.feature_delta(sae, hook).double().numpy()
     per_case = attribution_scores(vlm, sae, hook, pairs, batch_size=batch_size, progress=progress)
     table = feature_table(
@@ -406,8 +413,6 @@ def activation_by_family(
     Returns:
         One cell per feature × family: `{feature, family, n, value, low, high}`.
     """
-    from flipscope.patching import check_features
-
     check_features(sae, features)
     check_sae(sae, vlm)
     specs, families = [], []

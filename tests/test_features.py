@@ -100,6 +100,17 @@ def test_statistics_match_scipy_and_find_a_planted_column() -> None:
     assert np.all(low <= x.mean(0) + 1e-12) and np.all(x.mean(0) <= high + 1e-12)
 
 
+def test_discover_refuses_pairs_without_its_hooks(organism) -> None:
+    from flipscope.pairs import collect_pairs
+
+    vlm, sae, card = organism
+    bank = load_flipbank(BANK)
+    few = {**bank, "flips": bank["flips"][:2], "controls": bank["controls"][:2]}
+    pairs = collect_pairs(vlm, few, [card["hook_name"]], progress=False)
+    with pytest.raises(FlipscopeError, match=r"pairs lack the hooks \['blocks.0.hook_resid_post'"):
+        discover(vlm, sae, few, pairs=pairs, progress=False)
+
+
 def test_feature_table_needs_flips_and_controls() -> None:
     delta = np.zeros((4, 3))
     with pytest.raises(FlipscopeError, match="flip cases and non-flip controls"):
