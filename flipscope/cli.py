@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -10,6 +12,18 @@ import typer
 from flipscope.errors import FlipscopeError
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype options take
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Turn a `FlipscopeError` (bad input: a path, a field, an option value) into one line on
+    stderr and exit status 2."""
+    try:
+        yield
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
 
 app = typer.Typer(
     help="flipscope: find why a medical VLM flips its yes/no answer under paraphrase.",
@@ -83,7 +97,7 @@ def evaluate(
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
-    try:
+    with _one_line_errors():
         cfg = EvalConfig(
             conditions=tuple(c.strip() for c in conditions.split(",")),
             blank=blank,
@@ -102,9 +116,6 @@ def evaluate(
         loaded = load_questions(questions, images)
         vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
         store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     if part is not None:
         typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
         return
@@ -121,11 +132,8 @@ def merge(
     """Join shard results into the store a single process would have written, and summarize it."""
     from flipscope.sweep import merge_shards
 
-    try:
+    with _one_line_errors():
         store = merge_shards([d / "results.jsonl" for d in shards], out / "results.jsonl")
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     _write_summary(store.path, out)
 
 
@@ -135,11 +143,8 @@ def _write_summary(rows_path: Path, out: Path, *, reliance: str | None = None, s
     from flipscope.evaluate import summarize
     from flipscope.store import read_rows
 
-    try:
+    with _one_line_errors():
         summary = summarize(read_rows(rows_path), removed=reliance, source=source)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _print_summary(summary)
     typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")
@@ -192,7 +197,7 @@ def curate(
     from flipscope.questions import load_questions
     from flipscope.store import read_header, read_rows
 
-    try:
+    with _one_line_errors():
         rules = CurationRules(
             min_margin=min_margin,
             use_generated=use_generated,
@@ -205,9 +210,6 @@ def curate(
             raise FlipscopeError(f"{str(store)!r} does not exist; pass the output directory of `flipscope evaluate`")
         bank = curate_bank(read_rows(store), load_questions(questions, images), rules, source=read_header(store))
         path = save_flipbank(bank, out)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     directions = sorted({c["direction"] for c in bank["flips"]})
     counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)
     typer.echo(f"{bank['n_flips']} flip cases ({counts}), {bank['n_controls']} controls: {path}")
@@ -238,7 +240,7 @@ def discover(
     from flipscope.features import discover as run_discovery
     from flipscope.flipbank import load_flipbank
 
-    try:
+    with _one_line_errors():
         layer_ids = _ints(layers, "--layers") if layers else None
         bank = load_flipbank(flipbank)
         vlm, dictionary = _load_model_and_sae(model, sae, sae_id, dtype, device)
@@ -247,9 +249,6 @@ def discover(
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
         found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
         json_path, csv_path = found.save(out or flipbank.with_name(f"{flipbank.stem}.features.json"))
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     _print_discovery(found, top)
     typer.echo(f"table: {json_path}\n       {csv_path}")
 
@@ -337,7 +336,7 @@ def patch(
     from flipscope.store import read_rows
 
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
-    try:
+    with _one_line_errors():
         if positions not in POSITIONS:
             raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
         chosen = _ints(features, "--features")
@@ -356,9 +355,6 @@ def patch(
         (out / "patch.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}, indent=1) + "\n")
         if swept:
             store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     s = result.summary
     typer.echo(
         f"removing features {chosen} at {s['setup']['hook']} ({positions} position(s)); 95% bootstrap CIs over cases"
@@ -429,7 +425,7 @@ def clamp(
     from flipscope.sae import check_sae
     from flipscope.sweep import EvalConfig
 
-    try:
+    with _one_line_errors():
         chosen = _ints(features, "--features")
         try:
             levels = [float(v) for v in values.split(",")]
@@ -446,9 +442,6 @@ def clamp(
             also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
         clamps = [{f: v for f in chosen} for v in levels]
         report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     (out / "clamp.json").write_text(json.dumps(report, indent=1) + "\n")
     _print_comparison(report)
     typer.echo(f"results: {out / 'clamp.json'}")
@@ -558,11 +551,8 @@ def demo(
     """The main job: evaluate the organism, curate its FlipBank, discover, patch, clamp, and write the report."""
     from flipscope.demo import DemoConfig, run_demo
 
-    try:
+    with _one_line_errors():
         s = run_demo(out, work, organism=organism, cfg=DemoConfig(n_films=films), png=png, echo=typer.echo)
-    except FlipscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     o = s["evaluation"]["overall"]
     disc = s["patching"]["discovered"]
     c = s["clamping"]
