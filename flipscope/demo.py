@@ -162,11 +162,11 @@ def run_demo(
 
     out = Path(out)
     work = Path(work) if work is not None else out / "work"
-    out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(echo)
     total = time.perf_counter()
     directory = Path(organism) if organism is not None else default_organism_dir()
-    vlm, sae, card = load_organism(directory)
+    vlm, sae, card = load_organism(directory)  # before anything is written: a bad organism leaves no folder
+    out.mkdir(parents=True, exist_ok=True)
     hook = card["hook_name"]
     rules = DEFAULT_RULES
 

@@ -76,3 +76,4 @@ def test_the_command_answers_every_wrong_path_or_option_in_one_line(tmp_path: Pa
         assert exited.value.code == 2, (args, captured)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, captured.err)
         assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
