@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -25,8 +27,9 @@ import plotly.graph_objects as go
 import torch
 
 from flipscope import ClampedVLM, PromptSpec, load_flipbank
+from flipscope.interventions import subtract_at_last
 from flipscope.organism import load_organism
-from flipscope.patching import decoder_vectors, subtract_at_last
+from flipscope.sae import decoder_vectors
 
 vlm, sae, card = load_organism()
 hook = card["hook_name"]

@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from flipscope.demo import build_figures
-from flipscope.plots import save_figures
+from flipscope.reporting.demo import build_figures
+from flipscope.reporting.files import save_figures
 
 
 def main() -> None:

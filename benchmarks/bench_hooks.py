@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flipscope import HookedVLM, PromptSpec
-from flipscope.tiny import TinyVLMConfig, save_tiny_vlm
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 
 WORDS = ("yes", "no", "is", "there", "a", "an", "any", "effusion", "opacity", "pleural", "the", "lungs", "clear", "?")
 CONFIG = TinyVLMConfig(

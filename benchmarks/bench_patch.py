@@ -28,14 +28,14 @@ from sae_lens import JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from flipscope import HookedVLM, PromptSpec
-from flipscope.clamp import ClampedVLM
-from flipscope.flipbank import load_flipbank
+from flipscope.data.flipbank import load_flipbank
+from flipscope.data.store import read_rows
+from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.sweeps import patch_sweep
+from flipscope.interventions.edited import ClampedVLM
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.organism import load_organism
-from flipscope.pairs import collect_pairs
-from flipscope.patching import patch_sweep
-from flipscope.store import read_rows
-from flipscope.tiny import TinyVLMConfig, save_tiny_vlm
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 

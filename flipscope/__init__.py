@@ -1,112 +1,109 @@
 """flipscope: why a medical VLM flips its yes/no answer under paraphrase, and which feature does it.
 
+The package follows the data flow, each layer importing only the layers before it:
+
+    errors, stats  →  data  →  model  →  sae  →  interventions  →  experiments  →  organism
+                   →  reporting  →  cli
+
+- `data`: questions, the resumable result store, FlipBanks (files in, validated objects out);
+- `model`: `HookedVLM` (hook points on the HF model), prompts, images, answers, KV-cache paths;
+- `sae`: SAEs through sae-lens, checked against a model, and their encodings;
+- `interventions`: pure hook functions and edited sibling models (`ClampedVLM`);
+- `experiments`: evaluation, summaries, pair activations, discovery, patching, clamping;
+- `organism`: the shipped model organism with a planted shortcut;
+- `reporting`: figures, the report page and the demo pipeline; `cli`: the `flipscope` command.
+
+The names below are the ones a notebook needs; they load on first use, so `import flipscope`
+costs no torch. Everything else is imported from its module.
+
 Tensor shapes in signatures use one vocabulary of dimension names:
 
 - `batch`: prompts in a batch; `pos`: token positions (left-padded, last prompt token at -1);
 - `d_model`: language-model residual width; `d_vocab`: vocabulary size;
 - `d_sae`: SAE features; `n_images`: images in a batch; `n_patches`: vision patches;
 - `n_image_tokens`: image soft tokens per image; `d_vision`: vision width;
-- `channel`, `height`, `width`: image tensor axes.
+- `channel`, `height`, `width`: image tensor axes; `case`: FlipBank cases.
 """
 
-from flipscope.answers import (
-    AnswerTokens,
-    ParsedAnswer,
-    binary_entropy,
-    p_yes,
-    parse_answer,
-    yes_no_margin,
-)
-from flipscope.clamp import (
-    ClampedVLM,
-    DirectionAblatedVLM,
-    InterventionVLM,
-    clamp,
-    compare_clamped,
-    compare_interventions,
-)
-from flipscope.demo import DemoConfig, run_demo
-from flipscope.errors import FlipscopeError
-from flipscope.evaluate import QUADRANTS, flip_rate_cells, question_table, summarize
-from flipscope.features import Discovery, activation_by_family, diffmean_direction, discover, feature_table
-from flipscope.flipbank import CurationRules, check_flipbank_model, curate, load_flipbank, save_flipbank
-from flipscope.hook_table import HookSite, hook_sites
-from flipscope.images import BlankSpec, blank_image, load_image
-from flipscope.model import HookedVLM
-from flipscope.pairs import PairActivations, collect_pairs
-from flipscope.patching import PatchResult, layer_sweep, patch_bank, patch_sweep, recovery, summarize_patch
-from flipscope.plots import save_figures
-from flipscope.prompts import IMAGE_CONDITIONS, ModelInputs, PromptBuilder, PromptSpec
-from flipscope.questions import Question, load_questions, questions_from_table
-from flipscope.sae import PositionEncoding, SAEEncoding, check_sae, encode_prompts, encode_with_error, load_sae
-from flipscope.stats import Estimate, auc, bh_qvalues, bootstrap, correlations, mann_whitney
-from flipscope.sweep import EvalConfig, merge_shards, run_sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from flipscope._moved import MOVED, OLD_NAMES, install_moved_modules, warn_moved
 
 __all__ = [
-    "IMAGE_CONDITIONS",
-    "QUADRANTS",
-    "AnswerTokens",
-    "BlankSpec",
     "ClampedVLM",
-    "CurationRules",
-    "DemoConfig",
     "DirectionAblatedVLM",
-    "Discovery",
-    "Estimate",
-    "EvalConfig",
     "FlipscopeError",
     "HookedVLM",
-    "HookSite",
-    "InterventionVLM",
-    "ModelInputs",
-    "PairActivations",
-    "ParsedAnswer",
-    "PatchResult",
-    "PositionEncoding",
-    "PromptBuilder",
     "PromptSpec",
-    "Question",
-    "SAEEncoding",
-    "activation_by_family",
-    "auc",
-    "bh_qvalues",
-    "binary_entropy",
-    "blank_image",
-    "bootstrap",
-    "check_flipbank_model",
-    "check_sae",
-    "clamp",
-    "collect_pairs",
-    "compare_clamped",
     "compare_interventions",
-    "correlations",
-    "curate",
     "diffmean_direction",
     "discover",
-    "encode_prompts",
-    "encode_with_error",
-    "feature_table",
-    "flip_rate_cells",
-    "hook_sites",
-    "layer_sweep",
     "load_flipbank",
-    "load_image",
+    "load_organism",
     "load_questions",
     "load_sae",
-    "mann_whitney",
-    "merge_shards",
-    "p_yes",
-    "parse_answer",
     "patch_bank",
-    "patch_sweep",
-    "question_table",
-    "questions_from_table",
-    "recovery",
     "run_demo",
     "run_sweep",
-    "save_figures",
-    "save_flipbank",
     "summarize",
-    "summarize_patch",
-    "yes_no_margin",
 ]
+
+_WHERE = {
+    "ClampedVLM": "flipscope.interventions",
+    "DirectionAblatedVLM": "flipscope.interventions",
+    "FlipscopeError": "flipscope.errors",
+    "HookedVLM": "flipscope.model",
+    "PromptSpec": "flipscope.model",
+    "compare_interventions": "flipscope.experiments.clamping",
+    "diffmean_direction": "flipscope.experiments.directions",
+    "discover": "flipscope.experiments.discovery",
+    "load_flipbank": "flipscope.data.flipbank",
+    "load_organism": "flipscope.organism",
+    "load_questions": "flipscope.data.questions",
+    "load_sae": "flipscope.sae",
+    "patch_bank": "flipscope.experiments.patching",
+    "run_demo": "flipscope.reporting.demo",
+    "run_sweep": "flipscope.experiments.evaluation",
+    "summarize": "flipscope.experiments.summary",
+}
+
+install_moved_modules()
+
+
+def __getattr__(name: str) -> Any:
+    """Load an exported name on first use (PEP 562); an old top-level name warns and still works."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif f"flipscope.{name}" in MOVED:
+        return importlib.import_module(f"flipscope.{name}")
+    elif name in OLD_NAMES:
+        warn_moved(f"flipscope.{name}", f"{OLD_NAMES[name]}.{name}")
+        value = getattr(importlib.import_module(OLD_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'flipscope' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.data.questions import load_questions
+    from flipscope.errors import FlipscopeError
+    from flipscope.experiments.clamping import compare_interventions
+    from flipscope.experiments.directions import diffmean_direction
+    from flipscope.experiments.discovery import discover
+    from flipscope.experiments.evaluation import run_sweep
+    from flipscope.experiments.patching import patch_bank
+    from flipscope.experiments.summary import summarize
+    from flipscope.interventions import ClampedVLM, DirectionAblatedVLM
+    from flipscope.model import HookedVLM, PromptSpec
+    from flipscope.organism import load_organism
+    from flipscope.reporting.demo import run_demo
+    from flipscope.sae import load_sae

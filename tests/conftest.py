@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flipscope import HookedVLM
-from flipscope.tiny import TinyVLMConfig, save_tiny_vlm
+from flipscope.model import HookedVLM
+from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 
 WORDS = (
     "yes", "no", "is", "there", "a", "an", "any", "effusion", "opacity", "pleural", "the", "lungs",

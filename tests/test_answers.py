@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from flipscope import AnswerTokens, FlipscopeError, binary_entropy, p_yes, parse_answer, yes_no_margin
-from flipscope.tiny import build_processor
+from flipscope.errors import FlipscopeError
+from flipscope.model.answers import AnswerTokens, binary_entropy, p_yes, parse_answer, yes_no_margin
+from flipscope.model.tiny import build_processor
 
 
 def test_tokens_resolve_to_single_known_ids(vlm) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flipscope import HookedVLM, ModelInputs, PromptSpec
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.prompts import ModelInputs
 
 LAYER = 1
 

@@ -16,9 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flipscope.cli import app
-from flipscope.flipbank import load_flipbank
-from flipscope.plots import PNG_SIZE, png_renderer, save_figures
-from flipscope.report import fmt
+from flipscope.data.flipbank import load_flipbank
+from flipscope.reporting.files import PNG_SIZE, png_renderer, save_figures
+from flipscope.reporting.report import fmt
 
 FIGURES = (
     "margin_recovery",
@@ -39,6 +39,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     result = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out, result.output, json.loads((out / "summary.json").read_text())
+
+
+def test_stores_flipbank_and_figures_are_byte_identical_to_the_recorded_run(demo) -> None:
+    """Every store, the FlipBank, the discovery and patch files and each figure's HTML and JSON
+    equal, byte for byte, those of the recorded run (`tests/data/demo_digests.json`; the report
+    and summary hold paths and timings, and PNGs depend on the browser, so they are left out)."""
+    import hashlib
+
+    out, _, _ = demo
+    recorded = json.loads((Path(__file__).parent / "data" / "demo_digests.json").read_text())
+    changed = [
+        name for name, digest in recorded.items() if hashlib.sha256((out / name).read_bytes()).hexdigest() != digest
+    ]
+    assert not changed, f"{len(changed)} of {len(recorded)} files differ from the recorded run: {changed}"
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:

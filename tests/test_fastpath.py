@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flipscope import HookedVLM, PromptSpec, yes_no_margin
-from flipscope.fastpath import score_shared_prefix
+from flipscope.data.questions import load_questions
+from flipscope.data.store import read_header, read_rows
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.answers import yes_no_margin
+from flipscope.model.kv import score_shared_prefix
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
-from flipscope.questions import load_questions
-from flipscope.store import read_header, read_rows
-from flipscope.sweep import EvalConfig, run_sweep
 
 QUESTIONS = (
     "Is there an effusion?",
@@ -49,7 +50,7 @@ def test_sweep_fast_path_equals_naive_on_the_organism(tmp_path: Path) -> None:
     assert read_header(tmp_path / "fast.jsonl")["path"] == "shared-prefix"
     rows = read_rows(tmp_path / "fast.jsonl")
     images = {q.id: q.image for q in questions}
-    from flipscope.sweep import swap_images
+    from flipscope.experiments.evaluation import swap_images
 
     swaps = swap_images(questions, 0)
     texts = {q.id: q.prompts for q in questions}

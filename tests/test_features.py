@@ -12,10 +12,10 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from flipscope import FlipscopeError
 from flipscope.cli import app
-from flipscope.features import discover, feature_table
-from flipscope.flipbank import load_flipbank
+from flipscope.data.flipbank import load_flipbank
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.discovery import discover, feature_table
 from flipscope.organism import default_organism_dir, load_organism
 from flipscope.stats import auc, bh_qvalues, bootstrap_means, correlations, mann_whitney
 
@@ -101,7 +101,7 @@ def test_statistics_match_scipy_and_find_a_planted_column() -> None:
 
 
 def test_discover_refuses_pairs_without_its_hooks(organism) -> None:
-    from flipscope.pairs import collect_pairs
+    from flipscope.experiments.pairs import collect_pairs
 
     vlm, sae, card = organism
     bank = load_flipbank(BANK)

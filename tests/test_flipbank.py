@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from flipscope import FlipscopeError, HookedVLM
-from flipscope.flipbank import CurationRules, curate, load_flipbank, save_flipbank
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.flipbank import load_flipbank, save_flipbank
+from flipscope.data.questions import load_questions
+from flipscope.data.store import read_header, read_rows
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.model import HookedVLM
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
-from flipscope.questions import load_questions
-from flipscope.store import read_header, read_rows
-from flipscope.sweep import EvalConfig, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_committed_organism_flipbank_is_reproduced_and_valid(tmp_path: Path) -> 
 
 
 def test_a_flipbank_from_another_model_is_refused(vlm: HookedVLM) -> None:
-    from flipscope.flipbank import check_flipbank_model
+    from flipscope.data.flipbank import check_flipbank_model
 
     bank = load_flipbank(COMMITTED)
     with pytest.raises(FlipscopeError, match=r"made by model 'default' \(fingerprint .*\), not by 'tiny-vlm'"):

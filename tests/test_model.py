@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flipscope import FlipscopeError, HookedVLM, PromptSpec
-from flipscope.model import _SiteHookPoint
+from flipscope.errors import FlipscopeError
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.hooked import SiteHookPoint as _SiteHookPoint
 
 QUESTIONS = ("Is there an effusion?", "Do you see any pleural effusion in this film?", "Are the lungs clear?")
 

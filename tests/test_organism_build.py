@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flipscope import PromptSpec
+from flipscope.model import PromptSpec
 from flipscope.organism import OrganismConfig, build_organism, load_organism
 
 REDUCED = OrganismConfig(

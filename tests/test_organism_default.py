@@ -9,7 +9,7 @@ import torch
 from bars import assert_behaviour_bars, assert_sae_bars
 from sae_lens import SAE
 
-from flipscope import HookedVLM
+from flipscope.model import HookedVLM
 from flipscope.organism import OrganismConfig, default_organism_dir, load_organism
 from flipscope.organism.behaviour import margin_table, summarize
 from flipscope.organism.build import aligned_features, framing_directions
@@ -77,7 +77,7 @@ def test_card_is_true_to_the_weights(organism) -> None:
 def test_sae_splices_in_with_its_error_term(organism) -> None:
     vlm, sae, card = organism
     cfg = OrganismConfig.from_dict(card["config"])
-    from flipscope.prompts import PromptSpec
+    from flipscope.model.prompts import PromptSpec
 
     films = sample_films(cfg, stream(cfg, STREAM_TEST), 3)
     batch = vlm.prompts.build(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flipscope import FlipscopeError
-from flipscope.evaluate import flips, pairwise_disagreement, quadrants
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.summary import flips, pairwise_disagreement, quadrants
+from flipscope.model.tiny import build_processor
 from flipscope.organism.config import OrganismConfig, QuestionFamily
 from flipscope.organism.data import sample_examples, vocabulary
 from flipscope.organism.films import draw_film
-from flipscope.tiny import build_processor
 
 
 def test_config_round_trips_and_validates() -> None:

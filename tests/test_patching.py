@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from flipscope import FlipscopeError
-from flipscope.clamp import ClampedVLM
-from flipscope.flipbank import load_flipbank
+from flipscope.data.flipbank import load_flipbank
+from flipscope.data.store import read_rows
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.experiments.patching import patch_bank, patched_margins, subtract_at_last
+from flipscope.experiments.sweeps import layer_sweep, patch_sweep
+from flipscope.interventions.edited import ClampedVLM
+from flipscope.model.prompts import PromptSpec
 from flipscope.organism import load_organism
-from flipscope.pairs import collect_pairs, pair_specs
-from flipscope.patching import layer_sweep, patch_bank, patch_sweep, patched_margins, subtract_at_last
-from flipscope.prompts import PromptSpec
-from flipscope.store import read_rows
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
@@ -109,7 +110,7 @@ def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path)
         ClampedVLM(vlm, sae, {-1: 0.0})
     with pytest.raises(FlipscopeError, match="positions 'middle' is unknown"):
         patch_bank(vlm, sae, bank, [38], positions="middle", pairs=pairs, progress=False)
-    from flipscope import HookedVLM
+    from flipscope.model import HookedVLM
 
     tiny = HookedVLM.from_pretrained(tiny_dir)
     with pytest.raises(FlipscopeError, match=r"SAE d_in 128 does not match the model's d_model"):
@@ -134,9 +135,9 @@ def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path)
 
 
 def test_clamping_the_framing_feature_cuts_flips_at_no_accuracy_cost(setup, tmp_path: Path) -> None:
-    from flipscope.clamp import compare_clamped
-    from flipscope.questions import load_questions
-    from flipscope.sweep import EvalConfig, run_sweep
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.clamping import compare_clamped
+    from flipscope.experiments.evaluation import EvalConfig, run_sweep
 
     vlm, sae, card, _, _ = setup
     questions = load_questions(BANK.parent / "questions.jsonl")
@@ -190,9 +191,10 @@ def test_cli_patch_and_clamp(tmp_path: Path) -> None:
 
 
 def test_diffmean_ablation_removes_the_direction_and_cuts_flips(setup, tmp_path: Path) -> None:
-    from flipscope.clamp import DirectionAblatedVLM, compare_interventions
-    from flipscope.features import diffmean_direction
-    from flipscope.questions import load_questions
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.clamping import compare_interventions
+    from flipscope.experiments.discovery import diffmean_direction
+    from flipscope.interventions.edited import DirectionAblatedVLM
 
     vlm, sae, card, _, pairs = setup
     hook = card["hook_name"]

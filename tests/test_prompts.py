@@ -9,16 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flipscope import (
-    BlankSpec,
-    FlipscopeError,
-    HookedVLM,
-    ModelInputs,
-    PromptBuilder,
-    PromptSpec,
-    blank_image,
-    load_image,
-)
+from flipscope.errors import FlipscopeError
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.images import BlankSpec, blank_image, load_image
+from flipscope.model.prompts import ModelInputs, PromptBuilder
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgb", "rgba", "gray16"])

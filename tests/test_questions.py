@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flipscope import FlipscopeError
-from flipscope.questions import load_questions, questions_from_table
+from flipscope.data.questions import load_questions, questions_from_table
+from flipscope.errors import FlipscopeError
 
 
 def _row(qid: str, **overrides) -> dict:

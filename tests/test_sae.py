@@ -10,9 +10,11 @@ import torch
 from sae_lens import SAE
 from safetensors.torch import save_file
 
-from flipscope import FlipscopeError, HookedVLM
+from flipscope.errors import FlipscopeError
+from flipscope.model import HookedVLM
 from flipscope.organism import default_organism_dir
-from flipscope.sae import check_sae, encode_with_error, gemmascope_folder_to_sae, load_sae
+from flipscope.sae.encode import encode_with_error
+from flipscope.sae.load import check_sae, gemmascope_folder_to_sae, load_sae
 
 
 def _raw_folder(root: Path, layer: int, d_in: int, d_sae: int = 32, seed: int = 0) -> tuple[Path, dict]:
@@ -89,8 +91,8 @@ def test_offline_release_says_what_to_download() -> None:
 
 
 def test_encoding_at_last_question_and_all_positions(organism) -> None:
-    from flipscope.prompts import PromptSpec
-    from flipscope.sae import encode_prompts
+    from flipscope.model.prompts import PromptSpec
+    from flipscope.sae.encode import encode_prompts
 
     sae = load_sae(default_organism_dir() / "sae")
     specs = [
@@ -117,7 +119,7 @@ def test_encoding_at_last_question_and_all_positions(organism) -> None:
 
 
 def test_feature_encoder_equals_the_full_encode(organism) -> None:
-    from flipscope.sae import feature_encoder
+    from flipscope.sae.encode import feature_encoder
 
     sae = load_sae(default_organism_dir() / "sae")
     x = torch.randn(3, 5, organism.d_model) * 4

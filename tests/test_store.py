@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flipscope import FlipscopeError
-from flipscope.store import ResultStore, read_header, read_rows
+from flipscope.data.store import ResultStore, read_header, read_rows
+from flipscope.errors import FlipscopeError
 
 HEADER = {"config": {"conditions": ["image", "blank"]}, "model": "organism"}
 

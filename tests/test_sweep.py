@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flipscope.evaluate import summarize
+from flipscope.data.questions import load_questions
+from flipscope.data.store import read_header, read_rows
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.summary import summarize
 from flipscope.organism import OrganismConfig, load_organism
 from flipscope.organism.questions import export_questions
-from flipscope.questions import load_questions
-from flipscope.store import read_header, read_rows
-from flipscope.sweep import EvalConfig, run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from flipscope.data.questions import load_questions
+from flipscope.data.store import read_rows
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
-from flipscope.questions import load_questions
-from flipscope.store import read_rows
-from flipscope.sweep import EvalConfig, run_sweep
 
 RUN = """
 import sys
 from flipscope import HookedVLM
-from flipscope.questions import load_questions
-from flipscope.sweep import EvalConfig, run_sweep
+from flipscope.data.questions import load_questions
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
 cfg = EvalConfig(conditions=("image", "blank"), batch_size=16, questions_per_unit=2)
 run_sweep(HookedVLM.from_pretrained(sys.argv[1]), load_questions(sys.argv[2]), cfg, sys.argv[3], progress=False)
 """
@@ -60,14 +60,14 @@ def test_killed_run_resumes_to_the_uninterrupted_store(vlm_organism, questions_f
 
 @pytest.fixture(scope="module")
 def vlm_organism():
-    from flipscope import HookedVLM
+    from flipscope.model import HookedVLM
 
     return HookedVLM.from_pretrained(default_organism_dir())
 
 
 def test_two_shards_merged_equal_the_unsharded_store(vlm_organism, questions_file: Path, tmp_path: Path) -> None:
-    from flipscope import FlipscopeError
-    from flipscope.sweep import merge_shards
+    from flipscope.errors import FlipscopeError
+    from flipscope.experiments.shards import merge_shards
 
     cfg = EvalConfig(conditions=("image", "blank"), batch_size=16, questions_per_unit=3)
     questions = load_questions(questions_file)

@@ -38,7 +38,7 @@ def load_organism(directory: str | Path | None = None) -> tuple[Any, Any, dict[s
     """
     from sae_lens import SAE
 
-    from flipscope.model import HookedVLM
+    from flipscope.model.hooked import HookedVLM
 
     directory = Path(directory) if directory is not None else default_organism_dir()
     card = load_card(directory)

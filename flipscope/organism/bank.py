@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flipscope.flipbank import CurationRules, curate, save_flipbank
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.flipbank import save_flipbank
+from flipscope.data.questions import load_questions
+from flipscope.data.store import iter_rows, read_header
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.organism.build import load_card
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.questions import export_questions
-from flipscope.questions import load_questions
-from flipscope.store import read_header, read_rows
-from flipscope.sweep import EvalConfig, run_sweep
 
 __all__ = ["DEFAULT_RULES", "N_FILMS", "build_flipbank"]
 
@@ -34,7 +35,7 @@ def build_flipbank(
 ) -> Path:
     """Export `n_films` held-out films of the organism, evaluate them with the image, curate by
     `rules` and write the FlipBank; returns the path of `flipbank.json`."""
-    from flipscope.model import HookedVLM
+    from flipscope.model.hooked import HookedVLM
     from flipscope.organism import default_organism_dir
 
     directory = Path(organism) if organism is not None else default_organism_dir()
@@ -45,5 +46,5 @@ def build_flipbank(
     store = run_sweep(
         vlm, questions, EvalConfig(conditions=("image",)), out / "evaluation" / "results.jsonl", progress=progress
     )
-    bank = curate(read_rows(store.path), questions, rules, source=read_header(store.path))
+    bank = curate(iter_rows(store.path), questions, rules, source=read_header(store.path))
     return save_flipbank(bank, out / "flipbank.json")

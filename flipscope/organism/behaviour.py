@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from flipscope.answers import binary_entropy
-from flipscope.evaluate import QUADRANTS, flips, quadrants
-from flipscope.model import HookedVLM
+from flipscope.experiments.summary import QUADRANTS, flips, quadrants
+from flipscope.model.answers import binary_entropy
+from flipscope.model.hooked import HookedVLM
+from flipscope.model.prompts import PromptSpec
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question
-from flipscope.prompts import PromptSpec
 
 __all__ = ["MarginTable", "margin_table", "summarize"]
 

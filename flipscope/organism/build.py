@@ -24,13 +24,13 @@ from sae_lens import JumpReLUSAE
 from torch import Tensor
 
 from flipscope.errors import FlipscopeError
-from flipscope.model import HookedVLM
+from flipscope.model.hooked import HookedVLM
+from flipscope.model.prompts import PromptSpec
 from flipscope.organism.behaviour import margin_table, summarize
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question, sample_films
 from flipscope.organism.sae_train import collect_activations, sae_stats, save_sae, train_sae
 from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream, train_model
-from flipscope.prompts import PromptSpec
 
 __all__ = ["CARD_NAME", "SAE_DIR", "aligned_features", "build_organism", "framing_directions", "load_card"]
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from flipscope.errors import FlipscopeError
+from flipscope.model.hook_names import resid_post
 
 __all__ = ["DEFAULT_FAMILIES", "DEFAULT_FINDINGS", "FindingSpec", "OrganismConfig", "QuestionFamily"]
 
@@ -175,7 +176,7 @@ class OrganismConfig:
 
     @property
     def sae_hook(self) -> str:
-        return f"blocks.{self.sae_layer}.hook_resid_post"
+        return resid_post(self.sae_layer)
 
     def family(self, name: str) -> QuestionFamily:
         return next(f for f in self.families if f.name == name)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flipscope.model.prompts import PromptSpec
+from flipscope.model.tiny import words_of
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.films import draw_film
-from flipscope.prompts import PromptSpec
-from flipscope.tiny import words_of
 
 __all__ = ["Film", "Example", "sample_films", "sample_examples", "question", "vocabulary"]
 

@@ -24,7 +24,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
-from flipscope.model import HookedVLM
+from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
 

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flipscope.images import load_image
-from flipscope.model import HookedVLM
+from flipscope.model.hooked import HookedVLM
+from flipscope.model.images import load_image
+from flipscope.model.tiny import TinyVLMConfig, build_tiny_vlm
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples, sample_films, vocabulary
-from flipscope.tiny import TinyVLMConfig, build_tiny_vlm
 
 __all__ = ["TrainLog", "deterministic", "train_model"]
 

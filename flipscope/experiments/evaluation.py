@@ -17,17 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from flipscope.answers import binary_entropy, p_yes, parse_answer
+from flipscope.data.questions import Question
+from flipscope.data.store import ResultStore
 from flipscope.errors import FlipscopeError
-from flipscope.fastpath import Prefix, run_prefix, score_shared_prefix
-from flipscope.images import BlankSpec, load_image
-from flipscope.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
-from flipscope.questions import Question
-from flipscope.store import ResultStore, read_header, read_units
+from flipscope.model.answers import binary_entropy, p_yes, parse_answer
+from flipscope.model.images import BlankSpec, load_image
+from flipscope.model.kv import Prefix
+from flipscope.model.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 
-__all__ = ["EvalConfig", "merge_shards", "parse_shard", "run_sweep", "swap_images", "unit_order"]
+__all__ = ["EvalConfig", "parse_shard", "run_sweep", "swap_images", "unit_key", "unit_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ class EvalConfig:
     """How an evaluation runs.
 
     Attributes:
-        conditions: Image conditions, `image` first (see `flipscope.prompts`).
+        conditions: Image conditions, `image` first (see `flipscope.model.prompts`).
         blank: The blank stand-in (`gray`, `white` or `noise`) and `blank_seed` for noise.
         swap_seed: Seed of the pairing that gives each question another question's image.
         batch_size: Prompts per forward.
         questions_per_unit: Questions per unit of resumable work.
         generate_tokens: Also generate this many tokens greedily per prompt and parse the text
             with the keyword parser, as the paper computes flip rates (0: off).
-        fast: Run prompts that share an image on one cached prefix (`flipscope.fastpath`): the
+        fast: Run prompts that share an image on one cached prefix (`flipscope.model.kv`): the
             vision tower and the template's pre-question tokens once per image, and once per run
             for the blank and no-image conditions. Off: plain left-padded batches of full prompts.
     """
@@ -143,8 +144,85 @@ def unit_order(conditions: Sequence[str], n_questions: int, questions_per_unit: 
     return [(condition, index) for index in range(n_chunks) for condition in conditions]
 
 
-def _unit_key(condition: str, index: int) -> str:
+def unit_key(condition: str, index: int) -> str:
     return f"{condition}/{index}"
+
+
+def _unit_prompts(
+    chunk: Sequence[Question], condition: str, swaps: dict[str, Path]
+) -> tuple[list[PromptSpec], list[dict[str, Any]]]:
+    """The prompts of one unit and their rows' identifying fields (each film read once per unit,
+    however many questions show it)."""
+    rows: list[dict[str, Any]] = []
+    specs: list[PromptSpec] = []
+    films: dict[Path, Any] = {}
+    for q in chunk:
+        shown = q.image if condition == "image" else swaps[q.id] if condition == "swap" else None
+        if shown is not None and shown not in films:
+            films[shown] = load_image(shown)
+        image = films[shown] if condition == "image" else None
+        swap = films[shown] if condition == "swap" else None
+        for k, text in enumerate(q.prompts):
+            specs.append(PromptSpec(question=text, condition=condition, image=image, swap_image=swap))
+            rows.append(
+                {
+                    "question_id": q.id,
+                    "finding": q.finding,
+                    "truth": "yes" if q.answer else "no",
+                    "prompt_index": k,
+                    "kind": "original" if k == 0 else "paraphrase",
+                    "strategy": q.strategies[k - 1] if (k and q.strategies) else None,
+                    "condition": condition,
+                }
+            )
+    return specs, rows
+
+
+class _UnitScorer:
+    """Margins of one unit's prompts on the shared-prefix path (the blank and no-image prefixes
+    computed once per run, an image's once per unit) or as plain batches."""
+
+    def __init__(self, model: Any, builder: PromptBuilder, cfg: EvalConfig, fast: bool) -> None:
+        self.model, self.builder, self.cfg, self.fast = model, builder, cfg, fast
+        self.shared: dict[str, Prefix] = {}
+
+    def margins(
+        self, specs: list[PromptSpec], chunk: Sequence[Question], condition: str, swaps: dict[str, Path]
+    ) -> Tensor:
+        model, builder, size = self.model, self.builder, self.cfg.batch_size
+        if not self.fast:
+            return torch.cat([model.score(builder.build(specs[i : i + size])) for i in range(0, len(specs), size)])
+        if condition in ("blank", "none"):  # one image slot for every question: once per run
+            if condition not in self.shared:
+                self.shared[condition] = model.run_prefix(specs[0], builder=builder)
+            return model.score_shared_prefix(specs, builder=builder, batch_size=size, prefix=self.shared[condition])
+        margins = torch.empty(len(specs))
+        for members in _by_image(chunk, swaps if condition == "swap" else None).values():
+            group = [specs[i] for i in members]
+            margins[members] = model.score_shared_prefix(group, builder=builder, batch_size=size)
+        return margins
+
+    def generated(self, specs: list[PromptSpec]) -> list[str]:
+        size = self.cfg.batch_size
+        return [
+            text
+            for i in range(0, len(specs), size)
+            for text in self.model.generate(
+                self.builder.build(specs[i : i + size]), max_new_tokens=self.cfg.generate_tokens
+            )
+        ]
+
+
+def _fill_rows(rows: list[dict[str, Any]], margins: Tensor, texts: list[str] | None) -> None:
+    """Add each row's generated text (if any), margin, p(yes), entropy and answer."""
+    for row, text in zip(rows, texts or [None] * len(rows), strict=True):
+        if text is not None:
+            parsed = parse_answer(text)
+            row.update(generated=text, parsed=parsed.answer, parse_reason=parsed.reason)
+    for row, margin, prob, entropy in zip(
+        rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
+    ):
+        row.update(margin=margin, p_yes=prob, entropy=entropy, answer="yes" if margin > 0 else "no")
 
 
 def run_sweep(
@@ -158,124 +236,39 @@ def run_sweep(
 ) -> ResultStore:
     """Score every question's prompts under every condition into the store at `store_path`.
 
-    `model` is anything with `processor` and `score(ModelInputs)` (`HookedVLM`, a clamped model).
-    Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy, condition,
-    margin, p_yes, entropy, answer; with `generate_tokens`, also generated, parsed (yes/no or
-    None when excluded) and parse_reason. With `shard=(K, N)` only question chunks whose index is K
-    modulo N are run (one shard per GPU or array task); `merge_shards` joins the N stores into the
-    store a single process writes.
+    `model` is a `VLM` (`HookedVLM`, a clamped model); without the KV-cache methods it runs the
+    batched path. Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy,
+    condition, margin, p_yes, entropy, answer; with `generate_tokens`, also generated, parsed
+    (yes/no or None when excluded) and parse_reason. With `shard=(K, N)` only question chunks
+    whose index is K modulo N are run (one shard per GPU or array task); `merge_shards` joins the
+    N stores into the store a single process writes.
     """
+    fast = cfg.fast and hasattr(model, "score_shared_prefix")
     header = {
         "kind": "flip-evaluation",
         "eval_config": cfg.to_dict(),
         "model": _model_identity(model),
         "questions": {"n": len(questions), "sha256": _fingerprint(questions)},
         "shard": list(shard) if shard is not None else None,
+        "path": "shared-prefix" if fast else "batched",
     }
-    fast = cfg.fast and hasattr(model, "hf_model")
-    header["path"] = "shared-prefix" if fast else "batched"
     logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
-    builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
+    scorer = _UnitScorer(
+        model, PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed)), cfg, fast
+    )
     swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
     units = unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)
     if shard is not None:
         units = [(c, i) for c, i in units if i % shard[1] == shard[0]]
-    todo = [(c, i) for c, i in units if _unit_key(c, i) not in store.done]
+    todo = [(c, i) for c, i in units if unit_key(c, i) not in store.done]
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
-    shared: dict[str, Prefix] = {}
     with torch.no_grad():
         for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
-            rows: list[dict[str, Any]] = []
-            specs: list[PromptSpec] = []
-            films: dict[Path, Any] = {}  # each film read once per unit, however many questions show it
-            for q in chunks[index]:
-                shown = q.image if condition == "image" else swaps[q.id] if condition == "swap" else None
-                if shown is not None and shown not in films:
-                    films[shown] = load_image(shown)
-                image = films[shown] if condition == "image" else None
-                swap = films[shown] if condition == "swap" else None
-                for k, text in enumerate(q.prompts):
-                    specs.append(PromptSpec(question=text, condition=condition, image=image, swap_image=swap))
-                    rows.append(
-                        {
-                            "question_id": q.id,
-                            "finding": q.finding,
-                            "truth": "yes" if q.answer else "no",
-                            "prompt_index": k,
-                            "kind": "original" if k == 0 else "paraphrase",
-                            "strategy": q.strategies[k - 1] if (k and q.strategies) else None,
-                            "condition": condition,
-                        }
-                    )
-            if fast:
-                if condition in ("blank", "none"):  # one image slot for every question: once per run
-                    if condition not in shared:
-                        shared[condition] = run_prefix(model, builder, specs[0])
-                    margins = score_shared_prefix(model, builder, specs, cfg.batch_size, shared[condition])
-                else:  # one prefix per distinct image (questions about one film share it)
-                    margins = torch.empty(len(specs))
-                    for members in _by_image(chunks[index], swaps if condition == "swap" else None).values():
-                        group = [specs[i] for i in members]
-                        margins[members] = score_shared_prefix(model, builder, group, cfg.batch_size)
-            else:
-                margins = torch.cat(
-                    [
-                        model.score(builder.build(specs[i : i + cfg.batch_size]))
-                        for i in range(0, len(specs), cfg.batch_size)
-                    ]
-                )
-            if cfg.generate_tokens:
-                texts = [
-                    text
-                    for i in range(0, len(specs), cfg.batch_size)
-                    for text in model.generate(
-                        builder.build(specs[i : i + cfg.batch_size]), max_new_tokens=cfg.generate_tokens
-                    )
-                ]
-                for row, text in zip(rows, texts, strict=True):
-                    parsed = parse_answer(text)
-                    row.update(generated=text, parsed=parsed.answer, parse_reason=parsed.reason)
-            for row, margin, prob, entropy in zip(
-                rows, margins.tolist(), p_yes(margins).tolist(), binary_entropy(margins).tolist(), strict=True
-            ):
-                row.update(margin=margin, p_yes=prob, entropy=entropy, answer="yes" if margin > 0 else "no")
-            store.append(_unit_key(condition, index), rows)
+            specs, rows = _unit_prompts(chunks[index], condition, swaps)
+            margins = scorer.margins(specs, chunks[index], condition, swaps)
+            _fill_rows(rows, margins, scorer.generated(specs) if cfg.generate_tokens else None)
+            store.append(unit_key(condition, index), rows)
     return store
-
-
-def merge_shards(paths: Sequence[str | Path], out: str | Path) -> ResultStore:
-    """Join the stores of shards 0..N-1 of one run into the store one process would have written.
-
-    Raises:
-        FlipscopeError: the stores are not all shards of one run, a shard is missing or unfinished.
-    """
-    headers = [read_header(p) for p in paths]
-    base = {k: v for k, v in headers[0].items() if k != "shard"}
-    shards = []
-    for path, header in zip(paths, headers, strict=True):
-        if {k: v for k, v in header.items() if k != "shard"} != base:
-            raise FlipscopeError(f"{str(path)!r} is not a shard of the same run as {str(paths[0])!r}")
-        if header.get("shard") is None:
-            raise FlipscopeError(f"{str(path)!r} is not a shard (no shard in its header)")
-        shards.append(tuple(header["shard"]))
-    n = shards[0][1]
-    if sorted(shards) != [(k, n) for k in range(n)]:
-        raise FlipscopeError(f"shards {sorted(shards)} are not exactly 0/{n} .. {n - 1}/{n}")
-    units: dict[str, list[dict[str, Any]]] = {}
-    for path in paths:
-        units.update(read_units(path))
-    cfg = base["eval_config"]
-    order = [
-        _unit_key(c, i) for c, i in unit_order(cfg["conditions"], base["questions"]["n"], cfg["questions_per_unit"])
-    ]
-    missing = [u for u in order if u not in units]
-    if missing:
-        raise FlipscopeError(f"{len(missing)} unit(s) unfinished in the shards (e.g. {missing[0]}); rerun them first")
-    merged = ResultStore.open(out, {k: (None if k == "shard" else v) for k, v in headers[0].items()})
-    for unit in order:
-        if unit not in merged.done:
-            merged.append(unit, units[unit])
-    return merged

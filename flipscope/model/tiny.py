@@ -104,6 +104,9 @@ class TinyVLMConfig:
         vision_layers: SigLIP encoder layers; `vision_d_model` its width.
         image_size: Square input size in pixels; `patch_size` the SigLIP patch.
         mm_tokens_per_image: Image soft tokens after pooling (a square number).
+        vocab_size: Rows of the embedding and unembedding (0: the tokenizer's size). Larger values
+            add rows no prompt uses, so a benchmark pays a real vocabulary's unembedding (Gemma 3:
+            262,208 in MedGemma).
         perturb_norms: Draw RMSNorm gains at random instead of HF's zeros (= unit scale), so that
             tests notice a wrong (1 + w) convention; off for models that are then trained.
         seed: Seed for the random weights.
@@ -122,6 +125,7 @@ class TinyVLMConfig:
     image_size: int = 32
     patch_size: int = 8
     mm_tokens_per_image: int = 4
+    vocab_size: int = 0
     perturb_norms: bool = True
     seed: int = 0
 
@@ -196,7 +200,7 @@ def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, 
     tokenizer = processor.tokenizer
     layer_types = ["sliding_attention"] * (cfg.text_layers - 1) + ["full_attention"]
     text_config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), cfg.vocab_size),
         hidden_size=cfg.d_model,
         intermediate_size=cfg.d_mlp,
         num_hidden_layers=cfg.text_layers,

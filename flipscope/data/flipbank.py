@@ -6,26 +6,22 @@ answer with the image) and `controls` (a paraphrase of a question in the same se
 Each case: id, question_id, image, finding, truth, original, paraphrase, prompt_index, strategy,
 answer/margin of the original and of the paraphrase, and (flips only) direction `yes→no` or `no→yes`.
 
-Curation (`curate`) follows the paper's rules as options: the answer changes; both answers are
-confident (|margin| ≥ `min_margin`; with parsed generated answers, both parse without hedges);
-optionally a paraphrase-similarity threshold when rows carry a `similarity` column. Controls are
-drawn from the same questions, deterministically (seeded), up to one per flip.
+Banks are made by `flipscope.data.curation.curate`; every reader validates the whole file and
+lists each bad case (field, value, what was expected).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flipscope.errors import FlipscopeError
-from flipscope.questions import Question
 
-__all__ = ["CurationRules", "FLIPBANK_FORMAT", "check_flipbank_model", "curate", "load_flipbank", "save_flipbank"]
+__all__ = ["FLIPBANK_FORMAT", "check_flipbank_model", "load_flipbank", "save_flipbank"]
 
 FLIPBANK_FORMAT = "flipbank/1"
 _CASE_FIELDS = {
@@ -42,95 +38,6 @@ _CASE_FIELDS = {
     "original_margin": float,
     "paraphrase_margin": float,
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class CurationRules:
-    """How flip cases are chosen.
-
-    Attributes:
-        min_margin: Both margins at least this far from 0 (the answers are confident).
-        use_generated: Require both generated answers to parse without hedges, and to flip.
-        min_similarity: Keep only paraphrases with `similarity` ≥ this (rows must carry it).
-        controls_per_flip: Non-flip controls drawn per flip case (from the same questions).
-        seed: Seed of the control draw.
-    """
-
-    min_margin: float = 0.0
-    use_generated: bool = False
-    min_similarity: float | None = None
-    controls_per_flip: int = 1
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _case(q: Question, original: Mapping[str, Any], para: Mapping[str, Any]) -> dict[str, Any]:
-    case = {
-        "id": f"{q.id}/p{para['prompt_index']}",
-        "question_id": q.id,
-        "image": str(q.image),
-        "finding": q.finding,
-        "truth": "yes" if q.answer else "no",
-        "original": q.question,
-        "paraphrase": q.prompts[para["prompt_index"]],
-        "prompt_index": int(para["prompt_index"]),
-        "strategy": para.get("strategy"),
-        "original_answer": original["answer"],
-        "paraphrase_answer": para["answer"],
-        "original_margin": float(original["margin"]),
-        "paraphrase_margin": float(para["margin"]),
-    }
-    if case["original_answer"] != case["paraphrase_answer"]:
-        case["direction"] = f"{case['original_answer']}→{case['paraphrase_answer']}"
-    return case
-
-
-def curate(
-    rows: Sequence[Mapping[str, Any]],
-    questions: Sequence[Question],
-    rules: CurationRules,
-    *,
-    source: Mapping[str, Any],
-) -> dict[str, Any]:
-    """A FlipBank from evaluation rows (with-image condition) by `rules`; `source` records the
-    model and evaluation (e.g. the store header)."""
-    by_id = {q.id: q for q in questions}
-    image_rows = [r for r in rows if r["condition"] == "image"]
-    originals = {r["question_id"]: r for r in image_rows if r["prompt_index"] == 0}
-    flips, candidates = [], []
-    for row in sorted(image_rows, key=lambda r: (r["question_id"], r["prompt_index"])):
-        if row["prompt_index"] == 0 or row["question_id"] not in by_id:
-            continue
-        original = originals[row["question_id"]]
-        answer_key = "parsed" if rules.use_generated else "answer"
-        a, b = original.get(answer_key), row.get(answer_key)
-        if a is None or b is None:
-            continue
-        if min(abs(original["margin"]), abs(row["margin"])) < rules.min_margin:
-            continue
-        if rules.min_similarity is not None:
-            if "similarity" not in row:
-                raise FlipscopeError("min_similarity needs a 'similarity' value on every row")
-            if row["similarity"] < rules.min_similarity:
-                continue
-        case = _case(by_id[row["question_id"]], original, row)
-        (flips if a != b else candidates).append(case)
-    flipped_questions = {c["question_id"] for c in flips}
-    pool = [c for c in candidates if c["question_id"] in flipped_questions] or candidates
-    rng = np.random.default_rng(rules.seed)
-    n_controls = min(len(pool), len(flips) * rules.controls_per_flip)
-    controls = [pool[i] for i in sorted(rng.choice(len(pool), size=n_controls, replace=False))] if n_controls else []
-    return {
-        "format": FLIPBANK_FORMAT,
-        "rules": rules.to_dict(),
-        "source": dict(source),
-        "n_flips": len(flips),
-        "n_controls": len(controls),
-        "flips": flips,
-        "controls": controls,
-    }
 
 
 def _relative_images(bank: Mapping[str, Any], root: Path) -> dict[str, Any]:

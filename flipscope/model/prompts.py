@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from flipscope.errors import FlipscopeError
-from flipscope.images import BlankSpec, ImageLike, blank_image, load_image
+from flipscope.model.images import BlankSpec, ImageLike, blank_image, load_image
 
 __all__ = ["ImageCondition", "IMAGE_CONDITIONS", "ModelInputs", "PromptBuilder", "PromptSpec"]
 
@@ -170,7 +170,7 @@ class PromptBuilder:
         """The blank stand-in image, made once."""
         return blank_image(self.blank, self.image_size)
 
-    def _image_for(self, spec: PromptSpec) -> Image.Image | None:
+    def image_for(self, spec: PromptSpec) -> Image.Image | None:
         if spec.condition == "image":
             return load_image(spec.image)
         if spec.condition == "swap":
@@ -198,7 +198,7 @@ class PromptBuilder:
     def encode(self, spec: PromptSpec) -> dict[str, Tensor]:
         """Processor output for one prompt (batch of one, unpadded): the reference path."""
         encoded = self.processor.apply_chat_template(
-            self.messages(spec, self._image_for(spec)),
+            self.messages(spec, self.image_for(spec)),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -206,7 +206,7 @@ class PromptBuilder:
         )
         return dict(encoded)
 
-    def _text_tokens(self, question: str, with_image: bool) -> dict[str, Tensor]:
+    def text_tokens(self, question: str, with_image: bool) -> dict[str, Tensor]:
         """Token ids of a prompt; they do not depend on which image fills the slot, so are cached."""
         key = (question, with_image)
         cached = self._token_cache.get(key)
@@ -221,8 +221,8 @@ class PromptBuilder:
         """Tokens of the chat template before the question (header, image block, its newlines)
         and after it (end of turn, model turn header): the common prefix and suffix of two
         prompts whose questions share no token."""
-        first = self._text_tokens("yes", with_image)["input_ids"].reshape(-1).tolist()
-        second = self._text_tokens("no", with_image)["input_ids"].reshape(-1).tolist()
+        first = self.text_tokens("yes", with_image)["input_ids"].reshape(-1).tolist()
+        second = self.text_tokens("no", with_image)["input_ids"].reshape(-1).tolist()
 
         def common(a: list[int], b: list[int]) -> int:
             n = min(len(a), len(b))
@@ -238,7 +238,7 @@ class PromptBuilder:
         width = inputs.input_ids.shape[1]
         for row, spec in enumerate(specs):
             with_image = spec.condition != "none"
-            length = self._text_tokens(spec.question, with_image)["input_ids"].shape[-1]
+            length = self.text_tokens(spec.question, with_image)["input_ids"].shape[-1]
             prefix, suffix = self.template_lengths(with_image)
             mask[row, width - length + prefix : width - suffix] = True
         return mask
@@ -256,8 +256,8 @@ class PromptBuilder:
         rows: list[dict[str, Tensor]] = []
         images: list[Image.Image] = []
         for spec in specs:
-            image = self._image_for(spec)
-            rows.append(self._text_tokens(spec.question, image is not None))
+            image = self.image_for(spec)
+            rows.append(self.text_tokens(spec.question, image is not None))
             if image is not None:
                 images.append(image)
         batch = ModelInputs.collate(rows, pad_token_id=int(self.processor.tokenizer.pad_token_id))

@@ -18,7 +18,7 @@ from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["ResultStore", "read_header", "read_rows", "read_units"]
+__all__ = ["ResultStore", "iter_rows", "iter_units", "read_header", "read_rows", "read_units"]
 
 _HEADER_KEY = "flipscope_store"
 _FORMAT = 1
@@ -108,9 +108,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
     raise FlipscopeError(f"{str(path)!r} is empty")
 
 
-def read_units(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Finished unit → its rows, in file order (rows of a unit cut off mid-write are left out)."""
-    units: dict[str, list[dict[str, Any]]] = {}
+def iter_units(path: str | Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(unit, its rows) for each finished unit, in file order, one unit in memory at a time (rows
+    of a unit cut off mid-write are left out)."""
     pending: list[dict[str, Any]] = []
     for _, number, record in _lines(Path(path)):
         if number == 1:
@@ -118,13 +118,23 @@ def read_units(path: str | Path) -> dict[str, list[dict[str, Any]]]:
         if record is None:
             break
         if "done" in record:
-            units[record["done"]] = pending
+            yield record["done"], pending
             pending = []
         else:
             pending.append(record)
-    return units
+
+
+def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of every finished unit, streamed: memory does not grow with the store."""
+    for _, rows in iter_units(path):
+        yield from rows
+
+
+def read_units(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Finished unit → its rows, in file order."""
+    return dict(iter_units(path))
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of every finished unit (for pandas: `pandas.DataFrame(read_rows(path))`)."""
-    return [row for rows in read_units(path).values() for row in rows]
+    return list(iter_rows(path))

@@ -11,7 +11,9 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-__all__ = ["fmt", "write_report"]
+from flipscope.reporting.format import fmt
+
+__all__ = ["write_report"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #1a202c; }
@@ -23,13 +25,6 @@ tr.paper td { color: #4a5568; font-style: italic; }
 .reading { background: #f7fafc; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
 code, pre { background: #edf2f7; padding: .1em .3em; } pre { padding: .8em; overflow-x: auto; }
 """
-
-
-def fmt(estimate: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """`value [low, high]` of an estimate dict, or n/a when it has no units."""
-    if not estimate or estimate.get("n") == 0:
-        return "n/a"
-    return f"{estimate['value']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
 
 
 def _pct(value: float) -> str:
@@ -197,8 +192,8 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
-def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
-    c, paper = s["clamping"], s["paper"]
+def _clamp_rows(c: Mapping[str, Any], paper: Mapping[str, Any]) -> list[list[str]]:
+    """The clamping table: the model as is, each intervention with its paired change, the paper."""
     base = c["baseline"]["overall"]
     rows = [["model as is", fmt(base["flip_rate"]), "", fmt(base["accuracy"]), fmt(base["text_only_agreement"])]]
     for entry in c["interventions"]:
@@ -229,6 +224,12 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
             f"{paper['clamp_text_only_agreement'][0]} → {paper['clamp_text_only_agreement'][1]}",
         ]
     )
+    return rows
+
+
+def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    c, paper = s["clamping"], s["paper"]
+    rows = _clamp_rows(c, paper)
     table = _table(
         ["model", "flip rate [CI]", "relative change", "accuracy [CI]", "text-only agreement [CI]"], rows, paper_rows=1
     )
@@ -261,7 +262,7 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
 
 
 def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> Path:
-    """Write the report of a demo `summary` (see `flipscope.demo.run_demo`) with its `figures`."""
+    """Write the report of a demo `summary` (see `flipscope.reporting.demo.run_demo`) with its `figures`."""
     path = Path(path)
     org = summary["organism"]
     shortcut = org["shortcut"]

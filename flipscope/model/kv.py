@@ -5,8 +5,14 @@ starts with the same tokens (chat header, image block, the newlines after it). I
 attend bidirectionally only within their block and never to later tokens, so the keys and
 values of that prefix do not depend on what follows. `score_shared_prefix` runs the prefix once
 (the vision tower included), then all suffixes as one right-padded batch on copies of the prefix's
-key/value cache, and reads each row's margin at its own last real token. It equals the plain
-forward of each full prompt up to float reassociation (tested to 1e-4).
+key/value cache, and unembeds only each row's last real token (at a 262k vocabulary, projecting
+every suffix position would cost more than the forward). It equals the plain forward of each
+full prompt up to float reassociation (tested to 1e-4).
+
+`score_last_token` serves patching sweeps: every position but the last runs once per prompt,
+the last once per variant of an edit there. All forwards go through `HookedVLM.hf_forward` /
+`hf_hidden`, so an edited model's edits apply once on every path; `HookedVLM` exposes these as
+methods of the same names.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from flipscope.answers import yes_no_margin
 from flipscope.errors import FlipscopeError
-from flipscope.prompts import PromptBuilder, PromptSpec
+from flipscope.model.answers import yes_no_margin
+from flipscope.model.prompts import PromptBuilder, PromptSpec
 
 __all__ = ["Prefix", "run_prefix", "score_last_token", "score_shared_prefix", "template_prefix_length"]
 
@@ -41,12 +47,12 @@ class Prefix:
 
 
 @torch.no_grad()
-def run_prefix(model, builder: PromptBuilder, spec: PromptSpec, length: int | None = None) -> Prefix:
+def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int | None = None) -> Prefix:
     """Run the first `length` tokens of `spec` (default: the template prefix; its image
     included) once, keeping their key/value cache."""
     with_image = spec.condition != "none"
     length = template_prefix_length(builder, with_image) if length is None else length
-    row = builder._text_tokens(spec.question, with_image)
+    row = builder.text_tokens(spec.question, with_image)
     device = model.device
     ids = row["input_ids"].reshape(-1)[:length].unsqueeze(0).to(device)
     kwargs = {
@@ -55,15 +61,15 @@ def run_prefix(model, builder: PromptBuilder, spec: PromptSpec, length: int | No
         "token_type_ids": row["token_type_ids"].reshape(-1)[:length].unsqueeze(0).to(device),
         "use_cache": True,
     }
-    image = builder._image_for(spec)
+    image = builder.image_for(spec)
     if image is not None:
         kwargs["pixel_values"] = builder.pixel_values([image]).to(device=device, dtype=model.dtype)
-    return Prefix(model.hf_model(**kwargs, logits_to_keep=1).past_key_values, length)
+    return Prefix(model.hf_hidden(**kwargs).past_key_values, length)
 
 
 @torch.no_grad()
 def score_shared_prefix(
-    model, builder: PromptBuilder, specs: Sequence[PromptSpec], batch_size: int = 32, prefix: Prefix | None = None
+    model: Any, builder: PromptBuilder, specs: Sequence[PromptSpec], batch_size: int = 32, prefix: Prefix | None = None
 ) -> Float[Tensor, " batch"]:
     """Margins of `specs`, which must show the same image (or none): the prefix is run once (or
     taken from `prefix`, e.g. the blank's, computed once per run), the suffixes in batches of
@@ -79,49 +85,49 @@ def score_shared_prefix(
         raise FlipscopeError(f"prompts sharing a prefix must share one image condition, got {sorted(conditions)}")
     with_image = specs[0].condition != "none"
     prefix = prefix or run_prefix(model, builder, specs[0])
-    ids = [builder._text_tokens(s.question, with_image)["input_ids"].reshape(-1) for s in specs]
+    ids = [builder.text_tokens(s.question, with_image)["input_ids"].reshape(-1) for s in specs]
+    pad = int(builder.processor.tokenizer.pad_token_id)
     margins = [
-        _score_suffixes(
-            model, builder, prefix.cache, prefix.length, [s[prefix.length :] for s in ids[i : i + batch_size]]
-        )
+        _score_suffixes(model, prefix, [s[prefix.length :] for s in ids[i : i + batch_size]], pad)
         for i in range(0, len(ids), batch_size)
     ]
     return torch.cat(margins)
 
 
-def _score_suffixes(model, builder: PromptBuilder, prefix_cache, prefix_len: int, suffixes: list[Tensor]) -> Tensor:
+def _score_suffixes(model: Any, prefix: Prefix, suffixes: list[Tensor], pad: int) -> Float[Tensor, " batch"]:
+    """Margins of right-padded `suffixes` on copies of `prefix`'s cache, read at each row's last
+    real token (only those hidden states are unembedded)."""
     device = model.device
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
     width = int(lengths.max())
-    pad = int(builder.processor.tokenizer.pad_token_id)
     batch = torch.full((len(suffixes), width), pad, dtype=torch.long, device=device)
     suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long, device=device)
     for i, suffix in enumerate(suffixes):
         batch[i, : len(suffix)] = suffix.to(device)
         suffix_mask[i, : len(suffix)] = 1
-    cache = copy.deepcopy(prefix_cache)
+    cache = copy.deepcopy(prefix.cache)
     cache.batch_repeat_interleave(len(suffixes))
-    prefix_mask = torch.ones((len(suffixes), prefix_len), dtype=torch.long, device=device)
-    position_ids = (prefix_len + torch.arange(width, device=device)).expand(len(suffixes), width)
-    logits = model.hf_model(
+    prefix_mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long, device=device)
+    position_ids = (prefix.length + torch.arange(width, device=device)).expand(len(suffixes), width)
+    hidden = model.hf_hidden(
         input_ids=batch,
         attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-    ).logits
-    last = logits[torch.arange(len(suffixes), device=device), lengths - 1]
-    return yes_no_margin(last, model.answer_tokens)
+    ).last_hidden_state
+    last = hidden[torch.arange(len(suffixes), device=device), lengths - 1]
+    return yes_no_margin(model.unembed(last), model.answer_tokens)
 
 
 @torch.no_grad()
 def score_last_token(
-    model, builder: PromptBuilder, specs: Sequence[PromptSpec], n_variants: int, fwd_hooks: Sequence = ()
+    model: Any, builder: PromptBuilder, specs: Sequence[PromptSpec], n_variants: int, fwd_hooks: Sequence = ()
 ) -> Float[Tensor, "spec variant"]:
     """Margins of `n_variants` copies of each of `specs` that differ only in what `fwd_hooks` do
     at the last token (the hooks see a [spec × variant, 1, d] slice, spec-major). Every earlier
-    position runs once per spec, unhooked — an edit at the last position cannot reach it — and
-    the last token runs once per variant on that key/value cache."""
+    position runs once per spec without `fwd_hooks` — an edit at the last position cannot reach
+    it — and the last token runs once per variant on that key/value cache."""
     inputs = builder.build(specs)
     device = model.device
     prefix = {
@@ -133,14 +139,14 @@ def score_last_token(
     prefix = {k: v.to(device) for k, v in prefix.items()}
     if inputs.pixel_values is not None:
         prefix["pixel_values"] = inputs.pixel_values.to(device=device, dtype=model.dtype)
-    cache = model.hf_model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
+    cache = model.hf_hidden(**prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(n_variants)
 
     def repeat(t: Tensor) -> Tensor:
         return t.to(device).repeat_interleave(n_variants, dim=0)
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        logits = model.hf_model(
+        logits = model.hf_forward(
             input_ids=repeat(inputs.input_ids[:, -1:]),
             attention_mask=repeat(inputs.attention_mask),
             position_ids=repeat(inputs.position_ids[:, -1:]),

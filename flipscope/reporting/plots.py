@@ -1,18 +1,13 @@
 """Figures of every stage: results in, `plotly.graph_objects.Figure` out (never shown here).
 
 Each function takes what the stage writes (patch rows, an evaluation summary, a discovery's
-layer table, clamp comparison points) and returns one figure; `save_figures` writes each as
-interactive HTML (plotly.js once, beside them) with a JSON of its settings, and as a PNG through
-kaleido when a Chrome/Chromium is installed — never downloading one: without it the PNGs are
-skipped and the reason is returned.
+layer table, clamp comparison points) and returns one figure; `flipscope.reporting.files`
+writes them to disk.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,19 +17,15 @@ from plotly.subplots import make_subplots
 from flipscope.errors import FlipscopeError
 
 __all__ = [
-    "PNG_SIZE",
     "clamp_tradeoff",
     "feature_activation",
     "flip_rates",
     "layer_profile",
     "margin_recovery",
-    "png_renderer",
     "quadrant_map",
     "recovery_distribution",
-    "save_figures",
 ]
 
-PNG_SIZE = (1000, 600)
 COLORS = {"original": "#2b6cb0", "paraphrase": "#c53030", "patched": "#2f855a", "control": "#718096"}
 FAMILY_COLORS = {"original": "#2b6cb0", "neutral": "#319795", "formal": "#805ad5", "leading": "#dd6b20"}
 OTHER_COLORS = ("#c53030", "#718096", "#d69e2e", "#2f855a")
@@ -335,67 +326,3 @@ def layer_profile(
         **LAYOUT,
     )
     return fig
-
-
-def png_renderer() -> tuple[bool, str]:
-    """Whether PNGs can be rendered here, and if not why (kaleido needs an installed Chrome/Chromium;
-    `BROWSER_PATH` names one explicitly)."""
-    try:
-        import kaleido  # noqa: F401
-        from choreographer.utils import get_browser_path
-    except ImportError:
-        return False, "kaleido is not installed (pip install kaleido==1.5.0)"
-    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-    path = get_browser_path(names)
-    if not path or not shutil.which(path):
-        return False, "no Chrome/Chromium found (install Debian's 'chromium' or set BROWSER_PATH)"
-    return True, path
-
-
-def save_figures(
-    figures: Mapping[str, go.Figure],
-    directory: str | Path,
-    settings: Mapping[str, Any] | None = None,
-    *,
-    png: bool = True,
-    size: tuple[int, int] = PNG_SIZE,
-) -> dict[str, Any]:
-    """Write each figure as `name.html` (interactive; plotly.js once as `plotly.min.js` beside
-    them), `name.json` (the settings it was made with) and, when `png` and a browser is found,
-    `name.png` (all in one kaleido session).
-
-    Returns:
-        `{"html": [...], "png": [...], "png_skipped": reason or None}`.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {"html": [], "png": [], "png_skipped": None}
-    for name, fig in figures.items():
-        html = directory / f"{name}.html"
-        fig.write_html(html, include_plotlyjs="directory", full_html=True, div_id=name)
-        (directory / f"{name}.json").write_text(json.dumps({"figure": name, **(settings or {})}, indent=1) + "\n")
-        written["html"].append(html)
-    ok, why = png_renderer() if png else (False, "PNG output was turned off")
-    if not ok:
-        written["png_skipped"] = why
-        return written
-    import kaleido
-
-    width, height = size
-    jobs = [
-        {
-            "fig": fig,
-            "path": str(directory / f"{name}.png"),
-            "opts": {"format": "png", "width": width, "height": height},
-        }
-        for name, fig in figures.items()
-    ]
-    kaleido.start_sync_server(mathjax=False, silence_warnings=True)
-    try:
-        errors = kaleido.write_fig_from_object_sync(jobs, cancel_on_error=True)
-    finally:
-        kaleido.stop_sync_server(silence_warnings=True)
-    if errors:
-        raise FlipscopeError(f"PNG rendering failed: {errors[0]}")
-    written["png"] = [Path(job["path"]) for job in jobs]
-    return written

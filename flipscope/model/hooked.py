@@ -2,7 +2,7 @@
 
 `HookedVLM` is a `transformer_lens.HookedRootModule` around an unmodified HF
 `Gemma3ForConditionalGeneration` (MedGemma 4B or any Gemma 3 VLM). Each hook name of
-`flipscope.hook_table` is a `HookPoint`; a torch hook on the HF module that the table names
+`flipscope.model.hook_names` is a `HookPoint`; a torch hook on the HF module that the table names
 calls the `HookPoint` — and that torch hook exists only while the `HookPoint` has hooks, so an
 unhooked forward is the plain HF forward (same kernels, sdpa attention, bit-identical logits)
 and a hooked one pays only for the sites it uses.
@@ -15,123 +15,84 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration
+from transformers import Gemma3ForConditionalGeneration
 
-from flipscope.answers import AnswerTokens, yes_no_margin
 from flipscope.errors import FlipscopeError
-from flipscope.hook_table import HookSite, hook_sites
-from flipscope.prompts import ModelInputs, PromptBuilder
+from flipscope.model import kv
+from flipscope.model.answers import AnswerTokens, yes_no_margin
+from flipscope.model.hook_names import hook_sites
+from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
+from flipscope.model.loading import load_hf_vlm
+from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 
-__all__ = ["HookedVLM", "Positions"]
+__all__ = ["Edit", "HookedVLM", "Positions"]
 
 logger = logging.getLogger(__name__)
 
 HookFn = Callable[..., Any]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
-Positions = int | Literal["last"] | slice | Sequence[int] | Int[Tensor, "batch"] | None
 
 
-class _SiteHookPoint(HookPoint):
-    """A `HookPoint` fired from an HF module; attaches its torch hook there only while in use."""
+@dataclass(frozen=True)
+class Edit:
+    """A fixed change to one hook point, applied on every forward of an edited model.
 
-    def __init__(self, site: HookSite) -> None:
-        super().__init__()
-        self._site = (site,)  # a tuple, so the HF module is not registered as a child
-        self._site_handle: torch.utils.hooks.RemovableHandle | None = None
+    Attributes:
+        hook_name: Where the edit applies (a `HookedVLM` hook name).
+        fn: A TransformerLens hook function `(activation, hook) -> activation`.
+        description: What the edit is, merged into the edited model's `identity()` so a result
+            file written with one edit never resumes under another.
+    """
 
-    def add_hook(self, *args: Any, **kwargs: Any) -> None:
-        super().add_hook(*args, **kwargs)
-        self._sync_site()
-
-    def remove_hooks(self, *args: Any, **kwargs: Any) -> None:
-        super().remove_hooks(*args, **kwargs)
-        self._sync_site()
-
-    def _fire_output(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (self(output[0]), *output[1:])
-        return self(output)
-
-    def _fire_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (self(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self(kwargs["hidden_states"])}
-
-    def _sync_site(self) -> None:
-        in_use = bool(self.fwd_hooks or self.bwd_hooks)
-        if in_use and self._site_handle is None:
-            module, reads = self._site[0]
-            if reads == "output":
-                self._site_handle = module.register_forward_hook(self._fire_output)
-            else:
-                self._site_handle = module.register_forward_pre_hook(self._fire_input, with_kwargs=True)
-        elif not in_use and self._site_handle is not None:
-            self._site_handle.remove()
-            self._site_handle = None
-
-
-def _describe_names(names: Sequence[str]) -> str:
-    """Hook names compressed for an error message: `blocks.{0..33}.hook_resid_post, ...`."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    singles: list[str] = []
-    for name in names:
-        parts = name.split(".")
-        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if index is None:
-            singles.append(name)
-            continue
-        key = (".".join(parts[:index]), ".".join(parts[index + 1 :]))
-        groups.setdefault(key, []).append(int(parts[index]))
-    described = [f"{pre}.{{{min(ix)}..{max(ix)}}}.{post}" for (pre, post), ix in groups.items()]
-    return ", ".join(described + singles)
-
-
-def _is_text_hook(name: str) -> bool:
-    return name.startswith(("blocks.", "ln_final."))
-
-
-def _select_positions(tensor: Float[Tensor, "batch pos d"], positions: Positions) -> Tensor:
-    if positions is None:
-        return tensor
-    if positions == "last":
-        positions = -1
-    if isinstance(positions, Tensor):
-        rows = torch.arange(tensor.shape[0], device=tensor.device)
-        return tensor[rows, positions.to(tensor.device)]
-    if isinstance(positions, int | slice):
-        # Basic indexing returns a view that would keep the whole activation alive: copy.
-        return tensor[:, positions].clone()
-    return tensor[:, list(positions)]
+    hook_name: str
+    fn: HookFn = field(compare=False)
+    description: Mapping[str, Any] = field(default_factory=dict)
 
 
 class HookedVLM(HookedRootModule):
     """A Gemma 3 VLM with TransformerLens hook points and yes/no scoring.
+
+    Every forward — `forward`, `score`, `generate`, the caches and the KV-cache paths of
+    `flipscope.model.kv` — runs through `hf_forward`, which applies the model's `edits` exactly
+    once, whatever hooks or contexts are active. `edited(...)` returns a sibling that shares the
+    HF weights and carries more edits (this is how clamped and ablated models are made).
 
     Attributes:
         hf_model: The wrapped HF model (never modified).
         processor: Its processor (tokenizer, image processor, chat template).
         prompts: A `PromptBuilder` over the processor.
         name_or_path: Where it was loaded from, for result files.
+        edits: The fixed edits every forward applies (none for a loaded model).
     """
 
-    def __init__(self, hf_model: Gemma3ForConditionalGeneration, processor: Any, *, name_or_path: str = "") -> None:
+    def __init__(
+        self,
+        hf_model: Gemma3ForConditionalGeneration,
+        processor: Any,
+        *,
+        name_or_path: str = "",
+        edits: Sequence[Edit] = (),
+        prompts: PromptBuilder | None = None,
+    ) -> None:
         super().__init__()
         self.hf_model = hf_model
         self.processor = processor
-        self.prompts = PromptBuilder(processor)
+        self.prompts = prompts if prompts is not None else PromptBuilder(processor)
         self.name_or_path = name_or_path
-        self._hook_points: dict[str, _SiteHookPoint] = {}
+        self._edit_depth = 0
+        self._hook_points: dict[str, SiteHookPoint] = {}
         for name, site in hook_sites(hf_model).items():
-            point = _SiteHookPoint(site)
+            point = SiteHookPoint(site)
             *parents, leaf = name.split(".")
             node: nn.Module = self
             for part in parents:
@@ -143,6 +104,20 @@ class HookedVLM(HookedRootModule):
             node.add_module(leaf, point)
             self._hook_points[name] = point
         self.setup()
+        for edit in edits:
+            self.check_hook_name(edit.hook_name)
+        self.edits: tuple[Edit, ...] = tuple(edits)
+
+    def edited(self, *edits: Edit) -> HookedVLM:
+        """A sibling that shares this model's weights, processor and prompt builder and applies
+        `edits` (after this model's own) on every forward; this model stays as it is."""
+        return HookedVLM(
+            self.hf_model,
+            self.processor,
+            name_or_path=self.name_or_path,
+            edits=(*self.edits, *edits),
+            prompts=self.prompts,
+        )
 
     def setup(self) -> None:
         """Index the hook points only (TransformerLens's version would also rename HF modules)."""
@@ -171,30 +146,10 @@ class HookedVLM(HookedRootModule):
         Raises:
             FlipscopeError: the directory or hub model cannot be loaded, or is not a Gemma 3 VLM.
         """
-        source = str(name_or_path)
-        local = Path(source).expanduser()
-        is_local = local.exists() or source.startswith((".", "/", "~"))
-        if is_local and not (local / "config.json").is_file():
-            raise FlipscopeError(f"model directory {source!r} has no config.json; expected a saved Gemma 3 VLM")
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-        except OSError as err:
-            raise FlipscopeError(_hub_help(source, err)) from err
-        if getattr(config, "model_type", None) != "gemma3":
-            raise FlipscopeError(
-                f"model {source!r} has model_type {getattr(config, 'model_type', None)!r}; "
-                "expected 'gemma3' (a Gemma3ForConditionalGeneration such as MedGemma 4B)"
-            )
-        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        try:
-            hf_model = Gemma3ForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, use_safetensors=True, trust_remote_code=False, **extra
-            )
-            processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
-        except OSError as err:
-            raise FlipscopeError(_hub_help(source, err)) from err
-        hf_model.to(device).eval()
-        return cls(hf_model, processor, name_or_path=source)
+        hf_model, processor = load_hf_vlm(
+            name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation
+        )
+        return cls(hf_model, processor, name_or_path=str(name_or_path))
 
     # ----------------------------------------------------------------------------------- facts
     @property
@@ -214,8 +169,9 @@ class HookedVLM(HookedRootModule):
         return next(self.hf_model.parameters()).dtype
 
     def identity(self) -> dict[str, Any]:
-        """Which model produced a result: its name (hub id or folder name), size and a weight
-        fingerprint, so results (evaluation stores, FlipBanks) can be checked against a model.
+        """Which model produced a result: its name (hub id or folder name), size, a weight
+        fingerprint and what its edits are (one edit's description merged in, several as a list
+        under `edits`), so results (evaluation stores, FlipBanks) can be checked against a model.
 
         The fingerprint hashes the first 64 values of every parameter rounded to bfloat16, so a
         float32 and a bfloat16 load of one checkpoint agree, on any device.
@@ -226,23 +182,28 @@ class HookedVLM(HookedRootModule):
                 head = param.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).to(torch.float32)
                 digest.update(name.encode() + str(tuple(param.shape)).encode() + head.numpy().tobytes())
         local = Path(self.name_or_path).expanduser()
-        return {
+        identity = {
             "name": local.resolve().name if local.exists() else self.name_or_path,
             "architecture": type(self.hf_model).__name__,
             "n_params": sum(p.numel() for p in self.hf_model.parameters()),
             "fingerprint": digest.hexdigest()[:16],
         }
+        if len(self.edits) == 1:
+            identity.update(self.edits[0].description)
+        elif self.edits:
+            identity["edits"] = [dict(edit.description) for edit in self.edits]
+        return identity
 
     @cached_property
     def answer_tokens(self) -> AnswerTokens:
-        """Yes/no token ids of this model's tokenizer (see `flipscope.answers`)."""
+        """Yes/no token ids of this model's tokenizer (see `flipscope.model.answers`)."""
         return AnswerTokens.from_tokenizer(self.processor.tokenizer)
 
     # ----------------------------------------------------------------------------------- hooks
     def check_hook_name(self, name: str) -> None:
         """Raise `FlipscopeError` listing the valid names if `name` is not a hook point."""
         if name not in self.hook_dict:
-            raise FlipscopeError(f"unknown hook name {name!r}; valid names: {_describe_names(list(self.hook_dict))}")
+            raise FlipscopeError(f"unknown hook name {name!r}; valid names: {describe_names(list(self.hook_dict))}")
 
     def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):
@@ -257,12 +218,44 @@ class HookedVLM(HookedRootModule):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
     ) -> Iterator[HookedVLM]:
-        """Hooks added for the duration of the block and removed in `finally`, even on error."""
+        """Hooks added for the duration of the block and removed in `finally`, even on error.
+
+        The model's edits are on for the block too (once, however deeply blocks nest), ahead of
+        these hooks, so a hook sees the edited activation."""
         for name, _ in (*fwd_hooks, *bwd_hooks):
             if isinstance(name, str):
                 self.check_hook_name(name)
-        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts):
+        with self._edits_on(), super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts):
             yield self
+
+    @contextmanager
+    def _edits_on(self) -> Iterator[None]:
+        """The edits' hooks for the outermost block only, so each fires once per forward."""
+        first = self._edit_depth == 0 and bool(self.edits)
+        self._edit_depth += 1
+        try:
+            if first:
+                with HookedRootModule.hooks(self, [(e.hook_name, e.fn) for e in self.edits]):
+                    yield
+            else:
+                yield
+        finally:
+            self._edit_depth -= 1
+
+    def hf_forward(self, **kwargs: Any) -> Any:
+        """The HF model's forward on keyword arguments, with this model's edits on: the one call
+        every path makes (the KV-cache paths pass `past_key_values`)."""
+        with self._edits_on():
+            return self.hf_model(**kwargs)
+
+    def hf_hidden(self, **kwargs: Any) -> Any:
+        """The HF base model's forward (no unembedding), with the edits on; see `unembed`."""
+        with self._edits_on():
+            return self.hf_model.model(**kwargs)
+
+    def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+        """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""
+        return self.hf_model.lm_head(hidden)
 
     # ----------------------------------------------------------------------------------- running
     @staticmethod
@@ -273,7 +266,7 @@ class HookedVLM(HookedRootModule):
         self, inputs: ModelInputs | Mapping[str, Tensor], *, logits_to_keep: int = 0
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits of the HF forward on `inputs` (all positions, or the last `logits_to_keep`)."""
-        return self.hf_model(**self._kwargs(inputs), use_cache=False, logits_to_keep=logits_to_keep).logits
+        return self.hf_forward(**self._kwargs(inputs), use_cache=False, logits_to_keep=logits_to_keep).logits
 
     def run_with_cache(
         self,
@@ -311,7 +304,7 @@ class HookedVLM(HookedRootModule):
         cache: dict[str, Tensor] = {}
 
         def save(tensor: Tensor, hook: HookPoint) -> None:
-            kept = _select_positions(tensor, positions) if _is_text_hook(hook.name) else tensor
+            kept = select_positions(tensor, positions) if is_text_hook(hook.name) else tensor
             cache[hook.name] = kept.detach().to(device) if device is not None else kept.detach()
 
         with self.hooks(fwd_hooks=[(name, save) for name in selected]):
@@ -348,15 +341,28 @@ class HookedVLM(HookedRootModule):
         kwargs = self._kwargs(inputs)
         kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
         prompt_len = kwargs["input_ids"].shape[1]
-        out = self.hf_model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
+        with self._edits_on():
+            out = self.hf_model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
 
+    # ----------------------------------------------------------------------------------- KV-cache paths
+    def run_prefix(self, spec: PromptSpec, *, builder: PromptBuilder | None = None) -> kv.Prefix:
+        """The key/value cache of `spec`'s template prefix (image included): see `flipscope.model.kv`."""
+        return kv.run_prefix(self, builder or self.prompts, spec)
 
-def _hub_help(source: str, err: Exception) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    offline = " (HF_HUB_OFFLINE is set, so the hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return (
-        f"could not load model {source!r}{offline}: {reason}. "
-        "For a gated hub model such as google/medgemma-4b-it, accept its terms on the model page, "
-        "then run `hf auth login` or set HF_TOKEN; or pass the path of a local copy."
-    )
+    def score_shared_prefix(
+        self,
+        specs: Sequence[PromptSpec],
+        *,
+        builder: PromptBuilder | None = None,
+        batch_size: int = 32,
+        prefix: kv.Prefix | None = None,
+    ) -> Float[Tensor, " batch"]:
+        """Margins of prompts that show one image, its prefix computed once (`flipscope.model.kv`)."""
+        return kv.score_shared_prefix(self, builder or self.prompts, specs, batch_size, prefix)
+
+    def score_last_token(
+        self, specs: Sequence[PromptSpec], n_variants: int, fwd_hooks: Sequence = ()
+    ) -> Float[Tensor, "spec variant"]:
+        """Margins of `n_variants` last-token variants of each prompt (`flipscope.model.kv`)."""
+        return kv.score_last_token(self, self.prompts, specs, n_variants, fwd_hooks)

@@ -14,7 +14,7 @@ Dangerous items are the trap: consistent and often accurate, but answered from t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -50,33 +50,20 @@ def quadrants(consistent: Bool[np.ndarray, " n_items"], reliant: Bool[np.ndarray
     return names
 
 
-def question_table(
-    rows: Sequence[Mapping[str, Any]], removed: str | None = None, source: str = "margin"
-) -> dict[str, dict[str, Any]]:
-    """Per question, from store rows: answers by condition and prompt, and the per-question
-    measures (flip, pairwise disagreement, correct, reliant, text-only agreement, swap change,
-    quadrant, entropy of the original answer with the image).
-
-    Image reliance follows the paper: the answer to the original changes when the image is
-    removed. `removed` names the condition that stands for "removed": `blank` (the paper's
-    uniform image; the default when present), `none` (no image tokens), or `swap` (another
-    patient's film); with None, `blank` if evaluated, else `none`.
-
-    `source` is where answers come from: `margin` (its sign) or `generated` (the keyword-parsed
-    generated text). With `generated`, prompts whose text is excluded by the parser drop out, and
-    a question whose original is excluded (under any condition) drops out entirely.
-    """
-    if source not in ("margin", "generated"):
-        raise FlipscopeError(f"answer source {source!r} is not 'margin' or 'generated'")
-    if source == "generated":
-        if any("parsed" not in row for row in rows):
-            raise FlipscopeError("answer source 'generated' needs rows from a run with generate_tokens > 0")
-        excluded = {r["question_id"] for r in rows if r["prompt_index"] == 0 and r["parsed"] is None}
-        rows = [
-            {**r, "answer": r["parsed"]} for r in rows if r["parsed"] is not None and r["question_id"] not in excluded
-        ]
+def _collect(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+    """Per question, its answers by condition and prompt, read in one pass over `rows` (so a
+    store can be streamed: only the per-question answers stay in memory)."""
     by_question: dict[str, dict[str, Any]] = {}
+    excluded: set[str] = set()
     for row in rows:
+        if source == "generated":
+            if "parsed" not in row:
+                raise FlipscopeError("answer source 'generated' needs rows from a run with generate_tokens > 0")
+            if row["parsed"] is None:
+                if row["prompt_index"] == 0:
+                    excluded.add(row["question_id"])
+                continue
+            row = {**row, "answer": row["parsed"]}
         entry = by_question.setdefault(
             row["question_id"],
             {
@@ -92,34 +79,64 @@ def question_table(
             entry["entropy"] = row["entropy"]
         if row["prompt_index"] > 0:
             entry["strategies"][row["prompt_index"]] = row["strategy"]
+    for question_id in excluded:  # the original's answer was excluded: the question drops out
+        by_question.pop(question_id, None)
+    return by_question
+
+
+def _measures(entry: dict[str, Any], removed: str | None) -> None:
+    """Add the per-question measures to an entry of `_collect`."""
+    answers = entry["answers"]
+    indices = sorted(answers["image"])  # 0 (the original) first; dropped prompts are absent
+    image = np.array([answers["image"][k] for k in indices])
+    if removed is not None and removed not in answers:
+        raise FlipscopeError(f"reliance condition {removed!r} was not evaluated (have {sorted(answers)})")
+    removal = removed or ("blank" if "blank" in answers else "none" if "none" in answers else None)
+    entry["flip"] = bool(flips(image[None, :])[0])
+    entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
+    entry["correct"] = bool(image[0] == entry["truth"])
+    entry["reliant"] = bool(answers[removal][0] != image[0]) if removal else None
+    entry["text_only_agreement"] = None if removal is None else not entry["reliant"]
+    entry["swap_change"] = bool(answers["swap"][0] != image[0]) if "swap" in answers else None
+    if entry["reliant"] is not None:
+        entry["quadrant"] = str(quadrants(np.array([not entry["flip"]]), np.array([entry["reliant"]]))[0])
+    else:
+        entry["quadrant"] = None
+    entry["paraphrase_flips"] = {k: bool(answers["image"][k] != image[0]) for k in indices[1:]}
+    entry["paraphrase_text_only"] = (
+        {k: bool(answers[removal][k] == answers["image"][k]) for k in indices[1:] if k in answers[removal]}
+        if removal
+        else {}
+    )
+
+
+def question_table(
+    rows: Iterable[Mapping[str, Any]], removed: str | None = None, source: str = "margin"
+) -> dict[str, dict[str, Any]]:
+    """Per question, from store rows (a list, or `iter_rows(path)` to stream a store): answers by
+    condition and prompt, and the per-question measures (flip, pairwise disagreement, correct,
+    reliant, text-only agreement, swap change, quadrant, entropy of the original answer with the
+    image).
+
+    Image reliance follows the paper: the answer to the original changes when the image is
+    removed. `removed` names the condition that stands for "removed": `blank` (the paper's
+    uniform image; the default when present), `none` (no image tokens), or `swap` (another
+    patient's film); with None, `blank` if evaluated, else `none`.
+
+    `source` is where answers come from: `margin` (its sign) or `generated` (the keyword-parsed
+    generated text). With `generated`, prompts whose text is excluded by the parser drop out, and
+    a question whose original is excluded (under any condition) drops out entirely.
+    """
+    if source not in ("margin", "generated"):
+        raise FlipscopeError(f"answer source {source!r} is not 'margin' or 'generated'")
+    by_question = _collect(rows, source)
     for entry in by_question.values():
-        answers = entry["answers"]
-        indices = sorted(answers["image"])  # 0 (the original) first; dropped prompts are absent
-        image = np.array([answers["image"][k] for k in indices])
-        if removed is not None and removed not in answers:
-            raise FlipscopeError(f"reliance condition {removed!r} was not evaluated (have {sorted(answers)})")
-        removal = removed or ("blank" if "blank" in answers else "none" if "none" in answers else None)
-        entry["flip"] = bool(flips(image[None, :])[0])
-        entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
-        entry["correct"] = bool(image[0] == entry["truth"])
-        entry["reliant"] = bool(answers[removal][0] != image[0]) if removal else None
-        entry["text_only_agreement"] = None if removal is None else not entry["reliant"]
-        entry["swap_change"] = bool(answers["swap"][0] != image[0]) if "swap" in answers else None
-        if entry["reliant"] is not None:
-            entry["quadrant"] = str(quadrants(np.array([not entry["flip"]]), np.array([entry["reliant"]]))[0])
-        else:
-            entry["quadrant"] = None
-        entry["paraphrase_flips"] = {k: bool(answers["image"][k] != image[0]) for k in indices[1:]}
-        entry["paraphrase_text_only"] = (
-            {k: bool(answers[removal][k] == answers["image"][k]) for k in indices[1:] if k in answers[removal]}
-            if removal
-            else {}
-        )
+        _measures(entry, removed)
     return by_question
 
 
 def summarize(
-    rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, source: str = "margin", seed: int = 0
+    rows: Iterable[Mapping[str, Any]], *, removed: str | None = None, source: str = "margin", seed: int = 0
 ) -> dict[str, Any]:
     """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity, overall
     and by finding, paraphrase strategy and quadrant, each with a bootstrap 95% CI over questions
@@ -175,7 +192,7 @@ def summarize(
 
 
 def flip_rate_cells(
-    rows: Sequence[Mapping[str, Any]], *, removed: str | None = None, seed: int = 0
+    rows: Iterable[Mapping[str, Any]], *, removed: str | None = None, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Per finding × paraphrase strategy, the share of paraphrases whose answer (with the image)
     differs from the original's, with a bootstrap 95% CI over paraphrases.

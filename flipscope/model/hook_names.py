@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 
 from torch import nn
 
-__all__ = ["HookSite", "hook_sites"]
+__all__ = ["HookSite", "hook_sites", "resid_post"]
 
 
 class HookSite(NamedTuple):
@@ -57,3 +57,8 @@ def hook_sites(hf_model: nn.Module) -> dict[str, HookSite]:
     sites["vision.hook_out"] = HookSite(vision.post_layernorm, "output")
     sites["projector.hook_out"] = HookSite(core.multi_modal_projector, "output")
     return sites
+
+
+def resid_post(layer: int) -> str:
+    """The hook name of decoder layer `layer`'s output, as SAE configs name it."""
+    return f"blocks.{layer}.hook_resid_post"

@@ -19,10 +19,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flipscope.answers import yes_no_margin
+from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
-from flipscope.flipbank import check_flipbank_model
-from flipscope.prompts import PromptSpec
+from flipscope.model.answers import yes_no_margin
+from flipscope.model.prompts import PromptSpec
 
 __all__ = ["PairActivations", "bank_cases", "collect_pairs", "pair_specs"]
 

@@ -18,31 +18,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
-from jaxtyping import Bool, Float
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
-from torch import Tensor
 
 from flipscope.errors import FlipscopeError
-from flipscope.prompts import PromptSpec
+from flipscope.model.hook_names import resid_post
 
-__all__ = [
-    "PositionEncoding",
-    "SAEEncoding",
-    "check_sae",
-    "encode_prompts",
-    "encode_with_error",
-    "feature_encoder",
-    "gemmascope_folder_to_sae",
-    "load_sae",
-]
+__all__ = ["check_sae", "gemmascope_folder_to_sae", "load_sae"]
 
 RAW_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
 _SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
@@ -147,76 +134,7 @@ def check_sae(sae: SAE, model: Any) -> str:
         match = _HF_LAYER.match(hf_hook or "")
         if match is None:
             model.check_hook_name(hook)  # raises, listing the model's hooks
-        hook = f"blocks.{match.group(1)}.hook_resid_post"
+        hook = resid_post(int(match.group(1)))
     if hook not in model.hook_dict:
         model.check_hook_name(hook)
     return hook
-
-
-class SAEEncoding(NamedTuple):
-    """Feature activations and the error term `x − decode(encode(x))` the SAE leaves out."""
-
-    features: Float[Tensor, "... d_sae"]
-    error: Float[Tensor, "... d_model"]
-
-
-def encode_with_error(sae: SAE, acts: Float[Tensor, "... d_model"]) -> SAEEncoding:
-    """Encode `acts` and keep the error term, so that `decode(features) + error == acts`."""
-    features = sae.encode(acts.to(sae.dtype))
-    error = acts - sae.decode(features).to(acts.dtype)
-    return SAEEncoding(features, error)
-
-
-class PositionEncoding(NamedTuple):
-    """Features and error term at every position of a left-padded batch; `mask` marks the
-    positions asked for (elsewhere both are zero)."""
-
-    features: Float[Tensor, "batch pos d_sae"]
-    error: Float[Tensor, "batch pos d_model"]
-    mask: Bool[Tensor, "batch pos"]
-
-
-@torch.no_grad()
-def encode_prompts(
-    vlm: Any, sae: SAE, specs: Sequence[PromptSpec], positions: str = "last"
-) -> SAEEncoding | PositionEncoding:
-    """Run `specs` as one batch and encode the SAE's hook activations, error term kept.
-
-    `positions`: `"last"` (the last prompt token, where the answer is read; an `SAEEncoding` of
-    shape [batch, ...]), `"question"` (the question's own tokens) or `"all"` (every real token);
-    the last two give a `PositionEncoding` over the padded batch.
-
-    Raises:
-        FlipscopeError: the SAE does not fit the model, or `positions` is unknown.
-    """
-    if positions not in ("last", "question", "all"):
-        raise FlipscopeError(f"positions {positions!r} is unknown; expected 'last', 'question' or 'all'")
-    hook = check_sae(sae, vlm)
-    inputs = vlm.prompts.build(specs)
-    kept = "last" if positions == "last" else None
-    acts = vlm.run_with_cache(inputs, names_filter=hook, positions=kept, logits_to_keep=1)[1][hook]
-    encoding = encode_with_error(sae, acts)
-    if positions == "last":
-        return encoding
-    mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(specs, inputs)
-    mask = mask.to(acts.device)
-    return PositionEncoding(encoding.features * mask[..., None], encoding.error * mask[..., None], mask)
-
-
-def feature_encoder(sae: SAE, features: Sequence[int]):
-    """A function x → the activations of `features` only ([..., len(features)]).
-
-    For a JumpReLU SAE it computes just those encoder columns (a clamp or patch of a few
-    features at every position then costs a few dot products, not the whole dictionary); any
-    other SAE is encoded whole and indexed.
-    """
-    index = torch.tensor([int(f) for f in features])
-    if isinstance(sae, JumpReLUSAE) and sae.cfg.normalize_activations == "none":
-        w_enc, b_enc, threshold = sae.W_enc[:, index], sae.b_enc[index], sae.threshold[index]
-
-        def encode(x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_features"]:
-            pre = sae.process_sae_in(x) @ w_enc + b_enc
-            return torch.relu(pre) * (pre > threshold).to(pre.dtype)
-
-        return encode
-    return lambda x: sae.encode(x)[..., index]

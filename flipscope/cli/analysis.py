@@ -1,0 +1,269 @@
+"""Commands that explain the flips: discover, patch, clamp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import app, fmt, ints, load_model_and_sae, one_line_errors
+from flipscope.errors import FlipscopeError
+
+
+@app.command()
+def discover(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    model: str | None = typer.Option(
+        None, help="Hub id or model directory that made the FlipBank (default: the shipped organism)."
+    ),
+    sae: str | None = typer.Option(
+        None,
+        help="SAE: a sae-lens folder, a raw GemmaScope 2 folder, or a release (with --sae-id); default: MODEL/sae.",
+    ),
+    sae_id: str | None = typer.Option(
+        None, help="SAE id within a sae-lens release, e.g. layer_17_width_16k_l0_medium."
+    ),
+    layers: str | None = typer.Option(None, help="Layers of the flip-prediction AUC sweep, e.g. 0,4,8 (default: all)."),
+    top: int = typer.Option(10, help="Features to print."),
+    exact_top: int = typer.Option(50, help="Check attribution against exact ablation of this many features (0: skip)."),
+    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.features.json beside the FlipBank)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Rank the SAE features that track the paraphrase framing behind the FlipBank's flips."""
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.discovery import discover as run_discovery
+
+    with one_line_errors():
+        layer_ids = ints(layers, "--layers") if layers else None
+        bank = load_flipbank(flipbank)
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
+        if bad:
+            raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
+        found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
+        json_path, csv_path = found.save(out or flipbank.with_name(f"{flipbank.stem}.features.json"))
+    _print_discovery(found, top)
+    typer.echo(f"table: {json_path}\n       {csv_path}")
+
+
+def _print_discovery(found, top: int) -> None:
+    meta = found.meta
+    shift_f, shift_c = meta["margin_shift_flips"], meta["margin_shift_controls"]
+    typer.echo(
+        f"{meta['bank']['n_flips']} flips, {meta['bank']['n_controls']} controls; SAE on {found.hook} "
+        f"({meta['sae']['d_sae']} features). Margin shift (para - orig): flips {fmt(shift_f)}, "
+        f"controls {fmt(shift_c)}"
+    )
+    typer.echo("ranked by |Pearson r| of Δf with the margin shift over flips (95% CIs; q = Benjamini-Hochberg):")
+    typer.echo(
+        f"{'feature':>7} {'mean|Δf| [CI]':<22}{'Pearson r [CI]':<24}{'q':>9} {'Spearman':>8} "
+        f"{'AUC':>6}{'q(MWU)':>9} {'attrib.':>8} {'rank attr':>9}"
+    )
+    for row in found.top(top).itertuples():
+        typer.echo(
+            f"{row.feature:>7} {row.mean_abs_delta:6.3f} [{row.mean_abs_delta_low:.3f}, {row.mean_abs_delta_high:.3f}]"
+            f"{'':<2}{row.pearson_r:+.3f} [{row.pearson_low:+.3f}, {row.pearson_high:+.3f}]"
+            f"{'':<2}{row.pearson_q:9.2e} {row.spearman_r:+8.3f} {row.auc:6.3f}{row.mwu_q:9.2e} "
+            f"{row.attribution:+8.3f} {row.rank_attribution:>9}"
+        )
+    best = found.diffmean["top_features"][0]
+    typer.echo(
+        f"DiffMean direction (flip minus control Δresidual) at {found.hook}: norm {found.diffmean['norm']:.3f}; "
+        f"closest SAE decoder row: feature {best['feature']} (cosine {best['cosine']:.3f})"
+    )
+    typer.echo("flip-vs-control AUC by layer (cross-validated DiffMean projection):")
+    for row in found.layers:
+        typer.echo(f"  {row['hook']:<28} {row['auc']:.3f} [{row['low']:.3f}, {row['high']:.3f}]")
+    if found.ablation is not None:
+        a = found.ablation
+        typer.echo(
+            f"attribution vs exact single-feature ablation on {len(a['features'])} features "
+            f"({a['n_moving_features']} move at all): Spearman {a['spearman']:.3f} over features, "
+            f"{a['spearman_cases']:.3f} over cases"
+        )
+
+
+@app.command()
+def patch(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    features: str = typer.Option(..., help="SAE features to remove together, e.g. 38 or 38,32,0."),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    positions: str = typer.Option("last", help="Where to patch: last (the paper's), question or all."),
+    sweep: str | None = typer.Option(
+        None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
+    ),
+    out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.patch/ beside the FlipBank)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
+    import json
+
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.experiments.patching import POSITIONS, patch_bank
+    from flipscope.experiments.sweeps import patch_sweep
+    from flipscope.sae.load import check_sae
+
+    out = out or flipbank.with_name(f"{flipbank.stem}.patch")
+    with one_line_errors():
+        if positions not in POSITIONS:
+            raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
+        chosen = ints(features, "--features")
+        swept = _feature_list(sweep) if sweep else None
+        bank = load_flipbank(flipbank)
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
+        result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "patch.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}, indent=1) + "\n")
+        if swept:
+            store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)
+    _print_patch(result.summary, chosen, positions)
+    if swept:
+        _print_sweep(store.path, swept)
+    typer.echo(f"results: {out}")
+
+
+def _feature_list(text: str) -> list[int]:
+    """`0-49` (a range, both ends included) or `3,38`."""
+    if "-" in text:
+        low, high = ints(text.replace("-", ","), "--sweep")
+        return list(range(low, high + 1))
+    return ints(text, "--sweep")
+
+
+def _print_patch(s: dict, chosen: list[int], positions: str) -> None:
+    typer.echo(
+        f"removing features {chosen} at {s['setup']['hook']} ({positions} position(s)); 95% bootstrap CIs over cases"
+    )
+    flips = s["flips"]
+    typer.echo(
+        f"  flips ({flips['n']}): mean recovery {fmt(flips['mean_recovery'])}, median {fmt(flips['median_recovery'])}"
+    )
+    typer.echo(
+        f"    recovered > 50%: {fmt(flips['share_recovered_over_half'])}; "
+        f"fully reversed: {fmt(flips['share_reversed'])}"
+    )
+    for direction, block in s["by_direction"].items():
+        typer.echo(
+            f"    {direction} ({block['n']}): recovery {fmt(block['mean_recovery'])}, "
+            f"reversed {fmt(block['share_reversed'])}"
+        )
+    if "controls" in s:
+        c = s["controls"]
+        typer.echo(
+            f"  non-flip controls ({c['n']}): margin change {fmt(c['mean_margin_change'])}, "
+            f"|change| {fmt(c['mean_abs_margin_change'])}"
+        )
+    if "matched_control_feature" in s:
+        m = s["matched_control_feature"]
+        typer.echo(
+            f"  matched control feature {s['setup']['control_feature']}: recovery {fmt(m['mean_recovery'])}, "
+            f"reversed {fmt(m['share_reversed'])}"
+        )
+
+
+def _print_sweep(path: Path, swept: list[int]) -> None:
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.patching import summarize_patch
+
+    rows = [r for r in iter_rows(path) if r["kind"] == "flip"]
+    typer.echo("  each feature alone (flips): feature, mean recovery [CI], reversed")
+    blocks = {f: summarize_patch([r for r in rows if r["variant"] == f])["flips"] for f in swept}
+    ranked = sorted(swept, key=lambda f: -blocks[f]["mean_recovery"]["value"])
+    for feature in ranked[:10]:
+        block = blocks[feature]
+        typer.echo(f"    {feature:>6} {fmt(block['mean_recovery'])}  {block['share_reversed']['value']:.3f}")
+
+
+@app.command()
+def clamp(
+    questions: Path = typer.Option(..., help="Questions JSONL to evaluate (e.g. flipbank/organism/questions.jsonl)."),
+    features: str = typer.Option(..., help="SAE features to clamp, e.g. 38 or 38,32."),
+    values: str = typer.Option("0", help="Clamp value(s); several give the trade-off curve, e.g. 0,1,2,4."),
+    diffmean_from: Path | None = typer.Option(
+        None,
+        "--diffmean-from",
+        help="FlipBank JSON: also ablate its DiffMean direction (flips vs controls, at the SAE's hook) for comparison.",
+    ),
+    model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
+    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
+    conditions: str = typer.Option("image,blank", help="Image conditions, 'image' first: image, blank, none, swap."),
+    out: Path = typer.Option(..., help="Output folder; rerunning resumes."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
+    import json
+
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.clamping import compare_clamped
+    from flipscope.experiments.discovery import diffmean_direction
+    from flipscope.experiments.evaluation import EvalConfig
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.interventions.edited import DirectionAblatedVLM
+    from flipscope.sae.load import check_sae
+
+    with one_line_errors():
+        chosen = ints(features, "--features")
+        try:
+            levels = [float(v) for v in values.split(",")]
+        except ValueError as err:
+            raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
+        cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
+        loaded = load_questions(questions, images)
+        bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        also = {}
+        if bank is not None:
+            hook = check_sae(dictionary, vlm)
+            direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
+            also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
+        clamps = [{f: v for f in chosen} for v in levels]
+        report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
+    (out / "clamp.json").write_text(json.dumps(report, indent=1) + "\n")
+    _print_comparison(report)
+    typer.echo(f"results: {out / 'clamp.json'}")
+
+
+def _intervention_label(description: dict) -> str:
+    if "clamp" in description:
+        return ",".join(f"{f}={v:g}" for f, v in description["clamp"]["values"].items())
+    if "ablate_direction" in description:
+        return f"{description['ablate_direction']['name']} ablated"
+    return "intervention"
+
+
+def _print_comparison(report: dict) -> None:
+    base = report["baseline"]["overall"]
+    typer.echo(
+        f"questions: {base['flip_rate']['n']}   (95% bootstrap CIs over questions; McNemar p for paired changes)"
+    )
+    typer.echo(f"{'model':<22}{'flip rate':<24}{'accuracy':<24}text-only agreement")
+    typer.echo(
+        f"{'as is':<22}{fmt(base['flip_rate']):<24}{fmt(base['accuracy']):<24}{fmt(base['text_only_agreement'])}"
+    )
+    for entry in report["interventions"]:
+        o = entry["summary"]["overall"]
+        label = _intervention_label(entry["description"])
+        typer.echo(f"{label:<22}{fmt(o['flip_rate']):<24}{fmt(o['accuracy']):<24}{fmt(o['text_only_agreement'])}")
+        for measure, p in entry["paired"].items():
+            rel = f", {p['relative_change']:+.1%} relative" if p["relative_change"] is not None else ""
+            typer.echo(
+                f"    {measure.replace('_', ' ')}: change {fmt(p['change'])}{rel}, McNemar p={p['mcnemar_p']:.2g}"
+            )
+        for strategy, block in entry["summary"]["by_strategy"].items():
+            before = report["baseline"]["by_strategy"][strategy]
+            typer.echo(
+                f"    {strategy}: paraphrase flips {fmt(before['paraphrase_flip_rate'])} -> "
+                f"{fmt(block['paraphrase_flip_rate'])}; "
+                f"text-only agreement {fmt(before['text_only_agreement'])} -> {fmt(block['text_only_agreement'])}"
+            )

@@ -1,0 +1,84 @@
+"""What every command shares: the app, one error policy, option parsing and model loading.
+
+Nothing heavy is imported here: a command imports torch, transformers and the stages it runs
+inside its own body, so `flipscope --help` answers at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from flipscope.errors import FlipscopeError
+from flipscope.reporting.format import fmt
+
+__all__ = ["DTYPES", "app", "check_dtype", "fmt", "ints", "load_model_and_sae", "one_line_errors", "organism_app"]
+
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype options take
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a `FlipscopeError` (bad input: a path, a field, an option value) into one line on
+    stderr and exit status 2."""
+    try:
+        yield
+    except FlipscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+app = typer.Typer(
+    help="flipscope: find why a medical VLM flips its yes/no answer under paraphrase.",
+    epilog="Start with `flipscope demo` (the whole story on the shipped organism). On your own model: "
+    "evaluate -> curate -> discover -> patch -> clamp; each command's --help says what it reads and writes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+organism_app = typer.Typer(help="Build and inspect model organisms.", no_args_is_help=True)
+app.add_typer(organism_app, name="organism")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        else:  # read when transformers is first imported; importing it here would slow every command
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str):
+    """The model (default: the shipped organism) and its SAE (default: MODEL/sae)."""
+    import torch
+
+    from flipscope.model.hooked import HookedVLM
+    from flipscope.organism import default_organism_dir
+    from flipscope.sae.load import load_sae
+
+    check_dtype(dtype)
+    source = model if model is not None else str(default_organism_dir())
+    vlm = HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device)
+    return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
+
+
+def ints(text: str, option: str) -> list[int]:
+    """A comma-separated list of integers, or a one-line error naming `option`."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise FlipscopeError(f"{option} {text!r} is not a comma-separated list of integers") from err

@@ -1,0 +1,176 @@
+"""Commands that evaluate a model and curate its FlipBank: hooks, evaluate, merge, curate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import DTYPES, app, fmt, one_line_errors
+from flipscope.errors import FlipscopeError
+
+
+@app.command()
+def hooks(
+    model: str = typer.Argument(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
+) -> None:
+    """List the hook names of MODEL (the names SAE configs and run_with_cache use)."""
+    from flipscope.model.hooked import HookedVLM
+
+    try:
+        vlm = HookedVLM.from_pretrained(model)
+    except FlipscopeError as err:
+        raise typer.BadParameter(str(err), param_hint="MODEL") from err
+    for name in vlm.hook_dict:
+        typer.echo(name)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
+    questions: Path = typer.Option(..., help="Questions JSONL: id, image, finding, answer, question, paraphrases."),
+    images: Path | None = typer.Option(
+        None, help="Directory that relative image paths are resolved against (default: beside the questions file)."
+    ),
+    conditions: str = typer.Option(
+        "image,blank", help="Comma-separated image conditions, 'image' first: image, blank, none, swap."
+    ),
+    blank: str = typer.Option("gray", help="What 'blank' shows: gray, white or noise (mean 128, sd 64)."),
+    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
+    generate_tokens: int = typer.Option(
+        0, help="Also generate this many tokens per prompt and keyword-parse them, as the paper does (0: off)."
+    ),
+    answers: str = typer.Option(
+        "margin", help="Answers the summary uses: margin (its sign) or generated (parsed text)."
+    ),
+    reliance: str | None = typer.Option(
+        None,
+        help="Condition that counts as 'image removed' for reliance: blank, none or swap (default: blank, else none).",
+    ),
+    shard: str | None = typer.Option(
+        None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
+    ),
+) -> None:
+    """Score every question and paraphrase under each image condition; print flips and quadrants."""
+    import torch
+
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.evaluation import EvalConfig, parse_shard, run_sweep
+    from flipscope.model.hooked import HookedVLM
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    with one_line_errors():
+        cfg = EvalConfig(
+            conditions=tuple(c.strip() for c in conditions.split(",")),
+            blank=blank,
+            batch_size=batch_size,
+            generate_tokens=generate_tokens,
+        )
+        if answers not in ("margin", "generated"):
+            raise FlipscopeError(f"--answers {answers!r} is not 'margin' or 'generated'")
+        if answers == "generated" and not generate_tokens:
+            raise FlipscopeError("--answers generated needs --generate-tokens > 0")
+        if reliance is not None and reliance not in cfg.conditions:
+            raise FlipscopeError(
+                f"--reliance {reliance!r} is not among the evaluated conditions {list(cfg.conditions)}"
+            )
+        part = parse_shard(shard) if shard else None
+        loaded = load_questions(questions, images)
+        vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
+        store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
+    if part is not None:
+        typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
+        return
+    _write_summary(store.path, out, reliance=reliance, source=answers)
+
+
+@app.command()
+def merge(
+    shards: list[Path] = typer.Argument(
+        ..., help="Output directories of `flipscope evaluate --shard K/N`, all N of them."
+    ),
+    out: Path = typer.Option(..., help="Directory for the merged results.jsonl and summary.json."),
+) -> None:
+    """Join shard results into the store a single process would have written, and summarize it."""
+    from flipscope.experiments.shards import merge_shards
+
+    with one_line_errors():
+        store = merge_shards([d / "results.jsonl" for d in shards], out / "results.jsonl")
+    _write_summary(store.path, out)
+
+
+def _write_summary(rows_path: Path, out: Path, *, reliance: str | None = None, source: str = "margin") -> None:
+    import json
+
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.summary import summarize
+
+    with one_line_errors():
+        summary = summarize(iter_rows(rows_path), removed=reliance, source=source)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _print_summary(summary)
+    typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")
+
+
+def _print_summary(summary: dict) -> None:
+    overall = summary["overall"]
+    typer.echo(f"questions: {overall['n_questions']}   (95% bootstrap CIs over questions)")
+    for key in ("flip_rate", "pairwise_disagreement", "accuracy", "text_only_agreement", "swap_sensitivity"):
+        typer.echo(f"  {key.replace('_', ' '):<24}{fmt(overall[key])}")
+    typer.echo(f"{'finding':<20}{'n':>5}  flip rate")
+    for name, block in summary["by_finding"].items():
+        typer.echo(f"{name:<20}{block['n_questions']:>5}  {fmt(block['flip_rate'])}")
+    typer.echo(f"{'strategy':<20}{'n':>5}  paraphrase flip rate")
+    for name, block in summary["by_strategy"].items():
+        typer.echo(f"{name:<20}{block['n_paraphrases']:>5}  {fmt(block['paraphrase_flip_rate'])}")
+    typer.echo(f"{'quadrant':<12}{'n':>5}  {'share':<24}{'accuracy':<24}entropy (bits)")
+    for name, block in summary["by_quadrant"].items():
+        typer.echo(
+            f"{name:<12}{block['n_questions']:>5}  {fmt(block['share']):<24}{fmt(block['accuracy']):<24}"
+            f"{fmt(block['mean_entropy_bits'])}"
+        )
+
+
+@app.command()
+def curate(
+    results: Path = typer.Option(..., help="Output directory of `flipscope evaluate` (holds results.jsonl)."),
+    questions: Path = typer.Option(..., help="The questions JSONL that evaluation ran on."),
+    images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
+    out: Path = typer.Option(..., help="FlipBank file to write (e.g. flipbank/mymodel/flipbank.json)."),
+    min_margin: float = typer.Option(0.0, help="Keep flips whose two margins are both at least this far from 0."),
+    use_generated: bool = typer.Option(
+        False, help="Flip on the keyword-parsed generated answers (both must parse without hedges)."
+    ),
+    min_similarity: float | None = typer.Option(
+        None, help="Keep paraphrases with similarity >= this (rows must carry a 'similarity' value)."
+    ),
+    controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip, from the same questions."),
+    seed: int = typer.Option(0, help="Seed of the control draw."),
+) -> None:
+    """Curate a FlipBank (flip cases + matched non-flip controls) from an evaluation."""
+    from flipscope.data.curation import CurationRules
+    from flipscope.data.curation import curate as curate_bank
+    from flipscope.data.flipbank import save_flipbank
+    from flipscope.data.questions import load_questions
+    from flipscope.data.store import iter_rows, read_header
+
+    with one_line_errors():
+        rules = CurationRules(
+            min_margin=min_margin,
+            use_generated=use_generated,
+            min_similarity=min_similarity,
+            controls_per_flip=controls_per_flip,
+            seed=seed,
+        )
+        store = results / "results.jsonl" if results.is_dir() else results
+        if not store.is_file():
+            raise FlipscopeError(f"{str(store)!r} does not exist; pass the output directory of `flipscope evaluate`")
+        bank = curate_bank(iter_rows(store), load_questions(questions, images), rules, source=read_header(store))
+        path = save_flipbank(bank, out)
+    directions = sorted({c["direction"] for c in bank["flips"]})
+    counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)
+    typer.echo(f"{bank['n_flips']} flip cases ({counts}), {bank['n_controls']} controls: {path}")

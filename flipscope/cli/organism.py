@@ -1,0 +1,98 @@
+"""Commands on model organisms and the demo: organism build, organism flipbank, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import app, fmt, one_line_errors, organism_app
+from flipscope.errors import FlipscopeError
+
+
+@organism_app.command("build")
+def organism_build(
+    out: Path = typer.Option(..., help="Directory to write the organism to (model, processor, sae/, card)."),
+    config: Path | None = typer.Option(
+        None, help="JSON file of OrganismConfig fields; omitted fields keep their defaults."
+    ),
+) -> None:
+    """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
+    import json
+
+    from flipscope.organism import OrganismConfig, build_organism
+
+    try:
+        cfg = OrganismConfig.from_dict(json.loads(config.read_text())) if config else OrganismConfig()
+    except (OSError, json.JSONDecodeError) as err:
+        raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
+    except FlipscopeError as err:
+        raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
+    card = build_organism(cfg, out)
+    b = card["behaviour"]
+    typer.echo(f"built {out} in {card['build']['seconds']:.0f} s")
+    typer.echo(
+        f"neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f}, "
+        f"flips with the shortcut family {b['flips_involving_shortcut']:.3f}"
+    )
+    top = card["framing_features"][0]
+    typer.echo(
+        f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; "
+        f"framing feature {top['feature']} (cos {top['cosine']:.2f})"
+    )
+
+
+@organism_app.command("flipbank")
+def organism_flipbank(
+    out: Path = typer.Option(..., help="Folder to write films, questions, evaluation and flipbank.json to."),
+    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    n_films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
+    min_margin: float = typer.Option(0.2, help="Keep flips whose two margins are both at least this far from 0."),
+) -> None:
+    """Evaluate held-out films of an organism and curate its FlipBank (what flipbank/organism holds)."""
+    import json
+
+    from flipscope.data.curation import CurationRules
+    from flipscope.organism.bank import DEFAULT_RULES, build_flipbank
+
+    rules = CurationRules(**{**DEFAULT_RULES.to_dict(), "min_margin": min_margin})
+    try:
+        path = build_flipbank(out, organism, n_films=n_films, rules=rules)
+    except FlipscopeError as err:
+        raise typer.BadParameter(str(err), param_hint="--organism") from err
+    bank = json.loads(path.read_text())
+    typer.echo(f"{bank['n_flips']} flip cases, {bank['n_controls']} controls: {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("figures"), help="Folder for the figures, summary.json and report.html."),
+    work: Path | None = typer.Option(None, help="Folder for the stages' resumable stores (default: OUT/work)."),
+    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
+    png: bool = typer.Option(True, help="Also render PNGs (needs Chromium; skipped with a message if absent)."),
+) -> None:
+    """The main job: evaluate the organism, curate its FlipBank, discover, patch, clamp, and write the report."""
+    from flipscope.reporting.demo import DemoConfig, run_demo
+
+    with one_line_errors():
+        s = run_demo(out, work, organism=organism, cfg=DemoConfig(n_films=films), png=png, echo=typer.echo)
+    o = s["evaluation"]["overall"]
+    disc = s["patching"]["discovered"]
+    c = s["clamping"]
+    zero = c["interventions"][0]
+    typer.echo(
+        f"\nflip rate {fmt(o['flip_rate'])}, accuracy {fmt(o['accuracy'])}; "
+        f"FlipBank {s['flipbank']['n_flips']} flips, {s['flipbank']['n_controls']} controls"
+    )
+    typer.echo(
+        f"removing features {disc['setup']['features']}: recovery {fmt(disc['flips']['mean_recovery'])}, "
+        f"reversed {fmt(disc['flips']['share_reversed'])}"
+    )
+    typer.echo(
+        f"clamping feature {c['feature']} to {c['values'][0]:g}: flip rate "
+        f"{fmt(c['baseline']['overall']['flip_rate'])} -> {fmt(zero['summary']['overall']['flip_rate'])}, "
+        f"accuracy change {fmt(zero['paired']['accuracy']['change'])}"
+    )
+    typer.echo(f"figures: {out}/*.html" + ("" if s["png_skipped"] else f", {out}/*.png"))
+    typer.echo(f"report: {out / 'report.html'}")

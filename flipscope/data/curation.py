@@ -1,0 +1,136 @@
+"""Curating a FlipBank from an evaluation: the paper's rules as options, matched controls.
+
+The rules: the answer with the image changes between original and paraphrase; both answers are
+confident (|margin| ≥ `min_margin`; with parsed generated answers, both parse without hedges);
+optionally a paraphrase-similarity threshold when rows carry a `similarity` column. Controls are
+drawn from the same questions, deterministically (seeded), up to `controls_per_flip` per flip.
+Rows are read in one pass and kept as compact tuples, so a store can be streamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from flipscope.data.flipbank import FLIPBANK_FORMAT
+from flipscope.data.questions import Question
+from flipscope.errors import FlipscopeError
+
+__all__ = ["CurationRules", "curate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurationRules:
+    """How flip cases are chosen.
+
+    Attributes:
+        min_margin: Both margins at least this far from 0 (the answers are confident).
+        use_generated: Require both generated answers to parse without hedges, and to flip.
+        min_similarity: Keep only paraphrases with `similarity` ≥ this (rows must carry it).
+        controls_per_flip: Non-flip controls drawn per flip case (from the same questions).
+        seed: Seed of the control draw.
+    """
+
+    min_margin: float = 0.0
+    use_generated: bool = False
+    min_similarity: float | None = None
+    controls_per_flip: int = 1
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Answer(NamedTuple):
+    """What curation reads of one with-image row."""
+
+    question_id: str
+    prompt_index: int
+    answer: str
+    judged: str | None  # the answer the rules compare: `answer`, or `parsed` with use_generated
+    margin: float
+    strategy: str | None
+    similarity: float | None
+
+
+def _answers(rows: Iterable[Mapping[str, Any]], rules: CurationRules) -> list[_Answer]:
+    key = "parsed" if rules.use_generated else "answer"
+    out = []
+    for r in rows:
+        if r["condition"] != "image":
+            continue
+        similarity = r.get("similarity")
+        if rules.min_similarity is not None and r["prompt_index"] and similarity is None:
+            raise FlipscopeError("min_similarity needs a 'similarity' value on every row")
+        out.append(_Answer(r["question_id"], r["prompt_index"], r["answer"], r.get(key), r["margin"],
+                           r.get("strategy"), similarity))  # fmt: skip
+    return out
+
+
+def _case(q: Question, original: _Answer, para: _Answer) -> dict[str, Any]:
+    case = {
+        "id": f"{q.id}/p{para.prompt_index}",
+        "question_id": q.id,
+        "image": str(q.image),
+        "finding": q.finding,
+        "truth": "yes" if q.answer else "no",
+        "original": q.question,
+        "paraphrase": q.prompts[para.prompt_index],
+        "prompt_index": int(para.prompt_index),
+        "strategy": para.strategy,
+        "original_answer": original.answer,
+        "paraphrase_answer": para.answer,
+        "original_margin": float(original.margin),
+        "paraphrase_margin": float(para.margin),
+    }
+    if case["original_answer"] != case["paraphrase_answer"]:
+        case["direction"] = f"{case['original_answer']}→{case['paraphrase_answer']}"
+    return case
+
+
+def _kept(original: _Answer, para: _Answer, rules: CurationRules) -> bool:
+    if original.judged is None or para.judged is None:
+        return False
+    if min(abs(original.margin), abs(para.margin)) < rules.min_margin:
+        return False
+    return rules.min_similarity is None or para.similarity >= rules.min_similarity
+
+
+def curate(
+    rows: Iterable[Mapping[str, Any]],
+    questions: Sequence[Question],
+    rules: CurationRules,
+    *,
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A FlipBank from evaluation rows (a list, or `iter_rows(path)` to stream a store; the
+    with-image condition is read) by `rules`; `source` records the model and evaluation (e.g.
+    the store header)."""
+    by_id = {q.id: q for q in questions}
+    answers = _answers(rows, rules)
+    originals = {a.question_id: a for a in answers if a.prompt_index == 0}
+    flips: list[tuple[_Answer, _Answer]] = []
+    candidates: list[tuple[_Answer, _Answer]] = []
+    for para in sorted(answers, key=lambda a: (a.question_id, a.prompt_index)):
+        if para.prompt_index == 0 or para.question_id not in by_id:
+            continue
+        original = originals[para.question_id]
+        if _kept(original, para, rules):
+            (flips if original.judged != para.judged else candidates).append((original, para))
+    flipped_questions = {para.question_id for _, para in flips}
+    pool = [c for c in candidates if c[1].question_id in flipped_questions] or candidates
+    rng = np.random.default_rng(rules.seed)
+    n_controls = min(len(pool), len(flips) * rules.controls_per_flip)
+    chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=n_controls, replace=False))] if n_controls else []
+    return {
+        "format": FLIPBANK_FORMAT,
+        "rules": rules.to_dict(),
+        "source": dict(source),
+        "n_flips": len(flips),
+        "n_controls": len(chosen),
+        "flips": [_case(by_id[p.question_id], o, p) for o, p in flips],
+        "controls": [_case(by_id[p.question_id], o, p) for o, p in chosen],
+    }

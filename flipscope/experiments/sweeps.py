@@ -1,0 +1,185 @@
+"""Patching sweeps: one variant at a time over every FlipBank case, into resumable stores.
+
+`patch_sweep` removes each feature alone (delta-only, last position); `layer_sweep` puts the
+original's residual in at each layer's `hook_resid_post`, last position. Both run on the
+last-token fast path: an edit at the last position cannot reach earlier positions, so each
+prompt runs once up to its last token and the last token once per variant on that key/value
+cache (equal to full forwards within 1e-5, tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flipscope.data.store import ResultStore
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.pairs import PairActivations, collect_pairs
+from flipscope.interventions.hooks import replace_at_last, subtract_at_last
+from flipscope.model.hook_names import resid_post
+from flipscope.model.protocol import VLM
+from flipscope.sae.encode import check_features
+from flipscope.sae.load import check_sae
+
+__all__ = ["layer_sweep", "patch_sweep"]
+
+
+def _sweep(
+    vlm: VLM,
+    pairs: PairActivations,
+    header: dict[str, Any],
+    store_path: Any,
+    n_variants: int,
+    hooks_for: Any,
+    labels: list[Any],
+    *,
+    fast: bool,
+    rows_per_forward: int,
+    progress: bool,
+    desc: str,
+) -> ResultStore:
+    """Run `n_variants` hooked variants of every case's paraphrase into a resumable store.
+
+    Cases go in fixed chunks (so a resumed run recomputes whole chunks exactly as before) of
+    about `rows_per_forward / n_variants` cases; `hooks_for(indices)` gives the hooks for the
+    chunk's case × variant rows, case-major.
+    """
+    per_chunk = max(1, rows_per_forward // n_variants)
+    header = {**header, "fast": fast, "cases_per_unit": per_chunk}
+    store = ResultStore.open(store_path, header)
+    para_specs = pairs.paraphrase_specs()
+    chunks = [list(range(i, min(i + per_chunk, len(pairs.cases)))) for i in range(0, len(pairs.cases), per_chunk)]
+    todo = [(k, chunk) for k, chunk in enumerate(chunks) if f"cases/{k}" not in store.done]
+    for k, chunk in tqdm(todo, desc=desc, disable=not progress):
+        chunk_specs = [para_specs[i] for i in chunk]
+        fwd_hooks = hooks_for(chunk)
+        if fast:
+            margins = vlm.score_last_token(chunk_specs, n_variants, fwd_hooks)
+        else:
+            rows = [spec for spec in chunk_specs for _ in range(n_variants)]
+            with torch.no_grad(), vlm.hooks(fwd_hooks=fwd_hooks):
+                margins = vlm.score(vlm.prompts.build(rows)).reshape(len(chunk), n_variants)
+        out = []
+        for i, case_margins in zip(chunk, margins.tolist(), strict=True):
+            case = pairs.cases[i]
+            for label, m in zip(labels, case_margins, strict=True):
+                out.append(
+                    {
+                        "case": case["id"],
+                        "kind": "flip" if pairs.is_flip[i] else "control",
+                        "direction": case.get("direction"),
+                        "variant": label,
+                        "m_orig": float(pairs.margin_orig[i]),
+                        "m_para": float(pairs.margin_para[i]),
+                        "m_patched": m,
+                    }
+                )
+        store.append(f"cases/{k}", out)
+    return store
+
+
+def patch_sweep(
+    vlm: VLM,
+    sae: Any,
+    bank: Mapping[str, Any],
+    features: Sequence[int],
+    store_path: Any,
+    *,
+    fast: bool = True,
+    pairs: PairActivations | None = None,
+    batch_size: int = 32,
+    rows_per_forward: int = 1024,
+    progress: bool = True,
+) -> ResultStore:
+    """Delta-only patch of each feature in `features` alone, on every case, into a resumable
+    store (one unit per case; rows carry `variant` = the feature).
+
+    With `fast`, each case's prompt runs once up to its last token and the last token once per
+    feature on that cache (`score_last_token`); otherwise every variant is a full forward.
+    """
+    hook = check_sae(sae, vlm)
+    check_features(sae, features)
+    pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
+    delta = pairs.feature_delta(sae, hook)[:, list(features)]
+    w_dec = sae.W_dec.detach()[list(features)]
+    header = {
+        "kind": "patch-sweep",
+        "hook": hook,
+        "features": [int(f) for f in features],
+        "model": vlm.identity(),
+        "bank": bank.get("source", {}).get("questions"),
+        "n_cases": len(pairs.cases),
+    }
+
+    def hooks_for(chunk: list[int]) -> list:
+        vectors = (delta[chunk][:, :, None] * w_dec).reshape(-1, w_dec.shape[1])  # case-major rows
+        return [(hook, subtract_at_last(vectors))]
+
+    labels = [int(f) for f in features]
+    return _sweep(
+        vlm,
+        pairs,
+        header,
+        store_path,
+        len(features),
+        hooks_for,
+        labels,
+        fast=fast,
+        rows_per_forward=rows_per_forward,
+        progress=progress,
+        desc="feature sweep",
+    )
+
+
+def layer_sweep(
+    vlm: VLM,
+    bank: Mapping[str, Any],
+    store_path: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    fast: bool = True,
+    pairs: PairActivations | None = None,
+    batch_size: int = 32,
+    rows_per_forward: int = 1024,
+    progress: bool = True,
+) -> ResultStore:
+    """Original-value patching at each layer's `hook_resid_post`, last position, on every case:
+    where along the depth the original's state still undoes the flip (rows: `variant` = layer)."""
+    layers = list(range(vlm.n_layers)) if layers is None else [int(x) for x in layers]
+    bad = [layer for layer in layers if not 0 <= layer < vlm.n_layers]
+    if bad:
+        raise FlipscopeError(f"layers {bad} do not exist; the model has layers 0..{vlm.n_layers - 1}")
+    names = [resid_post(layer) for layer in layers]
+    pairs = pairs if pairs is not None else collect_pairs(vlm, bank, names, batch_size=batch_size, progress=progress)
+    header = {
+        "kind": "layer-sweep",
+        "layers": layers,
+        "model": vlm.identity(),
+        "bank": bank.get("source", {}).get("questions"),
+        "n_cases": len(pairs.cases),
+    }
+
+    def hooks_for(chunk: list[int]) -> list:
+        variant = torch.arange(len(names)).repeat(len(chunk))  # case-major: rows cycle through layers
+        out = []
+        for k, name in enumerate(names):
+            values = pairs.orig[name][chunk].repeat_interleave(len(names), dim=0)
+            out.append((name, replace_at_last(values, variant == k)))
+        return out
+
+    return _sweep(
+        vlm,
+        pairs,
+        header,
+        store_path,
+        len(names),
+        hooks_for,
+        layers,
+        fast=fast,
+        rows_per_forward=rows_per_forward,
+        progress=progress,
+        desc="layer sweep",
+    )

@@ -1,0 +1,119 @@
+"""Edited models: siblings of a `HookedVLM` that share its weights and apply a fixed edit on
+every forward (prefill and each decoding step, on every scoring path).
+
+**Clamping** (`ClampedVLM`): at the SAE's hook, at every position, x ← x − (f(x) − value) · W_dec[f]
+for each clamped feature f: the feature's own contribution is replaced by `value` (0 switches it
+off) and everything else, the SAE error term included, stays. **Direction ablation**
+(`DirectionAblatedVLM`): x ← x − (x · û) û at every position, the SAE-free baseline a feature has
+to beat (e.g. û the DiffMean direction of flips vs controls).
+
+Both are `HookedVLM`s (made as `HookedVLM.edited` makes siblings), so every stage takes them in
+place of the model; the edit fires exactly once per forward however hooks and contexts nest, and
+its description goes into `identity()`, so a store written under one edit never resumes under
+another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from flipscope.errors import FlipscopeError
+from flipscope.interventions.hooks import ablate_direction_hook, clamp_hook
+from flipscope.model.hooked import Edit, HookedVLM
+from flipscope.sae.encode import check_features
+from flipscope.sae.load import check_sae
+
+__all__ = ["ClampedVLM", "DirectionAblatedVLM", "EditedVLM", "InterventionVLM", "clamp"]
+
+
+class EditedVLM(HookedVLM):
+    """`model` (a `HookedVLM`, possibly already edited) with one more `edit` on every forward.
+
+    Attributes:
+        model: The model it was made from (unchanged; it shares the weights).
+        description: The edit's description (also in `identity()`).
+
+    Raises:
+        FlipscopeError: the edit's hook is not one of the model's hook points.
+    """
+
+    def __init__(self, model: HookedVLM, edit: Edit) -> None:
+        if edit.hook_name not in model.hook_dict:
+            raise FlipscopeError(f"hook {edit.hook_name!r} is not a hook point of the model (see `flipscope hooks`)")
+        super().__init__(
+            model.hf_model,
+            model.processor,
+            name_or_path=model.name_or_path,
+            edits=(*model.edits, edit),
+            prompts=model.prompts,
+        )
+        self._base = (model,)  # a tuple, so the base is not registered as a child module
+        self.description = dict(edit.description)
+
+    @property
+    def model(self) -> HookedVLM:
+        return self._base[0]
+
+    @property
+    def hook_name(self) -> str:
+        return self.edits[-1].hook_name
+
+
+InterventionVLM = EditedVLM  # the 0.1 name
+
+
+class ClampedVLM(EditedVLM):
+    """`model` with SAE features clamped: `ClampedVLM(vlm, sae, {3818: 0.0})`.
+
+    Raises:
+        FlipscopeError: a feature is outside the SAE, or the SAE does not fit the model.
+    """
+
+    def __init__(self, model: HookedVLM, sae: Any, values: Mapping[int, float]) -> None:
+        check_features(sae, list(values))
+        hook_name = check_sae(sae, model)
+        values = {int(f): float(v) for f, v in values.items()}
+        description = {"clamp": {"hook": hook_name, "values": values}}
+        super().__init__(model, Edit(hook_name, clamp_hook(sae, values), description))
+        self._sae = (sae,)
+        self.values = values
+
+    @property
+    def sae(self) -> Any:
+        return self._sae[0]
+
+
+class DirectionAblatedVLM(EditedVLM):
+    """`model` with `direction` projected out of the residual at `hook_name`, every position.
+
+    Raises:
+        FlipscopeError: the direction is not a finite, nonzero vector of the model's width.
+    """
+
+    def __init__(
+        self, model: HookedVLM, hook_name: str, direction: Float[Tensor, " d_model"], name: str = "direction"
+    ) -> None:
+        direction = torch.as_tensor(direction).detach().float().cpu()
+        if direction.shape != (model.d_model,):
+            raise FlipscopeError(
+                f"direction has shape {tuple(direction.shape)}; expected ({model.d_model},), the model's d_model"
+            )
+        if not torch.isfinite(direction).all() or float(direction.norm()) == 0.0:
+            raise FlipscopeError("direction must be finite and nonzero")
+        digest = hashlib.sha256(direction.numpy().tobytes()).hexdigest()[:16]
+        description = {"ablate_direction": {"hook": hook_name, "name": name, "sha256": digest}}
+        super().__init__(model, Edit(hook_name, ablate_direction_hook(direction), description))
+        self.direction = direction
+
+
+@contextmanager
+def clamp(model: HookedVLM, sae: Any, values: Mapping[int, float]) -> Iterator[ClampedVLM]:
+    """`with clamp(vlm, sae, {f: 0.0}) as clamped:` — the same model, clamped, for a block."""
+    yield ClampedVLM(model, sae, values)

@@ -1,0 +1,1 @@
+"""Figures (plotly, data in and figure out), the self-contained report page, and the demo pipeline."""

@@ -1,0 +1,382 @@
+"""The main job: the paper's story, end to end, on the shipped model organism.
+
+`run_demo` evaluates the organism on held-out films (with the image and with it blanked), curates
+its FlipBank, discovers the features that track the framing, patches them out, clamps the
+top one (and ablates the DiffMean direction beside it), and writes every figure and
+`report.html`. The stages are declared in `STAGES`, each a function of the shared `_Run`.
+Every stage calls the same function its CLI command does, with the same
+defaults, so the report's numbers are those the commands print; each stage's results go to a
+resumable store or file under `work`, so a rerun after a crash recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flipscope.errors import FlipscopeError
+
+__all__ = ["PAPER", "DemoConfig", "run_demo"]
+
+PAPER = {
+    "model": "MedGemma 4B (google/medgemma-4b-it), MIMIC-CXR questions",
+    "flip_rate_range": "8–58% across six medical VLMs",
+    "flipbank": {"n_flips": 158, "yes_to_no": 94, "no_to_yes": 64},
+    "feature": "GemmaScope 2 feature 3818, layer 17 of 34 (blocks.17.hook_resid_post)",
+    "pearson_r": 0.71,
+    "peak_layer_auc": 0.76,
+    "patch_mean_recovery": 0.448,
+    "patch_reversed": "23/158",
+    "patch_controls_margin_change": 0.03,
+    "clamp_flip_rate": [0.156, 0.108],
+    "clamp_accuracy": [0.782, 0.769],
+    "clamp_text_only_agreement": [0.664, 0.631],
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs.
+
+    Attributes:
+        n_films: Held-out films evaluated (4 questions each, 10 prompts per question).
+        conditions: Image conditions; `blank` is the paper's "image removed".
+        top_k: Features patched together: the first `top_k` by attribution.
+        clamp_values: Values the top feature is clamped to (the trade-off curve).
+        seed: Seed of every bootstrap and of the control draw.
+    """
+
+    n_films: int = 40
+    conditions: tuple[str, ...] = ("image", "blank")
+    top_k: int = 5
+    clamp_values: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    seed: int = 0
+
+
+def _layer_recovery(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Mean recovery over flips, with its CI, of original-value patching at each layer."""
+    from flipscope.experiments.patching import summarize_patch
+
+    layers = sorted({r["variant"] for r in rows})
+    return [
+        {
+            "layer": int(layer),
+            **summarize_patch([r for r in rows if r["variant"] == layer], seed)["flips"]["mean_recovery"],
+        }
+        for layer in layers
+    ]
+
+
+def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
+    base = report["baseline"]["overall"]
+    points = [{"label": "as is", "kind": "baseline", "flip_rate": base["flip_rate"], "accuracy": base["accuracy"]}]
+    for entry in report["interventions"]:
+        o = entry["summary"]["overall"]
+        if "clamp" in entry["description"]:
+            (value,) = set(entry["description"]["clamp"]["values"].values())
+            label, kind = f"{value:g}", "clamp"
+        else:
+            label = kind = f"{entry['description']['ablate_direction']['name']} ablated"
+        points.append({"label": label, "kind": kind, "flip_rate": o["flip_rate"], "accuracy": o["accuracy"]})
+    return points
+
+
+def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of a demo run, from its `summary` (and the files it names): the demo calls
+    this, and so does `analyses/figures.py` to redraw them from a finished run."""
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.summary import flip_rate_cells
+    from flipscope.reporting import plots
+
+    files = summary["files"]
+    rows = json.loads(Path(files["patch_discovered"]).read_text())["cases"]
+    chosen = summary["patching"]["discovered"]["setup"]["features"]
+    feature = summary["clamping"]["feature"]
+    seed = summary["settings"]["seed"]
+    return {
+        "margin_recovery": plots.margin_recovery(
+            rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
+        ),
+        "recovery_distribution": plots.recovery_distribution(
+            rows, title=f"Recovery for features {chosen}, and its controls"
+        ),
+        "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
+        "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
+        "feature_activation": plots.feature_activation(summary["feature_activation"]),
+        "clamp_tradeoff": plots.clamp_tradeoff(
+            _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
+        ),
+        "layer_auc": plots.layer_profile(summary["discovery"]["layers"], summary["patching"]["layers"]),
+    }
+
+
+@dataclass
+class _Run:
+    """What the stages share: the inputs, and each stage's results as it finishes."""
+
+    cfg: DemoConfig
+    out: Path
+    work: Path
+    directory: Path
+    vlm: Any
+    sae: Any
+    card: dict[str, Any]
+    progress: bool
+    png: bool
+    echo: Callable[[str], None]
+    found: dict[str, Any] = field(default_factory=dict)
+
+
+def _evaluate(run: _Run) -> None:
+    """Every held-out question × prompt × {image, blank}, and its summary."""
+    from flipscope.data.questions import load_questions
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.evaluation import EvalConfig, run_sweep
+    from flipscope.experiments.summary import summarize
+    from flipscope.organism.config import OrganismConfig
+    from flipscope.organism.questions import export_questions
+
+    cfg, work = run.cfg, run.work
+    questions_path = export_questions(OrganismConfig.from_dict(run.card["config"]), work / "data", n_films=cfg.n_films)
+    questions = load_questions(questions_path)
+    eval_cfg = EvalConfig(conditions=cfg.conditions)
+    store = run_sweep(run.vlm, questions, eval_cfg, work / "evaluation" / "results.jsonl", progress=run.progress)
+    run.found.update(questions_path=questions_path, questions=questions, eval_path=store.path)
+    run.found["evaluation"] = summarize(iter_rows(store.path), seed=cfg.seed)
+
+
+def _curate(run: _Run) -> None:
+    """The organism's FlipBank, by the rules its shipped bank was made with."""
+    from flipscope.data.curation import curate
+    from flipscope.data.flipbank import load_flipbank, save_flipbank
+    from flipscope.data.store import iter_rows, read_header
+    from flipscope.organism.bank import DEFAULT_RULES
+
+    path = run.found["eval_path"]
+    bank = curate(iter_rows(path), run.found["questions"], DEFAULT_RULES, source=read_header(path))
+    run.found["bank_path"] = save_flipbank(bank, run.work / "flipbank.json")
+    run.found["bank"] = load_flipbank(run.found["bank_path"])
+    if not run.found["bank"]["n_flips"]:
+        raise FlipscopeError(f"the organism made no flips on {run.cfg.n_films} films; nothing to explain")
+
+
+def _discover(run: _Run) -> None:
+    """Discovery on pair activations at every layer (patching reuses them)."""
+    from flipscope.experiments.discovery import discover
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.model.hook_names import resid_post
+
+    vlm, bank = run.vlm, run.found["bank"]
+    pairs = collect_pairs(vlm, bank, [resid_post(i) for i in range(vlm.n_layers)], progress=run.progress)
+    found = discover(vlm, run.sae, bank, pairs=pairs, seed=run.cfg.seed, progress=run.progress)
+    found.save(run.work / "discovery.json")
+    ranked = found.top(len(found.table), by="attribution")
+    run.found.update(
+        pairs=pairs,
+        discovery=found,
+        chosen=[int(f) for f in found.top(run.cfg.top_k, by="attribution")["feature"]],
+        clamp_feature=int(ranked[ranked["mean_delta_flip"] > 0]["feature"].iloc[0]),  # the first switched on
+    )
+
+
+def _patch(run: _Run) -> None:
+    """The discovered features, the card's planted set, the clamped feature alone, and every layer."""
+    from flipscope.data.store import read_rows
+    from flipscope.experiments.patching import patch_bank
+    from flipscope.experiments.sweeps import layer_sweep
+
+    f, vlm, sae = run.found, run.vlm, run.sae
+    bank, pairs, progress = f["bank"], f["pairs"], run.progress
+    f["planted"] = [x["feature"] for x in run.card["framing_features"] if x["aligned"]]
+    sets = {"patch_discovered": f["chosen"], "patch_card": f["planted"], "patch_single": [f["clamp_feature"]]}
+    for name, features in sets.items():
+        f[name] = patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
+    layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", pairs=pairs, progress=progress)
+    f["layer_rows"] = read_rows(layers.path)
+    for name in sets:
+        result = f[name]
+        (run.work / f"{name}.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}) + "\n")
+
+
+def _clamp(run: _Run) -> None:
+    """The clamp-value curve of the clamped feature, with the DiffMean direction ablated beside it."""
+    import torch
+
+    from flipscope.experiments.clamping import compare_clamped
+    from flipscope.experiments.evaluation import EvalConfig
+    from flipscope.interventions.edited import DirectionAblatedVLM
+
+    f, cfg = run.found, run.cfg
+    direction = torch.tensor(f["discovery"].diffmean["direction"])
+    ablated = DirectionAblatedVLM(run.vlm, run.card["hook_name"], direction, name="DiffMean")
+    clamps = [{f["clamp_feature"]: v} for v in cfg.clamp_values]
+    f["clamping"] = compare_clamped(
+        run.vlm, run.sae, f["questions"], clamps, run.work / "clamp", EvalConfig(conditions=cfg.conditions),
+        also={"diffmean": ablated}, baseline_store=f["eval_path"], progress=run.progress,
+    )  # fmt: skip
+    (run.work / "clamp.json").write_text(json.dumps(f["clamping"], indent=1) + "\n")
+
+
+def _activations(run: _Run) -> None:
+    """The patched features' activation per question family."""
+    from flipscope.experiments.directions import activation_by_family
+
+    f = run.found
+    f["cells"] = activation_by_family(run.vlm, run.sae, f["questions"], f["chosen"], seed=run.cfg.seed)
+
+
+def _figures(run: _Run) -> None:
+    """The summary every figure and the report are drawn from, and the figures."""
+    from flipscope.reporting.files import save_figures
+
+    run.found["summary"] = summary = _summary(run)
+    run.found["figures"] = build_figures(summary)
+    written = save_figures(run.found["figures"], run.out, {"demo": summary["settings"]}, png=run.png)
+    if written["png_skipped"]:
+        run.echo(f"PNGs skipped: {written['png_skipped']}; the HTML figures are written")
+    summary["figures"] = {"html": [p.name for p in written["html"]], "png": [p.name for p in written["png"]]}
+    summary["png_skipped"] = written["png_skipped"]
+    f = run.found
+    summary["commands"] = _commands(
+        run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"], f["clamp_feature"],
+        run.cfg,
+    )  # fmt: skip
+
+
+def _report(run: _Run) -> None:
+    from flipscope.reporting.report import write_report
+
+    write_report(run.out / "report.html", run.found["summary"], run.found["figures"])
+
+
+STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
+    ("evaluating (image and blank)", _evaluate),
+    ("curating the FlipBank", _curate),
+    ("discovering features", _discover),
+    ("patching", _patch),
+    ("clamping feature {clamp_feature}", _clamp),
+    ("reading feature activations", _activations),
+    ("writing figures", _figures),
+    ("writing the report", _report),
+)
+
+
+def _summary(run: _Run) -> dict[str, Any]:
+    """Every number the report and figures show, and the files they come from."""
+    from flipscope.experiments.discovery import records
+
+    f, cfg, work, found = run.found, run.cfg, run.work, run.found["discovery"]
+    bank = f["bank"]
+    return {
+        "settings": {**asdict(cfg), "organism": str(run.directory)},
+        "organism": {
+            "directory": str(run.directory),
+            "hook": run.card["hook_name"],
+            "n_layers": run.vlm.n_layers,
+            "d_sae": int(run.sae.cfg.d_sae),
+            "shortcut": run.card["shortcut"],
+            "planted_features": f["planted"],
+        },
+        "files": {
+            "questions": str(f["questions_path"]),
+            "evaluation": str(f["eval_path"]),
+            "flipbank": str(f["bank_path"]),
+            "discovery": str(work / "discovery.json"),
+            "patch_discovered": str(work / "patch_discovered.json"),
+        },
+        "evaluation": f["evaluation"],
+        "flipbank": {k: bank[k] for k in ("n_flips", "n_controls")}
+        | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
+        "discovery": {
+            "top": records(found.top(10, by="pearson")),
+            "top_attribution": f["chosen"],
+            "ablation_check": found.ablation,
+            "diffmean_top_features": found.diffmean["top_features"],
+            "layers": found.layers,
+        },
+        "patching": {
+            "discovered": f["patch_discovered"].summary,
+            "planted": f["patch_card"].summary,
+            "single": f["patch_single"].summary,
+            "layers": _layer_recovery(f["layer_rows"], cfg.seed),
+        },
+        "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
+        "feature_activation": f["cells"],
+        "paper": PAPER,
+    }
+
+
+def run_demo(
+    out: str | Path = "figures",
+    work: str | Path | None = None,
+    *,
+    organism: str | Path | None = None,
+    cfg: DemoConfig = DemoConfig(),
+    png: bool = True,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage of `STAGES` on the organism; write figures, `summary.json` and
+    `report.html` to `out` and the stages' stores to `work` (default `out/work`). Returns the summary.
+
+    Raises:
+        FlipscopeError: the organism cannot be loaded, or a stage finds bad input.
+    """
+    from flipscope.organism import default_organism_dir, load_organism
+
+    out = Path(out)
+    total = time.perf_counter()
+    directory = Path(organism) if organism is not None else default_organism_dir()
+    vlm, sae, card = load_organism(directory)  # before anything is written: a bad organism leaves no folder
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work) if work is not None else out / "work"
+    run = _Run(cfg, out, work, directory, vlm, sae, card, progress, png, echo)
+    seconds: dict[str, float] = {}
+    for k, (name, stage) in enumerate(STAGES, start=1):
+        label = name.format(**run.found)
+        echo(f"[{k}/{len(STAGES)}] {label} ...")
+        start = time.perf_counter()
+        stage(run)
+        seconds[label] = round(time.perf_counter() - start, 2)
+    summary = run.found["summary"]
+    summary["seconds"] = {**seconds, "total": round(time.perf_counter() - total, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    echo(f"report: {out / 'report.html'}  ({summary['seconds']['total']:.0f} s)")
+    return summary
+
+
+def _commands(
+    organism: Path,
+    questions: Path,
+    work: Path,
+    bank: Path,
+    chosen: list[int],
+    planted: list[int],
+    feature: int,
+    cfg: DemoConfig,
+) -> dict[str, str]:
+    """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
+    the demo's own stores, so they compute nothing twice)."""
+
+    def ints(values: list[int]) -> str:
+        return ",".join(str(v) for v in values)
+
+    conditions = ",".join(cfg.conditions)
+    values = ",".join(f"{v:g}" for v in cfg.clamp_values)
+    return {
+        "evaluate": f"flipscope evaluate --model {organism} --questions {questions} --conditions {conditions} "
+        f"--out {work / 'evaluation'}",
+        "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
+        f"--out {work / 'flipbank-cli.json'}",
+        "discover": f"flipscope discover --flipbank {bank} --out {work / 'discovery-cli.json'}",
+        "patch_discovered": f"flipscope patch --flipbank {bank} --features {ints(chosen)} "
+        f"--out {work / 'patch-discovered'}",
+        "patch_planted": f"flipscope patch --flipbank {bank} --features {ints(planted)} --out {work / 'patch-planted'}",
+        "patch_single": f"flipscope patch --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
+        "clamp": f"flipscope clamp --questions {questions} --features {feature} --values {values} "
+        f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
+    }
