@@ -11,6 +11,10 @@ times, interleaved round by round so drift hits every variant alike:
 - `bridge` / `bridge cache(1 layer)`: TransformerLens 3.9's `TransformerBridge` on the same
   checkpoint (it forces eager attention, so it is also compared with HF eager: `hf eager`).
 
+The vocabulary stays the tiny tokenizer's (~40 words) on purpose: every variant pays the same
+unembedding, and at Gemma's 262,208 tokens it would dwarf the hooks' own cost, the quantity
+measured here (`bench_eval.py` measures at the real vocabulary).
+
 Run: `.venv/bin/python benchmarks/bench_hooks.py [--rounds N] [--out FILE]`. Prints a table of
 median milliseconds and ratios, and writes it as JSON beside the configuration.
 """

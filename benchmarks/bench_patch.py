@@ -10,6 +10,10 @@
    forward and the `ClampedVLM` forward (one feature clamped at every position) interleaved for
    `--rounds` rounds; prints median ms and the ratio.
 
+Both keep small vocabularies on purpose: the sweep's two paths and the clamp's two forwards
+unembed the same last positions, so a 262,208-token vocabulary would add the same cost to both
+sides and only hide the difference measured here (`bench_eval.py` measures at the real one).
+
 Run: `.venv/bin/python benchmarks/bench_patch.py [--features 50] [--batch 16] [--rounds 9]`.
 """
 

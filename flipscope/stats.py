@@ -52,14 +52,27 @@ def bootstrap(
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     point = float(statistic(values))
     rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, n, size=(n_boot, n))]
-    if statistic is np.mean:
-        boots = draws.mean(axis=1)
-    else:
-        boots = np.array([statistic(row) for row in draws])
+    boots = np.concatenate([_resampled(values, statistic, rng, size) for size in _chunks(n_boot, n)])
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boots, [tail, 1.0 - tail])
     return Estimate(point, float(low), float(high), n)
+
+
+_RESAMPLE_BUDGET = 1 << 22  # values drawn at once: memory stays flat however many units there are
+
+
+def _chunks(n_boot: int, n: int) -> list[int]:
+    """Resamples per draw: an even count (so the generator's stream is the one a single draw of
+    all `n_boot` would give), each draw holding at most about `_RESAMPLE_BUDGET` values."""
+    size = max(2, (_RESAMPLE_BUDGET // n) & ~1)
+    return [min(size, n_boot - start) for start in range(0, n_boot, size)]
+
+
+def _resampled(values: np.ndarray, statistic: Callable[[np.ndarray], float], rng: np.random.Generator, size: int):
+    draws = values[rng.integers(0, len(values), size=(size, len(values)))]
+    if statistic is np.mean:
+        return draws.mean(axis=1)
+    return np.array([statistic(row) for row in draws])
 
 
 def bootstrap_means(

@@ -109,3 +109,18 @@ def test_a_flipbank_from_another_model_is_refused(vlm: HookedVLM) -> None:
     with pytest.raises(FlipscopeError, match=r"made by model 'default' \(fingerprint .*\), not by 'tiny-vlm'"):
         check_flipbank_model(bank, vlm)
     check_flipbank_model(bank, HookedVLM.from_pretrained(default_organism_dir()))
+
+
+def test_a_loaded_bank_reads_through_typed_attributes() -> None:
+    from flipscope.data.flipbank import FlipBank, FlipCase
+
+    bank = load_flipbank(COMMITTED)
+    assert isinstance(bank, FlipBank) and all(isinstance(c, FlipCase) for c in bank.cases)
+    assert bank.n_flips == bank["n_flips"] == len(bank.flips) and bank.n_controls == len(bank.controls)
+    assert [c.id for c in bank.cases] == [c["id"] for c in (*bank["flips"], *bank["controls"])]
+    flip, control = bank.flips[0], bank.controls[0]
+    assert flip.is_flip and not control.is_flip and control.direction is None
+    assert flip.direction == f"{flip.original_answer}→{flip.paraphrase_answer}"
+    assert flip.margin_shift == flip.paraphrase_margin - flip.original_margin
+    assert Path(flip.image).is_file() and bank.source == bank["source"] and bank.format == "flipbank/1"
+    assert json.loads(json.dumps(bank)) == bank  # still the file's JSON, value for value

@@ -30,3 +30,13 @@ def test_seeded_and_degenerate_cases() -> None:
     assert (one.value, one.low, one.high, one.n) == (2.0, 2.0, 2.0, 1)
     assert math.isnan(bootstrap(np.array([])).value)
     assert str(bootstrap(np.array([0.0, 1.0]), seed=0)).startswith("0.500 [")
+
+
+def test_bootstrap_in_bounded_chunks_equals_one_draw(monkeypatch) -> None:
+    import flipscope.stats as st
+
+    values = np.random.default_rng(1).random(4001)
+    chunked = (bootstrap(values, seed=3), bootstrap(values, np.median, n_boot=301, seed=3))
+    assert len(st._chunks(2000, len(values))) > 1  # the budget really splits this draw
+    monkeypatch.setattr(st, "_RESAMPLE_BUDGET", 1 << 40)
+    assert (bootstrap(values, seed=3), bootstrap(values, np.median, n_boot=301, seed=3)) == chunked

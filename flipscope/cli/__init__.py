@@ -11,7 +11,17 @@ from flipscope.cli.common import app
 
 __all__ = ["app", "main"]
 
-ORDER = ("hooks", "evaluate", "merge", "curate", "discover", "patch", "clamp", "demo")  # the order of the pipeline
+ORDER = (
+    "hooks",
+    "evaluate",
+    "merge",
+    "export",
+    "curate",
+    "discover",
+    "patch",
+    "clamp",
+    "demo",
+)  # the order of the pipeline
 app.registered_commands.sort(key=lambda info: ORDER.index(info.callback.__name__))
 
 

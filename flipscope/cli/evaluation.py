@@ -174,3 +174,16 @@ def curate(
     directions = sorted({c["direction"] for c in bank["flips"]})
     counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)
     typer.echo(f"{bank['n_flips']} flip cases ({counts}), {bank['n_controls']} controls: {path}")
+
+
+@app.command()
+def export(
+    results: Path = typer.Argument(..., help="A results.jsonl, or the output directory that holds it."),
+    parquet: Path = typer.Option(..., help="Parquet file to write (for pandas, polars or duckdb)."),
+) -> None:
+    """Export a result store's rows to Parquet, streamed unit by unit (needs pyarrow)."""
+    from flipscope.data.export import export_parquet
+
+    with one_line_errors():
+        path = export_parquet(results / "results.jsonl" if results.is_dir() else results, parquet)
+    typer.echo(f"rows: {path}")

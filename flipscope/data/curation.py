@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flipscope.data.flipbank import FLIPBANK_FORMAT
+from flipscope.data.flipbank import FLIPBANK_FORMAT, FlipBank, FlipCase
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 
@@ -70,22 +70,24 @@ def _answers(rows: Iterable[Mapping[str, Any]], rules: CurationRules) -> list[_A
     return out
 
 
-def _case(q: Question, original: _Answer, para: _Answer) -> dict[str, Any]:
-    case = {
-        "id": f"{q.id}/p{para.prompt_index}",
-        "question_id": q.id,
-        "image": str(q.image),
-        "finding": q.finding,
-        "truth": "yes" if q.answer else "no",
-        "original": q.question,
-        "paraphrase": q.prompts[para.prompt_index],
-        "prompt_index": int(para.prompt_index),
-        "strategy": para.strategy,
-        "original_answer": original.answer,
-        "paraphrase_answer": para.answer,
-        "original_margin": float(original.margin),
-        "paraphrase_margin": float(para.margin),
-    }
+def _case(q: Question, original: _Answer, para: _Answer) -> FlipCase:
+    case = FlipCase(
+        {
+            "id": f"{q.id}/p{para.prompt_index}",
+            "question_id": q.id,
+            "image": str(q.image),
+            "finding": q.finding,
+            "truth": "yes" if q.answer else "no",
+            "original": q.question,
+            "paraphrase": q.prompts[para.prompt_index],
+            "prompt_index": int(para.prompt_index),
+            "strategy": para.strategy,
+            "original_answer": original.answer,
+            "paraphrase_answer": para.answer,
+            "original_margin": float(original.margin),
+            "paraphrase_margin": float(para.margin),
+        }
+    )
     if case["original_answer"] != case["paraphrase_answer"]:
         case["direction"] = f"{case['original_answer']}→{case['paraphrase_answer']}"
     return case
@@ -105,7 +107,7 @@ def curate(
     rules: CurationRules,
     *,
     source: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> FlipBank:
     """A FlipBank from evaluation rows (a list, or `iter_rows(path)` to stream a store; the
     with-image condition is read) by `rules`; `source` records the model and evaluation (e.g.
     the store header)."""
@@ -125,12 +127,14 @@ def curate(
     rng = np.random.default_rng(rules.seed)
     n_controls = min(len(pool), len(flips) * rules.controls_per_flip)
     chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=n_controls, replace=False))] if n_controls else []
-    return {
-        "format": FLIPBANK_FORMAT,
-        "rules": rules.to_dict(),
-        "source": dict(source),
-        "n_flips": len(flips),
-        "n_controls": len(chosen),
-        "flips": [_case(by_id[p.question_id], o, p) for o, p in flips],
-        "controls": [_case(by_id[p.question_id], o, p) for o, p in chosen],
-    }
+    return FlipBank(
+        {
+            "format": FLIPBANK_FORMAT,
+            "rules": rules.to_dict(),
+            "source": dict(source),
+            "n_flips": len(flips),
+            "n_controls": len(chosen),
+            "flips": [_case(by_id[p.question_id], o, p) for o, p in flips],
+            "controls": [_case(by_id[p.question_id], o, p) for o, p in chosen],
+        }
+    )

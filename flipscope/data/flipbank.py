@@ -6,8 +6,11 @@ answer with the image) and `controls` (a paraphrase of a question in the same se
 Each case: id, question_id, image, finding, truth, original, paraphrase, prompt_index, strategy,
 answer/margin of the original and of the paraphrase, and (flips only) direction `yes→no` or `no→yes`.
 
-Banks are made by `flipscope.data.curation.curate`; every reader validates the whole file and
-lists each bad case (field, value, what was expected).
+In Python a bank is a `FlipBank` and each case a `FlipCase`: the JSON objects themselves (dict
+subclasses, so they serialise and compare as the file does) read through typed attributes
+(`bank.flips`, `case.direction`, `case.margin_shift`). Banks are made by
+`flipscope.data.curation.curate`; every reader validates the whole file and lists each bad case
+(field, value, what was expected).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["FLIPBANK_FORMAT", "check_flipbank_model", "load_flipbank", "save_flipbank"]
+__all__ = ["FLIPBANK_FORMAT", "FlipBank", "FlipCase", "check_flipbank_model", "load_flipbank", "save_flipbank"]
 
 FLIPBANK_FORMAT = "flipbank/1"
 _CASE_FIELDS = {
@@ -38,6 +41,75 @@ _CASE_FIELDS = {
     "original_margin": float,
     "paraphrase_margin": float,
 }
+
+
+def _key(name: str, doc: str) -> property:
+    return property(lambda self: self.get(name), doc=doc)
+
+
+class FlipCase(dict):
+    """One case of a FlipBank, as its file stores it, with typed attributes."""
+
+    id = _key("id", "`question_id/p<prompt_index>`.")
+    question_id = _key("question_id", "The question it comes from.")
+    image = _key("image", "The film shown (resolved against the bank's folder when loaded).")
+    finding = _key("finding", "What the question asks about.")
+    truth = _key("truth", "The ground-truth answer, `yes` or `no`.")
+    original = _key("original", "The original wording.")
+    paraphrase = _key("paraphrase", "The paraphrase.")
+    prompt_index = _key("prompt_index", "Index of the paraphrase among the question's prompts (0 = original).")
+    strategy = _key("strategy", "The paraphrase's strategy tag, or None.")
+    original_answer = _key("original_answer", "Answer to the original with the image.")
+    paraphrase_answer = _key("paraphrase_answer", "Answer to the paraphrase with the image.")
+    original_margin = _key("original_margin", "Yes-minus-no margin of the original.")
+    paraphrase_margin = _key("paraphrase_margin", "Yes-minus-no margin of the paraphrase.")
+    direction = _key("direction", "`yes→no` or `no→yes` for a flip; None for a control.")
+
+    @property
+    def is_flip(self) -> bool:
+        return self["original_answer"] != self["paraphrase_answer"]
+
+    @property
+    def margin_shift(self) -> float:
+        """m_para − m_orig: how far the paraphrase moved the answer."""
+        return float(self["paraphrase_margin"]) - float(self["original_margin"])
+
+
+class FlipBank(dict):
+    """A FlipBank (format in the module docstring), with typed attributes; `FlipBank.of` wraps
+    any mapping of that shape without copying its values."""
+
+    format = _key("format", f"The file format, {FLIPBANK_FORMAT!r}.")
+    rules = _key("rules", "The `CurationRules` that made it, as a dict.")
+    source = _key("source", "The evaluation store's header: model identity, questions, config.")
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> FlipBank:
+        bank = cls(data)
+        for kind in ("flips", "controls"):
+            bank[kind] = [c if isinstance(c, FlipCase) else FlipCase(c) for c in bank[kind]]
+        return bank
+
+    @property
+    def flips(self) -> list[FlipCase]:
+        return self["flips"]
+
+    @property
+    def controls(self) -> list[FlipCase]:
+        return self["controls"]
+
+    @property
+    def n_flips(self) -> int:
+        return len(self["flips"])
+
+    @property
+    def n_controls(self) -> int:
+        return len(self["controls"])
+
+    @property
+    def cases(self) -> list[FlipCase]:
+        """Flips first, then controls (the order every stage uses)."""
+        return [*self["flips"], *self["controls"]]
 
 
 def _relative_images(bank: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -98,7 +170,7 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
         raise FlipscopeError(f"{len(problems)} problem(s) in the FlipBank:\n" + "\n".join(problems[:50]))
 
 
-def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> dict[str, Any]:
+def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> FlipBank:
     """Read and validate a FlipBank; every bad case is listed. Relative image paths come back
     resolved against `image_root` (default: the bank's folder).
 
@@ -115,7 +187,7 @@ def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> dic
     for case in (*bank["flips"], *bank["controls"]):
         image = Path(case["image"])
         case["image"] = str(image if image.is_absolute() else root / image)
-    return bank
+    return FlipBank.of(bank)
 
 
 def check_flipbank_model(bank: Mapping[str, Any], model: Any, where: str = "FlipBank") -> None:
