@@ -27,6 +27,7 @@ from flipscope.model.answers import binary_entropy, p_yes, parse_answer
 from flipscope.model.images import BlankSpec, load_image
 from flipscope.model.kv import Prefix
 from flipscope.model.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
+from flipscope.model.protocol import VLM
 
 __all__ = ["EvalConfig", "parse_shard", "run_sweep", "swap_images", "unit_key", "unit_order"]
 
@@ -182,7 +183,7 @@ class _UnitScorer:
     """Margins of one unit's prompts on the shared-prefix path (the blank and no-image prefixes
     computed once per run, an image's once per unit) or as plain batches."""
 
-    def __init__(self, model: Any, builder: PromptBuilder, cfg: EvalConfig, fast: bool) -> None:
+    def __init__(self, model: VLM, builder: PromptBuilder, cfg: EvalConfig, fast: bool) -> None:
         self.model, self.builder, self.cfg, self.fast = model, builder, cfg, fast
         self.shared: dict[str, Prefix] = {}
 
@@ -226,7 +227,7 @@ def _fill_rows(rows: list[dict[str, Any]], margins: Tensor, texts: list[str] | N
 
 
 def run_sweep(
-    model: Any,
+    model: VLM,
     questions: Sequence[Question],
     cfg: EvalConfig,
     store_path: str | Path,

@@ -23,6 +23,7 @@ from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.prompts import PromptSpec
+from flipscope.model.protocol import VLM
 
 __all__ = ["PairActivations", "bank_cases", "collect_pairs", "pair_specs"]
 
@@ -100,7 +101,7 @@ class PairActivations:
 
 @torch.no_grad()
 def collect_pairs(
-    vlm: Any,
+    vlm: VLM,
     bank: Mapping[str, Any],
     hooks: Sequence[str],
     *,

@@ -72,7 +72,9 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 # The model sizes, named alike in OrganismConfig and TinyVLMConfig.
-_SIZE_FIELDS = tuple(f.name for f in fields(TinyVLMConfig) if f.name not in ("words", "perturb_norms", "seed"))
+_SIZE_FIELDS = tuple(
+    f.name for f in fields(TinyVLMConfig) if f.name not in ("words", "vocab_size", "perturb_norms", "seed")
+)  # the organism's vocabulary is its own words
 
 
 def build_untrained(cfg: OrganismConfig) -> HookedVLM:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.prompts import PromptSpec
+from flipscope.model.protocol import VLM
 from flipscope.sae.load import check_sae
 
 __all__ = [
@@ -79,7 +80,7 @@ class PositionEncoding(NamedTuple):
 
 @torch.no_grad()
 def encode_prompts(
-    vlm: Any, sae: SAE, specs: Sequence[PromptSpec], positions: str = "last"
+    vlm: VLM, sae: SAE, specs: Sequence[PromptSpec], positions: str = "last"
 ) -> SAEEncoding | PositionEncoding:
     """Run `specs` as one batch and encode the SAE's hook activations, error term kept.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import resid_post
+from flipscope.model.protocol import VLM
 
 __all__ = ["check_sae", "gemmascope_folder_to_sae", "load_sae"]
 
@@ -120,7 +120,7 @@ def _download_help(release: str, sae_id: str, err: Exception) -> str:
 _HF_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)(?:\.output)?$")
 
 
-def check_sae(sae: SAE, model: Any) -> str:
+def check_sae(sae: SAE, model: VLM) -> str:
     """The hook name `sae` reads on `model`, after checking width and hook.
 
     Raises:
