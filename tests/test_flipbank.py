@@ -124,3 +124,41 @@ def test_a_loaded_bank_reads_through_typed_attributes() -> None:
     assert flip.margin_shift == flip.paraphrase_margin - flip.original_margin
     assert Path(flip.image).is_file() and bank.source == bank["source"] and bank.format == "flipbank/1"
     assert json.loads(json.dumps(bank)) == bank  # still the file's JSON, value for value
+
+
+def test_family_matched_controls_pair_each_flip_and_say_when_they_run_out(evaluated) -> None:
+    root, questions, rows, header = evaluated
+    bank = curate(rows, questions, CurationRules(match="family"), source=header)
+    flips = {c["id"]: c for c in bank["flips"]}
+    assert bank["rules"]["match"] == "family" and bank["n_controls"] + bank["control_shortfall"] == bank["n_flips"]
+    assert bank["n_controls"] > 0
+    for control in bank["controls"]:
+        flip = flips[control["control_for"]]
+        assert control["strategy"] == flip["strategy"] and control["finding"] == flip["finding"]
+        assert control["original_answer"] == control["paraphrase_answer"]
+    assert len({c["id"] for c in bank["controls"]}) == bank["n_controls"]  # each non-flip used once
+    path = save_flipbank(bank, root / "qs" / "family.json")
+    assert load_flipbank(path)["controls"][0]["control_for"] in flips
+    greedy = curate(rows, questions, CurationRules(match="family", controls_per_flip=50), source=header)
+    assert greedy["control_shortfall"] > 0 and greedy["n_controls"] < 50 * greedy["n_flips"]
+    default = curate(rows, questions, CurationRules(), source=header)
+    assert "match" not in default["rules"] and "control_shortfall" not in default
+    with pytest.raises(FlipscopeError, match="control match 'finding' is unknown"):
+        CurationRules(match="finding")
+
+
+def test_curate_command_says_when_family_controls_run_out(evaluated) -> None:
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    root, *_ = evaluated
+    args = ["curate", "--results", str(root / "eval.jsonl"), "--questions", str(root / "qs" / "questions.jsonl")]
+    result = CliRunner().invoke(
+        app, [*args, "--match", "family", "--controls-per-flip", "50", "--out", str(root / "cli.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "flip(s) have no non-flip control of their own family and finding" in result.output
+    result = CliRunner().invoke(app, [*args, "--match", "finding", "--out", str(root / "bad.json")])
+    assert result.exit_code == 2 and "control match 'finding' is unknown" in result.output
+    assert not (root / "bad.json").exists()

@@ -148,7 +148,12 @@ def curate(
     min_similarity: float | None = typer.Option(
         None, help="Keep paraphrases with similarity >= this (rows must carry a 'similarity' value)."
     ),
-    controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip, from the same questions."),
+    controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip."),
+    match: str = typer.Option(
+        "question",
+        help="Controls from the flipped questions' non-flips (question) or, per flip, a non-flip of the same "
+        "paraphrase family and finding (family).",
+    ),
     seed: int = typer.Option(0, help="Seed of the control draw."),
 ) -> None:
     """Curate a FlipBank (flip cases + matched non-flip controls) from an evaluation."""
@@ -165,6 +170,7 @@ def curate(
             min_similarity=min_similarity,
             controls_per_flip=controls_per_flip,
             seed=seed,
+            match=match,
         )
         store = results / "results.jsonl" if results.is_dir() else results
         if not store.is_file():
@@ -174,6 +180,8 @@ def curate(
     directions = sorted({c["direction"] for c in bank["flips"]})
     counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)
     typer.echo(f"{bank['n_flips']} flip cases ({counts}), {bank['n_controls']} controls: {path}")
+    if bank.get("control_shortfall"):
+        typer.echo(f"{bank['control_shortfall']} flip(s) have no non-flip control of their own family and finding")
 
 
 @app.command()

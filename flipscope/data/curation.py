@@ -2,13 +2,21 @@
 
 The rules: the answer with the image changes between original and paraphrase; both answers are
 confident (|margin| ≥ `min_margin`; with parsed generated answers, both parse without hedges);
-optionally a paraphrase-similarity threshold when rows carry a `similarity` column. Controls are
-drawn from the same questions, deterministically (seeded), up to `controls_per_flip` per flip.
+optionally a paraphrase-similarity threshold when rows carry a `similarity` column. Controls
+are drawn deterministically (seeded), up to `controls_per_flip` per flip, by one of two rules:
+
+- `match="question"`: from the non-flip paraphrases of the flipped questions, any family;
+- `match="family"`: each flip gets its own control, a non-flip paraphrase of the same family
+  (strategy) and finding, on the same image where one exists; a flip with none left is counted in
+  the bank's `control_shortfall`, never filled from another family. A framing feature shifts on
+  such a control too; an answer-readout feature does not, which is what tells the two apart.
+
 Rows are read in one pass and kept as compact tuples, so a store can be streamed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -19,7 +27,10 @@ from flipscope.data.flipbank import FLIPBANK_FORMAT, FlipBank, FlipCase
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 
-__all__ = ["CurationRules", "curate"]
+__all__ = ["MATCHES", "CurationRules", "curate"]
+
+logger = logging.getLogger(__name__)
+MATCHES = ("question", "family")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,8 +41,9 @@ class CurationRules:
         min_margin: Both margins at least this far from 0 (the answers are confident).
         use_generated: Require both generated answers to parse without hedges, and to flip.
         min_similarity: Keep only paraphrases with `similarity` ≥ this (rows must carry it).
-        controls_per_flip: Non-flip controls drawn per flip case (from the same questions).
+        controls_per_flip: Non-flip controls drawn per flip case.
         seed: Seed of the control draw.
+        match: How controls are drawn: `question` or `family` (see the module docstring).
     """
 
     min_margin: float = 0.0
@@ -39,9 +51,21 @@ class CurationRules:
     min_similarity: float | None = None
     controls_per_flip: int = 1
     seed: int = 0
+    match: str = "question"
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCHES:
+            raise FlipscopeError(f"control match {self.match!r} is unknown; expected one of {', '.join(MATCHES)}")
+        if self.controls_per_flip < 0:
+            raise FlipscopeError(f"controls_per_flip {self.controls_per_flip} is negative")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The rules as a bank records them (`match` only when not `question`, so banks curated
+        before the option existed read back as what they are)."""
+        rules = asdict(self)
+        if rules["match"] == "question":
+            del rules["match"]
+        return rules
 
 
 class _Answer(NamedTuple):
@@ -101,6 +125,51 @@ def _kept(original: _Answer, para: _Answer, rules: CurationRules) -> bool:
     return rules.min_similarity is None or para.similarity >= rules.min_similarity
 
 
+Pair = tuple[_Answer, _Answer]
+
+
+def _question_matched(flips: list[Pair], candidates: list[Pair], rules: CurationRules) -> list[tuple]:
+    """Controls drawn at random from the flipped questions' non-flip paraphrases (any family)."""
+    flipped_questions = {para.question_id for _, para in flips}
+    pool = [c for c in candidates if c[1].question_id in flipped_questions] or candidates
+    rng = np.random.default_rng(rules.seed)
+    n_controls = min(len(pool), len(flips) * rules.controls_per_flip)
+    chosen = sorted(rng.choice(len(pool), size=n_controls, replace=False)) if n_controls else []
+    return [(*pool[i], None) for i in chosen]
+
+
+def _family_matched(
+    flips: list[Pair], candidates: list[Pair], by_id: Mapping[str, Question], rules: CurationRules
+) -> tuple[list[tuple], int]:
+    """Per flip, `controls_per_flip` non-flips of its family and finding (its image first), each
+    used once; and how many flips found none left."""
+    rng = np.random.default_rng(rules.seed)
+    pools: dict[tuple, list[Pair]] = {}
+    for pair in candidates:
+        q = by_id[pair[1].question_id]
+        pools.setdefault((pair[1].strategy, q.finding), []).append(pair)
+    chosen, shortfall = [], 0
+    for original, para in flips:
+        q = by_id[para.question_id]
+        pool = pools.get((para.strategy, q.finding), [])
+        for _ in range(rules.controls_per_flip):
+            if not pool:
+                shortfall += 1
+                break
+            same_image = [i for i, c in enumerate(pool) if by_id[c[1].question_id].image == q.image]
+            tier = same_image or range(len(pool))
+            control = pool.pop(tier[int(rng.integers(len(tier)))])
+            chosen.append((*control, _case(q, original, para)["id"]))
+    return chosen, shortfall
+
+
+def _control(by_id: Mapping[str, Question], original: _Answer, para: _Answer, flip: str | None) -> FlipCase:
+    case = _case(by_id[para.question_id], original, para)
+    if flip is not None:
+        case["control_for"] = flip
+    return case
+
+
 def curate(
     rows: Iterable[Mapping[str, Any]],
     questions: Sequence[Question],
@@ -122,12 +191,11 @@ def curate(
         original = originals[para.question_id]
         if _kept(original, para, rules):
             (flips if original.judged != para.judged else candidates).append((original, para))
-    flipped_questions = {para.question_id for _, para in flips}
-    pool = [c for c in candidates if c[1].question_id in flipped_questions] or candidates
-    rng = np.random.default_rng(rules.seed)
-    n_controls = min(len(pool), len(flips) * rules.controls_per_flip)
-    chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=n_controls, replace=False))] if n_controls else []
-    return FlipBank(
+    if rules.match == "family":
+        chosen, shortfall = _family_matched(flips, candidates, by_id, rules)
+    else:
+        chosen, shortfall = _question_matched(flips, candidates, rules), None
+    bank = FlipBank(
         {
             "format": FLIPBANK_FORMAT,
             "rules": rules.to_dict(),
@@ -135,6 +203,11 @@ def curate(
             "n_flips": len(flips),
             "n_controls": len(chosen),
             "flips": [_case(by_id[p.question_id], o, p) for o, p in flips],
-            "controls": [_case(by_id[p.question_id], o, p) for o, p in chosen],
+            "controls": [_control(by_id, o, p, flip) for o, p, flip in chosen],
         }
     )
+    if shortfall is not None:
+        bank["control_shortfall"] = shortfall
+        if shortfall:
+            logger.warning("%d of %d flips have no non-flip control of their own family left", shortfall, len(flips))
+    return bank
