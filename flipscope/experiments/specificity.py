@@ -1,0 +1,123 @@
+"""Framing or answer readout? Per-feature tests with permutation nulls that keep the answer structure.
+
+A flip changes two things at once: the wording (framing) and the answer. A feature that carries
+the framing shifts with the wording on *every* pair of its paraphrase family, flipped or not; a
+feature that reads out the answer shifts only when the answer does. With family-matched controls
+(`CurationRules(match="family")`: each flip paired with a non-flip of its family and finding) the
+two come apart:
+
+- **framing shift**: mean Δf over the non-flip controls (wording changed, answer unchanged). Null:
+  each control's paraphrase and original swapped at random (Δf → −Δf), the statistic the largest
+  |t| over all features, so one threshold holds for the whole dictionary;
+- **answer shift**: mean of Δf(flip) − Δf(its control) over the pairs. Null: flip and control
+  labels swapped at random within each pair (the answer structure kept, only which side flipped
+  permuted), again as the largest |t| over features.
+
+A feature beats a null when its |t| exceeds the null's 95th percentile of the maximum: `framing`
+when only the framing shift does, `answer readout` when only the answer shift does, `both`, or
+`none`. Fewer than 10 pairs cannot be told apart from noise and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from jaxtyping import Bool, Float
+
+from flipscope.errors import FlipscopeError
+
+__all__ = ["MIN_PAIRS", "Specificity", "framing_specificity", "max_t_null"]
+
+MIN_PAIRS = 10
+
+
+def _t(values: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " k"]:
+    """One-sample t statistic of each column's mean (0 where a column does not vary)."""
+    mean = values.mean(0)
+    sem = values.std(0, ddof=1) / np.sqrt(len(values))
+    return np.divide(mean, sem, out=np.zeros_like(mean), where=sem > 0)
+
+
+def max_t_null(values: Float[np.ndarray, "n k"], *, n_perm: int = 1000, seed: int = 0) -> Float[np.ndarray, " n_perm"]:
+    """The largest |t| over columns when each row's sign is flipped at random: the null of a
+    mean of 0 in every column, calibrated for picking the best of all columns."""
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, len(values)))
+    return np.array([np.abs(_t(values * s[:, None])).max() for s in signs])
+
+
+@dataclass(frozen=True)
+class Specificity:
+    """Per feature: the framing and answer shifts, their t statistics, the nulls' thresholds and
+    the label. Arrays are indexed by feature.
+
+    Attributes:
+        framing_shift: Mean Δf over the non-flip controls.
+        answer_shift: Mean of Δf(flip) − Δf(control) over the pairs.
+        framing_t: t statistic of `framing_shift`; `answer_t` of `answer_shift`.
+        framing_threshold: 95th percentile of the framing null's max |t| (`answer_threshold` alike).
+        labels: `framing`, `answer readout`, `both` or `none`.
+        n_pairs: Flip–control pairs the statistics rest on.
+    """
+
+    framing_shift: Float[np.ndarray, " k"]
+    answer_shift: Float[np.ndarray, " k"]
+    framing_t: Float[np.ndarray, " k"]
+    answer_t: Float[np.ndarray, " k"]
+    framing_threshold: float
+    answer_threshold: float
+    labels: np.ndarray
+    n_pairs: int
+
+    def ranked(self) -> np.ndarray:
+        """Features by framing specificity: framing-only first, by |framing t| minus |answer t|."""
+        score = np.abs(self.framing_t) - np.abs(self.answer_t)
+        return np.argsort(-score, kind="stable")
+
+    @property
+    def found(self) -> bool:
+        """Whether any feature carries the framing beyond the null (`framing` or `both`)."""
+        return bool(np.isin(self.labels, ("framing", "both")).any())
+
+
+def framing_specificity(
+    delta_flip: Float[np.ndarray, "pair k"],
+    delta_control: Float[np.ndarray, "pair k"],
+    *,
+    n_perm: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Specificity:
+    """The framing and answer tests of the module docstring over flip–control pairs (row i of
+    `delta_control` is the family-matched control of the flip in row i of `delta_flip`).
+
+    Raises:
+        FlipscopeError: the arrays differ in shape, or hold fewer than `MIN_PAIRS` pairs.
+    """
+    if delta_flip.shape != delta_control.shape:
+        raise FlipscopeError(f"flip and control Δf differ in shape: {delta_flip.shape} vs {delta_control.shape}")
+    if len(delta_flip) < MIN_PAIRS:
+        raise FlipscopeError(
+            f"{len(delta_flip)} flip–control pairs; framing and answer shifts need at least {MIN_PAIRS}"
+        )
+    difference = delta_flip - delta_control
+    framing_t, answer_t = _t(delta_control), _t(difference)
+    framing_null = max_t_null(delta_control, n_perm=n_perm, seed=seed)
+    answer_null = max_t_null(difference, n_perm=n_perm, seed=seed + 1)  # a swap within a pair negates it
+    framing_cut, answer_cut = float(np.quantile(framing_null, level)), float(np.quantile(answer_null, level))
+    return Specificity(
+        framing_shift=delta_control.mean(0),
+        answer_shift=difference.mean(0),
+        framing_t=framing_t,
+        answer_t=answer_t,
+        framing_threshold=framing_cut,
+        answer_threshold=answer_cut,
+        labels=_labels(np.abs(framing_t) > framing_cut, np.abs(answer_t) > answer_cut),
+        n_pairs=len(delta_flip),
+    )
+
+
+def _labels(framing: Bool[np.ndarray, " k"], answer: Bool[np.ndarray, " k"]) -> np.ndarray:
+    table = {(True, False): "framing", (False, True): "answer readout", (True, True): "both", (False, False): "none"}
+    return np.array([table[(bool(f), bool(a))] for f, a in zip(framing, answer, strict=True)], dtype=object)
