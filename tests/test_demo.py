@@ -61,6 +61,17 @@ def test_stores_flipbank_and_figures_are_byte_identical_to_the_recorded_run(demo
     assert not changed, f"{len(changed)} of {len(recorded)} files differ from the recorded run: {changed}"
 
 
+def test_the_report_reads_claims_off_the_numbers(demo) -> None:
+    import re
+
+    out, _, _ = demo
+    readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
+    assert len(readings) == 4
+    text = " ".join(readings)
+    assert not re.search(r"\bnan\b", text, flags=re.I)
+    assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
+
+
 def test_demo_writes_every_figure_and_the_report(demo) -> None:
     out, output, summary = demo
     assert f"report: {out / 'report.html'}" in output

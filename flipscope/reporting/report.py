@@ -11,7 +11,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from flipscope.reporting.format import fmt
+from flipscope.reporting.claims import ablation_agreement, family_concentration, peak_layer
+from flipscope.reporting.format import fmt, num
 
 __all__ = ["write_report"]
 
@@ -25,10 +26,6 @@ tr.paper td { color: #4a5568; font-style: italic; }
 .reading { background: #f7fafc; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
 code, pre { background: #edf2f7; padding: .1em .3em; } pre { padding: .8em; overflow-x: auto; }
 """
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], paper_rows: int = 0) -> str:
@@ -81,14 +78,11 @@ def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         ],
     )
     family = s["organism"]["shortcut"]["family"]
-    lead = ev["by_strategy"].get(family, {}).get("paraphrase_flip_rate")
-    others = [b["paraphrase_flip_rate"]["value"] for n, b in ev["by_strategy"].items() if n != family]
     dangerous = ev["by_quadrant"]["Dangerous"]
     reading = (
-        f"{_pct(o['flip_rate']['value'])} of questions flip under at least one paraphrase "
-        f"(the paper: {paper['flip_rate_range']}). The flips come from the planted shortcut: "
-        f"'{family}' paraphrases flip {fmt(lead)} of the time, the other families at most "
-        f"{max(others, default=0):.3f}. {_pct(dangerous['share']['value'])} of questions are Dangerous "
+        f"A share of {fmt(o['flip_rate'])} of questions flips under at least one paraphrase "
+        f"(the paper: {paper['flip_rate_range']}). {family_concentration(ev['by_strategy'], family, 'planted')} "
+        f"A share of {fmt(dangerous['share'])} of questions are Dangerous "
         f"(consistent but answered the same without the image), with accuracy {fmt(dangerous['accuracy'])}: "
         "a low flip rate there is not evidence that the model reads the film."
     )
@@ -106,11 +100,11 @@ def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     rows = [
         [
             int(r["feature"]),
-            f"{r['mean_abs_delta']:.3f}",
-            f"{r['pearson_r']:+.3f} [{r['pearson_low']:+.3f}, {r['pearson_high']:+.3f}]",
-            f"{r['pearson_q']:.1e}",
-            f"{r['auc']:.3f}",
-            f"{r['attribution']:.3f}",
+            num(r["mean_abs_delta"]),
+            f"{num(r['pearson_r'], '+.3f')} [{num(r['pearson_low'], '+.3f')}, {num(r['pearson_high'], '+.3f')}]",
+            num(r["pearson_q"], ".1e"),
+            num(r["auc"]),
+            num(r["attribution"]),
             int(r["rank_attribution"]),
         ]
         for r in d["top"]
@@ -125,17 +119,15 @@ def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     planted = s["organism"]["planted_features"]
     found = d["top_attribution"]
     first = d["top"][0]
-    check = d["ablation_check"] or {}
-    peak = max(d["layers"], key=lambda r: r["auc"])
+    paper_peak = f" (the paper: {paper['peak_layer_auc']} at layer 17)"
     reading = (
         f"The FlipBank holds {bank['n_flips']} flips and {bank['n_controls']} non-flip controls "
         f"(the paper's: {paper['flipbank']['n_flips']} flips). Ranked by correlation of Δf with the margin "
-        f"shift, feature {int(first['feature'])} comes first (r = {first['pearson_r']:+.3f}; the paper's "
+        f"shift, feature {int(first['feature'])} comes first (r = {num(first['pearson_r'], '+.3f')}; the paper's "
         f"feature 3818: r = {paper['pearson_r']}). The first {len(found)} by attribution, {found}, include "
         f"{len(set(found) & set(planted))} of the {len(planted)} features the organism's card says carry "
-        f"the planted framing ({planted}). Attribution agrees with exact single-feature ablation "
-        f"(Spearman {check.get('spearman', float('nan')):.3f} over features). The flip-vs-control AUC "
-        f"peaks at {peak['auc']:.2f} at {peak['hook']} (the paper: {paper['peak_layer_auc']} at layer 17)."
+        f"the planted framing ({planted}). {ablation_agreement(d['ablation_check'])} "
+        f"{peak_layer(d['layers'], paper_peak)}"
     )
     return (
         "<h2>2. FlipBank and feature discovery</h2>"
@@ -177,10 +169,11 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     disc = p["discovered"]["flips"]
     reading = (
         f"Subtracting the discovered features' Δf · W_dec at the SAE layer (error term kept) recovers "
-        f"{fmt(disc['mean_recovery'])} of the yes−no margin on average and fully reverses "
-        f"{_pct(disc['share_reversed']['value'])} of flips; the same patch moves the non-flip controls by "
-        f"{fmt(p['discovered']['controls']['mean_margin_change'])} logits, and a matched control feature "
-        f"recovers {fmt(p['discovered']['matched_control_feature']['mean_recovery'])}. The paper's single "
+        f"{fmt(disc['mean_recovery'])} of the yes−no margin on average and fully reverses a share of "
+        f"{fmt(disc['share_reversed'])} of flips; the same patch moves the non-flip controls by "
+        f"{fmt(p['discovered'].get('controls', {}).get('mean_margin_change'))} logits, and a matched control "
+        f"feature recovers {fmt(p['discovered'].get('matched_control_feature', {}).get('mean_recovery'))}. "
+        "The paper's single "
         f"feature recovered {paper['patch_mean_recovery']:.1%} and reversed {paper['patch_reversed']}."
     )
     return (

@@ -1,0 +1,57 @@
+"""Sentences about a mechanism, each chosen by a test on the numbers rather than a template.
+
+A claim is printed only when its evidence holds: flips "concentrate" in a paraphrase family only
+when that family's flip-rate interval lies above every other family's and rests on at least
+`MIN_CASES` paraphrases; a peak is named only among finite values; an agreement is quoted only
+when it was computed. Otherwise the sentence says what the numbers do not show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flipscope.reporting.format import MIN_CASES, fmt
+
+__all__ = ["ablation_agreement", "family_concentration", "peak_layer"]
+
+
+def family_concentration(by_strategy: Mapping[str, Mapping[str, Any]], family: str, what: str = "") -> str:
+    """Whether flips concentrate in `family` (the planted or suspected shortcut): its paraphrase
+    flip-rate CI above every other family's, on at least `MIN_CASES` paraphrases."""
+    rate = by_strategy.get(family, {}).get("paraphrase_flip_rate")
+    others = {name: b["paraphrase_flip_rate"] for name, b in by_strategy.items() if name != family}
+    if not rate or not rate.get("n"):
+        return f"No '{family}' paraphrases were evaluated, so nothing can be said about that family."
+    if rate["n"] < MIN_CASES:
+        return f"'{family}' paraphrases flip {fmt(rate)}: too few to compare with the other families."
+    highest = max((o["high"] for o in others.values() if o.get("n")), default=0.0)
+    if rate["low"] > highest:
+        return (
+            f"The flips concentrate in the {what + ' ' if what else ''}'{family}' family: its paraphrases flip "
+            f"{fmt(rate)} of the "
+            f"time, and its interval lies above every other family's (whose upper bounds reach at most "
+            f"{highest:.3f})."
+        )
+    return (
+        f"Flips do not concentrate in the '{family}' family: its paraphrases flip {fmt(rate)}, an interval that "
+        f"overlaps another family's (upper bounds up to {highest:.3f})."
+    )
+
+
+def peak_layer(layers: Sequence[Mapping[str, Any]], reference: str = "") -> str:
+    """Where the flip-vs-control AUC peaks, among the layers where it is a finite number."""
+    finite = [r for r in layers if isinstance(r.get("auc"), int | float) and math.isfinite(r["auc"])]
+    if not finite:
+        return "The flip-vs-control AUC could not be computed at any layer (too few flips or controls)."
+    peak = max(finite, key=lambda r: r["auc"])
+    return f"The flip-vs-control AUC peaks at {peak['auc']:.2f} at {peak['hook']}{reference}."
+
+
+def ablation_agreement(check: Mapping[str, Any] | None) -> str:
+    """How well attribution agreed with exact single-feature ablation, when that was computed."""
+    value = (check or {}).get("spearman")
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "Attribution was not checked against exact ablation in this run."
+    return f"Attribution agrees with exact single-feature ablation (Spearman {value:.3f} over features)."
