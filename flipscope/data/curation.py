@@ -94,10 +94,17 @@ def _answers(rows: Iterable[Mapping[str, Any]], rules: CurationRules) -> list[_A
     return out
 
 
+Pair = tuple[_Answer, _Answer]  # a question's original and one of its paraphrases
+
+
+def _case_id(question_id: str, prompt_index: int) -> str:
+    return f"{question_id}/p{prompt_index}"
+
+
 def _case(q: Question, original: _Answer, para: _Answer) -> FlipCase:
     case = FlipCase(
         {
-            "id": f"{q.id}/p{para.prompt_index}",
+            "id": _case_id(q.id, para.prompt_index),
             "question_id": q.id,
             "image": str(q.image),
             "finding": q.finding,
@@ -125,9 +132,6 @@ def _kept(original: _Answer, para: _Answer, rules: CurationRules) -> bool:
     return rules.min_similarity is None or para.similarity >= rules.min_similarity
 
 
-Pair = tuple[_Answer, _Answer]
-
-
 def _question_matched(flips: list[Pair], candidates: list[Pair], rules: CurationRules) -> list[tuple]:
     """Controls drawn at random from the flipped questions' non-flip paraphrases (any family)."""
     flipped_questions = {para.question_id for _, para in flips}
@@ -149,7 +153,7 @@ def _family_matched(
         q = by_id[pair[1].question_id]
         pools.setdefault((pair[1].strategy, q.finding), []).append(pair)
     chosen, shortfall = [], 0
-    for original, para in flips:
+    for _, para in flips:
         q = by_id[para.question_id]
         pool = pools.get((para.strategy, q.finding), [])
         for _ in range(rules.controls_per_flip):
@@ -159,7 +163,7 @@ def _family_matched(
             same_image = [i for i, c in enumerate(pool) if by_id[c[1].question_id].image == q.image]
             tier = same_image or range(len(pool))
             control = pool.pop(tier[int(rng.integers(len(tier)))])
-            chosen.append((*control, _case(q, original, para)["id"]))
+            chosen.append((*control, _case_id(q.id, para.prompt_index)))
     return chosen, shortfall
 
 
@@ -183,8 +187,8 @@ def curate(
     by_id = {q.id: q for q in questions}
     answers = _answers(rows, rules)
     originals = {a.question_id: a for a in answers if a.prompt_index == 0}
-    flips: list[tuple[_Answer, _Answer]] = []
-    candidates: list[tuple[_Answer, _Answer]] = []
+    flips: list[Pair] = []
+    candidates: list[Pair] = []
     for para in sorted(answers, key=lambda a: (a.question_id, a.prompt_index)):
         if para.prompt_index == 0 or para.question_id not in by_id:
             continue

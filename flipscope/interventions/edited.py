@@ -47,13 +47,7 @@ class EditedVLM(HookedVLM):
     def __init__(self, model: HookedVLM, edit: Edit) -> None:
         if edit.hook_name not in model.hook_dict:
             raise FlipscopeError(f"hook {edit.hook_name!r} is not a hook point of the model (see `flipscope hooks`)")
-        super().__init__(
-            model.hf_model,
-            model.processor,
-            name_or_path=model.name_or_path,
-            edits=(*model.edits, edit),
-            prompts=model.prompts,
-        )
+        super().__init__(**model.sibling_args(edit))
         self._base = (model,)  # a tuple, so the base is not registered as a child module
         self.description = dict(edit.description)
 

@@ -111,13 +111,17 @@ class HookedVLM(HookedRootModule):
     def edited(self, *edits: Edit) -> HookedVLM:
         """A sibling that shares this model's weights, processor and prompt builder and applies
         `edits` (after this model's own) on every forward; this model stays as it is."""
-        return HookedVLM(
-            self.hf_model,
-            self.processor,
-            name_or_path=self.name_or_path,
-            edits=(*self.edits, *edits),
-            prompts=self.prompts,
-        )
+        return HookedVLM(**self.sibling_args(*edits))
+
+    def sibling_args(self, *edits: Edit) -> dict[str, Any]:
+        """The constructor arguments of a sibling with `edits` added (for `edited` and subclasses)."""
+        return {
+            "hf_model": self.hf_model,
+            "processor": self.processor,
+            "name_or_path": self.name_or_path,
+            "edits": (*self.edits, *edits),
+            "prompts": self.prompts,
+        }
 
     def setup(self) -> None:
         """Index the hook points only (TransformerLens's version would also rename HF modules)."""
