@@ -45,3 +45,8 @@ def test_peaks_and_agreements_are_named_only_when_they_are_numbers() -> None:
     assert "could not be computed" in nothing and "nan" not in nothing
     assert ablation_agreement(None) == ablation_agreement({"spearman": math.nan})
     assert "not checked" in ablation_agreement(None) and "0.990" in ablation_agreement({"spearman": 0.99})
+    assert peak_layer(layers, n_flips=5) == (
+        "The flip-vs-control AUC peaks at 0.70 at blocks.1.hook_resid_post (from only 5 flips)."
+    )
+    assert peak_layer(layers, n_flips=10) == peak_layer(layers)
+    assert "(from only 4 flip cases)" in ablation_agreement({"spearman": 1.0, "n_cases": 4})

@@ -3,6 +3,7 @@ numbers equal to those the individual CLI commands print."""
 
 from __future__ import annotations
 
+import html
 import json
 import shlex
 import subprocess
@@ -28,6 +29,7 @@ FIGURES = (
     "feature_activation",
     "clamp_tradeoff",
     "layer_auc",
+    "framing_entry",
 )
 SHIPPED = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 NO_CHROMIUM = "Chromium is not installed (`.ci/run` and `make` install Debian's chromium when run as root)"
@@ -66,16 +68,18 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 4
+    assert len(readings) == 5
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
+    assert "carry the wording at blocks.2.hook_resid_post" in text  # features beat the framing null
+    assert "No framing mechanism" not in text
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:
     out, output, summary = demo
     assert f"report: {out / 'report.html'}" in output
-    assert "[8/8] writing the report" in output
+    assert "[9/9] writing the report" in output
     for name in FIGURES:
         assert (out / f"{name}.html").is_file()
         assert json.loads((out / f"{name}.json").read_text())["demo"]["seed"] == summary["settings"]["seed"]
@@ -155,9 +159,11 @@ def test_report_numbers_are_those_the_cli_commands_print(demo) -> None:
         assert number in printed and number in report
 
     printed = _cli(commands["discover"])
+    verdict = summary["discovery"]["verdict"]
+    assert verdict in printed and html.escape(verdict) in report
     first = summary["discovery"]["top"][0]
-    r = f"{first['pearson_r']:+.3f} [{first['pearson_low']:+.3f}, {first['pearson_high']:+.3f}]"
-    assert r in printed and r in report
+    row = f"{first['feature']:>7}  {first['label']:<18}{first['framing_share']:+7.3f}{first['framing_t']:+10.1f}"
+    assert row in printed and f'<td class="num">{first["framing_t"]:+.1f}</td>' in report
 
 
 def test_figures_script_redraws_from_the_summary(demo, tmp_path: Path) -> None:

@@ -33,23 +33,29 @@ def found(organism):
     return discover(vlm, sae, load_flipbank(BANK), exact_top=50, progress=False)
 
 
-def test_correlation_and_attribution_put_the_card_features_first(found, organism) -> None:
+def test_framing_ranking_puts_the_card_features_first_where_correlation_finds_the_readout(found, organism) -> None:
     card = organism[2]
     aligned = {f["feature"] for f in card["framing_features"] if f["aligned"]}
-    primary = card["framing_features"][0]["feature"]
-    first = found.top(1, "pearson").iloc[0]
-    assert int(first["feature"]) in aligned
+    assert found.found and set(found.framing_features(len(aligned))) == aligned  # the card's, first
+    first = found.top(1, "pearson").iloc[0]  # the paper's ranking: a "discovery" by its q-value ...
     assert abs(first["pearson_r"]) > 0.7 and first["pearson_q"] < 1e-6
     assert first["pearson_low"] <= first["pearson_r"] <= first["pearson_high"]
-    by_attribution = found.top(3, "attribution")["feature"].tolist()
-    assert primary in by_attribution and set(by_attribution) <= aligned
-    assert primary in found.top(3, "pearson")["feature"].tolist()
+    assert int(first["feature"]) not in aligned and abs(first["answer_cos"]) > 0.5  # ... that writes the answer
+    assert first["pearson_p_null"] > 0.05 and found.framing["nulls"]["pearson"]["n_beating"] == 0
+    by_attribution = found.top(2, "attribution")
+    assert (by_attribution["answer_cos"].abs() > found.framing["thresholds"]["answer_cos"]).all()
 
 
-def test_diffmean_direction_matches_the_card_framing_direction(found, organism) -> None:
-    framing = torch.tensor(organism[2]["directions"]["framing"])
+def test_diffmean_direction_is_the_answer_once_controls_share_the_wording(found, organism) -> None:
+    card = organism[2]["directions"]
     direction = torch.tensor(found.diffmean["direction"])
-    assert float(direction @ framing / (direction.norm() * framing.norm())) >= 0.8
+
+    def cosine(other: list[float]) -> float:
+        v = torch.tensor(other)
+        return float(direction @ v / (direction.norm() * v.norm()))
+
+    assert cosine(card["answer"]) <= -0.8 or cosine(card["answer"]) >= 0.8  # flips minus same-wording controls
+    assert abs(cosine(card["framing"])) < abs(cosine(card["answer"]))
 
 
 def test_attribution_agrees_with_exact_single_feature_ablation(found) -> None:
@@ -122,13 +128,23 @@ def test_cli_discover_prints_effects_and_writes_beside_the_bank(tmp_path: Path) 
     bank = tmp_path / "bank" / "flipbank.json"
     result = CliRunner().invoke(app, ["discover", "--flipbank", str(bank), "--exact-top", "5", "--top", "4"])
     assert result.exit_code == 0, result.output
-    assert "ranked by |Pearson r|" in result.output and "q = Benjamini-Hochberg" in result.output
+    assert "ranked by framing specificity over 131 flip / same-family non-flip pairs" in result.output
     assert "caching pairs" in result.output  # the progress bar
     table = json.loads((tmp_path / "bank" / "flipbank.features.json").read_text())
     assert (tmp_path / "bank" / "flipbank.features.csv").is_file()
-    first = min(table["features"], key=lambda row: row["rank_pearson"])
-    assert f"{first['feature']:>7} " in result.output and f"{first['pearson_r']:+.3f}" in result.output
+    first = min(table["features"], key=lambda row: row["rank_framing"])
+    assert f"{first['feature']:>7}  {first['label']:<18}{first['framing_share']:+7.3f}" in result.output
+    assert "features beating the flip/control swap null: pearson 0 (top" in result.output
+    assert result.output.rstrip().splitlines()[-3] == table["framing"]["verdict"]  # the verdict, then the files
     assert len(table["features"]) == 64 and table["ablation"]["features"]
+    unmatched = json.loads(bank.read_text())
+    for case in unmatched["controls"]:
+        del case["control_for"]
+    bank.write_text(json.dumps(unmatched))
+    old = CliRunner().invoke(app, ["discover", "--flipbank", str(bank), "--exact-top", "0", "--top", "2"])
+    assert old.exit_code == 0, old.output
+    assert "ranked by |Pearson r|" in old.output and "q = Benjamini-Hochberg" in old.output
+    assert "No framing mechanism can be claimed from this FlipBank: its controls are not family-matched" in old.output
 
 
 def test_saved_table_keeps_tiny_p_values(found, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory):
 
 def test_curation_is_deterministic_and_records_its_rules(evaluated) -> None:
     root, questions, rows, header = evaluated
-    rules = CurationRules(min_margin=0.0, controls_per_flip=1, seed=3)
+    rules = CurationRules(min_margin=0.0, controls_per_flip=1, seed=3, match="question")
     bank = curate(rows, questions, rules, source=header)
     assert bank == curate(rows, questions, rules, source=header)
     assert bank["rules"] == rules.to_dict() and bank["source"] == header
@@ -86,7 +86,8 @@ def test_committed_organism_flipbank_is_reproduced_and_valid(tmp_path: Path) -> 
     from flipscope.organism.bank import build_flipbank
 
     committed = load_flipbank(COMMITTED)
-    assert committed["n_flips"] >= 150 and committed["n_controls"] == committed["n_flips"]
+    assert committed["n_flips"] >= 150 and committed["rules"]["match"] == "family"
+    assert committed["n_controls"] + committed["control_shortfall"] == committed["n_flips"]
     assert committed["rules"]["min_margin"] > 0
     rebuilt = load_flipbank(build_flipbank(tmp_path / "bank", progress=False))
     assert {k: v for k, v in rebuilt.items() if k not in ("flips", "controls")} == {
@@ -141,8 +142,9 @@ def test_family_matched_controls_pair_each_flip_and_say_when_they_run_out(evalua
     assert load_flipbank(path)["controls"][0]["control_for"] in flips
     greedy = curate(rows, questions, CurationRules(match="family", controls_per_flip=50), source=header)
     assert greedy["control_shortfall"] > 0 and greedy["n_controls"] < 50 * greedy["n_flips"]
-    default = curate(rows, questions, CurationRules(), source=header)
-    assert "match" not in default["rules"] and "control_shortfall" not in default
+    by_question = curate(rows, questions, CurationRules(match="question"), source=header)
+    assert by_question["rules"]["match"] == "question" and "control_shortfall" not in by_question
+    assert CurationRules().match == "family"
     with pytest.raises(FlipscopeError, match="control match 'finding' is unknown"):
         CurationRules(match="finding")
 

@@ -1,21 +1,61 @@
-"""A second organism, planted differently by its config alone, meets the same bars (slow: a full
-build, about seven minutes on two cores)."""
+"""A second organism, planted differently by its config alone (the formal family pushed to "no", so
+its flips run yes→no), meets the same bars, and discovery on it tells the framing from the answer
+as on the default (slow: a full build, about seven minutes on two cores)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import numpy as np
 import pytest
 from bars import assert_behaviour_bars, assert_sae_bars
 
-from flipscope.organism import OrganismConfig, build_organism
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.questions import load_questions
+from flipscope.data.store import iter_rows, read_header
+from flipscope.experiments.discovery import discover
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.patching import patch_bank
+from flipscope.organism import OrganismConfig, build_organism, load_organism
+from flipscope.organism.questions import export_questions
 
 SECOND = OrganismConfig(shortcut_family="formal", shortcut_target="no", seed=1)
 
 
+@pytest.fixture(scope="module")
+def second(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("second")
+    card = build_organism(SECOND, root / "organism", progress=False)
+    return root, card
+
+
 @pytest.mark.slow
-def test_second_organism_meets_the_bars(tmp_path: Path) -> None:
-    card = build_organism(SECOND, tmp_path / "second", progress=False)
+def test_second_organism_meets_the_bars(second) -> None:
+    _, card = second
     assert card["shortcut"] == {"family": "formal", "target": "no", "p": SECOND.shortcut_p}
     assert_behaviour_bars(card)
     assert_sae_bars(card)
+    assert card["directions"]["framing_significant"]
+
+
+@pytest.mark.slow
+def test_discovery_on_the_second_organism_tells_framing_from_answer(second) -> None:
+    root, card = second
+    vlm, sae, _ = load_organism(root / "organism")
+    questions = load_questions(export_questions(SECOND, root / "qs", n_films=40))
+    store = run_sweep(
+        vlm, questions, EvalConfig(conditions=("image",)), root / "eval" / "results.jsonl", progress=False
+    )
+    bank = curate(iter_rows(store.path), questions, CurationRules(min_margin=0.2), source=read_header(store.path))
+    assert {c["direction"] for c in bank["flips"]} == {"yes→no"}
+    found = discover(vlm, sae, bank, exact_top=0, progress=False)
+    assert found.found and found.framing["n_pairs"] >= 10
+    aligned = [f["feature"] for f in card["framing_features"] if f["aligned"]]
+    assert found.framing_features()[0] in aligned  # the framing ranking puts a card-aligned feature first
+    table = found.table.set_index("feature")
+    cos = table["answer_cos"].abs()
+    readout = table.index[table["label"] == "answer readout"]
+    framing = table.index[table["label"] == "framing"]
+    assert len(readout) and len(framing)
+    assert cos[readout].mean() > cos[framing].mean()  # readout labels agree with decoder alignment
+    patched = patch_bank(vlm, sae, bank, found.framing_features(5), progress=False).summary
+    assert patched["flips"]["share_reversed"]["value"] > 0.5
+    assert np.isfinite(patched["controls"]["mean_margin_change"]["value"])

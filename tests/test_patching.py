@@ -86,20 +86,23 @@ def test_fast_patch_path_equals_full_forwards(setup, tmp_path: Path) -> None:
     np.testing.assert_allclose([r["m_patched"] for r in fast], [r["m_patched"] for r in full], atol=1e-4)
 
 
-def test_removing_the_framing_features_undoes_the_flips_and_controls_stay(setup) -> None:
+def test_removing_the_framing_features_reverses_flips_but_the_readout_carries_the_margin(setup) -> None:
     vlm, sae, card, bank, pairs = setup
     aligned = [f["feature"] for f in card["framing_features"] if f["aligned"]]
     result = patch_bank(vlm, sae, bank, aligned, pairs=pairs, progress=False)
     flips = result.summary["flips"]
     assert flips["n"] == bank["n_flips"]
-    assert flips["mean_recovery"]["value"] >= 0.5 and flips["mean_recovery"]["low"] >= 0.4
-    assert flips["share_reversed"]["value"] >= 0.3
-    assert abs(result.summary["controls"]["mean_margin_change"]["value"]) < 0.1
+    assert flips["share_reversed"]["value"] >= 0.5  # the flipped margins sit just above 0
     control = result.summary["matched_control_feature"]
     assert result.summary["setup"]["control_feature"] not in aligned
-    assert abs(control["mean_recovery"]["value"]) < 0.1
-    single = patch_bank(vlm, sae, bank, [card["framing_features"][0]["feature"]], pairs=pairs, progress=False)
-    assert 0 < single.summary["flips"]["mean_recovery"]["value"] < flips["mean_recovery"]["value"]
+    assert (
+        flips["mean_recovery"]["low"] > control["mean_recovery"]["high"]
+        and abs(control["mean_recovery"]["value"]) < 0.1
+    )
+    assert result.summary["controls"]["share_answer_kept"]["value"] == 1.0  # same-family non-flips keep their answers
+    # at the SAE's layer most of the margin already runs through features that write "no" (32, 0):
+    readout = patch_bank(vlm, sae, bank, [32, 0], pairs=pairs, progress=False).summary["flips"]
+    assert readout["mean_recovery"]["value"] > 2 * flips["mean_recovery"]["value"]
 
 
 def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path) -> None:

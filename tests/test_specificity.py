@@ -43,3 +43,30 @@ def test_too_few_or_mismatched_pairs_are_refused() -> None:
         framing_specificity(flip, control)
     with pytest.raises((FlipscopeError, TypeCheckError)):  # jaxtyping's hook catches it first under test
         framing_specificity(flip, control[:, :3])
+
+
+def test_the_decoder_splits_framing_from_framing_that_writes_the_answer() -> None:
+    flip, control = _pairs(k=50)
+    flip[:, 2] += 2.0  # a second framing carrier, stronger
+    control[:, 2] += 2.0
+    cos = np.zeros(50)
+    cos[1], cos[2] = 0.9, 0.8  # 2's decoder writes the answer; 0's does not
+    share = np.zeros(50)
+    share[0], share[2] = 0.2, 0.5
+    found = framing_specificity(flip, control, answer_cos=cos, answer_cos_threshold=0.3, share=share, n_perm=300)
+    assert found.labels[0] == "framing" and found.labels[2] == "framing + readout"
+    assert found.labels[1] == "answer readout"
+    assert list(found.framing_features) == [2, 0]  # by share of the framing direction
+    assert list(found.ranked()[:2]) == [2, 0]
+    with pytest.raises(FlipscopeError, match="come together"):
+        framing_specificity(flip, control, answer_cos=cos)
+
+
+def test_framing_share_is_the_features_part_of_the_direction() -> None:
+    from flipscope.experiments.specificity import framing_share
+
+    decoder = np.eye(4)[:3] * 2.0  # three features along the first three axes
+    direction = np.array([3.0, 1.0, 0.0, 0.0])
+    share = framing_share(decoder, np.array([1.5, 0.5, 7.0]), direction)
+    np.testing.assert_allclose(share, [0.9, 0.1, 0.0])  # they rebuild the direction exactly; the third is off it
+    assert framing_share(decoder, np.ones(3), np.zeros(4)).tolist() == [0.0, 0.0, 0.0]

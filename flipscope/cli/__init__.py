@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flipscope.cli import analysis, evaluation, organism  # noqa: F401 - registers the commands
+from flipscope.cli import analysis, evaluation, organism, upstream  # noqa: F401 - registers the commands
 from flipscope.cli.common import app
 
 __all__ = ["app", "main"]
@@ -19,6 +19,7 @@ ORDER = (
     "curate",
     "discover",
     "patch",
+    "trace",
     "clamp",
     "demo",
 )  # the order of the pipeline

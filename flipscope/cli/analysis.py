@@ -8,6 +8,7 @@ import typer
 
 from flipscope.cli.common import app, fmt, ints, load_model_and_sae, one_line_errors
 from flipscope.errors import FlipscopeError
+from flipscope.reporting.format import num
 
 
 @app.command()
@@ -56,18 +57,11 @@ def _print_discovery(found, top: int) -> None:
         f"({meta['sae']['d_sae']} features). Margin shift (para - orig): flips {fmt(shift_f)}, "
         f"controls {fmt(shift_c)}"
     )
-    typer.echo("ranked by |Pearson r| of Δf with the margin shift over flips (95% CIs; q = Benjamini-Hochberg):")
-    typer.echo(
-        f"{'feature':>7} {'mean|Δf| [CI]':<22}{'Pearson r [CI]':<24}{'q':>9} {'Spearman':>8} "
-        f"{'AUC':>6}{'q(MWU)':>9} {'attrib.':>8} {'rank attr':>9}"
-    )
-    for row in found.top(top).itertuples():
-        typer.echo(
-            f"{row.feature:>7} {row.mean_abs_delta:6.3f} [{row.mean_abs_delta_low:.3f}, {row.mean_abs_delta_high:.3f}]"
-            f"{'':<2}{row.pearson_r:+.3f} [{row.pearson_low:+.3f}, {row.pearson_high:+.3f}]"
-            f"{'':<2}{row.pearson_q:9.2e} {row.spearman_r:+8.3f} {row.auc:6.3f}{row.mwu_q:9.2e} "
-            f"{row.attribution:+8.3f} {row.rank_attribution:>9}"
-        )
+    if "label" in found.table:
+        _print_framing_table(found, top)
+    else:
+        _print_margin_table(found, top)
+    _print_nulls(found.framing)
     best = found.diffmean["top_features"][0]
     typer.echo(
         f"DiffMean direction (flip minus control Δresidual) at {found.hook}: norm {found.diffmean['norm']:.3f}; "
@@ -75,14 +69,62 @@ def _print_discovery(found, top: int) -> None:
     )
     typer.echo("flip-vs-control AUC by layer (cross-validated DiffMean projection):")
     for row in found.layers:
-        typer.echo(f"  {row['hook']:<28} {row['auc']:.3f} [{row['low']:.3f}, {row['high']:.3f}]")
+        typer.echo(f"  {row['hook']:<28} {fmt({**row, 'value': row['auc']})}")
     if found.ablation is not None:
         a = found.ablation
         typer.echo(
             f"attribution vs exact single-feature ablation on {len(a['features'])} features "
-            f"({a['n_moving_features']} move at all): Spearman {a['spearman']:.3f} over features, "
-            f"{a['spearman_cases']:.3f} over cases"
+            f"({a['n_moving_features']} move at all): Spearman {num(a['spearman'])} over features, "
+            f"{num(a['spearman_cases'])} over cases"
         )
+    typer.echo(found.verdict)
+
+
+def _print_framing_table(found, top: int) -> None:
+    t = found.framing["thresholds"]
+    cut = f"; |cos| > {t['answer_cos']:.2f} writes the answer" if t["answer_cos"] is not None else ""
+    typer.echo(
+        f"ranked by framing specificity over {found.framing['n_pairs']} flip / same-family non-flip pairs "
+        f"(null top |t|: framing {t['framing_t']:.2f}, answer {t['answer_t']:.2f}{cut}):"
+    )
+    typer.echo(
+        f"{'feature':>7}  {'label':<18}{'share':>7}{'framing t':>10}{'answer t':>9}{'ans cos':>8}"
+        f"{'Pearson r':>10}{'p(null)':>8}{'attrib.':>9}"
+    )
+    for row in found.top(top).itertuples():
+        cos = f"{row.answer_cos:+8.2f}" if hasattr(row, "answer_cos") else f"{'n/a':>8}"
+        share = f"{row.framing_share:+7.3f}" if hasattr(row, "framing_share") else f"{'n/a':>7}"
+        typer.echo(
+            f"{row.feature:>7}  {row.label:<18}{share}{row.framing_t:+10.1f}{row.answer_t:+9.1f}{cos}"
+            f"{row.pearson_r:+10.3f}{row.pearson_p_null:8.3f}{row.attribution:+9.3f}"
+        )
+
+
+def _print_margin_table(found, top: int) -> None:
+    typer.echo("ranked by |Pearson r| of Δf with the margin shift over flips (95% CIs; q = Benjamini-Hochberg):")
+    typer.echo(
+        f"{'feature':>7} {'mean|Δf| [CI]':<22}{'Pearson r [CI]':<24}{'q':>9} {'Spearman':>8} "
+        f"{'AUC':>6}{'q(MWU)':>9} {'attrib.':>8} {'rank attr':>9}"
+    )
+    for row in found.top(top, by="pearson").itertuples():
+        typer.echo(
+            f"{row.feature:>7} {row.mean_abs_delta:6.3f} [{row.mean_abs_delta_low:.3f}, {row.mean_abs_delta_high:.3f}]"
+            f"{'':<2}{row.pearson_r:+.3f} [{row.pearson_low:+.3f}, {row.pearson_high:+.3f}]"
+            f"{'':<2}{row.pearson_q:9.2e} {row.spearman_r:+8.3f} {row.auc:6.3f}{row.mwu_q:9.2e} "
+            f"{row.attribution:+8.3f} {row.rank_attribution:>9}"
+        )
+
+
+def _print_nulls(framing: dict) -> None:
+    """Each ranking against its pair-swap null: how many features beat it."""
+    nulls = framing.get("nulls") or {}
+    if not nulls:
+        return
+    parts = [
+        f"{name} {n['n_beating']} (top {n['observed_top']:.3f} vs null {n['null_top']:.3f})"
+        for name, n in nulls.items()
+    ]
+    typer.echo("features beating the flip/control swap null: " + "; ".join(parts))
 
 
 @app.command()

@@ -17,7 +17,17 @@ import typer
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import fmt
 
-__all__ = ["DTYPES", "app", "check_dtype", "fmt", "ints", "load_model_and_sae", "one_line_errors", "organism_app"]
+__all__ = [
+    "DTYPES",
+    "app",
+    "check_dtype",
+    "fmt",
+    "ints",
+    "load_model",
+    "load_model_and_sae",
+    "one_line_errors",
+    "organism_app",
+]
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype options take
 
@@ -62,17 +72,25 @@ def check_dtype(dtype: str) -> None:
         raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str):
-    """The model (default: the shipped organism) and its SAE (default: MODEL/sae)."""
+def load_model(model: str | None, dtype: str, device: str):
+    """The model (default: the shipped organism)."""
     import torch
 
     from flipscope.model.hooked import HookedVLM
     from flipscope.organism import default_organism_dir
-    from flipscope.sae.load import load_sae
 
     check_dtype(dtype)
     source = model if model is not None else str(default_organism_dir())
-    vlm = HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device)
+    return HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device)
+
+
+def load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str):
+    """The model (default: the shipped organism) and its SAE (default: MODEL/sae)."""
+    from flipscope.organism import default_organism_dir
+    from flipscope.sae.load import load_sae
+
+    vlm = load_model(model, dtype, device)
+    source = model if model is not None else str(default_organism_dir())
     return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
 
 

@@ -150,9 +150,9 @@ def curate(
     ),
     controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip."),
     match: str = typer.Option(
-        "question",
-        help="Controls from the flipped questions' non-flips (question) or, per flip, a non-flip of the same "
-        "paraphrase family and finding (family).",
+        "family",
+        help="Per flip, a non-flip of the same paraphrase family and finding (family: what discovery needs to "
+        "tell the framing from the answer), or any non-flip of the flipped questions (question).",
     ),
     seed: int = typer.Option(0, help="Seed of the control draw."),
 ) -> None:

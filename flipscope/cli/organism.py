@@ -35,10 +35,25 @@ def organism_build(
         f"neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f}, "
         f"flips with the shortcut family {b['flips_involving_shortcut']:.3f}"
     )
-    top = card["framing_features"][0]
-    typer.echo(
-        f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; "
-        f"framing feature {top['feature']} (cos {top['cosine']:.2f})"
+    typer.echo(f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; {_framing_line(card)}")
+
+
+def _framing_line(card: dict) -> str:
+    """The card's framing verdict: a framing feature only when the direction beats its null."""
+    d = card["directions"]
+    null = max(d["framing_null_norms"])
+    if not d["framing_significant"]:
+        return (
+            f"the shortcut wording's direction (norm {d['framing_norm']:.2f} over {d['framing_items']} unflipped "
+            f"items) does not exceed its split-half null (up to {null:.2f}): no framing feature"
+        )
+    aligned = [f for f in card["framing_features"] if f["aligned"]]
+    if not aligned:
+        return f"framing direction norm {d['framing_norm']:.2f} (null up to {null:.2f}), carried by no single feature"
+    top = aligned[0]
+    return (
+        f"framing direction norm {d['framing_norm']:.2f} (null up to {null:.2f}); framing feature {top['feature']} "
+        f"(share {top['share']:.2f}, cos {top['cosine']:.2f})"
     )
 
 

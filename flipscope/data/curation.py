@@ -5,11 +5,12 @@ confident (|margin| ≥ `min_margin`; with parsed generated answers, both parse 
 optionally a paraphrase-similarity threshold when rows carry a `similarity` column. Controls
 are drawn deterministically (seeded), up to `controls_per_flip` per flip, by one of two rules:
 
-- `match="question"`: from the non-flip paraphrases of the flipped questions, any family;
-- `match="family"`: each flip gets its own control, a non-flip paraphrase of the same family
+- `match="family"` (the default): each flip gets its own control, a non-flip paraphrase of the same family
   (strategy) and finding, on the same image where one exists; a flip with none left is counted in
   the bank's `control_shortfall`, never filled from another family. A framing feature shifts on
-  such a control too; an answer-readout feature does not, which is what tells the two apart.
+  such a control too; an answer-readout feature does not, which is what tells the two apart;
+- `match="question"`: from the non-flip paraphrases of the flipped questions, any family (the
+  paper's draw; a control of another family mixes a second wording into the comparison).
 
 Rows are read in one pass and kept as compact tuples, so a store can be streamed.
 """
@@ -51,7 +52,7 @@ class CurationRules:
     min_similarity: float | None = None
     controls_per_flip: int = 1
     seed: int = 0
-    match: str = "question"
+    match: str = "family"
 
     def __post_init__(self) -> None:
         if self.match not in MATCHES:
@@ -60,12 +61,9 @@ class CurationRules:
             raise FlipscopeError(f"controls_per_flip {self.controls_per_flip} is negative")
 
     def to_dict(self) -> dict[str, Any]:
-        """The rules as a bank records them (`match` only when not `question`, so banks curated
-        before the option existed read back as what they are)."""
-        rules = asdict(self)
-        if rules["match"] == "question":
-            del rules["match"]
-        return rules
+        """The rules as a bank records them (banks without `match` predate the option and were
+        curated with `question`)."""
+        return asdict(self)
 
 
 class _Answer(NamedTuple):

@@ -41,15 +41,17 @@ def attribution_scores(
     pairs: PairActivations,
     *,
     batch_size: int = 32,
+    include_controls: bool = False,
     progress: bool = True,
-) -> Float[np.ndarray, "flip d_sae"]:
-    """Per flip case and feature, the linear estimate of how far removing Δf_i moves the
-    paraphrase margin toward the original's: grad_f(margin) · (f_orig − f_para) · sign(m_orig − m_para).
+) -> Float[np.ndarray, "case d_sae"]:
+    """Per flip case (and, with `include_controls`, every control after them) and feature, the
+    linear estimate of how far removing Δf_i moves the paraphrase margin toward the original's:
+    grad_f(margin) · (f_orig − f_para) · sign(m_orig − m_para).
 
     The gradient is taken on the paraphrase run with the SAE spliced in at `hook` (last position,
     error term kept, so the forward is unchanged), with respect to every feature at once.
     """
-    n_flips = int(pairs.is_flip.sum())  # flips come first
+    n_flips = len(pairs.cases) if include_controls else int(pairs.is_flip.sum())  # flips come first
     para_specs = pairs.paraphrase_specs()[:n_flips]
     f_orig = pairs.features(sae, hook)[0][:n_flips]
     sign = direction_sign(pairs)[:n_flips]
@@ -118,6 +120,7 @@ def check_attribution(
     attributed = per_case[:, top]
     return {
         "features": top,
+        "n_cases": int(per_case.shape[0]),
         "n_moving_features": len(moving),
         "attribution": attributed.mean(0).tolist(),
         "exact": exact.mean(0).tolist(),

@@ -1,21 +1,25 @@
-"""Feature discovery over FlipBank pairs: which SAE features track the framing that flips answers.
+"""Feature discovery over FlipBank pairs: which SAE features carry the framing that flips answers.
 
 For every case, Δf = f(paraphrase) − f(original) at the last prompt position of the SAE's layer.
-Features are ranked three ways, each with its interval or test and Benjamini–Hochberg q-values
-over all features:
+With family-matched controls (the default curation), the **framing analysis**
+(`flipscope.experiments.framing`) labels every feature `framing`, `framing + readout`, `answer
+readout` or `none` against nulls that keep the answer structure, ranks the features that carry
+the wording first (the default ranking) and states the verdict. Beside it, the paper's statistics,
+each with its interval or test, Benjamini–Hochberg q-values over all features and a family-wise p
+under the flip/control swap null (`*_p_null`):
 
 - **size**: mean |Δf| over flip cases (bootstrap interval);
 - **correlation** of Δf with the margin shift m_para − m_orig over flip cases (Pearson and
-  Spearman, Fisher-z intervals) — the default ranking, the paper's r = 0.71 criterion (over flips
-  only, so it measures whether a feature tracks how far the answer moved, not merely whether it
-  moved);
-- **separation** of flips from non-flip controls by Δf (Mann–Whitney U, AUC).
+  Spearman, Fisher-z intervals), the paper's r = 0.71 criterion;
+- **separation** of flips from non-flip controls by Δf (Mann–Whitney U, AUC);
+- **attribution**, gradient × Δactivation of the margin through the SAE features (for every
+  feature in one backward pass per batch), estimating what removing Δf_i would do to the margin,
+  so exact patching needs only the top few.
 
-Beside them: **attribution**, gradient × Δactivation of the margin through the SAE features (for
-every feature in one backward pass per batch), estimating what removing Δf_i would do to the
-margin, so exact patching needs only the top few; the **difference-of-means direction** (mean
-Δresidual of flips minus that of controls), a baseline that needs no SAE; and a per-layer
-flip-prediction AUC sweep (cross-validated DiffMean projection at every layer).
+Every flip moves the answer readout, so these find readout features in any model that flips;
+their nulls and the labels say so. Also: the **difference-of-means direction** (mean Δresidual of
+flips minus that of controls), a baseline that needs no SAE, and a per-layer flip-prediction AUC
+sweep (cross-validated DiffMean projection at every layer).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from jaxtyping import Bool, Float
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.attribution import attribution_scores, check_attribution
 from flipscope.experiments.directions import diffmean_direction, layer_auc_sweep
+from flipscope.experiments.framing import FramingAnalysis, framing_analysis
 from flipscope.experiments.pairs import PairActivations, collect_pairs
+from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
 from flipscope.sae.load import check_sae
@@ -41,7 +47,7 @@ from flipscope.stats import bh_qvalues, bootstrap, bootstrap_means, correlations
 
 __all__ = ["Discovery", "discover", "feature_table", "records"]
 
-RANKINGS = ("pearson", "spearman", "auc", "size", "attribution")
+RANKINGS = ("framing", "pearson", "spearman", "auc", "size", "attribution")
 
 
 def feature_table(
@@ -127,6 +133,8 @@ class Discovery:
         ablation: Attribution vs exact single-feature ablation on the top attributed features
             (Spearman and Pearson over features, Spearman over case × feature), when computed.
         meta: The bank, model, SAE and settings it came from.
+        framing: The framing analysis (`FramingAnalysis.to_dict()`): the flip–control pairs, the
+            nulls' thresholds, whether a mechanism is claimed, and the verdict.
     """
 
     table: Any
@@ -135,9 +143,30 @@ class Discovery:
     diffmean: dict[str, Any]
     ablation: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    framing: dict[str, Any] = field(default_factory=dict)
 
-    def top(self, k: int = 10, by: str = "pearson") -> Any:
-        """The `k` first features by one criterion (`pearson`, `spearman`, `auc`, `size`, `attribution`)."""
+    @property
+    def verdict(self) -> str:
+        """The sentence the numbers support about a framing mechanism."""
+        return self.framing.get("verdict", "No framing analysis was run.")
+
+    @property
+    def found(self) -> bool:
+        """Whether a framing mechanism is claimed (see `flipscope.experiments.framing`)."""
+        return bool(self.framing.get("found", False))
+
+    def framing_features(self, k: int | None = None) -> list[int]:
+        """Features whose shift on family-matched non-flips beats the null, most framing-specific
+        first (empty when none does, or the bank has no such controls)."""
+        if "label" not in self.table:
+            return []
+        carries = self.table[self.table["label"].isin(["framing", "framing + readout"])]
+        return [int(f) for f in carries.sort_values("rank_framing")["feature"]][:k]
+
+    def top(self, k: int = 10, by: str | None = None) -> Any:
+        """The `k` first features by one criterion (`framing` where the bank has family-matched
+        controls, else `pearson`; or `spearman`, `auc`, `size`, `attribution`)."""
+        by = by or ("framing" if "rank_framing" in self.table else "pearson")
         if f"rank_{by}" not in self.table:
             known = [r for r in RANKINGS if f"rank_{r}" in self.table]
             raise FlipscopeError(f"unknown ranking {by!r}; expected one of {known}")
@@ -145,12 +174,13 @@ class Discovery:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "flipscope-discovery/1",
+            "format": "flipscope-discovery/2",
             "hook": self.hook,
             "meta": self.meta,
             "layers": self.layers,
             "diffmean": self.diffmean,
             "ablation": self.ablation,
+            "framing": self.framing,
             "features": records(self.table),
         }
 
@@ -227,13 +257,72 @@ def discover(
     if missing:
         raise FlipscopeError(f"pairs lack the hooks {missing}; collect them with collect_pairs(vlm, bank, hooks)")
     delta_f = pairs.feature_delta(sae, hook).double().numpy()
-    per_case = attribution_scores(vlm, sae, hook, pairs, batch_size=batch_size, progress=progress)
+    per_case = attribution_scores(
+        vlm, sae, hook, pairs, batch_size=batch_size, include_controls=True, progress=progress
+    )
+    n_flips = int(pairs.is_flip.sum())
     shift = pairs.margin_shift.double().numpy()
-    table = feature_table(delta_f, shift, pairs.is_flip, attribution=per_case.mean(0), n_boot=n_boot, seed=seed)
+    table = feature_table(
+        delta_f, shift, pairs.is_flip, attribution=per_case[:n_flips].mean(0), n_boot=n_boot, seed=seed
+    )
+    analysis = _framing(vlm, sae, hook, pairs, delta_f, per_case, seed)
+    table = with_framing(table, analysis)
     diffmean = _diffmean_summary(sae, pairs, hook)
     ablation = None
     if exact_top > 0:
-        ablation = check_attribution(vlm, sae, hook, pairs, per_case, delta_f, exact_top, batch_size, progress)
+        ablation = check_attribution(
+            vlm, sae, hook, pairs, per_case[:n_flips], delta_f, exact_top, batch_size, progress
+        )
     meta = _meta(vlm, sae, bank, hook, pairs, n_boot, seed)
     layers_auc = layer_auc_sweep(pairs, layer_hooks, seed=seed)
-    return Discovery(table=table, hook=hook, layers=layers_auc, diffmean=diffmean, ablation=ablation, meta=meta)
+    return Discovery(
+        table=table, hook=hook, layers=layers_auc, diffmean=diffmean, ablation=ablation, meta=meta,
+        framing=analysis.to_dict(),
+    )  # fmt: skip
+
+
+def _framing(
+    vlm: VLM,
+    sae: Any,
+    hook: str,
+    pairs: PairActivations,
+    delta_f: Float[np.ndarray, "case d_sae"],
+    per_case: Float[np.ndarray, "case d_sae"],
+    seed: int,
+) -> FramingAnalysis:
+    """The framing analysis of the pairs, with the decoder's answer alignment where the model
+    exposes its unembedding."""
+    readout = {}
+    if hasattr(vlm, "hf_model"):
+        readout = {
+            "answer_cos": answer_alignment(sae, vlm),
+            "answer_cos_threshold": alignment_threshold(sae, seed=seed),
+        }
+    return framing_analysis(
+        delta_f, pairs.margin_shift.double().numpy(), pairs.cases, hook, attribution=per_case,
+        decoder=sae.W_dec.detach().double().cpu().numpy(), resid_delta=pairs.delta(hook).double().numpy(),
+        seed=seed, **readout,
+    )  # fmt: skip
+
+
+def with_framing(table: Any, analysis: FramingAnalysis) -> Any:
+    """`table` with the framing analysis's per-feature columns: each ranking's family-wise p under
+    its pair-swap null (`<ranking>_p_null`), and with family-matched pairs framing_shift,
+    framing_t, answer_shift, answer_t, answer_cos, framing_share, label and rank_framing, sorted
+    by rank_framing (else as it was)."""
+    table = table.sort_values("feature").reset_index(drop=True)
+    for name, test in analysis.nulls.items():
+        table[f"{name}_p_null"] = test.p_family
+    spec = analysis.specificity
+    if spec is None:
+        return table.sort_values("rank_pearson").reset_index(drop=True)
+    columns = {"framing_shift": spec.framing_shift, "framing_t": spec.framing_t, "answer_shift": spec.answer_shift,
+               "answer_t": spec.answer_t, "answer_cos": spec.answer_cos, "framing_share": spec.share}  # fmt: skip
+    for name, values in columns.items():
+        if values is not None:
+            table[name] = values
+    table["label"] = spec.labels
+    rank = np.empty(len(table), dtype=np.int64)
+    rank[spec.ranked()] = np.arange(1, len(table) + 1)
+    table["rank_framing"] = rank
+    return table.sort_values("rank_framing").reset_index(drop=True)

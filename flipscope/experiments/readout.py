@@ -23,7 +23,7 @@ from torch import Tensor
 
 from flipscope.model.hooked import HookedVLM
 
-__all__ = ["answer_alignment", "answer_direction"]
+__all__ = ["alignment_threshold", "answer_alignment", "answer_direction"]
 
 
 @torch.no_grad()
@@ -45,3 +45,19 @@ def answer_alignment(sae: SAE, vlm: HookedVLM) -> Float[np.ndarray, " d_sae"]:
     w_dec = sae.W_dec.detach().float().cpu()
     rows = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (rows @ answer_direction(vlm).cpu()).numpy()
+
+
+@torch.no_grad()
+def alignment_threshold(sae: SAE, *, n_directions: int = 1000, level: float = 0.95, seed: int = 0) -> float:
+    """The null of `answer_alignment`: the `level` quantile of the largest |cosine| between the
+    SAE's decoder rows and a random direction (isotropic in the residual stream). A feature more
+    aligned with the answer than the best-aligned feature is with a direction that means nothing
+    writes the answer."""
+    w_dec = sae.W_dec.detach().float().cpu()
+    rows = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    generator = torch.Generator().manual_seed(seed)
+    best = []
+    for start in range(0, n_directions, 100):
+        probes = torch.randn(rows.shape[1], min(100, n_directions - start), generator=generator)
+        best.append((rows @ (probes / probes.norm(dim=0, keepdim=True))).abs().amax(0))
+    return float(torch.quantile(torch.cat(best), level))

@@ -13,9 +13,20 @@ two come apart:
   labels swapped at random within each pair (the answer structure kept, only which side flipped
   permuted), again as the largest |t| over features.
 
-A feature beats a null when its |t| exceeds the null's 95th percentile of the maximum: `framing`
-when only the framing shift does, `answer readout` when only the answer shift does, `both`, or
-`none`. Fewer than 10 pairs cannot be told apart from noise and are refused.
+A feature beats a null when its |t| exceeds the null's 95th percentile of the maximum. The
+answer shift alone cannot tell a readout from a framing carrier that is simply stronger where the
+answer flipped, so the decoder is read too: with `answer_cos` (the decoder row's cosine with the
+logit-lens answer direction, `readout.answer_alignment`) and its null threshold, a feature is
+
+- `framing`: its framing shift beats the null and its decoder does not write the answer;
+- `framing + readout`: its framing shift beats the null and its decoder writes the answer;
+- `answer readout`: no framing shift, but its shift on flips beats the null over their controls
+  (it moves with the answer only);
+- `none`: nothing beats a null.
+
+Without `answer_cos`, the labels rest on the two shifts alone (`framing`, `answer readout`,
+`framing + readout` for both, `none`). Fewer than 10 pairs cannot be told apart from noise and
+are refused.
 """
 
 from __future__ import annotations
@@ -27,12 +38,20 @@ from jaxtyping import Bool, Float
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["MIN_PAIRS", "Specificity", "framing_specificity", "max_t_null"]
+__all__ = [
+    "LABELS",
+    "MIN_PAIRS",
+    "Specificity",
+    "framing_share",
+    "framing_specificity",
+    "max_t_null",
+    "t_statistic",
+]
 
 MIN_PAIRS = 10
 
 
-def _t(values: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " k"]:
+def t_statistic(values: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " k"]:
     """One-sample t statistic of each column's mean (0 where a column does not vary)."""
     mean = values.mean(0)
     sem = values.std(0, ddof=1) / np.sqrt(len(values))
@@ -44,7 +63,10 @@ def max_t_null(values: Float[np.ndarray, "n k"], *, n_perm: int = 1000, seed: in
     mean of 0 in every column, calibrated for picking the best of all columns."""
     rng = np.random.default_rng(seed)
     signs = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, len(values)))
-    return np.array([np.abs(_t(values * s[:, None])).max() for s in signs])
+    return np.array([np.abs(t_statistic(values * s[:, None])).max() for s in signs])
+
+
+LABELS = ("framing", "framing + readout", "answer readout", "none")
 
 
 @dataclass(frozen=True)
@@ -57,8 +79,11 @@ class Specificity:
         answer_shift: Mean of Δf(flip) − Δf(control) over the pairs.
         framing_t: t statistic of `framing_shift`; `answer_t` of `answer_shift`.
         framing_threshold: 95th percentile of the framing null's max |t| (`answer_threshold` alike).
-        labels: `framing`, `answer readout`, `both` or `none`.
+        labels: One of `LABELS` per feature.
         n_pairs: Flip–control pairs the statistics rest on.
+        answer_cos: Decoder alignment with the answer direction, when given.
+        answer_cos_threshold: Its null's top |cosine|, when given.
+        share: Each feature's share of the controls' framing direction, when given (see `framing_share`).
     """
 
     framing_shift: Float[np.ndarray, " k"]
@@ -69,22 +94,52 @@ class Specificity:
     answer_threshold: float
     labels: np.ndarray
     n_pairs: int
+    answer_cos: Float[np.ndarray, " k"] | None = None
+    answer_cos_threshold: float | None = None
+    share: Float[np.ndarray, " k"] | None = None
 
     def ranked(self) -> np.ndarray:
-        """Features by framing specificity: framing-only first, by |framing t| minus |answer t|."""
-        score = np.abs(self.framing_t) - np.abs(self.answer_t)
-        return np.argsort(-score, kind="stable")
+        """Features by framing specificity: those whose framing shift beats the null (`framing` and
+        `framing + readout`) first, by their share of the framing direction (or |framing t|
+        without shares); then the rest by |framing t| minus |answer t|."""
+        size = self.share if self.share is not None else np.abs(self.framing_t)
+        carries = np.isin(self.labels, ("framing", "framing + readout"))
+        key = np.where(carries, size, np.abs(self.framing_t) - np.abs(self.answer_t))
+        return np.lexsort((-key, ~carries))
+
+    @property
+    def framing_features(self) -> np.ndarray:
+        """Features whose framing shift beats the null (`framing` or `framing + readout`), ranked."""
+        order = self.ranked()
+        return order[np.isin(self.labels[order], ("framing", "framing + readout"))]
 
     @property
     def found(self) -> bool:
-        """Whether any feature carries the framing beyond the null (`framing` or `both`)."""
-        return bool(np.isin(self.labels, ("framing", "both")).any())
+        """Whether any feature carries the framing beyond the null (`framing` or `framing + readout`)."""
+        return bool(np.isin(self.labels, ("framing", "framing + readout")).any())
+
+
+def framing_share(
+    decoder: Float[np.ndarray, "k d_model"],
+    framing_shift: Float[np.ndarray, " k"],
+    direction: Float[np.ndarray, " d_model"],
+) -> Float[np.ndarray, " k"]:
+    """How much of `direction` (the controls' mean Δresidual: the wording's effect where the answer
+    held) each feature's own shift supplies: shift × decoder row · unit direction / |direction|.
+    The organism card's `share`, measured on a FlipBank."""
+    norm = float(np.linalg.norm(direction))
+    if norm == 0.0:
+        return np.zeros(len(decoder))
+    return framing_shift * (decoder @ (direction / norm)) / norm
 
 
 def framing_specificity(
     delta_flip: Float[np.ndarray, "pair k"],
     delta_control: Float[np.ndarray, "pair k"],
     *,
+    answer_cos: Float[np.ndarray, " k"] | None = None,
+    answer_cos_threshold: float | None = None,
+    share: Float[np.ndarray, " k"] | None = None,
     n_perm: int = 1000,
     level: float = 0.95,
     seed: int = 0,
@@ -93,7 +148,8 @@ def framing_specificity(
     `delta_control` is the family-matched control of the flip in row i of `delta_flip`).
 
     Raises:
-        FlipscopeError: the arrays differ in shape, or hold fewer than `MIN_PAIRS` pairs.
+        FlipscopeError: the arrays differ in shape, hold fewer than `MIN_PAIRS` pairs, or
+            `answer_cos` comes without its threshold.
     """
     if delta_flip.shape != delta_control.shape:
         raise FlipscopeError(f"flip and control Δf differ in shape: {delta_flip.shape} vs {delta_control.shape}")
@@ -101,11 +157,14 @@ def framing_specificity(
         raise FlipscopeError(
             f"{len(delta_flip)} flip–control pairs; framing and answer shifts need at least {MIN_PAIRS}"
         )
+    if (answer_cos is None) != (answer_cos_threshold is None):
+        raise FlipscopeError("answer_cos and answer_cos_threshold come together")
     difference = delta_flip - delta_control
-    framing_t, answer_t = _t(delta_control), _t(difference)
+    framing_t, answer_t = t_statistic(delta_control), t_statistic(difference)
     framing_null = max_t_null(delta_control, n_perm=n_perm, seed=seed)
     answer_null = max_t_null(difference, n_perm=n_perm, seed=seed + 1)  # a swap within a pair negates it
     framing_cut, answer_cut = float(np.quantile(framing_null, level)), float(np.quantile(answer_null, level))
+    writes = None if answer_cos is None else np.abs(answer_cos) > answer_cos_threshold
     return Specificity(
         framing_shift=delta_control.mean(0),
         answer_shift=difference.mean(0),
@@ -113,11 +172,20 @@ def framing_specificity(
         answer_t=answer_t,
         framing_threshold=framing_cut,
         answer_threshold=answer_cut,
-        labels=_labels(np.abs(framing_t) > framing_cut, np.abs(answer_t) > answer_cut),
+        labels=_labels(np.abs(framing_t) > framing_cut, np.abs(answer_t) > answer_cut, writes),
         n_pairs=len(delta_flip),
+        answer_cos=answer_cos,
+        answer_cos_threshold=answer_cos_threshold,
+        share=share,
     )
 
 
-def _labels(framing: Bool[np.ndarray, " k"], answer: Bool[np.ndarray, " k"]) -> np.ndarray:
-    table = {(True, False): "framing", (False, True): "answer readout", (True, True): "both", (False, False): "none"}
-    return np.array([table[(bool(f), bool(a))] for f, a in zip(framing, answer, strict=True)], dtype=object)
+def _labels(
+    framing: Bool[np.ndarray, " k"], answer: Bool[np.ndarray, " k"], writes: Bool[np.ndarray, " k"] | None
+) -> np.ndarray:
+    """The module docstring's labels from the three tests (the decoder's only when given)."""
+    mixed = framing & (answer if writes is None else writes)
+    readout = ~framing & answer
+    return np.select([mixed, framing, readout], ["framing + readout", "framing", "answer readout"], "none").astype(
+        object
+    )

@@ -4,7 +4,8 @@ They are TransformerLens hook functions `(activation, hook) -> activation`, for
 `HookedVLM.hooks(...)`, `run_with_hooks` or an `Edit` of an edited model:
 
 - `subtract_at_last` / `replace_at_last`: delta-only and original-value patches at the last
-  prompt position (inputs are left-padded);
+  prompt position (inputs are left-padded); `replace_where`: values put at any positions
+  (corrupting words, restoring a clean run);
 - `shift_features_hook`: move SAE features to a target wherever a mask says (clamping, span
   patches): x ← x − (f(x) − target) · W_dec, the error term untouched;
 - `ablate_direction_hook`: x ← x − (x · û) û;
@@ -28,6 +29,7 @@ __all__ = [
     "ablate_direction_hook",
     "clamp_hook",
     "replace_at_last",
+    "replace_where",
     "shift_features_hook",
     "splice_features_hook",
     "subtract_at_last",
@@ -108,3 +110,15 @@ def splice_features_hook(sae: Any, grabbed: dict[str, Tensor]):
         return x
 
     return splice
+
+
+def replace_where(values: Float[Tensor, "batch pos d_model"], mask: Bool[Tensor, "batch pos"]):
+    """A hook that puts `values` wherever `mask` is set (same batch and positions as the run)."""
+
+    def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        where = mask.to(x.device)
+        x = x.clone()
+        x[where] = values.to(device=x.device, dtype=x.dtype)[where]
+        return x
+
+    return hook

@@ -12,6 +12,7 @@ Layout of an organism directory::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import time
@@ -24,6 +25,7 @@ from sae_lens import JumpReLUSAE
 from torch import Tensor
 
 from flipscope.errors import FlipscopeError
+from flipscope.model.answers import yes_no_margin
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism.behaviour import margin_table, summarize
@@ -32,7 +34,15 @@ from flipscope.organism.data import Film, question, sample_films
 from flipscope.organism.sae_train import collect_activations, sae_stats, save_sae, train_sae
 from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream, train_model
 
-__all__ = ["CARD_NAME", "SAE_DIR", "aligned_features", "build_organism", "framing_directions", "load_card"]
+__all__ = [
+    "CARD_NAME",
+    "SAE_DIR",
+    "aligned_features",
+    "build_organism",
+    "framing_directions",
+    "load_card",
+    "split_half_null",
+]
 
 CARD_NAME = "ground_truth.json"
 SAE_DIR = "sae"
@@ -42,65 +52,92 @@ def _unit(v: Tensor) -> Tensor:
     return v / v.norm()
 
 
-@torch.no_grad()
-def _last_resid(vlm: HookedVLM, hook: str, specs: list[PromptSpec], batch_size: int = 256) -> Tensor:
-    chunks = []
+def _resid_and_margin(vlm: HookedVLM, hook: str, specs: list[PromptSpec], batch_size: int = 256):
+    """Residual at `hook` (last prompt position) and margin of every prompt."""
+    resid, margin = [], []
     for i in range(0, len(specs), batch_size):
         batch = vlm.prompts.build(specs[i : i + batch_size])
-        chunks.append(vlm.run_with_cache(batch, names_filter=hook, positions="last")[1][hook])
-    return torch.cat(chunks)
+        logits, cache = vlm.run_with_cache(batch, names_filter=hook, positions="last", logits_to_keep=1)
+        resid.append(cache[hook].float())
+        margin.append(yes_no_margin(logits[:, -1], vlm.answer_tokens))
+    return torch.cat(resid), torch.cat(margin)
+
+
+def _family_runs(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film], family: str):
+    """[item, template, d_model] residuals and [item, template] margins of one family, with the image."""
+    fam = cfg.family(family)
+    specs = [
+        PromptSpec(question=question(cfg, family, t, f.name), image=film.pixels)
+        for film in films
+        for f in cfg.findings
+        for t in range(len(fam.templates))
+    ]
+    resid, margin = _resid_and_margin(vlm, cfg.sae_hook, specs)
+    n_items = len(films) * len(cfg.findings)
+    return resid.view(n_items, len(fam.templates), -1), margin.view(n_items, len(fam.templates))
+
+
+def split_half_null(x: Float[Tensor, "item template d_model"]) -> Float[Tensor, " split"]:
+    """Norms of the mean difference between two halves of one family's templates, over every
+    split: how far apart wordings that carry no framing lie at this layer."""
+    n = x.shape[1]
+    if n < 2:
+        raise FlipscopeError("a split-half null needs a first family of at least 2 templates")
+    splits = [a for k in range(1, n // 2 + 1) for a in itertools.combinations(range(n), k)]
+    norms = []
+    for half in splits:
+        other = [t for t in range(n) if t not in half]
+        norms.append(float((x[:, list(half)].mean(1) - x[:, other].mean(1)).mean(0).norm()))
+    return torch.tensor(norms)
 
 
 @torch.no_grad()
 def framing_directions(
     vlm: HookedVLM, cfg: OrganismConfig, films: list[Film], sae: JumpReLUSAE | None = None
 ) -> dict[str, Any]:
-    """The ground-truth framing direction at the SAE layer and its overlap with the answer.
+    """The ground-truth framing direction at the SAE layer, its null, and its overlap with the answer.
 
-    `framing` is the difference of means, at the last prompt position, between shortcut-family
-    and first-family prompts over the same films and findings (with the image). `answer` is the
-    difference of means between first-family prompts the model answers yes and those it answers
-    no. `framing_orth` is `framing` with its component along `answer` removed. When the model
-    gives one answer to every such prompt there is no answer direction: `answer` and the cosine
-    are None and `framing_orth` is `framing`. With `sae`, `feature_shift` is the same difference
-    of means of every SAE feature's activation.
+    `framing` is the mean, over held-out items (film × finding) that no wording of the first or
+    the shortcut family flips, of the shortcut family's mean residual minus the first family's
+    (last prompt position, with the image): the wording's own effect, measured where the answer
+    did not change, so the answer readout is not mixed in. `null_norms` holds the same
+    difference between two halves of the first family's templates, over every split, and
+    `significant` says whether the framing's norm exceeds them all. `answer` is the difference
+    of means between first-family prompts answered yes and no (None when the model gives one
+    answer only); `framing_orth` is `framing` without its component along `answer`. With `sae`,
+    `feature_shift` is the difference of means of every feature's activation over the same items.
     """
-    neutral, shortcut = cfg.families[0], cfg.family(cfg.shortcut_family)
-
-    def specs(family) -> list[PromptSpec]:
-        return [
-            PromptSpec(question=question(cfg, family.name, t, f.name), image=film.pixels)
-            for film in films
-            for f in cfg.findings
-            for t in range(len(family.templates))
-        ]
-
-    neutral_specs = specs(neutral)
-    x_neutral = _last_resid(vlm, cfg.sae_hook, neutral_specs)
-    x_shortcut = _last_resid(vlm, cfg.sae_hook, specs(shortcut))
-    framing = x_shortcut.mean(0) - x_neutral.mean(0)
-    shift = None if sae is None else (sae.encode(x_shortcut).mean(0) - sae.encode(x_neutral).mean(0))
-    said_yes = (
-        torch.cat([vlm.score(vlm.prompts.build(neutral_specs[i : i + 256])) for i in range(0, len(neutral_specs), 256)])
-        > 0
-    )
-    if said_yes.all() or not said_yes.any():  # the model gives one answer only: no answer direction
-        return {
-            "framing": framing,
-            "answer": None,
-            "framing_orth": framing,
-            "cosine_framing_answer": None,
-            "feature_shift": shift,
-        }
-    answer = x_neutral[said_yes].mean(0) - x_neutral[~said_yes].mean(0)
-    framing_orth = framing - (framing @ _unit(answer)) * _unit(answer)
-    return {
+    neutral, shortcut = cfg.families[0].name, cfg.shortcut_family
+    x_neutral, m_neutral = _family_runs(vlm, cfg, films, neutral)
+    x_shortcut, m_shortcut = _family_runs(vlm, cfg, films, shortcut)
+    answer_of = m_neutral[:, :1] > 0
+    held = ((m_neutral > 0) == answer_of).all(1) & ((m_shortcut > 0) == answer_of).all(1)
+    if not held.any():
+        raise FlipscopeError("every held-out item flips; the framing cannot be measured apart from the answer")
+    framing = x_shortcut[held].mean((0, 1)) - x_neutral[held].mean((0, 1))
+    null = split_half_null(x_neutral[held])
+    shift = None
+    if sae is not None:
+        shift = sae.encode(x_shortcut[held].flatten(0, 1)).mean(0) - sae.encode(x_neutral[held].flatten(0, 1)).mean(0)
+    said_yes = (m_neutral > 0).flatten()
+    out = {
         "framing": framing,
-        "answer": answer,
-        "framing_orth": framing_orth,
-        "cosine_framing_answer": float(_unit(framing) @ _unit(answer)),
+        "null_norms": null,
+        "significant": bool(float(framing.norm()) > float(null.max())),
+        "n_items": int(held.sum()),
         "feature_shift": shift,
+        "answer": None,
+        "framing_orth": framing,
+        "cosine_framing_answer": None,
     }
+    if said_yes.all() or not said_yes.any():  # the model gives one answer only: no answer direction
+        return out
+    flat = x_neutral.flatten(0, 1)
+    answer = flat[said_yes].mean(0) - flat[~said_yes].mean(0)
+    out["answer"] = answer
+    out["framing_orth"] = framing - (framing @ _unit(answer)) * _unit(answer)
+    out["cosine_framing_answer"] = float(_unit(framing) @ _unit(answer))
+    return out
 
 
 ALIGNED_SHARE = 0.1
@@ -114,9 +151,10 @@ def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5)
     its decoder row, projected on the unit framing direction, over the direction's length. A
     feature that switches on under the shortcut framing and one that switches off under it (a
     "neutral question" feature) both count; a decoder row that merely points along the framing
-    while the feature stays silent does not. `aligned` marks share ≥ `ALIGNED_SHARE`. `cosine`
-    is the decoder row's cosine with the framing direction (and `cosine_orth` with its part
-    orthogonal to the answer direction).
+    while the feature stays silent does not. `aligned` marks share ≥ `ALIGNED_SHARE`, and only
+    when the framing direction itself beats its split-half null (`significant`): a wording with
+    no planted effect has no feature that carries it. `cosine` is the decoder row's cosine with
+    the framing direction (and `cosine_orth` with its part orthogonal to the answer direction).
     """
     decoder = sae.W_dec.detach()
     framing = directions["framing"]
@@ -132,7 +170,7 @@ def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5)
             "shift": float(directions["feature_shift"][i]),
             "cosine": float(cos[i]),
             "cosine_orth": float(cos_orth[i]),
-            "aligned": bool(float(share[i]) >= ALIGNED_SHARE),
+            "aligned": bool(directions["significant"] and float(share[i]) >= ALIGNED_SHARE),
         }
         for i in order
     ]
@@ -189,6 +227,10 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
         "sae": sae_stats(sae, held_out),
         "directions": {
             "cosine_framing_answer": directions["cosine_framing_answer"],
+            "framing_norm": float(directions["framing"].norm()),
+            "framing_null_norms": [round(float(v), 6) for v in directions["null_norms"]],
+            "framing_significant": directions["significant"],
+            "framing_items": directions["n_items"],
             "framing": _vector(directions["framing"]),
             "framing_orth": _vector(directions["framing_orth"]),
             "answer": None if directions["answer"] is None else _vector(directions["answer"]),

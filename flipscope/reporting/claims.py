@@ -14,7 +14,7 @@ from typing import Any
 
 from flipscope.reporting.format import MIN_CASES, fmt
 
-__all__ = ["ablation_agreement", "family_concentration", "peak_layer"]
+__all__ = ["ablation_agreement", "family_concentration", "framing_entry", "peak_layer"]
 
 
 def family_concentration(by_strategy: Mapping[str, Mapping[str, Any]], family: str, what: str = "") -> str:
@@ -40,13 +40,18 @@ def family_concentration(by_strategy: Mapping[str, Mapping[str, Any]], family: s
     )
 
 
-def peak_layer(layers: Sequence[Mapping[str, Any]], reference: str = "") -> str:
-    """Where the flip-vs-control AUC peaks, among the layers where it is a finite number."""
+def _only(n: Any, what: str) -> str:
+    return f" (from only {n} {what})" if isinstance(n, int) and n < MIN_CASES else ""
+
+
+def peak_layer(layers: Sequence[Mapping[str, Any]], reference: str = "", n_flips: int | None = None) -> str:
+    """Where the flip-vs-control AUC peaks, among the layers where it is a finite number (flagged
+    when it rests on fewer than `MIN_CASES` flips)."""
     finite = [r for r in layers if isinstance(r.get("auc"), int | float) and math.isfinite(r["auc"])]
     if not finite:
         return "The flip-vs-control AUC could not be computed at any layer (too few flips or controls)."
     peak = max(finite, key=lambda r: r["auc"])
-    return f"The flip-vs-control AUC peaks at {peak['auc']:.2f} at {peak['hook']}{reference}."
+    return f"The flip-vs-control AUC peaks at {peak['auc']:.2f} at {peak['hook']}{_only(n_flips, 'flips')}{reference}."
 
 
 def ablation_agreement(check: Mapping[str, Any] | None) -> str:
@@ -54,4 +59,35 @@ def ablation_agreement(check: Mapping[str, Any] | None) -> str:
     value = (check or {}).get("spearman")
     if not isinstance(value, int | float) or not math.isfinite(value):
         return "Attribution was not checked against exact ablation in this run."
-    return f"Attribution agrees with exact single-feature ablation (Spearman {value:.3f} over features)."
+    flag = _only((check or {}).get("n_cases"), "flip cases")
+    return f"Attribution agrees with exact single-feature ablation (Spearman {value:.3f} over features{flag})."
+
+
+def framing_entry(upstream: Mapping[str, Any]) -> str:
+    """Where the framing enters (`UpstreamTrace.summary()`): what corrupting the framing words
+    undoes, the words that undo most alone, and the first layer whose last position carries at
+    least half of the effect."""
+    if not upstream.get("n_cases"):
+        return "No flip could be traced: none had framing words whose corruption moved its margin."
+    words = list(upstream["words"].items())[:2]
+    named = " and ".join(f"'{w}' ({fmt(e)})" for w, e in words)
+    first = upstream["profile"][0]
+    text = (
+        f"Corrupting the framing words (the paraphrase's words its original lacks) undoes "
+        f"{fmt(upstream['corrupted_share'])} of the flips' margin shift; alone, {named} undo most. "
+        f"Restoring the clean run at those words restores {fmt(first['framing words'])} of the effect at layer "
+        f"{first['layer']}'s input"
+    )
+    entry = upstream.get("entry_layer")
+    if entry is None:
+        return text + ", and at no traced layer does the last position alone carry half of it."
+    row = next(r for r in upstream["profile"] if r["layer"] == entry)
+    if entry == first["layer"]:
+        return text + f"; the last position alone already carries {fmt(row['last position'])} there."
+    layers = [r["layer"] for r in upstream["profile"]]
+    before = layers[layers.index(entry) - 1]
+    within = f"layer {before}" if entry - before == 1 else f"layers {before}–{entry - 1}"
+    return text + (
+        f"; from layer {entry}'s input on, the last position alone carries {fmt(row['last position'])}: the "
+        f"framing reaches the answer position in {within}."
+    )

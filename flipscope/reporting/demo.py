@@ -47,6 +47,7 @@ class DemoConfig:
         conditions: Image conditions; `blank` is the paper's "image removed".
         top_k: Features patched together: the first `top_k` by attribution.
         clamp_values: Values the top feature is clamped to (the trade-off curve).
+        trace_cases: Flips traced to find where the framing enters.
         seed: Seed of every bootstrap and of the control draw.
     """
 
@@ -54,6 +55,7 @@ class DemoConfig:
     conditions: tuple[str, ...] = ("image", "blank")
     top_k: int = 5
     clamp_values: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    trace_cases: int = 64
     seed: int = 0
 
 
@@ -97,7 +99,11 @@ def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
     chosen = summary["patching"]["discovered"]["setup"]["features"]
     feature = summary["clamping"]["feature"]
     seed = summary["settings"]["seed"]
-    return {
+    upstream = summary["upstream"]
+    entry = (
+        {"framing_entry": plots.framing_entry(upstream, summary["patching"]["layers"])} if upstream["profile"] else {}
+    )
+    return entry | {
         "margin_recovery": plots.margin_recovery(
             rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
         ),
@@ -174,13 +180,23 @@ def _discover(run: _Run) -> None:
     pairs = collect_pairs(vlm, bank, [resid_post(i) for i in range(vlm.n_layers)], progress=run.progress)
     found = discover(vlm, run.sae, bank, pairs=pairs, seed=run.cfg.seed, progress=run.progress)
     found.save(run.work / "discovery.json")
-    ranked = found.top(len(found.table), by="attribution")
-    run.found.update(
-        pairs=pairs,
-        discovery=found,
-        chosen=[int(f) for f in found.top(run.cfg.top_k, by="attribution")["feature"]],
-        clamp_feature=int(ranked[ranked["mean_delta_flip"] > 0]["feature"].iloc[0]),  # the first switched on
-    )
+    chosen, chosen_by = found.framing_features(run.cfg.top_k), "framing specificity"
+    if not chosen:
+        chosen = [int(f) for f in found.top(run.cfg.top_k, by="attribution")["feature"]]
+        chosen_by = "attribution (no feature carries the wording beyond the null)"
+    run.found.update(pairs=pairs, discovery=found, chosen=chosen, chosen_by=chosen_by, clamp_feature=_clamped(found))
+
+
+def _clamped(found: Any) -> int:
+    """The feature to clamp: the first framing feature the wording switches on, else the first
+    by attribution that the flips switch on."""
+    table = found.table
+    if "label" in table:
+        on = table[table["label"].isin(["framing", "framing + readout"]) & (table["framing_shift"] > 0)]
+        if len(on):
+            return int(on.sort_values("rank_framing")["feature"].iloc[0])
+    ranked = table.sort_values("rank_attribution")
+    return int(ranked[ranked["mean_delta_flip"] > 0]["feature"].iloc[0])
 
 
 def _patch(run: _Run) -> None:
@@ -193,6 +209,7 @@ def _patch(run: _Run) -> None:
     bank, pairs, progress = f["bank"], f["pairs"], run.progress
     f["planted"] = [x["feature"] for x in run.card["framing_features"] if x["aligned"]]
     sets = {"patch_discovered": f["chosen"], "patch_card": f["planted"], "patch_single": [f["clamp_feature"]]}
+    sets = {name: features for name, features in sets.items() if features}  # a card may mark none
     for name, features in sets.items():
         f[name] = patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
     layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", pairs=pairs, progress=progress)
@@ -200,6 +217,15 @@ def _patch(run: _Run) -> None:
     for name in sets:
         result = f[name]
         (run.work / f"{name}.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}) + "\n")
+
+
+def _trace(run: _Run) -> None:
+    """Where the framing enters: its words corrupted, the clean run restored layer by layer."""
+    from flipscope.experiments.upstream import trace_framing
+
+    traced = trace_framing(run.vlm, run.found["bank"], max_cases=run.cfg.trace_cases, progress=run.progress)
+    run.found["upstream"] = traced.summary(seed=run.cfg.seed)
+    (run.work / "trace.json").write_text(json.dumps(run.found["upstream"], indent=1) + "\n")
 
 
 def _clamp(run: _Run) -> None:
@@ -231,6 +257,7 @@ def _activations(run: _Run) -> None:
 
 def _figures(run: _Run) -> None:
     """The summary every figure and the report are drawn from, and the figures."""
+    from flipscope.reporting.commands import demo_commands
     from flipscope.reporting.files import save_figures
 
     run.found["summary"] = summary = _summary(run)
@@ -241,7 +268,7 @@ def _figures(run: _Run) -> None:
     summary["figures"] = {"html": [p.name for p in written["html"]], "png": [p.name for p in written["png"]]}
     summary["png_skipped"] = written["png_skipped"]
     f = run.found
-    summary["commands"] = _commands(
+    summary["commands"] = demo_commands(
         run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"], f["clamp_feature"],
         run.cfg,
     )  # fmt: skip
@@ -258,6 +285,7 @@ STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("curating the FlipBank", _curate),
     ("discovering features", _discover),
     ("patching", _patch),
+    ("tracing where the framing enters", _trace),
     ("clamping feature {clamp_feature}", _clamp),
     ("reading feature activations", _activations),
     ("writing figures", _figures),
@@ -292,18 +320,23 @@ def _summary(run: _Run) -> dict[str, Any]:
         "flipbank": {k: bank[k] for k in ("n_flips", "n_controls")}
         | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
         "discovery": {
-            "top": records(found.top(10, by="pearson")),
-            "top_attribution": f["chosen"],
+            "top": records(found.top(10)),
+            "verdict": found.verdict,
+            "found": found.found,
+            "framing": found.framing,
+            "patched": f["chosen"],
+            "patched_by": f["chosen_by"],
             "ablation_check": found.ablation,
             "diffmean_top_features": found.diffmean["top_features"],
             "layers": found.layers,
         },
         "patching": {
             "discovered": f["patch_discovered"].summary,
-            "planted": f["patch_card"].summary,
+            "planted": f["patch_card"].summary if "patch_card" in f else None,
             "single": f["patch_single"].summary,
             "layers": _layer_recovery(f["layer_rows"], cfg.seed),
         },
+        "upstream": f["upstream"],
         "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
         "feature_activation": f["cells"],
         "paper": PAPER,
@@ -347,36 +380,3 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     echo(f"report: {out / 'report.html'}  ({summary['seconds']['total']:.0f} s)")
     return summary
-
-
-def _commands(
-    organism: Path,
-    questions: Path,
-    work: Path,
-    bank: Path,
-    chosen: list[int],
-    planted: list[int],
-    feature: int,
-    cfg: DemoConfig,
-) -> dict[str, str]:
-    """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
-    the demo's own stores, so they compute nothing twice)."""
-
-    def ints(values: list[int]) -> str:
-        return ",".join(str(v) for v in values)
-
-    conditions = ",".join(cfg.conditions)
-    values = ",".join(f"{v:g}" for v in cfg.clamp_values)
-    return {
-        "evaluate": f"flipscope evaluate --model {organism} --questions {questions} --conditions {conditions} "
-        f"--out {work / 'evaluation'}",
-        "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
-        f"--out {work / 'flipbank-cli.json'}",
-        "discover": f"flipscope discover --flipbank {bank} --out {work / 'discovery-cli.json'}",
-        "patch_discovered": f"flipscope patch --flipbank {bank} --features {ints(chosen)} "
-        f"--out {work / 'patch-discovered'}",
-        "patch_planted": f"flipscope patch --flipbank {bank} --features {ints(planted)} --out {work / 'patch-planted'}",
-        "patch_single": f"flipscope patch --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
-        "clamp": f"flipscope clamp --questions {questions} --features {feature} --values {values} "
-        f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
-    }

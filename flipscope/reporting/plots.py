@@ -20,6 +20,7 @@ __all__ = [
     "clamp_tradeoff",
     "feature_activation",
     "flip_rates",
+    "framing_entry",
     "layer_profile",
     "margin_recovery",
     "quadrant_map",
@@ -323,6 +324,52 @@ def layer_profile(
         title=title,
         xaxis=dict(title="layer (hook_resid_post)", tickvals=index),
         yaxis=dict(title="AUC / recovery", range=[0, 1.05]),
+        **LAYOUT,
+    )
+    return fig
+
+
+def framing_entry(
+    summary: Mapping[str, Any],
+    recovery: Sequence[Mapping[str, Any]] | None = None,
+    title: str = "Where the framing enters",
+) -> go.Figure:
+    """Share of the framing's effect restored per layer (`hook_resid_pre`) when the clean run is
+    put back at each group of positions (`UpstreamTrace.summary()`), and, beside it, the mean
+    recovery of original-value patching at the last position after each layer (`{layer, value,
+    low, high}` rows, plotted at layer + 1: the input of the next layer)."""
+    profile = summary["profile"]
+    if not profile:
+        raise FlipscopeError("no traced layers to plot")
+    layers = [int(r["layer"]) for r in profile]
+    styles = {"framing words": COLORS["paraphrase"], "rest of question": "#a0aec0", "last position": COLORS["original"]}
+    fig = go.Figure()
+    for group in summary["groups"]:
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r[group]["value"] for r in profile],
+                error_y=_error([r[group] for r in profile]),
+                mode="lines+markers",
+                name=f"clean run restored at the {group}",
+                line=dict(color=styles.get(group, "#4a5568")),
+            )
+        )
+    if recovery:
+        fig.add_trace(
+            go.Scatter(
+                x=[int(r["layer"]) + 1 for r in recovery],
+                y=[r["value"] for r in recovery],
+                error_y=_error(recovery),
+                mode="lines+markers",
+                name="original state patched in at the last position",
+                line=dict(color=COLORS["patched"], dash="dash"),
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title="layer L (its input, hook_resid_pre)", tickvals=sorted({*layers, *(x + 1 for x in layers)})),
+        yaxis=dict(title="share of the framing's effect", range=[-0.05, 1.1]),
         **LAYOUT,
     )
     return fig

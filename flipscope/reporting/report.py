@@ -11,7 +11,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from flipscope.reporting.claims import ablation_agreement, family_concentration, peak_layer
+from flipscope.reporting.claims import ablation_agreement, family_concentration, framing_entry, peak_layer
 from flipscope.reporting.format import fmt, num
 
 __all__ = ["write_report"]
@@ -78,10 +78,11 @@ def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         ],
     )
     family = s["organism"]["shortcut"]["family"]
+    planted = "planted" if s["organism"]["shortcut"]["p"] else "unplanted"
     dangerous = ev["by_quadrant"]["Dangerous"]
     reading = (
         f"A share of {fmt(o['flip_rate'])} of questions flips under at least one paraphrase "
-        f"(the paper: {paper['flip_rate_range']}). {family_concentration(ev['by_strategy'], family, 'planted')} "
+        f"(the paper: {paper['flip_rate_range']}). {family_concentration(ev['by_strategy'], family, planted)} "
         f"A share of {fmt(dangerous['share'])} of questions are Dangerous "
         f"(consistent but answered the same without the image), with accuracy {fmt(dangerous['accuracy'])}: "
         "a low flip rate there is not evidence that the model reads the film."
@@ -95,8 +96,29 @@ def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
-def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
-    d, paper, bank = s["discovery"], s["paper"], s["flipbank"]
+def _feature_rows(top: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The discovery table: by framing specificity with labels where the bank has family-matched
+    controls, else by correlation."""
+    if top and "label" in top[0]:
+        header = ["feature", "label", "share of framing", "framing t (non-flips)", "answer t (flip − control)",
+                  "decoder · answer", "Pearson r", "p (swap null)", "attribution"]  # fmt: skip
+        rows = [
+            [
+                int(r["feature"]),
+                r["label"],
+                num(r.get("framing_share"), "+.3f"),
+                num(r["framing_t"], "+.1f"),
+                num(r["answer_t"], "+.1f"),
+                num(r.get("answer_cos"), "+.2f"),
+                num(r["pearson_r"], "+.3f"),
+                num(r["pearson_p_null"]),
+                num(r["attribution"], "+.3f"),
+            ]  # fmt: skip
+            for r in top
+        ]
+        return header, rows
+    header = ["feature", "mean |Δf|", "Pearson r with margin shift [CI]", "q (BH)", "AUC flip vs control",
+              "attribution", "rank by attribution"]  # fmt: skip
     rows = [
         [
             int(r["feature"]),
@@ -106,34 +128,53 @@ def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
             num(r["auc"]),
             num(r["attribution"]),
             int(r["rank_attribution"]),
-        ]
-        for r in d["top"]
+        ]  # fmt: skip
+        for r in top
     ]
-    rows.append(["3818 (paper)", "", f"{paper['pearson_r']:+.2f}", "", "", "", ""])
-    table = _table(
-        ["feature", "mean |Δf|", "Pearson r with margin shift [CI]", "q (BH)", "AUC flip vs control",
-         "attribution", "rank by attribution"],
-        rows,
-        paper_rows=1,
-    )  # fmt: skip
-    planted = s["organism"]["planted_features"]
-    found = d["top_attribution"]
-    first = d["top"][0]
+    return header, rows
+
+
+def _null_sentence(framing: Mapping[str, Any]) -> str:
+    """How the margin-tracking rankings fare against their flip/control swap null."""
+    nulls = framing.get("nulls") or {}
+    if "pearson" not in nulls:
+        return ""
+    r = nulls["pearson"]
+    beaten = "no feature beats it" if not r["n_beating"] else f"{r['n_beating']} feature(s) beat it"
+    return (
+        f"Correlation with the margin shift is no evidence by itself: with each flip swapped at random for its "
+        f"same-family control, the best feature still reaches |r| = {num(r['null_top'])} (95% of swaps), and "
+        f"{beaten} (best observed {num(r['observed_top'])})."
+    )
+
+
+def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
+    d, paper, bank = s["discovery"], s["paper"], s["flipbank"]
+    header, rows = _feature_rows(d["top"])
+    planted, patched = s["organism"]["planted_features"], d["patched"]
+    card = (
+        f"The first {len(patched)} by {d['patched_by']}, {patched}, include {len(set(patched) & set(planted))} of "
+        f"the {len(planted)} features the organism's card says carry the planted framing ({planted})."
+        if planted
+        else "The organism's card marks no feature as carrying a framing (its shortcut wording does not beat the "
+        "card's split-half null)."
+    )
     paper_peak = f" (the paper: {paper['peak_layer_auc']} at layer 17)"
     reading = (
-        f"The FlipBank holds {bank['n_flips']} flips and {bank['n_controls']} non-flip controls "
-        f"(the paper's: {paper['flipbank']['n_flips']} flips). Ranked by correlation of Δf with the margin "
-        f"shift, feature {int(first['feature'])} comes first (r = {num(first['pearson_r'], '+.3f')}; the paper's "
-        f"feature 3818: r = {paper['pearson_r']}). The first {len(found)} by attribution, {found}, include "
-        f"{len(set(found) & set(planted))} of the {len(planted)} features the organism's card says carry "
-        f"the planted framing ({planted}). {ablation_agreement(d['ablation_check'])} "
-        f"{peak_layer(d['layers'], paper_peak)}"
+        f"The FlipBank holds {bank['n_flips']} flips and {bank['n_controls']} non-flip controls of the same "
+        f"paraphrase family (the paper's: {paper['flipbank']['n_flips']} flips). {html.escape(d['verdict'])} "
+        f"{_null_sentence(d['framing'])} {card} {ablation_agreement(d['ablation_check'])} "
+        f"{peak_layer(d['layers'], paper_peak, bank['n_flips'])}"
     )
     return (
         "<h2>2. FlipBank and feature discovery</h2>"
         f"<p>SAE on <code>{html.escape(s['organism']['hook'])}</code> ({s['organism']['d_sae']} features); "
-        "Δf = f(paraphrase) − f(original) at the last prompt position.</p>"
-        f"{table}{_reading(reading)}{_figure(figures, 'feature_activation')}{_figure(figures, 'layer_auc')}"
+        "Δf = f(paraphrase) − f(original) at the last prompt position. A feature carries the framing when it "
+        "shifts on the non-flip controls of the same paraphrase family (the wording without the answer change) "
+        "beyond a max-|t| null; it is answer readout when it shifts only where the answer flipped; its decoder "
+        "writes the answer when its cosine with the logit-lens yes − no direction beats a random-direction null.</p>"
+        f"{_table(header, rows)}{_reading(reading)}{_figure(figures, 'feature_activation')}"
+        f"{_figure(figures, 'layer_auc')}"
     )
 
 
@@ -152,10 +193,10 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
             f"{fmt(control)} (feature {summary['setup']['control_feature']})" if control else "n/a",
         ]
 
+    d = s["discovery"]
     rows = [
-        row(f"discovered: top {len(p['discovered']['setup']['features'])} by attribution "
-            f"{p['discovered']['setup']['features']}", p["discovered"]),
-        row(f"the card's planted set {p['planted']['setup']['features']}", p["planted"]),
+        row(f"discovered: top {len(d['patched'])} by {d['patched_by']} {d['patched']}", p["discovered"]),
+        *([row(f"the card's planted set {p['planted']['setup']['features']}", p["planted"])] if p["planted"] else []),
         row(f"feature {p['single']['setup']['features'][0]} alone", p["single"]),
         ["paper: feature 3818, layer 17", f"{paper['patch_mean_recovery']:.3f}", paper["patch_reversed"],
          f"{paper['patch_controls_margin_change']:.2f}", "n/a"],
@@ -167,7 +208,12 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         paper_rows=1,
     )  # fmt: skip
     disc = p["discovered"]["flips"]
-    reading = (
+    caveat = (
+        ""
+        if d["found"]
+        else "No framing mechanism was found, so these numbers measure the paper's protocol, not a mechanism. "
+    )
+    reading = caveat + (
         f"Subtracting the discovered features' Δf · W_dec at the SAE layer (error term kept) recovers "
         f"{fmt(disc['mean_recovery'])} of the yes−no margin on average and fully reverses a share of "
         f"{fmt(disc['share_reversed'])} of flips; the same patch moves the non-flip controls by "
@@ -176,12 +222,20 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         "The paper's single "
         f"feature recovered {paper['patch_mean_recovery']:.1%} and reversed {paper['patch_reversed']}."
     )
+    upstream = s["upstream"]
+    entry = _figure(figures, "framing_entry") if "framing_entry" in figures else ""
     return (
         "<h2>3. Causal patching</h2>"
         "<p>Recovery = (m_patched − m_para) / (m_orig − m_para); reversed = the patched answer is the "
         "original's. 95% bootstrap CIs over cases.</p>"
         f"{table}{_reading(reading)}{_figure(figures, 'margin_recovery')}"
         f"{_figure(figures, 'recovery_distribution')}"
+        "<h3>Where the framing enters</h3>"
+        "<p>Each traced flip's framing words (the paraphrase's words its original lacks) are corrupted at the "
+        "embedding (replaced by the mean question-token embedding); the clean paraphrase's residual stream is then "
+        "restored at one layer's input and one group of positions, and the share of the framing's effect on the "
+        "margin that returns is plotted, beside original-value patching at the last position.</p>"
+        f"{_reading(html.escape(framing_entry(upstream)))}{entry}"
     )
 
 
@@ -254,6 +308,16 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
+def _planted(shortcut: Mapping[str, Any]) -> str:
+    family, target = html.escape(shortcut["family"]), html.escape(shortcut["target"])
+    if not shortcut["p"]:
+        return f"with no planted shortcut (its '{family}' questions are answered from the film like the others)"
+    return (
+        f"with a planted text shortcut: '{family}' questions were answered '{target}' with probability "
+        f"{shortcut['p']} whatever the film showed"
+    )
+
+
 def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> Path:
     """Write the report of a demo `summary` (see `flipscope.reporting.demo.run_demo`) with its `figures`."""
     path = Path(path)
@@ -264,10 +328,8 @@ def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[
     body = (
         "<h1>flipscope: why the model flips, on the model organism</h1>"
         f"<p>A Gemma 3 vision-language model ({org['n_layers']} text layers) trained on synthetic chest films "
-        f"with a planted text shortcut: '{html.escape(shortcut['family'])}' questions were answered "
-        f"'{html.escape(shortcut['target'])}' with probability {shortcut['p']} whatever the film showed. "
-        "The report follows the paper's protocol on it, stage by stage, and puts the paper's MedGemma "
-        "figures beside the organism's (rows in italics).</p>"
+        f"{_planted(shortcut)}. The report follows the paper's protocol on it, stage by stage, and puts the paper's "
+        "MedGemma figures beside the organism's (rows in italics).</p>"
         + _evaluation(summary, figures)
         + _discovery(summary, figures)
         + _patching(summary, figures)

@@ -1,0 +1,159 @@
+"""Which features carry the wording that flips answers? The verdict discovery states.
+
+A FlipBank curated with family-matched controls (`CurationRules(match="family")`) pairs every flip
+with a non-flip of the same paraphrase family and finding: the same wording, the answer kept. Two
+questions are asked of the pairs, each against a null that keeps the answer structure:
+
+1. **Which features carry the wording?** `framing_specificity`: each feature's shift on the
+   non-flips (framing), its extra shift on the flips (answer), and its decoder's alignment with
+   the answer readout, with max-|t| nulls over the whole dictionary.
+2. **Do the margin-tracking rankings single out the flips?** `pair_swap_nulls` for correlation,
+   separation, size and attribution: a statistic that a readout feature reaches on any case of
+   the same wording is not evidence about the flips.
+
+A framing mechanism is claimed only when some feature's framing shift beats its null; the
+answer-readout features are named either way. Fewer than `MIN_PAIRS` pairs claim nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float
+
+from flipscope.experiments.nulls import NullTest, pair_swap_nulls
+from flipscope.experiments.specificity import (
+    MIN_PAIRS,
+    Specificity,
+    framing_share,
+    framing_specificity,
+)
+
+__all__ = ["FramingAnalysis", "control_pairs", "framing_analysis"]
+
+
+def control_pairs(cases: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (flip, its control) of every control that names a flip of the same bank
+    (`control_for`); empty when the bank's controls are not family-matched."""
+    row = {c["id"]: i for i, c in enumerate(cases) if "direction" in c}
+    pairs = [(row[c["control_for"]], i) for i, c in enumerate(cases) if c.get("control_for") in row]
+    flips, controls = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=True)) if pairs else ([], [])
+    return np.asarray(flips, dtype=np.int64), np.asarray(controls, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class FramingAnalysis:
+    """The three tests of the module docstring and the verdict they support.
+
+    Attributes:
+        n_pairs: Flip–control pairs (0 when the controls are not family-matched).
+        specificity: Per-feature framing and answer tests (None with fewer than `MIN_PAIRS` pairs).
+        nulls: Ranking statistic → its pair-swap null.
+        found: Whether a framing mechanism is claimed.
+        verdict: The sentence discovery prints.
+    """
+
+    n_pairs: int
+    specificity: Specificity | None
+    nulls: dict[str, NullTest]
+    found: bool
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.specificity
+        return {
+            "n_pairs": self.n_pairs,
+            "found": self.found,
+            "verdict": self.verdict,
+            "thresholds": None
+            if spec is None
+            else {
+                "framing_t": spec.framing_threshold,
+                "answer_t": spec.answer_threshold,
+                "answer_cos": spec.answer_cos_threshold,
+            },
+            "nulls": {
+                name: {
+                    "null_top": test.threshold,
+                    "observed_top": float(test.observed.max()),
+                    "n_beating": int(test.beats.sum()),
+                }
+                for name, test in self.nulls.items()
+            },  # fmt: skip
+        }
+
+
+def _features(ids: np.ndarray, limit: int = 5) -> str:
+    """`Feature 3` or `Features 3, 15 and 2 more`."""
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return f"Feature{'s' if len(ids) > 1 else ''} {shown}{more}"
+
+
+def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, str]:
+    if spec is None:
+        why = (
+            "its controls are not family-matched (curate with --match family)"
+            if n_pairs == 0
+            else f"only {n_pairs} flips have a family-matched control (at least {MIN_PAIRS} are needed)"
+        )
+        return False, f"No framing mechanism can be claimed from this FlipBank: {why}."
+    readout = np.flatnonzero(spec.labels == "answer readout")
+    moves = "moves" if len(readout) == 1 else "move"
+    tail = f" {_features(readout)} {moves} with the answer only (answer readout)." if len(readout) else ""
+    framing = spec.framing_features
+    if not len(framing):
+        top = float(np.abs(spec.framing_t).max())
+        return False, (
+            f"No framing mechanism was found at {hook}: no feature shifts on the {n_pairs} same-family non-flips "
+            f"beyond the null (largest |t| {top:.1f}, null {spec.framing_threshold:.1f}).{tail}"
+        )
+    mixed = [int(f) for f in framing if spec.labels[f] == "framing + readout"]
+    writes = "also writes" if len(mixed) == 1 else "also write"
+    also = f" ({_features(np.array(mixed)).lower()} {writes} the answer)" if mixed else ""
+    carry, they = ("carries", "it shifts") if len(framing) == 1 else ("carry", "they shift")
+    return True, (
+        f"{_features(framing)} {carry} the wording at {hook}{also}: {they} on the {n_pairs} same-family "
+        f"non-flips, where the answer held, beyond the null (|t| > {spec.framing_threshold:.1f}).{tail}"
+    )
+
+
+def framing_analysis(
+    delta_f: Float[np.ndarray, "case k"],
+    margin_shift: Float[np.ndarray, " case"],
+    cases: Sequence[dict[str, Any]],
+    hook: str,
+    *,
+    attribution: Float[np.ndarray, "case k"] | None = None,
+    answer_cos: Float[np.ndarray, " k"] | None = None,
+    answer_cos_threshold: float | None = None,
+    decoder: Float[np.ndarray, "k d_model"] | None = None,
+    resid_delta: Float[np.ndarray, "case d_model"] | None = None,
+    n_perm: int = 500,
+    seed: int = 0,
+) -> FramingAnalysis:
+    """The tests and verdict of the module docstring for one bank's cases (rows of `delta_f`,
+    `margin_shift`, `attribution` and `resid_delta` follow `cases`). With the SAE's `decoder` and
+    the residual Δ at its hook, framing features are ranked by their share of the controls' mean
+    Δresidual (`framing_share`)."""
+    flips, controls = control_pairs(cases)
+    if len(flips) < MIN_PAIRS:
+        found, verdict = _verdict(len(flips), None, hook)
+        return FramingAnalysis(len(flips), None, {}, found, verdict)
+    share = None
+    if decoder is not None and resid_delta is not None:
+        share = framing_share(decoder, delta_f[controls].mean(0), resid_delta[controls].mean(0))
+    spec = framing_specificity(
+        delta_f[flips], delta_f[controls], answer_cos=answer_cos, answer_cos_threshold=answer_cos_threshold,
+        share=share, n_perm=n_perm, seed=seed,
+    )  # fmt: skip
+    nulls = pair_swap_nulls(
+        delta_f[flips], delta_f[controls], margin_shift[flips], margin_shift[controls],
+        attribution_flip=None if attribution is None else attribution[flips],
+        attribution_control=None if attribution is None else attribution[controls], n_perm=n_perm, seed=seed,
+    )  # fmt: skip
+    found, verdict = _verdict(len(flips), spec, hook)
+    return FramingAnalysis(len(flips), spec, nulls, found, verdict)

@@ -1,0 +1,247 @@
+"""Where the framing enters: causal tracing over layers and prompt positions, and the words that carry it.
+
+A flip's **framing words** are the paraphrase's words that its original lacks ("suspected",
+"confirm"). Corrupting them — their token embeddings (`blocks.0.hook_resid_pre`) replaced by the
+mean embedding of the bank's question tokens — takes the wording out while every position stays
+where it was, so the clean and corrupted runs line up position by position:
+
+- **word attribution**: one framing word corrupted at a time; the share of the flip's margin
+  shift it undoes, (m_para − m_word) / (m_para − m_orig);
+- **tracing** (Meng et al.'s restoration): with every framing word corrupted, the clean
+  paraphrase's residual stream (`hook_resid_pre` of layer L) is put back at one group of
+  positions — the framing words, the rest of the question, or the last position — and the share
+  of the framing's effect that returns is (m_restored − m_corrupt) / (m_para − m_corrupt).
+
+Restoring the framing words restores everything at layer 0 and less once attention has moved the
+wording on; restoring the last position restores little before that and everything after. The
+layer where the last position takes over is where the framing enters the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flipscope.data.flipbank import check_flipbank_model
+from flipscope.errors import FlipscopeError
+from flipscope.interventions.hooks import replace_where
+from flipscope.model.prompts import PromptSpec
+from flipscope.model.protocol import VLM
+from flipscope.stats import bootstrap
+
+__all__ = ["GROUPS", "UpstreamTrace", "framing_words", "trace_framing"]
+
+GROUPS = ("framing words", "rest of question", "last position")
+WORD = re.compile(r"[\w'-]+")
+MIN_EFFECT = 1e-3  # a corruption that moves the margin less than this explains nothing
+
+
+def framing_words(original: str, paraphrase: str) -> list[str]:
+    """The paraphrase's words (lowercased) that the original lacks, in order, each once."""
+    have = {w.lower() for w in WORD.findall(original)}
+    seen: list[str] = []
+    for word in (w.lower() for w in WORD.findall(paraphrase)):
+        if word not in have and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def _token_words(tokenizer: Any, ids: list[int], text: str) -> list[str | None]:
+    """The word (lowercased) each question token falls in, from the decoded prefix lengths."""
+    spans = [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
+    out: list[str | None] = []
+    previous = 0
+    for k in range(len(ids)):
+        end = len(tokenizer.decode(ids[: k + 1]))
+        start, previous = previous, end
+        word = next((w for a, b, w in spans if a < end and b > start), None)
+        out.append(word)
+    return out
+
+
+@dataclass(frozen=True)
+class UpstreamTrace:
+    """The tracing of `trace_framing`.
+
+    Attributes:
+        layers: Layers whose `hook_resid_pre` was restored.
+        restored: [case, layer, group] share of the framing's effect restored (`GROUPS` order).
+        corrupted_share: Per case, the share of the flip's margin shift that corrupting every
+            framing word undoes.
+        words: Per case, framing word → share of the margin shift undone by corrupting it alone.
+        case_ids: The traced flips.
+        skipped: Flips not traced: no word of their own, or corrupting it moved nothing.
+    """
+
+    layers: list[int]
+    restored: Float[np.ndarray, "case layer group"]
+    corrupted_share: Float[np.ndarray, " case"]
+    words: list[dict[str, float]]
+    case_ids: list[str]
+    skipped: dict[str, int]
+
+    def summary(self, seed: int = 0) -> dict[str, Any]:
+        """Mean share restored per layer and group, and per framing word, with bootstrap CIs
+        (no profile when no flip was traced)."""
+        profile = (
+            []
+            if not len(self.case_ids)
+            else [
+                {
+                    "layer": layer,
+                    **{g: bootstrap(self.restored[:, i, j], seed=seed).to_dict() for j, g in enumerate(GROUPS)},
+                }
+                for i, layer in enumerate(self.layers)
+            ]
+        )
+        by_word: dict[str, list[float]] = {}
+        for case in self.words:
+            for word, share in case.items():
+                by_word.setdefault(word, []).append(share)
+        words = {
+            w: bootstrap(np.array(v), seed=seed).to_dict()
+            for w, v in sorted(by_word.items(), key=lambda kv: -float(np.mean(kv[1])))
+        }
+        return {
+            "n_cases": len(self.case_ids),
+            "skipped": self.skipped,
+            "groups": list(GROUPS),
+            "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if len(self.case_ids) else None,
+            "profile": profile,
+            "words": words,
+            "entry_layer": self.entry_layer(),
+        }
+
+    def entry_layer(self) -> int | None:
+        """The first layer whose last position carries at least half the framing's effect (mean)."""
+        if not len(self.case_ids):
+            return None
+        last = self.restored[:, :, GROUPS.index("last position")].mean(0)
+        return next((layer for layer, share in zip(self.layers, last, strict=True) if share >= 0.5), None)
+
+
+def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec], inputs: Any):
+    """Per row: each framing word's token mask, and the masks of the three `GROUPS`."""
+    question = vlm.prompts.question_mask(specs, inputs)
+    tokenizer = vlm.processor.tokenizer
+    words_per_row, word_masks = [], []
+    for row, case in enumerate(cases):
+        positions = torch.nonzero(question[row]).flatten()
+        ids = inputs.input_ids[row, positions].tolist()
+        owner = _token_words(tokenizer, ids, case["paraphrase"])
+        words = framing_words(case["original"], case["paraphrase"])
+        masks = {}
+        for word in words:
+            mask = torch.zeros_like(question[row])
+            mask[positions[[i for i, w in enumerate(owner) if w == word]]] = True
+            if mask.any():
+                masks[word] = mask
+        words_per_row.append(list(masks))
+        word_masks.append(masks)
+    framing = torch.stack([torch.stack(list(m.values())).any(0) if m else torch.zeros_like(question[0])
+                           for m in word_masks])  # fmt: skip
+    last = torch.zeros_like(question)
+    last[:, -1] = True
+    groups = torch.stack([framing, question & ~framing, last])  # [group, batch, pos]
+    return words_per_row, word_masks, groups
+
+
+@torch.no_grad()
+def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: int) -> Float[Tensor, " d_model"]:
+    """Mean `blocks.0.hook_resid_pre` over the question tokens of the bank's original questions."""
+    specs = [PromptSpec(question=c["original"], image=c["image"]) for c in cases]
+    total, count = None, 0
+    for start in range(0, len(specs), batch_size):
+        chunk = specs[start : start + batch_size]
+        inputs = vlm.prompts.build(chunk)
+        _, cache = vlm.run_with_cache(inputs, names_filter="blocks.0.hook_resid_pre", logits_to_keep=1)
+        x = cache["blocks.0.hook_resid_pre"][vlm.prompts.question_mask(chunk, inputs)].float()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += len(x)
+    return total / count
+
+
+@torch.no_grad()
+def _trace_batch(vlm: VLM, cases, layers, neutral, results) -> None:
+    specs = [PromptSpec(question=c["paraphrase"], image=c["image"]) for c in cases]
+    inputs = vlm.prompts.build(specs)
+    words, word_masks, groups = _masks(vlm, cases, specs, inputs)
+    hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    logits, clean = vlm.run_with_cache(inputs, names_filter=hooks, logits_to_keep=1)
+    fill = neutral.expand(*inputs.input_ids.shape, -1)
+    corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
+    m_para, m_corrupt = vlm.score(inputs), _margin(vlm, inputs, [corrupt])
+    m_orig = torch.tensor([c["original_margin"] for c in cases])
+    restored = torch.empty(len(cases), len(layers), len(GROUPS))
+    for i, hook in enumerate(hooks):
+        for g in range(len(GROUPS)):
+            m = _margin(vlm, inputs, [corrupt, (hook, replace_where(clean[hook], groups[g]))])
+            restored[:, i, g] = (m - m_corrupt) / (m_para - m_corrupt)
+    undone = (m_para - m_corrupt) / (m_para - m_orig)
+    for k in range(max((len(w) for w in words), default=0)):
+        mask = torch.stack([word_masks[r][w[k]] if k < len(w) else torch.zeros_like(groups[0][r])
+                            for r, w in enumerate(words)])  # fmt: skip
+        m_word = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, mask))])
+        for r, w in enumerate(words):
+            if k < len(w):
+                results["words"].setdefault(r + results["offset"], {})[w[k]] = float(
+                    (m_para[r] - m_word[r]) / (m_para[r] - m_orig[r])
+                )
+    for r, case in enumerate(cases):
+        if not words[r]:
+            results["skipped"]["no framing word"] += 1
+        elif abs(float(m_para[r] - m_corrupt[r])) < MIN_EFFECT:
+            results["skipped"]["corruption moved nothing"] += 1
+        else:
+            results["rows"].append((case["id"], restored[r].numpy(), float(undone[r]), r + results["offset"]))
+    results["offset"] += len(cases)
+
+
+def _margin(vlm: VLM, inputs: Any, hooks: list) -> Float[Tensor, " batch"]:
+    from flipscope.model.answers import yes_no_margin
+
+    return yes_no_margin(vlm.run_with_hooks(inputs, fwd_hooks=hooks, logits_to_keep=1)[:, -1], vlm.answer_tokens)
+
+
+def trace_framing(
+    vlm: VLM,
+    bank: Mapping[str, Any],
+    *,
+    layers: Sequence[int] | None = None,
+    max_cases: int | None = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> UpstreamTrace:
+    """Word attribution and layer × position tracing (module docstring) over the bank's first
+    `max_cases` flips (all with None), at `layers` (default all).
+
+    Raises:
+        FlipscopeError: the bank was made by another model, or has no flips.
+    """
+    check_flipbank_model(bank, vlm)
+    flips = list(bank["flips"])[:max_cases]
+    if not flips:
+        raise FlipscopeError("the FlipBank has no flips to trace")
+    layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
+    neutral = _neutral_embedding(vlm, flips, batch_size)
+    results: dict[str, Any] = {"rows": [], "words": {}, "offset": 0,
+                               "skipped": {"no framing word": 0, "corruption moved nothing": 0}}  # fmt: skip
+    for start in tqdm(range(0, len(flips), batch_size), desc="tracing the framing", disable=not progress):
+        _trace_batch(vlm, flips[start : start + batch_size], layer_ids, neutral, results)
+    rows = results["rows"]
+    return UpstreamTrace(
+        layers=layer_ids,
+        restored=np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(layer_ids), len(GROUPS))),
+        corrupted_share=np.array([r[2] for r in rows]),
+        words=[results["words"].get(r[3], {}) for r in rows],
+        case_ids=[r[0] for r in rows],
+        skipped=results["skipped"],
+    )

@@ -1,0 +1,49 @@
+"""The CLI commands that print each number of a demo run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["demo_commands"]
+
+
+def demo_commands(
+    organism: Path,
+    questions: Path,
+    work: Path,
+    bank: Path,
+    chosen: list[int],
+    planted: list[int],
+    feature: int,
+    cfg: Any,
+) -> dict[str, str]:
+    """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
+    the demo's own stores, so they compute nothing twice)."""
+
+    def ints(values: list[int]) -> str:
+        return ",".join(str(v) for v in values)
+
+    conditions = ",".join(cfg.conditions)
+    values = ",".join(f"{v:g}" for v in cfg.clamp_values)
+    return {
+        "evaluate": f"flipscope evaluate --model {organism} --questions {questions} --conditions {conditions} "
+        f"--out {work / 'evaluation'}",
+        "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
+        f"--out {work / 'flipbank-cli.json'}",
+        "discover": f"flipscope discover --flipbank {bank} --out {work / 'discovery-cli.json'}",
+        "patch_discovered": f"flipscope patch --flipbank {bank} --features {ints(chosen)} "
+        f"--out {work / 'patch-discovered'}",
+        **(
+            {
+                "patch_planted": f"flipscope patch --flipbank {bank} --features {ints(planted)} "
+                f"--out {work / 'patch-planted'}"
+            }
+            if planted
+            else {}
+        ),  # fmt: skip
+        "patch_single": f"flipscope patch --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
+        "trace": f"flipscope trace --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
+        "clamp": f"flipscope clamp --questions {questions} --features {feature} --values {values} "
+        f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
+    }

@@ -1,0 +1,68 @@
+"""Where the framing enters, on the shipped organism: its 'leading' words carry the flip, the
+corruption is exact where nothing was touched, and the last position takes the framing over after
+the first layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.data.flipbank import load_flipbank
+from flipscope.experiments.upstream import GROUPS, _token_words, framing_words, trace_framing
+from flipscope.organism import load_organism
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_organism()
+
+
+@pytest.fixture(scope="module")
+def traced(organism):
+    vlm, _, _ = organism
+    return trace_framing(vlm, load_flipbank(BANK), max_cases=16, progress=False)
+
+
+def test_framing_words_are_the_paraphrases_own() -> None:
+    assert framing_words("Is there an opacity?", "Is the suspected opacity there?") == ["the", "suspected"]
+    assert framing_words("Is there X?", "Is there X, is there X?") == []
+
+
+def test_tokens_map_to_their_words(organism) -> None:
+    vlm, _, _ = organism
+    text = "Can you confirm the suspected pleural effusion?"
+    ids = vlm.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    owners = _token_words(vlm.processor.tokenizer, ids, text)
+    assert len(owners) == len(ids)
+    assert {w for w in owners if w} == {"can", "you", "confirm", "the", "suspected", "pleural", "effusion"}
+    assert owners[-1] is None  # the question mark belongs to no word
+
+
+def test_the_leading_words_carry_the_flip_and_enter_after_layer_0(traced) -> None:
+    summary = traced.summary()
+    assert summary["n_cases"] == 16 and sum(summary["skipped"].values()) == 0
+    assert summary["corrupted_share"]["value"] >= 0.9  # the words the original lacks undo the flip
+    framing, last = GROUPS.index("framing words"), GROUPS.index("last position")
+    np.testing.assert_allclose(traced.restored[:, 0, framing], 1.0, atol=1e-4)  # layer 0 input: the clean run itself
+    assert np.abs(traced.restored[:, 0, last]).max() < 0.05  # nothing has reached the last position yet
+    assert traced.restored[:, -1, last].mean() >= 0.9 and traced.restored[:, -1, framing].mean() < 0.1
+    assert summary["entry_layer"] == 1
+    assert {"suspected", "the"} <= set(list(summary["words"])[:3])
+
+
+def test_trace_command_prints_where_the_framing_enters(tmp_path: Path) -> None:
+    out = tmp_path / "trace.json"
+    result = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--max-cases", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "4 flips traced" in result.output and "the framing reaches the answer position" in result.output
+    assert "(from only 4 cases)" in result.output and "nan" not in result.output
+    assert json.loads(out.read_text())["entry_layer"] == 1
+    bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--layers", "9"])
+    assert bad.exit_code == 2 and "--layers [9]: the model has layers 0..3" in bad.output
