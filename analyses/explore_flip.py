@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 import torch
 
 from flipscope import ClampedVLM, PromptSpec, load_flipbank
+from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.interventions import subtract_at_last
 from flipscope.organism import load_organism
 from flipscope.sae import decoder_vectors
@@ -77,6 +78,19 @@ print("the card's planted framing features:", aligned)
 fig = go.Figure(go.Bar(x=[str(f) for f in top.tolist()], y=delta[top].tolist()))
 fig.update_layout(title="Δf at the last position, largest first", xaxis_title="feature", yaxis_title="Δf")
 fig  # noqa: B018 (the notebook displays it)
+
+# %% [markdown]
+# ## Framing, or the answer being read out?
+# Every flip moves the answer readout, so the largest Δf are not all framing. A decoder row aligned
+# with the logit-lens yes − no direction (through the final norm) writes the answer; "aligned" means
+# beyond the best alignment of any decoder row with a random direction. `flipscope discover` adds
+# each feature's shift on same-family non-flips, against nulls.
+
+# %%
+cos, cut = answer_alignment(sae, vlm), alignment_threshold(sae)
+for f in top.tolist():
+    note = "  writes the answer" if abs(cos[f]) > cut else ""
+    print(f"feature {f:>3}: decoder · answer direction {cos[f]:+.2f}{note}")
 
 # %% [markdown]
 # ## Patch: remove the framing features' contribution

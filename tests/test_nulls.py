@@ -63,3 +63,24 @@ def test_attribution_null_needs_both_sides() -> None:
     attribution = {"attribution_flip": flip, "attribution_control": control}
     tests = pair_swap_nulls(flip, control, shift_flip, shift_control, n_perm=50, **attribution)
     assert tests["attribution"].observed == pytest.approx(np.abs(flip.mean(0)))
+
+
+def test_all_permutations_at_once_equal_one_at_a_time() -> None:
+    from flipscope.experiments.nulls import _swapped_maxima
+    from flipscope.experiments.specificity import max_t_null, t_statistic
+
+    rng = np.random.default_rng(2)
+    flip, control = rng.normal(size=(30, 20)).round(1), rng.normal(size=(30, 20)).round(1)  # with ties
+    shift_flip, shift_control = rng.normal(size=30), rng.normal(size=30)
+    swaps = rng.random((40, 30)) < 0.5
+    for name in ("pearson", "spearman", "auc", "size", "attribution"):
+        fast = _swapped_maxima(name, swaps, flip, control, shift_flip, shift_control)
+        slow = [
+            statistic(name, np.where(w[:, None], control, flip), np.where(w[:, None], flip, control),
+                      np.where(w, shift_control, shift_flip), np.where(w[:, None], control, flip)).max()
+            for w in swaps
+        ]  # fmt: skip
+        np.testing.assert_allclose(fast, slow, atol=1e-12, err_msg=name)
+    signs = np.random.default_rng(1).choice(np.array([-1.0, 1.0]), size=(50, 30))
+    slow = [np.abs(t_statistic(flip * s[:, None])).max() for s in signs]
+    np.testing.assert_allclose(max_t_null(flip, n_perm=50, seed=1, block=7), slow, atol=1e-10)

@@ -56,6 +56,14 @@ def test_discovery_on_the_second_organism_tells_framing_from_answer(second) -> N
     framing = table.index[table["label"] == "framing"]
     assert len(readout) and len(framing)
     assert cos[readout].mean() > cos[framing].mean()  # readout labels agree with decoder alignment
-    patched = patch_bank(vlm, sae, bank, found.framing_features(5), progress=False).summary
-    assert patched["flips"]["share_reversed"]["value"] > 0.5
-    assert np.isfinite(patched["controls"]["mean_margin_change"]["value"])
+    # at the SAE's layer the margin runs through the readout: patching it recovers more than the framing
+    framing_patch = patch_bank(vlm, sae, bank, found.framing_features(5), progress=False).summary["flips"]
+    movers = table[table["label"].isin(["answer readout", "framing + readout"])]
+    readout_top = [int(f) for f in movers["answer_t"].abs().sort_values(ascending=False).index[:5]]
+    readout_patch = patch_bank(vlm, sae, bank, readout_top, progress=False).summary["flips"]
+    print(f"second organism: {found.verdict}")
+    for name, result in (("framing", framing_patch), ("readout", readout_patch)):
+        print(f"  patch {name}: recovery {result['mean_recovery']['value']:.3f}, "
+              f"reversed {result['share_reversed']['value']:.3f}")  # fmt: skip
+    assert np.isfinite(framing_patch["mean_recovery"]["value"])
+    assert readout_patch["mean_recovery"]["value"] > framing_patch["mean_recovery"]["value"]

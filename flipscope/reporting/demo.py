@@ -112,7 +112,10 @@ def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
         ),
         "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
         "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
-        "feature_activation": plots.feature_activation(summary["feature_activation"]),
+        "feature_activation": plots.feature_activation(
+            summary["feature_activation"],
+            labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},
+        ),
         "clamp_tradeoff": plots.clamp_tradeoff(
             _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
         ),

@@ -223,10 +223,13 @@ def flip_rates(
 
 
 def feature_activation(
-    cells: Sequence[Mapping[str, Any]], title: str = "Top features' activation by question family"
+    cells: Sequence[Mapping[str, Any]],
+    title: str = "Top features' activation by question family",
+    labels: Mapping[int, str] | None = None,
 ) -> go.Figure:
     """Grouped bars with 95% CIs from cells `{feature, family, value, low, high}`: each feature's
-    mean activation at the last prompt position, per question family."""
+    mean activation at the last prompt position, per question family; with `labels` (feature →
+    discovery label), each bar group says what the feature is (`framing`, `answer readout`, ...)."""
     if not cells:
         raise FlipscopeError("no feature-activation cells to plot")
     features = list(dict.fromkeys(int(c["feature"]) for c in cells))
@@ -236,7 +239,7 @@ def feature_activation(
         chosen = {int(c["feature"]): c for c in cells if c["family"] == family}
         fig.add_trace(
             go.Bar(
-                x=[f"feature {f}" for f in features],
+                x=[f"feature {f}" + (f"<br>({labels[f]})" if labels and f in labels else "") for f in features],
                 y=[chosen[f]["value"] for f in features],
                 error_y=_error([chosen[f] for f in features]),
                 name=family,
