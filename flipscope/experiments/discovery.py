@@ -265,7 +265,7 @@ def discover(
     table = feature_table(
         delta_f, shift, pairs.is_flip, attribution=per_case[:n_flips].mean(0), n_boot=n_boot, seed=seed
     )
-    analysis = _framing(vlm, sae, hook, pairs, delta_f, per_case, seed)
+    analysis = _framing(vlm, sae, hook, pairs, delta_f, shift, per_case, seed)
     table = with_framing(table, analysis)
     diffmean = _diffmean_summary(sae, pairs, hook)
     ablation = None
@@ -287,6 +287,7 @@ def _framing(
     hook: str,
     pairs: PairActivations,
     delta_f: Float[np.ndarray, "case d_sae"],
+    shift: Float[np.ndarray, " case"],
     per_case: Float[np.ndarray, "case d_sae"],
     seed: int,
 ) -> FramingAnalysis:
@@ -299,7 +300,7 @@ def _framing(
             "answer_cos_threshold": alignment_threshold(sae, seed=seed),
         }
     return framing_analysis(
-        delta_f, pairs.margin_shift.double().numpy(), pairs.cases, hook, attribution=per_case,
+        delta_f, shift, pairs.cases, hook, attribution=per_case,
         decoder=sae.W_dec.detach().double().cpu().numpy(), resid_delta=pairs.delta(hook).double().numpy(),
         seed=seed, **readout,
     )  # fmt: skip

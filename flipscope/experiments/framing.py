@@ -39,9 +39,10 @@ def control_pairs(cases: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarr
     """Row indices (flip, its control) of every control that names a flip of the same bank
     (`control_for`); empty when the bank's controls are not family-matched."""
     row = {c["id"]: i for i, c in enumerate(cases) if "direction" in c}
-    pairs = [(row[c["control_for"]], i) for i, c in enumerate(cases) if c.get("control_for") in row]
-    flips, controls = (np.array(x, dtype=np.int64) for x in zip(*pairs, strict=True)) if pairs else ([], [])
-    return np.asarray(flips, dtype=np.int64), np.asarray(controls, dtype=np.int64)
+    pairs = np.array(
+        [(row[c["control_for"]], i) for i, c in enumerate(cases) if c.get("control_for") in row], dtype=np.int64
+    ).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.interventions.hooks import replace_where
+from flipscope.model.answers import yes_no_margin
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.stats import bootstrap
@@ -129,10 +130,11 @@ class UpstreamTrace:
 
 
 def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec], inputs: Any):
-    """Per row: each framing word's token mask, and the masks of the three `GROUPS`."""
+    """Per row: each framing word's token mask (words with no token left out), and the masks of
+    the three `GROUPS`."""
     question = vlm.prompts.question_mask(specs, inputs)
     tokenizer = vlm.processor.tokenizer
-    words_per_row, word_masks = [], []
+    word_masks = []
     for row, case in enumerate(cases):
         positions = torch.nonzero(question[row]).flatten()
         ids = inputs.input_ids[row, positions].tolist()
@@ -144,14 +146,13 @@ def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec]
             mask[positions[[i for i, w in enumerate(owner) if w == word]]] = True
             if mask.any():
                 masks[word] = mask
-        words_per_row.append(list(masks))
         word_masks.append(masks)
     framing = torch.stack([torch.stack(list(m.values())).any(0) if m else torch.zeros_like(question[0])
                            for m in word_masks])  # fmt: skip
     last = torch.zeros_like(question)
     last[:, -1] = True
     groups = torch.stack([framing, question & ~framing, last])  # [group, batch, pos]
-    return words_per_row, word_masks, groups
+    return word_masks, groups
 
 
 @torch.no_grad()
@@ -170,15 +171,17 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
 
 
 @torch.no_grad()
-def _trace_batch(vlm: VLM, cases, layers, neutral, results) -> None:
+def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int]) -> list[tuple]:
+    """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
+    → share)`, counting the flips it skips in `skipped`."""
     specs = [PromptSpec(question=c["paraphrase"], image=c["image"]) for c in cases]
     inputs = vlm.prompts.build(specs)
-    words, word_masks, groups = _masks(vlm, cases, specs, inputs)
+    word_masks, groups = _masks(vlm, cases, specs, inputs)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
     logits, clean = vlm.run_with_cache(inputs, names_filter=hooks, logits_to_keep=1)
     fill = neutral.expand(*inputs.input_ids.shape, -1)
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
-    m_para, m_corrupt = vlm.score(inputs), _margin(vlm, inputs, [corrupt])
+    m_para, m_corrupt = yes_no_margin(logits[:, -1], vlm.answer_tokens), _margin(vlm, inputs, [corrupt])
     m_orig = torch.tensor([c["original_margin"] for c in cases])
     restored = torch.empty(len(cases), len(layers), len(GROUPS))
     for i, hook in enumerate(hooks):
@@ -186,28 +189,26 @@ def _trace_batch(vlm: VLM, cases, layers, neutral, results) -> None:
             m = _margin(vlm, inputs, [corrupt, (hook, replace_where(clean[hook], groups[g]))])
             restored[:, i, g] = (m - m_corrupt) / (m_para - m_corrupt)
     undone = (m_para - m_corrupt) / (m_para - m_orig)
-    for k in range(max((len(w) for w in words), default=0)):
-        mask = torch.stack([word_masks[r][w[k]] if k < len(w) else torch.zeros_like(groups[0][r])
-                            for r, w in enumerate(words)])  # fmt: skip
+    words: list[dict[str, float]] = [{} for _ in cases]
+    for k in range(max((len(m) for m in word_masks), default=0)):  # the k-th framing word of every row at once
+        kth = [list(m)[k] if k < len(m) else None for m in word_masks]
+        mask = torch.stack([word_masks[r][w] if w else torch.zeros_like(groups[0][r]) for r, w in enumerate(kth)])
         m_word = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, mask))])
-        for r, w in enumerate(words):
-            if k < len(w):
-                results["words"].setdefault(r + results["offset"], {})[w[k]] = float(
-                    (m_para[r] - m_word[r]) / (m_para[r] - m_orig[r])
-                )
+        for r, w in enumerate(kth):
+            if w:
+                words[r][w] = float((m_para[r] - m_word[r]) / (m_para[r] - m_orig[r]))
+    rows = []
     for r, case in enumerate(cases):
-        if not words[r]:
-            results["skipped"]["no framing word"] += 1
+        if not word_masks[r]:
+            skipped["no framing word"] += 1
         elif abs(float(m_para[r] - m_corrupt[r])) < MIN_EFFECT:
-            results["skipped"]["corruption moved nothing"] += 1
+            skipped["corruption moved nothing"] += 1
         else:
-            results["rows"].append((case["id"], restored[r].numpy(), float(undone[r]), r + results["offset"]))
-    results["offset"] += len(cases)
+            rows.append((case["id"], restored[r].numpy(), float(undone[r]), words[r]))
+    return rows
 
 
 def _margin(vlm: VLM, inputs: Any, hooks: list) -> Float[Tensor, " batch"]:
-    from flipscope.model.answers import yes_no_margin
-
     return yes_no_margin(vlm.run_with_hooks(inputs, fwd_hooks=hooks, logits_to_keep=1)[:, -1], vlm.answer_tokens)
 
 
@@ -232,16 +233,15 @@ def trace_framing(
         raise FlipscopeError("the FlipBank has no flips to trace")
     layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
     neutral = _neutral_embedding(vlm, flips, batch_size)
-    results: dict[str, Any] = {"rows": [], "words": {}, "offset": 0,
-                               "skipped": {"no framing word": 0, "corruption moved nothing": 0}}  # fmt: skip
+    skipped = {"no framing word": 0, "corruption moved nothing": 0}
+    rows = []
     for start in tqdm(range(0, len(flips), batch_size), desc="tracing the framing", disable=not progress):
-        _trace_batch(vlm, flips[start : start + batch_size], layer_ids, neutral, results)
-    rows = results["rows"]
+        rows += _trace_batch(vlm, flips[start : start + batch_size], layer_ids, neutral, skipped)
     return UpstreamTrace(
         layers=layer_ids,
         restored=np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(layer_ids), len(GROUPS))),
         corrupted_share=np.array([r[2] for r in rows]),
-        words=[results["words"].get(r[3], {}) for r in rows],
+        words=[r[3] for r in rows],
         case_ids=[r[0] for r in rows],
-        skipped=results["skipped"],
+        skipped=skipped,
     )
