@@ -84,3 +84,11 @@ def test_all_permutations_at_once_equal_one_at_a_time() -> None:
     signs = np.random.default_rng(1).choice(np.array([-1.0, 1.0]), size=(50, 30))
     slow = [np.abs(t_statistic(flip * s[:, None])).max() for s in signs]
     np.testing.assert_allclose(max_t_null(flip, n_perm=50, seed=1, block=7), slow, atol=1e-10)
+
+
+def test_spearman_ranks_ties_as_the_feature_table_does() -> None:
+    rng = np.random.default_rng(4)
+    flip = np.where(rng.random((40, 6)) < 0.7, 0.0, rng.normal(size=(40, 6)))  # sparse codes: most cases tie at 0
+    shift = rng.normal(size=40)
+    expected = np.abs(correlations(flip, shift, rank=True)["r"])
+    np.testing.assert_allclose(statistic("spearman", flip, flip, shift), expected, atol=1e-12)

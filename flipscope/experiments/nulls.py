@@ -26,12 +26,12 @@ __all__ = ["NULL_STATISTICS", "NullTest", "pair_swap_nulls", "statistic"]
 NULL_STATISTICS = ("pearson", "spearman", "auc", "size", "attribution")
 
 
-def _ranks(x: Float[np.ndarray, "n k"]) -> Float[np.ndarray, "n k"]:
-    """Column ranks (ties broken by order, which random draws of floats almost never need)."""
-    order = np.argsort(x, axis=0, kind="stable")
-    ranks = np.empty_like(x)
-    np.put_along_axis(ranks, order, np.arange(len(x), dtype=x.dtype)[:, None].repeat(x.shape[1], 1), axis=0)
-    return ranks
+def _average_ranks(x: Float[np.ndarray, "n k"]) -> Float[np.ndarray, "n k"]:
+    """1-based column ranks, ties averaged (as `stats.correlations(rank=True)` ranks: sparse SAE
+    codes tie at 0 on most cases)."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=0)
 
 
 def _abs_r(x: Float[np.ndarray, "n k"], y: Float[np.ndarray, " n"]) -> Float[np.ndarray, " k"]:
@@ -60,7 +60,7 @@ def statistic(
     if name == "pearson":
         return _abs_r(delta_flip, shift_flip)
     if name == "spearman":
-        return _abs_r(_ranks(delta_flip), _ranks(shift_flip[:, None])[:, 0])
+        return _abs_r(_average_ranks(delta_flip), _average_ranks(shift_flip[:, None])[:, 0])
     if name == "auc":
         return _abs_auc(delta_flip, delta_control)
     if name == "size":
@@ -133,13 +133,6 @@ def _swapped_maxima(
     )  # fmt: skip
 
 
-def _average_ranks(x: Float[np.ndarray, "n k"]) -> Float[np.ndarray, "n k"]:
-    """1-based column ranks, ties averaged."""
-    from scipy.stats import rankdata
-
-    return rankdata(x, axis=0)
-
-
 def pair_swap_nulls(
     delta_flip: Float[np.ndarray, "pair k"],
     delta_control: Float[np.ndarray, "pair k"],
@@ -159,7 +152,7 @@ def pair_swap_nulls(
     (row i of each `*_control` array belongs to the flip in row i). `attribution` is skipped when
     no attribution is given. Permutations run in blocks of `block`, so memory stays at
     `block` × features whatever the dictionary's width. Spearman re-ranks every feature per
-    permutation (0.13 s at 16k features and 160 pairs, `benchmarks/bench_nulls.py`), so its null
+    permutation (0.15 s at 16k features and 160 pairs, `benchmarks/bench_nulls.py`), so its null
     takes the first `rank_perms` permutations only."""
     with_attr = attribution_flip is not None and attribution_control is not None
     names = [name for name in statistics if name != "attribution" or with_attr]
