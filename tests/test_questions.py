@@ -64,7 +64,7 @@ def test_every_bad_row_is_reported(root: Path) -> None:
     with pytest.raises(FlipscopeError) as info:
         load_questions(path)
     message = str(info.value)
-    assert message.startswith("6 problem(s)")
+    assert message.startswith("6 problems in the questions:")
     assert f"{path}:2: not valid JSON" in message
     assert f"{path}:3: field 'image': file" in message and "missing.png' does not exist" in message
     assert f"{path}:4: field 'paraphrases': expected a non-empty list" in message

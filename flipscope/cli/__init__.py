@@ -15,6 +15,7 @@ ORDER = (
     "hooks",
     "evaluate",
     "merge",
+    "repair",
     "export",
     "curate",
     "discover",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import app, fmt, ints, load_model_and_sae, one_line_errors
+from flipscope.cli.common import app, fmt, ints, load_model_and_sae, one_line_errors, writable
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import num
 
@@ -37,6 +39,7 @@ def discover(
     from flipscope.experiments.discovery import discover as run_discovery
 
     with one_line_errors():
+        out = writable(out or flipbank.with_name(f"{flipbank.stem}.features.json"), folder=False)
         layer_ids = ints(layers, "--layers") if layers else None
         bank = load_flipbank(flipbank)
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
@@ -44,7 +47,7 @@ def discover(
         if bad:
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
         found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
-        json_path, csv_path = found.save(out or flipbank.with_name(f"{flipbank.stem}.features.json"))
+        json_path, csv_path = found.save(out)
     _print_discovery(found, top)
     typer.echo(f"table: {json_path}\n       {csv_path}")
 
@@ -143,7 +146,6 @@ def patch(
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
 ) -> None:
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
-    import json
 
     from flipscope.data.flipbank import load_flipbank
     from flipscope.experiments.pairs import collect_pairs
@@ -153,6 +155,7 @@ def patch(
 
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
     with one_line_errors():
+        writable(out, folder=True)
         if positions not in POSITIONS:
             raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
         chosen = ints(features, "--features")
@@ -162,7 +165,7 @@ def patch(
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
         result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "patch.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}, indent=1) + "\n")
+        write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows})
         if swept:
             store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)
     _print_patch(result.summary, chosen, positions)
@@ -174,9 +177,14 @@ def patch(
 def _feature_list(text: str) -> list[int]:
     """`0-49` (a range, both ends included) or `3,38`."""
     if "-" in text:
-        low, high = ints(text.replace("-", ","), "--sweep")
-        return list(range(low, high + 1))
-    return ints(text, "--sweep")
+        ends = ints(text.replace("-", ","), "--sweep")
+        if len(ends) != 2 or not 0 <= ends[0] <= ends[1]:
+            raise FlipscopeError(f"--sweep {text!r}: expected a range LOW-HIGH with 0 <= LOW <= HIGH, or a list 3,38")
+        return list(range(ends[0], ends[1] + 1))
+    chosen = ints(text, "--sweep")
+    if not chosen:
+        raise FlipscopeError(f"--sweep {text!r} names no feature")
+    return chosen
 
 
 def _print_patch(s: dict, chosen: list[int], positions: str) -> None:
@@ -243,7 +251,6 @@ def clamp(
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
 ) -> None:
     """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
-    import json
 
     from flipscope.data.flipbank import load_flipbank
     from flipscope.data.questions import load_questions
@@ -255,11 +262,14 @@ def clamp(
     from flipscope.sae.load import check_sae
 
     with one_line_errors():
+        writable(out, folder=True)
         chosen = ints(features, "--features")
         try:
             levels = [float(v) for v in values.split(",")]
         except ValueError as err:
             raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
+        if not all(math.isfinite(v) for v in levels):
+            raise FlipscopeError(f"--values {values!r}: every clamp value must be a finite number")
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
         loaded = load_questions(questions, images)
         bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
@@ -271,7 +281,7 @@ def clamp(
             also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
         clamps = [{f: v for f in chosen} for v in levels]
         report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
-    (out / "clamp.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_json(out / "clamp.json", report)
     _print_comparison(report)
     typer.echo(f"results: {out / 'clamp.json'}")
 

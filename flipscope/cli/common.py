@@ -34,12 +34,16 @@ DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype opt
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn a `FlipscopeError` (bad input: a path, a field, an option value) into one line on
-    stderr and exit status 2."""
+    """Turn a `FlipscopeError` (bad input: a path, a field, an option value) or an `OSError` (a
+    file system that refuses a write) into one line on stderr and exit status 2."""
     try:
         yield
     except FlipscopeError as err:
         typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    except OSError as err:  # a folder in the way, read-only, a full disk: the path and why, not a traceback
+        where = f"{err.filename!r}: " if err.filename else ""
+        typer.echo(f"error: {where}{err.strerror or err}", err=True)
         raise typer.Exit(2) from err
 
 
@@ -65,6 +69,23 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progr
             hf_logging.disable_progress_bar()
         else:  # read when transformers is first imported; importing it here would slow every command
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def writable(path: Path, *, folder: bool, option: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written (a file where a folder goes or the
+    reverse, a file in the way of a parent folder, a read-only place); creates nothing."""
+    if folder and path.exists() and not path.is_dir():
+        raise FlipscopeError(f"{option} {str(path)!r} is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise FlipscopeError(f"{option} {str(path)!r} is a folder; expected a file name")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FlipscopeError(f"{option} {str(path)!r} cannot be made: {str(probe)!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FlipscopeError(f"{option} {str(path)!r} cannot be written: {str(probe)!r} is read-only")
+    return path
 
 
 def check_dtype(dtype: str) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import DTYPES, app, fmt, one_line_errors
+from flipscope.cli.common import DTYPES, app, fmt, one_line_errors, writable
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
 
@@ -64,6 +65,7 @@ def evaluate(
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
     with one_line_errors():
+        writable(out, folder=True)
         cfg = EvalConfig(
             conditions=tuple(c.strip() for c in conditions.split(",")),
             blank=blank,
@@ -99,19 +101,33 @@ def merge(
     from flipscope.experiments.shards import merge_shards
 
     with one_line_errors():
+        writable(out, folder=True)
         store = merge_shards([d / "results.jsonl" for d in shards], out / "results.jsonl")
     _write_summary(store.path, out)
 
 
+@app.command()
+def repair(
+    store: Path = typer.Argument(..., help="A damaged results.jsonl (evaluate, merge or a patch sweep wrote it)."),
+) -> None:
+    """Keep every intact unit of a damaged store (the damaged file is kept as STORE.damaged); rerun
+    the command that wrote it to recompute only what was dropped."""
+    from flipscope.data.store import repair_store
+
+    with one_line_errors():
+        report = repair_store(store)
+    typer.echo(f"kept {report['kept']} intact unit(s); dropped: {'; '.join(report['dropped']) or 'nothing'}")
+    typer.echo(f"the damaged file is kept as {report['backup']}; rerun the command that wrote {store} to finish it")
+
+
 def _write_summary(rows_path: Path, out: Path, *, reliance: str | None = None, source: str = "margin") -> None:
-    import json
 
     from flipscope.data.store import iter_rows
     from flipscope.experiments.summary import summarize
 
     with one_line_errors():
         summary = summarize(iter_rows(rows_path), removed=reliance, source=source)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(out / "summary.json", summary)
     _print_summary(summary)
     typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")
 
@@ -164,6 +180,7 @@ def curate(
     from flipscope.data.store import iter_rows, read_header
 
     with one_line_errors():
+        writable(out, folder=False)
         rules = CurationRules(
             min_margin=min_margin,
             use_generated=use_generated,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import app, fmt, one_line_errors, organism_app
+from flipscope.cli.common import app, fmt, one_line_errors, organism_app, writable
 from flipscope.errors import FlipscopeError
 
 
@@ -23,12 +23,13 @@ def organism_build(
     from flipscope.organism import OrganismConfig, build_organism
 
     try:
-        cfg = OrganismConfig.from_dict(json.loads(config.read_text())) if config else OrganismConfig()
-    except (OSError, json.JSONDecodeError) as err:
+        cfg = OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8"))) if config else OrganismConfig()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
     except FlipscopeError as err:
         raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
-    card = build_organism(cfg, out)
+    with one_line_errors():
+        card = build_organism(cfg, writable(out, folder=True))
     b = card["behaviour"]
     typer.echo(f"built {out} in {card['build']['seconds']:.0f} s")
     typer.echo(
@@ -71,6 +72,8 @@ def organism_flipbank(
     from flipscope.organism.bank import DEFAULT_RULES, build_flipbank
 
     rules = CurationRules(**{**DEFAULT_RULES.to_dict(), "min_margin": min_margin})
+    with one_line_errors():
+        writable(out, folder=True)
     try:
         path = build_flipbank(out, organism, n_films=n_films, rules=rules)
     except FlipscopeError as err:
@@ -91,6 +94,9 @@ def demo(
     from flipscope.reporting.demo import DemoConfig, run_demo
 
     with one_line_errors():
+        writable(out, folder=True)
+        if work is not None:
+            writable(work, folder=True, option="--work")
         s = run_demo(out, work, organism=organism, cfg=DemoConfig(n_films=films), png=png, echo=typer.echo)
     o = s["evaluation"]["overall"]
     disc = s["patching"]["discovered"]

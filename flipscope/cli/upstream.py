@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import app, fmt, ints, load_model, one_line_errors
+from flipscope.cli.common import app, fmt, ints, load_model, one_line_errors, writable
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.claims import framing_entry
 
@@ -29,6 +30,7 @@ def trace(
     from flipscope.experiments.upstream import trace_framing
 
     with one_line_errors():
+        path = writable(out or flipbank.with_name(f"{flipbank.stem}.trace.json"), folder=False)
         bank = load_flipbank(flipbank)
         vlm = load_model(model, dtype, device)
         layer_ids = ints(layers, "--layers") if layers else None
@@ -37,9 +39,7 @@ def trace(
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
         traced = trace_framing(vlm, bank, layers=layer_ids, max_cases=max_cases or None, batch_size=batch_size)
         summary = traced.summary()
-        path = out or flipbank.with_name(f"{flipbank.stem}.trace.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(path, summary)
     typer.echo(f"{summary['n_cases']} flips traced; skipped: {json.dumps(summary['skipped'])}")
     groups = summary["groups"]
     typer.echo(f"{'layer':>5}  " + "".join(f"{g:>26}" for g in groups))

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from flipscope.errors import FlipscopeError
+from flipscope.data.atomic import write_json
+from flipscope.errors import FlipscopeError, problems_error
 
 __all__ = ["FLIPBANK_FORMAT", "FlipBank", "FlipCase", "check_flipbank_model", "load_flipbank", "save_flipbank"]
 
@@ -128,8 +129,7 @@ def save_flipbank(bank: Mapping[str, Any], path: str | Path) -> Path:
     bank's folder are written relative to it."""
     _validate(bank, str(path))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_relative_images(bank, path.parent), indent=1, ensure_ascii=False) + "\n")
+    write_json(path, _relative_images(bank, path.parent), ensure_ascii=False)
     return path
 
 
@@ -167,7 +167,7 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
                 if not image.is_file():
                     problems.append(f"{label}: field 'image': file {str(image)!r} does not exist")
     if problems:
-        raise FlipscopeError(f"{len(problems)} problem(s) in the FlipBank:\n" + "\n".join(problems[:50]))
+        raise problems_error("the FlipBank", problems)
 
 
 def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> FlipBank:
@@ -179,9 +179,17 @@ def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> Fli
     """
     path = Path(path)
     try:
-        bank = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FlipscopeError(f"cannot read FlipBank {str(path)!r}: {err}") from err
+        bank = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise FlipscopeError(
+            f"cannot read FlipBank {str(path)!r}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except (OSError, json.JSONDecodeError, RecursionError) as err:
+        raise FlipscopeError(f"cannot read FlipBank {str(path)!r}: {err or 'nested too deeply'}") from err
+    if not isinstance(bank, dict):
+        raise FlipscopeError(
+            f"FlipBank {str(path)!r} is a JSON {type(bank).__name__}; expected an object (format, flips, controls)"
+        )
     root = Path(image_root) if image_root is not None else path.parent
     _validate(bank, str(path), root)
     for case in (*bank["flips"], *bank["controls"]):

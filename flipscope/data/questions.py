@@ -17,17 +17,20 @@ problems are reported together (file:line, field, what was expected) before any 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flipscope.errors import FlipscopeError
+from flipscope.errors import FlipscopeError, problems_error
 
 __all__ = ["FIELDS", "Question", "load_questions", "questions_from_table"]
 
 FIELDS: tuple[str, ...] = ("id", "image", "finding", "answer", "question", "paraphrases", "strategies")
+MAX_TEXT_CHARS = 2000  # per question or paraphrase: far above any clinical question, far below a context
+MAX_LINE_BYTES = 1 << 20  # per JSONL line
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Question:
         question: The original wording.
         paraphrases: Meaning-preserving rewordings.
         strategies: Paraphrase strategy tag per paraphrase, or None.
+        source: Where it was read (`file:line`), for errors found later (its image, its prompts).
     """
 
     id: str
@@ -51,6 +55,7 @@ class Question:
     question: str
     paraphrases: tuple[str, ...]
     strategies: tuple[str, ...] | None = None
+    source: str = dataclasses.field(default="", compare=False)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -60,6 +65,34 @@ class Question:
 
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
+
+
+def _text_problem(value: Any) -> str | None:
+    """Why a question or paraphrase text is unusable, or None."""
+    if not _nonempty_str(value):
+        return "a non-empty string"
+    if len(value) > MAX_TEXT_CHARS:
+        return f"at most {MAX_TEXT_CHARS} characters (a question, not a document)"
+    return None
+
+
+def _wordings(row: Mapping[str, Any], bad: Any) -> tuple[list[str] | None, list[str] | None]:
+    """The row's paraphrases and strategy tags, checked (None where bad, reported through `bad`)."""
+    paraphrases = row.get("paraphrases")
+    if not (isinstance(paraphrases, list) and paraphrases and all(_nonempty_str(p) for p in paraphrases)):
+        bad("paraphrases", "a non-empty list of non-empty strings")
+        paraphrases = None
+    elif any(len(p) > MAX_TEXT_CHARS for p in paraphrases):
+        bad("paraphrases", f"strings of at most {MAX_TEXT_CHARS} characters")
+        paraphrases = None
+    strategies = row.get("strategies")
+    if strategies is not None:
+        if not (isinstance(strategies, list) and all(_nonempty_str(s) for s in strategies)):
+            bad("strategies", "a list of non-empty strings")
+            strategies = None
+        elif paraphrases is not None and len(strategies) != len(paraphrases):
+            bad("strategies", f"one tag per paraphrase ({len(paraphrases)})")
+    return paraphrases, strategies
 
 
 def _check_row(
@@ -72,24 +105,20 @@ def _check_row(
     problems: list[str] = []
 
     def bad(field: str, expected: str) -> None:
-        problems.append(f"{where}: field '{field}': expected {expected}, got {row.get(field)!r}")
+        got = repr(row.get(field))
+        problems.append(
+            f"{where}: field '{field}': expected {expected}, got {got if len(got) <= 80 else got[:77] + '...'}"
+        )
 
-    for field in ("id", "image", "finding", "question"):
-        if not _nonempty_str(row.get(field)):
-            bad(field, "a non-empty string")
+    for name in ("id", "image", "finding"):
+        if not _nonempty_str(row.get(name)):
+            bad(name, "a non-empty string")
+    if (why := _text_problem(row.get("question"))) is not None:
+        bad("question", why)
     answer = row.get("answer")
     if not (isinstance(answer, str) and answer.strip().lower() in ("yes", "no")):
         bad("answer", "'yes' or 'no'")
-    paraphrases = row.get("paraphrases")
-    if not (isinstance(paraphrases, list) and paraphrases and all(_nonempty_str(p) for p in paraphrases)):
-        bad("paraphrases", "a non-empty list of non-empty strings")
-        paraphrases = None
-    strategies = row.get("strategies")
-    if strategies is not None:
-        if not (isinstance(strategies, list) and all(_nonempty_str(s) for s in strategies)):
-            bad("strategies", "a list of non-empty strings")
-        elif paraphrases is not None and len(strategies) != len(paraphrases):
-            bad("strategies", f"one tag per paraphrase ({len(paraphrases)})")
+    paraphrases, strategies = _wordings(row, bad)
     qid = row.get("id")
     if _nonempty_str(qid):
         if qid in seen:
@@ -114,6 +143,7 @@ def _check_row(
             question=row["question"],
             paraphrases=tuple(paraphrases),
             strategies=tuple(strategies) if strategies is not None else None,
+            source=where,
         ),
         [],
     )
@@ -129,9 +159,7 @@ def _collect(rows: Iterable[tuple[str, Any]], image_root: Path | None) -> list[Q
         if question is not None:
             questions.append(question)
     if problems:
-        shown = problems[:50]
-        more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise FlipscopeError(f"{len(problems)} problem(s) in the questions:\n" + "\n".join(shown) + more)
+        raise problems_error("the questions", problems)
     if not questions:
         raise FlipscopeError("no questions found")
     return questions
@@ -154,15 +182,23 @@ def load_questions(path: str | Path, image_root: str | Path | None = None) -> li
     root = Path(image_root) if image_root is not None else path.parent
 
     def rows() -> Iterable[tuple[str, Any]]:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                where = f"{path}:{number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    yield where, _Malformed(f"{len(raw)} bytes; a line holds at most {MAX_LINE_BYTES}")
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield where, _Malformed(f"not UTF-8 text ({err.reason} at byte {err.start})")
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{number}"
                 try:
                     yield where, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield where, _Malformed(str(err))
+                except (json.JSONDecodeError, RecursionError) as err:
+                    yield where, _Malformed(str(err) if isinstance(err, json.JSONDecodeError) else "nested too deeply")
 
     return _collect(rows(), root)
 

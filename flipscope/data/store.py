@@ -2,65 +2,139 @@
 
 A store is one JSONL file. Line 1 is the header: the config and model identity that produced it.
 Then, for each unit of work (e.g. a chunk of questions under one condition), its rows (one per
-question × prompt × condition) followed by a marker line `{"done": unit, "rows": n}`, each flushed
-and fsynced. Opening an existing store checks that the header matches, drops anything after the
-last marker (a unit cut off mid-write), and reports the finished units, so a rerun of the same
-command computes only what is missing and ends with exactly the file an uninterrupted run writes.
+question × prompt × condition) followed by a marker line `{"done": unit, "rows": n}`, written
+with one flushed and fsynced append per unit.
+
+Everything after the last marker is a unit cut off mid-write: readers leave it out and a resumed
+run drops it and recomputes the unit, ending with exactly the file an uninterrupted run writes.
+Anything wrong *before* the last marker (a line that is not JSON, a marker whose row count does not
+match, a unit written twice) is damage, never silently skipped: every reader raises an error that
+names the line, and `repair_store` (`flipscope repair`) is the explicit, reported way to keep every
+intact unit. While a run writes a store it holds an exclusive lock (`flipscope.data.lock`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from flipscope.data.atomic import write_atomic
+from flipscope.data.lock import StoreLock
 from flipscope.errors import FlipscopeError
 
-__all__ = ["ResultStore", "iter_rows", "iter_units", "read_header", "read_rows", "read_units"]
+__all__ = ["ResultStore", "iter_rows", "iter_units", "read_header", "read_rows", "read_units", "repair_store"]
+
+logger = logging.getLogger(__name__)
 
 _HEADER_KEY = "flipscope_store"
 _FORMAT = 1
 
 
-def _lines(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | None]]:
-    """(end offset, line number, parsed record or None if the line is cut off or corrupt)."""
+def _header_line(header: dict[str, Any]) -> str:
+    return json.dumps({_HEADER_KEY: _FORMAT, "header": header}) + "\n"
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """A complete line's record, or None when the line is cut off, not JSON or not an object."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_marker(record: dict[str, Any]) -> bool:
+    return "done" in record and isinstance(record.get("rows"), int) and isinstance(record["done"], str)
+
+
+def _scan(path: Path) -> Iterator[tuple[int, int, bytes, dict[str, Any] | None]]:
+    """(end offset, line number, raw bytes, record or None) of every line after the header."""
     offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             offset += len(raw)
-            try:
-                record = json.loads(raw) if raw.endswith(b"\n") else None
-            except json.JSONDecodeError:
-                record = None
-            yield offset, number, record
+            if number > 1:
+                yield offset, number, raw, _parse(raw)
+
+
+def _damage(path: Path, number: int, why: str) -> FlipscopeError:
+    return FlipscopeError(
+        f"store {str(path)!r} line {number} {why}, and finished units follow it; "
+        f"`flipscope repair {path}` keeps every intact unit (the damaged ones are recomputed on the next run)"
+    )
+
+
+def _units(path: Path) -> Iterator[tuple[str, list[dict[str, Any]], int]]:
+    """(unit, rows, end offset) of each finished unit, checking everything before the last marker.
+
+    A bad line is only known to be damage (rather than the cut-off tail) once a marker follows it,
+    so the lines after a bad one are read ahead until a marker or the end of the file.
+    """
+    pending: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    bad: tuple[int, str] | None = None
+    for offset, number, _, record in _scan(path):
+        if record is None:
+            bad = bad or (number, "is cut off or not a JSON object")
+            continue
+        if not _is_marker(record):
+            pending.append(record)
+            continue
+        if bad is not None:
+            raise _damage(path, *bad)
+        if record["rows"] != len(pending):
+            raise _damage(
+                path,
+                number,
+                f"marks unit {record['done']!r} done with {record['rows']} rows, but {len(pending)} rows precede it",
+            )
+        if record["done"] in seen:
+            raise _damage(path, number, f"marks unit {record['done']!r} done a second time")
+        seen.add(record["done"])
+        yield record["done"], pending, offset
+        pending = []
 
 
 class ResultStore:
-    """An append-only, resumable results file (format in the module docstring)."""
+    """An append-only, resumable results file (format in the module docstring), locked while open."""
 
-    def __init__(self, path: Path, header: dict[str, Any], done: dict[str, int]) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], done: dict[str, int], lock: StoreLock | None) -> None:
         self.path = path
         self.header = header
         self.done = done
+        self._lock = lock
 
     @classmethod
     def open(cls, path: str | Path, header: dict[str, Any]) -> ResultStore:
-        """Open `path` for `header`'s run: create it, or resume it if it holds the same run.
+        """Open `path` for `header`'s run: create it, or resume it if it holds the same run. The
+        store stays locked against other writers until `close()` (or the process ends).
 
         Raises:
-            FlipscopeError: the file holds a different run (names the first differing field).
+            FlipscopeError: another process writes the store (names it); the file holds a different
+                run (names the first differing field) or is damaged (names the line).
         """
         path = Path(path)
         header = json.loads(json.dumps(header))  # as it reads back from disk
+        if path.exists() and not path.is_file():
+            raise FlipscopeError(f"store {str(path)!r} is not a file")
+        lock = StoreLock.acquire(path)
+        try:
+            return cls(path, header, cls._resume(path, header), lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _resume(path: Path, header: dict[str, Any]) -> dict[str, int]:
         if not path.exists() or path.stat().st_size == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as handle:
-                handle.write(json.dumps({_HEADER_KEY: _FORMAT, "header": header}) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            return cls(path, header, {})
+            write_atomic(path, _header_line(header))
+            return {}
         existing = read_header(path)
         if existing != header:
             differing = sorted(k for k in set(existing) | set(header) if existing.get(k) != header.get(k))
@@ -69,22 +143,19 @@ class ResultStore:
                 "use another output directory or delete it"
             )
         done: dict[str, int] = {}
-        keep = 0
-        for offset, number, record in _lines(path):
-            if number == 1:
-                keep = offset
-            elif record is None:
-                break
-            elif "done" in record:
-                done[record["done"]] = record["rows"]
-                keep = offset
+        keep = len(path.open("rb").readline())
+        for unit, rows, offset in _units(path):
+            done[unit], keep = len(rows), offset
         if keep < path.stat().st_size:
+            logger.info("dropping an unfinished unit after byte %d of %s", keep, path)
             with path.open("r+b") as handle:
                 handle.truncate(keep)
-        return cls(path, header, done)
+        return done
 
     def append(self, unit: str, rows: Sequence[dict[str, Any]]) -> None:
         """Write one unit's rows and its marker, durably."""
+        if self._lock is None:
+            raise FlipscopeError(f"store {str(self.path)!r} is closed")
         if unit in self.done:
             raise FlipscopeError(f"unit {unit!r} is already in {str(self.path)!r}")
         payload = "".join(json.dumps(row) + "\n" for row in rows)
@@ -95,33 +166,40 @@ class ResultStore:
             os.fsync(handle.fileno())
         self.done[unit] = len(rows)
 
+    def close(self) -> None:
+        """Release the lock; the store can still be read, not appended to."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """The header (config and model identity) of a store."""
     path = Path(path)
     if not path.is_file():
         raise FlipscopeError(f"store {str(path)!r} does not exist; expected the results.jsonl of a flipscope run")
-    for _, _, record in _lines(path):
-        if record is None or record.get(_HEADER_KEY) != _FORMAT:
-            raise FlipscopeError(f"{str(path)!r} is not a flipscope store (bad header line)")
-        return record["header"]
-    raise FlipscopeError(f"{str(path)!r} is empty")
+    with path.open("rb") as handle:
+        first = handle.readline()
+    if not first:
+        raise FlipscopeError(f"{str(path)!r} is empty")
+    record = _parse(first)
+    if record is None or record.get(_HEADER_KEY) != _FORMAT or not isinstance(record.get("header"), dict):
+        raise FlipscopeError(f"{str(path)!r} is not a flipscope store (bad header line)")
+    return record["header"]
 
 
 def iter_units(path: str | Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """(unit, its rows) for each finished unit, in file order, one unit in memory at a time (rows
-    of a unit cut off mid-write are left out)."""
-    pending: list[dict[str, Any]] = []
-    for _, number, record in _lines(Path(path)):
-        if number == 1:
-            continue
-        if record is None:
-            break
-        if "done" in record:
-            yield record["done"], pending
-            pending = []
-        else:
-            pending.append(record)
+    of a unit cut off mid-write are left out; damage before the last marker raises, naming the line)."""
+    read_header(path)
+    for unit, rows, _ in _units(Path(path)):
+        yield unit, rows
 
 
 def iter_rows(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -138,3 +216,41 @@ def read_units(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of every finished unit (for pandas: `pandas.DataFrame(read_rows(path))`)."""
     return list(iter_rows(path))
+
+
+def repair_store(path: str | Path) -> dict[str, Any]:
+    """Rewrite a damaged store with every intact unit (its rows all parse and its marker counts
+    them; a unit written twice is kept once), keeping the damaged file beside it as `<name>.damaged`.
+    A rerun of the command that wrote the store then computes only the dropped units.
+
+    Returns:
+        `{"kept": n units, "dropped": [line ranges of dropped units or lines], "backup": path}`.
+    """
+    path = Path(path)
+    read_header(path)
+    with StoreLock.acquire(path):
+        kept: dict[str, list[bytes]] = {}
+        dropped: list[str] = []
+        pending: list[bytes] = []
+        start, clean = 2, True
+        for _, number, raw, record in _scan(path):
+            if record is not None and _is_marker(record):
+                unit = record["done"]
+                if clean and record["rows"] == len(pending) and unit not in kept:
+                    kept[unit] = [*pending, raw]
+                else:
+                    dropped.append(f"lines {start}-{number} (unit {unit!r})")
+                pending, start, clean = [], number + 1, True
+            elif record is None:
+                clean = False
+            else:
+                pending.append(raw)
+        if pending or not clean:
+            dropped.append(f"lines {start}- (an unfinished unit)")
+        backup = path.with_name(path.name + ".damaged")
+        body = b"".join(line for lines in kept.values() for line in lines)
+        write_atomic(backup, path.read_bytes())
+        with path.open("rb") as handle:
+            first = handle.readline()
+        write_atomic(path, first + body)
+    return {"kept": len(kept), "dropped": dropped, "backup": str(backup)}

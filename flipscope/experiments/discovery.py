@@ -24,7 +24,6 @@ sweep (cross-validated DiffMean projection at every layer).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
+from flipscope.data.atomic import write_atomic, write_json
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.attribution import attribution_scores, check_attribution
 from flipscope.experiments.directions import diffmean_direction, layer_auc_sweep
@@ -187,10 +187,8 @@ class Discovery:
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write the JSON (everything) and a CSV of the feature table beside it; returns both paths."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        csv = path.with_suffix(".csv")
-        self.table.to_csv(csv, index=False)
+        write_json(path, self.to_dict())
+        csv = write_atomic(path.with_suffix(".csv"), self.table.to_csv(index=False))
         return path, csv
 
 

@@ -22,14 +22,23 @@ from tqdm.auto import tqdm
 
 from flipscope.data.questions import Question
 from flipscope.data.store import ResultStore
-from flipscope.errors import FlipscopeError
-from flipscope.model.answers import binary_entropy, p_yes, parse_answer
+from flipscope.errors import FlipscopeError, problems_error
+from flipscope.model.answers import binary_entropy, p_yes, parse_answer, require_finite
 from flipscope.model.images import BlankSpec, load_image
 from flipscope.model.kv import Prefix
 from flipscope.model.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 from flipscope.model.protocol import VLM
 
-__all__ = ["EvalConfig", "parse_shard", "run_sweep", "swap_images", "unit_key", "unit_order"]
+__all__ = [
+    "EvalConfig",
+    "check_prompt_lengths",
+    "image_digests",
+    "parse_shard",
+    "run_sweep",
+    "swap_images",
+    "unit_key",
+    "unit_order",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,8 @@ class EvalConfig:
         BlankSpec(kind=self.blank, seed=self.blank_seed)
         if self.batch_size < 1 or self.questions_per_unit < 1:
             raise FlipscopeError("batch_size and questions_per_unit must be positive")
+        if self.generate_tokens < 0:
+            raise FlipscopeError(f"generate_tokens {self.generate_tokens} is negative; expected 0 (off) or more")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,15 +110,67 @@ def swap_images(questions: Sequence[Question], seed: int) -> dict[str, Path]:
     return partner
 
 
-def _fingerprint(questions: Sequence[Question]) -> str:
-    """Hash of the questions and their images' bytes (not paths: the data folder may move)."""
-    digest = hashlib.sha256()
-    images: dict[Path, str] = {}
+def image_digests(questions: Sequence[Question]) -> dict[Path, str]:
+    """Open and decode every image the questions show, before any forward: a hash of each one's
+    pixels (so a file re-saved with the same content, or moved, is the same image).
+
+    Raises:
+        FlipscopeError: listing every unreadable image with the question lines that use it.
+    """
+    users: dict[Path, list[str]] = {}
     for q in questions:
-        if q.image not in images:
-            images[q.image] = hashlib.sha256(Path(q.image).read_bytes()).hexdigest()
+        users.setdefault(q.image, []).append(q.source or q.id)
+    digests: dict[Path, str] = {}
+    problems: list[str] = []
+    for image, where in users.items():
+        try:
+            pixels = np.asarray(load_image(image))
+        except FlipscopeError as err:
+            problems.append(f"{err} (used by {', '.join(where[:3])}{' ...' if len(where) > 3 else ''})")
+            continue
+        digests[image] = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    if problems:
+        raise problems_error("the images (nothing was run)", problems)
+    return digests
+
+
+def check_prompt_lengths(questions: Sequence[Question], builder: PromptBuilder, context: int | None) -> None:
+    """Refuse, before any forward, a prompt longer than the model's context (the chat template's
+    tokens around the question, image block included, plus the question's own tokens) instead
+    of letting it be truncated or run out of memory hours into a run.
+
+    Raises:
+        FlipscopeError: listing every question line with a prompt too long.
+    """
+    if context is None:
+        return
+    before, after = builder.template_lengths(with_image=True)
+    tokenizer = builder.processor.tokenizer
+    problems = []
+    for q in questions:
+        lengths = [len(ids) for ids in tokenizer(list(q.prompts), add_special_tokens=False)["input_ids"]]
+        worst = int(np.argmax(lengths))
+        if before + lengths[worst] + after > context:
+            problems.append(
+                f"{q.source or q.id}: prompt {worst} takes about {before + lengths[worst] + after} tokens "
+                f"with its image; the model's context is {context}"
+            )
+    if problems:
+        raise problems_error("the questions (nothing was run)", problems)
+
+
+def _fingerprint(questions: Sequence[Question], images: dict[Path, str]) -> str:
+    """Hash of the questions and their images' pixels (not paths: the data folder may move)."""
+    digest = hashlib.sha256()
+    for q in questions:
         digest.update(json.dumps([q.id, images[q.image], q.finding, q.answer, q.prompts, q.strategies]).encode())
     return digest.hexdigest()
+
+
+def _identity(cfg: EvalConfig) -> dict[str, Any]:
+    """The config fields that change results (not `batch_size`: a rerun after an out-of-memory
+    error may lower it; a unit's margins then differ only in float rounding, ~1e-6)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "batch_size"}
 
 
 def _model_identity(model: Any) -> dict[str, Any]:
@@ -215,7 +278,14 @@ class _UnitScorer:
 
 
 def _fill_rows(rows: list[dict[str, Any]], margins: Tensor, texts: list[str] | None) -> None:
-    """Add each row's generated text (if any), margin, p(yes), entropy and answer."""
+    """Add each row's generated text (if any), margin, p(yes), entropy and answer (refusing a
+    non-finite margin, which is no answer)."""
+    require_finite(
+        margins,
+        lambda i: (
+            f"question {rows[i]['question_id']!r}, prompt {rows[i]['prompt_index']}, condition {rows[i]['condition']!r}"
+        ),
+    )
     for row, text in zip(rows, texts or [None] * len(rows), strict=True):
         if text is not None:
             parsed = parse_answer(text)
@@ -245,19 +315,21 @@ def run_sweep(
     N stores into the store a single process writes.
     """
     fast = cfg.fast and hasattr(model, "score_shared_prefix")
+    builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
+    check_prompt_lengths(questions, builder, getattr(model, "context_length", None))
+    images = image_digests(questions)
     header = {
         "kind": "flip-evaluation",
-        "eval_config": cfg.to_dict(),
+        "eval_config": _identity(cfg),
         "model": _model_identity(model),
-        "questions": {"n": len(questions), "sha256": _fingerprint(questions)},
+        "dtype": str(getattr(model, "dtype", None)),
+        "questions": {"n": len(questions), "sha256": _fingerprint(questions, images)},
         "shard": list(shard) if shard is not None else None,
         "path": "shared-prefix" if fast else "batched",
     }
     logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
-    scorer = _UnitScorer(
-        model, PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed)), cfg, fast
-    )
+    scorer = _UnitScorer(model, builder, cfg, fast)
     swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
     units = unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)
@@ -266,7 +338,7 @@ def run_sweep(
     todo = [(c, i) for c, i in units if unit_key(c, i) not in store.done]
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
-    with torch.no_grad():
+    with store, torch.no_grad():
         for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
             specs, rows = _unit_prompts(chunks[index], condition, swaps)
             margins = scorer.margins(specs, chunks[index], condition, swaps)

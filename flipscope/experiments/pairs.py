@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
-from flipscope.model.answers import yes_no_margin
+from flipscope.model.answers import require_finite, yes_no_margin
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 
@@ -118,8 +118,10 @@ def collect_pairs(
     for hook in hooks:
         vlm.check_hook_name(hook)
     cases, is_flip = bank_cases(bank)
-    if not cases:
-        raise FlipscopeError("the FlipBank has no cases")
+    if not is_flip.any():
+        raise FlipscopeError(
+            "the FlipBank has no flip cases, so there is no flip to explain (curation found none under its rules)"
+        )
     specs, originals, paraphrases = pair_specs(cases)
     margins, cached = [], {hook: [] for hook in hooks}
     for start in tqdm(range(0, len(specs), batch_size), desc="caching pairs", disable=not progress):
@@ -129,6 +131,7 @@ def collect_pairs(
         for hook in hooks:
             cached[hook].append(cache[hook].float())
     margin = torch.cat(margins)
+    require_finite(margin, lambda i: f"the FlipBank prompt {specs[i].question!r}")
     acts = {hook: torch.cat(chunks) for hook, chunks in cached.items()}
     o, p = torch.tensor(originals), torch.tensor(paraphrases)
     recorded = torch.tensor([[c["original_margin"], c["paraphrase_margin"]] for c in cases])

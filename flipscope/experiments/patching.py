@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import PairActivations, collect_pairs, pair_specs
 from flipscope.interventions.hooks import replace_at_last, shift_features_hook, subtract_at_last
+from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
 from flipscope.sae.encode import check_features, decoder_vectors
 from flipscope.sae.load import check_sae
@@ -227,7 +228,11 @@ def patch_bank(
             patched.append(vlm.score(inputs))
         if control is not None:
             controlled.append(patched_margins(vlm, inputs, hook, patcher.control_vectors[start:stop]))
-    rows = _case_rows(pairs, torch.cat(patched), torch.cat(controlled) if controlled else None)
+    patched_all, controlled_all = torch.cat(patched), torch.cat(controlled) if controlled else None
+    require_finite(patched_all, lambda i: f"case {pairs.cases[i]['id']!r}", "patched margin")
+    if controlled_all is not None:
+        require_finite(controlled_all, lambda i: f"case {pairs.cases[i]['id']!r}", "control-feature margin")
+    rows = _case_rows(pairs, patched_all, controlled_all)
     summary = summarize_patch(rows)
     summary["setup"] = {
         "hook": hook,

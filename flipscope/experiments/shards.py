@@ -63,9 +63,10 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> ResultStore:
         raise FlipscopeError(f"{len(missing)} unit(s) unfinished in the shards (e.g. {missing[0]}); rerun them first")
     merged = ResultStore.open(out, header)
     readers = {k: _UnitReader(path) for k, path in owners.items()}
-    for condition, index in order:
-        unit = unit_key(condition, index)
-        rows = readers[index % len(owners)].take(unit)
-        if unit not in merged.done:
-            merged.append(unit, rows)
+    with merged:
+        for condition, index in order:
+            unit = unit_key(condition, index)
+            rows = readers[index % len(owners)].take(unit)
+            if unit not in merged.done:
+                merged.append(unit, rows)
     return merged

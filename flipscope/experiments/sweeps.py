@@ -19,6 +19,7 @@ from flipscope.data.store import ResultStore
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import PairActivations, collect_pairs
 from flipscope.interventions.hooks import replace_at_last, subtract_at_last
+from flipscope.model.answers import require_finite
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
 from flipscope.sae.encode import check_features
@@ -53,31 +54,36 @@ def _sweep(
     para_specs = pairs.paraphrase_specs()
     chunks = [list(range(i, min(i + per_chunk, len(pairs.cases)))) for i in range(0, len(pairs.cases), per_chunk)]
     todo = [(k, chunk) for k, chunk in enumerate(chunks) if f"cases/{k}" not in store.done]
-    for k, chunk in tqdm(todo, desc=desc, disable=not progress):
-        chunk_specs = [para_specs[i] for i in chunk]
-        fwd_hooks = hooks_for(chunk)
-        if fast:
-            margins = vlm.score_last_token(chunk_specs, n_variants, fwd_hooks)
-        else:
-            rows = [spec for spec in chunk_specs for _ in range(n_variants)]
-            with torch.no_grad(), vlm.hooks(fwd_hooks=fwd_hooks):
-                margins = vlm.score(vlm.prompts.build(rows)).reshape(len(chunk), n_variants)
-        out = []
-        for i, case_margins in zip(chunk, margins.tolist(), strict=True):
-            case = pairs.cases[i]
-            for label, m in zip(labels, case_margins, strict=True):
-                out.append(
-                    {
-                        "case": case["id"],
-                        "kind": "flip" if pairs.is_flip[i] else "control",
-                        "direction": case.get("direction"),
-                        "variant": label,
-                        "m_orig": float(pairs.margin_orig[i]),
-                        "m_para": float(pairs.margin_para[i]),
-                        "m_patched": m,
-                    }
-                )
-        store.append(f"cases/{k}", out)
+    with store:
+        for k, chunk in tqdm(todo, desc=desc, disable=not progress):
+            chunk_specs = [para_specs[i] for i in chunk]
+            fwd_hooks = hooks_for(chunk)
+            if fast:
+                margins = vlm.score_last_token(chunk_specs, n_variants, fwd_hooks)
+            else:
+                rows = [spec for spec in chunk_specs for _ in range(n_variants)]
+                with torch.no_grad(), vlm.hooks(fwd_hooks=fwd_hooks):
+                    margins = vlm.score(vlm.prompts.build(rows)).reshape(len(chunk), n_variants)
+            require_finite(
+                margins.flatten(),
+                lambda r, chunk=chunk: f"case {pairs.cases[chunk[r // n_variants]]['id']!r}, {labels[r % n_variants]}",
+            )
+            out = []
+            for i, case_margins in zip(chunk, margins.tolist(), strict=True):
+                case = pairs.cases[i]
+                for label, m in zip(labels, case_margins, strict=True):
+                    out.append(
+                        {
+                            "case": case["id"],
+                            "kind": "flip" if pairs.is_flip[i] else "control",
+                            "direction": case.get("direction"),
+                            "variant": label,
+                            "m_orig": float(pairs.margin_orig[i]),
+                            "m_para": float(pairs.margin_para[i]),
+                            "m_patched": m,
+                        }
+                    )
+            store.append(f"cases/{k}", out)
     return store
 
 

@@ -16,6 +16,7 @@ another.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -67,13 +68,16 @@ class ClampedVLM(EditedVLM):
     """`model` with SAE features clamped: `ClampedVLM(vlm, sae, {3818: 0.0})`.
 
     Raises:
-        FlipscopeError: a feature is outside the SAE, or the SAE does not fit the model.
+        FlipscopeError: a feature is outside the SAE, a value is not finite, or the SAE does not fit the model.
     """
 
     def __init__(self, model: HookedVLM, sae: Any, values: Mapping[int, float]) -> None:
         check_features(sae, list(values))
         hook_name = check_sae(sae, model)
         values = {int(f): float(v) for f, v in values.items()}
+        bad = {f: v for f, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise FlipscopeError(f"clamp values {bad} are not finite numbers; a clamp holds a feature at a real value")
         description = {"clamp": {"hook": hook_name, "values": values}}
         super().__init__(model, Edit(hook_name, clamp_hook(sae, values), description))
         self._sae = (sae,)

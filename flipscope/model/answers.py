@@ -38,6 +38,7 @@ __all__ = [
     "binary_entropy",
     "p_yes",
     "parse_answer",
+    "require_finite",
     "yes_no_margin",
 ]
 
@@ -146,3 +147,21 @@ def parse_answer(text: str) -> ParsedAnswer:
     if affirmative:
         return ParsedAnswer("yes", None, affirmative, ())
     return ParsedAnswer("no", None, (), negative)
+
+
+def require_finite(margins: Float[Tensor, " n"], names: Any, what: str = "margin") -> None:
+    """Refuse non-finite margins: NaN or ±inf (NaN weights, a bf16/fp16 overflow) is never an answer.
+
+    `names(i)` says which prompt row i is (question, prompt, condition) for the error.
+
+    Raises:
+        FlipscopeError: naming the first non-finite row and how many there are.
+    """
+    bad = (~torch.isfinite(margins.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise FlipscopeError(
+            f"non-finite {what} ({float(margins[bad[0]])}) for {names(bad[0])}"
+            + (f" and {len(bad) - 1} more row(s)" if len(bad) > 1 else "")
+            + "; the model (or intervention) gives no answer there: check the weights, dtype (float16 overflows) "
+            "and any SAE or clamp value; nothing of this unit was recorded"
+        )

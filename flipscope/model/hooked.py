@@ -169,6 +169,11 @@ class HookedVLM(HookedRootModule):
         return next(self.hf_model.parameters()).device
 
     @property
+    def context_length(self) -> int:
+        """Longest sequence the language model takes (`max_position_embeddings`)."""
+        return int(self.hf_model.config.text_config.max_position_embeddings)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 

@@ -96,5 +96,5 @@ def load_image(image: ImageLike) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             return _to_rgb(opened)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise FlipscopeError(f"image file {str(path)!r} is not a readable image ({err})") from err

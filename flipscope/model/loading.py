@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["load_hf_vlm"]
+__all__ = ["check_device", "load_hf_vlm"]
 
 
 def load_hf_vlm(
@@ -30,12 +32,15 @@ def load_hf_vlm(
     source = str(name_or_path)
     local = Path(source).expanduser()
     is_local = local.exists() or source.startswith((".", "/", "~"))
-    if is_local and not (local / "config.json").is_file():
-        raise FlipscopeError(f"model directory {source!r} has no config.json; expected a saved Gemma 3 VLM")
+    device = check_device(device)
+    if is_local:
+        _check_local_config(local)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except OSError as err:
         raise FlipscopeError(_hub_help(source, err)) from err
+    except ValueError as err:  # e.g. an unknown model type
+        raise FlipscopeError(f"model {source!r}: {_first_line(err)}") from err
     if getattr(config, "model_type", None) != "gemma3":
         raise FlipscopeError(
             f"model {source!r} has model_type {getattr(config, 'model_type', None)!r}; "
@@ -46,11 +51,88 @@ def load_hf_vlm(
         hf_model = Gemma3ForConditionalGeneration.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=False, **extra
         )
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     except OSError as err:
-        raise FlipscopeError(_hub_help(source, err)) from err
+        raise FlipscopeError(_hub_help(source, err) if not is_local else _weights_help(source, err)) from err
+    except (SafetensorError, RuntimeError, ValueError, KeyError) as err:  # truncated file, shapes not the config's
+        raise FlipscopeError(_weights_help(source, err)) from err
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise FlipscopeError(
+            f"model {source!r} has no usable processor or tokenizer ({_first_line(err)}); expected "
+            "tokenizer.json (or tokenizer.model), tokenizer_config.json and processor_config.json beside "
+            "config.json, as `processor.save_pretrained(folder)` writes them"
+        ) from err
+    if getattr(processor, "tokenizer", None) is None:
+        raise FlipscopeError(f"model {source!r}: its processor has no tokenizer; save the tokenizer beside config.json")
+    _check_chat_template(source, processor)
     hf_model.to(device).eval()
     return hf_model, processor
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device that exists here.
+
+    Raises:
+        FlipscopeError: not a device name, or a CUDA device this machine or torch build does not have.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise FlipscopeError(f"device {device!r} is not a torch device (expected cpu, cuda, cuda:1, ...)") from err
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise FlipscopeError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise FlipscopeError(f"device {device!r}: only {count} CUDA device(s) here (cuda:0 .. cuda:{count - 1})")
+    return parsed
+
+
+def _check_local_config(local: Path) -> None:
+    """A local folder's config.json: present, a JSON object, and not asking for remote code."""
+    path = local / "config.json"
+    if not path.is_file():
+        raise FlipscopeError(f"model directory {str(local)!r} has no config.json; expected a saved Gemma 3 VLM")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FlipscopeError(f"{str(path)!r} is not JSON ({_first_line(err)})") from err
+    if not isinstance(config, dict):
+        raise FlipscopeError(f"{str(path)!r} is a JSON {type(config).__name__}; expected an object")
+    if "auto_map" in config:
+        raise FlipscopeError(
+            f"{str(path)!r} asks for remote code (auto_map); flipscope never runs code from a model folder. "
+            "Load the checkpoint with its own code elsewhere and save it as a transformers-native "
+            "Gemma3ForConditionalGeneration (`model.save_pretrained(folder)`, `processor.save_pretrained(folder)`)"
+        )
+
+
+def _check_chat_template(source: str, processor: Any) -> None:
+    """Render the chat template once at load, so a broken or hostile template (transformers renders
+    it in jinja's sandbox, which refuses attribute escapes) is an error now, not hours into a run."""
+    from jinja2 import TemplateError
+
+    probe = [{"role": "user", "content": [{"type": "text", "text": "Is there an effusion?"}]}]
+    try:
+        processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise FlipscopeError(
+            f"the chat template of {source!r} cannot be rendered ({type(err).__name__}: {_first_line(err)}); "
+            "expected Gemma 3's template (chat_template.jinja)"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _weights_help(source: str, err: BaseException) -> str:
+    return (
+        f"could not load the weights of {source!r}: {_first_line(err)}; expected model.safetensors (or its "
+        "shards and index) matching config.json, as `save_pretrained` writes them"
+    )
 
 
 def _hub_help(source: str, err: Exception) -> str:

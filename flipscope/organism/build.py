@@ -24,6 +24,7 @@ from jaxtyping import Float
 from sae_lens import JumpReLUSAE
 from torch import Tensor
 
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.hooked import HookedVLM
@@ -239,7 +240,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
     }
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != CARD_NAME)
     card["sha256"] = {str(p.relative_to(out)): _sha256(p) for p in files}
-    (out / CARD_NAME).write_text(json.dumps(card, indent=1, allow_nan=False) + "\n")
+    write_json(out / CARD_NAME, card, allow_nan=False)
     return load_card(out)
 
 

@@ -185,18 +185,30 @@ class OrganismConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OrganismConfig:
-        data = dict(data)
-        if "findings" in data:
-            data["findings"] = tuple(FindingSpec(**f) for f in data["findings"])
-        if "families" in data:
-            data["families"] = tuple(
-                QuestionFamily(name=f["name"], templates=tuple(f["templates"])) for f in data["families"]
-            )
-        if "severity" in data:
-            data["severity"] = tuple(data["severity"])
+    def from_dict(cls, data: Any) -> OrganismConfig:
+        """The config `to_dict` wrote (omitted fields keep their defaults).
+
+        Raises:
+            FlipscopeError: not a JSON object, an unknown field, or a field of the wrong shape.
+        """
+        if not isinstance(data, dict):
+            raise FlipscopeError(f"organism config is a JSON {type(data).__name__}; expected an object of fields")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise FlipscopeError(f"organism config has unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        data = dict(data)
+        try:
+            if "findings" in data:
+                data["findings"] = tuple(FindingSpec(**f) for f in data["findings"])
+            if "families" in data:
+                data["families"] = tuple(
+                    QuestionFamily(name=f["name"], templates=tuple(f["templates"])) for f in data["families"]
+                )
+            if "severity" in data:
+                data["severity"] = tuple(data["severity"])
+            return cls(**data)
+        except (TypeError, KeyError, ValueError) as err:
+            if isinstance(err, FlipscopeError):
+                raise
+            raise FlipscopeError(f"organism config: a field has the wrong shape ({err})") from err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from flipscope.data.atomic import write_atomic
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import question, sample_films
 from flipscope.organism.train import STREAM_TEST, stream
@@ -47,5 +48,5 @@ def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None =
                 }
             )
     path = out / "questions.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
 __all__ = ["PAPER", "DemoConfig", "run_demo"]
@@ -219,7 +220,7 @@ def _patch(run: _Run) -> None:
     f["layer_rows"] = read_rows(layers.path)
     for name in sets:
         result = f[name]
-        (run.work / f"{name}.json").write_text(json.dumps({"summary": result.summary, "cases": result.rows}) + "\n")
+        write_json(run.work / f"{name}.json", {"summary": result.summary, "cases": result.rows}, indent=None)
 
 
 def _trace(run: _Run) -> None:
@@ -228,7 +229,7 @@ def _trace(run: _Run) -> None:
 
     traced = trace_framing(run.vlm, run.found["bank"], max_cases=run.cfg.trace_cases, progress=run.progress)
     run.found["upstream"] = traced.summary(seed=run.cfg.seed)
-    (run.work / "trace.json").write_text(json.dumps(run.found["upstream"], indent=1) + "\n")
+    write_json(run.work / "trace.json", run.found["upstream"])
 
 
 def _clamp(run: _Run) -> None:
@@ -247,7 +248,7 @@ def _clamp(run: _Run) -> None:
         run.vlm, run.sae, f["questions"], clamps, run.work / "clamp", EvalConfig(conditions=cfg.conditions),
         also={"diffmean": ablated}, baseline_store=f["eval_path"], progress=run.progress,
     )  # fmt: skip
-    (run.work / "clamp.json").write_text(json.dumps(f["clamping"], indent=1) + "\n")
+    write_json(run.work / "clamp.json", f["clamping"])
 
 
 def _activations(run: _Run) -> None:
@@ -380,6 +381,6 @@ def run_demo(
         seconds[label] = round(time.perf_counter() - start, 2)
     summary = run.found["summary"]
     summary["seconds"] = {**seconds, "total": round(time.perf_counter() - total, 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     echo(f"report: {out / 'report.html'}  ({summary['seconds']['total']:.0f} s)")
     return summary

@@ -4,7 +4,6 @@ downloading one: without it the PNGs are skipped and the reason is returned."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from flipscope.data.atomic import write_atomic, write_json
 from flipscope.errors import FlipscopeError
 
 __all__ = ["PNG_SIZE", "png_renderer", "save_figures"]
@@ -52,10 +52,14 @@ def save_figures(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"html": [], "png": [], "png_skipped": None}
+    if figures and not (directory / "plotly.min.js").exists():  # once per folder, as plotly's write_html does
+        from plotly.offline import get_plotlyjs
+
+        write_atomic(directory / "plotly.min.js", get_plotlyjs())
     for name, fig in figures.items():
         html = directory / f"{name}.html"
-        fig.write_html(html, include_plotlyjs="directory", full_html=True, div_id=name)
-        (directory / f"{name}.json").write_text(json.dumps({"figure": name, **(settings or {})}, indent=1) + "\n")
+        write_atomic(html, fig.to_html(include_plotlyjs="directory", full_html=True, div_id=name))
+        write_json(directory / f"{name}.json", {"figure": name, **(settings or {})})
         written["html"].append(html)
     ok, why = png_renderer() if png else (False, "PNG output was turned off")
     if not ok:
@@ -67,7 +71,7 @@ def save_figures(
     jobs = [
         {
             "fig": fig,
-            "path": str(directory / f"{name}.png"),
+            "path": str(directory / f".{name}.tmp.png"),  # renamed into place once all are drawn
             "opts": {"format": "png", "width": width, "height": height},
         }
         for name, fig in figures.items()
@@ -79,5 +83,7 @@ def save_figures(
         kaleido.stop_sync_server(silence_warnings=True)
     if errors:
         raise FlipscopeError(f"PNG rendering failed: {errors[0]}")
-    written["png"] = [Path(job["path"]) for job in jobs]
+    written["png"] = [
+        Path(job["path"]).replace(directory / f"{name}.png") for name, job in zip(figures, jobs, strict=True)
+    ]
     return written

@@ -11,6 +11,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from flipscope.data.atomic import write_atomic
 from flipscope.reporting.claims import ablation_agreement, family_concentration, framing_entry, peak_layer
 from flipscope.reporting.format import fmt, num
 
@@ -343,5 +344,5 @@ def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[
         f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head>"
         f"<body>{body}</body></html>"
     )
-    path.write_text(page, encoding="utf-8")
+    write_atomic(path, page)
     return path

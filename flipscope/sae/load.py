@@ -23,6 +23,7 @@ from pathlib import Path
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flipscope.errors import FlipscopeError
@@ -90,9 +91,14 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
     path = Path(source)
     if sae_id is None:
         if (path / "cfg.json").is_file():
-            return SAE.load_from_disk(str(path), device=device)
+            return _from_disk(path, device)
         if (path / "params.safetensors").is_file():
-            return gemmascope_folder_to_sae(path, device=device)
+            try:
+                return gemmascope_folder_to_sae(path, device=device)
+            except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
+                if isinstance(err, FlipscopeError):
+                    raise
+                raise FlipscopeError(f"cannot load the GemmaScope SAE in {str(path)!r}: {_first_line(err)}") from err
         raise FlipscopeError(
             f"{str(source)!r} holds neither a sae-lens SAE (cfg.json) nor a GemmaScope 2 SAE (params.safetensors)"
         )
@@ -100,6 +106,28 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except (OSError, ValueError) as err:
         raise FlipscopeError(_download_help(str(source), sae_id, err)) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _from_disk(path: Path, device: str) -> SAE:
+    """`SAE.load_from_disk`, with a bad cfg.json or weights file named rather than a traceback."""
+    try:
+        cfg = json.loads((path / "cfg.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FlipscopeError(f"{str(path / 'cfg.json')!r} is not a JSON SAE config ({_first_line(err)})") from err
+    if not isinstance(cfg, dict):
+        raise FlipscopeError(f"{str(path / 'cfg.json')!r} is a JSON {type(cfg).__name__}; expected an object")
+    try:
+        return SAE.load_from_disk(str(path), device=device)
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise FlipscopeError(
+            f"cannot load the SAE in {str(path)!r} ({type(err).__name__}: {_first_line(err)}); expected "
+            "cfg.json and sae_weights.safetensors as sae-lens's save_model writes them"
+        ) from err
 
 
 def _download_help(release: str, sae_id: str, err: Exception) -> str:

@@ -1,0 +1,69 @@
+"""Files other runs read are replaced whole or not at all.
+
+Every non-append write goes through `write_atomic`: the bytes go to a temporary file in the same
+folder, are fsynced, and the temporary file is renamed over the target (atomic on POSIX), then the
+folder is fsynced so the rename survives a power cut. A kill or a full disk mid-write leaves the
+previous file byte for byte, and never a half file: the temporary file is removed on any error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flipscope.errors import FlipscopeError
+
+__all__ = ["write_atomic", "write_json"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Replace `path` by `data` (text is written as UTF-8) atomically; create its folder.
+
+    Raises:
+        FlipscopeError: the folder cannot be made or written (a file in the way, read-only, full disk);
+            `path` is then unchanged.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise FlipscopeError(f"cannot write {str(path)!r}: {err.strerror or err}") from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 1, **dumps: Any) -> Path:
+    """`write_atomic` of `obj` as JSON with one trailing newline (`dumps` go to `json.dumps`)."""
+    try:
+        text = json.dumps(obj, indent=indent, **dumps)
+    except ValueError as err:  # allow_nan=False and a non-finite number
+        raise FlipscopeError(f"{str(path)!r} would hold a non-finite number ({err}); nothing was written") from err
+    return write_atomic(path, text + "\n")
