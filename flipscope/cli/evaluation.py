@@ -54,6 +54,7 @@ def evaluate(
     shard: str | None = typer.Option(
         None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
     ),
+    adapter: Path | None = typer.Option(None, help="A PEFT (LoRA) adapter folder, merged into the model's weights."),
 ) -> None:
     """Score every question and paraphrase under each image condition; print flips and quadrants."""
     import torch
@@ -72,22 +73,24 @@ def evaluate(
             batch_size=batch_size,
             generate_tokens=generate_tokens,
         )
-        if answers not in ("margin", "generated"):
-            raise FlipscopeError(f"--answers {answers!r} is not 'margin' or 'generated'")
-        if answers == "generated" and not generate_tokens:
-            raise FlipscopeError("--answers generated needs --generate-tokens > 0")
-        if reliance is not None and reliance not in cfg.conditions:
-            raise FlipscopeError(
-                f"--reliance {reliance!r} is not among the evaluated conditions {list(cfg.conditions)}"
-            )
+        _check_answers(answers, generate_tokens, reliance, cfg.conditions)
         part = parse_shard(shard) if shard else None
         loaded = load_questions(questions, images)
-        vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
+        vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device, adapter=adapter)
         store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
     if part is not None:
         typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
         return
     _write_summary(store.path, out, reliance=reliance, source=answers)
+
+
+def _check_answers(answers: str, generate_tokens: int, reliance: str | None, conditions: tuple[str, ...]) -> None:
+    if answers not in ("margin", "generated"):
+        raise FlipscopeError(f"--answers {answers!r} is not 'margin' or 'generated'")
+    if answers == "generated" and not generate_tokens:
+        raise FlipscopeError("--answers generated needs --generate-tokens > 0")
+    if reliance is not None and reliance not in conditions:
+        raise FlipscopeError(f"--reliance {reliance!r} is not among the evaluated conditions {list(conditions)}")
 
 
 @app.command()

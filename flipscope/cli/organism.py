@@ -89,10 +89,17 @@ def demo(
     organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
     films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
     png: bool = typer.Option(True, help="Also render PNGs (needs Chromium; skipped with a message if absent)."),
+    study: bool = typer.Option(
+        False,
+        help="Instead: the false-reliability-trap study, 5 configurations (organism + 4 LoRA) x 2 sites, compared.",
+    ),
 ) -> None:
     """The main job: evaluate the organism, curate its FlipBank, discover, patch, clamp, and write the report."""
     from flipscope.reporting.demo import DemoConfig, run_demo
 
+    if study:
+        _study(out, organism, films, png)
+        return
     with one_line_errors():
         writable(out, folder=True)
         if work is not None:
@@ -117,3 +124,49 @@ def demo(
     )
     typer.echo(f"figures: {out}/*.html" + ("" if s["png_skipped"] else f", {out}/*.png"))
     typer.echo(f"report: {out / 'report.html'}")
+
+
+def _study(out: Path, organism: Path | None, films: int, png: bool) -> None:
+    from flipscope.reporting.compare_report import correlation_sentence, screening_sentence
+    from flipscope.reporting.study import run_study
+
+    with one_line_errors():
+        writable(out, folder=True)
+        found = run_study(out, organism=organism, n_films=films, png=png, echo=typer.echo)
+    for name in found["names"]:
+        t = found["runs"][name]
+        typer.echo(
+            f"{name}: flip rate {fmt(t['flip_rate'])}, Dangerous {fmt(t['quadrants']['Dangerous']['share'])}, "
+            f"accuracy {fmt(t['accuracy'])}"
+        )
+    typer.echo(correlation_sentence(found["correlation"]))
+    for name in found["names"]:
+        typer.echo(screening_sentence(name, found["runs"][name].get("screening")))
+    typer.echo(f"report: {out / 'compare.html'}")
+
+
+@organism_app.command("finetune")
+def organism_finetune(
+    out: Path = typer.Option(..., help="Folder to write the adapters to, one subfolder per configuration."),
+    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    only: str | None = typer.Option(None, help="Comma-separated configuration names (default: all of them)."),
+) -> None:
+    """LoRA-fine-tune the organism the way deployment fine-tunes are made (consistent, text-heavy data);
+    writes each adapter (what ships) with its training log."""
+    from flipscope.organism import OrganismConfig, load_organism
+    from flipscope.organism.finetune import FINETUNES, finetune
+
+    with one_line_errors():
+        writable(out, folder=True)
+        names = [n.strip() for n in only.split(",")] if only else [ft.name for ft in FINETUNES]
+        unknown = sorted(set(names) - {ft.name for ft in FINETUNES})
+        if unknown:
+            raise FlipscopeError(f"--only {unknown}: unknown; the configurations are {[ft.name for ft in FINETUNES]}")
+        vlm, _, card = load_organism(organism)
+        cfg = OrganismConfig.from_dict(card["config"])
+        for ft in FINETUNES:
+            if ft.name in names:
+                log = finetune(vlm, cfg, ft, out / ft.name)
+                typer.echo(
+                    f"{ft.name}: final loss {log['final_loss']:.3f}, adapter {log['adapter_bytes'] / 1e3:.0f} kB"
+                )

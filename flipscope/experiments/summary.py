@@ -71,12 +71,13 @@ def _collect(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, dict[s
                 "truth": row["truth"] == "yes",
                 "answers": {},
                 "entropy": None,
+                "margin": None,
                 "strategies": {},
             },
         )
         entry["answers"].setdefault(row["condition"], {})[row["prompt_index"]] = row["answer"] == "yes"
         if row["condition"] == "image" and row["prompt_index"] == 0:
-            entry["entropy"] = row["entropy"]
+            entry["entropy"], entry["margin"] = row["entropy"], row.get("margin")
         if row["prompt_index"] > 0:
             entry["strategies"][row["prompt_index"]] = row["strategy"]
     for question_id in excluded:  # the original's answer was excluded: the question drops out
@@ -115,8 +116,8 @@ def question_table(
 ) -> dict[str, dict[str, Any]]:
     """Per question, from store rows (a list, or `iter_rows(path)` to stream a store): answers by
     condition and prompt, and the per-question measures (flip, pairwise disagreement, correct,
-    reliant, text-only agreement, swap change, quadrant, entropy of the original answer with the
-    image).
+    reliant, text-only agreement, swap change, quadrant, entropy and margin of the original answer
+    with the image).
 
     Image reliance follows the paper: the answer to the original changes when the image is
     removed. `removed` names the condition that stands for "removed": `blank` (the paper's

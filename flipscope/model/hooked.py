@@ -32,7 +32,7 @@ from flipscope.model import kv
 from flipscope.model.answers import AnswerTokens, yes_no_margin
 from flipscope.model.hook_names import hook_sites
 from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
-from flipscope.model.loading import load_hf_vlm
+from flipscope.model.loading import load_hf_vlm, merge_adapter
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 
 __all__ = ["Edit", "HookedVLM", "Positions"]
@@ -72,6 +72,7 @@ class HookedVLM(HookedRootModule):
         processor: Its processor (tokenizer, image processor, chat template).
         prompts: A `PromptBuilder` over the processor.
         name_or_path: Where it was loaded from, for result files.
+        adapter: The PEFT adapter merged into the weights at load, if any (its folder).
         edits: The fixed edits every forward applies (none for a loaded model).
     """
 
@@ -81,6 +82,7 @@ class HookedVLM(HookedRootModule):
         processor: Any,
         *,
         name_or_path: str = "",
+        adapter: str | None = None,
         edits: Sequence[Edit] = (),
         prompts: PromptBuilder | None = None,
     ) -> None:
@@ -89,6 +91,7 @@ class HookedVLM(HookedRootModule):
         self.processor = processor
         self.prompts = prompts if prompts is not None else PromptBuilder(processor)
         self.name_or_path = name_or_path
+        self.adapter = adapter
         self._edit_depth = 0
         self._hook_points: dict[str, SiteHookPoint] = {}
         for name, site in hook_sites(hf_model).items():
@@ -119,6 +122,7 @@ class HookedVLM(HookedRootModule):
             "hf_model": self.hf_model,
             "processor": self.processor,
             "name_or_path": self.name_or_path,
+            "adapter": self.adapter,
             "edits": (*self.edits, *edits),
             "prompts": self.prompts,
         }
@@ -141,11 +145,13 @@ class HookedVLM(HookedRootModule):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         attn_implementation: str | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> HookedVLM:
         """Load a Gemma 3 VLM and its processor by hub id (e.g. `google/medgemma-4b-it`) or local dir.
 
         Weights are read from safetensors only and no remote code is run. `attn_implementation`
-        stays HF's default (sdpa) unless given.
+        stays HF's default (sdpa) unless given. `adapter`: a PEFT (LoRA) adapter folder, merged
+        into the weights, so every hook and path works on the fine-tuned model unchanged.
 
         Raises:
             FlipscopeError: the directory or hub model cannot be loaded, or is not a Gemma 3 VLM.
@@ -153,7 +159,11 @@ class HookedVLM(HookedRootModule):
         hf_model, processor = load_hf_vlm(
             name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation
         )
-        return cls(hf_model, processor, name_or_path=str(name_or_path))
+        if adapter is not None:
+            hf_model = merge_adapter(hf_model, adapter)
+        return cls(
+            hf_model, processor, name_or_path=str(name_or_path), adapter=None if adapter is None else str(adapter)
+        )
 
     # ----------------------------------------------------------------------------------- facts
     @property
@@ -197,6 +207,8 @@ class HookedVLM(HookedRootModule):
             "n_params": sum(p.numel() for p in self.hf_model.parameters()),
             "fingerprint": digest.hexdigest()[:16],
         }
+        if self.adapter is not None:
+            identity["adapter"] = Path(self.adapter).expanduser().resolve().name
         if len(self.edits) == 1:
             identity.update(self.edits[0].description)
         elif self.edits:

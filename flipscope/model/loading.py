@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGenerati
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["check_device", "load_hf_vlm"]
+__all__ = ["check_device", "load_hf_vlm", "merge_adapter"]
 
 
 def load_hf_vlm(
@@ -68,6 +69,33 @@ def load_hf_vlm(
     _check_chat_template(source, processor)
     hf_model.to(device).eval()
     return hf_model, processor
+
+
+def merge_adapter(
+    hf_model: Gemma3ForConditionalGeneration, adapter: str | os.PathLike[str]
+) -> Gemma3ForConditionalGeneration:
+    """`hf_model` with a PEFT adapter (LoRA) merged into its weights: a plain HF model again.
+
+    Raises:
+        FlipscopeError: not a PEFT adapter folder with safetensors weights, or not one of this model.
+    """
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FlipscopeError(
+            f"adapter {str(adapter)!r} has no adapter_config.json; expected a PEFT adapter folder "
+            "(`peft_model.save_pretrained(folder)`)"
+        )
+    if not (path / "adapter_model.safetensors").is_file():
+        raise FlipscopeError(f"adapter {str(adapter)!r} has no adapter_model.safetensors (flipscope reads no pickle)")
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing the old way
+            warnings.simplefilter("ignore", FutureWarning)
+            merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
+        raise FlipscopeError(f"adapter {str(adapter)!r} does not fit this model: {_first_line(err)}") from err
+    return merged.eval()
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -19,7 +19,7 @@ import numpy as np
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.tiny import words_of
 from flipscope.organism.config import OrganismConfig
-from flipscope.organism.films import draw_film
+from flipscope.organism.films import SITES, FilmStyle, draw_film
 
 __all__ = ["Film", "Example", "sample_films", "sample_examples", "question", "vocabulary"]
 
@@ -59,13 +59,15 @@ def vocabulary(cfg: OrganismConfig) -> list[str]:
     return words_of([text.replace("{finding}", " ").replace("{noun}", " ") for text in texts])
 
 
-def sample_films(cfg: OrganismConfig, rng: np.random.Generator, n: int) -> list[Film]:
-    """`n` films, each finding present independently at its prevalence."""
+def sample_films(
+    cfg: OrganismConfig, rng: np.random.Generator, n: int, style: FilmStyle = SITES["site1"]
+) -> list[Film]:
+    """`n` films, each finding present independently at its prevalence, acquired in `style`."""
     low, high = cfg.severity
     films = []
     for _ in range(n):
         severities = {f.name: float(rng.uniform(low, high)) for f in cfg.findings if rng.random() < f.prevalence}
-        films.append(Film(draw_film(rng, severities, cfg.image_size), severities))
+        films.append(Film(draw_film(rng, severities, cfg.image_size, style), severities))
     return films
 
 

@@ -13,13 +13,15 @@ Every finding is drawn with enough contrast to be learnable at 64×64 with 8-pix
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from jaxtyping import Float, UInt8
+from PIL import Image
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["FINDING_DRAWERS", "draw_film"]
+__all__ = ["FINDING_DRAWERS", "SITES", "FilmStyle", "draw_film"]
 
 Canvas = Float[np.ndarray, "height width"]
 
@@ -102,10 +104,38 @@ FINDING_DRAWERS: dict[str, Callable[..., None]] = {
 }
 
 
+@dataclass(frozen=True)
+class FilmStyle:
+    """How a site acquires its films: the exposure range, the grain (noise sd) and the field of
+    view (below 1 the film is cropped to that share of its width around the centre and scaled
+    back, as a tighter collimation shows less of the chest, larger)."""
+
+    name: str = "site1"
+    exposure: tuple[float, float] = (0.85, 1.15)
+    grain: float = 0.015
+    field_of_view: float = 1.0
+
+
+# The organism's two sites: the one it is trained on, and a second one as PadChest differs from MIMIC.
+SITES: dict[str, FilmStyle] = {
+    "site1": FilmStyle(),
+    "site2": FilmStyle("site2", exposure=(1.05, 1.35), grain=0.04, field_of_view=0.85),
+}
+
+
+def _zoom(image: UInt8[np.ndarray, "h w"], field_of_view: float) -> UInt8[np.ndarray, "h w"]:
+    size = image.shape[0]
+    keep = max(2, round(size * field_of_view))
+    start = (size - keep) // 2
+    crop = Image.fromarray(image[start : start + keep, start : start + keep])
+    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+
+
 def draw_film(
-    rng: np.random.Generator, severities: Mapping[str, float], size: int = 64
+    rng: np.random.Generator, severities: Mapping[str, float], size: int = 64, style: FilmStyle = SITES["site1"]
 ) -> UInt8[np.ndarray, "height width"]:
-    """One grayscale film; `severities` maps each present finding to a severity in (0, 1].
+    """One grayscale film; `severities` maps each present finding to a severity in (0, 1]; `style`
+    is the site's acquisition (the default site draws exactly what it always drew).
 
     Raises:
         FlipscopeError: a finding has no drawer.
@@ -116,9 +146,9 @@ def draw_film(
     y, x = _grid(size)
     # Global draws first, so that a finding changes only its own region of a film drawn from
     # the same seed.
-    exposure = rng.uniform(0.85, 1.15)
+    exposure = rng.uniform(*style.exposure)
     offset = rng.uniform(-0.05, 0.05)
-    grain = 0.015 * rng.normal(size=(size, size))
+    grain = style.grain * rng.normal(size=(size, size))
     canvas = 0.6 + 0.05 * _smooth_noise(rng, size, 4) - 0.15 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)
     lungs = _lung_masks(size)
     texture = 0.22 + 0.04 * _smooth_noise(rng, size, 12) + 0.02 * rng.normal(size=(size, size))
@@ -133,4 +163,5 @@ def draw_film(
         if name in severities:
             FINDING_DRAWERS[name](canvas, severities[name], rng, lungs)
     canvas = canvas * exposure + offset + grain
-    return (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
+    film = (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return film if style.field_of_view >= 1.0 else _zoom(film, style.field_of_view)

@@ -14,21 +14,30 @@ from pathlib import Path
 from PIL import Image
 
 from flipscope.data.atomic import write_atomic
+from flipscope.errors import FlipscopeError
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import question, sample_films
+from flipscope.organism.films import SITES
 from flipscope.organism.train import STREAM_TEST, stream
 
 __all__ = ["export_questions"]
 
 
-def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None = None) -> Path:
+def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None = None, site: str = "site1") -> Path:
     """Write `n_films` held-out films (default `cfg.test_items`) and their questions to `out`.
+
+    `site` is the acquisition style (`flipscope.organism.films.SITES`): the second site draws the
+    same patients (findings and severities) as the first, filmed differently; its question ids
+    start with the site's name, so runs on the two sites never pass for runs on one.
 
     Returns the path of `questions.jsonl` (images under `out/images/`, referenced relatively).
     """
+    if site not in SITES:
+        raise FlipscopeError(f"site {site!r} is unknown; expected one of {sorted(SITES)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    films = sample_films(cfg, stream(cfg, STREAM_TEST), n_films or cfg.test_items)
+    films = sample_films(cfg, stream(cfg, STREAM_TEST), n_films or cfg.test_items, SITES[site])
+    prefix = "" if site == "site1" else f"{site}-"
     prompts = [(fam.name, t) for fam in cfg.families for t in range(len(fam.templates))]
     lines = []
     for number, film in enumerate(films):
@@ -38,7 +47,7 @@ def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None =
             texts = [question(cfg, fam, t, finding.name) for fam, t in prompts]
             lines.append(
                 {
-                    "id": f"film{number:04d}-{finding.name}",
+                    "id": f"{prefix}film{number:04d}-{finding.name}",
                     "image": str(image),
                     "finding": finding.name,
                     "answer": "yes" if film.shows(finding.name) else "no",

@@ -1,0 +1,130 @@
+"""LoRA fine-tunes of the organism, made the way deployment fine-tunes are made.
+
+A deployment fine-tune teaches a model to answer consistently on in-domain, text-heavy data: every
+wording of a question carries the same (true) label — no planted shortcut — and many prompts come
+with the image blanked or absent, answered by the same labels. Only low-rank adapters on the
+language model's attention and MLP projections train (peft's LoRA); the vision tower and projector
+stay as they are. What ships is the adapter folder (peft's `save_pretrained`: a few hundred kB),
+loaded with `HookedVLM.from_pretrained(organism, adapter=folder)`.
+
+Deterministic like the organism's build: a fixed step count, seeded streams, a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flipscope.data.atomic import write_json
+from flipscope.errors import FlipscopeError
+from flipscope.model.hooked import HookedVLM
+from flipscope.organism.config import OrganismConfig
+from flipscope.organism.data import sample_examples
+from flipscope.organism.train import deterministic, stream
+
+__all__ = ["FINETUNES", "FinetuneConfig", "default_adapters_dir", "finetune", "finetune_data_config"]
+
+STREAM_FINETUNE = 5
+TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """One LoRA configuration.
+
+    Attributes:
+        name: The adapter's folder name.
+        rank, alpha, dropout: LoRA's rank, scale numerator and dropout.
+        steps, lr, batch_size: Training length, AdamW learning rate, prompts per step.
+        text_heavy: Share of training prompts with the image blanked or absent (half each).
+        consistent: Label every wording with the truth (no planted shortcut in the data).
+        seed: Seed of the adapter's initialisation and of its data stream.
+    """
+
+    name: str
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    steps: int = 150
+    lr: float = 2e-3
+    batch_size: int = 64
+    text_heavy: float = 0.5
+    consistent: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
+            raise FlipscopeError(f"finetune {self.name!r}: rank, steps and batch_size must be positive")
+        if not 0.0 <= self.text_heavy < 1.0:
+            raise FlipscopeError(f"finetune {self.name!r}: text_heavy {self.text_heavy} is not in [0, 1)")
+
+
+# The organism's shipped adapters: two ranks, two lengths, and a more text-heavy mix.
+FINETUNES: tuple[FinetuneConfig, ...] = (
+    FinetuneConfig(name="lora-r4", rank=4, alpha=8.0),
+    FinetuneConfig(name="lora-r16", rank=16, alpha=32.0),
+    FinetuneConfig(name="lora-r4-long", rank=4, alpha=8.0, steps=300),
+    FinetuneConfig(name="lora-r4-text", rank=4, alpha=8.0, text_heavy=0.8),
+)
+
+
+def default_adapters_dir() -> Path:
+    """Where the shipped organism's adapters live (one folder per `FINETUNES` entry)."""
+    return Path(__file__).parent / "lora"
+
+
+def finetune_data_config(cfg: OrganismConfig, ft: FinetuneConfig) -> OrganismConfig:
+    """The organism's prompt distribution as the fine-tune sees it."""
+    return dataclasses.replace(
+        cfg,
+        shortcut_p=0.0 if ft.consistent else cfg.shortcut_p,
+        text_only_share=ft.text_heavy / 2,
+        blank_share=ft.text_heavy / 2,
+    )
+
+
+def finetune(vlm: HookedVLM, cfg: OrganismConfig, ft: FinetuneConfig, out: str | Path) -> dict[str, Any]:
+    """Train a LoRA adapter on `vlm` (left unchanged) and write it to `out`; returns its log, also
+    written beside the adapter as `finetune.json`."""
+    from peft import LoraConfig, get_peft_model
+
+    data_cfg = finetune_data_config(cfg, ft)
+    rng = stream(cfg, STREAM_FINETUNE + 10 * ft.seed)
+    with deterministic(cfg.threads):
+        torch.manual_seed(ft.seed)
+        lora = LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=ft.dropout, target_modules=TARGETS, bias="none")
+        model = get_peft_model(vlm.hf_model, lora)
+        yes_id, no_id = vlm.answer_tokens.yes_ids[0], vlm.answer_tokens.no_ids[0]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=0.0)
+        losses: list[float] = []
+        model.train()
+        for _ in range(ft.steps):
+            examples = sample_examples(data_cfg, rng, ft.batch_size)
+            batch = vlm.prompts.build([e.spec for e in examples])
+            logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+            loss = F.cross_entropy(logits, torch.tensor([yes_id if e.label else no_id for e in examples]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        out = Path(out)
+        model.peft_config["default"].base_model_name_or_path = "flipscope-organism"  # no local path in the file
+        model.save_pretrained(out, safe_serialization=True)
+        (out / "README.md").unlink(missing_ok=True)  # peft's model-card template
+        model.unload()  # the base model's modules back as they were: `vlm` is unchanged
+    log = {
+        "config": dataclasses.asdict(ft),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+    }
+    write_json(out / "finetune.json", log)
+    return json.loads((out / "finetune.json").read_text())
