@@ -119,3 +119,21 @@ def test_the_study_compares_five_configurations_on_two_sites(tmp_path: Path) -> 
     )
     assert "pearson" in found["correlation"] and all("screening" in runs[n] for n in found["names"])
     assert (tmp_path / "compare.html").is_file() and (tmp_path / "work" / "lora-r16-site2" / "results.jsonl").is_file()
+
+
+def test_every_model_command_takes_an_adapter_and_a_base_bank_is_not_the_adapted_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    adapter = str(default_adapters_dir() / "lora-r4")
+    listed = CliRunner().invoke(app, ["hooks", str(default_organism_dir()), "--adapter", adapter])
+    assert listed.exit_code == 0 and "blocks.2.hook_resid_post" in listed.output
+    bank = str(Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json")
+    for command in (
+        ["discover", "--out", str(tmp_path / "f.json")],
+        ["patch", "--features", "38", "--out", str(tmp_path / "p")],
+        ["trace", "--out", str(tmp_path / "t.json")],
+    ):
+        result = CliRunner().invoke(app, [*command, "--flipbank", bank, "--adapter", adapter])
+        assert result.exit_code == 2 and "with adapter 'lora-r4'" in result.output, (command, result.output)

@@ -107,7 +107,7 @@ def test_a_flipbank_from_another_model_is_refused(vlm: HookedVLM) -> None:
     from flipscope.data.flipbank import check_flipbank_model
 
     bank = load_flipbank(COMMITTED)
-    with pytest.raises(FlipscopeError, match=r"made by model 'default' \(fingerprint .*\), not by 'tiny-vlm'"):
+    with pytest.raises(FlipscopeError, match=r"made by another model: 'default' \(fingerprint .*\), not 'tiny-vlm'"):
         check_flipbank_model(bank, vlm)
     check_flipbank_model(bank, HookedVLM.from_pretrained(default_organism_dir()))
 

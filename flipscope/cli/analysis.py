@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import app, fmt, ints, load_model_and_sae, one_line_errors, writable
+from flipscope.cli.common import ADAPTER_HELP, app, fmt, ints, load_model_and_sae, one_line_errors, writable
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import num
@@ -33,6 +33,7 @@ def discover(
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.features.json beside the FlipBank)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Rank the SAE features that track the paraphrase framing behind the FlipBank's flips."""
     from flipscope.data.flipbank import load_flipbank
@@ -42,7 +43,7 @@ def discover(
         out = writable(out or flipbank.with_name(f"{flipbank.stem}.features.json"), folder=False)
         layer_ids = ints(layers, "--layers") if layers else None
         bank = load_flipbank(flipbank)
-        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
         if bad:
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
@@ -144,6 +145,7 @@ def patch(
     out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.patch/ beside the FlipBank)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
 
@@ -161,7 +163,7 @@ def patch(
         chosen = ints(features, "--features")
         swept = _feature_list(sweep) if sweep else None
         bank = load_flipbank(flipbank)
-        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
         result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
         out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +251,7 @@ def clamp(
     out: Path = typer.Option(..., help="Output folder; rerunning resumes."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
 
@@ -273,7 +276,7 @@ def clamp(
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
         loaded = load_questions(questions, images)
         bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
-        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device)
+        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         also = {}
         if bank is not None:
             hook = check_sae(dictionary, vlm)

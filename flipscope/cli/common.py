@@ -93,8 +93,11 @@ def check_dtype(dtype: str) -> None:
         raise FlipscopeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-def load_model(model: str | None, dtype: str, device: str):
-    """The model (default: the shipped organism)."""
+ADAPTER_HELP = "A PEFT (LoRA) adapter folder, merged into the model's weights."
+
+
+def load_model(model: str | None, dtype: str, device: str, adapter: Path | None = None):
+    """The model (default: the shipped organism), with `adapter` merged in if given."""
     import torch
 
     from flipscope.model.hooked import HookedVLM
@@ -102,15 +105,17 @@ def load_model(model: str | None, dtype: str, device: str):
 
     check_dtype(dtype)
     source = model if model is not None else str(default_organism_dir())
-    return HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device)
+    return HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device, adapter=adapter)
 
 
-def load_model_and_sae(model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str):
-    """The model (default: the shipped organism) and its SAE (default: MODEL/sae)."""
+def load_model_and_sae(
+    model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str, adapter: Path | None = None
+):
+    """The model (default: the shipped organism; `adapter` merged in) and its SAE (default: MODEL/sae)."""
     from flipscope.organism import default_organism_dir
     from flipscope.sae.load import load_sae
 
-    vlm = load_model(model, dtype, device)
+    vlm = load_model(model, dtype, device, adapter)
     source = model if model is not None else str(default_organism_dir())
     return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
 

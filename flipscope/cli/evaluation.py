@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import DTYPES, app, fmt, one_line_errors, writable
+from flipscope.cli.common import ADAPTER_HELP, DTYPES, app, fmt, one_line_errors, writable
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
@@ -14,12 +14,13 @@ from flipscope.errors import FlipscopeError
 @app.command()
 def hooks(
     model: str = typer.Argument(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """List the hook names of MODEL (the names SAE configs and run_with_cache use)."""
     from flipscope.model.hooked import HookedVLM
 
     try:
-        vlm = HookedVLM.from_pretrained(model)
+        vlm = HookedVLM.from_pretrained(model, adapter=adapter)
     except FlipscopeError as err:
         raise typer.BadParameter(str(err), param_hint="MODEL") from err
     for name in vlm.hook_dict:
@@ -54,7 +55,7 @@ def evaluate(
     shard: str | None = typer.Option(
         None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
     ),
-    adapter: Path | None = typer.Option(None, help="A PEFT (LoRA) adapter folder, merged into the model's weights."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Score every question and paraphrase under each image condition; print flips and quadrants."""
     import torch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import app, fmt, ints, load_model, one_line_errors, writable
+from flipscope.cli.common import ADAPTER_HELP, app, fmt, ints, load_model, one_line_errors, writable
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.claims import framing_entry
@@ -23,6 +23,7 @@ def trace(
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.trace.json beside the FlipBank)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Corrupt each flip's framing words and restore the clean run layer by layer, position group by
     group: where the framing enters, and which words carry it."""
@@ -32,7 +33,7 @@ def trace(
     with one_line_errors():
         path = writable(out or flipbank.with_name(f"{flipbank.stem}.trace.json"), folder=False)
         bank = load_flipbank(flipbank)
-        vlm = load_model(model, dtype, device)
+        vlm = load_model(model, dtype, device, adapter)
         layer_ids = ints(layers, "--layers") if layers else None
         bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
         if bad:

@@ -207,8 +207,12 @@ def check_flipbank_model(bank: Mapping[str, Any], model: Any, where: str = "Flip
     recorded = bank.get("source", {}).get("model", {})
     current = model.identity()
     if recorded.get("fingerprint") not in (None, current["fingerprint"]):
+
+        def name(identity: Mapping[str, Any]) -> str:
+            adapter = f" with adapter {identity['adapter']!r}" if identity.get("adapter") else ""
+            return f"{identity.get('name')!r}{adapter} (fingerprint {identity.get('fingerprint')})"
+
         raise FlipscopeError(
-            f"{where} was made by model {recorded.get('name')!r} (fingerprint {recorded.get('fingerprint')}), "
-            f"not by {current['name']!r} (fingerprint {current['fingerprint']}); curate a FlipBank for this model "
-            "with `flipscope evaluate` and `flipscope curate`"
+            f"{where} was made by another model: {name(recorded)}, not {name(current)}; curate a FlipBank for "
+            "this model with `flipscope evaluate` and `flipscope curate`"
         )
