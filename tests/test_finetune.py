@@ -137,3 +137,20 @@ def test_every_model_command_takes_an_adapter_and_a_base_bank_is_not_the_adapted
     ):
         result = CliRunner().invoke(app, [*command, "--flipbank", bank, "--adapter", adapter])
         assert result.exit_code == 2 and "with adapter 'lora-r4'" in result.output, (command, result.output)
+
+
+def test_a_base_store_never_resumes_into_an_adapted_run(organism, tmp_path: Path) -> None:
+    from flipscope.data.questions import load_questions
+    from flipscope.data.store import read_header
+    from flipscope.experiments.evaluation import EvalConfig, run_sweep
+
+    cfg = OrganismConfig.from_dict(organism[2]["config"])
+    questions = load_questions(export_questions(cfg, tmp_path / "q", n_films=1))
+    store = tmp_path / "run" / "results.jsonl"
+    run_sweep(organism[0], questions, EvalConfig(), store, progress=False)
+    tuned = HookedVLM.from_pretrained(default_organism_dir(), adapter=default_adapters_dir() / "lora-r4")
+    with pytest.raises(FlipscopeError, match=r"different run \(differs in \['model'\]\)"):
+        run_sweep(tuned, questions, EvalConfig(), store, progress=False)
+    adapted = tmp_path / "adapted" / "results.jsonl"
+    run_sweep(tuned, questions, EvalConfig(), adapted, progress=False)
+    assert read_header(adapted)["model"]["adapter"] == "lora-r4" and "adapter" not in read_header(store)["model"]
