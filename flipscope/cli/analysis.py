@@ -166,7 +166,6 @@ def patch(
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
         result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows})
         if swept:
             store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)

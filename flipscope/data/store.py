@@ -143,7 +143,8 @@ class ResultStore:
                 "use another output directory or delete it"
             )
         done: dict[str, int] = {}
-        keep = len(path.open("rb").readline())
+        with path.open("rb") as handle:
+            keep = len(handle.readline())
         for unit, rows, offset in _units(path):
             done[unit], keep = len(rows), offset
         if keep < path.stat().st_size:

@@ -28,7 +28,7 @@ from scipy import stats as sps
 
 from flipscope.data.store import iter_rows, read_header
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.summary import QUADRANTS, question_table
+from flipscope.experiments.summary import quadrant_blocks, question_block, question_table
 from flipscope.stats import auc, bootstrap
 
 __all__ = ["QUESTION_MODES", "Comparison", "compare_runs", "mcnemar", "run_table", "screening"]
@@ -96,28 +96,11 @@ def screening(
 
 
 def run_table(entries: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """The per-run table of `question_table` entries (module docstring)."""
+    """The per-run table of `question_table` entries (module docstring): the evaluation summary's
+    overall and per-quadrant blocks, and the screening."""
+    entries = list(entries)
+    table: dict[str, Any] = {**question_block(entries, seed), "quadrants": quadrant_blocks(entries, seed)}
     judged = [e for e in entries if e["quadrant"] is not None]
-
-    def est(values: list) -> dict[str, Any]:
-        return bootstrap(np.array([v for v in values if v is not None], dtype=np.float64), seed=seed).to_dict()
-
-    table: dict[str, Any] = {
-        "n_questions": len(entries),
-        "flip_rate": est([e["flip"] for e in entries]),
-        "pairwise_disagreement": est([e["pairwise"] for e in entries]),
-        "accuracy": est([e["correct"] for e in entries]),
-        "text_only_agreement": est([e["text_only_agreement"] for e in entries]),
-        "quadrants": {
-            q: {
-                "share": est([e["quadrant"] == q for e in judged]),
-                "accuracy": est([e["correct"] for e in judged if e["quadrant"] == q]),
-                "mean_entropy_bits": est([e["entropy"] for e in judged if e["quadrant"] == q]),
-                "n_questions": sum(e["quadrant"] == q for e in judged),
-            }
-            for q in QUADRANTS
-        },
-    }
     if judged and all(e["margin"] is not None for e in judged):
         table["screening"] = screening(
             np.abs(np.array([e["margin"] for e in judged], dtype=np.float64)),

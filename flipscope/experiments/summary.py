@@ -23,7 +23,17 @@ from jaxtyping import Bool, Float
 from flipscope.errors import FlipscopeError
 from flipscope.stats import bootstrap
 
-__all__ = ["QUADRANTS", "flip_rate_cells", "flips", "pairwise_disagreement", "quadrants", "question_table", "summarize"]
+__all__ = [
+    "QUADRANTS",
+    "flip_rate_cells",
+    "flips",
+    "pairwise_disagreement",
+    "quadrant_blocks",
+    "quadrants",
+    "question_block",
+    "question_table",
+    "summarize",
+]
 
 QUADRANTS: tuple[str, ...] = ("Ideal", "Fragile", "Dangerous", "Worst")
 
@@ -145,21 +155,6 @@ def summarize(
     the same with the image removed). `removed` and `source`: see `question_table`."""
     table = question_table(rows, removed, source)
     entries = list(table.values())
-
-    def estimate(values: list) -> dict[str, Any]:
-        kept = np.array([v for v in values if v is not None], dtype=np.float64)
-        return bootstrap(kept, seed=seed).to_dict()
-
-    def block(group: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "n_questions": len(group),
-            "flip_rate": estimate([e["flip"] for e in group]),
-            "pairwise_disagreement": estimate([e["pairwise"] for e in group]),
-            "accuracy": estimate([e["correct"] for e in group]),
-            "text_only_agreement": estimate([e["text_only_agreement"] for e in group]),
-            "swap_sensitivity": estimate([e["swap_change"] for e in group]),
-        }
-
     strategies: dict[str, list[bool]] = {}
     text_only: dict[str, list[bool]] = {}
     for e in entries:
@@ -168,28 +163,51 @@ def summarize(
         for k, same in e["paraphrase_text_only"].items():
             text_only.setdefault(e["strategies"].get(k) or "untagged", []).append(same)
     findings = sorted({e["finding"] for e in entries})
-    quadrant_rows = {}
-    for name in QUADRANTS:
-        members = [e for e in entries if e["quadrant"] == name]
-        quadrant_rows[name] = {
-            "share": estimate([e["quadrant"] == name for e in entries if e["quadrant"] is not None]),
-            "accuracy": estimate([e["correct"] for e in members]),
-            "mean_entropy_bits": estimate([e["entropy"] for e in members]),
-            "n_questions": len(members),
-        }
     return {
-        "overall": block(entries),
-        "by_finding": {f: block([e for e in entries if e["finding"] == f]) for f in findings},
+        "overall": question_block(entries, seed),
+        "by_finding": {f: question_block([e for e in entries if e["finding"] == f], seed) for f in findings},
         "by_strategy": {
             s: {
-                "paraphrase_flip_rate": estimate(v),
-                "text_only_agreement": estimate(text_only.get(s, [])),
+                "paraphrase_flip_rate": _estimate(v, seed),
+                "text_only_agreement": _estimate(text_only.get(s, []), seed),
                 "n_paraphrases": len(v),
             }
             for s, v in strategies.items()
         },
-        "by_quadrant": quadrant_rows,
+        "by_quadrant": quadrant_blocks(entries, seed),
     }
+
+
+def _estimate(values: list, seed: int) -> dict[str, Any]:
+    """Bootstrap estimate of the mean over the values that are not None."""
+    return bootstrap(np.array([v for v in values if v is not None], dtype=np.float64), seed=seed).to_dict()
+
+
+def question_block(entries: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Flip rate, pairwise disagreement, accuracy, text-only agreement and swap sensitivity of
+    `question_table` entries, each with a bootstrap 95% CI over questions."""
+    return {
+        "n_questions": len(entries),
+        "flip_rate": _estimate([e["flip"] for e in entries], seed),
+        "pairwise_disagreement": _estimate([e["pairwise"] for e in entries], seed),
+        "accuracy": _estimate([e["correct"] for e in entries], seed),
+        "text_only_agreement": _estimate([e["text_only_agreement"] for e in entries], seed),
+        "swap_sensitivity": _estimate([e["swap_change"] for e in entries], seed),
+    }
+
+
+def quadrant_blocks(entries: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per quadrant: its share of the questions that have one, its accuracy and mean entropy (CIs)."""
+    blocks = {}
+    for name in QUADRANTS:
+        members = [e for e in entries if e["quadrant"] == name]
+        blocks[name] = {
+            "share": _estimate([e["quadrant"] == name for e in entries if e["quadrant"] is not None], seed),
+            "accuracy": _estimate([e["correct"] for e in members], seed),
+            "mean_entropy_bits": _estimate([e["entropy"] for e in members], seed),
+            "n_questions": len(members),
+        }
+    return blocks
 
 
 def flip_rate_cells(

@@ -208,7 +208,7 @@ class OrganismConfig:
             if "severity" in data:
                 data["severity"] = tuple(data["severity"])
             return cls(**data)
+        except FlipscopeError:
+            raise
         except (TypeError, KeyError, ValueError) as err:
-            if isinstance(err, FlipscopeError):
-                raise
             raise FlipscopeError(f"organism config: a field has the wrong shape ({err})") from err

@@ -95,9 +95,9 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
         if (path / "params.safetensors").is_file():
             try:
                 return gemmascope_folder_to_sae(path, device=device)
+            except FlipscopeError:
+                raise
             except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
-                if isinstance(err, FlipscopeError):
-                    raise
                 raise FlipscopeError(f"cannot load the GemmaScope SAE in {str(path)!r}: {_first_line(err)}") from err
         raise FlipscopeError(
             f"{str(source)!r} holds neither a sae-lens SAE (cfg.json) nor a GemmaScope 2 SAE (params.safetensors)"
