@@ -7,7 +7,17 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, app, fmt, ints, load_model_and_sae, one_line_errors, writable
+from flipscope.cli.common import (
+    ADAPTER_HELP,
+    SHARD_HELP,
+    app,
+    echo_shard_done,
+    fmt,
+    ints,
+    load_model_and_sae,
+    one_line_errors,
+    writable,
+)
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import num
@@ -146,12 +156,15 @@ def patch(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    shard: str | None = typer.Option(None, help="The --sweep's part this process runs. " + SHARD_HELP),
 ) -> None:
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
 
     from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.experiments.patching import POSITIONS, patch_bank
+    from flipscope.experiments.sharded import run_sharded
     from flipscope.experiments.sweeps import patch_sweep
     from flipscope.sae.load import check_sae
 
@@ -162,16 +175,30 @@ def patch(
             raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
         chosen = ints(features, "--features")
         swept = _feature_list(sweep) if sweep else None
+        launch = resolve_shard(shard)
+        main = launch is None or launch.is_main
         bank = load_flipbank(flipbank)
+        device = launch.device(device) if launch is not None else device
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
-        result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
-        write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows})
+        if main:
+            result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
+            write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows})
+        path = None
         if swept:
-            store = patch_sweep(vlm, dictionary, bank, swept, out / "sweep.jsonl", pairs=pairs)
+            path = run_sharded(
+                lambda part, where: patch_sweep(vlm, dictionary, bank, swept, where, pairs=pairs, shard=part),
+                out / "sweep.jsonl",
+                launch,
+                manual_in_place=False,
+            )
+    if not main:
+        return
     _print_patch(result.summary, chosen, positions)
-    if swept:
-        _print_sweep(store.path, swept)
+    if swept and path is not None:
+        _print_sweep(path, swept)
+    elif swept:
+        echo_shard_done(launch, out)
     typer.echo(f"results: {out}")
 
 
@@ -251,6 +278,7 @@ def clamp(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    shard: str | None = typer.Option(None, help="The evaluations' part this process runs. " + SHARD_HELP),
 ) -> None:
     """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""
 
@@ -259,6 +287,7 @@ def clamp(
     from flipscope.experiments.clamping import compare_clamped
     from flipscope.experiments.discovery import diffmean_direction
     from flipscope.experiments.evaluation import EvalConfig
+    from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.interventions.edited import DirectionAblatedVLM
     from flipscope.sae.load import check_sae
@@ -273,8 +302,10 @@ def clamp(
         if not all(math.isfinite(v) for v in levels):
             raise FlipscopeError(f"--values {values!r}: every clamp value must be a finite number")
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
+        launch = resolve_shard(shard)
         loaded = load_questions(questions, images)
         bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
+        device = launch.device(device) if launch is not None else device
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
         also = {}
         if bank is not None:
@@ -282,8 +313,13 @@ def clamp(
             direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
             also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
         clamps = [{f: v for f in chosen} for v in levels]
-        report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also)
-        write_json(out / "clamp.json", report)
+        report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also, launch=launch)
+        if report is not None:
+            write_json(out / "clamp.json", report)
+    if report is None:
+        if launch is not None and launch.launcher != "torchrun":
+            echo_shard_done(launch, out)
+        return
     _print_comparison(report)
     typer.echo(f"results: {out / 'clamp.json'}")
 

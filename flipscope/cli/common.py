@@ -18,15 +18,19 @@ from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import fmt
 
 __all__ = [
+    "ADAPTER_HELP",
     "DTYPES",
+    "SHARD_HELP",
     "app",
     "check_dtype",
+    "echo_shard_done",
     "fmt",
     "ints",
     "load_model",
     "load_model_and_sae",
     "one_line_errors",
     "organism_app",
+    "shard_stores",
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names the --dtype options take
@@ -94,6 +98,40 @@ def check_dtype(dtype: str) -> None:
 
 
 ADAPTER_HELP = "A PEFT (LoRA) adapter folder, merged into the model's weights."
+SHARD_HELP = (
+    "This process's part of the work: K/N by hand, auto (from torchrun/accelerate RANK/WORLD_SIZE, a SLURM array "
+    "or srun tasks; the default under a launcher) or none. Launched shards go to OUT/shards/; torchrun's rank 0 "
+    "merges them, a SLURM array's are merged by rerunning the command without the array or by `flipscope merge OUT`."
+)
+
+
+def echo_shard_done(launch, out: Path) -> None:
+    """What to do after this process wrote its shard only."""
+    if launch.launcher == "manual":
+        typer.echo(f"shard {launch.rank}/{launch.world} done: {out}; join the shards with `flipscope merge`")
+    else:
+        typer.echo(
+            f"shard {launch.rank} of {launch.world} ({launch.launcher}) done under {out / 'shards'}; when all are "
+            f"done, rerun this command without the launcher (or `flipscope merge {out}`) to merge them"
+        )
+
+
+def shard_stores(folders: list[Path], name: str = "results.jsonl") -> list[Path]:
+    """The shard stores `flipscope merge` joins: FOLDER/results.jsonl of each `--shard K/N` run, or
+    every FOLDER/shards/K-of-N/results.jsonl a launch wrote under one --out."""
+    from flipscope.experiments.sharded import left_shards
+
+    stores: list[Path] = []
+    for folder in folders:
+        launched = left_shards(folder / name)
+        if launched:
+            missing = [str(p) for p in launched if not p.is_file()]
+            if missing:
+                raise FlipscopeError(f"shard(s) never started under {str(folder)!r}: {', '.join(missing)}")
+            stores += launched
+        else:
+            stores.append(folder / name)
+    return stores
 
 
 def load_model(model: str | None, dtype: str, device: str, adapter: Path | None = None):

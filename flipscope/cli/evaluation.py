@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, DTYPES, app, fmt, one_line_errors, writable
+from flipscope.cli.common import (
+    ADAPTER_HELP,
+    DTYPES,
+    SHARD_HELP,
+    app,
+    echo_shard_done,
+    fmt,
+    one_line_errors,
+    shard_stores,
+    writable,
+)
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
@@ -52,16 +62,16 @@ def evaluate(
         None,
         help="Condition that counts as 'image removed' for reliance: blank, none or swap (default: blank, else none).",
     ),
-    shard: str | None = typer.Option(
-        None, help="Run shard K/N of the questions only (one per GPU or array task); join with `flipscope merge`."
-    ),
+    shard: str | None = typer.Option(None, help=SHARD_HELP),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Score every question and paraphrase under each image condition; print flips and quadrants."""
     import torch
 
     from flipscope.data.questions import load_questions
-    from flipscope.experiments.evaluation import EvalConfig, parse_shard, run_sweep
+    from flipscope.experiments.evaluation import EvalConfig, run_sweep
+    from flipscope.experiments.launch import resolve_shard
+    from flipscope.experiments.sharded import run_sharded
     from flipscope.model.hooked import HookedVLM
 
     if dtype not in DTYPES:
@@ -75,14 +85,18 @@ def evaluate(
             generate_tokens=generate_tokens,
         )
         _check_answers(answers, generate_tokens, reliance, cfg.conditions)
-        part = parse_shard(shard) if shard else None
+        launch = resolve_shard(shard)
         loaded = load_questions(questions, images)
+        device = launch.device(device) if launch is not None else device
         vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device, adapter=adapter)
-        store = run_sweep(vlm, loaded, cfg, out / "results.jsonl", shard=part)
-    if part is not None:
-        typer.echo(f"shard {shard} done: {store.path}; join the shards with `flipscope merge`")
+        path = run_sharded(
+            lambda part, where: run_sweep(vlm, loaded, cfg, where, shard=part), out / "results.jsonl", launch
+        )
+    if path is None:
+        echo_shard_done(launch, out)
         return
-    _write_summary(store.path, out, reliance=reliance, source=answers)
+    if launch is None or launch.is_main:
+        _write_summary(path, out, reliance=reliance, source=answers)
 
 
 def _check_answers(answers: str, generate_tokens: int, reliance: str | None, conditions: tuple[str, ...]) -> None:
@@ -97,7 +111,9 @@ def _check_answers(answers: str, generate_tokens: int, reliance: str | None, con
 @app.command()
 def merge(
     shards: list[Path] = typer.Argument(
-        ..., help="Output directories of `flipscope evaluate --shard K/N`, all N of them."
+        ...,
+        help="Output folders of `flipscope evaluate --shard K/N`, all N of them, or the one --out of a launch "
+        "whose ranks or array tasks wrote its shards/ folder.",
     ),
     out: Path = typer.Option(..., help="Directory for the merged results.jsonl and summary.json."),
 ) -> None:
@@ -106,7 +122,7 @@ def merge(
 
     with one_line_errors():
         writable(out, folder=True)
-        store = merge_shards([d / "results.jsonl" for d in shards], out / "results.jsonl")
+        store = merge_shards(shard_stores(shards), out / "results.jsonl")
     _write_summary(store.path, out)
 
 

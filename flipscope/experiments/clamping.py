@@ -15,6 +15,8 @@ from flipscope.data.questions import Question
 from flipscope.data.store import iter_rows
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.launch import Launch
+from flipscope.experiments.sharded import run_sharded
 from flipscope.experiments.summary import question_table, summarize
 from flipscope.interventions.edited import ClampedVLM, EditedVLM
 from flipscope.model.hooked import HookedVLM
@@ -53,12 +55,16 @@ def compare_interventions(
     *,
     baseline_store: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+    launch: Launch | None = None,
+) -> dict[str, Any] | None:
     """Evaluate `vlm` as it is and under each named intervention on the same questions (stores
     under `out/baseline`, `out/<name>`, each resumable) and compare: every summary, and per
     intervention the paired change in flip rate, accuracy and text-only agreement against the
     baseline (bootstrap CI and McNemar's test over questions). `baseline_store` reuses an
     evaluation of the same questions and config already on disk (resumed, not recomputed).
+
+    Under a `launch`, each store is computed in shards (`run_sharded`); only the process that
+    holds every merged store (rank 0, or one process) gets the report, the others None.
 
     Returns:
         `{"baseline": summary, "interventions": [{"name", "description", "summary", "paired"}]}`.
@@ -68,13 +74,24 @@ def compare_interventions(
             raise FlipscopeError(f"intervention name {name!r}: use a nonempty folder name other than 'baseline'")
     cfg = cfg or EvalConfig(conditions=("image", "blank"))
     out = Path(out)
+
+    def sweep(model: Any, path: Path) -> Path | None:
+        def run(part: tuple[int, int] | None, where: Path) -> Any:
+            return run_sweep(model, questions, cfg, where, shard=part, progress=progress)
+
+        return run_sharded(run, path, launch, manual_in_place=False)
+
     base_path = Path(baseline_store) if baseline_store is not None else out / "baseline" / "results.jsonl"
-    base_path = run_sweep(vlm, questions, cfg, base_path, progress=progress).path
+    paths = {"baseline": sweep(vlm, base_path)}
+    paths.update({name: sweep(model, out / name / "results.jsonl") for name, model in interventions.items()})
+    if launch is not None and (None in paths.values() or not launch.is_main):
+        return None
+    base_path = paths["baseline"]
     base = question_table(iter_rows(base_path))
     ids = sorted(base)
     report: dict[str, Any] = {"baseline": summarize(iter_rows(base_path)), "interventions": []}
     for name, model in interventions.items():
-        path = run_sweep(model, questions, cfg, out / name / "results.jsonl", progress=progress).path
+        path = paths[name]
         table = question_table(iter_rows(path))
         paired = {
             measure: paired_difference([base[q][key] for q in ids], [table[q][key] for q in ids])
@@ -98,9 +115,12 @@ def compare_clamped(
     also: Mapping[str, EditedVLM] | None = None,
     baseline_store: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+    launch: Launch | None = None,
+) -> dict[str, Any] | None:
     """`compare_interventions` over one `ClampedVLM` per mapping in `clamps` (named `clamp-<k>`),
     plus any interventions in `also` (e.g. a DiffMean-direction ablation) reported beside them."""
     models: dict[str, EditedVLM] = {f"clamp-{k}": ClampedVLM(vlm, sae, v) for k, v in enumerate(clamps)}
     models.update(also or {})
-    return compare_interventions(vlm, questions, models, out, cfg, baseline_store=baseline_store, progress=progress)
+    return compare_interventions(
+        vlm, questions, models, out, cfg, baseline_store=baseline_store, progress=progress, launch=launch
+    )

@@ -41,19 +41,24 @@ def _sweep(
     rows_per_forward: int,
     progress: bool,
     desc: str,
+    shard: tuple[int, int] | None = None,
 ) -> ResultStore:
     """Run `n_variants` hooked variants of every case's paraphrase into a resumable store.
 
     Cases go in fixed chunks (so a resumed run recomputes whole chunks exactly as before) of
     about `rows_per_forward / n_variants` cases; `hooks_for(indices)` gives the hooks for the
-    chunk's case × variant rows, case-major.
+    chunk's case × variant rows, case-major. With `shard=(K, N)` only chunks K mod N are run
+    (`merge_shards` joins the N stores).
     """
     per_chunk = max(1, rows_per_forward // n_variants)
     header = {**header, "fast": fast, "cases_per_unit": per_chunk}
+    if shard is not None:
+        header["shard"] = list(shard)
     store = ResultStore.open(store_path, header)
     para_specs = pairs.paraphrase_specs()
     chunks = [list(range(i, min(i + per_chunk, len(pairs.cases)))) for i in range(0, len(pairs.cases), per_chunk)]
-    todo = [(k, chunk) for k, chunk in enumerate(chunks) if f"cases/{k}" not in store.done]
+    mine = [(k, chunk) for k, chunk in enumerate(chunks) if shard is None or k % shard[1] == shard[0]]
+    todo = [(k, chunk) for k, chunk in mine if f"cases/{k}" not in store.done]
     with store:
         for k, chunk in tqdm(todo, desc=desc, disable=not progress):
             chunk_specs = [para_specs[i] for i in chunk]
@@ -99,9 +104,11 @@ def patch_sweep(
     batch_size: int = 32,
     rows_per_forward: int = 1024,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> ResultStore:
     """Delta-only patch of each feature in `features` alone, on every case, into a resumable
-    store (one unit per case; rows carry `variant` = the feature).
+    store (one unit per chunk of cases; rows carry `variant` = the feature); `shard=(K, N)` runs
+    chunks K mod N only.
 
     With `fast`, each case's prompt runs once up to its last token and the last token once per
     feature on that cache (`score_last_token`); otherwise every variant is a full forward.
@@ -137,6 +144,7 @@ def patch_sweep(
         rows_per_forward=rows_per_forward,
         progress=progress,
         desc="feature sweep",
+        shard=shard,
     )
 
 
@@ -151,6 +159,7 @@ def layer_sweep(
     batch_size: int = 32,
     rows_per_forward: int = 1024,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> ResultStore:
     """Original-value patching at each layer's `hook_resid_post`, last position, on every case:
     where along the depth the original's state still undoes the flip (rows: `variant` = layer)."""
@@ -188,4 +197,5 @@ def layer_sweep(
         rows_per_forward=rows_per_forward,
         progress=progress,
         desc="layer sweep",
+        shard=shard,
     )
