@@ -295,12 +295,7 @@ def clamp(
     with one_line_errors():
         writable(out, folder=True)
         chosen = ints(features, "--features")
-        try:
-            levels = [float(v) for v in values.split(",")]
-        except ValueError as err:
-            raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
-        if not all(math.isfinite(v) for v in levels):
-            raise FlipscopeError(f"--values {values!r}: every clamp value must be a finite number")
+        levels = _clamp_values(values)
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
         launch = resolve_shard(shard)
         loaded = load_questions(questions, images)
@@ -322,6 +317,16 @@ def clamp(
         return
     _print_comparison(report)
     typer.echo(f"results: {out / 'clamp.json'}")
+
+
+def _clamp_values(values: str) -> list[float]:
+    try:
+        levels = [float(v) for v in values.split(",")]
+    except ValueError as err:
+        raise FlipscopeError(f"--values {values!r} is not a comma-separated list of numbers") from err
+    if not all(math.isfinite(v) for v in levels):
+        raise FlipscopeError(f"--values {values!r}: every clamp value must be a finite number")
+    return levels
 
 
 def _intervention_label(description: dict) -> str:

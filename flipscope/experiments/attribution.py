@@ -9,7 +9,8 @@ attributed features exactly and reports the rank agreement.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,26 @@ from flipscope.experiments.patching import patched_margins
 from flipscope.interventions.hooks import splice_features_hook
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import decoder_vectors
 
-__all__ = ["attribution_scores", "check_attribution", "direction_sign", "exact_ablation_effects"]
+__all__ = ["attribution_scores", "check_attribution", "direction_sign", "exact_ablation_effects", "frozen_weights"]
+
+
+@contextmanager
+def frozen_weights(vlm: VLM) -> Iterator[None]:
+    """No weight records a graph inside the block: the backward of attribution then starts at
+    the spliced-in features, so the vision tower and the layers before the SAE's hook keep no
+    activations for it (at MedGemma's 896-px tower, the difference between fitting and not)."""
+    module = vlm if isinstance(vlm, torch.nn.Module) else None
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.requires_grad_(True)
 
 
 def direction_sign(pairs: PairActivations) -> Float[Tensor, " case"]:
@@ -34,6 +52,7 @@ def direction_sign(pairs: PairActivations) -> Float[Tensor, " case"]:
     return torch.sign(pairs.margin_orig - pairs.margin_para)
 
 
+@images_once
 def attribution_scores(
     vlm: VLM,
     sae: Any,
@@ -60,7 +79,11 @@ def attribution_scores(
         stop = min(start + batch_size, n_flips)
         inputs = vlm.prompts.build(para_specs[start:stop])
         grabbed: dict[str, Tensor] = {}
-        with torch.enable_grad(), vlm.hooks(fwd_hooks=[(hook, splice_features_hook(sae, grabbed))]):
+        with (
+            frozen_weights(vlm),
+            torch.enable_grad(),
+            vlm.hooks(fwd_hooks=[(hook, splice_features_hook(sae, grabbed))]),
+        ):
             margin = yes_no_margin(vlm.last_logits(inputs), vlm.answer_tokens)
             (grad,) = torch.autograd.grad(margin.sum(), grabbed["features"])
         delta_patch = f_orig[start:stop] - grabbed["features"].detach()
@@ -68,6 +91,7 @@ def attribution_scores(
     return torch.cat(out).numpy()
 
 
+@images_once
 def exact_ablation_effects(
     vlm: VLM,
     sae: Any,

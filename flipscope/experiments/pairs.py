@@ -24,6 +24,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.answers import require_finite, yes_no_margin
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 
 __all__ = ["PairActivations", "bank_cases", "collect_pairs", "pair_specs"]
 
@@ -100,6 +101,7 @@ class PairActivations:
 
 
 @torch.no_grad()
+@images_once
 def collect_pairs(
     vlm: VLM,
     bank: Mapping[str, Any],

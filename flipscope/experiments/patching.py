@@ -35,6 +35,7 @@ from flipscope.experiments.pairs import PairActivations, collect_pairs, pair_spe
 from flipscope.interventions.hooks import replace_at_last, shift_features_hook, subtract_at_last
 from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features, decoder_vectors
 from flipscope.sae.load import check_sae
 from flipscope.stats import bootstrap, correlations
@@ -183,6 +184,7 @@ def _case_rows(pairs: PairActivations, m_patched: Tensor, m_control: Tensor | No
 
 
 @torch.no_grad()
+@images_once
 def patch_bank(
     vlm: VLM,
     sae: Any,

@@ -22,12 +22,14 @@ from flipscope.interventions.hooks import replace_at_last, subtract_at_last
 from flipscope.model.answers import require_finite
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features
 from flipscope.sae.load import check_sae
 
 __all__ = ["layer_sweep", "patch_sweep"]
 
 
+@images_once
 def _sweep(
     vlm: VLM,
     pairs: PairActivations,

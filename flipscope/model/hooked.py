@@ -34,6 +34,7 @@ from flipscope.model.hook_names import hook_sites
 from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
 from flipscope.model.loading import load_hf_vlm, merge_adapter
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
+from flipscope.model.vision_once import encode_images_once
 
 __all__ = ["Edit", "HookedVLM", "Positions"]
 
@@ -93,6 +94,7 @@ class HookedVLM(HookedRootModule):
         self.name_or_path = name_or_path
         self.adapter = adapter
         self._edit_depth = 0
+        self._images_once = 0
         self._hook_points: dict[str, SiteHookPoint] = {}
         for name, site in hook_sites(hf_model).items():
             point = SiteHookPoint(site)
@@ -267,12 +269,21 @@ class HookedVLM(HookedRootModule):
         """The HF model's forward on keyword arguments, with this model's edits on: the one call
         every path makes (the KV-cache paths pass `past_key_values`)."""
         with self._edits_on():
-            return self.hf_model(**kwargs)
+            return self.hf_model(**(encode_images_once(self, kwargs) if self._images_once else kwargs))
 
     def hf_hidden(self, **kwargs: Any) -> Any:
         """The HF base model's forward (no unembedding), with the edits on; see `unembed`."""
         with self._edits_on():
-            return self.hf_model.model(**kwargs)
+            return self.hf_model.model(**(encode_images_once(self, kwargs) if self._images_once else kwargs))
+
+    @contextmanager
+    def distinct_images(self) -> Iterator[HookedVLM]:
+        """Inside the block, each distinct image of a batch goes through the vision tower once."""
+        self._images_once += 1
+        try:
+            yield self
+        finally:
+            self._images_once -= 1
 
     def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""

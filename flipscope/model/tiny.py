@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -110,6 +111,12 @@ class TinyVLMConfig:
         perturb_norms: Draw RMSNorm gains at random instead of HF's zeros (= unit scale), so that
             tests notice a wrong (1 + w) convention; off for models that are then trained.
         seed: Seed for the random weights.
+        global_every: 0: every layer slides but the last; k: every k-th layer attends globally
+            (Gemma 3's 5:1), and the last always does, so a model cut short keeps both kinds.
+        query_pre_attn_scalar, rope_global, rope_local, rope_scaling, max_positions: Gemma 3
+            text-config values (0 / None: HF's defaults); `rope_scaling` is the linear factor of the
+            global layers' rotary positions (8 in Gemma 3 4B).
+        vision_heads, vision_d_mlp: SigLIP heads and MLP width (0: twice `vision_d_model`).
     """
 
     words: Sequence[str] = field(default_factory=tuple)
@@ -128,6 +135,14 @@ class TinyVLMConfig:
     vocab_size: int = 0
     perturb_norms: bool = True
     seed: int = 0
+    global_every: int = 0
+    query_pre_attn_scalar: int = 0
+    rope_global: float | None = None
+    rope_local: float | None = None
+    rope_scaling: float | None = None
+    max_positions: int = 512
+    vision_heads: int = 2
+    vision_d_mlp: int = 0
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -190,15 +205,37 @@ def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_imag
     )
 
 
-def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+def _layer_types(cfg: TinyVLMConfig) -> list[str]:
+    every = cfg.global_every or cfg.text_layers
+    kinds = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(cfg.text_layers)]
+    return [*kinds[:-1], "full_attention"]
+
+
+def _text_extras(cfg: TinyVLMConfig) -> dict[str, Any]:
+    """The Gemma 3 text-config values `cfg` sets beyond HF's defaults (none for the organisms)."""
+    extras: dict[str, Any] = {}
+    if cfg.query_pre_attn_scalar:
+        extras["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar
+    if cfg.rope_global is not None or cfg.rope_local is not None or cfg.rope_scaling is not None:
+        scaling = {"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
+        extras["rope_parameters"] = {
+            "full_attention": {**scaling, "rope_theta": cfg.rope_global or 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local or 10_000.0},
+        }
+    return extras
+
+
+def build_tiny_vlm(
+    cfg: TinyVLMConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """A randomly initialised Gemma 3 VLM and its processor.
 
     HF initialises the projector weight to zeros (so the model would ignore its image); it is
-    re-drawn here so the image reaches the language model.
+    re-drawn here so the image reaches the language model. `dtype`/`device` other than float32
+    on the CPU create the weights there directly (a MedGemma-sized model is never held twice).
     """
     processor = build_processor(cfg.words, image_size=cfg.image_size, mm_tokens_per_image=cfg.mm_tokens_per_image)
     tokenizer = processor.tokenizer
-    layer_types = ["sliding_attention"] * (cfg.text_layers - 1) + ["full_attention"]
     text_config = Gemma3TextConfig(
         vocab_size=max(len(tokenizer), cfg.vocab_size),
         hidden_size=cfg.d_model,
@@ -208,17 +245,18 @@ def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, 
         num_key_value_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim,
         sliding_window=cfg.sliding_window,
-        layer_types=layer_types,
-        max_position_embeddings=512,
+        layer_types=_layer_types(cfg),
+        max_position_embeddings=cfg.max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **_text_extras(cfg),
     )
     vision_config = SiglipVisionConfig(
         hidden_size=cfg.vision_d_model,
-        intermediate_size=2 * cfg.vision_d_model,
+        intermediate_size=cfg.vision_d_mlp or 2 * cfg.vision_d_model,
         num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         vision_use_head=False,
@@ -235,7 +273,11 @@ def build_tiny_vlm(cfg: TinyVLMConfig) -> tuple[Gemma3ForConditionalGeneration, 
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(cfg.seed)
-    model = Gemma3ForConditionalGeneration(config)
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        with torch.device(device):
+            model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, proj.shape[0] ** -0.5)

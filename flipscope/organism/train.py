@@ -71,9 +71,11 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# The model sizes, named alike in OrganismConfig and TinyVLMConfig.
+# The model sizes, named alike in OrganismConfig and TinyVLMConfig (the rest keep the tiny defaults).
 _SIZE_FIELDS = tuple(
-    f.name for f in fields(TinyVLMConfig) if f.name not in ("words", "vocab_size", "perturb_norms", "seed")
+    f.name
+    for f in fields(TinyVLMConfig)
+    if f.name in OrganismConfig.__dataclass_fields__ and f.name not in ("words", "vocab_size", "perturb_norms", "seed")
 )  # the organism's vocabulary is its own words
 
 

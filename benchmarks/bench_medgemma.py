@@ -1,0 +1,180 @@
+"""Every stage at MedGemma 4B's real shapes on CPU: peak memory and time per stage.
+
+A random model with MedGemma 4B's exact widths, heads, rotary and window settings, 262,208-token
+vocabulary and 896-px SigLIP-So400m tower (`flipscope.model.shapes`) at reduced depth, with its
+answer readout put at the decision boundary so paraphrases flip it, and a random GemmaScope 2
+SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
+by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
+wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
+ablation) → patch (with a --sweep) → clamp. Then, in this process, one film's margins on the
+shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
+bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
+Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flipscope.data.questions import load_questions
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.images import load_image
+from flipscope.model.shapes import centre_answer_readout, medgemma_4b_config, save_random_gemmascope_sae
+from flipscope.model.tiny import build_tiny_vlm, words_of
+from flipscope.organism import OrganismConfig, default_organism_dir, load_card
+from flipscope.organism.questions import export_questions
+
+STAGES = ("evaluate", "curate", "discover", "patch", "clamp")
+
+
+def _high_water_gb(pid: int) -> float | None:
+    """The process's own peak RSS so far (VmHWM: counted from its exec, unlike `ru_maxrss`,
+    which a child spawned from this large process would inherit)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss(command: list[str]) -> tuple[float, float]:
+    """Peak resident memory (GB) and wall time (s) of one process running `command`."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, _high_water_gb(process.pid) or 0.0)
+            time.sleep(0.02)
+        if process.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed:\n{err.read()[-3000:]}")
+    return peak, time.perf_counter() - start
+
+
+def build(folder: Path, questions: Path, depth: int) -> tuple[Path, Path]:
+    """The MedGemma-shaped model (answer readout centred on the organism's prompts) and its SAE."""
+    loaded = load_questions(questions)
+    words = words_of([p for q in loaded for p in q.prompts] + ["yes no"])
+    model, processor = build_tiny_vlm(medgemma_4b_config(words, depth=depth))
+    vlm = HookedVLM(model, processor)
+    film = load_image(loaded[0].image)
+    specs = [PromptSpec(question=p, image=film) for q in loaded[:2] for p in q.prompts]  # one film's 20 wordings
+    hidden: list[torch.Tensor] = []  # the final-norm states the unembedding reads, one per prompt
+    unembed = vlm.unembed
+    vlm.unembed = lambda h: (hidden.append(h.detach()), unembed(h))[1]  # type: ignore[method-assign]
+    with torch.no_grad():
+        vlm.score_shared_prefix(specs)  # the 896-px tower once
+    del vlm.unembed
+    tokens = vlm.answer_tokens
+    centre_answer_readout(model, tokens.yes_ids, tokens.no_ids, torch.cat(hidden))
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    sae = save_random_gemmascope_sae(folder / "sae", d_in=model.config.text_config.hidden_size, layer=depth // 2)
+    return folder / "model", sae
+
+
+def stage_commands(model: Path, sae: Path, questions: Path, work: Path, features: list[int]) -> dict[str, list[str]]:
+    bank = work / "bank" / "flipbank.json"
+    common = ["--model", str(model), "--sae", str(sae)]
+    top = ",".join(str(f) for f in features[:3])
+    first = top.split(",")[0]
+    small = ["--exact-top", "5", "--batch-size", "8"]  # 8 prompts at 896 px per forward
+    return {
+        "evaluate": ["evaluate", "--model", str(model), "--questions", str(questions), "--out", str(work / "eval")],
+        "curate": ["curate", "--results", str(work / "eval"), "--questions", str(questions), "--out", str(bank)],
+        "discover": ["discover", "--flipbank", str(bank), *common, *small, "--out", str(work / "f.json")],
+        "patch": ["patch", "--flipbank", str(bank), *common, "--features", top, "--sweep", top, "--out", str(work)],
+        "clamp": ["clamp", "--questions", str(questions), *common, "--features", first, "--out", str(work / "c")],
+    }  # fmt: skip
+
+
+def top_features(path: Path) -> list[int]:
+    table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
+    return [int(row["feature"]) for row in table[:3]]
+
+
+def precision(model: Path, questions: Path, dtypes: list[torch.dtype]) -> dict:
+    """Margins of one film's ten wordings and ten with the blank stand-in on plain batches and on
+    the shared-prefix path in each of `dtypes`, and each dtype's against float32."""
+    loaded = load_questions(questions)
+    film = load_image(loaded[0].image)
+    image = [PromptSpec(question=p, image=film) for p in loaded[0].prompts]
+    blank = [PromptSpec(question=p, condition="blank") for p in loaded[1].prompts]
+    margins, report = {}, {"n_prompts": len(image) + len(blank)}
+    for dtype in dtypes:
+        vlm = HookedVLM.from_pretrained(model, dtype=dtype)
+        with torch.no_grad(), vlm.distinct_images():  # whole prompts, the tower once per batch
+            batched = torch.cat([vlm.score(vlm.prompts.build(group)) for group in (image, blank)]).double()
+            prefix = torch.cat([vlm.score_shared_prefix(group) for group in (image, blank)]).double()
+        name = str(dtype).removeprefix("torch.")
+        margins[name] = batched
+        report[f"max_abs_prefix_vs_batched_{name}"] = float((prefix - batched).abs().max())
+        if name != "float32":
+            report[f"max_abs_{name}_vs_float32"] = float((batched - margins["float32"]).abs().max())
+            report[f"sign_agreement_{name}_vs_float32"] = float(
+                (torch.sign(batched) == torch.sign(margins["float32"])).double().mean()
+            )
+        del vlm
+    report["margin_sd_float32"] = float(margins["float32"].std())
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=2, help="decoder layers (MedGemma 4B: 34)")
+    parser.add_argument("--films", type=int, default=2, help="organism films; 4 questions × 10 wordings each")
+    parser.add_argument("--stages", default=",".join(STAGES), help="stages to run in order ('' for none)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also compare bfloat16 (needs a CPU with native bf16 matmuls)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/medgemma_shape.json"))
+    args = parser.parse_args()
+    flipscope = str(Path(shutil.which("flipscope") or Path(sys.executable).parent / "flipscope"))
+    cfg = OrganismConfig.from_dict(load_card(default_organism_dir())["config"])
+    report: dict = {"depth": args.depth, "machine": platform.machine(), "cpus": os.cpu_count(), "stages": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        questions = export_questions(cfg, work / "data", n_films=args.films)
+        start = time.perf_counter()
+        model, sae = build(work, questions, args.depth)
+        report["build_seconds"] = round(time.perf_counter() - start, 1)
+        config = json.loads((model / "config.json").read_text())
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "image_size")
+        report["model"] = {
+            k: v for part in ("text_config", "vision_config") for k, v in config[part].items() if k in keys
+        }
+        features: list[int] = []
+        for stage in [s for s in args.stages.split(",") if s]:
+            command = stage_commands(model, sae, questions, work, features)[stage]
+            gb, seconds = peak_rss([flipscope, *command])
+            report["stages"][stage] = {"peak_rss_gb": round(gb, 3), "seconds": round(seconds, 1)}
+            print(f"{stage:>9}: peak RSS {gb:6.2f} GB  {seconds:6.1f} s", flush=True)
+            if stage == "curate":
+                bank = json.loads((work / "bank" / "flipbank.json").read_text())
+                report["flipbank"] = {"flips": len(bank["flips"]), "controls": len(bank.get("controls", []))}
+            if stage == "discover":
+                features = top_features(work / "f.json")
+                report["top_features"] = features
+        dtypes = [torch.float32, torch.bfloat16] if args.bf16 else [torch.float32]
+        report["precision"] = precision(model, questions, dtypes)
+    print(json.dumps(report["precision"], indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
