@@ -102,6 +102,12 @@ def stage_commands(model: Path, sae: Path, questions: Path, work: Path, features
     }  # fmt: skip
 
 
+def shape_summary(config: dict) -> dict:
+    """The text and vision tower sizes of a Gemma 3 VLM config (as `config.json` holds it)."""
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size")
+    return {part: {k: v for k, v in config[f"{part}_config"].items() if k in keys} for part in ("text", "vision")}
+
+
 def top_features(path: Path) -> list[int]:
     table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
     return [int(row["feature"]) for row in table[:3]]
@@ -152,11 +158,7 @@ def main() -> None:
         start = time.perf_counter()
         model, sae = build(work, questions, args.depth)
         report["build_seconds"] = round(time.perf_counter() - start, 1)
-        config = json.loads((model / "config.json").read_text())
-        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "image_size")
-        report["model"] = {
-            k: v for part in ("text_config", "vision_config") for k, v in config[part].items() if k in keys
-        }
+        report["model"] = shape_summary(json.loads((model / "config.json").read_text()))
         features: list[int] = []
         for stage in [s for s in args.stages.split(",") if s]:
             command = stage_commands(model, sae, questions, work, features)[stage]

@@ -131,8 +131,9 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["model"]["hidden_size"] == 2560 and report["model"]["vocab_size"] == 262_208
-    assert report["model"]["image_size"] == 896 and report["model"]["num_hidden_layers"] == 2
+    text, vision = report["model"]["text"], report["model"]["vision"]
+    assert (text["hidden_size"], text["vocab_size"], text["num_hidden_layers"]) == (2560, 262_208, 2)
+    assert (vision["hidden_size"], vision["image_size"], vision["num_hidden_layers"]) == (1152, 896, 2)
     assert list(report["stages"]) == ["evaluate", "curate", "discover", "patch", "clamp"]
     assert all(s["peak_rss_gb"] > 1.0 for s in report["stages"].values() if s is not report["stages"]["curate"])
     assert report["flipbank"]["flips"] > 0
