@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flipscope.experiments.attribution import frozen_weights
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.interventions.hooks import splice_features_hook
 from flipscope.model import HookedVLM, PromptSpec
@@ -203,7 +204,11 @@ def attribution_memory(vlm: HookedVLM, sae, specs: list[PromptSpec], sizes: list
         with meter.measure():
             grabbed: dict = {}
             inputs = vlm.prompts.build(batch)
-            with torch.enable_grad(), vlm.hooks(fwd_hooks=[(hook, splice_features_hook(sae, grabbed))]):
+            with (
+                frozen_weights(vlm),  # as attribution_scores runs it
+                torch.enable_grad(),
+                vlm.hooks(fwd_hooks=[(hook, splice_features_hook(sae, grabbed))]),
+            ):
                 margin = yes_no_margin(vlm.last_logits(inputs), vlm.answer_tokens)
                 torch.autograd.grad(margin.sum(), grabbed["features"])
         seconds = time.perf_counter() - start

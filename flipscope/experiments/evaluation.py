@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from flipscope.data.questions import Question
 from flipscope.data.store import ResultStore
 from flipscope.errors import FlipscopeError, problems_error
+from flipscope.experiments.launch import parse_shard
 from flipscope.model.answers import binary_entropy, p_yes, parse_answer, require_finite
 from flipscope.model.images import BlankSpec, load_image
 from flipscope.model.kv import Prefix
@@ -189,17 +190,6 @@ def _by_image(questions: Sequence[Question], swaps: dict[str, Path] | None) -> d
         groups.setdefault(image, []).extend(range(start, start + len(q.prompts)))
         start += len(q.prompts)
     return groups
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`"K/N"` → (K, N) with 0 ≤ K < N."""
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError as err:
-        raise FlipscopeError(f"shard {text!r} is not K/N (e.g. 0/4)") from err
-    if not 0 <= k < n:
-        raise FlipscopeError(f"shard {text!r}: expected 0 <= K < N")
-    return k, n
 
 
 def unit_order(conditions: Sequence[str], n_questions: int, questions_per_unit: int) -> list[tuple[str, int]]:

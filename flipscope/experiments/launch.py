@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["Launch", "detect_launch", "resolve_shard"]
+__all__ = ["Launch", "detect_launch", "parse_shard", "resolve_shard"]
 
 LAUNCHER_VARIABLES = (
     "RANK/WORLD_SIZE (torchrun, accelerate), SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or SLURM_PROCID/SLURM_NTASKS"
@@ -103,6 +103,17 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch | None:
     return None
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"K/N"` → (K, N) with 0 ≤ K < N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError as err:
+        raise FlipscopeError(f"--shard {text!r} is not K/N (e.g. 0/4), auto or none") from err
+    if not 0 <= k < n:
+        raise FlipscopeError(f"--shard {text!r}: expected 0 <= K < N")
+    return k, n
+
+
 def resolve_shard(option: str | None, env: Mapping[str, str] | None = None) -> Launch | None:
     """What `--shard` means here: `K/N` by hand, `auto` from the launcher (an error outside one),
     `none` this process does everything; unset is `auto` under a launcher of more than one process."""
@@ -113,10 +124,5 @@ def resolve_shard(option: str | None, env: Mapping[str, str] | None = None) -> L
         return launch if launch is not None and launch.world > 1 else None
     if option == "none":
         return None
-    try:
-        k, n = (int(part) for part in option.split("/"))
-    except ValueError as err:
-        raise FlipscopeError(f"--shard {option!r} is not K/N (e.g. 0/4), auto or none") from err
-    if not 0 <= k < n:
-        raise FlipscopeError(f"--shard {option!r}: expected 0 <= K < N")
+    k, n = parse_shard(option)
     return Launch(rank=k, world=n, launcher="manual")
