@@ -187,10 +187,10 @@ def test_load_errors_are_one_line(tmp_path: Path, tiny_dir: Path) -> None:
         HookedVLM.from_pretrained(tmp_path / "missing")
     with pytest.raises(FlipscopeError, match="hf auth login"):
         HookedVLM.from_pretrained("google/medgemma-4b-it")
-    not_vlm = tmp_path / "text-only"
+    not_vlm = tmp_path / "encoder"
     not_vlm.mkdir()
-    (not_vlm / "config.json").write_text('{"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}')
-    with pytest.raises(FlipscopeError, match="expected 'gemma3'"):
+    (not_vlm / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(FlipscopeError, match="model_type 'bert' is not a family flipscope runs.*--model-adapter"):
         HookedVLM.from_pretrained(not_vlm)
 
 

@@ -98,6 +98,10 @@ def check_dtype(dtype: str) -> None:
 
 
 ADAPTER_HELP = "A PEFT (LoRA) adapter folder, merged into the model's weights."
+FAMILY_HELP = (
+    "Model family (gemma3, gemma3_text, llava, qwen2_5_vl, generic; `flipscope families`); default: from the "
+    "config's model_type."
+)
 SHARD_HELP = (
     "This process's part of the work: K/N by hand, auto (from torchrun/accelerate RANK/WORLD_SIZE, a SLURM array "
     "or srun tasks; the default under a launcher) or none. Launched shards go to OUT/shards/; torchrun's rank 0 "

@@ -9,6 +9,7 @@ import typer
 from flipscope.cli.common import (
     ADAPTER_HELP,
     DTYPES,
+    FAMILY_HELP,
     SHARD_HELP,
     app,
     echo_shard_done,
@@ -25,12 +26,13 @@ from flipscope.errors import FlipscopeError
 def hooks(
     model: str = typer.Argument(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    family: str | None = typer.Option(None, help=FAMILY_HELP),
 ) -> None:
     """List the hook names of MODEL (the names SAE configs and run_with_cache use)."""
     from flipscope.model.hooked import HookedVLM
 
     try:
-        vlm = HookedVLM.from_pretrained(model, adapter=adapter)
+        vlm = HookedVLM.from_pretrained(model, adapter=adapter, family=family)
     except FlipscopeError as err:
         raise typer.BadParameter(str(err), param_hint="MODEL") from err
     for name in vlm.hook_dict:

@@ -146,7 +146,7 @@ def check_prompt_lengths(questions: Sequence[Question], builder: PromptBuilder, 
     if context is None:
         return
     before, after = builder.template_lengths(with_image=True)
-    tokenizer = builder.processor.tokenizer
+    tokenizer = builder.tokenizer
     problems = []
     for q in questions:
         lengths = [len(ids) for ids in tokenizer(list(q.prompts), add_special_tokens=False)["input_ids"]]
@@ -172,6 +172,12 @@ def _identity(cfg: EvalConfig) -> dict[str, Any]:
     """The config fields that change results (not `batch_size`: a rerun after an out-of-memory
     error may lower it; a unit's margins then differ only in float rounding, ~1e-6)."""
     return {k: v for k, v in cfg.to_dict().items() if k != "batch_size"}
+
+
+def _builder(model: Any) -> PromptBuilder:
+    """The model's own prompt builder (family-aware), or one over its processor."""
+    prompts = getattr(model, "prompts", None)
+    return prompts if isinstance(prompts, PromptBuilder) else PromptBuilder(model.processor)
 
 
 def _model_identity(model: Any) -> dict[str, Any]:
@@ -304,8 +310,13 @@ def run_sweep(
     whose index is K modulo N are run (one shard per GPU or array task); `merge_shards` joins the
     N stores into the store a single process writes.
     """
-    fast = cfg.fast and hasattr(model, "score_shared_prefix")
-    builder = PromptBuilder(model.processor, blank=BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
+    off = (
+        getattr(model, "fast_path_off", None)
+        if hasattr(model, "score_shared_prefix")
+        else "the model has no KV-cache path"
+    )
+    fast = cfg.fast and off is None
+    builder = _builder(model).with_blank(BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
     check_prompt_lengths(questions, builder, getattr(model, "context_length", None))
     images = image_digests(questions)
     header = {
@@ -317,6 +328,8 @@ def run_sweep(
         "shard": list(shard) if shard is not None else None,
         "path": "shared-prefix" if fast else "batched",
     }
+    if cfg.fast and not fast:
+        header["path_reason"] = off
     logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
     scorer = _UnitScorer(model, builder, cfg, fast)

@@ -21,6 +21,8 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
+from flipscope.model.families import final_norm_gain
+from flipscope.model.families.sites import find_language_model
 from flipscope.model.hooked import HookedVLM
 
 __all__ = ["alignment_threshold", "answer_alignment", "answer_direction"]
@@ -31,9 +33,9 @@ def answer_direction(vlm: HookedVLM) -> Float[Tensor, " d_model"]:
     """Unit vector in the residual stream (the final norm's input) that raises the yes-minus-no
     margin fastest, to first order (see the module docstring)."""
     tokens = vlm.answer_tokens
-    w_u = vlm.hf_model.lm_head.weight.detach().float()
+    w_u = vlm.hf_model.get_output_embeddings().weight.detach().float()
     readout = w_u[list(tokens.yes_ids)].mean(0) - w_u[list(tokens.no_ids)].mean(0)
-    gain = 1.0 + vlm.hf_model.model.language_model.norm.weight.detach().float()
+    gain = final_norm_gain(find_language_model(vlm.hf_model).norm)
     direction = gain * readout
     return direction / direction.norm()
 

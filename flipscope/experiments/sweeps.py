@@ -53,6 +53,7 @@ def _sweep(
     (`merge_shards` joins the N stores).
     """
     per_chunk = max(1, rows_per_forward // n_variants)
+    fast = fast and getattr(vlm, "fast_path_off", None) is None
     header = {**header, "fast": fast, "cases_per_unit": per_chunk}
     if shard is not None:
         header["shard"] = list(shard)

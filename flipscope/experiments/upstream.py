@@ -133,7 +133,7 @@ def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec]
     """Per row: each framing word's token mask (words with no token left out), and the masks of
     the three `GROUPS`."""
     question = vlm.prompts.question_mask(specs, inputs)
-    tokenizer = vlm.processor.tokenizer
+    tokenizer = vlm.prompts.tokenizer
     word_masks = []
     for row, case in enumerate(cases):
         positions = torch.nonzero(question[row]).flatten()

@@ -1,8 +1,9 @@
-"""`HookedVLM`: TransformerLens-style hooks on the real HF Gemma 3 VLM.
+"""`HookedVLM`: TransformerLens-style hooks on a real HF model of any family.
 
-`HookedVLM` is a `transformer_lens.HookedRootModule` around an unmodified HF
-`Gemma3ForConditionalGeneration` (MedGemma 4B or any Gemma 3 VLM). Each hook name of
-`flipscope.model.hook_names` is a `HookPoint`; a torch hook on the HF module that the table names
+`HookedVLM` is a `transformer_lens.HookedRootModule` around an unmodified HF model of a family in
+`flipscope.model.families` (`Gemma3ForConditionalGeneration` for MedGemma 4B, `Gemma3ForCausalLM`,
+LLaVA, Qwen2.5-VL, or any image-text-to-text model). Each hook name of the family's table is a
+`HookPoint`; a torch hook on the HF module that the table names
 calls the `HookPoint` — and that torch hook exists only while the `HookPoint` has hooks, so an
 unhooked forward is the plain HF forward (same kernels, sdpa attention, bit-identical logits)
 and a hooked one pays only for the sites it uses.
@@ -10,14 +11,12 @@ and a hooked one pays only for the sites it uses.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +24,13 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformers import Gemma3ForConditionalGeneration
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import kv
 from flipscope.model.answers import AnswerTokens, yes_no_margin
-from flipscope.model.hook_names import hook_sites
+from flipscope.model.families import Family, family_of
 from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
+from flipscope.model.identity import model_identity
 from flipscope.model.loading import load_hf_vlm, merge_adapter
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 from flipscope.model.vision_once import encode_images_once
@@ -61,7 +60,7 @@ class Edit:
 
 
 class HookedVLM(HookedRootModule):
-    """A Gemma 3 VLM with TransformerLens hook points and yes/no scoring.
+    """A VLM (or text model) with TransformerLens hook points and yes/no scoring.
 
     Every forward — `forward`, `score`, `generate`, the caches and the KV-cache paths of
     `flipscope.model.kv` — runs through `hf_forward`, which applies the model's `edits` exactly
@@ -70,7 +69,8 @@ class HookedVLM(HookedRootModule):
 
     Attributes:
         hf_model: The wrapped HF model (never modified).
-        processor: Its processor (tokenizer, image processor, chat template).
+        processor: Its processor (tokenizer, image processor, chat template), or its tokenizer.
+        family: Its `Family` (hook table, forward arguments, fast-path soundness).
         prompts: A `PromptBuilder` over the processor.
         name_or_path: Where it was loaded from, for result files.
         adapter: The PEFT adapter merged into the weights at load, if any (its folder).
@@ -79,9 +79,10 @@ class HookedVLM(HookedRootModule):
 
     def __init__(
         self,
-        hf_model: Gemma3ForConditionalGeneration,
+        hf_model: nn.Module,
         processor: Any,
         *,
+        family: Family | None = None,
         name_or_path: str = "",
         adapter: str | None = None,
         edits: Sequence[Edit] = (),
@@ -90,13 +91,14 @@ class HookedVLM(HookedRootModule):
         super().__init__()
         self.hf_model = hf_model
         self.processor = processor
+        self.family = family if family is not None else family_of(hf_model.config)
         self.prompts = prompts if prompts is not None else PromptBuilder(processor)
         self.name_or_path = name_or_path
         self.adapter = adapter
         self._edit_depth = 0
         self._images_once = 0
         self._hook_points: dict[str, SiteHookPoint] = {}
-        for name, site in hook_sites(hf_model).items():
+        for name, site in self.family.sites(hf_model).items():
             point = SiteHookPoint(site)
             *parents, leaf = name.split(".")
             node: nn.Module = self
@@ -123,6 +125,7 @@ class HookedVLM(HookedRootModule):
         return {
             "hf_model": self.hf_model,
             "processor": self.processor,
+            "family": self.family,
             "name_or_path": self.name_or_path,
             "adapter": self.adapter,
             "edits": (*self.edits, *edits),
@@ -148,33 +151,39 @@ class HookedVLM(HookedRootModule):
         device: str | torch.device = "cpu",
         attn_implementation: str | None = None,
         adapter: str | os.PathLike[str] | None = None,
+        family: str | None = None,
     ) -> HookedVLM:
-        """Load a Gemma 3 VLM and its processor by hub id (e.g. `google/medgemma-4b-it`) or local dir.
+        """Load a model and its processor by hub id (e.g. `google/medgemma-4b-it`) or local dir.
 
         Weights are read from safetensors only and no remote code is run. `attn_implementation`
         stays HF's default (sdpa) unless given. `adapter`: a PEFT (LoRA) adapter folder, merged
         into the weights, so every hook and path works on the fine-tuned model unchanged.
+        `family`: force a family (`flipscope.model.families`; default: from `config.model_type`).
 
         Raises:
-            FlipscopeError: the directory or hub model cannot be loaded, or is not a Gemma 3 VLM.
+            FlipscopeError: the directory or hub model cannot be loaded, or is of no family.
         """
-        hf_model, processor = load_hf_vlm(
-            name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation
+        hf_model, processor, chosen = load_hf_vlm(
+            name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation, family=family
         )
         if adapter is not None:
             hf_model = merge_adapter(hf_model, adapter)
-        return cls(
-            hf_model, processor, name_or_path=str(name_or_path), adapter=None if adapter is None else str(adapter)
-        )
+        adapter_name = None if adapter is None else str(adapter)
+        return cls(hf_model, processor, family=chosen, name_or_path=str(name_or_path), adapter=adapter_name)
 
     # ----------------------------------------------------------------------------------- facts
     @property
     def n_layers(self) -> int:
-        return int(self.hf_model.config.text_config.num_hidden_layers)
+        return int(self.hf_model.config.get_text_config().num_hidden_layers)
 
     @property
     def d_model(self) -> int:
-        return int(self.hf_model.config.text_config.hidden_size)
+        return int(self.hf_model.config.get_text_config().hidden_size)
+
+    @property
+    def fast_path_off(self) -> str | None:
+        """Why the KV-cache fast paths are unsound for this model's family (None: they are used)."""
+        return self.family.fast_path_off
 
     @property
     def device(self) -> torch.device:
@@ -183,44 +192,21 @@ class HookedVLM(HookedRootModule):
     @property
     def context_length(self) -> int:
         """Longest sequence the language model takes (`max_position_embeddings`)."""
-        return int(self.hf_model.config.text_config.max_position_embeddings)
+        return int(self.hf_model.config.get_text_config().max_position_embeddings)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
     def identity(self) -> dict[str, Any]:
-        """Which model produced a result: its name (hub id or folder name), size, a weight
-        fingerprint and what its edits are (one edit's description merged in, several as a list
-        under `edits`), so results (evaluation stores, FlipBanks) can be checked against a model.
-
-        The fingerprint hashes the first 64 values of every parameter rounded to bfloat16, so a
-        float32 and a bfloat16 load of one checkpoint agree, on any device.
-        """
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for name, param in self.hf_model.named_parameters():
-                head = param.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).to(torch.float32)
-                digest.update(name.encode() + str(tuple(param.shape)).encode() + head.numpy().tobytes())
-        local = Path(self.name_or_path).expanduser()
-        identity = {
-            "name": local.resolve().name if local.exists() else self.name_or_path,
-            "architecture": type(self.hf_model).__name__,
-            "n_params": sum(p.numel() for p in self.hf_model.parameters()),
-            "fingerprint": digest.hexdigest()[:16],
-        }
-        if self.adapter is not None:
-            identity["adapter"] = Path(self.adapter).expanduser().resolve().name
-        if len(self.edits) == 1:
-            identity.update(self.edits[0].description)
-        elif self.edits:
-            identity["edits"] = [dict(edit.description) for edit in self.edits]
-        return identity
+        """Which model produced a result (`flipscope.model.identity.model_identity`): name, family,
+        size, a weight fingerprint, adapter and edits, so result files can be checked against a model."""
+        return model_identity(self)
 
     @cached_property
     def answer_tokens(self) -> AnswerTokens:
         """Yes/no token ids of this model's tokenizer (see `flipscope.model.answers`)."""
-        return AnswerTokens.from_tokenizer(self.processor.tokenizer)
+        return AnswerTokens.from_tokenizer(self.prompts.tokenizer)
 
     # ----------------------------------------------------------------------------------- hooks
     def check_hook_name(self, name: str) -> None:
@@ -269,12 +255,18 @@ class HookedVLM(HookedRootModule):
         """The HF model's forward on keyword arguments, with this model's edits on: the one call
         every path makes (the KV-cache paths pass `past_key_values`)."""
         with self._edits_on():
-            return self.hf_model(**(encode_images_once(self, kwargs) if self._images_once else kwargs))
+            return self.hf_model(**self._hf_kwargs(kwargs))
 
     def hf_hidden(self, **kwargs: Any) -> Any:
         """The HF base model's forward (no unembedding), with the edits on; see `unembed`."""
         with self._edits_on():
-            return self.hf_model.model(**(encode_images_once(self, kwargs) if self._images_once else kwargs))
+            return self.hf_model.model(**self._hf_kwargs(kwargs))
+
+    def _hf_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """flipscope's forward arguments as the family's forward takes them (each distinct image
+        encoded once inside `distinct_images`, where the family allows it)."""
+        kwargs = self.family.forward_kwargs(self.hf_model, kwargs)
+        return encode_images_once(self, kwargs) if self._images_once and self.family.images_once else kwargs
 
     @contextmanager
     def distinct_images(self) -> Iterator[HookedVLM]:
@@ -287,7 +279,7 @@ class HookedVLM(HookedRootModule):
 
     def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""
-        return self.hf_model.lm_head(hidden)
+        return self.hf_model.get_output_embeddings()(hidden)
 
     # ----------------------------------------------------------------------------------- running
     @staticmethod
@@ -372,10 +364,11 @@ class HookedVLM(HookedRootModule):
         """Greedy answers as text, with any active hooks firing at every step."""
         kwargs = self._kwargs(inputs)
         kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
+        kwargs = {k: v for k, v in self.family.forward_kwargs(self.hf_model, kwargs).items() if k != "position_ids"}
         prompt_len = kwargs["input_ids"].shape[1]
         with self._edits_on():
             out = self.hf_model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return self.prompts.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
 
     # ----------------------------------------------------------------------------------- KV-cache paths
     def run_prefix(self, spec: PromptSpec, *, builder: PromptBuilder | None = None) -> kv.Prefix:

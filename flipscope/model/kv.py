@@ -50,9 +50,8 @@ class Prefix:
 def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int | None = None) -> Prefix:
     """Run the first `length` tokens of `spec` (default: the template prefix; its image
     included) once, keeping their key/value cache."""
-    with_image = spec.condition != "none"
-    length = template_prefix_length(builder, with_image) if length is None else length
-    row = builder.text_tokens(spec.question, with_image)
+    length = builder.prefix_length(spec) if length is None else length
+    row = builder.tokens(spec)
     device = model.device
     ids = row["input_ids"].reshape(-1)[:length].unsqueeze(0).to(device)
     kwargs = {
@@ -63,7 +62,9 @@ def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int
     }
     image = builder.image_for(spec)
     if image is not None:
-        kwargs["pixel_values"] = builder.pixel_values([image]).to(device=device, dtype=model.dtype)
+        vision = builder.image_inputs([image])
+        kwargs["pixel_values"] = vision.pop("pixel_values").to(device=device, dtype=model.dtype)
+        kwargs.update({k: v.to(device) for k, v in vision.items()})
     return Prefix(model.hf_hidden(**kwargs).past_key_values, length)
 
 
@@ -83,10 +84,9 @@ def score_shared_prefix(
     conditions = {s.condition for s in specs}
     if len(conditions) != 1:
         raise FlipscopeError(f"prompts sharing a prefix must share one image condition, got {sorted(conditions)}")
-    with_image = specs[0].condition != "none"
     prefix = prefix or run_prefix(model, builder, specs[0])
-    ids = [builder.text_tokens(s.question, with_image)["input_ids"].reshape(-1) for s in specs]
-    pad = int(builder.processor.tokenizer.pad_token_id)
+    ids = [builder.tokens(s)["input_ids"].reshape(-1) for s in specs]
+    pad = int(builder.tokenizer.pad_token_id)
     margins = [
         _score_suffixes(model, prefix, [s[prefix.length :] for s in ids[i : i + batch_size]], pad)
         for i in range(0, len(ids), batch_size)
@@ -139,6 +139,7 @@ def score_last_token(
     prefix = {k: v.to(device) for k, v in prefix.items()}
     if inputs.pixel_values is not None:
         prefix["pixel_values"] = inputs.pixel_values.to(device=device, dtype=model.dtype)
+        prefix.update({k: v.to(device) for k, v in inputs.extra.items()})
     cache = model.hf_hidden(**prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(n_variants)
 

@@ -1,4 +1,4 @@
-"""Loading a Gemma 3 VLM and its processor from the hub or a local folder, safely and with clear errors."""
+"""Loading a model of any family and its processor from the hub or a local folder, safely and with clear errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration
+from torch import nn
+from transformers import AutoConfig
 
 from flipscope.errors import FlipscopeError
+from flipscope.model.families import Family, family_of
 
 __all__ = ["check_device", "load_hf_vlm", "merge_adapter"]
 
@@ -23,12 +26,14 @@ def load_hf_vlm(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
-) -> tuple[Gemma3ForConditionalGeneration, Any]:
-    """The HF model (in eval mode, on `device`) and processor of a Gemma 3 VLM: safetensors only,
-    no remote code, HF's default attention (sdpa) unless `attn_implementation` says otherwise.
+    family: str | None = None,
+) -> tuple[nn.Module, Any, Family]:
+    """The HF model (in eval mode, on `device`), processor and family of a checkpoint: safetensors
+    only, no remote code, HF's default attention (sdpa) unless `attn_implementation` says otherwise.
+    The family comes from `config.model_type` unless `family` names one.
 
     Raises:
-        FlipscopeError: the directory or hub model cannot be loaded, or is not a Gemma 3 VLM.
+        FlipscopeError: the directory or hub model cannot be loaded, or is of no family flipscope runs.
     """
     source = str(name_or_path)
     local = Path(source).expanduser()
@@ -42,38 +47,44 @@ def load_hf_vlm(
         raise FlipscopeError(_hub_help(source, err)) from err
     except ValueError as err:  # e.g. an unknown model type
         raise FlipscopeError(f"model {source!r}: {_first_line(err)}") from err
-    if getattr(config, "model_type", None) != "gemma3":
-        raise FlipscopeError(
-            f"model {source!r} has model_type {getattr(config, 'model_type', None)!r}; "
-            "expected 'gemma3' (a Gemma3ForConditionalGeneration such as MedGemma 4B)"
-        )
-    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
-        hf_model = Gemma3ForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=False, **extra
-        )
-    except OSError as err:
-        raise FlipscopeError(_hub_help(source, err) if not is_local else _weights_help(source, err)) from err
-    except (SafetensorError, RuntimeError, ValueError, KeyError) as err:  # truncated file, shapes not the config's
-        raise FlipscopeError(_weights_help(source, err)) from err
+        chosen = family_of(config, family)
+    except FlipscopeError as err:
+        raise FlipscopeError(f"model {source!r}: {err}") from err
+    hf_model = _load_weights(source, chosen, is_local, dtype=dtype, attn_implementation=attn_implementation)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        processor = chosen.processor(source)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise FlipscopeError(
             f"model {source!r} has no usable processor or tokenizer ({_first_line(err)}); expected "
             "tokenizer.json (or tokenizer.model), tokenizer_config.json and processor_config.json beside "
             "config.json, as `processor.save_pretrained(folder)` writes them"
         ) from err
-    if getattr(processor, "tokenizer", None) is None:
+    if getattr(processor, "tokenizer", processor) is None:
         raise FlipscopeError(f"model {source!r}: its processor has no tokenizer; save the tokenizer beside config.json")
     _check_chat_template(source, processor)
     hf_model.to(device).eval()
-    return hf_model, processor
+    return hf_model, processor, chosen
 
 
-def merge_adapter(
-    hf_model: Gemma3ForConditionalGeneration, adapter: str | os.PathLike[str]
-) -> Gemma3ForConditionalGeneration:
+def _load_weights(
+    source: str, family: Family, is_local: bool, *, dtype: torch.dtype, attn_implementation: str | None
+) -> nn.Module:
+    """The family's HF class `from_pretrained` (safetensors only, no remote code)."""
+    cls = getattr(transformers, family.hf_class)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        hf_model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=False, **extra)
+    except OSError as err:
+        raise FlipscopeError(_hub_help(source, err) if not is_local else _weights_help(source, err)) from err
+    except (SafetensorError, RuntimeError, ValueError, KeyError) as err:  # truncated file, shapes not the config's
+        raise FlipscopeError(_weights_help(source, err)) from err
+    if family.name != "generic" and type(hf_model).__name__ != family.hf_class:
+        raise FlipscopeError(f"model {source!r} loaded as {type(hf_model).__name__}; expected {family.hf_class}")
+    return hf_model
+
+
+def merge_adapter(hf_model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Module:
     """`hf_model` with a PEFT adapter (LoRA) merged into its weights: a plain HF model again.
 
     Raises:
@@ -121,7 +132,9 @@ def _check_local_config(local: Path) -> None:
     """A local folder's config.json: present, a JSON object, and not asking for remote code."""
     path = local / "config.json"
     if not path.is_file():
-        raise FlipscopeError(f"model directory {str(local)!r} has no config.json; expected a saved Gemma 3 VLM")
+        raise FlipscopeError(
+            f"model directory {str(local)!r} has no config.json; expected a saved HF model (`save_pretrained`)"
+        )
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -131,8 +144,8 @@ def _check_local_config(local: Path) -> None:
     if "auto_map" in config:
         raise FlipscopeError(
             f"{str(path)!r} asks for remote code (auto_map); flipscope never runs code from a model folder. "
-            "Load the checkpoint with its own code elsewhere and save it as a transformers-native "
-            "Gemma3ForConditionalGeneration (`model.save_pretrained(folder)`, `processor.save_pretrained(folder)`)"
+            "Convert the checkpoint to a transformers-native class of a flipscope family "
+            "(`flipscope families`), or implement a model adapter for it (--model-adapter module:Class)"
         )
 
 
@@ -147,7 +160,7 @@ def _check_chat_template(source: str, processor: Any) -> None:
     except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise FlipscopeError(
             f"the chat template of {source!r} cannot be rendered ({type(err).__name__}: {_first_line(err)}); "
-            "expected Gemma 3's template (chat_template.jinja)"
+            "expected the model's own template (chat_template.jinja)"
         ) from err
 
 

@@ -33,7 +33,9 @@ __all__ = [
     "TinyVLMConfig",
     "build_processor",
     "build_tiny_vlm",
+    "gemma_tokenizer",
     "save_tiny_vlm",
+    "word_tokenizer",
     "words_of",
 ]
 
@@ -166,18 +168,28 @@ def words_of(texts: Sequence[str]) -> list[str]:
     return words
 
 
-def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
-    """A `Gemma3Processor` with a word-level tokenizer over `words` and Gemma's special tokens."""
+def word_tokenizer(
+    words: Sequence[str], specials: Sequence[str], structural: Sequence[str], **kwargs: Any
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: `specials` first (never split), then `structural` and `words`
+    (lower-cased; punctuation marks are tokens of their own). `kwargs` name its special tokens."""
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *_STRUCTURAL_WORDS, *(w.lower() for w in words)):
+    for token in (*specials, *structural, *(w.lower() for w in words)):
         vocab.setdefault(token, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=kwargs.get("unk_token", specials[0])))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tok.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **kwargs)
+
+
+def gemma_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` with Gemma 3's special tokens."""
+    return word_tokenizer(
+        words,
+        SPECIAL_TOKENS,
+        _STRUCTURAL_WORDS,
         bos_token="<bos>",
         eos_token="<eos>",
         unk_token="<unk>",
@@ -189,8 +201,12 @@ def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_imag
             "start_of_turn_token": "<start_of_turn>",
             "end_of_turn_token": "<end_of_turn>",
         },
-        padding_side="left",
     )
+
+
+def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
+    """A `Gemma3Processor` with a word-level tokenizer over `words` and Gemma's special tokens."""
+    tokenizer = gemma_tokenizer(words)
     image_processor = Gemma3ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],

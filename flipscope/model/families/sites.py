@@ -1,0 +1,67 @@
+"""Hook-site tables: flipscope's TransformerLens names → the HF modules that fire them, per decoder style.
+
+Two decoder-layer styles cover the families:
+
+- **Gemma** (`Gemma3DecoderLayer`): attention and MLP are wrapped in pre- *and* post-norms, so
+  `hook_attn_out` / `hook_mlp_out` read `post_attention_layernorm` / `post_feedforward_layernorm`,
+  exactly what each adds to the residual stream.
+- **Llama** (Llama, Qwen2, Qwen2.5-VL's decoder, Mistral): pre-norms only, so they read the
+  outputs of `self_attn` (its first element) and `mlp`.
+
+In both, `hook_resid_pre` is the layer's input, `hook_resid_post` its output (HF
+`hidden_states[L+1]` for every layer but the last), and `ln_final.hook_normalized` the final
+norm's output.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from torch import nn
+
+__all__ = ["HookSite", "decoder_sites", "find_language_model"]
+
+
+class HookSite(NamedTuple):
+    """Where a hook name is fired: a module's input (`hidden_states`) or its output."""
+
+    module: nn.Module
+    reads: Literal["input", "output"]
+
+
+def decoder_sites(language_model: nn.Module) -> dict[str, HookSite]:
+    """`blocks.{L}.*` and `ln_final.hook_normalized` for a decoder stack with `.layers` and `.norm`."""
+    sites: dict[str, HookSite] = {}
+    for i, layer in enumerate(language_model.layers):
+        sites[f"blocks.{i}.hook_resid_pre"] = HookSite(layer, "input")
+        if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
+            sites[f"blocks.{i}.hook_attn_out"] = HookSite(layer.post_attention_layernorm, "output")
+            sites[f"blocks.{i}.hook_mlp_out"] = HookSite(layer.post_feedforward_layernorm, "output")
+        elif hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
+            sites[f"blocks.{i}.hook_attn_out"] = HookSite(layer.self_attn, "output")
+            sites[f"blocks.{i}.hook_mlp_out"] = HookSite(layer.mlp, "output")
+        sites[f"blocks.{i}.hook_resid_post"] = HookSite(layer, "output")
+    sites["ln_final.hook_normalized"] = HookSite(language_model.norm, "output")
+    return sites
+
+
+def find_language_model(hf_model: nn.Module) -> nn.Module:
+    """The decoder stack of any HF model, found by structure: the module with an `embed_tokens`
+    embedding, a `norm` and the longest `layers` list (what every HF decoder-only text model has).
+
+    Raises:
+        ValueError: no module has that shape.
+    """
+    best: nn.Module | None = None
+    for module in hf_model.modules():
+        layers = getattr(module, "layers", None)
+        if (
+            isinstance(layers, nn.ModuleList)
+            and isinstance(getattr(module, "embed_tokens", None), nn.Embedding)
+            and isinstance(getattr(module, "norm", None), nn.Module)
+            and (best is None or len(layers) > len(best.layers))
+        ):
+            best = module
+    if best is None:
+        raise ValueError(f"{type(hf_model).__name__} has no decoder stack (embed_tokens, layers, norm)")
+    return best

@@ -1,0 +1,156 @@
+"""Every model family on a tiny random checkpoint written here: the hooked model is the plain HF
+model (bit-identical logits, with and without identity hooks on every hook point), `resid_post`
+is HF's hidden state, padded batches equal prompts alone, and the hook names list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
+from flipscope.model.tiny_families import save_tiny
+from tests.conftest import WORDS
+
+FAMILIES = ("gemma3", "gemma3_text", "llava", "qwen2_5_vl", "generic")
+CONTEXT = "the film shows a pleural effusion ."
+OTHER = "the lungs are clear ."
+
+
+def _save(family: str, root: Path) -> Path:
+    cfg = TinyVLMConfig(words=WORDS, seed=2, image_size=56, patch_size=14, mm_tokens_per_image=4)
+    if family == "gemma3":
+        return save_tiny_vlm(TinyVLMConfig(words=WORDS, seed=2), root / family)
+    return save_tiny("llava" if family == "generic" else family, cfg, root / family)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: _save(family, root) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints: dict[str, Path]) -> dict[str, HookedVLM]:
+    return {
+        family: HookedVLM.from_pretrained(path, family="generic" if family == "generic" else None)
+        for family, path in checkpoints.items()
+    }
+
+
+def _film(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _specs(vlm: HookedVLM) -> list[PromptSpec]:
+    """Prompts of different lengths under every condition the family supports."""
+    if vlm.family.evidence == "text":
+        return [
+            PromptSpec(question="is there an effusion ?", condition="context", context=CONTEXT),
+            PromptSpec(question="do you see any pleural effusion in this film ?", condition="none"),
+            PromptSpec(question="are the lungs clear ?", condition="swap", swap_context=OTHER),
+        ]
+    return [
+        PromptSpec(question="is there an effusion ?", condition="image", image=_film(1)),
+        PromptSpec(question="do you see any pleural effusion in this film ?", condition="blank"),
+        PromptSpec(question="are the lungs clear ?", condition="none"),
+        PromptSpec(question="is there any opacity ?", condition="swap", swap_image=_film(2, (64, 30))),
+    ]
+
+
+def _plain(vlm: HookedVLM, spec: PromptSpec) -> dict[str, torch.Tensor]:
+    """The processor's own output for one prompt, as a user feeds the HF model."""
+    builder = vlm.prompts
+    return dict(
+        vlm.processor.apply_chat_template(
+            builder.messages(spec, builder.image_for(spec)),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooked_logits_are_the_plain_forward_with_and_without_identity_hooks(models, family: str) -> None:
+    vlm = models[family]
+    for spec in _specs(vlm):
+        with torch.no_grad():
+            plain = vlm.hf_model(**_plain(vlm, spec)).logits
+            inputs = vlm.prompts.build([spec])
+            hooked = vlm(inputs)
+            identity = vlm.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x)])
+        assert torch.equal(hooked, plain), (family, spec.condition)
+        assert torch.equal(identity, plain), (family, spec.condition)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resid_post_is_the_hf_hidden_state(models, family: str) -> None:
+    vlm = models[family]
+    spec = _specs(vlm)[0]
+    with torch.no_grad():
+        hidden = vlm.hf_model(**_plain(vlm, spec), output_hidden_states=True).hidden_states
+        _, cache = vlm.run_with_cache(vlm.prompts.build([spec]), names_filter=lambda n: "resid" in n)
+    for layer in range(vlm.n_layers - 1):
+        assert torch.equal(cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1]), (family, layer)
+        assert torch.equal(cache[f"blocks.{layer + 1}.hook_resid_pre"], hidden[layer + 1]), (family, layer)
+    names = set(vlm.hook_dict)
+    assert {f"blocks.{vlm.n_layers - 1}.hook_{p}" for p in ("resid_pre", "attn_out", "mlp_out", "resid_post")} <= names
+    assert "ln_final.hook_normalized" in names
+    if vlm.family.evidence == "image" and family != "generic":
+        assert "projector.hook_out" in names and "vision.blocks.0.hook_resid_post" in names
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_and_mlp_out_sum_to_the_residual_update(models, family: str) -> None:
+    vlm = models[family]
+    _, cache = vlm.run_with_cache(vlm.prompts.build(_specs(vlm)[:1]))
+    for layer in range(vlm.n_layers - 1):
+        pre, post = cache[f"blocks.{layer}.hook_resid_pre"], cache[f"blocks.{layer}.hook_resid_post"]
+        update = cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
+        torch.testing.assert_close(pre + update, post, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_padded_mixed_batch_equals_one_by_one(models, family: str) -> None:
+    vlm = models[family]
+    specs = _specs(vlm)
+    batched = vlm.score(vlm.prompts.build(specs))
+    single = torch.cat([vlm.score(vlm.prompts.build([spec])) for spec in specs])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    assert bool(torch.isfinite(batched).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_edit_on_a_middle_layer_moves_the_margin(models, family: str) -> None:
+    vlm = models[family]
+    inputs = vlm.prompts.build(_specs(vlm)[:2])
+    before = vlm.score(inputs)
+    direction = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    with vlm.hooks(fwd_hooks=[(f"blocks.{vlm.n_layers // 2}.hook_resid_post", lambda x, hook: x + direction)]):
+        after = vlm.score(inputs)
+    assert float((after - before).abs().min()) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flipscope_hooks_lists_the_family_names(checkpoints, models, family: str) -> None:
+    args = ["hooks", str(checkpoints[family])] + (["--family", "generic"] if family == "generic" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == list(models[family].hook_dict)
+
+
+def test_qwen_blank_has_the_token_layout_of_its_pixel_budget(models) -> None:
+    vlm = models["qwen2_5_vl"]
+    image = vlm.prompts.build([PromptSpec(question="is there an effusion ?", condition="blank")])
+    assert image.extra["image_grid_thw"].shape == (1, 3)
+    n_image_tokens = int(image.token_type_ids.sum())
+    assert n_image_tokens == int(image.extra["image_grid_thw"].prod()) // 4
