@@ -57,6 +57,9 @@ def test_a_finetune_is_deterministic_leaves_the_model_and_loads_merged(organism,
         unmerged = reference(**inputs.as_kwargs(), logits_to_keep=1).logits[:, -1]
         merged = tuned.hf_model(**inputs.as_kwargs(), logits_to_keep=1).logits[:, -1]
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    peft_merged = PeftModel.from_pretrained(HookedVLM.from_pretrained(default_organism_dir()).hf_model, tmp_path / "a")
+    peft_merged = HookedVLM(peft_merged.merge_and_unload().eval(), tuned.processor)
+    torch.testing.assert_close(tuned.score(inputs), peft_merged.score(inputs), atol=1e-5, rtol=0)
     assert not torch.allclose(merged, vlm.hf_model(**inputs.as_kwargs(), logits_to_keep=1).logits[:, -1])
 
 

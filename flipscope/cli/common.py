@@ -98,6 +98,10 @@ def check_dtype(dtype: str) -> None:
 
 
 ADAPTER_HELP = "A PEFT (LoRA) adapter folder, merged into the model's weights."
+MODEL_ADAPTER_HELP = (
+    "path/to/file.py:Class or package.module:Class: your adapter for a model no family loads (custom code; "
+    "see flipscope.model.adapter). flipscope never runs a checkpoint's remote code itself."
+)
 FAMILY_HELP = (
     "Model family (gemma3, gemma3_text, llava, qwen2_5_vl, generic; `flipscope families`); default: from the "
     "config's model_type."
@@ -148,6 +152,31 @@ def load_model(model: str | None, dtype: str, device: str, adapter: Path | None 
     check_dtype(dtype)
     source = model if model is not None else str(default_organism_dir())
     return HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device, adapter=adapter)
+
+
+def load_any_model(
+    model: str,
+    dtype: str,
+    device: str,
+    *,
+    adapter: Path | None = None,
+    family: str | None = None,
+    model_adapter: str | None = None,
+):
+    """A `HookedVLM` of MODEL (its family from the config unless given; `adapter` merged in), or the
+    user's `--model-adapter` class built on MODEL."""
+    import torch
+
+    from flipscope.model.hooked import HookedVLM
+
+    check_dtype(dtype)
+    if model_adapter is not None:
+        if adapter is not None or family is not None:
+            raise FlipscopeError("--model-adapter loads the model its own way; drop --adapter and --family")
+        from flipscope.model.adapter import load_model_adapter
+
+        return load_model_adapter(model_adapter, model)
+    return HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device, adapter=adapter, family=family)
 
 
 def load_model_and_sae(

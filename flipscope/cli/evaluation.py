@@ -10,10 +10,12 @@ from flipscope.cli.common import (
     ADAPTER_HELP,
     DTYPES,
     FAMILY_HELP,
+    MODEL_ADAPTER_HELP,
     SHARD_HELP,
     app,
     echo_shard_done,
     fmt,
+    load_any_model,
     one_line_errors,
     shard_stores,
     writable,
@@ -46,8 +48,10 @@ def evaluate(
     images: Path | None = typer.Option(
         None, help="Directory that relative image paths are resolved against (default: beside the questions file)."
     ),
-    conditions: str = typer.Option(
-        "image,blank", help="Comma-separated image conditions, 'image' first: image, blank, none, swap."
+    conditions: str | None = typer.Option(
+        None,
+        help="Comma-separated evidence conditions, the evidence first: image, blank, none, swap for a VLM "
+        "(default image,blank); context, none, swap for a text model (default context,none).",
     ),
     blank: str = typer.Option("gray", help="What 'blank' shows: gray, white or noise (mean 128, sd 64)."),
     batch_size: int = typer.Option(32, help="Prompts per forward pass."),
@@ -66,20 +70,27 @@ def evaluate(
     ),
     shard: str | None = typer.Option(None, help=SHARD_HELP),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    family: str | None = typer.Option(None, help=FAMILY_HELP),
+    model_adapter: str | None = typer.Option(None, help=MODEL_ADAPTER_HELP),
 ) -> None:
-    """Score every question and paraphrase under each image condition; print flips and quadrants."""
-    import torch
-
+    """Score every question and paraphrase under each evidence condition; print flips and quadrants."""
     from flipscope.data.questions import load_questions
     from flipscope.experiments.evaluation import EvalConfig, run_sweep
     from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.sharded import run_sharded
-    from flipscope.model.hooked import HookedVLM
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
     with one_line_errors():
         writable(out, folder=True)
+        launch = resolve_shard(shard)
+        loaded = load_questions(questions, images)
+        device = launch.device(device) if launch is not None else device
+        vlm = load_any_model(model, dtype, device, adapter=adapter, family=family, model_adapter=model_adapter)
+        if conditions is None:
+            conditions = (
+                "context,none" if getattr(getattr(vlm, "family", None), "evidence", "") == "text" else "image,blank"
+            )
         cfg = EvalConfig(
             conditions=tuple(c.strip() for c in conditions.split(",")),
             blank=blank,
@@ -87,10 +98,6 @@ def evaluate(
             generate_tokens=generate_tokens,
         )
         _check_answers(answers, generate_tokens, reliance, cfg.conditions)
-        launch = resolve_shard(shard)
-        loaded = load_questions(questions, images)
-        device = launch.device(device) if launch is not None else device
-        vlm = HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device, adapter=adapter)
         path = run_sharded(
             lambda part, where: run_sweep(vlm, loaded, cfg, where, shard=part), out / "results.jsonl", launch
         )

@@ -10,6 +10,10 @@ JSONL schema, one question per line (fields beyond these are ignored)::
      "paraphrases": ["Do you see a pleural effusion?", "..."],   # at least one
      "strategies": ["lexical", "..."]}    # optional: one tag per paraphrase
 
+For a text model (the `gemma3_text` family, e.g. MedGemma 27B text) the evidence is a passage
+instead of an image: a `context` field (e.g. the report) takes the place of `image`. Each row
+needs one of them; a row may carry both.
+
 The same table can come from a pandas DataFrame or an HF `datasets` table (`questions_from_table`),
 with a column mapping for releases that name the fields differently. Every row is checked and all
 problems are reported together (file:line, field, what was expected) before any model runs.
@@ -28,7 +32,8 @@ from flipscope.errors import FlipscopeError, problems_error
 
 __all__ = ["FIELDS", "Question", "load_questions", "questions_from_table"]
 
-FIELDS: tuple[str, ...] = ("id", "image", "finding", "answer", "question", "paraphrases", "strategies")
+FIELDS: tuple[str, ...] = ("id", "image", "context", "finding", "answer", "question", "paraphrases", "strategies")
+MAX_CONTEXT_CHARS = 50_000  # a report passage
 MAX_TEXT_CHARS = 2000  # per question or paraphrase: far above any clinical question, far below a context
 MAX_LINE_BYTES = 1 << 20  # per JSONL line
 
@@ -39,23 +44,25 @@ class Question:
 
     Attributes:
         id: Unique id.
-        image: Resolved path of the image file.
+        image: Resolved path of the image file (None for a text-only question).
         finding: The finding asked about.
         answer: Ground truth, True for yes.
         question: The original wording.
         paraphrases: Meaning-preserving rewordings.
         strategies: Paraphrase strategy tag per paraphrase, or None.
         source: Where it was read (`file:line`), for errors found later (its image, its prompts).
+        context: The text passage a text model is shown (e.g. the report), or None.
     """
 
     id: str
-    image: Path
+    image: Path | None
     finding: str
     answer: bool
     question: str
     paraphrases: tuple[str, ...]
     strategies: tuple[str, ...] | None = None
     source: str = dataclasses.field(default="", compare=False)
+    context: str | None = None
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -110,9 +117,14 @@ def _check_row(
             f"{where}: field '{field}': expected {expected}, got {got if len(got) <= 80 else got[:77] + '...'}"
         )
 
-    for name in ("id", "image", "finding"):
+    for name in ("id", "finding"):
         if not _nonempty_str(row.get(name)):
             bad(name, "a non-empty string")
+    context = row.get("context")
+    if context is not None and not (_nonempty_str(context) and len(context) <= MAX_CONTEXT_CHARS):
+        bad("context", f"a non-empty string of at most {MAX_CONTEXT_CHARS} characters (the text evidence)")
+    if not _nonempty_str(row.get("image")) and (context is None or "image" in row):
+        bad("image", "a non-empty string (or a 'context' passage for a text model)")
     if (why := _text_problem(row.get("question"))) is not None:
         bad("question", why)
     answer = row.get("answer")
@@ -144,6 +156,7 @@ def _check_row(
             paraphrases=tuple(paraphrases),
             strategies=tuple(strategies) if strategies is not None else None,
             source=where,
+            context=context,
         ),
         [],
     )

@@ -28,10 +28,11 @@ from flipscope.model.answers import binary_entropy, p_yes, parse_answer, require
 from flipscope.model.images import BlankSpec, load_image
 from flipscope.model.kv import Prefix
 from flipscope.model.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
-from flipscope.model.protocol import VLM
+from flipscope.model.protocol import ScoringModel
 
 __all__ = [
     "EvalConfig",
+    "check_evidence",
     "check_prompt_lengths",
     "image_digests",
     "parse_shard",
@@ -49,7 +50,8 @@ class EvalConfig:
     """How an evaluation runs.
 
     Attributes:
-        conditions: Image conditions, `image` first (see `flipscope.model.prompts`).
+        conditions: Evidence conditions, the evidence shown first: `image` for a VLM, `context`
+            (the question's text passage) for a text model (see `flipscope.model.prompts`).
         blank: The blank stand-in (`gray`, `white` or `noise`) and `blank_seed` for noise.
         swap_seed: Seed of the pairing that gives each question another question's image.
         batch_size: Prompts per forward.
@@ -74,8 +76,11 @@ class EvalConfig:
         unknown = [c for c in self.conditions if c not in IMAGE_CONDITIONS]
         if unknown:
             raise FlipscopeError(f"conditions {unknown} are unknown; expected some of {', '.join(IMAGE_CONDITIONS)}")
-        if not self.conditions or self.conditions[0] != "image":
-            raise FlipscopeError(f"conditions {list(self.conditions)} must start with 'image'")
+        if not self.conditions or self.conditions[0] not in ("image", "context"):
+            raise FlipscopeError(
+                f"conditions {list(self.conditions)} must start with the evidence: 'image' (or 'context' for a "
+                "text model)"
+            )
         if len(set(self.conditions)) != len(self.conditions):
             raise FlipscopeError(f"conditions {list(self.conditions)} repeat")
         BlankSpec(kind=self.blank, seed=self.blank_seed)
@@ -94,21 +99,26 @@ class EvalConfig:
         return cls(**data)
 
 
-def swap_images(questions: Sequence[Question], seed: int) -> dict[str, Path]:
+def swap_images(questions: Sequence[Question], seed: int, *, text: bool = False) -> dict[str, Any]:
     """Each question's swap image: another question's image (a different file), by a seeded
     derangement over the questions."""
     order = np.random.default_rng(seed).permutation(len(questions))
-    partner: dict[str, Path] = {}
+    partner: dict[str, Any] = {}
     for rank, index in enumerate(order):
         question = questions[index]
         for step in range(1, len(order)):
             other = questions[order[(rank + step) % len(order)]]
-            if other.image != question.image:
-                partner[question.id] = other.image
+            if _evidence(other, text) != _evidence(question, text):
+                partner[question.id] = _evidence(other, text)
                 break
         else:
-            raise FlipscopeError("condition 'swap' needs questions on at least two different images")
+            what = "context passages" if text else "images"
+            raise FlipscopeError(f"condition 'swap' needs questions with at least two different {what}")
     return partner
+
+
+def _evidence(question: Question, text: bool) -> Any:
+    return question.context if text else question.image
 
 
 def image_digests(questions: Sequence[Question]) -> dict[Path, str]:
@@ -120,7 +130,8 @@ def image_digests(questions: Sequence[Question]) -> dict[Path, str]:
     """
     users: dict[Path, list[str]] = {}
     for q in questions:
-        users.setdefault(q.image, []).append(q.source or q.id)
+        if q.image is not None:
+            users.setdefault(q.image, []).append(q.source or q.id)
     digests: dict[Path, str] = {}
     problems: list[str] = []
     for image, where in users.items():
@@ -135,7 +146,34 @@ def image_digests(questions: Sequence[Question]) -> dict[Path, str]:
     return digests
 
 
-def check_prompt_lengths(questions: Sequence[Question], builder: PromptBuilder, context: int | None) -> None:
+def check_evidence(questions: Sequence[Question], cfg: EvalConfig, model: Any) -> None:
+    """Refuse, before any forward, conditions the model's family has no meaning for and questions
+    without the evidence it is shown (an image for a VLM, a `context` passage for a text model).
+
+    Raises:
+        FlipscopeError: naming the family's conditions, or listing every question line that lacks
+            its evidence.
+    """
+    family = getattr(model, "family", None)
+    supported = family.conditions if family is not None else getattr(model, "conditions", IMAGE_CONDITIONS)
+    unsupported = [c for c in cfg.conditions if c not in supported]
+    if unsupported:
+        name = family.name if family is not None else type(getattr(model, "adapter", model)).__name__
+        raise FlipscopeError(
+            f"conditions {unsupported} have no meaning for a {name} model; its conditions: {', '.join(supported)}"
+        )
+    field = "context" if cfg.conditions[0] == "context" else "image"
+    missing = [q.source or q.id for q in questions if getattr(q, field) is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FlipscopeError(
+            f"field {field!r} is missing on {len(missing)} question(s) ({shown}); the model is shown it"
+        )
+
+
+def check_prompt_lengths(
+    questions: Sequence[Question], builder: Any, context: int | None, *, with_image: bool = True
+) -> None:
     """Refuse, before any forward, a prompt longer than the model's context (the chat template's
     tokens around the question, image block included, plus the question's own tokens) instead
     of letting it be truncated or run out of memory hours into a run.
@@ -145,16 +183,17 @@ def check_prompt_lengths(questions: Sequence[Question], builder: PromptBuilder, 
     """
     if context is None:
         return
-    before, after = builder.template_lengths(with_image=True)
+    before, after = builder.template_lengths(with_image=with_image)
     tokenizer = builder.tokenizer
     problems = []
     for q in questions:
-        lengths = [len(ids) for ids in tokenizer(list(q.prompts), add_special_tokens=False)["input_ids"]]
+        texts = list(q.prompts) if with_image or q.context is None else [f"{q.context}\n\n{p}" for p in q.prompts]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         worst = int(np.argmax(lengths))
         if before + lengths[worst] + after > context:
             problems.append(
                 f"{q.source or q.id}: prompt {worst} takes about {before + lengths[worst] + after} tokens "
-                f"with its image; the model's context is {context}"
+                f"with its {'image' if with_image else 'context'}; the model's context is {context}"
             )
     if problems:
         raise problems_error("the questions (nothing was run)", problems)
@@ -164,7 +203,9 @@ def _fingerprint(questions: Sequence[Question], images: dict[Path, str]) -> str:
     """Hash of the questions and their images' pixels (not paths: the data folder may move)."""
     digest = hashlib.sha256()
     for q in questions:
-        digest.update(json.dumps([q.id, images[q.image], q.finding, q.answer, q.prompts, q.strategies]).encode())
+        shown = images.get(q.image) if q.image is not None else None
+        fields = [q.id, shown, q.finding, q.answer, q.prompts, q.strategies]
+        digest.update(json.dumps(fields if q.context is None else [*fields, q.context]).encode())
     return digest.hexdigest()
 
 
@@ -174,10 +215,12 @@ def _identity(cfg: EvalConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k != "batch_size"}
 
 
-def _builder(model: Any) -> PromptBuilder:
-    """The model's own prompt builder (family-aware), or one over its processor."""
+def _builder(model: Any, blank: BlankSpec) -> Any:
+    """The model's own prompt builder (family-aware, or a model adapter's) showing `blank`, or one
+    over its processor."""
     prompts = getattr(model, "prompts", None)
-    return prompts if isinstance(prompts, PromptBuilder) else PromptBuilder(model.processor)
+    prompts = prompts if hasattr(prompts, "with_blank") else PromptBuilder(model.processor)
+    return prompts.with_blank(blank)
 
 
 def _model_identity(model: Any) -> dict[str, Any]:
@@ -187,12 +230,13 @@ def _model_identity(model: Any) -> dict[str, Any]:
     return {"name_or_path": getattr(model, "name_or_path", type(model).__name__)}
 
 
-def _by_image(questions: Sequence[Question], swaps: dict[str, Path] | None) -> dict[Path, list[int]]:
-    """Prompt indices (in unit order) grouped by the image their question shows."""
-    groups: dict[Path, list[int]] = {}
+def _by_image(questions: Sequence[Question], swaps: dict[str, Any] | None, text: bool = False) -> dict[Any, list[int]]:
+    """Prompt indices (in unit order) grouped by the evidence (image, or context passage) their
+    question shows."""
+    groups: dict[Any, list[int]] = {}
     start = 0
     for q in questions:
-        image = swaps[q.id] if swaps is not None else q.image
+        image = swaps[q.id] if swaps is not None else _evidence(q, text)
         groups.setdefault(image, []).extend(range(start, start + len(q.prompts)))
         start += len(q.prompts)
     return groups
@@ -209,7 +253,7 @@ def unit_key(condition: str, index: int) -> str:
 
 
 def _unit_prompts(
-    chunk: Sequence[Question], condition: str, swaps: dict[str, Path]
+    chunk: Sequence[Question], condition: str, swaps: dict[str, Any]
 ) -> tuple[list[PromptSpec], list[dict[str, Any]]]:
     """The prompts of one unit and their rows' identifying fields (each film read once per unit,
     however many questions show it)."""
@@ -217,13 +261,18 @@ def _unit_prompts(
     specs: list[PromptSpec] = []
     films: dict[Path, Any] = {}
     for q in chunk:
-        shown = q.image if condition == "image" else swaps[q.id] if condition == "swap" else None
-        if shown is not None and shown not in films:
-            films[shown] = load_image(shown)
-        image = films[shown] if condition == "image" else None
-        swap = films[shown] if condition == "swap" else None
+        evidence: dict[str, Any] = {}
+        if condition == "context":
+            evidence = {"context": q.context}
+        elif condition == "swap" and q.context is not None and isinstance(swaps[q.id], str):
+            evidence = {"swap_context": swaps[q.id]}
+        elif condition in ("image", "swap"):
+            shown = q.image if condition == "image" else swaps[q.id]
+            if shown not in films:
+                films[shown] = load_image(shown)
+            evidence = {"image" if condition == "image" else "swap_image": films[shown]}
         for k, text in enumerate(q.prompts):
-            specs.append(PromptSpec(question=text, condition=condition, image=image, swap_image=swap))
+            specs.append(PromptSpec(question=text, condition=condition, **evidence))
             rows.append(
                 {
                     "question_id": q.id,
@@ -242,12 +291,12 @@ class _UnitScorer:
     """Margins of one unit's prompts on the shared-prefix path (the blank and no-image prefixes
     computed once per run, an image's once per unit) or as plain batches."""
 
-    def __init__(self, model: VLM, builder: PromptBuilder, cfg: EvalConfig, fast: bool) -> None:
+    def __init__(self, model: ScoringModel, builder: Any, cfg: EvalConfig, fast: bool) -> None:
         self.model, self.builder, self.cfg, self.fast = model, builder, cfg, fast
         self.shared: dict[str, Prefix] = {}
 
     def margins(
-        self, specs: list[PromptSpec], chunk: Sequence[Question], condition: str, swaps: dict[str, Path]
+        self, specs: list[PromptSpec], chunk: Sequence[Question], condition: str, swaps: dict[str, Any]
     ) -> Tensor:
         model, builder, size = self.model, self.builder, self.cfg.batch_size
         if not self.fast:
@@ -257,7 +306,8 @@ class _UnitScorer:
                 self.shared[condition] = model.run_prefix(specs[0], builder=builder)
             return model.score_shared_prefix(specs, builder=builder, batch_size=size, prefix=self.shared[condition])
         margins = torch.empty(len(specs))
-        for members in _by_image(chunk, swaps if condition == "swap" else None).values():
+        text = condition == "context" or (condition == "swap" and isinstance(next(iter(swaps.values())), str))
+        for members in _by_image(chunk, swaps if condition == "swap" else None, text).values():
             group = [specs[i] for i in members]
             margins[members] = model.score_shared_prefix(group, builder=builder, batch_size=size)
         return margins
@@ -293,7 +343,7 @@ def _fill_rows(rows: list[dict[str, Any]], margins: Tensor, texts: list[str] | N
 
 
 def run_sweep(
-    model: VLM,
+    model: ScoringModel,
     questions: Sequence[Question],
     cfg: EvalConfig,
     store_path: str | Path,
@@ -303,7 +353,8 @@ def run_sweep(
 ) -> ResultStore:
     """Score every question's prompts under every condition into the store at `store_path`.
 
-    `model` is a `VLM` (`HookedVLM`, a clamped model); without the KV-cache methods it runs the
+    `model` is a `VLM` (`HookedVLM`, a clamped model) or a model adapter; without the KV-cache
+    methods, or where its family makes them unsound (the header's `path_reason`), it runs the
     batched path. Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy,
     condition, margin, p_yes, entropy, answer; with `generate_tokens`, also generated, parsed
     (yes/no or None when excluded) and parse_reason. With `shard=(K, N)` only question chunks
@@ -316,8 +367,10 @@ def run_sweep(
         else "the model has no KV-cache path"
     )
     fast = cfg.fast and off is None
-    builder = _builder(model).with_blank(BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
-    check_prompt_lengths(questions, builder, getattr(model, "context_length", None))
+    builder = _builder(model, BlankSpec(kind=cfg.blank, seed=cfg.blank_seed))
+    check_evidence(questions, cfg, model)
+    text = cfg.conditions[0] == "context"
+    check_prompt_lengths(questions, builder, getattr(model, "context_length", None), with_image=not text)
     images = image_digests(questions)
     header = {
         "kind": "flip-evaluation",
@@ -333,7 +386,7 @@ def run_sweep(
     logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
     scorer = _UnitScorer(model, builder, cfg, fast)
-    swaps = swap_images(questions, cfg.swap_seed) if "swap" in cfg.conditions else {}
+    swaps = swap_images(questions, cfg.swap_seed, text=text) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
     units = unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)
     if shard is not None:

@@ -85,8 +85,9 @@ def _collect(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, dict[s
                 "strategies": {},
             },
         )
-        entry["answers"].setdefault(row["condition"], {})[row["prompt_index"]] = row["answer"] == "yes"
-        if row["condition"] == "image" and row["prompt_index"] == 0:
+        condition = "image" if row["condition"] == "context" else row["condition"]  # the evidence shown
+        entry["answers"].setdefault(condition, {})[row["prompt_index"]] = row["answer"] == "yes"
+        if condition == "image" and row["prompt_index"] == 0:
             entry["entropy"], entry["margin"] = row["entropy"], row.get("margin")
         if row["prompt_index"] > 0:
             entry["strategies"][row["prompt_index"]] = row["strategy"]

@@ -17,9 +17,23 @@ from torch import Tensor
 from flipscope.model.answers import AnswerTokens
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 
-__all__ = ["VLM"]
+__all__ = ["VLM", "ScoringModel"]
 
 HookList = Sequence[tuple[str | Callable[[str], bool], Callable[..., Any]]]
+
+
+@runtime_checkable
+class ScoringModel(Protocol):
+    """What a flip evaluation needs: prompts built from `PromptSpec`s and yes-minus-no margins.
+    Every `VLM` is one; so is a user's model adapter (`flipscope.model.adapter.AdaptedModel`)."""
+
+    prompts: Any
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def score(self, inputs: Any) -> Float[Tensor, " batch"]: ...
+
+    def generate(self, inputs: Any, *, max_new_tokens: int = 16) -> list[str]: ...
 
 
 @runtime_checkable

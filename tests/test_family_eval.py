@@ -1,0 +1,182 @@
+"""`flipscope evaluate` on every family's tiny checkpoint under every condition it supports: the
+shared-prefix path equals the naive per-prompt forward where the family enables it, the header says
+why where it does not; and a custom model adapter (the class below) evaluates end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.data.questions import load_questions
+from flipscope.data.store import iter_rows, read_header
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.model import HookedVLM
+from tests.test_families import FAMILIES, _save
+
+QUESTIONS = [
+    ("q1", 0, "is there an effusion ?", ["do you see any pleural effusion ?", "is there a pleural effusion ?"]),
+    ("q2", 1, "are the lungs clear ?", ["do you see clear lungs ?", "are the lungs clear in this film ?"]),
+    ("q3", 2, "is there any opacity ?", ["do you see an opacity ?", "is there an opacity in the lungs ?"]),
+    ("q4", 0, "is there an opacity ?", ["do you see any opacity in this film ?", "any opacity ?"]),
+]
+PASSAGES = ["the film shows a pleural effusion .", "the lungs are clear .", "there is an opacity in the lungs ."]
+
+
+def _write_questions(root: Path, text: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for qid, film, question, paraphrases in QUESTIONS:
+        row = {"id": qid, "finding": "effusion", "answer": "yes", "question": question, "paraphrases": paraphrases}
+        if text:
+            row["context"] = PASSAGES[film]
+        else:
+            size = (48 + 8 * film, 40)
+            pixels = np.random.default_rng(film).integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"film{film}.png")
+            row["image"] = f"film{film}.png"
+        lines.append(json.dumps(row))
+    path = root / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("family-eval")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluate_runs_every_condition_and_the_fast_path_equals_the_naive_forward(root: Path, family: str) -> None:
+    checkpoint = _save(family, root / "models")
+    vlm = HookedVLM.from_pretrained(checkpoint, family="generic" if family == "generic" else None)
+    text = vlm.family.evidence == "text"
+    questions = _write_questions(root / f"data-{family}", text)
+    conditions = ",".join(vlm.family.conditions)
+    out = root / f"out-{family}"
+    args = ["evaluate", "--model", str(checkpoint), "--questions", str(questions), "--conditions", conditions]
+    args += ["--out", str(out), "--batch-size", "5"] + (["--family", "generic"] if family == "generic" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(iter_rows(out / "results.jsonl"))
+    assert len(rows) == len(QUESTIONS) * 3 * len(vlm.family.conditions)
+    assert {r["condition"] for r in rows} == set(vlm.family.conditions)
+    assert all(np.isfinite(r["margin"]) for r in rows)
+    header = read_header(out / "results.jsonl")
+    naive = run_sweep(
+        vlm,
+        load_questions(questions),
+        EvalConfig(conditions=vlm.family.conditions, fast=False, batch_size=5),
+        root / f"naive-{family}.jsonl",
+        progress=False,
+    )
+    naive_rows = {(r["question_id"], r["prompt_index"], r["condition"]): r["margin"] for r in iter_rows(naive.path)}
+    got = np.array([r["margin"] for r in rows])
+    want = np.array([naive_rows[(r["question_id"], r["prompt_index"], r["condition"])] for r in rows])
+    if vlm.family.fast_path_off is None:
+        assert header["path"] == "shared-prefix"
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    else:
+        assert header["path"] == "batched"
+        assert header["path_reason"] == vlm.family.fast_path_off
+        np.testing.assert_array_equal(got, want)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["n_questions"] == len(QUESTIONS)
+
+
+def test_a_text_model_refuses_image_conditions_and_questions_without_context(root: Path) -> None:
+    checkpoint = _save("gemma3_text", root / "models-refuse")
+    questions = _write_questions(root / "data-refuse", text=False)
+    result = CliRunner().invoke(
+        app, ["evaluate", "--model", str(checkpoint), "--questions", str(questions), "--out", str(root / "refused")]
+    )
+    assert result.exit_code == 2
+    assert "field 'context' is missing on 4 question(s)" in result.output
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", str(checkpoint), "--questions", str(questions), "--conditions", "context,blank"]
+        + ["--out", str(root / "refused")],
+    )
+    assert result.exit_code == 2
+    assert "have no meaning for a gemma3_text model; its conditions: context, none, swap" in result.output
+    assert not (root / "refused" / "results.jsonl").exists()
+
+
+class TinyLlavaAdapter:
+    """A model adapter as a user writes one: loads a LLaVA checkpoint its own way and scores the
+    yes-minus-no margin at the last prompt token, one prompt at a time."""
+
+    conditions = ("image", "blank", "none", "swap")
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.model = LlavaForConditionalGeneration.from_pretrained(model).eval()
+        self.processor = AutoProcessor.from_pretrained(model)
+        tokenizer = self.processor.tokenizer
+        self.yes, self.no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+
+    def build(self, prompts: list) -> list:
+        batch = []
+        for prompt in prompts:
+            content = [{"type": "image", "image": prompt.image}] if prompt.image is not None else []
+            messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt.question}]}]
+            batch.append(
+                self.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                )
+            )
+        return batch
+
+    @torch.no_grad()
+    def score(self, batch: list) -> torch.Tensor:
+        logits = [self.model(**inputs).logits[0, -1] for inputs in batch]
+        return torch.stack([row[self.yes] - row[self.no] for row in logits])
+
+    def hook_sites(self) -> dict:
+        return {"blocks.0.hook_resid_post": self.model.model.language_model.layers[0]}
+
+
+def test_a_custom_model_adapter_evaluates_end_to_end(root: Path) -> None:
+    checkpoint = _save("llava", root / "models-custom")
+    questions = _write_questions(root / "data-custom", text=False)
+    out = root / "custom"
+    args = ["evaluate", "--model", str(checkpoint), "--questions", str(questions), "--conditions", "image,none"]
+    args += ["--out", str(out), "--model-adapter", f"{Path(__file__)}:TinyLlavaAdapter"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    header = read_header(out / "results.jsonl")
+    assert header["model"]["adapter_class"] == "TinyLlavaAdapter"
+    assert header["path"] == "batched"
+    rows = list(iter_rows(out / "results.jsonl"))
+    vlm = HookedVLM.from_pretrained(checkpoint)
+    reference = run_sweep(
+        vlm, load_questions(questions), EvalConfig(conditions=("image", "none")), root / "custom-ref.jsonl"
+    )
+    want = {(r["question_id"], r["prompt_index"], r["condition"]): r["margin"] for r in iter_rows(reference.path)}
+    got = np.array([r["margin"] for r in rows])
+    expected = [want[(r["question_id"], r["prompt_index"], r["condition"])] for r in rows]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_model_adapter_spec_that_does_not_load_is_one_line(root: Path) -> None:
+    questions = _write_questions(root / "data-bad-adapter", text=False)
+    for spec, expected in [
+        ("nowhere.py:Cls", "file 'nowhere.py' does not exist"),
+        (f"{Path(__file__)}:Missing", "has no Missing"),
+        (f"{Path(__file__)}:QUESTIONS", "lacks build, score"),
+        ("no-colon", "expected path/to/file.py:Class"),
+    ]:
+        result = CliRunner().invoke(
+            app,
+            ["evaluate", "--model", "x", "--questions", str(questions), "--out", str(root / "bad-adapter")]
+            + ["--model-adapter", spec],
+        )
+        assert result.exit_code == 2, (spec, result.output)
+        assert expected in result.output, (spec, result.output)
