@@ -154,3 +154,12 @@ def test_qwen_blank_has_the_token_layout_of_its_pixel_budget(models) -> None:
     assert image.extra["image_grid_thw"].shape == (1, 3)
     n_image_tokens = int(image.token_type_ids.sum())
     assert n_image_tokens == int(image.extra["image_grid_thw"].prod()) // 4
+
+
+def test_flipscope_families_lists_every_family_with_its_fast_path() -> None:
+    result = CliRunner().invoke(app, ["families"])
+    assert result.exit_code == 0, result.output
+    for family in FAMILIES:
+        assert f"\n{family}: " in "\n" + result.output
+    assert "fast path off: Qwen2.5-VL's multimodal rotary positions" in result.output
+    assert "MedGemma 27B text" in result.output

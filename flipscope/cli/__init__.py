@@ -12,6 +12,7 @@ from flipscope.cli.common import app
 __all__ = ["app", "main"]
 
 ORDER = (
+    "families",
     "hooks",
     "evaluate",
     "merge",

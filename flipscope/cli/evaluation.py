@@ -42,6 +42,18 @@ def hooks(
 
 
 @app.command()
+def families() -> None:
+    """List the model families flipscope runs: HF class, evidence, conditions, fast path, checkpoints."""
+    from flipscope.model.families import FAMILIES
+
+    for family in FAMILIES.values():
+        row = family.describe()
+        typer.echo(f"{row['family']}: {row['class']} ({row['evidence']}; conditions {', '.join(row['conditions'])})")
+        typer.echo(f"    fast path {row['fast_path']}")
+        typer.echo(f"    covers {row['covers']}")
+
+
+@app.command()
 def evaluate(
     model: str = typer.Option(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
     questions: Path = typer.Option(..., help="Questions JSONL: id, image, finding, answer, question, paraphrases."),
@@ -75,7 +87,7 @@ def evaluate(
 ) -> None:
     """Score every question and paraphrase under each evidence condition; print flips and quadrants."""
     from flipscope.data.questions import load_questions
-    from flipscope.experiments.evaluation import EvalConfig, run_sweep
+    from flipscope.experiments.evaluation import run_sweep
     from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.sharded import run_sharded
 
@@ -83,21 +95,18 @@ def evaluate(
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
     with one_line_errors():
         writable(out, folder=True)
+        options = {"blank": blank, "batch_size": batch_size, "generate_tokens": generate_tokens}
+        checks = (answers, reliance)
+        if conditions is None and reliance not in ("blank", "none"):  # in neither default (image,blank; context,none)
+            _check_answers(answers, generate_tokens, reliance, ("image", "blank"))
+        cfg = _config(conditions, options, checks) if conditions is not None else None  # fail before any load
         launch = resolve_shard(shard)
         loaded = load_questions(questions, images)
         device = launch.device(device) if launch is not None else device
         vlm = load_any_model(model, dtype, device, adapter=adapter, family=family, model_adapter=model_adapter)
-        if conditions is None:
-            conditions = (
-                "context,none" if getattr(getattr(vlm, "family", None), "evidence", "") == "text" else "image,blank"
-            )
-        cfg = EvalConfig(
-            conditions=tuple(c.strip() for c in conditions.split(",")),
-            blank=blank,
-            batch_size=batch_size,
-            generate_tokens=generate_tokens,
-        )
-        _check_answers(answers, generate_tokens, reliance, cfg.conditions)
+        if cfg is None:
+            text = getattr(getattr(vlm, "family", None), "evidence", "") == "text"
+            cfg = _config("context,none" if text else "image,blank", options, checks)
         path = run_sharded(
             lambda part, where: run_sweep(vlm, loaded, cfg, where, shard=part), out / "results.jsonl", launch
         )
@@ -106,6 +115,14 @@ def evaluate(
         return
     if launch is None or launch.is_main:
         _write_summary(path, out, reliance=reliance, source=answers)
+
+
+def _config(conditions: str, options: dict, checks: tuple[str, str | None]):
+    from flipscope.experiments.evaluation import EvalConfig
+
+    cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")), **options)
+    _check_answers(checks[0], cfg.generate_tokens, checks[1], cfg.conditions)
+    return cfg
 
 
 def _check_answers(answers: str, generate_tokens: int, reliance: str | None, conditions: tuple[str, ...]) -> None:

@@ -18,6 +18,8 @@ from torch import Tensor
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from flipscope.data.atomic import write_atomic
+
 __all__ = ["QwenImageProcessor"]
 
 IMAGE_PAD = "<|image_pad|>"
@@ -47,7 +49,7 @@ class QwenImageProcessor:
         folder = Path(folder)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
-        (folder / "chat_template.jinja").write_text(self.chat_template)
+        write_atomic(folder / "chat_template.jinja", self.chat_template)
 
     def apply_chat_template(
         self,
