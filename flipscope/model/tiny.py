@@ -241,18 +241,9 @@ def _text_extras(cfg: TinyVLMConfig) -> dict[str, Any]:
     return extras
 
 
-def build_tiny_vlm(
-    cfg: TinyVLMConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
-    """A randomly initialised Gemma 3 VLM and its processor.
-
-    HF initialises the projector weight to zeros (so the model would ignore its image); it is
-    re-drawn here so the image reaches the language model. `dtype`/`device` other than float32
-    on the CPU create the weights there directly (a MedGemma-sized model is never held twice).
-    """
-    processor = build_processor(cfg.words, image_size=cfg.image_size, mm_tokens_per_image=cfg.mm_tokens_per_image)
-    tokenizer = processor.tokenizer
-    text_config = Gemma3TextConfig(
+def gemma_text_config(cfg: TinyVLMConfig, tokenizer: Any) -> Gemma3TextConfig:
+    """The Gemma 3 language-model config `cfg` describes, over `tokenizer`'s vocabulary."""
+    return Gemma3TextConfig(
         vocab_size=max(len(tokenizer), cfg.vocab_size),
         hidden_size=cfg.d_model,
         intermediate_size=cfg.d_mlp,
@@ -268,6 +259,20 @@ def build_tiny_vlm(
         eos_token_id=tokenizer.eos_token_id,
         **_text_extras(cfg),
     )
+
+
+def build_tiny_vlm(
+    cfg: TinyVLMConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """A randomly initialised Gemma 3 VLM and its processor.
+
+    HF initialises the projector weight to zeros (so the model would ignore its image); it is
+    re-drawn here so the image reaches the language model. `dtype`/`device` other than float32
+    on the CPU create the weights there directly (a MedGemma-sized model is never held twice).
+    """
+    processor = build_processor(cfg.words, image_size=cfg.image_size, mm_tokens_per_image=cfg.mm_tokens_per_image)
+    tokenizer = processor.tokenizer
+    text_config = gemma_text_config(cfg, tokenizer)
     vision_config = SiglipVisionConfig(
         hidden_size=cfg.vision_d_model,
         intermediate_size=cfg.vision_d_mlp or 2 * cfg.vision_d_model,

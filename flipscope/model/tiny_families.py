@@ -22,7 +22,6 @@ from torch import nn
 from transformers import (
     CLIPVisionConfig,
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -39,7 +38,7 @@ from flipscope.model.tiny import (
     GEMMA_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     TinyVLMConfig,
-    _layer_types,
+    gemma_text_config,
     word_tokenizer,
 )
 
@@ -106,21 +105,7 @@ def build_gemma3_text(cfg: TinyVLMConfig) -> tuple[Gemma3ForCausalLM, Any]:
         pad_token="<pad>",
     )
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    config = Gemma3TextConfig(
-        vocab_size=max(len(tokenizer), cfg.vocab_size),
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        sliding_window=cfg.sliding_window,
-        layer_types=_layer_types(cfg),
-        max_position_embeddings=cfg.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = gemma_text_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     model = Gemma3ForCausalLM(config)
     with torch.no_grad():
