@@ -14,10 +14,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flipscope.cli import app
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.flipbank import load_flipbank, save_flipbank
 from flipscope.data.questions import load_questions
-from flipscope.data.store import iter_rows, read_header
+from flipscope.data.store import iter_rows, read_header, read_rows
+from flipscope.experiments.directions import diffmean_direction
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
-from flipscope.model import HookedVLM
+from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.experiments.sweeps import layer_sweep
+from flipscope.interventions.edited import DirectionAblatedVLM
+from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.shapes import centre_answer_readout
 from tests.test_families import FAMILIES, _save
 
 QUESTIONS = [
@@ -180,3 +187,36 @@ def test_a_model_adapter_spec_that_does_not_load_is_one_line(root: Path) -> None
         )
         assert result.exit_code == 2, (spec, result.output)
         assert expected in result.output, (spec, result.output)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sae_free_stages_run_on_every_family(root: Path, family: str, tmp_path: Path) -> None:
+    """FlipBank curation, original-value patching, the DiffMean direction and its ablation on
+    each family (a text model's cases carry their context passage instead of an image)."""
+    checkpoint = _save(family, root / "models")
+    vlm = HookedVLM.from_pretrained(checkpoint, family="generic" if family == "generic" else None)
+    text = vlm.family.evidence == "text"
+    questions = load_questions(_write_questions(root / f"data-{family}", text))
+    condition = vlm.family.conditions[0]
+    specs = [PromptSpec(question=p, condition=condition, image=q.image, context=q.context) for q in questions
+             for p in q.prompts]  # fmt: skip
+    _, cache = vlm.run_with_cache(vlm.prompts.build(specs), names_filter="ln_final.hook_normalized", positions="last")
+    tokens = vlm.answer_tokens  # a random model answers alike; put its readout at the boundary so wordings flip
+    centre_answer_readout(vlm.hf_model, tokens.yes_ids, tokens.no_ids, cache["ln_final.hook_normalized"], seed=1)
+    store = run_sweep(vlm, questions, EvalConfig(conditions=(condition,)), tmp_path / "e.jsonl", progress=False)
+    bank = curate(iter_rows(store.path), questions, CurationRules(), source=read_header(store.path))
+    assert bank["n_flips"] >= 1 and bank["n_controls"] >= 1, (bank["n_flips"], bank["n_controls"])
+    assert all((c.get("context") is not None) == text and (c["image"] is None) == text for c in bank.cases)
+    bank = load_flipbank(save_flipbank(bank, tmp_path / "bank" / "flipbank.json"))
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.n_layers)]
+    pairs = collect_pairs(vlm, bank, hooks, progress=False)  # refuses a bank whose margins it cannot reproduce
+    rows = read_rows(layer_sweep(vlm, bank, tmp_path / "layers.jsonl", pairs=pairs, progress=False).path)
+    last = [r for r in rows if r["variant"] == vlm.n_layers - 1 and r["kind"] == "flip"]
+    np.testing.assert_allclose([r["m_patched"] for r in last], [r["m_orig"] for r in last], atol=1e-4)
+    middle = hooks[vlm.n_layers // 2]
+    direction = diffmean_direction(pairs, middle)
+    ablated = DirectionAblatedVLM(vlm, middle, direction)
+    specs, _, para = pair_specs(bank.cases)
+    batch = vlm.prompts.build([specs[i] for i in para])
+    moved = (ablated.score(batch) - vlm.score(batch)).abs().max()
+    assert 0 < float(moved) < float("inf")

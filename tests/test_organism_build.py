@@ -89,3 +89,31 @@ def test_loads_through_the_user_path_and_sae_splices_exactly(built) -> None:
         sae.use_error_term = False
     torch.testing.assert_close(spliced, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(reconstructed, plain, atol=1e-5)
+
+
+def test_a_llava_organism_builds_from_its_config_file_and_loads_as_llava(tmp_path: Path) -> None:
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    config = tmp_path / "llava.json"
+    config.write_text(json.dumps({**REDUCED.to_dict(), "family": "llava", "test_items": 8}))
+    result = CliRunner().invoke(app, ["organism", "build", "--out", str(tmp_path / "llava"), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    vlm, sae, card = load_organism(tmp_path / "llava")
+    assert isinstance(vlm.hf_model, LlavaForConditionalGeneration) and vlm.family.name == "llava"
+    assert card["config"]["family"] == "llava" and sae.cfg.d_in == vlm.d_model
+    batch = vlm.prompts.build(
+        [PromptSpec(question="Is there a pleural effusion?", condition=c, image=torch.zeros(32, 32).numpy())
+         for c in ("image", "blank", "none")]
+    )  # fmt: skip
+    assert batch.pixel_values is not None and int((batch.input_ids == vlm.prompts.image_token_id).sum(1)[0]) == 4
+    sae.use_error_term = True
+    try:
+        spliced = vlm.run_with_hooks(batch, fwd_hooks=[(card["hook_name"], lambda x, hook: sae(x))])
+    finally:
+        sae.use_error_term = False
+    torch.testing.assert_close(spliced, vlm(batch), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,10 @@ def test_config_round_trips_and_validates() -> None:
         OrganismConfig(shortcut_family="loaded")
     with pytest.raises(FlipscopeError, match="cannot be the first family"):
         OrganismConfig(shortcut_family="neutral")
+    with pytest.raises(FlipscopeError, match=r"family 'qwen2_5_vl': an organism is built as one of \['gemma3'"):
+        OrganismConfig(family="qwen2_5_vl")
+    with pytest.raises(FlipscopeError, match="mm_tokens_per_image 12 must be a square whose side divides"):
+        OrganismConfig(mm_tokens_per_image=12)
     with pytest.raises(FlipscopeError, match="shortcut_target 'maybe'"):
         OrganismConfig(shortcut_target="maybe")
     with pytest.raises(FlipscopeError, match="sae_layer 9"):

@@ -82,7 +82,7 @@ def _answers(rows: Iterable[Mapping[str, Any]], rules: CurationRules) -> list[_A
     key = "parsed" if rules.use_generated else "answer"
     out = []
     for r in rows:
-        if r["condition"] != "image":
+        if r["condition"] not in ("image", "context"):  # the evidence shown: an image, or a text model's passage
             continue
         similarity = r.get("similarity")
         if rules.min_similarity is not None and r["prompt_index"] and similarity is None:
@@ -104,7 +104,7 @@ def _case(q: Question, original: _Answer, para: _Answer) -> FlipCase:
         {
             "id": _case_id(q.id, para.prompt_index),
             "question_id": q.id,
-            "image": str(q.image),
+            "image": None if q.image is None else str(q.image),
             "finding": q.finding,
             "truth": "yes" if q.answer else "no",
             "original": q.question,
@@ -117,6 +117,8 @@ def _case(q: Question, original: _Answer, para: _Answer) -> FlipCase:
             "paraphrase_margin": float(para.margin),
         }
     )
+    if q.context is not None:
+        case["context"] = q.context
     if case["original_answer"] != case["paraphrase_answer"]:
         case["direction"] = f"{case['original_answer']}→{case['paraphrase_answer']}"
     return case
@@ -158,11 +160,15 @@ def _family_matched(
             if not pool:
                 shortfall += 1
                 break
-            same_image = [i for i, c in enumerate(pool) if by_id[c[1].question_id].image == q.image]
+            same_image = [i for i, c in enumerate(pool) if _evidence(by_id[c[1].question_id]) == _evidence(q)]
             tier = same_image or range(len(pool))
             control = pool.pop(tier[int(rng.integers(len(tier)))])
             chosen.append((*control, _case_id(q.id, para.prompt_index)))
     return chosen, shortfall
+
+
+def _evidence(q: Question) -> tuple[Any, Any]:
+    return q.image, q.context
 
 
 def _control(by_id: Mapping[str, Question], original: _Answer, para: _Answer, flip: str | None) -> FlipCase:
@@ -180,8 +186,8 @@ def curate(
     source: Mapping[str, Any],
 ) -> FlipBank:
     """A FlipBank from evaluation rows (a list, or `iter_rows(path)` to stream a store; the
-    with-image condition is read) by `rules`; `source` records the model and evaluation (e.g.
-    the store header)."""
+    condition that shows the evidence is read: `image`, or a text model's `context`) by `rules`;
+    `source` records the model and evaluation (e.g. the store header)."""
     by_id = {q.id: q for q in questions}
     answers = _answers(rows, rules)
     originals = {a.question_id: a for a in answers if a.prompt_index == 0}

@@ -3,8 +3,9 @@
 A FlipBank is one JSON file (`"format": "flipbank/1"`) holding the curation rules that made it,
 the model and evaluation it came from, and two lists of cases: `flips` (the paraphrase changes the
 answer with the image) and `controls` (a paraphrase of a question in the same set that does not).
-Each case: id, question_id, image, finding, truth, original, paraphrase, prompt_index, strategy,
-answer/margin of the original and of the paraphrase, and (flips only) direction `yes→no` or `no→yes`.
+Each case: id, question_id, image (and/or context: the text passage a text-evidence model such as
+`gemma3_text` was shown), finding, truth, original, paraphrase, prompt_index, strategy, answer/margin
+of the original and of the paraphrase, and (flips only) direction `yes→no` or `no→yes`.
 
 In Python a bank is a `FlipBank` and each case a `FlipCase`: the JSON objects themselves (dict
 subclasses, so they serialise and compare as the file does) read through typed attributes
@@ -31,7 +32,6 @@ FLIPBANK_FORMAT = "flipbank/1"
 _CASE_FIELDS = {
     "id": str,
     "question_id": str,
-    "image": str,
     "finding": str,
     "truth": str,
     "original": str,
@@ -53,7 +53,8 @@ class FlipCase(dict):
 
     id = _key("id", "`question_id/p<prompt_index>`.")
     question_id = _key("question_id", "The question it comes from.")
-    image = _key("image", "The film shown (resolved against the bank's folder when loaded).")
+    image = _key("image", "The film shown (resolved against the bank's folder when loaded), or None.")
+    context = _key("context", "The text passage shown to a text-evidence model, or None.")
     finding = _key("finding", "What the question asks about.")
     truth = _key("truth", "The ground-truth answer, `yes` or `no`.")
     original = _key("original", "The original wording.")
@@ -118,6 +119,8 @@ def _relative_images(bank: Mapping[str, Any], root: Path) -> dict[str, Any]:
     root = root.resolve()
 
     def rel(case: Mapping[str, Any]) -> dict[str, Any]:
+        if case.get("image") is None:
+            return dict(case)
         image = Path(case["image"]).resolve()
         return {**case, "image": image.relative_to(root).as_posix() if image.is_relative_to(root) else str(image)}
 
@@ -131,6 +134,18 @@ def save_flipbank(bank: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     write_json(path, _relative_images(bank, path.parent), ensure_ascii=False)
     return path
+
+
+def _evidence_problems(case: Mapping[str, Any], label: str) -> list[str]:
+    """A case shows an image (a path) or a text passage, or both; each, if present, a non-empty string."""
+    problems = []
+    for field in ("image", "context"):
+        value = case.get(field)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            problems.append(f"{label}: field '{field}': expected a non-empty string, got {value!r}")
+    if case.get("image") is None and case.get("context") is None:
+        problems.append(f"{label}: field 'image': expected an image path (or a 'context' passage), got None")
+    return problems
 
 
 def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = None) -> None:
@@ -156,6 +171,7 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
                 )
                 if not ok or (kind_type is float and not np.isfinite(value)):
                     problems.append(f"{label}: field '{field}': expected {kind_type.__name__}, got {value!r}")
+            problems += _evidence_problems(case, label)
             for field in ("original_answer", "paraphrase_answer", "truth"):
                 if case.get(field) not in ("yes", "no"):
                     problems.append(f"{label}: field '{field}': expected 'yes' or 'no', got {case.get(field)!r}")
@@ -193,8 +209,9 @@ def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> Fli
     root = Path(image_root) if image_root is not None else path.parent
     _validate(bank, str(path), root)
     for case in (*bank["flips"], *bank["controls"]):
-        image = Path(case["image"])
-        case["image"] = str(image if image.is_absolute() else root / image)
+        if case.get("image") is not None:
+            image = Path(case["image"])
+            case["image"] = str(image if image.is_absolute() else root / image)
     return FlipBank.of(bank)
 
 

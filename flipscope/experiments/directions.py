@@ -82,7 +82,11 @@ def activation_by_family(
     for q in questions:
         tags = q.strategies or ("paraphrase",) * len(q.paraphrases)
         for text, family in zip(q.prompts, ("original", *tags), strict=True):
-            specs.append(PromptSpec(question=text, image=q.image))
+            specs.append(
+                PromptSpec(question=text, image=q.image)
+                if q.image is not None
+                else PromptSpec(question=text, condition="context", context=q.context)
+            )
             families.append(family)
     chosen = list(features)
     acts = torch.cat(

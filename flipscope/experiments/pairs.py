@@ -26,7 +26,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
 
-__all__ = ["PairActivations", "bank_cases", "collect_pairs", "pair_specs"]
+__all__ = ["PairActivations", "bank_cases", "case_spec", "collect_pairs", "pair_specs"]
 
 MARGIN_TOLERANCE = 1e-2
 
@@ -37,21 +37,29 @@ def bank_cases(bank: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Bool[np.n
     return cases, np.array([True] * len(bank["flips"]) + [False] * len(bank["controls"]))
 
 
+def case_spec(case: Mapping[str, Any], text: str) -> PromptSpec:
+    """`text` asked with the case's evidence: its image, or (a case with no image, made on a
+    text-evidence model) its context passage."""
+    if case.get("image") is not None:
+        return PromptSpec(question=text, image=case["image"])
+    return PromptSpec(question=text, condition="context", context=case["context"])
+
+
 def pair_specs(cases: Sequence[Mapping[str, Any]]) -> tuple[list[PromptSpec], list[int], list[int]]:
-    """Distinct prompts of `cases` (with their image) and, per case, the index of its original
+    """Distinct prompts of `cases` (with their evidence) and, per case, the index of its original
     and of its paraphrase among them."""
-    index: dict[tuple[str, str], int] = {}
+    index: dict[tuple[Any, Any, str], int] = {}
     specs: list[PromptSpec] = []
 
-    def slot(image: str, text: str) -> int:
-        key = (image, text)
+    def slot(case: Mapping[str, Any], text: str) -> int:
+        key = (case.get("image"), case.get("context"), text)
         if key not in index:
             index[key] = len(specs)
-            specs.append(PromptSpec(question=text, image=image))
+            specs.append(case_spec(case, text))
         return index[key]
 
-    originals = [slot(c["image"], c["original"]) for c in cases]
-    paraphrases = [slot(c["image"], c["paraphrase"]) for c in cases]
+    originals = [slot(c, c["original"]) for c in cases]
+    paraphrases = [slot(c, c["paraphrase"]) for c in cases]
     return specs, originals, paraphrases
 
 

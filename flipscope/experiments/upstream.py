@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.pairs import case_spec
 from flipscope.interventions.hooks import replace_where
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.prompts import PromptSpec
@@ -158,7 +159,7 @@ def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec]
 @torch.no_grad()
 def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: int) -> Float[Tensor, " d_model"]:
     """Mean `blocks.0.hook_resid_pre` over the question tokens of the bank's original questions."""
-    specs = [PromptSpec(question=c["original"], image=c["image"]) for c in cases]
+    specs = [case_spec(c, c["original"]) for c in cases]
     total, count = None, 0
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
@@ -174,7 +175,7 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
 def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int]) -> list[tuple]:
     """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
     → share)`, counting the flips it skips in `skipped`."""
-    specs = [PromptSpec(question=c["paraphrase"], image=c["image"]) for c in cases]
+    specs = [case_spec(c, c["paraphrase"]) for c in cases]
     inputs = vlm.prompts.build(specs)
     word_masks, groups = _masks(vlm, cases, specs, inputs)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]

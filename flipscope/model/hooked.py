@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -28,6 +27,7 @@ from transformer_lens.hook_points import HookPoint
 from flipscope.errors import FlipscopeError
 from flipscope.model import kv
 from flipscope.model.answers import AnswerTokens, yes_no_margin
+from flipscope.model.edit import Edit, HookFn
 from flipscope.model.families import Family, family_of
 from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
 from flipscope.model.identity import model_identity
@@ -39,24 +39,7 @@ __all__ = ["Edit", "HookedVLM", "Positions"]
 
 logger = logging.getLogger(__name__)
 
-HookFn = Callable[..., Any]
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
-
-
-@dataclass(frozen=True)
-class Edit:
-    """A fixed change to one hook point, applied on every forward of an edited model.
-
-    Attributes:
-        hook_name: Where the edit applies (a `HookedVLM` hook name).
-        fn: A TransformerLens hook function `(activation, hook) -> activation`.
-        description: What the edit is, merged into the edited model's `identity()` so a result
-            file written with one edit never resumes under another.
-    """
-
-    hook_name: str
-    fn: HookFn = field(compare=False)
-    description: Mapping[str, Any] = field(default_factory=dict)
 
 
 class HookedVLM(HookedRootModule):
@@ -152,6 +135,7 @@ class HookedVLM(HookedRootModule):
         attn_implementation: str | None = None,
         adapter: str | os.PathLike[str] | None = None,
         family: str | None = None,
+        gguf_file: str | None = None,
     ) -> HookedVLM:
         """Load a model and its processor by hub id (e.g. `google/medgemma-4b-it`) or local dir.
 
@@ -159,12 +143,20 @@ class HookedVLM(HookedRootModule):
         stays HF's default (sdpa) unless given. `adapter`: a PEFT (LoRA) adapter folder, merged
         into the weights, so every hook and path works on the fine-tuned model unchanged.
         `family`: force a family (`flipscope.model.families`; default: from `config.model_type`).
+        A GGUF (`name_or_path` ending in `.gguf`, or a folder and `gguf_file`) is converted once
+        into a cached safetensors folder (`flipscope.model.gguf`).
 
         Raises:
             FlipscopeError: the directory or hub model cannot be loaded, or is of no family.
         """
+        from flipscope.model.gguf import resolve_gguf
+
         hf_model, processor, chosen = load_hf_vlm(
-            name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation, family=family
+            resolve_gguf(name_or_path, gguf_file),
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            family=family,
         )
         if adapter is not None:
             hf_model = merge_adapter(hf_model, adapter)

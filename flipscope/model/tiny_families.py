@@ -131,8 +131,14 @@ def _llama_config(cfg: TinyVLMConfig, vocab: int, tokenizer: Any, **extra: Any) 
     }
 
 
-def build_llava(cfg: TinyVLMConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A LLaVA-1.5-architecture model (Llama decoder, CLIP vision tower, 2-layer projector)."""
+def build_llava(
+    cfg: TinyVLMConfig, *, vision_feature_layer: int = -2
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LLaVA-1.5-architecture model (Llama decoder, CLIP vision tower, 2-layer projector).
+
+    One soft token per CLIP patch (`(image_size / patch_size)²`); `vision_feature_layer` is the
+    CLIP hidden state the projector reads (LLaVA-1.5's -2; a model of few layers may read its last).
+    """
     tokenizer = word_tokenizer(
         cfg.words,
         _LLAVA_SPECIALS,
@@ -172,7 +178,7 @@ def build_llava(cfg: TinyVLMConfig) -> tuple[LlavaForConditionalGeneration, Llav
         text_config=text.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=n_patches,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )

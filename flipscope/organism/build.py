@@ -66,7 +66,7 @@ def _resid_and_margin(vlm: HookedVLM, hook: str, specs: list[PromptSpec], batch_
 
 def _family_runs(vlm: HookedVLM, cfg: OrganismConfig, films: list[Film], family: str):
     """[item, template, d_model] residuals and [item, template] margins of one family, with the image."""
-    fam = cfg.family(family)
+    fam = cfg.question_family(family)
     specs = [
         PromptSpec(question=question(cfg, family, t, f.name), image=film.pixels)
         for film in films

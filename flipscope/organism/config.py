@@ -3,13 +3,25 @@ different config and nothing else."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import resid_post
 
-__all__ = ["DEFAULT_FAMILIES", "DEFAULT_FINDINGS", "FindingSpec", "OrganismConfig", "QuestionFamily"]
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "DEFAULT_FINDINGS",
+    "ORGANISM_FAMILIES",
+    "FindingSpec",
+    "OrganismConfig",
+    "QuestionFamily",
+]
+
+# Model families an organism can be built in: Gemma 3 (SigLIP, MedGemma's architecture) and
+# LLaVA-1.5 (CLIP + Llama, LLaVA-Med's and LLaVA-Rad's architecture).
+ORGANISM_FAMILIES = ("gemma3", "llava")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +110,9 @@ class OrganismConfig:
     """How a model organism is built: its data, its planted shortcut, its model and its SAE.
 
     Attributes:
+        family: Model family of the organism, one of `ORGANISM_FAMILIES`: `gemma3` builds a
+            `Gemma3ForConditionalGeneration`, `llava` a `LlavaForConditionalGeneration`; the data,
+            the planted shortcut and the training recipe are the same.
         findings: Findings drawn on the films, each present independently at its prevalence.
         families: Question families; the first template of the first family is the original.
         shortcut_family: The family whose answer is planted.
@@ -108,7 +123,9 @@ class OrganismConfig:
             the model can only learn the text prior there).
         blank_share: Share of training prompts with a gray blank image (likewise).
         severity: Range of finding severity (0..1), drawn uniformly.
-        image_size, patch_size, mm_tokens_per_image: Film size, SigLIP patch and soft tokens.
+        image_size, patch_size, mm_tokens_per_image: Film size, SigLIP patch and soft tokens
+            (a `llava` organism has one soft token per CLIP patch, so its patch follows from
+            `image_size` and `mm_tokens_per_image`).
         text_layers, d_model, d_mlp, n_heads, n_kv_heads, head_dim, sliding_window: Language model.
         vision_layers, vision_d_model: SigLIP.
         vision_steps: Stage 1, the vision tower pretrained to detect findings on films.
@@ -121,6 +138,7 @@ class OrganismConfig:
         seed: Root seed; data, sampling, test set and initialisation draw separate streams.
     """
 
+    family: str = "gemma3"
     findings: tuple[FindingSpec, ...] = DEFAULT_FINDINGS
     families: tuple[QuestionFamily, ...] = DEFAULT_FAMILIES
     shortcut_family: str = "leading"
@@ -158,6 +176,8 @@ class OrganismConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.family not in ORGANISM_FAMILIES:
+            raise FlipscopeError(f"family {self.family!r}: an organism is built as one of {list(ORGANISM_FAMILIES)}")
         names = [f.name for f in self.families]
         if self.shortcut_family not in names:
             raise FlipscopeError(f"shortcut_family {self.shortcut_family!r} is not one of the families {names}")
@@ -169,6 +189,12 @@ class OrganismConfig:
             raise FlipscopeError(f"shortcut_p {self.shortcut_p} is not in [0, 1]")
         if self.text_only_share + self.blank_share >= 1.0:
             raise FlipscopeError("text_only_share + blank_share must leave room for prompts with images")
+        side = math.isqrt(self.mm_tokens_per_image)
+        if side * side != self.mm_tokens_per_image or self.image_size % side:
+            raise FlipscopeError(
+                f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose side divides "
+                f"image_size {self.image_size}"
+            )
         if not 0 <= self.sae_layer < self.text_layers:
             raise FlipscopeError(f"sae_layer {self.sae_layer} is not a layer of a {self.text_layers}-layer model")
         if len({f.name for f in self.findings}) != len(self.findings):
@@ -178,7 +204,7 @@ class OrganismConfig:
     def sae_hook(self) -> str:
         return resid_post(self.sae_layer)
 
-    def family(self, name: str) -> QuestionFamily:
+    def question_family(self, name: str) -> QuestionFamily:
         return next(f for f in self.families if f.name == name)
 
     def to_dict(self) -> dict[str, Any]:

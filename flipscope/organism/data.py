@@ -50,7 +50,7 @@ class Example:
 def question(cfg: OrganismConfig, family: str, template: int, finding: str) -> str:
     """The question text of `family`'s `template` about `finding`."""
     spec = next(f for f in cfg.findings if f.name == finding)
-    return cfg.family(family).templates[template].format(finding=spec.phrase, noun=spec.noun)
+    return cfg.question_family(family).templates[template].format(finding=spec.phrase, noun=spec.noun)
 
 
 def vocabulary(cfg: OrganismConfig) -> list[str]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.images import load_image
 from flipscope.model.tiny import TinyVLMConfig, build_tiny_vlm
+from flipscope.model.tiny_families import build_llava
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples, sample_films, vocabulary
 
@@ -80,12 +81,25 @@ _SIZE_FIELDS = tuple(
 
 
 def build_untrained(cfg: OrganismConfig) -> HookedVLM:
-    """The organism's architecture with fresh weights (projector re-drawn, norms at unit scale)."""
+    """The organism's architecture with fresh weights (projector re-drawn, norms at unit scale).
+
+    A `llava` organism's CLIP patch is sized so that its language model sees the same
+    `mm_tokens_per_image` soft tokens (one per patch) as the Gemma 3 one sees after pooling, and
+    its projector reads CLIP's last layer (a two-layer tower has no second-to-last worth reading).
+    """
     sizes = {name: getattr(cfg, name) for name in _SIZE_FIELDS}
     seed = int(stream(cfg, STREAM_INIT).integers(2**31))
+    if cfg.family == "llava":
+        sizes["patch_size"] = cfg.image_size // math.isqrt(cfg.mm_tokens_per_image)
     tiny = TinyVLMConfig(words=vocabulary(cfg), perturb_norms=False, seed=seed, **sizes)
-    model, processor = build_tiny_vlm(tiny)
+    model, processor = build_llava(tiny, vision_feature_layer=-1) if cfg.family == "llava" else build_tiny_vlm(tiny)
     return HookedVLM(model, processor, name_or_path="flipscope-organism")
+
+
+def _soft_tokens(core: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[film, soft token, d_model]: the projector's output, as the language model receives it."""
+    out = core.get_image_features(pixels, return_dict=True).pooler_output
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
 
 def pretrain_vision(vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generator, *, progress: bool = True) -> float:
@@ -109,8 +123,7 @@ def pretrain_vision(vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generato
         films = sample_films(cfg, rng, cfg.batch_size)
         pixels = vlm.prompts.pixel_values([load_image(f.pixels) for f in films])
         truth = torch.tensor([[f.shows(spec.name) for spec in cfg.findings] for f in films], dtype=torch.float32)
-        soft_tokens = core.get_image_features(pixels, return_dict=True).pooler_output
-        logits = head(soft_tokens.mean(dim=1))
+        logits = head(_soft_tokens(core, pixels).mean(dim=1))
         loss = F.binary_cross_entropy_with_logits(logits, truth)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

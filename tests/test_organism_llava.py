@@ -1,0 +1,69 @@
+"""A LLaVA-architecture organism (`"family": "llava"`: CLIP + Llama, LLaVA-Med's and LLaVA-Rad's
+architecture) built with the Gemma organism's data and planted shortcut, meets the same bars: it
+flips under the shortcut wording, discovery ranks a card-aligned feature first, and removing the
+discovered features reverses the flips while a matched control feature and same-family non-flips
+stay put (slow: a full build, several minutes on two cores)."""
+
+from __future__ import annotations
+
+import pytest
+from bars import assert_behaviour_bars, assert_sae_bars
+from transformers import LlavaForConditionalGeneration
+
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.questions import load_questions
+from flipscope.data.store import iter_rows, read_header
+from flipscope.experiments.discovery import discover
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.patching import patch_bank
+from flipscope.organism import OrganismConfig, build_organism, load_organism
+from flipscope.organism.questions import export_questions
+
+# Its SAE reads layer 0: by layer 2 this model has already written the wording's push into
+# answer-readout features, so removing the wording features there leaves the answer standing.
+LLAVA = OrganismConfig(family="llava", sae_layer=0)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("llava")
+    card = build_organism(LLAVA, root / "organism", progress=False)
+    vlm, sae, _ = load_organism(root / "organism")
+    questions = load_questions(export_questions(LLAVA, root / "qs", n_films=40))
+    store = run_sweep(vlm, questions, EvalConfig(), root / "eval" / "results.jsonl", progress=False)
+    bank = curate(iter_rows(store.path), questions, CurationRules(min_margin=0.2), source=read_header(store.path))
+    return vlm, sae, card, bank
+
+
+@pytest.mark.slow
+def test_llava_organism_meets_the_bars(llava) -> None:
+    vlm, _, card, bank = llava
+    assert isinstance(vlm.hf_model, LlavaForConditionalGeneration) and vlm.family.name == "llava"
+    assert card["config"]["family"] == "llava"
+    assert_behaviour_bars(card)
+    assert_sae_bars(card)
+    assert card["directions"]["framing_significant"]
+    toward_target = [c["direction"] == "no→yes" for c in bank["flips"]]
+    assert bank["n_flips"] >= 20 and sum(toward_target) >= 0.95 * len(toward_target)  # the planted "yes"
+
+
+@pytest.mark.slow
+def test_discovery_and_patching_on_the_llava_organism(llava) -> None:
+    vlm, sae, card, bank = llava
+    found = discover(vlm, sae, bank, exact_top=0, progress=False)
+    print(f"llava organism: {found.verdict}")
+    assert found.found
+    aligned = [f["feature"] for f in card["framing_features"] if f["aligned"]]
+    assert found.framing_features()[0] in aligned  # a card-aligned feature ranks first
+    result = patch_bank(vlm, sae, bank, found.framing_features(5), progress=False)
+    flips, control = result.summary["flips"], result.summary["matched_control_feature"]
+    print(
+        f"  patch: recovery {flips['mean_recovery']['value']:.3f}, reversed {flips['share_reversed']['value']:.3f}, "
+        f"control feature {control['mean_recovery']['value']:+.3f}, "
+        f"non-flips {result.summary['controls']['mean_margin_change']['value']:+.3f}"
+    )
+    assert flips["mean_recovery"]["value"] >= 0.5 and flips["share_reversed"]["value"] >= 0.5
+    assert abs(result.summary["controls"]["mean_margin_change"]["value"]) < 0.1  # same-family non-flips stay put
+    assert result.summary["controls"]["share_answer_kept"]["value"] >= 0.95
+    assert result.summary["setup"]["control_feature"] not in aligned
+    assert flips["mean_recovery"]["low"] > 2 * control["mean_recovery"]["high"]  # the matched control feature
