@@ -12,6 +12,9 @@ interleaved round by round so drift hits every variant alike:
 - `naive` / `fast` (families whose fast path is on): 16 paraphrases of one question on one
   film, scored as one left-padded batch of full prompts or on one shared prefix.
 
+Each ratio is the median over rounds of the two variants' times in the same round (paired, so a
+slow stretch of the machine slows both; the order of the variants rotates each round).
+
 Run: `.venv/bin/python benchmarks/bench_families.py [--rounds N] [--out FILE]`.
 """
 
@@ -116,17 +119,26 @@ def _variants(vlm: HookedVLM, film: Image.Image) -> dict[str, Callable[[], objec
     return variants
 
 
-def _time(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _time(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each variant in each round; the order rotates every round so no variant
+    always runs first (or right after the most expensive one)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     with torch.no_grad():
         for fn in variants.values():
             fn()  # warm-up
-        for _ in range(rounds):
-            for name, fn in variants.items():
+        for round_ in range(rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+                variants[name]()
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of `name`'s time over `reference`'s in the same round (paired, so a
+    slow stretch of the machine slows both)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def main() -> None:
@@ -143,14 +155,15 @@ def main() -> None:
         for family in args.families.split(","):
             path = _checkpoint(family, Path(tmp))
             vlm = HookedVLM.from_pretrained(path, family="generic" if family == "generic" else None)
-            ms = _time(_variants(vlm, film), args.rounds)
+            times = _time(_variants(vlm, film), args.rounds)
+            ms = {k: statistics.median(v) for k, v in times.items()}
             row = {
                 "class": type(vlm.hf_model).__name__,
                 "n_params": sum(p.numel() for p in vlm.hf_model.parameters()),
-                "ms": {k: round(v, 2) for k, v in ms.items()},
-                "hooked_vs_hf": round(ms["hooked"] / ms["hf"], 3),
-                "hooked_hook_vs_hf": round(ms["hooked+hook"] / ms["hf"], 3),
-                "fast_vs_naive": round(ms["fast"] / ms["naive"], 3) if "fast" in ms else None,
+                "ms_median": {k: round(v, 2) for k, v in ms.items()},
+                "hooked_vs_hf": round(_ratio(times, "hooked", "hf"), 3),
+                "hooked_hook_vs_hf": round(_ratio(times, "hooked+hook", "hf"), 3),
+                "fast_vs_naive": round(_ratio(times, "fast", "naive"), 3) if "fast" in times else None,
                 "fast_path_off": vlm.fast_path_off,
             }
             results[family] = row

@@ -163,3 +163,18 @@ def test_flipscope_families_lists_every_family_with_its_fast_path() -> None:
         assert f"\n{family}: " in "\n" + result.output
     assert "fast path off: Qwen2.5-VL's multimodal rotary positions" in result.output
     assert "MedGemma 27B text" in result.output
+
+
+def test_the_family_benchmark_runs_and_records_its_ratios(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "families.json"
+    command = [sys.executable, str(root / "benchmarks" / "bench_families.py"), "--families", "gemma3_text,qwen2_5_vl"]
+    done = subprocess.run([*command, "--rounds", "1", "--out", str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())["families"]
+    assert record["gemma3_text"]["fast_vs_naive"] > 0 and record["qwen2_5_vl"]["fast_vs_naive"] is None
+    assert record["qwen2_5_vl"]["fast_path_off"] and all(r["hooked_vs_hf"] > 0 for r in record.values())

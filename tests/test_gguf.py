@@ -20,6 +20,7 @@ gguf = pytest.importorskip("gguf")
 from flipscope.errors import FlipscopeError  # noqa: E402
 from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
 from flipscope.model.gguf import CONVERTED_NAME, file_sha256, gemma3_270m_file, gguf_folder  # noqa: E402
+from flipscope.model.graft import graft_vision  # noqa: E402
 
 # llama.cpp's Gemma 3 tensor names → HF's, written out here rather than taken from transformers
 _BLOCK = {
@@ -117,3 +118,26 @@ def test_a_missing_or_unreadable_gguf_is_named(tmp_path: Path) -> None:
     with pytest.raises(FlipscopeError, match="cannot be read by transformers"):
         gguf_folder(bad, cache=tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir())  # nothing half-converted is left to be trusted
+
+
+def test_grafted_vision_keeps_the_language_model(folder: Path, vlm: HookedVLM, tmp_path: Path) -> None:
+    """The real LM given a SigLIP tower: without an image it is the LM alone (same prompt tokens,
+    same logits over the LM's vocabulary); with one, hooked logits are the plain HF forward's."""
+    model, processor = graft_vision(folder)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    grafted = HookedVLM.from_pretrained(tmp_path)
+    assert grafted.family.name == "gemma3" and grafted.n_layers == vlm.n_layers
+    question = "Is there a pleural effusion?"
+    text_only = grafted.prompts.build([PromptSpec(question=question, condition="none")])
+    alone = vlm.prompts.build([PromptSpec(question=question, condition="none")])
+    assert torch.equal(text_only.input_ids, alone.input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(text_only)[..., : vlm.hf_model.config.vocab_size], vlm(alone))
+        film = np.random.default_rng(0).integers(0, 256, size=(64, 64), dtype=np.uint8)
+        inputs = grafted.prompts.build(
+            [PromptSpec(question=question, image=film), PromptSpec(question=question, condition="blank")]
+        )
+        plain = grafted.hf_model(**grafted.family.forward_kwargs(grafted.hf_model, inputs.as_kwargs()), use_cache=False)
+        assert torch.equal(grafted(inputs), plain.logits)
+    assert float((grafted.score(inputs)[0] - grafted.score(inputs)[1]).abs()) > 0  # the image reaches the answer

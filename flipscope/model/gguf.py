@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
 __all__ = ["CONVERTED_NAME", "cache_root", "file_sha256", "gemma3_270m_file", "gguf_folder", "resolve_gguf"]
@@ -58,7 +59,7 @@ def gguf_folder(gguf_file: str | os.PathLike[str], *, cache: str | os.PathLike[s
     scratch = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}-", dir=folder.parent))
     try:
         _convert(path, scratch)
-        (scratch / CONVERTED_NAME).write_text(json.dumps({"source": path.name, "sha256": sha}, indent=2) + "\n")
+        write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
         if folder.exists():
             shutil.rmtree(folder)
         scratch.rename(folder)
