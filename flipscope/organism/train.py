@@ -114,7 +114,7 @@ def pretrain_vision(vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generato
     steps.
     """
     core = vlm.hf_model.model
-    head = torch.nn.Linear(cfg.d_model, len(cfg.findings))
+    head = torch.nn.Linear(vlm.d_model, len(cfg.findings))
     params = [*core.vision_tower.parameters(), *core.multi_modal_projector.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     hits, seen = 0, 0
