@@ -23,10 +23,9 @@ from transformers import (
     Gemma3Processor,
     SiglipVisionConfig,
 )
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from flipscope.errors import FlipscopeError
-from flipscope.model.tiny import GEMMA_CHAT_TEMPLATE
+from flipscope.model.tiny import GEMMA_CHAT_TEMPLATE, gemma3_processor
 
 __all__ = ["IMAGE_TOKENS", "graft_vision"]
 
@@ -101,19 +100,4 @@ def graft_vision(
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, proj.shape[0] ** -0.5)
-    return model.eval(), _processor(tokenizer, image_size, mm_tokens_per_image)
-
-
-def _processor(tokenizer: Any, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-    )
-    return Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-        image_seq_length=mm_tokens_per_image,
-    )
+    return model.eval(), gemma3_processor(tokenizer, image_size=image_size, mm_tokens_per_image=mm_tokens_per_image)

@@ -204,9 +204,9 @@ def gemma_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
-    """A `Gemma3Processor` with a word-level tokenizer over `words` and Gemma's special tokens."""
-    tokenizer = gemma_tokenizer(words)
+def gemma3_processor(tokenizer: Any, *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
+    """A `Gemma3Processor` around `tokenizer` (which carries Gemma's named image tokens), with square
+    `image_size` films and the tokenizer's chat template (Gemma 3's where it has none)."""
     image_processor = Gemma3ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
@@ -216,9 +216,14 @@ def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_imag
     return Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=GEMMA_CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template or GEMMA_CHAT_TEMPLATE,
         image_seq_length=mm_tokens_per_image,
     )
+
+
+def build_processor(words: Sequence[str], *, image_size: int, mm_tokens_per_image: int) -> Gemma3Processor:
+    """A `Gemma3Processor` with a word-level tokenizer over `words` and Gemma's special tokens."""
+    return gemma3_processor(gemma_tokenizer(words), image_size=image_size, mm_tokens_per_image=mm_tokens_per_image)
 
 
 def _layer_types(cfg: TinyVLMConfig) -> list[str]:
