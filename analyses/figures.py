@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flipscope.reporting.demo import build_figures
+from flipscope.reporting.demo_figures import build_figures
 from flipscope.reporting.files import save_figures
 
 

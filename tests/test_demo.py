@@ -68,7 +68,7 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 5
+    assert len(readings) == 6
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
@@ -79,7 +79,7 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 def test_demo_writes_every_figure_and_the_report(demo) -> None:
     out, output, summary = demo
     assert f"report: {out / 'report.html'}" in output
-    assert "[9/9] writing the report" in output
+    assert "[10/10] writing the report" in output
     for name in FIGURES:
         assert (out / f"{name}.html").is_file()
         assert json.loads((out / f"{name}.json").read_text())["demo"]["seed"] == summary["settings"]["seed"]

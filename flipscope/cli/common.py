@@ -142,15 +142,25 @@ def shard_stores(folders: list[Path], name: str = "results.jsonl") -> list[Path]
     return stores
 
 
+def model_source(model: str | None) -> str:
+    """What `from_pretrained` reads for MODEL: an organism (None: the default; a shipped name; a
+    directory with a card) as its checkpoint, assembled first for one on a real base; else MODEL."""
+    from flipscope.organism import SHIPPED, organism_checkpoint
+    from flipscope.organism.build import CARD_NAME
+
+    if model is None or model in SHIPPED or (Path(model) / CARD_NAME).is_file():
+        return str(organism_checkpoint(model))
+    return model
+
+
 def load_model(model: str | None, dtype: str, device: str, adapter: Path | None = None):
     """The model (default: the shipped organism), with `adapter` merged in if given."""
     import torch
 
     from flipscope.model.hooked import HookedVLM
-    from flipscope.organism import default_organism_dir
 
     check_dtype(dtype)
-    source = model if model is not None else str(default_organism_dir())
+    source = model_source(model)
     return HookedVLM.from_pretrained(source, dtype=getattr(torch, dtype), device=device, adapter=adapter)
 
 
@@ -176,18 +186,20 @@ def load_any_model(
         from flipscope.model.adapter import load_model_adapter
 
         return load_model_adapter(model_adapter, model)
-    return HookedVLM.from_pretrained(model, dtype=getattr(torch, dtype), device=device, adapter=adapter, family=family)
+    return HookedVLM.from_pretrained(
+        model_source(model), dtype=getattr(torch, dtype), device=device, adapter=adapter, family=family
+    )
 
 
 def load_model_and_sae(
     model: str | None, sae: str | None, sae_id: str | None, dtype: str, device: str, adapter: Path | None = None
 ):
     """The model (default: the shipped organism; `adapter` merged in) and its SAE (default: MODEL/sae)."""
-    from flipscope.organism import default_organism_dir
+    from flipscope.organism import SHIPPED, organism_dir
     from flipscope.sae.load import load_sae
 
     vlm = load_model(model, dtype, device, adapter)
-    source = model if model is not None else str(default_organism_dir())
+    source = str(organism_dir(model)) if model is None or model in SHIPPED else model  # the SAE ships beside
     return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
 
 

@@ -8,22 +8,33 @@ import typer
 
 from flipscope.cli.common import app, fmt, one_line_errors, organism_app, writable
 from flipscope.errors import FlipscopeError
+from flipscope.reporting.format import num
 
 
 @organism_app.command("build")
 def organism_build(
     out: Path = typer.Option(..., help="Directory to write the organism to (model, processor, sae/, card)."),
     config: Path | None = typer.Option(
-        None, help="JSON file of OrganismConfig fields; omitted fields keep their defaults."
+        None,
+        help="JSON file of OrganismConfig fields (omitted fields keep their defaults), or a shipped "
+        "organism's name (default, gemma3-270m) to rebuild it.",
     ),
 ) -> None:
     """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
     import json
 
     from flipscope.organism import OrganismConfig, build_organism
+    from flipscope.organism.config import PRESETS
 
     try:
-        cfg = OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8"))) if config else OrganismConfig()
+        if config is not None and str(config) in PRESETS and not config.exists():
+            cfg = OrganismConfig.preset(str(config))
+        else:
+            cfg = (
+                OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8")))
+                if config
+                else OrganismConfig()
+            )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
     except FlipscopeError as err:
@@ -33,8 +44,8 @@ def organism_build(
     b = card["behaviour"]
     typer.echo(f"built {out} in {card['build']['seconds']:.0f} s")
     typer.echo(
-        f"neutral accuracy {b['neutral_accuracy']:.3f}, flip rate {b['flip_rate']:.3f}, "
-        f"flips with the shortcut family {b['flips_involving_shortcut']:.3f}"
+        f"neutral accuracy {num(b['neutral_accuracy'])}, flip rate {num(b['flip_rate'])}, "
+        f"flips with the {card['shortcut']['family']} family {num(b['flips_involving_shortcut'])}"
     )
     typer.echo(f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; {_framing_line(card)}")
 
@@ -42,6 +53,8 @@ def organism_build(
 def _framing_line(card: dict) -> str:
     """The card's framing verdict: a framing feature only when the direction beats its null."""
     d = card["directions"]
+    if d is None:
+        return "nothing planted, so no ground-truth framing direction"
     null = max(d["framing_null_norms"])
     if not d["framing_significant"]:
         return (
@@ -61,7 +74,9 @@ def _framing_line(card: dict) -> str:
 @organism_app.command("flipbank")
 def organism_flipbank(
     out: Path = typer.Option(..., help="Folder to write films, questions, evaluation and flipbank.json to."),
-    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    organism: Path | None = typer.Option(
+        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
+    ),
     n_films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
     min_margin: float = typer.Option(0.2, help="Keep flips whose two margins are both at least this far from 0."),
 ) -> None:
@@ -86,8 +101,12 @@ def organism_flipbank(
 def demo(
     out: Path = typer.Option(Path("figures"), help="Folder for the figures, summary.json and report.html."),
     work: Path | None = typer.Option(None, help="Folder for the stages' resumable stores (default: OUT/work)."),
-    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
-    films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
+    organism: Path | None = typer.Option(
+        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
+    ),
+    films: int | None = typer.Option(
+        None, help="Held-out films to evaluate, 4 questions each (default 40; 20 for an organism on a real base)."
+    ),
     png: bool = typer.Option(True, help="Also render PNGs (needs Chromium; skipped with a message if absent)."),
     study: bool = typer.Option(
         False,
@@ -95,7 +114,7 @@ def demo(
     ),
 ) -> None:
     """The main job: evaluate the organism, curate its FlipBank, discover, patch, clamp, and write the report."""
-    from flipscope.reporting.demo import DemoConfig, run_demo
+    from flipscope.reporting.demo import run_demo
 
     if study:
         _study(out, organism, films, png)
@@ -104,7 +123,7 @@ def demo(
         writable(out, folder=True)
         if work is not None:
             writable(work, folder=True, option="--work")
-        s = run_demo(out, work, organism=organism, cfg=DemoConfig(n_films=films), png=png, echo=typer.echo)
+        s = run_demo(out, work, organism=organism, n_films=films, png=png, echo=typer.echo)
     o = s["evaluation"]["overall"]
     disc = s["patching"]["discovered"]
     c = s["clamping"]
@@ -126,13 +145,13 @@ def demo(
     typer.echo(f"report: {out / 'report.html'}")
 
 
-def _study(out: Path, organism: Path | None, films: int, png: bool) -> None:
+def _study(out: Path, organism: Path | None, films: int | None, png: bool) -> None:
     from flipscope.reporting.compare_report import correlation_sentence, screening_sentence
     from flipscope.reporting.study import run_study
 
     with one_line_errors():
         writable(out, folder=True)
-        found = run_study(out, organism=organism, n_films=films, png=png, echo=typer.echo)
+        found = run_study(out, organism=organism, n_films=films if films is not None else 40, png=png, echo=typer.echo)
     for name in found["names"]:
         t = found["runs"][name]
         typer.echo(
@@ -148,7 +167,9 @@ def _study(out: Path, organism: Path | None, films: int, png: bool) -> None:
 @organism_app.command("finetune")
 def organism_finetune(
     out: Path = typer.Option(..., help="Folder to write the adapters to, one subfolder per configuration."),
-    organism: Path | None = typer.Option(None, help="Organism directory (default: the shipped organism)."),
+    organism: Path | None = typer.Option(
+        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
+    ),
     only: str | None = typer.Option(None, help="Comma-separated configuration names (default: all of them)."),
 ) -> None:
     """LoRA-fine-tune the organism the way deployment fine-tunes are made (consistent, text-heavy data);

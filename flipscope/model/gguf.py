@@ -27,10 +27,11 @@ __all__ = ["CONVERTED_NAME", "cache_root", "file_sha256", "gemma3_270m_file", "g
 CONVERTED_NAME = "flipscope_gguf.json"
 
 
-def cache_root() -> Path:
-    """Where converted checkpoints live: `$FLIPSCOPE_CACHE/gguf`, else `~/.cache/flipscope/gguf`."""
+def cache_root(kind: str = "gguf") -> Path:
+    """Where built checkpoints of one kind live: `$FLIPSCOPE_CACHE/<kind>`, else
+    `~/.cache/flipscope/<kind>` (`gguf`: converted GGUFs; `organisms`: assembled organisms)."""
     base = os.environ.get("FLIPSCOPE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "flipscope") / "gguf"
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "flipscope") / kind
 
 
 def file_sha256(path: Path) -> str:

@@ -36,13 +36,13 @@ def build_flipbank(
     """Export `n_films` held-out films of the organism, evaluate them with the image, curate by
     `rules` and write the FlipBank; returns the path of `flipbank.json`."""
     from flipscope.model.hooked import HookedVLM
-    from flipscope.organism import default_organism_dir
+    from flipscope.organism import organism_checkpoint, organism_dir
 
-    directory = Path(organism) if organism is not None else default_organism_dir()
+    directory = organism_dir(organism)
     cfg = OrganismConfig.from_dict(load_card(directory)["config"])
     out = Path(out)
     questions = load_questions(export_questions(cfg, out, n_films=n_films))
-    vlm = HookedVLM.from_pretrained(directory)
+    vlm = HookedVLM.from_pretrained(organism_checkpoint(directory))
     store = run_sweep(
         vlm, questions, EvalConfig(conditions=("image",)), out / "evaluation" / "results.jsonl", progress=progress
     )

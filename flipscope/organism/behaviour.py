@@ -18,6 +18,7 @@ from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question
+from flipscope.stats import bootstrap
 
 __all__ = ["MarginTable", "margin_table", "summarize"]
 
@@ -67,7 +68,13 @@ def _share(mask: np.ndarray) -> float | None:
 
 
 def summarize(table: MarginTable, cfg: OrganismConfig) -> dict:
-    """The card's behaviour block (shares in 0..1; None where a share has no items)."""
+    """The card's behaviour block (shares in 0..1; None where a share has no items).
+
+    An item flips when any prompt's answer differs from the original question's (with the
+    image); `flips_by_family` is the share of items a family's own wordings flip (the first
+    family: its other templates), and `flips_by_direction` counts flipped items by the original
+    answer.
+    """
     image = table.margins[:, :, 0] > 0
     blank = table.margins[:, :, 1] > 0
     truth = table.truths[:, None]
@@ -87,6 +94,16 @@ def summarize(table: MarginTable, cfg: OrganismConfig) -> dict:
 
     return {
         "n_items": int(len(table.truths)),
+        "n_flips": int(flipped.sum()),
+        "flip_rate_ci": bootstrap(flipped, seed=cfg.seed).to_dict(),
+        "flips_by_family": {
+            fam.name: _share((image[:, table.family_columns(fam.name)] != image[:, :1]).any(axis=1))
+            for fam in cfg.families
+        },
+        "flips_by_direction": {
+            "yes→no": int((flipped & image[:, 0]).sum()),
+            "no→yes": int((flipped & ~image[:, 0]).sum()),
+        },
         "neutral_accuracy": _share(image[:, neutral] == truth),
         "neutral_accuracy_by_finding": {
             f: _share(image[table.findings == f][:, neutral] == truth[table.findings == f]) for f in findings

@@ -32,7 +32,13 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.organism.behaviour import margin_table, summarize
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question, sample_films
-from flipscope.organism.sae_train import collect_activations, sae_stats, save_sae, train_sae
+from flipscope.organism.sae_train import (
+    collect_activations,
+    generated_text_activations,
+    sae_stats,
+    save_sae,
+    train_sae,
+)
 from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream, train_model
 
 __all__ = [
@@ -185,6 +191,81 @@ def _vector(v: Float[Tensor, " d_model"]) -> list[float]:
     return [round(float(x), 6) for x in v]
 
 
+TRAINING_FILE = "training.json"
+# Fields that only the SAE and the card read: changing them keeps a real-base organism's deltas.
+_AFTER_TRAINING = ("sae_layer", "d_sae", "sae_prompts", "sae_steps", "sae_batch", "sae_lr", "sae_target_l0",
+                   "sae_init_threshold", "test_items")  # fmt: skip
+
+
+def _training_block(cfg: OrganismConfig, log: Any) -> dict[str, Any]:
+    return {
+        # a real base's stage 1 aligns soft tokens to words: its score is their cosine
+        ("vision_accuracy" if cfg.base is None else "vision_word_cosine"): log.vision_accuracy,
+        "final_loss": log.loss[-1] if log.loss else None,
+        "final_accuracy": log.accuracy[-1] if log.accuracy else None,
+    }
+
+
+def _train_and_save(cfg: OrganismConfig, out: Path, progress: bool) -> tuple[HookedVLM, dict[str, Any]]:
+    """Train the model and write it to `out`: the whole checkpoint, or for a real base only the
+    deltas with `training.json` (the training config and result), then reassemble the model from
+    them as `load_organism` will. A real-base build whose `out` already holds deltas trained with
+    the same training config resumes from them (the SAE and the card are redone)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.base is None:
+        vlm, log = train_model(cfg, progress=progress)
+        vlm.hf_model.save_pretrained(out, safe_serialization=True)
+        vlm.processor.save_pretrained(out)
+        return vlm, _training_block(cfg, log)
+    from flipscope.organism.deltas import assemble, delta_files, save_deltas
+    from flipscope.organism.real import train_real
+
+    training = {k: v for k, v in cfg.to_dict().items() if k not in _AFTER_TRAINING}
+    marker = out / TRAINING_FILE
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if done.get("config") != json.loads(json.dumps(training)):
+        start = time.perf_counter()
+        model, _, log = train_real(cfg, progress=progress)
+        save_deltas(model, out)
+        done = {"config": training, "training": _training_block(cfg, log)}
+        done["training"]["seconds"] = round(time.perf_counter() - start, 1)
+        write_json(marker, done, allow_nan=False)
+    sha256 = {name: _sha256(out / name) for name in delta_files(out)}
+    return HookedVLM.from_pretrained(assemble(out, cfg, sha256)), done["training"]
+
+
+def _sae_data(vlm: HookedVLM, cfg: OrganismConfig) -> tuple[Tensor, Tensor]:
+    """Training and held-out activations: the organism's prompts, and for a real base also the
+    text it writes itself (BOS dropped)."""
+    real = cfg.base is not None
+    sae_rng = stream(cfg, STREAM_SAE)
+    acts = collect_activations(vlm, cfg, sae_rng, cfg.sae_prompts, drop_first=real)
+    held_out = collect_activations(vlm, cfg, sae_rng, max(cfg.sae_prompts // 5, 64), drop_first=real)
+    if real:
+        text = generated_text_activations(vlm, cfg, n_texts=REAL_TEXTS, n_tokens=REAL_TEXT_TOKENS)
+        cut = len(text) * 4 // 5
+        acts, held_out = torch.cat([acts, text[:cut]]), torch.cat([held_out, text[cut:]])
+    return acts, held_out
+
+
+# Text a real base writes for its SAE: sequences × tokens (about a sixth of the prompts' tokens;
+# sampling costs ~0.5 s a token for the batch on two cores).
+REAL_TEXTS, REAL_TEXT_TOKENS = 32, 96
+
+
+def _directions_block(directions: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "cosine_framing_answer": directions["cosine_framing_answer"],
+        "framing_norm": float(directions["framing"].norm()),
+        "framing_null_norms": [round(float(v), 6) for v in directions["null_norms"]],
+        "framing_significant": directions["significant"],
+        "framing_items": directions["n_items"],
+        "framing": _vector(directions["framing"]),
+        "framing_orth": _vector(directions["framing_orth"]),
+        "answer": None if directions["answer"] is None else _vector(directions["answer"]),
+    }
+
+
 def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train the model and its SAE, measure them on held-out films, and write everything to `out`.
 
@@ -192,22 +273,17 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
     """
     out = Path(out)
     start = time.perf_counter()
-    vlm, log = train_model(cfg, progress=progress)
+    vlm, training = _train_and_save(cfg, out, progress)
     with deterministic(cfg.threads):
-        sae_rng = stream(cfg, STREAM_SAE)
-        acts = collect_activations(vlm, cfg, sae_rng, cfg.sae_prompts)
-        held_out = collect_activations(vlm, cfg, sae_rng, max(cfg.sae_prompts // 5, 64))
+        acts, held_out = _sae_data(vlm, cfg)
         trained_sae = train_sae(acts, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    vlm.hf_model.save_pretrained(out, safe_serialization=True)
-    vlm.processor.save_pretrained(out)
-    sae = save_sae(trained_sae, out / SAE_DIR)
+    sae = save_sae(trained_sae, out / SAE_DIR, half=cfg.base is not None)
     build_seconds = time.perf_counter() - start
 
     with deterministic(cfg.threads):
         test_films = sample_films(cfg, stream(cfg, STREAM_TEST), cfg.test_items)
         table = margin_table(vlm, cfg, test_films)
-        directions = framing_directions(vlm, cfg, test_films, sae)
+        directions = framing_directions(vlm, cfg, test_films, sae) if cfg.base is None else None
     card: dict[str, Any] = {
         "format": "flipscope-organism/1",
         "config": cfg.to_dict(),
@@ -219,24 +295,11 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
             "torch": torch.__version__,
             "machine": platform.machine(),
         },
-        "training": {
-            "vision_accuracy": log.vision_accuracy,
-            "final_loss": log.loss[-1] if log.loss else None,
-            "final_accuracy": log.accuracy[-1] if log.accuracy else None,
-        },
+        "training": training,
         "behaviour": summarize(table, cfg),
         "sae": sae_stats(sae, held_out),
-        "directions": {
-            "cosine_framing_answer": directions["cosine_framing_answer"],
-            "framing_norm": float(directions["framing"].norm()),
-            "framing_null_norms": [round(float(v), 6) for v in directions["null_norms"]],
-            "framing_significant": directions["significant"],
-            "framing_items": directions["n_items"],
-            "framing": _vector(directions["framing"]),
-            "framing_orth": _vector(directions["framing_orth"]),
-            "answer": None if directions["answer"] is None else _vector(directions["answer"]),
-        },
-        "framing_features": aligned_features(sae, directions),
+        "directions": None if directions is None else _directions_block(directions),
+        "framing_features": [] if directions is None else aligned_features(sae, directions),
     }
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != CARD_NAME)
     card["sha256"] = {str(p.relative_to(out)): _sha256(p) for p in files}

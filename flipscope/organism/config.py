@@ -11,6 +11,8 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import resid_post
 
 __all__ = [
+    "BASES",
+    "PRESETS",
     "DEFAULT_FAMILIES",
     "DEFAULT_FINDINGS",
     "ORGANISM_FAMILIES",
@@ -22,6 +24,10 @@ __all__ = [
 # Model families an organism can be built in: Gemma 3 (SigLIP, MedGemma's architecture) and
 # LLaVA-1.5 (CLIP + Llama, LLaVA-Med's and LLaVA-Rad's architecture).
 ORGANISM_FAMILIES = ("gemma3", "llava")
+
+# Real pretrained language models an organism can be built on (`OrganismConfig.base`): name → its
+# number of layers (the organism's own sizes do not apply to them).
+BASES = {"gemma3-270m": 18}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,9 +139,14 @@ class OrganismConfig:
             counts; no time limit).
         threads: CPU threads of the build; part of its settings, since it changes the bits.
         sae_layer: Layer whose `hook_resid_post` the SAE reads.
-        d_sae, sae_prompts, sae_steps, sae_batch, sae_lr, sae_target_l0: The SAE.
+        d_sae, sae_prompts, sae_steps, sae_batch, sae_lr, sae_target_l0, sae_init_threshold: The SAE
+            (JumpReLU thresholds start at `sae_init_threshold`, in units of the normalised input).
         test_items: Held-out films for the measured behaviour.
         seed: Root seed; data, sampling, test set and initialisation draw separate streams.
+        base: A real pretrained language model from `BASES` to build on instead of a fresh one
+            (`flipscope.organism.real`): its weights stay as shipped, a LoRA of rank
+            `lora_rank` teaches it to answer, and the language-model sizes above are unused.
+        lora_rank: Rank of that LoRA.
     """
 
     family: str = "gemma3"
@@ -172,8 +183,11 @@ class OrganismConfig:
     sae_batch: int = 512
     sae_lr: float = 1e-3
     sae_target_l0: float = 12.0
+    sae_init_threshold: float = 0.01
     test_items: int = 200
     seed: int = 0
+    base: str | None = None
+    lora_rank: int = 8
 
     def __post_init__(self) -> None:
         if self.family not in ORGANISM_FAMILIES:
@@ -195,10 +209,29 @@ class OrganismConfig:
                 f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose side divides "
                 f"image_size {self.image_size}"
             )
-        if not 0 <= self.sae_layer < self.text_layers:
-            raise FlipscopeError(f"sae_layer {self.sae_layer} is not a layer of a {self.text_layers}-layer model")
+        if self.base is not None and (self.base not in BASES or self.family != "gemma3"):
+            raise FlipscopeError(f"base {self.base!r}: an organism builds on one of {sorted(BASES)}, as family gemma3")
+        if self.base is not None and self.mm_tokens_per_image != len(self.findings):
+            raise FlipscopeError(
+                f"base {self.base!r}: mm_tokens_per_image must equal the number of findings "
+                f"({len(self.findings)}), one soft token per finding's word"
+            )
+        n_layers = BASES[self.base] if self.base is not None else self.text_layers
+        if not 0 <= self.sae_layer < n_layers:
+            raise FlipscopeError(f"sae_layer {self.sae_layer} is not a layer of a {n_layers}-layer model")
         if len({f.name for f in self.findings}) != len(self.findings):
             raise FlipscopeError("finding names repeat")
+
+    @classmethod
+    def preset(cls, name: str) -> OrganismConfig:
+        """The config a shipped organism was built with (`PRESETS`).
+
+        Raises:
+            FlipscopeError: no such preset.
+        """
+        if name not in PRESETS:
+            raise FlipscopeError(f"no organism preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
 
     @property
     def sae_hook(self) -> str:
@@ -238,3 +271,30 @@ class OrganismConfig:
             raise
         except (TypeError, KeyError, ValueError) as err:
             raise FlipscopeError(f"organism config: a field has the wrong shape ({err})") from err
+
+
+# The configs of the shipped organisms, by name (fields that differ from the defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # google/gemma-3-270m with a grafted tower (one soft token per finding, aligned to its words)
+    # and a rank-8 LoRA; nothing planted; the SAE on the middle layer, 2,048 wide.
+    "gemma3-270m": {
+        "base": "gemma3-270m",
+        "shortcut_p": 0.0,
+        "severity": (0.3, 1.0),  # faint findings too: borderline films are where a real model flips
+        "mm_tokens_per_image": 4,
+        "vision_steps": 300,
+        "steps": 150,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "sae_layer": 9,
+        "d_sae": 2048,
+        "sae_prompts": 600,
+        "sae_steps": 1000,
+        "sae_batch": 1024,
+        "sae_lr": 5e-3,  # the thresholds have far to rise from their start in 1,000 steps
+        "sae_target_l0": 32.0,
+        "sae_init_threshold": 0.1,
+        "test_items": 10,
+    },
+}

@@ -16,19 +16,43 @@ from PIL import Image
 from flipscope.data.atomic import write_atomic
 from flipscope.errors import FlipscopeError
 from flipscope.organism.config import OrganismConfig
-from flipscope.organism.data import question, sample_films
+from flipscope.organism.data import Film, question, sample_films
 from flipscope.organism.films import SITES
 from flipscope.organism.train import STREAM_TEST, stream
 
-__all__ = ["export_questions"]
+__all__ = ["export_questions", "report_text"]
+
+_SIZES = ((0.67, "small"), (0.84, "moderate"), (1.01, "large"))
 
 
-def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None = None, site: str = "site1") -> Path:
+def report_text(cfg: OrganismConfig, film: Film) -> str:
+    """A one-sentence radiology report of what the film shows (severity as small / moderate /
+    large), the evidence a text-only model is given in place of the film."""
+    shown = [
+        f"{next(word for top, word in _SIZES if film.severities[f.name] < top)} {f.noun}"
+        for f in cfg.findings
+        if film.shows(f.name)
+    ]
+    absent = [f.noun for f in cfg.findings if not film.shows(f.name)]
+    parts = []
+    if shown:
+        parts.append("Findings: " + ", ".join(shown) + ".")
+    if absent:
+        parts.append("No " + " or ".join(absent) + ".")
+    return " ".join(parts)
+
+
+def export_questions(
+    cfg: OrganismConfig, out: str | Path, n_films: int | None = None, site: str = "site1", *, report: bool = False
+) -> Path:
     """Write `n_films` held-out films (default `cfg.test_items`) and their questions to `out`.
 
     `site` is the acquisition style (`flipscope.organism.films.SITES`): the second site draws the
     same patients (findings and severities) as the first, filmed differently; its question ids
     start with the site's name, so runs on the two sites never pass for runs on one.
+
+    With `report`, each question carries the film's one-sentence report (`report_text`) as its
+    `context` instead of the image, for a text-only model.
 
     Returns the path of `questions.jsonl` (images under `out/images/`, referenced relatively).
     """
@@ -45,10 +69,11 @@ def export_questions(cfg: OrganismConfig, out: str | Path, n_films: int | None =
         Image.fromarray(film.pixels).save(out / image)
         for finding in cfg.findings:
             texts = [question(cfg, fam, t, finding.name) for fam, t in prompts]
+            evidence = {"context": report_text(cfg, film)} if report else {"image": str(image)}
             lines.append(
                 {
                     "id": f"{prefix}film{number:04d}-{finding.name}",
-                    "image": str(image),
+                    **evidence,
                     "finding": finding.name,
                     "answer": "yes" if film.shows(finding.name) else "no",
                     "question": texts[0],

@@ -12,6 +12,7 @@ with `sae_lens.SAE.load_from_disk`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,29 +23,68 @@ from sae_lens import SAE, JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEC
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
 
-__all__ = ["collect_activations", "sae_stats", "save_sae", "train_sae"]
+__all__ = ["collect_activations", "generated_text_activations", "sae_stats", "save_sae", "train_sae"]
 
 logger = logging.getLogger(__name__)
+
+SAE_WEIGHTS = "sae_weights.safetensors"
+
+
+def _real_tokens(mask: Tensor, drop_first: bool) -> Tensor:
+    """The attention mask as booleans, without each row's first real token when `drop_first`
+    (a pretrained model's BOS residual is an outlier hundreds of times the norm of the rest)."""
+    keep = mask.bool()
+    if drop_first:
+        keep[torch.arange(len(keep)), keep.int().argmax(1)] = False
+    return keep
 
 
 @torch.no_grad()
 def collect_activations(
-    vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generator, n_prompts: int, batch_size: int = 128
+    vlm: HookedVLM,
+    cfg: OrganismConfig,
+    rng: np.random.Generator,
+    n_prompts: int,
+    batch_size: int = 128,
+    *,
+    drop_first: bool = False,
 ) -> Float[Tensor, "n_tokens d_model"]:
     """Residual-stream activations at `cfg.sae_hook`, every real token of `n_prompts` prompts."""
     chunks: list[Tensor] = []
     for start in range(0, n_prompts, batch_size):
         examples = sample_examples(cfg, rng, min(batch_size, n_prompts - start))
         batch = vlm.prompts.build([e.spec for e in examples])
-        _, cache = vlm.run_with_cache(batch, names_filter=cfg.sae_hook)
-        chunks.append(cache[cfg.sae_hook][batch.attention_mask.bool()])
+        _, cache = vlm.run_with_cache(batch, names_filter=cfg.sae_hook, logits_to_keep=1)
+        chunks.append(cache[cfg.sae_hook][_real_tokens(batch.attention_mask, drop_first)])
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def generated_text_activations(
+    vlm: HookedVLM, cfg: OrganismConfig, n_texts: int, n_tokens: int, top_k: int = 50
+) -> Float[Tensor, "n_tokens d_model"]:
+    """Activations at `cfg.sae_hook` on ordinary text the model writes itself: `n_texts`
+    continuations of BOS alone, `n_tokens` each, top-`top_k` sampled (seeded by `cfg.seed`) with
+    the KV cache. Text the model finds likely is the distribution a real SAE is trained on;
+    prompts alone would give a dictionary of the prompt templates."""
+    model = vlm.hf_model
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.full((n_texts, 1), vlm.processor.tokenizer.bos_token_id)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    tokens = [ids]
+    for _ in range(n_tokens):
+        top = out.logits[:, -1].float().topk(top_k, dim=-1)
+        tokens.append(top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=generator)))
+        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    _, cache = vlm.run_with_cache({"input_ids": torch.cat(tokens, 1)}, names_filter=cfg.sae_hook, logits_to_keep=1)
+    return cache[cfg.sae_hook][:, 1:].flatten(0, 1)
 
 
 def _batches(acts: Tensor, batch: int, seed: int) -> Iterator[Tensor]:
@@ -64,7 +104,7 @@ def train_sae(acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig) -> J
         jumprelu_sparsity_loss_mode="quadratic",
         target_l0=cfg.sae_target_l0,
         l0_coefficient=1.0,
-        jumprelu_init_threshold=0.01,
+        jumprelu_init_threshold=cfg.sae_init_threshold,
         jumprelu_bandwidth=0.1,
         # Anthropic's pre-activation loss pulls dead features back above threshold; at 1e-3 it
         # kept the share of dead features on held-out tokens under 20% on the default organism.
@@ -89,9 +129,19 @@ def train_sae(acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig) -> J
     return trainer.fit()
 
 
-def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path) -> JumpReLUSAE:
-    """Write the inference SAE in sae-lens's format and load it back through the user's path."""
+def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path, *, half: bool = False) -> JumpReLUSAE:
+    """Write the inference SAE in sae-lens's format and load it back through the user's path.
+
+    With `half` the weights are stored in float16 (a 2,048 × 640 dictionary in float32 is over
+    10 MB); `cfg.json` keeps float32, so sae-lens loads them back as float32.
+    """
     trained.save_inference_model(directory)
+    if half:
+        weights = Path(directory) / SAE_WEIGHTS
+        tensors = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
+        scratch = weights.with_name(f".{weights.name}.tmp")
+        save_file(tensors, str(scratch))
+        os.replace(scratch, weights)
     loaded = SAE.load_from_disk(str(directory), device="cpu")
     assert isinstance(loaded, JumpReLUSAE)
     return loaded

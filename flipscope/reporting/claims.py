@@ -14,7 +14,15 @@ from typing import Any
 
 from flipscope.reporting.format import MIN_CASES, fmt
 
-__all__ = ["ablation_agreement", "family_concentration", "framing_entry", "peak_layer"]
+__all__ = [
+    "ablation_agreement",
+    "family_concentration",
+    "framing_entry",
+    "peak_layer",
+    "beats_control",
+    "replicated",
+    "replication",
+]
 
 
 def family_concentration(by_strategy: Mapping[str, Mapping[str, Any]], family: str, what: str = "") -> str:
@@ -91,3 +99,63 @@ def framing_entry(upstream: Mapping[str, Any]) -> str:
         f"; from layer {entry}'s input on, the last position alone carries {fmt(row['last position'])}: the "
         f"framing reaches the answer position in {within}."
     )
+
+
+def replicated(run: Mapping[str, Any]) -> bool:
+    """Whether features chosen on one half recover margin on the other: the held-out recovery's
+    interval above 0, on at least `MIN_CASES` flips."""
+    flips = run["patch"]["flips"]
+    rec = flips["mean_recovery"]
+    if flips["n"] < MIN_CASES or not all(
+        isinstance(rec[k], int | float) and math.isfinite(rec[k]) for k in ("low", "high")
+    ):
+        return False
+    return rec["low"] > 0
+
+
+def beats_control(run: Mapping[str, Any]) -> bool | None:
+    """Whether the held-out recovery's interval lies above the matched control feature's (None
+    when there was no control feature)."""
+    rec = run["patch"]["flips"]["mean_recovery"]
+    control = run["patch"].get("matched_control_feature", {}).get("mean_recovery")
+    if not control or not control.get("n"):
+        return None
+    return bool(rec["low"] > control["high"])
+
+
+def _control_clause(run: Mapping[str, Any]) -> str:
+    control = run["patch"].get("matched_control_feature", {}).get("mean_recovery")
+    beats = beats_control(run)
+    if beats is None:
+        return "no matched control feature was patched"
+    if beats:
+        return f"the matched control feature recovers less ({fmt(control)}), so the recovery is specific to them"
+    return (
+        f"the matched control feature recovers {fmt(control)}, not less, so the recovery is not shown to be "
+        "specific to these features"
+    )
+
+
+def replication(runs: Sequence[Mapping[str, Any]]) -> str:
+    """What held-out replication shows, run by run (`flipscope.experiments.replication.replicate`)."""
+    if not runs:
+        return "Too few flips to split into a discovery half and a held-out half."
+    parts = []
+    for run in runs:
+        patch = run["patch"]
+        n = patch["flips"]["n"]
+        verdict = "replicates" if replicated(run) else "does not replicate"
+        why = f" (only {n} held-out flips)" if n < MIN_CASES else ""
+        parts.append(
+            f"Chosen on half {run['direction'][0]} by {run['chosen_by']} ({run['features']}), the features recover "
+            f"{fmt(patch['flips']['mean_recovery'])} of the margin on the {n} held-out flips of half "
+            f"{run['direction'][-1]}: the patch {verdict}{why}; {_control_clause(run)}; held-out non-flips move "
+            f"{fmt(patch.get('controls', {}).get('mean_margin_change'))} logits."
+        )
+    held = sum(replicated(r) for r in runs)
+    lead = (
+        "The patch replicates on held-out flips in both directions. "
+        if held == len(runs)
+        else f"The patch replicates on held-out flips in {held} of {len(runs)} directions. "
+    )
+    return lead + " ".join(parts)

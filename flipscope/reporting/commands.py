@@ -24,6 +24,9 @@ def demo_commands(
     def ints(values: list[int]) -> str:
         return ",".join(str(v) for v in values)
 
+    from flipscope.organism import default_organism_dir
+
+    m = "" if Path(organism) == default_organism_dir() else f" --model {organism}"  # the default needs none
     conditions = ",".join(cfg.conditions)
     values = ",".join(f"{v:g}" for v in cfg.clamp_values)
     return {
@@ -31,19 +34,19 @@ def demo_commands(
         f"--out {work / 'evaluation'}",
         "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
         f"--out {work / 'flipbank-cli.json'}",
-        "discover": f"flipscope discover --flipbank {bank} --out {work / 'discovery-cli.json'}",
-        "patch_discovered": f"flipscope patch --flipbank {bank} --features {ints(chosen)} "
+        "discover": f"flipscope discover{m} --flipbank {bank} --out {work / 'discovery-cli.json'}",
+        "patch_discovered": f"flipscope patch{m} --flipbank {bank} --features {ints(chosen)} "
         f"--out {work / 'patch-discovered'}",
         **(
             {
-                "patch_planted": f"flipscope patch --flipbank {bank} --features {ints(planted)} "
+                "patch_planted": f"flipscope patch{m} --flipbank {bank} --features {ints(planted)} "
                 f"--out {work / 'patch-planted'}"
             }
             if planted
             else {}
         ),  # fmt: skip
-        "patch_single": f"flipscope patch --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
-        "trace": f"flipscope trace --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
-        "clamp": f"flipscope clamp --questions {questions} --features {feature} --values {values} "
+        "patch_single": f"flipscope patch{m} --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
+        "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
+        "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "
         f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
     }

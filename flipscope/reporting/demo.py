@@ -11,7 +11,6 @@ resumable store or file under `work`, so a rerun after a crash recomputes only w
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,9 @@ from typing import Any
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.reporting.demo_figures import build_figures, layer_recovery
 
-__all__ = ["PAPER", "DemoConfig", "run_demo"]
+__all__ = ["PAPER", "DemoConfig", "build_figures", "run_demo"]
 
 PAPER = {
     "model": "MedGemma 4B (google/medgemma-4b-it), MIMIC-CXR questions",
@@ -49,6 +49,8 @@ class DemoConfig:
         top_k: Features patched together: the first `top_k` by attribution.
         clamp_values: Values the top feature is clamped to (the trade-off curve).
         trace_cases: Flips traced to find where the framing enters.
+        layer_stride: Every how many layers the layer sweep and the trace look (1: all).
+        exact_top: Top attributed features checked by exact single-feature ablation.
         seed: Seed of every bootstrap and of the control draw.
     """
 
@@ -57,71 +59,28 @@ class DemoConfig:
     top_k: int = 5
     clamp_values: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     trace_cases: int = 64
+    layer_stride: int = 1
+    exact_top: int = 50
     seed: int = 0
 
-
-def _layer_recovery(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """Mean recovery over flips, with its CI, of original-value patching at each layer."""
-    from flipscope.experiments.patching import summarize_patch
-
-    layers = sorted({r["variant"] for r in rows})
-    return [
-        {
-            "layer": int(layer),
-            **summarize_patch([r for r in rows if r["variant"] == layer], seed)["flips"]["mean_recovery"],
-        }
-        for layer in layers
-    ]
+    @classmethod
+    def for_organism(cls, card: dict[str, Any], **overrides: Any) -> DemoConfig:
+        """The demo's settings for an organism: the defaults, or for one on a real base the
+        lighter ones that fit its cost on two cores (`REAL_DEMO`); `overrides` win."""
+        base = REAL_DEMO if card["config"].get("base") else {}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
-    base = report["baseline"]["overall"]
-    points = [{"label": "as is", "kind": "baseline", "flip_rate": base["flip_rate"], "accuracy": base["accuracy"]}]
-    for entry in report["interventions"]:
-        o = entry["summary"]["overall"]
-        if "clamp" in entry["description"]:
-            (value,) = set(entry["description"]["clamp"]["values"].values())
-            label, kind = f"{value:g}", "clamp"
-        else:
-            label = kind = f"{entry['description']['ablate_direction']['name']} ablated"
-        points.append({"label": label, "kind": kind, "flip_rate": o["flip_rate"], "accuracy": o["accuracy"]})
-    return points
-
-
-def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """Every figure of a demo run, from its `summary` (and the files it names): the demo calls
-    this, and so does `analyses/figures.py` to redraw them from a finished run."""
-    from flipscope.data.store import iter_rows
-    from flipscope.experiments.summary import flip_rate_cells
-    from flipscope.reporting import plots
-
-    files = summary["files"]
-    rows = json.loads(Path(files["patch_discovered"]).read_text())["cases"]
-    chosen = summary["patching"]["discovered"]["setup"]["features"]
-    feature = summary["clamping"]["feature"]
-    seed = summary["settings"]["seed"]
-    upstream = summary["upstream"]
-    entry = (
-        {"framing_entry": plots.framing_entry(upstream, summary["patching"]["layers"])} if upstream["profile"] else {}
-    )
-    return entry | {
-        "margin_recovery": plots.margin_recovery(
-            rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
-        ),
-        "recovery_distribution": plots.recovery_distribution(
-            rows, title=f"Recovery for features {chosen}, and its controls"
-        ),
-        "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
-        "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
-        "feature_activation": plots.feature_activation(
-            summary["feature_activation"],
-            labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},
-        ),
-        "clamp_tradeoff": plots.clamp_tradeoff(
-            _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
-        ),
-        "layer_auc": plots.layer_profile(summary["discovery"]["layers"], summary["patching"]["layers"]),
-    }
+# A 270M-parameter model costs ~0.2 s a prompt on two cores: fewer films, one clamp value, a
+# sparser layer sweep; the text-only condition is asked as well.
+REAL_DEMO: dict[str, Any] = {
+    "n_films": 20,
+    "conditions": ("image", "blank", "none"),
+    "clamp_values": (0.0,),
+    "trace_cases": 16,
+    "layer_stride": 3,
+    "exact_top": 10,
+}
 
 
 @dataclass
@@ -182,7 +141,9 @@ def _discover(run: _Run) -> None:
 
     vlm, bank = run.vlm, run.found["bank"]
     pairs = collect_pairs(vlm, bank, [resid_post(i) for i in range(vlm.n_layers)], progress=run.progress)
-    found = discover(vlm, run.sae, bank, pairs=pairs, seed=run.cfg.seed, progress=run.progress)
+    found = discover(
+        vlm, run.sae, bank, pairs=pairs, exact_top=run.cfg.exact_top, seed=run.cfg.seed, progress=run.progress
+    )
     found.save(run.work / "discovery.json")
     chosen, chosen_by = found.framing_features(run.cfg.top_k), "framing specificity"
     if not chosen:
@@ -203,6 +164,34 @@ def _clamped(found: Any) -> int:
     return int(ranked[ranked["mean_delta_flip"] > 0]["feature"].iloc[0])
 
 
+def _layers(run: _Run) -> list[int]:
+    """The layers the sweep and the trace look at: every `layer_stride`-th, and the last."""
+    n = run.vlm.n_layers
+    return sorted({*range(0, n, run.cfg.layer_stride), n - 1})
+
+
+def _replicate(run: _Run) -> None:
+    """Held-out replication: features chosen on one half of the FlipBank, patched on the other."""
+    from flipscope.experiments.replication import replicate
+
+    cfg = run.cfg
+    run.found["replication"] = replicate(
+        run.vlm, run.sae, run.found["bank"], top_k=cfg.top_k, seed=cfg.seed, progress=run.progress
+    )
+    write_json(run.work / "replication.json", run.found["replication"])
+
+
+def _base_text(run: _Run) -> None:
+    """An organism on a real base: the same analysis on the base model, reports as evidence."""
+    from flipscope.reporting.demo_base import base_text_analysis
+
+    cfg = run.cfg
+    run.found["base_text"] = base_text_analysis(
+        run.card, run.sae, run.work / "base", n_films=cfg.n_films, top_k=cfg.top_k, seed=cfg.seed,
+        progress=run.progress,
+    )  # fmt: skip
+
+
 def _patch(run: _Run) -> None:
     """The discovered features, the card's planted set, the clamped feature alone, and every layer."""
     from flipscope.data.store import read_rows
@@ -216,7 +205,7 @@ def _patch(run: _Run) -> None:
     sets = {name: features for name, features in sets.items() if features}  # a card may mark none
     for name, features in sets.items():
         f[name] = patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
-    layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", pairs=pairs, progress=progress)
+    layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", layers=_layers(run), pairs=pairs, progress=progress)
     f["layer_rows"] = read_rows(layers.path)
     for name in sets:
         result = f[name]
@@ -227,7 +216,9 @@ def _trace(run: _Run) -> None:
     """Where the framing enters: its words corrupted, the clean run restored layer by layer."""
     from flipscope.experiments.upstream import trace_framing
 
-    traced = trace_framing(run.vlm, run.found["bank"], max_cases=run.cfg.trace_cases, progress=run.progress)
+    traced = trace_framing(
+        run.vlm, run.found["bank"], layers=_layers(run), max_cases=run.cfg.trace_cases, progress=run.progress
+    )
     run.found["upstream"] = traced.summary(seed=run.cfg.seed)
     write_json(run.work / "trace.json", run.found["upstream"])
 
@@ -285,10 +276,12 @@ def _report(run: _Run) -> None:
 
 
 STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
-    ("evaluating (image and blank)", _evaluate),
+    ("evaluating held-out films", _evaluate),
     ("curating the FlipBank", _curate),
     ("discovering features", _discover),
     ("patching", _patch),
+    ("replicating on the held-out half", _replicate),
+    ("the base model, text only", _base_text),
     ("tracing where the framing enters", _trace),
     ("clamping feature {clamp_feature}", _clamp),
     ("reading feature activations", _activations),
@@ -311,6 +304,7 @@ def _summary(run: _Run) -> dict[str, Any]:
             "n_layers": run.vlm.n_layers,
             "d_sae": int(run.sae.cfg.d_sae),
             "shortcut": run.card["shortcut"],
+            "base": run.card["config"].get("base"),
             "planted_features": f["planted"],
         },
         "files": {
@@ -338,8 +332,10 @@ def _summary(run: _Run) -> dict[str, Any]:
             "discovered": f["patch_discovered"].summary,
             "planted": f["patch_card"].summary if "patch_card" in f else None,
             "single": f["patch_single"].summary,
-            "layers": _layer_recovery(f["layer_rows"], cfg.seed),
+            "layers": layer_recovery(f["layer_rows"], cfg.seed),
         },
+        "replication": f["replication"],
+        "base_text": f.get("base_text"),
         "upstream": f["upstream"],
         "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
         "feature_activation": f["cells"],
@@ -352,7 +348,8 @@ def run_demo(
     work: str | Path | None = None,
     *,
     organism: str | Path | None = None,
-    cfg: DemoConfig = DemoConfig(),
+    cfg: DemoConfig | None = None,
+    n_films: int | None = None,
     png: bool = True,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -360,22 +357,26 @@ def run_demo(
     """Run every stage of `STAGES` on the organism; write figures, `summary.json` and
     `report.html` to `out` and the stages' stores to `work` (default `out/work`). Returns the summary.
 
+    `cfg` defaults to `DemoConfig.for_organism(card)` (with `n_films` if given).
+
     Raises:
         FlipscopeError: the organism cannot be loaded, or a stage finds bad input.
     """
-    from flipscope.organism import default_organism_dir, load_organism
+    from flipscope.organism import load_organism, organism_dir
 
     out = Path(out)
     total = time.perf_counter()
-    directory = Path(organism) if organism is not None else default_organism_dir()
+    directory = organism_dir(organism)
     vlm, sae, card = load_organism(directory)  # before anything is written: a bad organism leaves no folder
+    cfg = cfg if cfg is not None else DemoConfig.for_organism(card, n_films=n_films)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work is not None else out / "work"
     run = _Run(cfg, out, work, directory, vlm, sae, card, progress, png, echo)
     seconds: dict[str, float] = {}
-    for k, (name, stage) in enumerate(STAGES, start=1):
+    stages = [(name, stage) for name, stage in STAGES if stage is not _base_text or card["config"].get("base")]
+    for k, (name, stage) in enumerate(stages, start=1):
         label = name.format(**run.found)
-        echo(f"[{k}/{len(STAGES)}] {label} ...")
+        echo(f"[{k}/{len(stages)}] {label} ...")
         start = time.perf_counter()
         stage(run)
         seconds[label] = round(time.perf_counter() - start, 2)

@@ -12,8 +12,16 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from flipscope.data.atomic import write_atomic
-from flipscope.reporting.claims import ablation_agreement, family_concentration, framing_entry, peak_layer
+from flipscope.reporting.claims import (
+    ablation_agreement,
+    family_concentration,
+    framing_entry,
+    peak_layer,
+)
 from flipscope.reporting.format import fmt, num
+from flipscope.reporting.html_parts import reading as _reading
+from flipscope.reporting.html_parts import table as _table
+from flipscope.reporting.report_checks import base_text, held_out_replication
 
 __all__ = ["write_report"]
 
@@ -29,26 +37,9 @@ code, pre { background: #edf2f7; padding: .1em .3em; } pre { padding: .8em; over
 """
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], paper_rows: int = 0) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = ' class="paper"' if i >= len(rows) - paper_rows else ""
-        cells = "".join(
-            f'<td class="num">{html.escape(str(c))}</td>' if k else f"<td>{html.escape(str(c))}</td>"
-            for k, c in enumerate(row)
-        )
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def _figure(figures: Mapping[str, go.Figure], name: str) -> str:
     fig = figures[name]
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})
-
-
-def _reading(text: str) -> str:
-    return f'<p class="reading">{text}</p>'
 
 
 def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
@@ -309,6 +300,15 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
+def _model_line(org: Mapping[str, Any]) -> str:
+    if org.get("base"):
+        return (
+            f"The real pretrained {html.escape(org['base'])} language model ({org['n_layers']} layers, weights "
+            "unchanged), given a SigLIP tower and a LoRA"
+        )
+    return f"A Gemma 3 vision-language model ({org['n_layers']} text layers)"
+
+
 def _planted(shortcut: Mapping[str, Any]) -> str:
     family, target = html.escape(shortcut["family"]), html.escape(shortcut["target"])
     if not shortcut["p"]:
@@ -328,12 +328,14 @@ def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[
     settings = html.escape(", ".join(f"{k}={v}" for k, v in summary["settings"].items()))
     body = (
         "<h1>flipscope: why the model flips, on the model organism</h1>"
-        f"<p>A Gemma 3 vision-language model ({org['n_layers']} text layers) trained on synthetic chest films "
+        f"<p>{_model_line(org)} trained on synthetic chest films "
         f"{_planted(shortcut)}. The report follows the paper's protocol on it, stage by stage, and puts the paper's "
         "MedGemma figures beside the organism's (rows in italics).</p>"
         + _evaluation(summary, figures)
         + _discovery(summary, figures)
         + _patching(summary, figures)
+        + held_out_replication(summary)
+        + base_text(summary)
         + _clamping(summary, figures)
         + "<h2>Reproduce</h2><p>Each number above is printed by one of these commands:</p>"
         + f"<pre>{html.escape(commands)}</pre><p>Settings: {settings}.</p>"

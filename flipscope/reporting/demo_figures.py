@@ -1,0 +1,74 @@
+"""The demo's figures, drawn from its `summary` (and the files it names): the demo calls
+`build_figures`, and so does `analyses/figures.py` to redraw them from a finished run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_figures", "layer_recovery"]
+
+
+def layer_recovery(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Mean recovery over flips, with its CI, of original-value patching at each layer."""
+    from flipscope.experiments.patching import summarize_patch
+
+    layers = sorted({r["variant"] for r in rows})
+    return [
+        {
+            "layer": int(layer),
+            **summarize_patch([r for r in rows if r["variant"] == layer], seed)["flips"]["mean_recovery"],
+        }
+        for layer in layers
+    ]
+
+
+def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
+    base = report["baseline"]["overall"]
+    points = [{"label": "as is", "kind": "baseline", "flip_rate": base["flip_rate"], "accuracy": base["accuracy"]}]
+    for entry in report["interventions"]:
+        o = entry["summary"]["overall"]
+        if "clamp" in entry["description"]:
+            (value,) = set(entry["description"]["clamp"]["values"].values())
+            label, kind = f"{value:g}", "clamp"
+        else:
+            label = kind = f"{entry['description']['ablate_direction']['name']} ablated"
+        points.append({"label": label, "kind": kind, "flip_rate": o["flip_rate"], "accuracy": o["accuracy"]})
+    return points
+
+
+def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of a demo run, from its `summary` (and the files it names): the demo calls
+    this, and so does `analyses/figures.py` to redraw them from a finished run."""
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.summary import flip_rate_cells
+    from flipscope.reporting import plots
+
+    files = summary["files"]
+    rows = json.loads(Path(files["patch_discovered"]).read_text())["cases"]
+    chosen = summary["patching"]["discovered"]["setup"]["features"]
+    feature = summary["clamping"]["feature"]
+    seed = summary["settings"]["seed"]
+    upstream = summary["upstream"]
+    entry = (
+        {"framing_entry": plots.framing_entry(upstream, summary["patching"]["layers"])} if upstream["profile"] else {}
+    )
+    return entry | {
+        "margin_recovery": plots.margin_recovery(
+            rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
+        ),
+        "recovery_distribution": plots.recovery_distribution(
+            rows, title=f"Recovery for features {chosen}, and its controls"
+        ),
+        "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
+        "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
+        "feature_activation": plots.feature_activation(
+            summary["feature_activation"],
+            labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},
+        ),
+        "clamp_tradeoff": plots.clamp_tradeoff(
+            _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
+        ),
+        "layer_auc": plots.layer_profile(summary["discovery"]["layers"], summary["patching"]["layers"]),
+    }
