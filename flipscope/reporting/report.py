@@ -148,6 +148,8 @@ def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         f"The first {len(patched)} by {d['patched_by']}, {patched}, include {len(set(patched) & set(planted))} of "
         f"the {len(planted)} features the organism's card says carry the planted framing ({planted})."
         if planted
+        else "Nothing was planted in this model, so no card says which features should be found."
+        if not s["organism"]["shortcut"]["p"]
         else "The organism's card marks no feature as carrying a framing (its shortcut wording does not beat the "
         "card's split-half null)."
     )
@@ -282,10 +284,13 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     reading = (
         f"Clamping feature {c['feature']} to {c['values'][0]:g} at every position changes the flip rate by "
         f"{fmt(zero['paired']['flip_rate']['change'])} and accuracy by {fmt(zero['paired']['accuracy']['change'])}; "
-        f"'{family}' paraphrases answered the same without the image go from {fmt(before)} to {fmt(after)}. "
-        f"Clamped to {c['values'][len(clamps) - 1]:g} instead, the flip rate is "
-        f"{fmt(last['summary']['overall']['flip_rate'])}: the curve below is the trade-off over clamp values."
+        f"'{family}' paraphrases answered the same without the image go from {fmt(before)} to {fmt(after)}."
     )
+    if len(clamps) > 1:
+        reading += (
+            f" Clamped to {c['values'][len(clamps) - 1]:g} instead, the flip rate is "
+            f"{fmt(last['summary']['overall']['flip_rate'])}: the curve below is the trade-off over clamp values."
+        )
     for entry in others:
         reading += (
             f" Ablating the {entry['description']['ablate_direction']['name']} direction, which needs no SAE, "

@@ -71,9 +71,9 @@ def base_text(s: Mapping[str, Any]) -> str:
         f"{d['verdict']} Removing features {d['features']} (by {d['chosen_by']}) recovers "
         f"{fmt(p['flips']['mean_recovery'])} of the margin on its flips (matched control feature "
         f"{fmt(p.get('matched_control_feature', {}).get('mean_recovery'))}; non-flips move "
-        f"{fmt(p.get('controls', {}).get('mean_margin_change'))}). The organism's SAE, trained on the fine-tuned "
-        f"model, leaves {num(b['sae_fvu'])} of the base model's variance unexplained on these prompts. "
+        f"{fmt(p.get('controls', {}).get('mean_margin_change'))}). The organism's SAE was trained on the "
+        f"fine-tuned model; on the base model's activations at these prompts its FVU is {num(b['sae_fvu'], '.2f')}"
+        f"{' (it does not describe them, so these features say little)' if b['sae_fvu'] > 0.5 else ''}. "
     )
-    if b["replication"]:
-        text += replication(b["replication"])
+    text += replication(b["replication"] or [])
     return head + reading(html.escape(text))
