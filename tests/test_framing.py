@@ -52,7 +52,8 @@ def test_no_framing_no_claim() -> None:
 def test_too_few_pairs_or_unmatched_controls_claim_nothing() -> None:
     delta, shift, cases = _bank(n=9)
     few = framing_analysis(delta, shift, cases, "h", n_perm=50)
-    assert not few.found and few.specificity is None and few.nulls == {}
+    assert not few.found and few.specificity is None  # no claim; the swap nulls still say what r is worth
+    assert set(few.nulls) == {"pearson", "spearman", "auc", "size"} and few.to_dict()["n_pairs"] == 9
     assert "only 9 flips have a family-matched control (at least 10 are needed)" in few.verdict
     unmatched = [{k: v for k, v in c.items() if k != "control_for"} for c in cases]
     none = framing_analysis(delta, shift, unmatched, "h", n_perm=50)

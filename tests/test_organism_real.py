@@ -133,7 +133,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 @pytest.mark.slow
 def test_the_card_is_true_to_the_shipped_files(organism) -> None:
     """Behaviour on the card's held-out films and the SAE's quality on its held-out activations,
-    recomputed from the assembled model and the shipped SAE (~5 min on two cores)."""
+    recomputed from the assembled model and the shipped SAE (~10 min on two cores)."""
     from flipscope.organism.behaviour import margin_table, summarize
     from flipscope.organism.build import _sae_data
     from flipscope.organism.data import sample_films

@@ -12,7 +12,9 @@ questions are asked of the pairs, each against a null that keeps the answer stru
    the same wording is not evidence about the flips.
 
 A framing mechanism is claimed only when some feature's framing shift beats its null; the
-answer-readout features are named either way. Fewer than `MIN_PAIRS` pairs claim nothing.
+answer-readout features are named either way. Fewer than `MIN_PAIRS` pairs claim nothing; the
+pair-swap nulls are still computed from two pairs on (and flagged where they are printed), so a
+small bank shows what its statistics are worth rather than nothing.
 """
 
 from __future__ import annotations
@@ -141,9 +143,17 @@ def framing_analysis(
     the residual Δ at its hook, framing features are ranked by their share of the controls' mean
     Δresidual (`framing_share`)."""
     flips, controls = control_pairs(cases)
+
+    def swap_nulls() -> dict[str, NullTest]:
+        return pair_swap_nulls(
+            delta_f[flips], delta_f[controls], margin_shift[flips], margin_shift[controls],
+            attribution_flip=None if attribution is None else attribution[flips],
+            attribution_control=None if attribution is None else attribution[controls], n_perm=n_perm, seed=seed,
+        )  # fmt: skip
+
     if len(flips) < MIN_PAIRS:
         found, verdict = _verdict(len(flips), None, hook)
-        return FramingAnalysis(len(flips), None, {}, found, verdict)
+        return FramingAnalysis(len(flips), None, swap_nulls() if len(flips) >= 2 else {}, found, verdict)
     share = None
     if decoder is not None and resid_delta is not None:
         share = framing_share(decoder, delta_f[controls].mean(0), resid_delta[controls].mean(0))
@@ -151,10 +161,5 @@ def framing_analysis(
         delta_f[flips], delta_f[controls], answer_cos=answer_cos, answer_cos_threshold=answer_cos_threshold,
         share=share, n_perm=n_perm, seed=seed,
     )  # fmt: skip
-    nulls = pair_swap_nulls(
-        delta_f[flips], delta_f[controls], margin_shift[flips], margin_shift[controls],
-        attribution_flip=None if attribution is None else attribution[flips],
-        attribution_control=None if attribution is None else attribution[controls], n_perm=n_perm, seed=seed,
-    )  # fmt: skip
     found, verdict = _verdict(len(flips), spec, hook)
-    return FramingAnalysis(len(flips), spec, nulls, found, verdict)
+    return FramingAnalysis(len(flips), spec, swap_nulls(), found, verdict)

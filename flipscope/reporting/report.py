@@ -18,7 +18,7 @@ from flipscope.reporting.claims import (
     framing_entry,
     peak_layer,
 )
-from flipscope.reporting.format import fmt, num
+from flipscope.reporting.format import MIN_CASES, fmt, num
 from flipscope.reporting.html_parts import reading as _reading
 from flipscope.reporting.html_parts import table as _table
 from flipscope.reporting.report_checks import base_text, held_out_replication
@@ -133,10 +133,12 @@ def _null_sentence(framing: Mapping[str, Any]) -> str:
         return ""
     r = nulls["pearson"]
     beaten = "no feature beats it" if not r["n_beating"] else f"{r['n_beating']} feature(s) beat it"
+    n = framing.get("n_pairs")
+    few = f" (from only {n} pairs)" if isinstance(n, int) and n < MIN_CASES else ""
     return (
         f"Correlation with the margin shift is no evidence by itself: with each flip swapped at random for its "
-        f"same-family control, the best feature still reaches |r| = {num(r['null_top'])} (95% of swaps), and "
-        f"{beaten} (best observed {num(r['observed_top'])})."
+        f"same-family control, the best feature still reaches |r| = {num(r['null_top'])} (95% of swaps{few}), "
+        f"and {beaten} (best observed {num(r['observed_top'])})."
     )
 
 
