@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["write_atomic", "write_json"]
+__all__ = ["folder_in_scratch", "write_atomic", "write_json"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -67,3 +70,19 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 1, **dumps: A
     except ValueError as err:  # allow_nan=False and a non-finite number
         raise FlipscopeError(f"{str(path)!r} would hold a non-finite number ({err}); nothing was written") from err
     return write_atomic(path, text + "\n")
+
+
+@contextmanager
+def folder_in_scratch(folder: str | Path) -> Iterator[Path]:
+    """Build a whole folder in a scratch folder beside `folder` and rename it into place only when
+    the block finishes, replacing any previous one: a reader never meets a half-built folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield scratch
+        if folder.exists():
+            shutil.rmtree(folder)
+        scratch.rename(folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from flipscope.data.atomic import write_json
+from flipscope.data.atomic import folder_in_scratch, write_json
 from flipscope.errors import FlipscopeError
 
 __all__ = ["CONVERTED_NAME", "cache_root", "file_sha256", "gemma3_270m_file", "gguf_folder", "resolve_gguf"]
@@ -56,16 +54,9 @@ def gguf_folder(gguf_file: str | os.PathLike[str], *, cache: str | os.PathLike[s
     marker = folder / CONVERTED_NAME
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}-", dir=folder.parent))
-    try:
+    with folder_in_scratch(folder) as scratch:
         _convert(path, scratch)
         write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
-        if folder.exists():
-            shutil.rmtree(folder)
-        scratch.rename(folder)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

@@ -21,16 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from flipscope.data.atomic import write_json
+from flipscope.data.atomic import folder_in_scratch, write_atomic, write_json
 from flipscope.errors import FlipscopeError
 from flipscope.model.gguf import cache_root, file_sha256
 from flipscope.organism.config import OrganismConfig
@@ -44,9 +42,7 @@ _VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    scratch = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(scratch))
-    os.replace(scratch, path)
+    write_atomic(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
 
 
 def save_deltas(model: Any, out: str | os.PathLike[str]) -> None:
@@ -121,15 +117,8 @@ def assemble(
     vlm = grafted(cfg)
     _load_vision(vlm.hf_model, directory)
     merged = PeftModel.from_pretrained(vlm.hf_model, str(directory / ADAPTER_DIR)).merge_and_unload()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=folder.parent))
-    try:
+    with folder_in_scratch(folder) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
         vlm.processor.save_pretrained(scratch)
         write_json(scratch / ASSEMBLED_NAME, {"base": cfg.base, "deltas": key})
-        if folder.exists():
-            shutil.rmtree(folder)
-        scratch.rename(folder)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return folder

@@ -12,7 +12,6 @@ with `sae_lens.SAE.load_from_disk`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from sae_lens import SAE, JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEC
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from flipscope.data.atomic import write_atomic
 from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
@@ -138,10 +138,7 @@ def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path, *, half: bool 
     trained.save_inference_model(directory)
     if half:
         weights = Path(directory) / SAE_WEIGHTS
-        tensors = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
-        scratch = weights.with_name(f".{weights.name}.tmp")
-        save_file(tensors, str(scratch))
-        os.replace(scratch, weights)
+        write_atomic(weights, save({k: v.half().contiguous() for k, v in load_file(str(weights)).items()}))
     loaded = SAE.load_from_disk(str(directory), device="cpu")
     assert isinstance(loaded, JumpReLUSAE)
     return loaded
