@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flipscope-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all test-portable lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/flipscope demo
 
+# Two workers of one thread each (unless OMP_NUM_THREADS says otherwise); a module stays on one
+# worker, so its fixtures are built once.
+XDIST := -n 2 --dist loadfile
+THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(THREADS) $(PY) -m pytest -q $(XDIST) --durations=15
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(THREADS) $(PY) -m pytest -q $(XDIST) -m '' --durations=15
+
+# The numerically sensitive tests under four float summation orders (tests/README.md).
+PORTABLE := tests/test_demo.py tests/test_gguf.py tests/test_organism_default.py tests/test_organism_build.py \
+	tests/test_null_organism.py tests/test_patching.py
+test-portable: $(STAMP)
+	@for setting in OMP_NUM_THREADS=1 OMP_NUM_THREADS=2 OMP_NUM_THREADS=4 ATEN_CPU_CAPABILITY=default; do \
+	  echo "== $$setting"; env $$setting $(PY) -m pytest -q $(PORTABLE) || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flipscope tests benchmarks analyses

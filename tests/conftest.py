@@ -19,6 +19,14 @@ WORDS = (
 )  # fmt: skip
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-demo",
+        action="store_true",
+        help="Write the demo's values to tests/data/demo_expected.json instead of comparing with them.",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)

@@ -152,7 +152,7 @@ def test_a_base_store_never_resumes_into_an_adapted_run(organism, tmp_path: Path
     store = tmp_path / "run" / "results.jsonl"
     run_sweep(organism[0], questions, EvalConfig(), store, progress=False)
     tuned = HookedVLM.from_pretrained(default_organism_dir(), adapter=default_adapters_dir() / "lora-r4")
-    with pytest.raises(FlipscopeError, match=r"different run \(differs in \['model'\]\)"):
+    with pytest.raises(FlipscopeError, match=r"different run \(differs in model\.adapter\b"):
         run_sweep(tuned, questions, EvalConfig(), store, progress=False)
     adapted = tmp_path / "adapted" / "results.jsonl"
     run_sweep(tuned, questions, EvalConfig(), adapted, progress=False)

@@ -99,8 +99,8 @@ def test_committed_organism_flipbank_is_reproduced_and_valid(tmp_path: Path) -> 
             _without_margins(c) | {"image": Path(c["image"]).name} for c in theirs
         ]
         for a, b in zip(mine, theirs, strict=True):
-            assert a["original_margin"] == pytest.approx(b["original_margin"], abs=1e-4)
-            assert a["paraphrase_margin"] == pytest.approx(b["paraphrase_margin"], abs=1e-4)
+            assert a["original_margin"] == pytest.approx(b["original_margin"], abs=1e-3)
+            assert a["paraphrase_margin"] == pytest.approx(b["paraphrase_margin"], abs=1e-3)
 
 
 def test_a_flipbank_from_another_model_is_refused(vlm: HookedVLM) -> None:

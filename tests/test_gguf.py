@@ -122,7 +122,9 @@ def test_a_missing_or_unreadable_gguf_is_named(tmp_path: Path) -> None:
 
 def test_grafted_vision_keeps_the_language_model(folder: Path, vlm: HookedVLM, tmp_path: Path) -> None:
     """The real LM given a SigLIP tower: without an image it is the LM alone (same prompt tokens,
-    same logits over the LM's vocabulary); with one, hooked logits are the plain HF forward's."""
+    same next token, logits over the LM's vocabulary equal within float tolerance: the two model
+    classes run different kernels, which differ by up to 1.2e-4 on another CPU); with one, hooked
+    logits are the plain HF forward's, bit for bit (the same forward in one process)."""
     model, processor = graft_vision(folder)
     model.save_pretrained(tmp_path, safe_serialization=True)
     processor.save_pretrained(tmp_path)
@@ -133,7 +135,10 @@ def test_grafted_vision_keeps_the_language_model(folder: Path, vlm: HookedVLM, t
     alone = vlm.prompts.build([PromptSpec(question=question, condition="none")])
     assert torch.equal(text_only.input_ids, alone.input_ids)
     with torch.no_grad():
-        torch.testing.assert_close(grafted(text_only)[..., : vlm.hf_model.config.vocab_size], vlm(alone))
+        as_vlm, as_lm = grafted(text_only)[..., : vlm.hf_model.config.vocab_size], vlm(alone)
+        torch.testing.assert_close(as_vlm, as_lm, atol=2e-3, rtol=1e-4)
+        assert torch.equal(as_vlm.argmax(-1), as_lm.argmax(-1))
+        torch.testing.assert_close(grafted.score(text_only), vlm.score(alone), atol=2e-3, rtol=0)
         film = np.random.default_rng(0).integers(0, 256, size=(64, 64), dtype=np.uint8)
         inputs = grafted.prompts.build(
             [PromptSpec(question=question, image=film), PromptSpec(question=question, condition="blank")]

@@ -1,31 +1,40 @@
 """Honesty on a model with nothing planted: an organism trained with the shortcut off (a reduced
 recipe, built here) flips only by noise, and flipscope must say that no framing mechanism was
 found — in its card, in `discover` and in the demo's report — where correlation with the margin
-shift alone would report a confident discovery."""
+shift alone would report a confident discovery.
+
+Whether such a model flips at all depends on float rounding (it may make a few flips on one CPU
+and none on another), so each test holds on both branches; a collapsed organism, whose final norm
+is zeroed so every prompt gets the same margin, makes the no-flip branch certain on any machine."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flipscope.cli import app
-from flipscope.organism import OrganismConfig, build_organism
+from flipscope.organism import OrganismConfig, build_organism, default_organism_dir
+from flipscope.reporting.demo import DemoConfig, run_demo
 
 NULL = OrganismConfig(shortcut_p=0.0, vision_steps=80, steps=250, sae_prompts=1500, sae_steps=800, test_items=40)
-FILMS = 80
+# the demo's stages as the command runs them, with one clamp value (the curve is not under test here)
+DEMO = DemoConfig(n_films=80, clamp_values=(0.0,), trace_cases=32)
 
 
 @pytest.fixture(scope="module")
 def null_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("null")
     card = build_organism(NULL, root / "organism", progress=False)
-    args = ["demo", "--organism", str(root / "organism"), "--out", str(root / "figures"), "--films", str(FILMS)]
-    result = CliRunner().invoke(app, [*args, "--no-png"])
-    assert result.exit_code == 0, result.output
-    return root, card, result.output
+    lines: list[str] = []
+    run_demo(root / "figures", organism=root / "organism", cfg=DEMO, png=False, progress=False, echo=lines.append)
+    return root, card, "\n".join(lines)
 
 
 def test_the_card_marks_no_framing_feature(null_run) -> None:
@@ -52,31 +61,76 @@ def test_discover_finds_no_framing_where_correlation_would_claim_one(null_run) -
         app,
         ["discover", "--flipbank", str(bank), "--model", str(root / "organism"), "--exact-top", "0", "--out", str(out)],
     )
+    if not json.loads(bank.read_text())["n_flips"]:  # nothing to discover: said so, nothing written
+        assert run.exit_code == 1 and "there is no flip to explain" in run.output, run.output
+        assert not out.exists()
+        return
     assert run.exit_code == 0, run.output
     found = json.loads(out.read_text())
-    assert found["framing"]["n_pairs"] >= 10  # enough pairs for the nulls to speak
     assert not found["framing"]["found"]
     assert found["framing"]["verdict"].startswith("No framing mechanism was found")
     assert "No framing mechanism was found" in run.output
     labels = {f["label"] for f in found["features"]}
     assert not labels & {"framing", "framing + readout"}
-    # the trap the nulls guard against: by its parametric q-value, correlation "finds" features
-    assert min(f["pearson_q"] for f in found["features"]) < 1e-3
-    assert "answer readout" in labels  # what those features are
+    if found["framing"]["n_pairs"] >= 10:  # enough pairs for correlation's trap to show
+        # by its parametric q-value, correlation "finds" features, and they are answer readout
+        assert min(f["pearson_q"] for f in found["features"]) < 1e-3
+        assert "answer readout" in labels
 
 
 def test_the_demo_report_claims_no_mechanism(null_run) -> None:
     root, _, output = null_run
     page = (root / "figures" / "report.html").read_text()
     readings = " ".join(re.findall(r'<p class="reading">(.*?)</p>', page, flags=re.S))
-    assert "No framing mechanism" in readings
     assert "carry the wording" not in readings and "carries the wording" not in readings
     assert "The flips concentrate" not in readings
     assert "with no planted shortcut" in page
     assert not re.search(r"\bnan\b", readings, flags=re.I)
     summary = json.loads((root / "figures" / "summary.json").read_text())
     n_flips = summary["flipbank"]["n_flips"]
+    if not n_flips:
+        assert "nothing for feature discovery, patching, tracing or clamping to explain" in readings
+        assert summary["discovery"] is None
+        return
+    assert "No framing mechanism" in readings
     if n_flips < 10:  # every estimate over the flips says how few they are
         patch = readings[readings.index("Subtracting") :]
         assert patch.count(f"(from only {n_flips} case") >= 3
     assert summary["discovery"]["found"] is False and "No framing mechanism" in summary["discovery"]["verdict"]
+
+
+@pytest.fixture(scope="module")
+def collapsed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The shipped organism with its final norm's gain at zero (Gemma's norm scales by 1 + w):
+    every logit is 0, so every prompt's margin is the same and no answer can flip, on any CPU."""
+    root = tmp_path_factory.mktemp("collapsed")
+    organism = root / "organism"
+    shutil.copytree(default_organism_dir(), organism)
+    weights = load_file(organism / "model.safetensors")
+    key = "language_model.model.norm.weight"
+    weights[key] = torch.full_like(weights[key], -1.0)
+    save_file(weights, organism / "model.safetensors", metadata={"format": "pt"})
+    args = ["demo", "--organism", str(organism), "--out", str(root / "figures"), "--films", "10", "--no-png"]
+    result = CliRunner().invoke(app, args)
+    return root, result.output if result.exit_code == 0 else f"exit {result.exit_code}: {result.output}"
+
+
+def test_a_model_without_flips_gets_a_report_that_says_so(collapsed_run) -> None:
+    root, output = collapsed_run
+    assert "no flips on 10 films" in output and "no flips to explain" in output, output
+    summary = json.loads((root / "figures" / "summary.json").read_text())
+    assert summary["flipbank"]["n_flips"] == 0
+    assert summary["evaluation"]["overall"]["flip_rate"]["value"] == 0.0
+    # one margin for every prompt: consistent and blind to the image, so every question is Dangerous
+    assert summary["evaluation"]["by_quadrant"]["Dangerous"]["share"]["value"] == 1.0
+    assert all(summary[k] is None for k in ("discovery", "patching", "upstream", "clamping"))
+    page = (root / "figures" / "report.html").read_text()
+    readings = " ".join(re.findall(r'<p class="reading">(.*?)</p>', page, flags=re.S))
+    assert "No flips to explain" in page and "changed no answer under any paraphrase" in readings
+    assert "<h2>1. Flip evaluation</h2>" in page and "Consistency × image reliance" in page
+    assert "Causal patching" not in page and "Clamping" not in page
+    assert not re.search(r"\bnan\b", readings, flags=re.I)
+    assert sorted(p.name for p in (root / "figures").glob("*.html")) == [
+        "flip_rates.html", "quadrants.html", "report.html"
+    ]  # fmt: skip
+    assert set(summary["commands"]) == {"evaluate", "curate"}

@@ -14,7 +14,7 @@ from flipscope.organism import OrganismConfig, default_organism_dir, load_organi
 from flipscope.organism.behaviour import margin_table, summarize
 from flipscope.organism.build import aligned_features, framing_directions
 from flipscope.organism.data import sample_films
-from flipscope.organism.sae_train import collect_activations, sae_stats
+from flipscope.organism.sae_train import collect_activations, sae_stats, skip_activations
 from flipscope.organism.train import STREAM_SAE, STREAM_TEST, deterministic, stream
 
 
@@ -55,23 +55,27 @@ def test_sae_meets_the_bars_and_holds_the_framing_feature(organism) -> None:
     assert_sae_bars(card)
 
 
+@pytest.mark.slow
 def test_card_is_true_to_the_weights(organism) -> None:
+    """Every number of the shipped card recomputed from the shipped weights (~1 min alone on two
+    cores, three in the parallel suite: in `make test-all`)."""
     vlm, sae, card = organism
     cfg = OrganismConfig.from_dict(card["config"])
     with deterministic(cfg.threads):
         films = sample_films(cfg, stream(cfg, STREAM_TEST), cfg.test_items)
         measured = summarize(margin_table(vlm, cfg, films), cfg)
         rng = stream(cfg, STREAM_SAE)
-        collect_activations(vlm, cfg, rng, cfg.sae_prompts)  # the SAE's training draw, skipped
+        skip_activations(cfg, rng, cfg.sae_prompts)  # the SAE's training draw
         held_out = collect_activations(vlm, cfg, rng, max(cfg.sae_prompts // 5, 64))
         directions = framing_directions(vlm, cfg, films, sae)
-    assert _flat(measured) == pytest.approx(_flat(card["behaviour"]), nan_ok=True)
-    assert sae_stats(sae, held_out) == pytest.approx(card["sae"], rel=1e-4)
-    torch.testing.assert_close(directions["framing"], torch.tensor(card["directions"]["framing"]), atol=1e-4, rtol=0)
+    # the card was recorded on another machine: floats within the suite's tolerance (tests/README.md)
+    assert _flat(measured) == pytest.approx(_flat(card["behaviour"]), rel=1e-3, abs=1e-3, nan_ok=True)
+    assert sae_stats(sae, held_out) == pytest.approx(card["sae"], rel=1e-3, abs=1e-3)
+    torch.testing.assert_close(directions["framing"], torch.tensor(card["directions"]["framing"]), atol=1e-3, rtol=0)
     recomputed = aligned_features(sae, directions)
     assert [f["feature"] for f in recomputed] == [f["feature"] for f in card["framing_features"]]
     for mine, theirs in zip(recomputed, card["framing_features"], strict=True):
-        assert mine == pytest.approx(theirs, abs=1e-4)
+        assert mine == pytest.approx(theirs, abs=1e-3)
 
 
 def test_sae_splices_in_with_its_error_term(organism) -> None:

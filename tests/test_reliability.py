@@ -8,6 +8,7 @@ import copy
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header, read_rows
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.evaluation import EvalConfig, questions_fingerprint, run_sweep
 from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.summary import summarize
 from flipscope.interventions.edited import ClampedVLM
@@ -233,6 +234,45 @@ def test_a_damaged_store_is_named_by_curate_and_repaired_by_the_command(
     assert (tmp_path / "results.jsonl.damaged").read_bytes() == b"".join(lines)
     n_units = sum(b'"done"' in line for line in lines)
     assert sum(b'"done"' in line for line in store.read_bytes().splitlines()) == n_units - 1
+
+
+def test_questions_edited_since_the_evaluation_are_refused_by_curate_and_every_later_stage(
+    evaluated, questions_file, tmp_path, monkeypatch, capsys
+) -> None:
+    """Edited wording would be paired with the old margins: curate names both digests and writes
+    nothing; the override is recorded in the bank; a bank whose recorded questions differ from its
+    evaluation's without that record is refused by every stage that loads it; clamp resuming a
+    store of the old questions names both digests too."""
+    edited = tmp_path / "questions.jsonl"
+    lines = questions_file.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["paraphrases"][0] = "Honestly, " + record["paraphrases"][0]
+    edited.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
+    (tmp_path / "images").symlink_to(questions_file.parent / "images")
+    stored = read_header(evaluated)["questions"]["sha256"]
+    now = questions_fingerprint(load_questions(edited))
+    assert now != stored
+    out = tmp_path / "bank.json"
+    args = ("curate", "--results", str(evaluated), "--questions", str(edited), "--out", str(out))
+    code, err = _main(monkeypatch, capsys, *args)
+    assert code == 2 and len(err) == 1 and stored in err[0] and now in err[0], err
+    assert "differ from those the evaluation ran on" in err[0] and not out.exists()
+
+    code, _ = _main(monkeypatch, capsys, *args, "--allow-edited-questions")
+    assert code in (0, None)
+    bank = json.loads(out.read_text())
+    assert bank["questions_edited"] == {"store": stored, "questions": now} and bank["questions_sha256"] == now
+    load_flipbank(out)  # the recorded override loads
+    del bank["questions_edited"]
+    write_atomic(out, json.dumps(bank))
+    with pytest.raises(FlipscopeError, match=f"{stored}.*{now}"):
+        load_flipbank(out)
+
+    clamp_out = tmp_path / "clamp"
+    shutil.copytree(evaluated.parent, clamp_out / "baseline")
+    code, err = _main(monkeypatch, capsys, "clamp", "--questions", str(edited), "--features", "38",
+                      "--out", str(clamp_out))  # fmt: skip
+    assert code == 2 and len(err) == 1 and f'questions.sha256: "{stored}" in the store, "{now}" now' in err[0], err
 
 
 _HOLD = """

@@ -86,6 +86,7 @@ def test_the_centred_readout_puts_margins_at_the_boundary() -> None:
     assert (after > 0).any() and (after < 0).any()  # some prompts answer yes, some no
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_cpu_at_depth_one(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--depth", "1"]

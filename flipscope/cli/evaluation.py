@@ -217,6 +217,11 @@ def curate(
         "tell the framing from the answer), or any non-flip of the flipped questions (question).",
     ),
     seed: int = typer.Option(0, help="Seed of the control draw."),
+    allow_edited_questions: bool = typer.Option(
+        False,
+        "--allow-edited-questions",
+        help="Curate even if the questions changed since the evaluation (both digests are recorded in the FlipBank).",
+    ),
 ) -> None:
     """Curate a FlipBank (flip cases + matched non-flip controls) from an evaluation."""
     from flipscope.data.curation import CurationRules
@@ -224,6 +229,7 @@ def curate(
     from flipscope.data.flipbank import save_flipbank
     from flipscope.data.questions import load_questions
     from flipscope.data.store import iter_rows, read_header
+    from flipscope.experiments.evaluation import questions_fingerprint
 
     with one_line_errors():
         writable(out, folder=False)
@@ -238,7 +244,11 @@ def curate(
         store = results / "results.jsonl" if results.is_dir() else results
         if not store.is_file():
             raise FlipscopeError(f"{str(store)!r} does not exist; pass the output directory of `flipscope evaluate`")
-        bank = curate_bank(iter_rows(store), load_questions(questions, images), rules, source=read_header(store))
+        loaded = load_questions(questions, images)
+        bank = curate_bank(
+            iter_rows(store), loaded, rules, source=read_header(store),
+            questions_sha256=questions_fingerprint(loaded), allow_edited_questions=allow_edited_questions,
+        )  # fmt: skip
         path = save_flipbank(bank, out)
     directions = sorted({c["direction"] for c in bank["flips"]})
     counts = ", ".join(f"{sum(c['direction'] == d for c in bank['flips'])} {d}" for d in directions)

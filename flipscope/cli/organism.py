@@ -125,13 +125,26 @@ def demo(
             writable(work, folder=True, option="--work")
         s = run_demo(out, work, organism=organism, n_films=films, png=png, echo=typer.echo)
     o = s["evaluation"]["overall"]
-    disc = s["patching"]["discovered"]
-    c = s["clamping"]
-    zero = c["interventions"][0]
     typer.echo(
         f"\nflip rate {fmt(o['flip_rate'])}, accuracy {fmt(o['accuracy'])}; "
         f"FlipBank {s['flipbank']['n_flips']} flips, {s['flipbank']['n_controls']} controls"
     )
+    if s["patching"] is None:
+        typer.echo(
+            f"no flips to explain; Dangerous (consistent, the same without the image): "
+            f"{fmt(s['evaluation']['by_quadrant']['Dangerous']['share'])}"
+        )
+    else:
+        _echo_mechanism(s)
+    typer.echo(f"figures: {out}/*.html" + ("" if s["png_skipped"] else f", {out}/*.png"))
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def _echo_mechanism(s: dict) -> None:
+    """The demo's patching and clamping headline."""
+    disc = s["patching"]["discovered"]
+    c = s["clamping"]
+    zero = c["interventions"][0]
     typer.echo(
         f"removing features {disc['setup']['features']}: recovery {fmt(disc['flips']['mean_recovery'])}, "
         f"reversed {fmt(disc['flips']['share_reversed'])}"
@@ -141,8 +154,6 @@ def demo(
         f"{fmt(c['baseline']['overall']['flip_rate'])} -> {fmt(zero['summary']['overall']['flip_rate'])}, "
         f"accuracy change {fmt(zero['paired']['accuracy']['change'])}"
     )
-    typer.echo(f"figures: {out}/*.html" + ("" if s["png_skipped"] else f", {out}/*.png"))
-    typer.echo(f"report: {out / 'report.html'}")
 
 
 def _study(out: Path, organism: Path | None, films: int | None, png: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flipscope.data.flipbank import FLIPBANK_FORMAT, FlipBank, FlipCase
+from flipscope.data.flipbank import FLIPBANK_FORMAT, FlipBank, FlipCase, check_questions_digest
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 
@@ -184,10 +184,22 @@ def curate(
     rules: CurationRules,
     *,
     source: Mapping[str, Any],
+    questions_sha256: str | None = None,
+    allow_edited_questions: bool = False,
 ) -> FlipBank:
     """A FlipBank from evaluation rows (a list, or `iter_rows(path)` to stream a store; the
     condition that shows the evidence is read: `image`, or a text model's `context`) by `rules`;
-    `source` records the model and evaluation (e.g. the store header)."""
+    `source` records the model and evaluation (e.g. the store header).
+
+    `questions_sha256` is the fingerprint of `questions` as an evaluation records it
+    (`flipscope.experiments.evaluation.questions_fingerprint`): a questions file edited since the
+    evaluation would pair its new wording with the old margins, so it is refused unless
+    `allow_edited_questions`, and then the bank records both digests (`questions_edited`).
+
+    Raises:
+        FlipscopeError: the questions differ from those the evaluation ran on.
+    """
+    edited = check_questions_digest(source, questions_sha256, allow=allow_edited_questions)
     by_id = {q.id: q for q in questions}
     answers = _answers(rows, rules)
     originals = {a.question_id: a for a in answers if a.prompt_index == 0}
@@ -214,6 +226,10 @@ def curate(
             "controls": [_control(by_id, o, p, flip) for o, p, flip in chosen],
         }
     )
+    if questions_sha256 is not None:
+        bank["questions_sha256"] = questions_sha256
+    if edited:
+        bank["questions_edited"] = edited
     if shortfall is not None:
         bank["control_shortfall"] = shortfall
         if shortfall:

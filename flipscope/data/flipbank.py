@@ -17,6 +17,7 @@ subclasses, so they serialise and compare as the file does) read through typed a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,17 @@ import numpy as np
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError, problems_error
 
-__all__ = ["FLIPBANK_FORMAT", "FlipBank", "FlipCase", "check_flipbank_model", "load_flipbank", "save_flipbank"]
+__all__ = [
+    "FLIPBANK_FORMAT",
+    "FlipBank",
+    "FlipCase",
+    "check_flipbank_model",
+    "check_questions_digest",
+    "load_flipbank",
+    "save_flipbank",
+]
 
+logger = logging.getLogger(__name__)
 FLIPBANK_FORMAT = "flipbank/1"
 _CASE_FIELDS = {
     "id": str,
@@ -208,11 +218,60 @@ def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> Fli
         )
     root = Path(image_root) if image_root is not None else path.parent
     _validate(bank, str(path), root)
+    _check_bank_questions(bank, f"FlipBank {str(path)!r}")
     for case in (*bank["flips"], *bank["controls"]):
         if case.get("image") is not None:
             image = Path(case["image"])
             case["image"] = str(image if image.is_absolute() else root / image)
     return FlipBank.of(bank)
+
+
+def check_questions_digest(
+    source: Any,
+    questions_sha256: str | None,
+    *,
+    allow: bool = False,
+    where: str = "the questions",
+    hint: str = "evaluate them again, or pass --allow-edited-questions to curate anyway (recorded in the FlipBank)",
+) -> dict[str, str] | None:
+    """Refuse questions whose fingerprint differs from the one the evaluation `source` (a store
+    header) recorded: their wording would be paired with margins of other wordings.
+
+    Returns:
+        None when they agree (or either digest is unknown); with `allow`, the override to record:
+        `{"store": recorded, "questions": questions_sha256}`.
+
+    Raises:
+        FlipscopeError: the digests differ and `allow` is False; both digests are named.
+    """
+    questions = source.get("questions") if isinstance(source, Mapping) else None
+    recorded = questions.get("sha256") if isinstance(questions, Mapping) else None
+    if not isinstance(recorded, str) or questions_sha256 is None or recorded == questions_sha256:
+        return None
+    if not allow:
+        raise FlipscopeError(
+            f"{where} differ from those the evaluation ran on (questions sha256 {recorded} in the store, "
+            f"{questions_sha256} now): edited wording would be paired with the old margins; {hint}"
+        )
+    logger.warning("curating with questions edited since the evaluation (%s -> %s)", recorded, questions_sha256)
+    return {"store": recorded, "questions": questions_sha256}
+
+
+def _check_bank_questions(bank: Mapping[str, Any], where: str) -> None:
+    """A bank curated from questions other than the evaluation's, without the recorded override,
+    is refused by every stage that reads it."""
+    curated = bank.get("questions_sha256")
+    if curated is not None and not isinstance(curated, str):
+        raise FlipscopeError(f"{where}: field 'questions_sha256': expected a sha256 string, got {curated!r}")
+    if bank.get("questions_edited"):
+        logger.warning("%s was curated from questions edited since its evaluation: %s", where, bank["questions_edited"])
+        return
+    check_questions_digest(
+        bank.get("source"),
+        curated,
+        where=f"{where}: the questions it was curated from",
+        hint="curate it again from an evaluation of the questions as they are",
+    )
 
 
 def check_flipbank_model(bank: Mapping[str, Any], model: Any, where: str = "FlipBank") -> None:

@@ -101,6 +101,17 @@ def _units(path: Path) -> Iterator[tuple[str, list[dict[str, Any]], int]]:
         pending = []
 
 
+def _differences(stored: Any, new: Any, prefix: str = "") -> str:
+    """Where two headers differ, field by field; a short value (a digest, a name, a number) is
+    shown as stored → now, so an edited questions file names both of its digests."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
+        return "; ".join(_differences(stored.get(k), new.get(k), f"{prefix}{k}.") for k in keys)
+    name = prefix.rstrip(".")
+    shown = [json.dumps(v) for v in (stored, new)]
+    return f"{name}: {shown[0]} in the store, {shown[1]} now" if max(map(len, shown)) <= 80 else name
+
+
 class ResultStore:
     """An append-only, resumable results file (format in the module docstring), locked while open."""
 
@@ -137,9 +148,8 @@ class ResultStore:
             return {}
         existing = read_header(path)
         if existing != header:
-            differing = sorted(k for k in set(existing) | set(header) if existing.get(k) != header.get(k))
             raise FlipscopeError(
-                f"store {str(path)!r} was written by a different run (differs in {differing}); "
+                f"store {str(path)!r} was written by a different run (differs in {_differences(existing, header)}); "
                 "use another output directory or delete it"
             )
         done: dict[str, int] = {}

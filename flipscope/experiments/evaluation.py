@@ -37,6 +37,7 @@ __all__ = [
     "check_prompt_lengths",
     "image_digests",
     "parse_shard",
+    "questions_fingerprint",
     "run_sweep",
     "swap_images",
     "unit_key",
@@ -122,8 +123,11 @@ def _evidence(question: Question, text: bool) -> Any:
     return question.context if text else question.image
 
 
-def _fingerprint(questions: Sequence[Question], images: dict[Path, str]) -> str:
-    """Hash of the questions and their images' pixels (not paths: the data folder may move)."""
+def questions_fingerprint(questions: Sequence[Question], images: dict[Path, str] | None = None) -> str:
+    """Hash of the questions and their images' pixels (not paths: the data folder may move), as
+    an evaluation's store header records it (`images`: `image_digests(questions)`, computed if
+    not given). Curation compares it with the store's to refuse questions edited since."""
+    images = image_digests(questions) if images is None else images
     digest = hashlib.sha256()
     for q in questions:
         shown = images.get(q.image) if q.image is not None else None
@@ -300,7 +304,7 @@ def run_sweep(
         "eval_config": _identity(cfg),
         "model": _model_identity(model),
         "dtype": str(getattr(model, "dtype", None)),
-        "questions": {"n": len(questions), "sha256": _fingerprint(questions, images)},
+        "questions": {"n": len(questions), "sha256": questions_fingerprint(questions, images)},
         "shard": list(shard) if shard is not None else None,
         "path": "shared-prefix" if fast else "batched",
     }

@@ -30,7 +30,14 @@ from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
 
-__all__ = ["collect_activations", "generated_text_activations", "sae_stats", "save_sae", "train_sae"]
+__all__ = [
+    "collect_activations",
+    "generated_text_activations",
+    "sae_stats",
+    "save_sae",
+    "skip_activations",
+    "train_sae",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,13 @@ def collect_activations(
         _, cache = vlm.run_with_cache(batch, names_filter=cfg.sae_hook, logits_to_keep=1)
         chunks.append(cache[cfg.sae_hook][_real_tokens(batch.attention_mask, drop_first)])
     return torch.cat(chunks)
+
+
+def skip_activations(cfg: OrganismConfig, rng: np.random.Generator, n_prompts: int, batch_size: int = 128) -> None:
+    """Advance `rng` exactly as `collect_activations` of `n_prompts` would, without running the
+    model: the draws that come after (the SAE's held-out prompts) are then the build's."""
+    for start in range(0, n_prompts, batch_size):
+        sample_examples(cfg, rng, min(batch_size, n_prompts - start))
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo_commands"]
+__all__ = ["demo_commands", "evaluation_commands"]
 
 
 def demo_commands(
@@ -30,10 +30,7 @@ def demo_commands(
     conditions = ",".join(cfg.conditions)
     values = ",".join(f"{v:g}" for v in cfg.clamp_values)
     return {
-        "evaluate": f"flipscope evaluate --model {organism} --questions {questions} --conditions {conditions} "
-        f"--out {work / 'evaluation'}",
-        "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
-        f"--out {work / 'flipbank-cli.json'}",
+        **evaluation_commands(organism, questions, work, cfg),
         "discover": f"flipscope discover{m} --flipbank {bank} --out {work / 'discovery-cli.json'}",
         "patch_discovered": f"flipscope patch{m} --flipbank {bank} --features {ints(chosen)} "
         f"--out {work / 'patch-discovered'}",
@@ -49,4 +46,16 @@ def demo_commands(
         "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
         "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "
         f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
+    }
+
+
+def evaluation_commands(organism: Path, questions: Path, work: Path, cfg: Any) -> dict[str, str]:
+    """The commands that print the evaluation's numbers and curate its FlipBank (all a run with
+    no flips has)."""
+    conditions = ",".join(cfg.conditions)
+    return {
+        "evaluate": f"flipscope evaluate --model {organism} --questions {questions} --conditions {conditions} "
+        f"--out {work / 'evaluation'}",
+        "curate": f"flipscope curate --results {work / 'evaluation'} --questions {questions} --min-margin 0.2 "
+        f"--out {work / 'flipbank-cli.json'}",
     }

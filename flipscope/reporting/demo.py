@@ -13,30 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flipscope.data.atomic import write_json
-from flipscope.errors import FlipscopeError
-from flipscope.reporting.demo_figures import build_figures, layer_recovery
+from flipscope.reporting.demo_figures import build_figures
+from flipscope.reporting.demo_summary import PAPER, demo_summary, has_flips
 
 __all__ = ["PAPER", "DemoConfig", "build_figures", "run_demo"]
-
-PAPER = {
-    "model": "MedGemma 4B (google/medgemma-4b-it), MIMIC-CXR questions",
-    "flip_rate_range": "8–58% across six medical VLMs",
-    "flipbank": {"n_flips": 158, "yes_to_no": 94, "no_to_yes": 64},
-    "feature": "GemmaScope 2 feature 3818, layer 17 of 34 (blocks.17.hook_resid_post)",
-    "pearson_r": 0.71,
-    "peak_layer_auc": 0.76,
-    "patch_mean_recovery": 0.448,
-    "patch_reversed": "23/158",
-    "patch_controls_margin_change": 0.03,
-    "clamp_flip_rate": [0.156, 0.108],
-    "clamp_accuracy": [0.782, 0.769],
-    "clamp_text_only_agreement": [0.664, 0.631],
-}
 
 
 @dataclass(frozen=True)
@@ -123,14 +108,14 @@ def _curate(run: _Run) -> None:
     from flipscope.data.curation import curate
     from flipscope.data.flipbank import load_flipbank, save_flipbank
     from flipscope.data.store import iter_rows, read_header
+    from flipscope.experiments.evaluation import questions_fingerprint
     from flipscope.organism.bank import DEFAULT_RULES
 
-    path = run.found["eval_path"]
-    bank = curate(iter_rows(path), run.found["questions"], DEFAULT_RULES, source=read_header(path))
+    path, questions = run.found["eval_path"], run.found["questions"]
+    digest = questions_fingerprint(questions)
+    bank = curate(iter_rows(path), questions, DEFAULT_RULES, source=read_header(path), questions_sha256=digest)
     run.found["bank_path"] = save_flipbank(bank, run.work / "flipbank.json")
     run.found["bank"] = load_flipbank(run.found["bank_path"])
-    if not run.found["bank"]["n_flips"]:
-        raise FlipscopeError(f"the organism made no flips on {run.cfg.n_films} films; nothing to explain")
 
 
 def _discover(run: _Run) -> None:
@@ -252,10 +237,10 @@ def _activations(run: _Run) -> None:
 
 def _figures(run: _Run) -> None:
     """The summary every figure and the report are drawn from, and the figures."""
-    from flipscope.reporting.commands import demo_commands
+    from flipscope.reporting.commands import demo_commands, evaluation_commands
     from flipscope.reporting.files import save_figures
 
-    run.found["summary"] = summary = _summary(run)
+    run.found["summary"] = summary = demo_summary(run)
     run.found["figures"] = build_figures(summary)
     written = save_figures(run.found["figures"], run.out, {"demo": summary["settings"]}, png=run.png)
     if written["png_skipped"]:
@@ -263,10 +248,13 @@ def _figures(run: _Run) -> None:
     summary["figures"] = {"html": [p.name for p in written["html"]], "png": [p.name for p in written["png"]]}
     summary["png_skipped"] = written["png_skipped"]
     f = run.found
-    summary["commands"] = demo_commands(
-        run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"], f["clamp_feature"],
-        run.cfg,
-    )  # fmt: skip
+    if has_flips(run):
+        summary["commands"] = demo_commands(
+            run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"],
+            f["clamp_feature"], run.cfg,
+        )  # fmt: skip
+    else:
+        summary["commands"] = evaluation_commands(run.directory, f["questions_path"], run.work, run.cfg)
 
 
 def _report(run: _Run) -> None:
@@ -288,59 +276,8 @@ STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("writing figures", _figures),
     ("writing the report", _report),
 )
-
-
-def _summary(run: _Run) -> dict[str, Any]:
-    """Every number the report and figures show, and the files they come from."""
-    from flipscope.experiments.discovery import records
-
-    f, cfg, work, found = run.found, run.cfg, run.work, run.found["discovery"]
-    bank = f["bank"]
-    return {
-        "settings": {**asdict(cfg), "organism": str(run.directory)},
-        "organism": {
-            "directory": str(run.directory),
-            "hook": run.card["hook_name"],
-            "n_layers": run.vlm.n_layers,
-            "d_sae": int(run.sae.cfg.d_sae),
-            "shortcut": run.card["shortcut"],
-            "base": run.card["config"].get("base"),
-            "planted_features": f["planted"],
-        },
-        "files": {
-            "questions": str(f["questions_path"]),
-            "evaluation": str(f["eval_path"]),
-            "flipbank": str(f["bank_path"]),
-            "discovery": str(work / "discovery.json"),
-            "patch_discovered": str(work / "patch_discovered.json"),
-        },
-        "evaluation": f["evaluation"],
-        "flipbank": {k: bank[k] for k in ("n_flips", "n_controls")}
-        | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
-        "discovery": {
-            "top": records(found.top(10)),
-            "verdict": found.verdict,
-            "found": found.found,
-            "framing": found.framing,
-            "patched": f["chosen"],
-            "patched_by": f["chosen_by"],
-            "ablation_check": found.ablation,
-            "diffmean_top_features": found.diffmean["top_features"],
-            "layers": found.layers,
-        },
-        "patching": {
-            "discovered": f["patch_discovered"].summary,
-            "planted": f["patch_card"].summary if "patch_card" in f else None,
-            "single": f["patch_single"].summary,
-            "layers": layer_recovery(f["layer_rows"], cfg.seed),
-        },
-        "replication": f["replication"],
-        "base_text": f.get("base_text"),
-        "upstream": f["upstream"],
-        "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
-        "feature_activation": f["cells"],
-        "paper": PAPER,
-    }
+# The stages that explain flips: a model that made none skips them, and its report says so.
+FLIP_STAGES = frozenset({_discover, _patch, _replicate, _base_text, _trace, _clamp, _activations})
 
 
 def run_demo(
@@ -374,12 +311,18 @@ def run_demo(
     run = _Run(cfg, out, work, directory, vlm, sae, card, progress, png, echo)
     seconds: dict[str, float] = {}
     stages = [(name, stage) for name, stage in STAGES if stage is not _base_text or card["config"].get("base")]
-    for k, (name, stage) in enumerate(stages, start=1):
+    k = 0
+    while k < len(stages):
+        name, stage = stages[k]
+        k += 1
         label = name.format(**run.found)
         echo(f"[{k}/{len(stages)}] {label} ...")
         start = time.perf_counter()
         stage(run)
         seconds[label] = round(time.perf_counter() - start, 2)
+        if stage is _curate and not has_flips(run):
+            echo(f"no flips on {cfg.n_films} films: nothing for discovery, patching, tracing or clamping to explain")
+            stages = [s for s in stages if s[1] not in FLIP_STAGES]
     summary = run.found["summary"]
     summary["seconds"] = {**seconds, "total": round(time.perf_counter() - total, 2)}
     write_json(out / "summary.json", summary, default=str)

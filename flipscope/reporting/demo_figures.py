@@ -40,16 +40,23 @@ def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
     """Every figure of a demo run, from its `summary` (and the files it names): the demo calls
-    this, and so does `analyses/figures.py` to redraw them from a finished run."""
+    this, and so does `analyses/figures.py` to redraw them from a finished run. A run with no
+    flips has the evaluation's two figures only."""
     from flipscope.data.store import iter_rows
     from flipscope.experiments.summary import flip_rate_cells
     from flipscope.reporting import plots
 
     files = summary["files"]
+    seed = summary["settings"]["seed"]
+    evaluation = {
+        "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
+        "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
+    }
+    if not summary["flipbank"]["n_flips"]:  # nothing to explain: the evaluation's figures alone
+        return evaluation
     rows = json.loads(Path(files["patch_discovered"]).read_text())["cases"]
     chosen = summary["patching"]["discovered"]["setup"]["features"]
     feature = summary["clamping"]["feature"]
-    seed = summary["settings"]["seed"]
     upstream = summary["upstream"]
     entry = (
         {"framing_entry": plots.framing_entry(upstream, summary["patching"]["layers"])} if upstream["profile"] else {}
@@ -61,8 +68,7 @@ def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "recovery_distribution": plots.recovery_distribution(
             rows, title=f"Recovery for features {chosen}, and its controls"
         ),
-        "quadrants": plots.quadrant_map(summary["evaluation"], title="Consistency × image reliance (held-out films)"),
-        "flip_rates": plots.flip_rates(flip_rate_cells(iter_rows(files["evaluation"]), seed=seed)),
+        **evaluation,
         "feature_activation": plots.feature_activation(
             summary["feature_activation"],
             labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},

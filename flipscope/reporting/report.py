@@ -307,6 +307,20 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
+def _no_flips(s: Mapping[str, Any]) -> str:
+    """What a run without a single flip can say: that there is nothing to explain, and what the
+    quadrants say of the consistency it has instead."""
+    o, quadrants = s["evaluation"]["overall"], s["evaluation"]["by_quadrant"]
+    dangerous = quadrants["Dangerous"]
+    reading = (
+        f"The model changed no answer under any paraphrase of its {o['n_questions']} questions, so the FlipBank "
+        "is empty and there is nothing for feature discovery, patching, tracing or clamping to explain; those "
+        "stages were not run. No flips is a finding about consistency, not about image use: a share of "
+        f"{fmt(dangerous['share'])} of questions are Dangerous (answered the same without the image)."
+    )
+    return f"<h2>2. No flips to explain</h2>{_reading(reading)}"
+
+
 def _model_line(org: Mapping[str, Any]) -> str:
     if org.get("base"):
         return (
@@ -339,11 +353,15 @@ def write_report(path: str | Path, summary: Mapping[str, Any], figures: Mapping[
         f"{_planted(shortcut)}. The report follows the paper's protocol on it, stage by stage, and puts the paper's "
         "MedGemma figures beside the organism's (rows in italics).</p>"
         + _evaluation(summary, figures)
-        + _discovery(summary, figures)
-        + _patching(summary, figures)
-        + held_out_replication(summary)
-        + base_text(summary)
-        + _clamping(summary, figures)
+        + (
+            _discovery(summary, figures)
+            + _patching(summary, figures)
+            + held_out_replication(summary)
+            + base_text(summary)
+            + _clamping(summary, figures)
+            if summary["flipbank"]["n_flips"]
+            else _no_flips(summary)
+        )
         + "<h2>Reproduce</h2><p>Each number above is printed by one of these commands:</p>"
         + f"<pre>{html.escape(commands)}</pre><p>Settings: {settings}.</p>"
     )
