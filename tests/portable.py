@@ -22,6 +22,7 @@ RTOL = 1e-3
 # ranked tables of the demo's summary: where they are, and the score they are ranked by
 RANKED = {"summary.discovery.top": "framing_share", "summary.discovery.diffmean_top_features": "cosine"}
 # what a run records that is not a result: where it ran, how long it took, which files it wrote
+# (and, under "organism", the folder it was loaded from)
 _VOLATILE = ("settings", "files", "figures", "png_skipped", "commands", "seconds", "paper")
 
 
@@ -37,7 +38,8 @@ def demo_values(out: Path) -> dict[str, Any]:
     case_fields = ("id", "direction", "strategy", "original_answer", "paraphrase_answer",
                    "original_margin", "paraphrase_margin")  # fmt: skip
     return {
-        "summary": {k: v for k, v in summary.items() if k not in _VOLATILE},
+        "summary": {k: v for k, v in summary.items() if k not in _VOLATILE}
+        | {"organism": {k: v for k, v in summary["organism"].items() if k != "directory"}},
         "evaluation": {
             "keys": [f"{r['question_id']}/p{r['prompt_index']}/{r['condition']}" for r in rows],
             "answers": "".join(r["answer"][0] for r in rows),
