@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flipscope.cli import analysis, compare, evaluation, organism, upstream  # noqa: F401 - registers the commands
+from flipscope.cli import analysis, compare, evaluation, organism, sae, upstream  # noqa: F401 - registers the commands
 from flipscope.cli.common import app
 
 __all__ = ["app", "main"]
@@ -22,6 +22,7 @@ ORDER = (
     "discover",
     "patch",
     "trace",
+    "lens",
     "clamp",
     "compare",
     "demo",

@@ -50,3 +50,60 @@ def trace(
         typer.echo(f"  corrupting '{word}' alone undoes {fmt(estimate)} of the margin shift")
     typer.echo(framing_entry(summary))
     typer.echo(f"trace: {path}")
+
+
+@app.command()
+def lens(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    layers: str | None = typer.Option(None, help="Layers to read, e.g. 0,8,16,17 (default: all)."),
+    sites: str | None = typer.Option(
+        None, help="Extra hooks to rank-1 patch, e.g. blocks.0.hook_attn_out (each layer's resid_post always)."
+    ),
+    n_random: int = typer.Option(32, help="Norm-matched random directions in the null (its best is reported)."),
+    out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.lens.json beside the FlipBank)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+) -> None:
+    """Logit lens per layer (flips' divergence against same-family non-flips, the commit layer) and
+    rank-1 patching of one cross-fitted framing direction per site, beside random directions."""
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.lens import lens_trajectory
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.experiments.rank1 import rank1_sweep
+    from flipscope.model.hook_names import resid_post
+
+    with one_line_errors():
+        path = writable(out or flipbank.with_name(f"{flipbank.stem}.lens.json"), folder=False)
+        bank = load_flipbank(flipbank)
+        vlm = load_model(model, dtype, device, adapter)
+        layer_ids = ints(layers, "--layers") if layers else list(range(vlm.n_layers))
+        bad = [layer for layer in layer_ids if not 0 <= layer < vlm.n_layers]
+        if bad:
+            raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
+        extra = [s.strip() for s in sites.split(",") if s.strip()] if sites else []
+        for hook in extra:
+            vlm.check_hook_name(hook)
+        hooks = [*extra, *(resid_post(layer) for layer in layer_ids)]
+        pairs = collect_pairs(vlm, bank, hooks)
+        trajectory = lens_trajectory(vlm, bank, layers=layer_ids, pairs=pairs).summary()
+        patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random)
+        write_json(path, {"lens": trajectory, "rank1": patched})
+    typer.echo(f"{trajectory['n_flips']} flips, {trajectory['n_controls']} same-family non-flips")
+    typer.echo(f"{'layer':>5}  {'|Δ lens| flips':>15}{'non-flips':>11}  {'ratio [CI]':<28}{'r(flip)':>8}")
+    for row in trajectory["layers"]:
+        ratio = fmt(row.get("ratio"), 2) if row.get("ratio") else "n/a"
+        controls = f"{row['controls']:.3f}" if row["controls"] is not None else "n/a"
+        r = f"{row['r_flip']:+.2f}" if "r_flip" in row else "n/a"
+        typer.echo(f"{row['layer']:>5}  {row['flips']:>15.3f}{controls:>11}  {ratio:<28}{r:>8}")
+    commit = trajectory["commit_layer"]
+    typer.echo(f"commit layer (median over flips' paraphrases): {commit['median']} (n = {commit['n']})")
+    typer.echo(f"{'site':<28}{'rank-1 recovery [CI]':<30}{'best random':>12}{'non-flips |Δm|':>16}")
+    for row in patched:
+        controls = row.get("controls", {}).get("mean_abs_margin_change", {}).get("value")
+        shown = f"{controls:.3f}" if controls is not None else "n/a"
+        typer.echo(
+            f"{row['hook']:<28}{fmt(row['recovery']):<30}{row['random']['best_mean_recovery']:>12.3f}{shown:>16}"
+        )
+    typer.echo(f"lens: {path}")

@@ -11,24 +11,19 @@ with `sae_lens.SAE.load_from_disk`.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float
-from sae_lens import SAE, JumpReLUSAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import SAEMetadata
-from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save
+from sae_lens import JumpReLUSAE, JumpReLUTrainingSAE
 from torch import Tensor
 
-from flipscope.data.atomic import write_atomic
 from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
+from flipscope.sae.train import SAETrainConfig, sae_stats, save_trained_sae
+from flipscope.sae.train import train_sae as train_site_sae_acts
 
 __all__ = [
     "collect_activations",
@@ -38,10 +33,6 @@ __all__ = [
     "skip_activations",
     "train_sae",
 ]
-
-logger = logging.getLogger(__name__)
-
-SAE_WEIGHTS = "sae_weights.safetensors"
 
 
 def _real_tokens(mask: Tensor, drop_first: bool) -> Tensor:
@@ -101,69 +92,24 @@ def generated_text_activations(
     return cache[cfg.sae_hook][:, 1:].flatten(0, 1)
 
 
-def _batches(acts: Tensor, batch: int, seed: int) -> Iterator[Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(acts), generator=generator)
-        for start in range(0, len(acts) - batch + 1, batch):
-            yield acts[order[start : start + batch]]
-
-
 def train_sae(acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig) -> JumpReLUTrainingSAE:
-    """Train a JumpReLU SAE (GemmaScope 2's quadratic L0 penalty around `cfg.sae_target_l0`)."""
-    sae_cfg = JumpReLUTrainingSAEConfig(
-        d_in=int(acts.shape[1]),
+    """Train the organism's JumpReLU SAE (GemmaScope 2's quadratic L0 penalty around
+    `cfg.sae_target_l0`) with `flipscope.sae.train.train_sae`."""
+    settings = SAETrainConfig(
+        architecture="jumprelu",
         d_sae=cfg.d_sae,
-        normalize_activations="expected_average_only_in",
-        jumprelu_sparsity_loss_mode="quadratic",
         target_l0=cfg.sae_target_l0,
-        l0_coefficient=1.0,
-        jumprelu_init_threshold=cfg.sae_init_threshold,
-        jumprelu_bandwidth=0.1,
-        # Anthropic's pre-activation loss pulls dead features back above threshold; at 1e-3 it
-        # kept the share of dead features on held-out tokens under 20% on the default organism.
-        pre_act_loss_coefficient=1e-3,
-        metadata=SAEMetadata(hook_name=cfg.sae_hook, model_name="flipscope-organism"),
-    )
-    torch.manual_seed(cfg.seed)
-    training_sae = JumpReLUTrainingSAE(sae_cfg)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.sae_steps * cfg.sae_batch,
-        train_batch_size_samples=cfg.sae_batch,
+        steps=cfg.sae_steps,
+        batch=cfg.sae_batch,
         lr=cfg.sae_lr,
-        lr_end=cfg.sae_lr / 10,
-        lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=cfg.sae_steps // 20,
-        device="cpu",
-        dead_feature_window=cfg.sae_steps // 4,
-        feature_sampling_window=cfg.sae_steps // 4,
-        n_batches_for_norm_estimate=20,
+        init_threshold=cfg.sae_init_threshold,
+        seed=cfg.seed,
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=_batches(acts, cfg.sae_batch, cfg.seed))
-    return trainer.fit()
+    return train_site_sae_acts(acts, settings, hook_name=cfg.sae_hook, model_name="flipscope-organism")
 
 
 def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path, *, half: bool = False) -> JumpReLUSAE:
-    """Write the inference SAE in sae-lens's format and load it back through the user's path.
-
-    With `half` the weights are stored in float16 (a 2,048 × 640 dictionary in float32 is over
-    10 MB); `cfg.json` keeps float32, so sae-lens loads them back as float32.
-    """
-    trained.save_inference_model(directory)
-    if half:
-        weights = Path(directory) / SAE_WEIGHTS
-        write_atomic(weights, save({k: v.half().contiguous() for k, v in load_file(str(weights)).items()}))
-    loaded = SAE.load_from_disk(str(directory), device="cpu")
+    """Write the inference SAE in sae-lens's format and load it back (`save_trained_sae`)."""
+    loaded = save_trained_sae(trained, directory, half=half)
     assert isinstance(loaded, JumpReLUSAE)
     return loaded
-
-
-@torch.no_grad()
-def sae_stats(sae: JumpReLUSAE, acts: Float[Tensor, "n_tokens d_model"]) -> dict[str, float]:
-    """Fraction of variance unexplained, mean L0 and share of dead features on `acts`."""
-    feats = sae.encode(acts)
-    recon = sae.decode(feats)
-    fvu = float(((recon - acts) ** 2).sum() / ((acts - acts.mean(0)) ** 2).sum())
-    l0 = float((feats > 0).float().sum(-1).mean())
-    dead = float(((feats > 0).sum(0) == 0).float().mean())
-    return {"fvu": fvu, "l0": l0, "dead_share": dead, "n_tokens": int(len(acts))}

@@ -1,0 +1,79 @@
+"""Where the framing lives, on the shipped organism and its FlipBank: the logit lens reads the model's
+own margin at the last layer and shows flips diverging far more than same-family non-flips; one
+direction at the entry site (layer 0's attention output) undoes the flips, while norm-matched random
+directions do not and the non-flips move no more than their own wording moves them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipscope.data.flipbank import load_flipbank
+from flipscope.experiments.lens import lens_margins, lens_trajectory
+from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.rank1 import rank1_patch
+from flipscope.model.hook_names import resid_post
+from flipscope.organism import load_organism
+from flipscope.reporting.format import fmt
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+ENTRY = "blocks.0.hook_attn_out"
+# the mean |margin change| of the same-family non-flips when their framing words are corrupted
+# (flipscope trace on the shipped organism): what removing the framing may move them by
+CORRUPTION_BOUND = 1.07
+
+
+@pytest.fixture(scope="module")
+def setup():
+    vlm, _, _ = load_organism()
+    bank = load_flipbank(BANK)
+    hooks = [ENTRY, *(resid_post(i) for i in range(vlm.n_layers))]
+    return vlm, bank, collect_pairs(vlm, bank, hooks, progress=False)
+
+
+def test_the_lens_at_the_last_layer_is_the_models_margin(setup) -> None:
+    vlm, _, pairs = setup
+    last = resid_post(vlm.n_layers - 1)
+    torch.testing.assert_close(lens_margins(vlm, pairs.para[last]), pairs.margin_para, atol=1e-4, rtol=1e-5)
+
+
+def test_flips_diverge_under_the_lens_far_more_than_non_flips(setup) -> None:
+    vlm, bank, pairs = setup
+    summary = lens_trajectory(vlm, bank, pairs=pairs).summary()
+    assert summary["n_flips"] == len(bank["flips"]) and summary["n_controls"] == len(bank["controls"])
+    assert summary["first_divergent_layer"] == 0
+    for row in summary["layers"]:
+        assert row["ratio"]["low"] > 1 and row["r_flip"] > 0.5
+    # by the last layer the lens gives every flip's final answer
+    assert summary["commit_layer"]["n"] == summary["n_flips"]
+
+
+def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setup) -> None:
+    vlm, _, pairs = setup
+    found = rank1_patch(vlm, pairs, ENTRY, n_random=32)
+    assert found["recovery"]["value"] >= 0.9 and found["recovery"]["n"] == int(pairs.is_flip.sum())
+    assert found["random"]["median_mean_recovery"] <= 0.05
+    assert found["random"]["best_mean_recovery"] < 0.1
+    assert found["controls"]["mean_abs_margin_change"]["value"] <= CORRUPTION_BOUND
+
+
+def test_the_lens_command_prints_both_readings_and_writes_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    out = tmp_path / "lens.json"
+    args = ["lens", "--flipbank", str(BANK), "--layers", "0,3", "--sites", ENTRY, "--n-random", "4", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert [row["layer"] for row in written["lens"]["layers"]] == [0, 3]
+    assert [row["hook"] for row in written["rank1"]] == [ENTRY, resid_post(0), resid_post(3)]
+    first = written["rank1"][0]
+    assert f"{ENTRY:<28}{fmt(first['recovery']):<30}" in result.output
+    assert "commit layer" in result.output and f"lens: {out}" in result.output
+    bad = CliRunner().invoke(app, ["lens", "--flipbank", str(BANK), "--sites", "blocks.9.hook_nope"])
+    assert bad.exit_code == 2 and "unknown hook name 'blocks.9.hook_nope'" in bad.output
