@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flipscope.errors import FlipscopeError
 from flipscope.model import PromptSpec
-from flipscope.organism import OrganismConfig, build_organism, load_organism
+from flipscope.organism import OrganismConfig, build_organism, load_card, load_organism
 
 REDUCED = OrganismConfig(
     text_layers=2,
@@ -117,3 +118,29 @@ def test_a_llava_organism_builds_from_its_config_file_and_loads_as_llava(tmp_pat
     finally:
         sae.use_error_term = False
     torch.testing.assert_close(spliced, vlm(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_an_entry_site_sae_is_trained_by_the_recipe_and_recorded_in_the_card(built, tmp_path: Path) -> None:
+    import shutil
+
+    from flipscope.organism.entry_sae import ENTRY_DIR, load_entry_sae, train_entry_sae
+
+    out, _ = built
+    copy = tmp_path / "organism"
+    shutil.copytree(out, copy)
+    entry = train_entry_sae(copy, "blocks.0.hook_attn_out")
+    card = load_card(copy)
+    assert card["entry_sae"] == entry and entry["d_sae"] == REDUCED.d_sae and entry["fvu"] >= 0 and entry["l0"] > 0
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        digest = hashlib.sha256((copy / ENTRY_DIR / name).read_bytes()).hexdigest()
+        assert card["sha256"][f"{ENTRY_DIR}/{name}"] == digest
+    sae = load_entry_sae(copy)
+    assert sae.cfg.metadata.hook_name == "blocks.0.hook_attn_out" and sae.cfg.d_in == REDUCED.d_model
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    train_entry_sae(again, "blocks.0.hook_attn_out")
+    assert (again / ENTRY_DIR / "sae_weights.safetensors").read_bytes() == (
+        copy / ENTRY_DIR / "sae_weights.safetensors"
+    ).read_bytes()
+    with pytest.raises(FlipscopeError, match="has no entry-site SAE"):
+        load_entry_sae(out)

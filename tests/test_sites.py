@@ -77,3 +77,24 @@ def test_the_lens_command_prints_both_readings_and_writes_them(tmp_path: Path) -
     assert "commit layer" in result.output and f"lens: {out}" in result.output
     bad = CliRunner().invoke(app, ["lens", "--flipbank", str(BANK), "--sites", "blocks.9.hook_nope"])
     assert bad.exit_code == 2 and "unknown hook name 'blocks.9.hook_nope'" in bad.output
+
+
+def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup) -> None:
+    """The organism's entry-site SAE (`flipscope organism entry-sae`): its five most
+    framing-specific features recover half the margin, where those of the layer-2 SAE recover a
+    fifth; the matched control feature recovers nothing; the non-flips move about as much as their
+    own framing words move them."""
+    from flipscope.experiments.discovery import discover
+    from flipscope.experiments.patching import patch_bank
+    from flipscope.organism.entry_sae import load_entry_sae
+
+    vlm, bank, pairs = setup
+    sae = load_entry_sae()
+    assert sae.cfg.metadata.hook_name == ENTRY
+    found = discover(vlm, sae, bank, pairs=pairs, exact_top=0, progress=False)
+    assert found.found and f"carry the wording at {ENTRY}" in found.verdict
+    chosen = found.framing_features(5)
+    summary = patch_bank(vlm, sae, bank, chosen, pairs=pairs, progress=False).summary
+    assert summary["flips"]["mean_recovery"]["value"] >= 0.5
+    assert abs(summary["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
+    assert summary["controls"]["mean_abs_margin_change"]["low"] <= CORRUPTION_BOUND

@@ -202,3 +202,24 @@ def organism_finetune(
                 typer.echo(
                     f"{ft.name}: final loss {log['final_loss']:.3f}, adapter {log['adapter_bytes'] / 1e3:.0f} kB"
                 )
+
+
+@organism_app.command("entry-sae")
+def organism_entry_sae(
+    hook: str = typer.Option(
+        "blocks.0.hook_attn_out", help="Where the framing enters (the site `flipscope trace` names)."
+    ),
+    organism: Path | None = typer.Option(
+        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
+    ),
+    d_sae: int | None = typer.Option(None, help="Dictionary size (default: the organism's first SAE's)."),
+) -> None:
+    """Train the organism's second SAE, at the entry site, by its own recipe; record it in the card."""
+    from flipscope.organism.entry_sae import ENTRY_DIR, train_entry_sae
+
+    with one_line_errors():
+        entry = train_entry_sae(organism, hook, d_sae=d_sae)
+    typer.echo(
+        f"entry SAE at {entry['hook']}: {entry['d_sae']} features; held-out FVU {entry['fvu']:.4f}, "
+        f"L0 {entry['l0']:.1f}, dead {entry['dead_share']:.1%} ({ENTRY_DIR}/)"
+    )

@@ -53,14 +53,16 @@ def collect_activations(
     batch_size: int = 128,
     *,
     drop_first: bool = False,
+    hook: str | None = None,
 ) -> Float[Tensor, "n_tokens d_model"]:
-    """Residual-stream activations at `cfg.sae_hook`, every real token of `n_prompts` prompts."""
+    """Activations at `hook` (default `cfg.sae_hook`), every real token of `n_prompts` prompts."""
+    hook = hook or cfg.sae_hook
     chunks: list[Tensor] = []
     for start in range(0, n_prompts, batch_size):
         examples = sample_examples(cfg, rng, min(batch_size, n_prompts - start))
         batch = vlm.prompts.build([e.spec for e in examples])
-        _, cache = vlm.run_with_cache(batch, names_filter=cfg.sae_hook, logits_to_keep=1)
-        chunks.append(cache[cfg.sae_hook][_real_tokens(batch.attention_mask, drop_first)])
+        _, cache = vlm.run_with_cache(batch, names_filter=hook, logits_to_keep=1)
+        chunks.append(cache[hook][_real_tokens(batch.attention_mask, drop_first)])
     return torch.cat(chunks)
 
 
@@ -92,9 +94,12 @@ def generated_text_activations(
     return cache[cfg.sae_hook][:, 1:].flatten(0, 1)
 
 
-def train_sae(acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig) -> JumpReLUTrainingSAE:
+def train_sae(
+    acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig, *, hook: str | None = None
+) -> JumpReLUTrainingSAE:
     """Train the organism's JumpReLU SAE (GemmaScope 2's quadratic L0 penalty around
-    `cfg.sae_target_l0`) with `flipscope.sae.train.train_sae`."""
+    `cfg.sae_target_l0`) on activations of `hook` (default `cfg.sae_hook`) with
+    `flipscope.sae.train.train_sae`."""
     settings = SAETrainConfig(
         architecture="jumprelu",
         d_sae=cfg.d_sae,
@@ -105,7 +110,7 @@ def train_sae(acts: Float[Tensor, "n_tokens d_model"], cfg: OrganismConfig) -> J
         init_threshold=cfg.sae_init_threshold,
         seed=cfg.seed,
     )
-    return train_site_sae_acts(acts, settings, hook_name=cfg.sae_hook, model_name="flipscope-organism")
+    return train_site_sae_acts(acts, settings, hook_name=hook or cfg.sae_hook, model_name="flipscope-organism")
 
 
 def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path, *, half: bool = False) -> JumpReLUSAE:
