@@ -21,7 +21,7 @@ def train(
     out: Path = typer.Option(..., help="Folder to write the SAE to (sae-lens format, with training.json)."),
     model: str | None = typer.Option(None, help="Hub id or model directory (default: the shipped organism)."),
     images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
-    conditions: str = typer.Option("image,blank", help="Prompt conditions: image, blank, none, context."),
+    conditions: str = typer.Option("image,blank", help="Prompt conditions: image, blank, none, swap, context."),
     architecture: str = typer.Option("jumprelu", help="jumprelu (GemmaScope 2's) or topk."),
     d_sae: int = typer.Option(256, help="Dictionary size."),
     l0: float = typer.Option(12.0, help="Target mean L0 (jumprelu) or k (topk)."),
@@ -37,7 +37,8 @@ def train(
 ) -> None:
     """Train an SAE at HOOK on the questions' prompts; report FVU, L0 and dead share on held-out questions."""
     from flipscope.data.questions import load_questions
-    from flipscope.sae.train import SAETrainConfig, train_site_sae
+    from flipscope.experiments.site_sae import train_site_sae
+    from flipscope.sae.train import SAETrainConfig
 
     with one_line_errors():
         writable(out, folder=True)

@@ -42,6 +42,7 @@ __all__ = [
     "swap_images",
     "unit_key",
     "unit_order",
+    "unit_prompts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def unit_key(condition: str, index: int) -> str:
     return f"{condition}/{index}"
 
 
-def _unit_prompts(
+def unit_prompts(
     chunk: Sequence[Question], condition: str, swaps: dict[str, Any]
 ) -> tuple[list[PromptSpec], list[dict[str, Any]]]:
     """The prompts of one unit and their rows' identifying fields (each film read once per unit,
@@ -323,7 +324,7 @@ def run_sweep(
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
     with store, torch.no_grad():
         for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
-            specs, rows = _unit_prompts(chunks[index], condition, swaps)
+            specs, rows = unit_prompts(chunks[index], condition, swaps)
             margins = scorer.margins(specs, chunks[index], condition, swaps)
             _fill_rows(rows, margins, scorer.generated(specs) if cfg.generate_tokens else None)
             store.append(unit_key(condition, index), rows)

@@ -1,13 +1,11 @@
 """Training an SAE at any hook of any model flipscope loads, with sae-lens's own trainer.
 
-GemmaScope covers Gemma only; a LLaVA-Rad, CheXagent or Qwen user has no dictionary at the site
-where the trace says the framing enters. `train_site_sae` streams activations at a hook from the
-user's questions × wordings × evidence conditions through `HookedVLM` (every real token position,
-batched), keeps a share of the questions apart, trains a JumpReLU SAE (GemmaScope 2's quadratic L0
-penalty around a target L0) or a TopK SAE with sae-lens's `SAETrainer`, writes it in sae-lens's
-format (`cfg.json` + `sae_weights.safetensors`, `hook_name` set, so `load_sae` and every stage read
-it), and measures it on the held-out questions' activations: fraction of variance unexplained,
-mean L0 and the share of features that never fire.
+`site_activations` caches a hook at every real token position of a list of prompts; `train_sae`
+trains a JumpReLU SAE (GemmaScope 2's quadratic L0 penalty around a target L0) or a TopK SAE on
+them with sae-lens's `SAETrainer`; `save_trained_sae` writes it in sae-lens's format (`cfg.json` +
+`sae_weights.safetensors`, `hook_name` set, so `load_sae` and every stage read it); `sae_stats`
+measures fraction of variance unexplained, mean L0 and the share of features that never fire.
+`flipscope.experiments.site_sae` runs them on a user's questions.
 
 sae-lens's `expected_average_only_in` normalisation is estimated in training and folded into the
 weights at the end, so the saved SAE reads raw activations.
@@ -15,13 +13,11 @@ weights at the end, so the saved SAE reads raw activations.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from sae_lens import (
@@ -38,7 +34,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flipscope.data.atomic import write_atomic, write_json
+from flipscope.data.atomic import write_atomic
 from flipscope.errors import FlipscopeError
 
 __all__ = [
@@ -48,13 +44,10 @@ __all__ = [
     "save_trained_sae",
     "site_activations",
     "train_sae",
-    "train_site_sae",
 ]
 
-logger = logging.getLogger(__name__)
 ARCHITECTURES = ("jumprelu", "topk")
 SAE_WEIGHTS = "sae_weights.safetensors"
-REPORT_NAME = "training.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,62 +178,3 @@ def site_activations(
         _, cache = vlm.run_with_cache(batch, names_filter=hook, logits_to_keep=1)
         chunks.append(cache[hook][batch.attention_mask.bool().to(cache[hook].device)].float().cpu())
     return torch.cat(chunks)
-
-
-def _question_specs(questions: Sequence[Any], conditions: Sequence[str]) -> list[Any]:
-    """Every wording of every question under every evidence condition, as prompts."""
-    from flipscope.model.prompts import PromptSpec
-
-    specs = []
-    for q in questions:
-        for text in q.prompts:
-            for condition in conditions:
-                if condition in ("image", "swap"):
-                    specs.append(PromptSpec(question=text, image=q.image))
-                elif condition == "context":
-                    specs.append(PromptSpec(question=text, condition="context", context=q.context))
-                else:
-                    specs.append(PromptSpec(question=text, condition=condition))
-    return specs
-
-
-def train_site_sae(
-    vlm: Any,
-    questions: Sequence[Any],
-    hook: str,
-    out: str | Path,
-    cfg: SAETrainConfig | None = None,
-    *,
-    conditions: Sequence[str] = ("image", "blank"),
-    batch_size: int = 32,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train an SAE at `hook` on `questions` (see the module docstring), write it to `out` with
-    `training.json` beside it, and return that report: the config, the site, and FVU, L0 and dead
-    share on the held-out questions' activations (and on the training ones)."""
-    cfg = cfg or SAETrainConfig()
-    vlm.check_hook_name(hook)
-    if len(questions) < 2:
-        raise FlipscopeError("training an SAE needs at least two questions (some are held out to measure it)")
-    order = np.random.default_rng(cfg.seed).permutation(len(questions))
-    n_held = min(len(questions) - 1, max(1, round(cfg.held_out * len(questions))))
-    held = [questions[i] for i in sorted(order[:n_held])]
-    train = [questions[i] for i in sorted(order[n_held:])]
-    acts = site_activations(vlm, _question_specs(train, conditions), hook, batch_size=batch_size, progress=progress)
-    held_acts = site_activations(vlm, _question_specs(held, conditions), hook, batch_size=batch_size, progress=progress)
-    name = str(vlm.identity().get("name"))
-    trained = train_sae(acts, cfg, hook_name=hook, model_name=name)
-    out = Path(out)
-    sae = save_trained_sae(trained, out)
-    report = {
-        "hook": hook,
-        "model": vlm.identity(),
-        "config": cfg.to_dict(),
-        "conditions": list(conditions),
-        "questions": {"train": len(train), "held_out": len(held)},
-        "held_out": sae_stats(sae, held_acts),
-        "train": sae_stats(sae, acts),
-    }
-    write_json(out / REPORT_NAME, report)
-    logger.info("SAE at %s: held-out FVU %.3f, L0 %.1f", hook, report["held_out"]["fvu"], report["held_out"]["l0"])
-    return report
