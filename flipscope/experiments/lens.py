@@ -26,7 +26,6 @@ from scipy import stats
 from torch import Tensor
 
 from flipscope.experiments.pairs import PairActivations, collect_pairs
-from flipscope.model.families import final_norm_gain
 from flipscope.model.families.sites import find_language_model
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
@@ -42,10 +41,8 @@ def lens_margins(vlm: VLM, acts: Float[Tensor, "*batch d_model"]) -> Float[Tenso
     tokens = vlm.answer_tokens
     ids = [*tokens.yes_ids, *tokens.no_ids]
     rows = hf.get_output_embeddings().weight.detach()[ids].float()
-    x = acts.float()
-    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * final_norm_gain(norm).to(x.device)
-    logits = normed @ rows.T.to(x.device)
+    normed = norm(acts.to(norm.weight.dtype)).float()  # the model's own final norm
+    logits = normed @ rows.T.to(normed.device)
     cap = getattr(getattr(hf.config, "text_config", hf.config), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -23,7 +23,7 @@ from flipscope.model.hooked import HookedVLM
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import sample_examples
 from flipscope.sae.train import SAETrainConfig, sae_stats, save_trained_sae
-from flipscope.sae.train import train_sae as train_site_sae_acts
+from flipscope.sae.train import train_sae as train_dictionary
 
 __all__ = [
     "collect_activations",
@@ -110,7 +110,7 @@ def train_sae(
         init_threshold=cfg.sae_init_threshold,
         seed=cfg.seed,
     )
-    return train_site_sae_acts(acts, settings, hook_name=hook or cfg.sae_hook, model_name="flipscope-organism")
+    return train_dictionary(acts, settings, hook_name=hook or cfg.sae_hook, model_name="flipscope-organism")
 
 
 def save_sae(trained: JumpReLUTrainingSAE, directory: str | Path, *, half: bool = False) -> JumpReLUSAE:
