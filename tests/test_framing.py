@@ -58,3 +58,17 @@ def test_too_few_pairs_or_unmatched_controls_claim_nothing() -> None:
     unmatched = [{k: v for k, v in c.items() if k != "control_for"} for c in cases]
     none = framing_analysis(delta, shift, unmatched, "h", n_perm=50)
     assert "not family-matched (curate with --match family)" in none.verdict
+
+
+def test_a_wording_effect_of_one_question_is_named_but_not_claimed() -> None:
+    delta, shift, cases = _bank(framing=0.0)
+    for i, case in enumerate(cases):  # half the pairs come from one film; the rest from one each
+        case["question_id"] = "film0-opacity" if i % 40 < 20 else f"film{i % 40}-opacity"
+    delta[[*range(20), *range(40, 60)], 0] += 1.5
+    found = framing_analysis(delta, shift, cases, "blocks.2.hook_resid_post", n_perm=200)
+    assert not found.found and found.specificity.beats_null[0]
+    assert found.verdict.startswith(
+        "No framing mechanism was found at blocks.2.hook_resid_post: feature 0 shifts on the 40 same-family"
+    )
+    assert "but not again on question-disjoint halves of 20 and 20 pairs" in found.verdict
+    assert found.to_dict()["replication"] == {"halves": [20, 20], "beating_null": [0], "replicated": []}

@@ -70,3 +70,17 @@ def test_framing_share_is_the_features_part_of_the_direction() -> None:
     share = framing_share(decoder, np.array([1.5, 0.5, 7.0]), direction)
     np.testing.assert_allclose(share, [0.9, 0.1, 0.0])  # they rebuild the direction exactly; the third is off it
     assert framing_share(decoder, np.ones(3), np.zeros(4)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_shift_from_one_question_alone_does_not_replicate() -> None:
+    """Feature 0 shifts on every pair of one question and on none of the others': beyond the null
+    over all pairs, but the question-disjoint halves disagree, so no framing is claimed."""
+    flip, control = _pairs(framing=0.0, answer=0.0)
+    groups = np.array(["film0-opacity"] * 20 + [f"film{i}-opacity" for i in range(1, 21)])
+    control[:20, 0] += 1.5
+    flip[:20, 0] += 1.5
+    one = framing_specificity(flip, control, groups=groups, n_perm=300)
+    assert one.beats_null[0] and not one.replicated[0] and not one.found
+    assert sorted(one.halves) == [20, 20]
+    spread = framing_specificity(flip, control, n_perm=300)  # the same pairs, each its own question
+    assert spread.beats_null[0] and spread.replicated[0] and spread.labels[0] == "framing"

@@ -11,10 +11,11 @@ questions are asked of the pairs, each against a null that keeps the answer stru
    separation, size and attribution: a statistic that a readout feature reaches on any case of
    the same wording is not evidence about the flips.
 
-A framing mechanism is claimed only when some feature's framing shift beats its null; the
-answer-readout features are named either way. Fewer than `MIN_PAIRS` pairs claim nothing; the
-pair-swap nulls are still computed from two pairs on (and flagged where they are printed), so a
-small bank shows what its statistics are worth rather than nothing.
+A framing mechanism is claimed only when some feature's framing shift beats its null and replicates
+on question-disjoint halves of the pairs; the answer-readout features are named either way. Fewer
+than `MIN_PAIRS` pairs claim nothing; the pair-swap nulls are still computed from two pairs on (and
+flagged where they are printed), so a small bank shows what its statistics are worth rather than
+nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class FramingAnalysis:
                 "answer_t": spec.answer_threshold,
                 "answer_cos": spec.answer_cos_threshold,
             },
+            "replication": None
+            if spec is None
+            else {
+                "halves": list(spec.halves),
+                "beating_null": [int(f) for f in np.flatnonzero(spec.beats_null)],
+                "replicated": [int(f) for f in np.flatnonzero(spec.beats_null & spec.replicated)],
+            },
             "nulls": {
                 name: {
                     "null_top": test.threshold,
@@ -108,6 +116,15 @@ def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, s
     moves = "moves" if len(readout) == 1 else "move"
     tail = f" {_features(readout)} {moves} with the answer only (answer readout)." if len(readout) else ""
     framing = spec.framing_features
+    unreplicated = np.flatnonzero(spec.beats_null & ~spec.replicated)
+    if not len(framing) and len(unreplicated):
+        a, b = spec.halves
+        return False, (
+            f"No framing mechanism was found at {hook}: {_features(unreplicated).lower()} "
+            f"{'shifts' if len(unreplicated) == 1 else 'shift'} on the {n_pairs} same-family non-flips beyond the "
+            f"null (|t| > {spec.framing_threshold:.1f}) but not again on question-disjoint halves of {a} and {b} "
+            f"pairs, as a wording that carries the flips would.{tail}"
+        )
     if not len(framing):
         top = float(np.abs(spec.framing_t).max())
         return False, (
@@ -120,7 +137,8 @@ def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, s
     carry, they = ("carries", "it shifts") if len(framing) == 1 else ("carry", "they shift")
     return True, (
         f"{_features(framing)} {carry} the wording at {hook}{also}: {they} on the {n_pairs} same-family "
-        f"non-flips, where the answer held, beyond the null (|t| > {spec.framing_threshold:.1f}).{tail}"
+        f"non-flips, where the answer held, beyond the null (|t| > {spec.framing_threshold:.1f}), and again on "
+        f"question-disjoint halves.{tail}"
     )
 
 
@@ -143,6 +161,7 @@ def framing_analysis(
     the residual Δ at its hook, framing features are ranked by their share of the controls' mean
     Δresidual (`framing_share`)."""
     flips, controls = control_pairs(cases)
+    questions = np.array([str(cases[i].get("question_id", cases[i]["id"])) for i in flips])
 
     def swap_nulls() -> dict[str, NullTest]:
         return pair_swap_nulls(
@@ -159,7 +178,7 @@ def framing_analysis(
         share = framing_share(decoder, delta_f[controls].mean(0), resid_delta[controls].mean(0))
     spec = framing_specificity(
         delta_f[flips], delta_f[controls], answer_cos=answer_cos, answer_cos_threshold=answer_cos_threshold,
-        share=share, n_perm=n_perm, seed=seed,
+        share=share, groups=questions, n_perm=n_perm, seed=seed,
     )  # fmt: skip
     found, verdict = _verdict(len(flips), spec, hook)
     return FramingAnalysis(len(flips), spec, swap_nulls(), found, verdict)

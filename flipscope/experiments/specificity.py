@@ -13,14 +13,20 @@ two come apart:
   labels swapped at random within each pair (the answer structure kept, only which side flipped
   permuted), again as the largest |t| over features.
 
-A feature beats a null when its |t| exceeds the null's 95th percentile of the maximum. The
-answer shift alone cannot tell a readout from a framing carrier that is simply stronger where the
-answer flipped, so the decoder is read too: with `answer_cos` (the decoder row's cosine with the
-logit-lens answer direction, `readout.answer_alignment`) and its null threshold, a feature is
+A feature beats a null when its |t| exceeds the null's 95th percentile of the maximum. Any wording
+moves some features (a model reads its words), and one borderline excess over the null is what 5% of
+null models show, so a framing carrier must also **replicate**: the pairs are split in two halves by
+question (no question in both), and a feature counts only where it beats the dictionary-wide null on
+one half and, on the other, shifts the same way beyond a max-|t| null over the features that half
+chose. The answer shift alone cannot tell a readout from a framing carrier that is simply stronger
+where the answer flipped, so the decoder is read too: with `answer_cos` (the decoder row's cosine
+with the logit-lens answer direction, `readout.answer_alignment`) and its null threshold, a feature
+is
 
-- `framing`: its framing shift beats the null and its decoder does not write the answer;
-- `framing + readout`: its framing shift beats the null and its decoder writes the answer;
-- `answer readout`: no framing shift, but its shift on flips beats the null over their controls
+- `framing`: its framing shift beats the null and replicates, and its decoder does not write the answer;
+- `framing + readout`: its framing shift beats the null and replicates, and its decoder writes the
+  answer;
+- `answer readout`: no replicated framing shift, but its shift on flips beats the null over their controls
   (it moves with the answer only);
 - `none`: nothing beats a null.
 
@@ -45,10 +51,13 @@ __all__ = [
     "framing_share",
     "framing_specificity",
     "max_t_null",
+    "replication",
+    "split_halves",
     "t_statistic",
 ]
 
 MIN_PAIRS = 10
+MIN_HALF = 4  # a half with fewer pairs cannot confirm anything: the claim is not made
 
 
 def t_statistic(values: Float[np.ndarray, "n k"]) -> Float[np.ndarray, " k"]:
@@ -77,6 +86,50 @@ def max_t_null(
     return np.concatenate(out)
 
 
+def split_halves(groups: np.ndarray, seed: int = 0) -> Bool[np.ndarray, " pair"]:
+    """Half A's pairs: whole groups (a pair's question) dealt, largest first in a seeded order, to
+    the half with fewer pairs, so the halves are about as large and share no question."""
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    filled, in_a = [0, 0], np.zeros(len(names), dtype=bool)
+    for g in order:
+        half = int(filled[1] < filled[0])
+        in_a[g] = half == 0
+        filled[half] += int(sizes[g])
+    return in_a[inverse]
+
+
+def replication(
+    values: Float[np.ndarray, "pair k"],
+    in_a: Bool[np.ndarray, " pair"],
+    *,
+    n_perm: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Bool[np.ndarray, " k"]:
+    """Features whose mean shift replicates across the halves: chosen on one half by the
+    dictionary-wide max-|t| null, confirmed on the other (same sign, beyond the max-|t| null over
+    the chosen features only), in either direction. All False when a half has fewer than
+    `MIN_HALF` pairs."""
+    k = values.shape[1]
+    halves = (values[in_a], values[~in_a])
+    if min(len(h) for h in halves) < MIN_HALF:
+        return np.zeros(k, dtype=bool)
+    out = np.zeros(k, dtype=bool)
+    for i, (pick, check) in enumerate((halves, halves[::-1])):
+        t_pick = t_statistic(pick)
+        cut = np.quantile(max_t_null(pick, n_perm=n_perm, seed=seed + 2 + 2 * i), level)
+        chosen = np.flatnonzero(np.abs(t_pick) > cut)
+        if not len(chosen):
+            continue
+        t_check = t_statistic(check[:, chosen])
+        confirm = np.quantile(max_t_null(check[:, chosen], n_perm=n_perm, seed=seed + 3 + 2 * i), level)
+        same_way = np.sign(t_check) == np.sign(t_pick[chosen])
+        out[chosen[same_way & (np.abs(t_check) > confirm)]] = True
+    return out
+
+
 LABELS = ("framing", "framing + readout", "answer readout", "none")
 
 
@@ -90,6 +143,9 @@ class Specificity:
         answer_shift: Mean of Δf(flip) − Δf(control) over the pairs.
         framing_t: t statistic of `framing_shift`; `answer_t` of `answer_shift`.
         framing_threshold: 95th percentile of the framing null's max |t| (`answer_threshold` alike).
+        beats_null: Whether each framing shift beats its null on all pairs.
+        replicated: Whether each framing shift replicates across question-disjoint halves.
+        halves: The halves' sizes in pairs.
         labels: One of `LABELS` per feature.
         n_pairs: Flip–control pairs the statistics rest on.
         answer_cos: Decoder alignment with the answer direction, when given.
@@ -105,6 +161,9 @@ class Specificity:
     answer_threshold: float
     labels: np.ndarray
     n_pairs: int
+    beats_null: Bool[np.ndarray, " k"]
+    replicated: Bool[np.ndarray, " k"]
+    halves: tuple[int, int]
     answer_cos: Float[np.ndarray, " k"] | None = None
     answer_cos_threshold: float | None = None
     share: Float[np.ndarray, " k"] | None = None
@@ -151,12 +210,15 @@ def framing_specificity(
     answer_cos: Float[np.ndarray, " k"] | None = None,
     answer_cos_threshold: float | None = None,
     share: Float[np.ndarray, " k"] | None = None,
+    groups: np.ndarray | None = None,
     n_perm: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> Specificity:
     """The framing and answer tests of the module docstring over flip–control pairs (row i of
     `delta_control` is the family-matched control of the flip in row i of `delta_flip`).
+    `groups` names each pair's question, which the replication halves keep together (default:
+    every pair its own).
 
     Raises:
         FlipscopeError: the arrays differ in shape, hold fewer than `MIN_PAIRS` pairs, or
@@ -176,6 +238,9 @@ def framing_specificity(
     answer_null = max_t_null(difference, n_perm=n_perm, seed=seed + 1)  # a swap within a pair negates it
     framing_cut, answer_cut = float(np.quantile(framing_null, level)), float(np.quantile(answer_null, level))
     writes = None if answer_cos is None else np.abs(answer_cos) > answer_cos_threshold
+    in_a = split_halves(np.arange(len(delta_flip)) if groups is None else np.asarray(groups), seed=seed)
+    beats = np.abs(framing_t) > framing_cut
+    replicated = replication(delta_control, in_a, n_perm=n_perm, level=level, seed=seed)
     return Specificity(
         framing_shift=delta_control.mean(0),
         answer_shift=difference.mean(0),
@@ -183,8 +248,11 @@ def framing_specificity(
         answer_t=answer_t,
         framing_threshold=framing_cut,
         answer_threshold=answer_cut,
-        labels=_labels(np.abs(framing_t) > framing_cut, np.abs(answer_t) > answer_cut, writes),
+        labels=_labels(beats & replicated, np.abs(answer_t) > answer_cut, writes),
         n_pairs=len(delta_flip),
+        beats_null=beats,
+        replicated=replicated,
+        halves=(int(in_a.sum()), int((~in_a).sum())),
         answer_cos=answer_cos,
         answer_cos_threshold=answer_cos_threshold,
         share=share,

@@ -44,6 +44,7 @@ __all__ = ["GROUPS", "UpstreamTrace", "framing_words", "trace_framing"]
 GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
 MIN_EFFECT = 1e-3  # a corruption that moves the margin less than this explains nothing
+MIN_EXPLAINED = 0.5  # the share of the flips' shift the framing words must undo (CI's lower end) to trace it
 
 
 def framing_words(original: str, paraphrase: str) -> list[str]:
@@ -119,12 +120,22 @@ class UpstreamTrace:
             "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if len(self.case_ids) else None,
             "profile": profile,
             "words": words,
+            "explained": self.explained(seed),
             "entry_layer": self.entry_layer(),
         }
 
-    def entry_layer(self) -> int | None:
-        """The first layer whose last position carries at least half the framing's effect (mean)."""
+    def explained(self, seed: int = 0) -> bool:
+        """Whether corrupting the framing words explains the flips' shift: the lower end of the
+        CI of the share it undoes is at least `MIN_EXPLAINED`. Where the words explain less, the
+        tracing restores an effect that is not the flip, and no entry layer is named."""
         if not len(self.case_ids):
+            return False
+        return bool(bootstrap(self.corrupted_share, seed=seed).low >= MIN_EXPLAINED)
+
+    def entry_layer(self) -> int | None:
+        """The first layer whose last position carries at least half the framing's effect (mean);
+        None when no flip was traced or the framing words do not explain the shift (`explained`)."""
+        if not self.explained():
             return None
         last = self.restored[:, :, GROUPS.index("last position")].mean(0)
         return next((layer for layer, share in zip(self.layers, last, strict=True) if share >= 0.5), None)
