@@ -20,11 +20,15 @@ __all__ = ["ATOL", "RTOL", "RANKED", "demo_values", "mismatches"]
 ATOL = 1e-3
 RTOL = 1e-3
 # ranked tables of the demo's summary: where they are, and the score they are ranked by
-RANKED = {"summary.discovery.top": "framing_share", "summary.discovery.diffmean_top_features": "cosine"}
+RANKED = {
+    "summary.discovery.top": "framing_share",
+    "summary.discovery.diffmean_top_features": "cosine",
+    "summary.site.entry.top": "framing_share",
+}
 # where a record names a direction by the sha256 of its float32 bytes: equal on one machine only
 _DIGESTS_UNDER = ("ablate_direction",)
 # what a run records that is not a result: where it ran, how long it took, which files it wrote
-# (and, under "organism", the folder it was loaded from)
+# (and, under "organism" and the site choice, the folders it was loaded from)
 _VOLATILE = ("settings", "files", "figures", "png_skipped", "commands", "seconds", "paper")
 
 
@@ -39,9 +43,16 @@ def demo_values(out: Path) -> dict[str, Any]:
     bank = json.loads((work / "flipbank.json").read_text())
     case_fields = ("id", "direction", "strategy", "original_answer", "paraphrase_answer",
                    "original_margin", "paraphrase_margin")  # fmt: skip
+    kept = {k: v for k, v in summary.items() if k not in _VOLATILE}
+    kept["organism"] = {k: v for k, v in summary["organism"].items() if k != "directory"}
+    if (kept.get("site") or {}).get("choice"):  # the SAEs' folders: where the organism was loaded from
+        choice = dict(kept["site"]["choice"])
+        for key in ("chosen", "mid_depth"):
+            if choice.get(key):
+                choice[key] = {k: v for k, v in choice[key].items() if k not in ("source", "label")}
+        kept["site"] = {**kept["site"], "choice": choice}
     return {
-        "summary": {k: v for k, v in summary.items() if k not in _VOLATILE}
-        | {"organism": {k: v for k, v in summary["organism"].items() if k != "directory"}},
+        "summary": kept,
         "evaluation": {
             "keys": [f"{r['question_id']}/p{r['prompt_index']}/{r['condition']}" for r in rows],
             "answers": "".join(r["answer"][0] for r in rows),

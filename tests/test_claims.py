@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import math
 
-from flipscope.reporting.claims import ablation_agreement, family_concentration, peak_layer
+from flipscope.reporting.claims import (
+    ablation_agreement,
+    family_concentration,
+    framing_entry,
+    peak_layer,
+    site_comparison,
+)
 from flipscope.reporting.format import fmt, num
 
 
@@ -50,3 +56,46 @@ def test_peaks_and_agreements_are_named_only_when_they_are_numbers() -> None:
     )
     assert peak_layer(layers, n_flips=10) == peak_layer(layers)
     assert "(from only 4 flip cases)" in ablation_agreement({"spearman": 1.0, "n_cases": 4})
+
+
+def _est(value: float, half: float = 0.02, n: int = 160) -> dict:
+    return {"value": value, "low": value - half, "high": value + half, "n": n}
+
+
+def _patch(recovery: dict, hook: str) -> dict:
+    return {"flips": {"mean_recovery": recovery, "n": recovery["n"]}, "setup": {"hook": hook}}
+
+
+def test_the_entry_site_is_called_a_feature_only_when_its_recovery_is_clearly_higher() -> None:
+    choice = {"chosen": {"hook": "blocks.0.hook_attn_out"}}
+    main = {"discovered": _patch(_est(0.20), "blocks.2.hook_resid_post")}
+
+    def site(recovery: dict, found: bool = True) -> dict:
+        entry = {"found": found, "patched": [10, 62, 39, 29, 23], "patched_by": "framing specificity",
+                 "patching": _patch(recovery, "blocks.0.hook_attn_out")}  # fmt: skip
+        return {"choice": choice, "entry": entry}
+
+    feature = site_comparison(site(_est(0.57)), {}, main)
+    assert feature.startswith("At blocks.0.hook_attn_out the framing is still a feature: the 5 features")
+    assert "0.570 [0.550, 0.590] at blocks.0.hook_attn_out against 0.200 [0.180, 0.220]" in feature
+    same = site_comparison(site(_est(0.22, half=0.05)), {}, main)
+    assert same.startswith("The two sites' features recover about as much") and "still a feature" not in same
+    nothing = site_comparison(site(_est(0.57), found=False), {}, main)
+    assert nothing.startswith("No framing mechanism was found at blocks.0.hook_attn_out either")
+    few = site_comparison(site(_est(0.57, n=4)), {}, main)
+    assert "(from only 4 cases)" in few
+    assert site_comparison({"choice": None, "why": "the trace names no layer"}, {}, main).startswith(
+        "No SAE site was chosen from the trace: the trace names no layer"
+    )
+    assert "already sits where" in site_comparison({"choice": choice, "entry": None}, {}, main)
+
+
+def test_no_entry_layer_is_named_when_the_framing_words_do_not_explain_the_shift() -> None:
+    upstream = {
+        "n_cases": 1, "explained": False, "entry_layer": None, "corrupted_share": _est(-0.12, 0.0, n=1),
+        "words": {"seen": _est(-0.1, 0.0, n=1)},
+        "profile": [{"layer": 0, "framing words": _est(1.0, 0.0, n=1), "last position": _est(0.0, 0.0, n=1)}],
+    }  # fmt: skip
+    text = framing_entry(upstream)
+    assert "do not explain the shift" in text and "reaches the answer position" not in text
+    assert "(from only 1 case)" in text

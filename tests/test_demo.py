@@ -92,18 +92,33 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 6
+    assert len(readings) == 7
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
     assert "carry the wording at blocks.2.hook_resid_post" in text  # features beat the framing null
+    assert "the framing is still a feature" in text  # the entry site's CI above the SAE layer's
     assert "No framing mechanism" not in text
+
+
+def test_the_report_reads_both_sites_side_by_side(demo) -> None:
+    out, _, summary = demo
+    site = summary["site"]
+    assert site["choice"]["chosen"]["hook"] == "blocks.0.hook_attn_out" and site["choice"]["entry_layer"] == 1
+    entry, main = site["entry"]["patching"], summary["patching"]["discovered"]
+    assert site["entry"]["found"] and entry["flips"]["mean_recovery"]["value"] >= 0.5
+    assert entry["flips"]["mean_recovery"]["low"] > main["flips"]["mean_recovery"]["high"]
+    assert abs(entry["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
+    page = (out / "report.html").read_text()
+    assert "Where the framing is a feature, and where it is the answer" in page
+    assert "At blocks.0.hook_attn_out the framing is still a feature: the 5 features" in page
+    assert "entry (chosen by the trace): blocks.0.hook_attn_out" in page
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:
     out, output, summary = demo
     assert f"report: {out / 'report.html'}" in output
-    assert "[10/10] writing the report" in output
+    assert "[11/11] writing the report" in output
     for name in FIGURES:
         assert (out / f"{name}.html").is_file()
         assert json.loads((out / f"{name}.json").read_text())["demo"]["seed"] == summary["settings"]["seed"]
@@ -181,6 +196,11 @@ def test_report_numbers_are_those_the_cli_commands_print(demo) -> None:
     for entry in summary["clamping"]["interventions"]:
         number = fmt(entry["summary"]["overall"]["flip_rate"])
         assert number in printed and number in report
+
+    printed = _cli(commands["site"])  # the entry site the trace chose, from the demo's own trace
+    entry = summary["site"]["entry"]
+    assert f"site: {summary['site']['choice']['chosen']['label']} at {entry['hook']}" in printed
+    assert entry["verdict"] in printed
 
     printed = _cli(commands["discover"])
     verdict = summary["discovery"]["verdict"]

@@ -87,6 +87,17 @@ def test_attn_and_mlp_out_are_the_residual_updates(vlm: HookedVLM, mixed_batch) 
         assert torch.equal(rebuilt, post), layer
 
 
+def test_hook_z_is_every_heads_output_before_the_projection(vlm: HookedVLM, mixed_batch) -> None:
+    _, batch = mixed_batch
+    _, cache = vlm.run_with_cache(batch, names_filter=lambda name: name.startswith("blocks.0."))
+    layer = vlm.hf_model.model.language_model.layers[0]
+    attn = layer.self_attn
+    z = cache["blocks.0.attn.hook_z"]
+    assert z.shape[-1] == attn.config.num_attention_heads * attn.head_dim
+    with torch.no_grad():
+        assert torch.equal(layer.post_attention_layernorm(attn.o_proj(z)), cache["blocks.0.hook_attn_out"])
+
+
 def test_vision_and_projector_hooks(vlm: HookedVLM, mixed_batch) -> None:
     _, batch = mixed_batch
     _, cache = vlm.run_with_cache(batch, names_filter=["vision.hook_out", "projector.hook_out"])

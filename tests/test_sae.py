@@ -12,12 +12,15 @@ from safetensors.torch import save_file
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import HookedVLM
+from flipscope.model.prompts import PromptSpec
 from flipscope.organism import default_organism_dir
 from flipscope.sae.encode import encode_with_error
 from flipscope.sae.load import check_sae, gemmascope_folder_to_sae, load_sae
 
 
-def _raw_folder(root: Path, layer: int, d_in: int, d_sae: int = 32, seed: int = 0) -> tuple[Path, dict]:
+def _raw_folder(
+    root: Path, layer: int, d_in: int, d_sae: int = 32, seed: int = 0, site: str = "resid_post"
+) -> tuple[Path, dict]:
     generator = torch.Generator().manual_seed(seed)
     tensors = {
         "w_enc": torch.randn(d_in, d_sae, generator=generator) / d_in**0.5,
@@ -26,7 +29,7 @@ def _raw_folder(root: Path, layer: int, d_in: int, d_sae: int = 32, seed: int = 
         "b_dec": torch.randn(d_in, generator=generator) * 0.1,
         "threshold": torch.rand(d_sae, generator=generator) * 0.5,
     }
-    folder = root / "resid_post" / f"layer_{layer}_width_{d_sae}_l0_small"
+    folder = root / site / f"layer_{layer}_width_{d_sae}_l0_small"
     folder.mkdir(parents=True)
     save_file(tensors, folder / "params.safetensors")
     config = {
@@ -72,6 +75,30 @@ def test_wrong_width_and_unknown_hook_name_both_sides(tmp_path: Path, organism) 
     hf_named = gemmascope_folder_to_sae(_raw_folder(tmp_path / "c", layer=1, d_in=128)[0], hook_name="model.layers.1")
     hf_named.cfg.metadata.hf_hook_name = "model.layers.1.output"
     assert check_sae(hf_named, organism) == "blocks.1.hook_resid_post"
+
+
+def test_an_attention_sae_reads_the_heads_before_their_projection(tmp_path: Path, organism) -> None:
+    """GemmaScope 2's attention SAEs read `o_proj`'s input (sae-lens: `blocks.L.attn.hook_z`); their
+    width is n_heads × head_dim, which on Gemma 3 4B is not d_model."""
+    from transformers import Gemma3Config
+
+    from flipscope.model.hook_names import hook_width
+
+    sae = load_sae(_raw_folder(tmp_path, layer=0, d_in=organism.d_model, site="attn_out")[0])
+    assert check_sae(sae, organism) == "blocks.0.attn.hook_z"
+    batch = organism.prompts.build([PromptSpec(question="Is there a pleural effusion?", condition="blank")])
+    _, cache = organism.run_with_cache(batch, names_filter=["blocks.0.attn.hook_z"])
+    z = cache["blocks.0.attn.hook_z"]
+    features, error = encode_with_error(sae, z)
+    torch.testing.assert_close(sae.decode(features) + error, z)
+    medgemma = Gemma3Config(text_config={"hidden_size": 2560, "num_attention_heads": 8, "head_dim": 256})
+    holder = torch.nn.Module()
+    holder.config = medgemma
+    assert hook_width(holder, "blocks.17.attn.hook_z", 2560) == 2048
+    assert hook_width(holder, "blocks.17.hook_resid_post", 2560) == 2560
+    wide = load_sae(_raw_folder(tmp_path / "w", layer=0, d_in=96, site="attn_out")[0])
+    with pytest.raises(FlipscopeError, match=r"SAE d_in 96 does not match the model's d_model 128"):
+        check_sae(wide, organism)
 
 
 def test_bad_folders_are_named(tmp_path: Path) -> None:

@@ -10,11 +10,15 @@ import typer
 from flipscope.cli.common import (
     ADAPTER_HELP,
     SHARD_HELP,
+    SITE_HELP,
+    TRACE_HELP,
     app,
     echo_shard_done,
+    echo_site,
     fmt,
     ints,
     load_model_and_sae,
+    load_model_and_site,
     one_line_errors,
     writable,
 )
@@ -31,11 +35,14 @@ def discover(
     ),
     sae: str | None = typer.Option(
         None,
-        help="SAE: a sae-lens folder, a raw GemmaScope 2 folder, or a release (with --sae-id); default: MODEL/sae.",
+        help="SAE: a sae-lens folder, a raw GemmaScope 2 folder, a release (with --sae-id), or auto (the SAE "
+        "nearest where the trace says the framing enters, from --saes); default: MODEL/sae.",
     ),
     sae_id: str | None = typer.Option(
         None, help="SAE id within a sae-lens release, e.g. layer_17_width_16k_l0_medium."
     ),
+    saes: str | None = typer.Option(None, help=SITE_HELP),
+    trace: Path | None = typer.Option(None, help=TRACE_HELP),
     layers: str | None = typer.Option(None, help="Layers of the flip-prediction AUC sweep, e.g. 0,4,8 (default: all)."),
     top: int = typer.Option(10, help="Features to print."),
     exact_top: int = typer.Option(50, help="Check attribution against exact ablation of this many features (0: skip)."),
@@ -53,12 +60,16 @@ def discover(
         out = writable(out or flipbank.with_name(f"{flipbank.stem}.features.json"), folder=False)
         layer_ids = ints(layers, "--layers") if layers else None
         bank = load_flipbank(flipbank)
-        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
+        vlm, dictionary, site = load_model_and_site(model, sae, sae_id, saes, trace, bank, dtype, device, adapter)
         bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
         if bad:
             raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
         found = run_discovery(vlm, dictionary, bank, layers=layer_ids, exact_top=exact_top, batch_size=batch_size)
+        if site is not None:
+            found.meta["site"] = site.to_dict()
         json_path, csv_path = found.save(out)
+    if site is not None:
+        echo_site(site)
     _print_discovery(found, top)
     typer.echo(f"table: {json_path}\n       {csv_path}")
 
@@ -146,8 +157,12 @@ def patch(
     flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
     features: str = typer.Option(..., help="SAE features to remove together, e.g. 38 or 38,32,0."),
     model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
-    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae: str | None = typer.Option(
+        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
+    ),
     sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    saes: str | None = typer.Option(None, help=SITE_HELP),
+    trace: Path | None = typer.Option(None, help=TRACE_HELP),
     positions: str = typer.Option("last", help="Where to patch: last (the paper's), question or all."),
     sweep: str | None = typer.Option(
         None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
@@ -163,7 +178,7 @@ def patch(
     from flipscope.data.flipbank import load_flipbank
     from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.pairs import collect_pairs
-    from flipscope.experiments.patching import POSITIONS, patch_bank
+    from flipscope.experiments.patching import patch_bank
     from flipscope.experiments.sharded import run_sharded
     from flipscope.experiments.sweeps import patch_sweep
     from flipscope.sae.load import check_sae
@@ -171,19 +186,17 @@ def patch(
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
     with one_line_errors():
         writable(out, folder=True)
-        if positions not in POSITIONS:
-            raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
-        chosen = ints(features, "--features")
-        swept = _feature_list(sweep) if sweep else None
+        chosen, swept = _patch_features(positions, features, sweep)
         launch = resolve_shard(shard)
         main = launch is None or launch.is_main
         bank = load_flipbank(flipbank)
         device = launch.device(device) if launch is not None else device
-        vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
+        vlm, dictionary, site = load_model_and_site(model, sae, sae_id, saes, trace, bank, dtype, device, adapter)
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)])
         if main:
             result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs)
-            write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows})
+            chosen_site = {} if site is None else {"site": site.to_dict()}
+            write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows, **chosen_site})
         path = None
         if swept:
             path = run_sharded(
@@ -194,12 +207,21 @@ def patch(
             )
     if not main:
         return
-    _print_patch(result.summary, chosen, positions)
+    _print_patch(result.summary, chosen, positions, site)
     if swept and path is not None:
         _print_sweep(path, swept)
     elif swept:
         echo_shard_done(launch, out)
     typer.echo(f"results: {out}")
+
+
+def _patch_features(positions: str, features: str, sweep: str | None) -> tuple[list[int], list[int] | None]:
+    """The features patched together and those swept alone, after checking `positions`."""
+    from flipscope.experiments.patching import POSITIONS
+
+    if positions not in POSITIONS:
+        raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
+    return ints(features, "--features"), (_feature_list(sweep) if sweep else None)
 
 
 def _feature_list(text: str) -> list[int]:
@@ -215,7 +237,9 @@ def _feature_list(text: str) -> list[int]:
     return chosen
 
 
-def _print_patch(s: dict, chosen: list[int], positions: str) -> None:
+def _print_patch(s: dict, chosen: list[int], positions: str, site=None) -> None:
+    if site is not None:
+        echo_site(site)
     typer.echo(
         f"removing features {chosen} at {s['setup']['hook']} ({positions} position(s)); 95% bootstrap CIs over cases"
     )
@@ -270,8 +294,12 @@ def clamp(
         help="FlipBank JSON: also ablate its DiffMean direction (flips vs controls, at the SAE's hook) for comparison.",
     ),
     model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
-    sae: str | None = typer.Option(None, help="SAE folder or sae-lens release (default: MODEL/sae)."),
+    sae: str | None = typer.Option(
+        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
+    ),
     sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    saes: str | None = typer.Option(None, help=SITE_HELP),
+    trace: Path | None = typer.Option(None, help=TRACE_HELP),
     images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
     conditions: str = typer.Option("image,blank", help="Image conditions, 'image' first: image, blank, none, swap."),
     out: Path = typer.Option(..., help="Output folder; rerunning resumes."),

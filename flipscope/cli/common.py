@@ -21,6 +21,8 @@ __all__ = [
     "ADAPTER_HELP",
     "DTYPES",
     "SHARD_HELP",
+    "SITE_HELP",
+    "TRACE_HELP",
     "app",
     "check_dtype",
     "echo_shard_done",
@@ -28,6 +30,8 @@ __all__ = [
     "ints",
     "load_model",
     "load_model_and_sae",
+    "load_model_and_site",
+    "echo_site",
     "one_line_errors",
     "organism_app",
     "shard_stores",
@@ -201,6 +205,67 @@ def load_model_and_sae(
     vlm = load_model(model, dtype, device, adapter)
     source = str(organism_dir(model)) if model is None or model in SHIPPED else model  # the SAE ships beside
     return vlm, load_sae(sae if sae is not None else str(Path(source) / "sae"), sae_id, device=device)
+
+
+SITE_HELP = (
+    "With --sae auto: where to look for SAEs, a folder (each subfolder one SAE; default: the model's folder, e.g. "
+    "the organism's sae/ and sae_entry/) or a sae-lens release (e.g. gemma-scope-2-4b-it-att)."
+)
+TRACE_HELP = "With --sae auto: a trace JSON from `flipscope trace` (default: trace the bank's first 64 flips now)."
+
+
+def load_model_and_site(
+    model: str | None,
+    sae: str | None,
+    sae_id: str | None,
+    saes: str | None,
+    trace: Path | None,
+    bank,
+    dtype: str,
+    device: str,
+    adapter: Path | None = None,
+):
+    """`load_model_and_sae`, or with `sae == "auto"` the SAE nearest where the trace says the
+    framing enters (`flipscope.experiments.sites`); returns the model, the SAE and the choice
+    (None unless auto)."""
+    if sae != "auto":
+        return (*load_model_and_sae(model, sae, sae_id, dtype, device, adapter), None)
+    import json
+
+    from flipscope.experiments.sites import choose_site, folder_candidates, release_candidates
+    from flipscope.organism import SHIPPED, organism_dir
+    from flipscope.sae.load import load_sae
+
+    if sae_id is not None:
+        raise FlipscopeError("--sae auto chooses the SAE itself; drop --sae-id (or name one with --sae)")
+    vlm = load_model(model, dtype, device, adapter)
+    where = saes or str(organism_dir(model) if model is None or model in SHIPPED else model)
+    candidates = folder_candidates(where) if Path(where).exists() else release_candidates(where)
+    if trace is not None:
+        try:
+            summary = json.loads(trace.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FlipscopeError(f"--trace {str(trace)!r} is not a trace JSON from flipscope trace ({err})") from err
+        if not isinstance(summary, dict) or "entry_layer" not in summary:
+            raise FlipscopeError(f"--trace {str(trace)!r} has no entry_layer; write it with flipscope trace")
+    else:
+        from flipscope.experiments.upstream import trace_framing
+
+        summary = trace_framing(vlm, bank, max_cases=64).summary()
+    choice = choose_site(candidates, summary, vlm.n_layers)
+    chosen = choice.chosen
+    return vlm, load_sae(chosen.source, chosen.sae_id, device=device), choice
+
+
+def echo_site(choice) -> None:
+    """What `--sae auto` chose, why, and the mid-depth site beside it."""
+    typer.echo(f"site: {choice.chosen.label} at {choice.chosen.hook}. {choice.reason}")
+    if choice.mid_depth is not None:
+        typer.echo(
+            f"  the paper's mid-depth site has an SAE too ({choice.mid_depth.hook}: --sae {choice.mid_depth.source}"
+            + (f" --sae-id {choice.mid_depth.sae_id}" if choice.mid_depth.sae_id else "")
+            + "); compare the two with flipscope discover at each."
+        )
 
 
 def ints(text: str, option: str) -> list[int]:

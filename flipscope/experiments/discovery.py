@@ -290,9 +290,9 @@ def _framing(
     seed: int,
 ) -> FramingAnalysis:
     """The framing analysis of the pairs, with the decoder's answer alignment where the model
-    exposes its unembedding."""
+    exposes its unembedding and the SAE writes the residual stream (not the heads' `attn.hook_z`)."""
     readout = {}
-    if hasattr(vlm, "hf_model"):
+    if hasattr(vlm, "hf_model") and not hook.endswith(".attn.hook_z"):
         readout = {
             "answer_cos": answer_alignment(sae, vlm),
             "answer_cos_threshold": alignment_threshold(sae, seed=seed),

@@ -14,6 +14,8 @@ and the attention and MLP outputs are read directly)::
   the token embeddings with the image features scattered in, scaled by √d_model).
 - `blocks.{L}.hook_attn_out`: the output of `post_attention_layernorm`, i.e. exactly what
   attention adds to the residual stream.
+- `blocks.{L}.attn.hook_z`: the input of `self_attn.o_proj`, every head's output concatenated
+  (`[batch pos n_heads·d_head]`), the site of GemmaScope 2's attention SAEs.
 - `blocks.{L}.hook_mlp_out`: the output of `post_feedforward_layernorm`, what the MLP adds.
 - `blocks.{L}.hook_resid_post`: the decoder layer's output (HF `hidden_states[L+1]` for every
   layer but the last, whose HF hidden state is taken after the final norm).
@@ -31,7 +33,10 @@ from torch import nn
 
 from flipscope.model.families import HookSite, family_of
 
-__all__ = ["HookSite", "hook_sites", "resid_post"]
+__all__ = ["GEMMASCOPE_SITES", "HookSite", "hook_sites", "hook_width", "resid_post"]
+
+# a GemmaScope 2 folder's site word (`resid_post/layer_17_...`) → the hook sae-lens gives its SAEs
+GEMMASCOPE_SITES = {"resid_post": "hook_resid_post", "attn_out": "attn.hook_z", "mlp_out": "hook_mlp_out"}
 
 
 def hook_sites(hf_model: nn.Module, family: str | None = None) -> dict[str, HookSite]:
@@ -43,3 +48,14 @@ def hook_sites(hf_model: nn.Module, family: str | None = None) -> dict[str, Hook
 def resid_post(layer: int) -> str:
     """The hook name of decoder layer `layer`'s output, as SAE configs name it."""
     return f"blocks.{layer}.hook_resid_post"
+
+
+def hook_width(hf_model: nn.Module, hook: str, d_model: int) -> int:
+    """The last dimension of a decoder hook's tensor: `d_model`, or for `attn.hook_z` the heads'
+    width, n_heads × head_dim (2,048 on Gemma 3 4B against its 2,560)."""
+    if not hook.endswith(".attn.hook_z"):
+        return d_model
+    config = hf_model.config
+    text = getattr(config, "text_config", None) or config
+    heads = int(text.num_attention_heads)
+    return heads * int(getattr(text, "head_dim", None) or text.hidden_size // heads)

@@ -15,6 +15,7 @@ from typing import Any
 from flipscope.reporting.format import MIN_CASES, fmt
 
 __all__ = [
+    "site_comparison",
     "ablation_agreement",
     "family_concentration",
     "framing_entry",
@@ -87,6 +88,11 @@ def framing_entry(upstream: Mapping[str, Any]) -> str:
         f"{first['layer']}'s input"
     )
     entry = upstream.get("entry_layer")
+    if not upstream.get("explained", True):
+        return text + (
+            ". The framing words do not explain the shift (the CI's lower end is below half), so the tracing "
+            "cannot say where it enters."
+        )
     if entry is None:
         return text + ", and at no traced layer does the last position alone carry half of it."
     row = next(r for r in upstream["profile"] if r["layer"] == entry)
@@ -159,3 +165,36 @@ def replication(runs: Sequence[Mapping[str, Any]]) -> str:
         else f"The patch replicates on held-out flips in {held} of {len(runs)} directions. "
     )
     return lead + " ".join(parts)
+
+
+def site_comparison(site: Mapping[str, Any] | None, discovery: Mapping[str, Any], patching: Mapping[str, Any]) -> str:
+    """Where the framing is a feature and where it has become the answer: the framing features'
+    recovery at the site the trace chose beside the main SAE's, a difference claimed only when
+    the two CIs do not overlap and the entry site's features carry the wording beyond the null."""
+    if not site or site.get("choice") is None:
+        why = (site or {}).get("why", "the trace was not run")
+        return f"No SAE site was chosen from the trace: {why}"
+    chosen = site["choice"]["chosen"]["hook"]
+    entry = site.get("entry")
+    if entry is None:
+        return f"The organism's SAE already sits where the trace places the framing's entry ({chosen})."
+    main_hook = patching["discovered"]["setup"]["hook"]
+    e, m = entry["patching"]["flips"]["mean_recovery"], patching["discovered"]["flips"]["mean_recovery"]
+    pair = f"{fmt(e)} at {chosen} against {fmt(m)} at {main_hook}"
+    if not entry["found"]:
+        return (
+            f"No framing mechanism was found at {chosen} either, where the trace places the framing's entry; the "
+            f"features patched there ({entry['patched_by']}) recover {pair}."
+        )
+    if e["low"] > m["high"]:
+        return (
+            f"At {chosen} the framing is still a feature: the {len(entry['patched'])} features that carry the wording "
+            f"there recover {pair}, where the same wording has already become the answer and removing features takes "
+            "back less of it."
+        )
+    if e["high"] < m["low"]:
+        return (
+            f"The features at {main_hook} recover more than those at {chosen}, where the trace places the framing's "
+            f"entry ({pair}): the framing is not more of a feature at its entry here."
+        )
+    return f"The two sites' features recover about as much ({pair}): the site does not change the reading here."

@@ -44,6 +44,8 @@ def demo_commands(
         ),  # fmt: skip
         "patch_single": f"flipscope patch{m} --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
         "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
+        "site": f"flipscope discover{m} --flipbank {bank} --sae auto --trace {work / 'trace.json'} --exact-top 0 "
+        f"--layers 0 --out {work / 'site-cli.json'}",
         "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "
         f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
     }

@@ -130,11 +130,17 @@ def _discover(run: _Run) -> None:
         vlm, run.sae, bank, pairs=pairs, exact_top=run.cfg.exact_top, seed=run.cfg.seed, progress=run.progress
     )
     found.save(run.work / "discovery.json")
-    chosen, chosen_by = found.framing_features(run.cfg.top_k), "framing specificity"
-    if not chosen:
-        chosen = [int(f) for f in found.top(run.cfg.top_k, by="attribution")["feature"]]
-        chosen_by = "attribution (no feature carries the wording beyond the null)"
+    chosen, chosen_by = _patched(found, run.cfg.top_k)
     run.found.update(pairs=pairs, discovery=found, chosen=chosen, chosen_by=chosen_by, clamp_feature=_clamped(found))
+
+
+def _patched(found: Any, top_k: int) -> tuple[list[int], str]:
+    """The features to patch: the first framing features, else the first by attribution; and how chosen."""
+    chosen = found.framing_features(top_k)
+    if chosen:
+        return chosen, "framing specificity"
+    chosen = [int(f) for f in found.top(top_k, by="attribution")["feature"]]
+    return chosen, "attribution (no feature carries the wording beyond the null)"
 
 
 def _clamped(found: Any) -> int:
@@ -208,6 +214,35 @@ def _trace(run: _Run) -> None:
     write_json(run.work / "trace.json", run.found["upstream"])
 
 
+def _site(run: _Run) -> None:
+    """Discovery and patching again at the organism's SAE nearest where the trace says the framing
+    enters (`flipscope.experiments.sites`), when that is not the main SAE's site."""
+    from flipscope.errors import FlipscopeError
+    from flipscope.experiments.discovery import discover
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.experiments.patching import patch_bank
+    from flipscope.experiments.sites import choose_site, folder_candidates
+    from flipscope.sae.load import load_sae
+
+    f, cfg = run.found, run.cfg
+    try:
+        choice = choose_site(folder_candidates(run.directory), f["upstream"], run.vlm.n_layers)
+    except FlipscopeError as err:
+        f["site"] = {"choice": None, "why": str(err)}
+        return
+    f["site"] = {"choice": choice.to_dict()}
+    if choice.chosen.hook == run.card["hook_name"]:
+        return
+    sae = load_sae(choice.chosen.source)
+    pairs = collect_pairs(run.vlm, f["bank"], [choice.chosen.hook], progress=run.progress)
+    found = discover(run.vlm, sae, f["bank"], layers=[], pairs=pairs, exact_top=0, seed=cfg.seed, progress=run.progress)
+    found.save(run.work / "site_discovery.json")
+    chosen, chosen_by = _patched(found, cfg.top_k)
+    result = patch_bank(run.vlm, sae, f["bank"], chosen, pairs=pairs, progress=run.progress)
+    write_json(run.work / "site_patch.json", {"summary": result.summary, "cases": result.rows}, indent=None)
+    f["site"].update(discovery=found, chosen=chosen, chosen_by=chosen_by, patch=result)
+
+
 def _clamp(run: _Run) -> None:
     """The clamp-value curve of the clamped feature, with the DiffMean direction ablated beside it."""
     import torch
@@ -271,13 +306,14 @@ STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("replicating on the held-out half", _replicate),
     ("the base model, text only", _base_text),
     ("tracing where the framing enters", _trace),
+    ("reading the SAE where the framing enters", _site),
     ("clamping feature {clamp_feature}", _clamp),
     ("reading feature activations", _activations),
     ("writing figures", _figures),
     ("writing the report", _report),
 )
 # The stages that explain flips: a model that made none skips them, and its report says so.
-FLIP_STAGES = frozenset({_discover, _patch, _replicate, _base_text, _trace, _clamp, _activations})
+FLIP_STAGES = frozenset({_discover, _patch, _replicate, _base_text, _trace, _site, _clamp, _activations})
 
 
 def run_demo(

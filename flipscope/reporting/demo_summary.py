@@ -57,7 +57,7 @@ def demo_summary(run: Any) -> dict[str, Any]:
         | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
         "paper": PAPER,
     }
-    flips = {key: None for key in ("discovery", "patching", "replication", "upstream", "clamping")}
+    flips = {key: None for key in ("discovery", "patching", "replication", "upstream", "site", "clamping")}
     if has_flips(run):
         flips = _flip_summary(run)
         summary["files"] |= {
@@ -92,5 +92,27 @@ def _flip_summary(run: Any) -> dict[str, Any]:
         },
         "replication": f["replication"],
         "upstream": f["upstream"],
+        "site": _site_summary(f["site"]),
         "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
     }
+
+
+def _site_summary(site: dict[str, Any]) -> dict[str, Any]:
+    """The site the trace chose and, where it is not the main SAE's, discovery and patching there."""
+    from flipscope.experiments.discovery import records
+
+    out: dict[str, Any] = {"choice": site["choice"], "why": site.get("why"), "entry": None}
+    if "discovery" in site:
+        found = site["discovery"]
+        out["entry"] = {
+            "hook": found.hook,
+            "d_sae": found.meta["sae"]["d_sae"],
+            "verdict": found.verdict,
+            "found": found.found,
+            "framing": found.framing,
+            "top": records(found.top(10)),
+            "patched": site["chosen"],
+            "patched_by": site["chosen_by"],
+            "patching": site["patch"].summary,
+        }
+    return out

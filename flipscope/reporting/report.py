@@ -22,6 +22,7 @@ from flipscope.reporting.format import MIN_CASES, fmt, num
 from flipscope.reporting.html_parts import reading as _reading
 from flipscope.reporting.html_parts import table as _table
 from flipscope.reporting.report_checks import base_text, held_out_replication
+from flipscope.reporting.report_sites import site_section
 
 __all__ = ["write_report"]
 
@@ -231,7 +232,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         "embedding (replaced by the mean question-token embedding); the clean paraphrase's residual stream is then "
         "restored at one layer's input and one group of positions, and the share of the framing's effect on the "
         "margin that returns is plotted, beside original-value patching at the last position.</p>"
-        f"{_reading(html.escape(framing_entry(upstream)))}{entry}"
+        f"{_reading(html.escape(framing_entry(upstream)))}{entry}{site_section(s)}"
     )
 
 

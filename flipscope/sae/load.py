@@ -5,8 +5,8 @@ Three sources, one call (`load_sae`):
 - a sae-lens folder (`cfg.json` + `sae_weights.safetensors`) → `SAE.load_from_disk`;
 - a raw GemmaScope 2 folder (`params.safetensors` with `w_enc, w_dec, b_enc, b_dec, threshold`,
   optional `config.json`), converted as sae-lens's own Gemma 3 loader does: JumpReLU, no b_dec
-  subtraction at the input, hook `blocks.{L}.hook_resid_post` (or `hook_mlp_out`) from the folder
-  name `.../resid_post/layer_{L}_width_...`;
+  subtraction at the input, hook `blocks.{L}.hook_resid_post` (`hook_mlp_out`, or `attn.hook_z` for
+  an attention SAE) from the folder name `.../resid_post/layer_{L}_width_...`;
 - a sae-lens release and id (`gemma-scope-2-4b-it-res`, `layer_17_width_16k_l0_medium`) →
   `SAE.from_pretrained`, which needs the hub: offline, one line says what to download instead.
 
@@ -27,13 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flipscope.errors import FlipscopeError
-from flipscope.model.hook_names import resid_post
+from flipscope.model.hook_names import GEMMASCOPE_SITES, hook_width, resid_post
 from flipscope.model.protocol import VLM
 
 __all__ = ["check_sae", "gemmascope_folder_to_sae", "load_sae"]
 
 RAW_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
-_SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 
 
 def gemmascope_folder_to_sae(folder: str | Path, *, hook_name: str | None = None, device: str = "cpu") -> JumpReLUSAE:
@@ -60,12 +59,12 @@ def gemmascope_folder_to_sae(folder: str | Path, *, hook_name: str | None = None
         raise FlipscopeError(f"{folder}/config.json: architecture {config['architecture']!r}; expected 'jump_relu'")
     if hook_name is None:
         layer = re.search(r"layer_(\d+)", folder.name)
-        site = next((s for s in _SITES if s in folder.parent.name or s in folder.name), None)
+        site = next((s for s in GEMMASCOPE_SITES if s in folder.parent.name or s in folder.name), None)
         if layer is None or site is None:
             raise FlipscopeError(
                 f"cannot infer the hook of {str(folder)!r} (expected .../resid_post/layer_L_...); pass hook_name="
             )
-        hook_name = f"blocks.{layer.group(1)}.{_SITES[site]}"
+        hook_name = f"blocks.{layer.group(1)}.{GEMMASCOPE_SITES[site]}"
     cfg = JumpReLUSAEConfig(
         d_in=int(d_in),
         d_sae=int(d_sae),
@@ -154,9 +153,12 @@ def check_sae(sae: SAE, model: VLM) -> str:
     Raises:
         FlipscopeError: `d_in` differs from the model's width, or the hook is not one of its hooks.
     """
-    if sae.cfg.d_in != model.d_model:
-        raise FlipscopeError(f"SAE d_in {sae.cfg.d_in} does not match the model's d_model {model.d_model}")
     hook = sae.cfg.metadata.hook_name
+    hf_model = getattr(model, "hf_model", None)
+    width = model.d_model if hf_model is None else hook_width(hf_model, hook, model.d_model)
+    if sae.cfg.d_in != width:
+        what = "d_model" if width == model.d_model else f"{hook} width (n_heads × head_dim)"
+        raise FlipscopeError(f"SAE d_in {sae.cfg.d_in} does not match the model's {what} {width}")
     if hook not in model.hook_dict:
         hf_hook = sae.cfg.metadata.hf_hook_name
         match = _HF_LAYER.match(hf_hook or "")

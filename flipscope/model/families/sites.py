@@ -8,7 +8,9 @@ Two decoder-layer styles cover the families:
 - **Llama** (Llama, Qwen2, Qwen2.5-VL's decoder, Mistral): pre-norms only, so they read the
   outputs of `self_attn` (its first element) and `mlp`.
 
-In both, `hook_resid_pre` is the layer's input, `hook_resid_post` its output (HF
+In both, `attn.hook_z` is the attention output projection's input (every head's output,
+concatenated: `[batch pos n_heads·d_head]`, where GemmaScope 2's attention SAEs read),
+`hook_resid_pre` is the layer's input, `hook_resid_post` its output (HF
 `hidden_states[L+1]` for every layer but the last), and `ln_final.hook_normalized` the final
 norm's output.
 """
@@ -40,6 +42,9 @@ def decoder_sites(language_model: nn.Module) -> dict[str, HookSite]:
         elif hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
             sites[f"blocks.{i}.hook_attn_out"] = HookSite(layer.self_attn, "output")
             sites[f"blocks.{i}.hook_mlp_out"] = HookSite(layer.mlp, "output")
+        o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        if isinstance(o_proj, nn.Module):  # the heads' outputs, concatenated: GemmaScope 2's attention site
+            sites[f"blocks.{i}.attn.hook_z"] = HookSite(o_proj, "input")
         sites[f"blocks.{i}.hook_resid_post"] = HookSite(layer, "output")
     sites["ln_final.hook_normalized"] = HookSite(language_model.norm, "output")
     return sites

@@ -1,0 +1,56 @@
+"""The report's two sites side by side: the main SAE's and the one nearest where the trace says the
+framing enters (`flipscope.experiments.sites`), with the sentence `claims.site_comparison` chooses."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from typing import Any
+
+from flipscope.reporting.claims import site_comparison
+from flipscope.reporting.format import fmt
+from flipscope.reporting.html_parts import reading, table
+
+__all__ = ["site_section"]
+
+
+def _row(role: str, hook: str, discovery: Mapping[str, Any], patch: Mapping[str, Any]) -> list[str]:
+    flips = patch["flips"]
+    replication = (discovery.get("framing") or {}).get("replication") or {}
+    carried = len(replication.get("replicated", [])) if replication else "n/a"
+    control = patch.get("matched_control_feature", {}).get("mean_recovery")
+    return [
+        f"{role}: {hook}",
+        str(carried),
+        f"{discovery['patched']} ({discovery['patched_by']})",
+        fmt(flips["mean_recovery"]),
+        f"{round(flips['share_reversed']['value'] * flips['n'])}/{flips['n']}",
+        fmt(control),
+        fmt(patch.get("controls", {}).get("mean_abs_margin_change")),
+    ]
+
+
+def site_section(s: Mapping[str, Any]) -> str:
+    """The main site and the entry site: framing features, what removing them recovers, and both controls."""
+    site = s.get("site")
+    sentence = html.escape(site_comparison(site, s["discovery"], s["patching"]))
+    head = "<h3>Where the framing is a feature, and where it is the answer</h3>"
+    if not site or not site.get("entry"):
+        return head + reading(sentence)
+    entry = site["entry"]
+    main_hook = s["patching"]["discovered"]["setup"]["hook"]
+    rows = [
+        _row("entry (chosen by the trace)", entry["hook"], entry, entry["patching"]),
+        _row("the SAE's layer (the paper's mid-depth)", main_hook, s["discovery"], s["patching"]["discovered"]),
+    ]
+    grid = table(
+        ["site", "framing features (beyond the null, replicated)", "removed", "mean recovery [CI]", "flips reversed",
+         "matched control feature: recovery", "non-flips: mean |margin change|"],
+        rows,
+    )  # fmt: skip
+    why = html.escape(site["choice"]["reason"])
+    return (
+        f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
+        "ran there as at the SAE's layer, on the same FlipBank.</p>"
+        f"{grid}{reading(sentence)}"
+    )
