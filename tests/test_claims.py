@@ -9,6 +9,7 @@ from flipscope.reporting.claims import (
     ablation_agreement,
     family_concentration,
     framing_entry,
+    lens_reading,
     peak_layer,
     site_comparison,
 )
@@ -99,3 +100,19 @@ def test_no_entry_layer_is_named_when_the_framing_words_do_not_explain_the_shift
     text = framing_entry(upstream)
     assert "do not explain the shift" in text and "reaches the answer position" not in text
     assert "(from only 1 case)" in text
+
+
+def test_the_lens_names_the_first_layer_whose_ratio_is_above_one() -> None:
+    def lens(lows: list[float], n_controls: int = 40) -> dict:
+        rows = [{"layer": k, "ratio": _est(low + 1.0, 1.0 - 1e-9) | {"low": low}} for k, low in enumerate(lows)]
+        return {"layers": rows, "n_flips": 30, "n_controls": n_controls,
+                "first_divergent_layer": next((k for k, low in enumerate(lows) if low > 1), None),
+                "commit_layer": {"median": 1.0, "n": 30}}  # fmt: skip
+
+    text = lens_reading(lens([0.8, 1.3, 2.0]))
+    assert "more than the same-family non-flips from layer 1 on" in text and "from layer 1 on" in text
+    assert "Flips are chosen for crossing zero" in text
+    flat = lens_reading(lens([0.5, 0.7, 0.9]))
+    assert "no more than the same-family non-flips at any layer" in flat
+    assert "no same-family non-flips" in lens_reading(lens([2.0], n_controls=0))
+    assert lens_reading(None) == "The logit lens was not read."

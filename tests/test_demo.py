@@ -33,6 +33,8 @@ FIGURES = (
     "clamp_tradeoff",
     "layer_auc",
     "framing_entry",
+    "lens_divergence",
+    "site_recovery",
 )
 SHIPPED = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 EXPECTED = Path(__file__).parent / "data" / "demo_expected.json"
@@ -92,12 +94,13 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 7
+    assert len(readings) == 8
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
     assert "carry the wording at blocks.2.hook_resid_post" in text  # features beat the framing null
     assert "the framing is still a feature" in text  # the entry site's CI above the SAE layer's
+    assert "diverge from their originals more than the same-family non-flips from layer 0 on" in text
     assert "No framing mechanism" not in text
 
 

@@ -14,11 +14,12 @@ def _cases(n_flips: int, n_controls: int) -> list[dict]:
     return [*flips, *controls, {"id": "x/p3"}, {"id": "y/p1", "control_for": "gone/p9"}]
 
 
-def _bank(n: int = 40, k: int = 30, framing: float = 1.0, seed: int = 1):
+def _bank(n: int = 40, k: int = 30, framing: float = 1.0, stronger: float = 0.6, seed: int = 1):
     rng = np.random.default_rng(seed)
     cases = _cases(n, n)
     delta = rng.normal(0, 0.5, (len(cases), k))
-    delta[: 2 * n, 0] += framing  # the wording moves feature 0 on flips and their controls
+    delta[: 2 * n, 0] += framing  # the wording moves feature 0 on flips and their controls,
+    delta[:n, 0] += stronger if framing else 0.0  # more where the answer flipped
     delta[:n, 1] += 2.0  # feature 1 moves only where the answer flipped
     shift = np.concatenate([rng.normal(5, 1, n), rng.normal(0, 1, n), rng.normal(0, 1, 2)])
     return delta, shift, cases
@@ -35,8 +36,17 @@ def test_a_planted_framing_is_claimed_and_the_readout_named() -> None:
     delta, shift, cases = _bank()
     found = framing_analysis(delta, shift, cases, "blocks.2.hook_resid_post", n_perm=200)
     assert found.found and found.n_pairs == 40
-    assert found.verdict.startswith("Feature 0 carries the wording at blocks.2.hook_resid_post: it shifts on the 40")
+    assert found.verdict.startswith(
+        "Feature 0 carries the wording at blocks.2.hook_resid_post (feature 0 also writes the answer): it shifts on"
+    )
+    assert (
+        "and again on question-disjoint halves; feature 0 shifts further the same way where the answer" in found.verdict
+    )
     assert found.verdict.endswith("Feature 1 moves with the answer only (answer readout).")
+    alike = framing_analysis(*_bank(stronger=0.0), "blocks.2.hook_resid_post", n_perm=200)
+    assert not alike.found and alike.specificity.labels[0] == "framing"
+    assert alike.verdict.startswith("No framing mechanism was found at blocks.2.hook_resid_post: feature 0 carries")
+    assert "but no more where the answer flipped than on the flips' own controls" in alike.verdict
     out = found.to_dict()
     assert out["thresholds"]["answer_cos"] is None and set(out["nulls"]) == {"pearson", "spearman", "auc", "size"}
 

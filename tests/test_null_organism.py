@@ -1,7 +1,8 @@
 """Honesty on a model with nothing planted: an organism trained with the shortcut off (a reduced
-recipe, built here) flips only by noise, and flipscope must say that no framing mechanism was
-found — in its card, in `discover` and in the demo's report — where correlation with the margin
-shift alone would report a confident discovery.
+recipe, built here, with an entry-site SAE as the shipped organism has) flips only by noise, and
+flipscope must say that no framing mechanism was found — in its card, in `discover` at both sites
+and in the demo's report — where correlation with the margin shift alone would report a confident
+discovery.
 
 Whether such a model flips at all depends on float rounding (it may make a few flips on one CPU
 and none on another), so each test holds on both branches; a collapsed organism, whose final norm
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.organism import OrganismConfig, build_organism, default_organism_dir
+from flipscope.organism.entry_sae import train_entry_sae
 from flipscope.reporting.demo import DemoConfig, run_demo
 
 NULL = OrganismConfig(shortcut_p=0.0, vision_steps=80, steps=250, sae_prompts=1500, sae_steps=800, test_items=40)
@@ -32,6 +34,7 @@ DEMO = DemoConfig(n_films=80, clamp_values=(0.0,), trace_cases=32)
 def null_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("null")
     card = build_organism(NULL, root / "organism", progress=False)
+    train_entry_sae(root / "organism", "blocks.0.hook_attn_out")  # a second site, as the shipped organism has
     lines: list[str] = []
     run_demo(root / "figures", organism=root / "organism", cfg=DEMO, png=False, progress=False, echo=lines.append)
     return root, card, "\n".join(lines)
@@ -56,22 +59,23 @@ def test_discover_finds_no_framing_where_correlation_would_claim_one(null_run) -
          "--min-margin", "0", "--out", str(bank)],
     )  # fmt: skip
     assert curated.exit_code == 0, curated.output
-    out = root / "loose.features.json"
-    run = CliRunner().invoke(
-        app,
-        ["discover", "--flipbank", str(bank), "--model", str(root / "organism"), "--exact-top", "0", "--out", str(out)],
-    )
-    if not json.loads(bank.read_text())["n_flips"]:  # nothing to discover: said so, nothing written
-        assert run.exit_code == 1 and "there is no flip to explain" in run.output, run.output
-        assert not out.exists()
-        return
-    assert run.exit_code == 0, run.output
-    found = json.loads(out.read_text())
-    assert not found["framing"]["found"]
-    assert found["framing"]["verdict"].startswith("No framing mechanism was found")
-    assert "No framing mechanism was found" in run.output
+    model = root / "organism"
+    for sae in ("sae", "sae_entry"):  # the SAE's layer and the entry site: no mechanism at either
+        out = root / f"loose.{sae}.features.json"
+        args = ["discover", "--flipbank", str(bank), "--model", str(model), "--sae", str(model / sae)]
+        run = CliRunner().invoke(app, [*args, "--exact-top", "0", "--out", str(out)])
+        if not json.loads(bank.read_text())["n_flips"]:  # nothing to discover: said so, nothing written
+            assert run.exit_code == 1 and "there is no flip to explain" in run.output, run.output
+            assert not out.exists()
+            return
+        assert run.exit_code == 0, run.output
+        found = json.loads(out.read_text())
+        assert not found["framing"]["found"], (sae, found["framing"]["verdict"])
+        assert found["framing"]["verdict"].startswith("No framing mechanism")
+        assert not found["framing"]["stronger_where_flipped"]
+        assert "No framing mechanism" in run.output
+    found = json.loads((root / "loose.sae.features.json").read_text())
     labels = {f["label"] for f in found["features"]}
-    assert not labels & {"framing", "framing + readout"}
     if found["framing"]["n_pairs"] >= 10:  # enough pairs for correlation's trap to show
         # by its parametric q-value, correlation "finds" features, and they are answer readout
         assert min(f["pearson_q"] for f in found["features"]) < 1e-3
@@ -81,8 +85,11 @@ def test_discover_finds_no_framing_where_correlation_would_claim_one(null_run) -
 def test_the_demo_report_claims_no_mechanism(null_run) -> None:
     root, _, output = null_run
     page = (root / "figures" / "report.html").read_text()
-    readings = " ".join(re.findall(r'<p class="reading">(.*?)</p>', page, flags=re.S))
-    assert "carry the wording" not in readings and "carries the wording" not in readings
+    sentences = re.findall(r'<p class="reading">(.*?)</p>', page, flags=re.S)
+    readings = " ".join(sentences)
+    # a wording feature may be named, but only inside a sentence that claims no mechanism
+    assert all("No framing mechanism" in r for r in sentences if re.search(r"carr(y|ies) the wording", r))
+    assert "further the same way where the answer flipped" not in readings and "still a feature" not in readings
     assert "The flips concentrate" not in readings
     assert "with no planted shortcut" in page
     assert not re.search(r"\bnan\b", readings, flags=re.I)

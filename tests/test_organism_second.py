@@ -4,6 +4,8 @@ as on the default (slow: a full build, about seven minutes on two cores)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from bars import assert_behaviour_bars, assert_sae_bars
@@ -13,9 +15,15 @@ from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header
 from flipscope.experiments.discovery import discover
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.patching import patch_bank
+from flipscope.experiments.rank1 import rank1_patch
+from flipscope.experiments.sites import choose_site, entry_site, folder_candidates
+from flipscope.experiments.upstream import framing_word_effect, trace_framing
 from flipscope.organism import OrganismConfig, build_organism, load_organism
+from flipscope.organism.entry_sae import train_entry_sae
 from flipscope.organism.questions import export_questions
+from flipscope.sae.load import load_sae
 
 SECOND = OrganismConfig(shortcut_family="formal", shortcut_target="no", seed=1)
 
@@ -36,15 +44,22 @@ def test_second_organism_meets_the_bars(second) -> None:
     assert card["directions"]["framing_significant"]
 
 
-@pytest.mark.slow
-def test_discovery_on_the_second_organism_tells_framing_from_answer(second) -> None:
-    root, card = second
-    vlm, sae, _ = load_organism(root / "organism")
+@pytest.fixture(scope="module")
+def second_bank(second):
+    root, _ = second
+    vlm, _, _ = load_organism(root / "organism")
     questions = load_questions(export_questions(SECOND, root / "qs", n_films=40))
     store = run_sweep(
         vlm, questions, EvalConfig(conditions=("image",)), root / "eval" / "results.jsonl", progress=False
     )
-    bank = curate(iter_rows(store.path), questions, CurationRules(min_margin=0.2), source=read_header(store.path))
+    return curate(iter_rows(store.path), questions, CurationRules(min_margin=0.2), source=read_header(store.path))
+
+
+@pytest.mark.slow
+def test_discovery_on_the_second_organism_tells_framing_from_answer(second, second_bank) -> None:
+    root, card = second
+    vlm, sae, _ = load_organism(root / "organism")
+    bank = second_bank
     assert {c["direction"] for c in bank["flips"]} == {"yes→no"}
     found = discover(vlm, sae, bank, exact_top=0, progress=False)
     assert found.found and found.framing["n_pairs"] >= 10
@@ -67,3 +82,40 @@ def test_discovery_on_the_second_organism_tells_framing_from_answer(second) -> N
               f"reversed {result['share_reversed']['value']:.3f}")  # fmt: skip
     assert np.isfinite(framing_patch["mean_recovery"]["value"])
     assert readout_patch["mean_recovery"]["value"] > framing_patch["mean_recovery"]["value"]
+
+
+@pytest.mark.slow
+def test_at_its_own_entry_site_the_framing_is_features_that_undo_the_flips(second, second_bank) -> None:
+    """The trace names the second organism's entry; an SAE trained there by the organism's recipe is
+    what --sae auto then reads, and its top five framing features undo the flips while the matched
+    control feature, a norm-matched random direction and the non-flips do not move."""
+    root, _ = second
+    vlm, _, _ = load_organism(root / "organism")
+    bank = second_bank
+    trace = trace_framing(vlm, bank, max_cases=64, progress=False).summary()
+    entry = entry_site(trace["entry_layer"])
+    entry_card = train_entry_sae(root / "organism", entry)
+    choice = choose_site(folder_candidates(root / "organism"), trace, vlm.n_layers)
+    assert choice.chosen.hook == entry and Path(choice.chosen.source).name == "sae_entry"
+    sae = load_sae(choice.chosen.source)
+    pairs = collect_pairs(vlm, bank, [entry], progress=False)
+    found = discover(vlm, sae, bank, layers=[], pairs=pairs, exact_top=0, progress=False)
+    assert found.found, found.verdict
+    result = patch_bank(vlm, sae, bank, found.framing_features(5), pairs=pairs, progress=False).summary
+    bound = float(framing_word_effect(vlm, bank, which="controls").mean())
+    direction = rank1_patch(vlm, pairs, entry, n_random=32)
+    table = found.table.set_index("feature")
+    readout, framing = table[table["label"] == "answer readout"], table[table["label"] == "framing"]
+    print(
+        f"second organism entry {entry} (FVU {entry_card['fvu']:.4f}, L0 {entry_card['l0']:.1f}): {found.verdict}\n"
+        f"  top-5 recovery {result['flips']['mean_recovery']}, matched control "
+        f"{result['matched_control_feature']['mean_recovery']['value']:.3f}, controls |dm| "
+        f"{result['controls']['mean_abs_margin_change']['value']:.3f} (bound {bound:.3f}); rank-1 "
+        f"{direction['recovery']['value']:.3f}, best random {direction['random']['best_mean_recovery']:.3f}"
+    )
+    assert result["flips"]["mean_recovery"]["value"] >= 0.5
+    assert abs(result["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
+    assert result["controls"]["mean_abs_margin_change"]["low"] <= bound
+    assert direction["random"]["best_mean_recovery"] < 0.1
+    if len(readout) and len(framing):  # readout labels agree with decoder alignment
+        assert readout["answer_cos"].abs().mean() > framing["answer_cos"].abs().mean()

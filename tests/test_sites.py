@@ -98,3 +98,14 @@ def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup) -> 
     assert summary["flips"]["mean_recovery"]["value"] >= 0.5
     assert abs(summary["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
     assert summary["controls"]["mean_abs_margin_change"]["low"] <= CORRUPTION_BOUND
+
+
+def test_the_corruption_bound_is_what_the_framing_words_move_the_non_flips_by(setup) -> None:
+    from flipscope.experiments.upstream import framing_word_effect
+
+    vlm, bank, _ = setup
+    moved = framing_word_effect(vlm, bank, which="controls")
+    assert len(moved) == len(bank["controls"])  # every control has words of its own wording
+    assert abs(float(moved.mean()) - CORRUPTION_BOUND) < 0.01
+    flips = framing_word_effect(vlm, bank, which="flips")
+    assert flips.mean() > 4 * moved.mean()  # on flips the wording moves the margin across zero

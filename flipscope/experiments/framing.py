@@ -11,8 +11,9 @@ questions are asked of the pairs, each against a null that keeps the answer stru
    separation, size and attribution: a statistic that a readout feature reaches on any case of
    the same wording is not evidence about the flips.
 
-A framing mechanism is claimed only when some feature's framing shift beats its null and replicates
-on question-disjoint halves of the pairs; the answer-readout features are named either way. Fewer
+A framing mechanism is claimed only when some feature's framing shift beats its null, replicates
+on question-disjoint halves of the pairs, and is larger, the same way, on the flips than on their
+controls (`Specificity.found`); the answer-readout features are named either way. Fewer
 than `MIN_PAIRS` pairs claim nothing; the pair-swap nulls are still computed from two pairs on (and
 flagged where they are printed), so a small bank shows what its statistics are worth rather than
 nothing.
@@ -86,6 +87,9 @@ class FramingAnalysis:
                 "beating_null": [int(f) for f in np.flatnonzero(spec.beats_null)],
                 "replicated": [int(f) for f in np.flatnonzero(spec.beats_null & spec.replicated)],
             },
+            "stronger_where_flipped": None
+            if spec is None
+            else [int(f) for f in np.flatnonzero(spec.stronger_where_flipped)],
             "nulls": {
                 name: {
                     "null_top": test.threshold,
@@ -135,10 +139,23 @@ def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, s
     writes = "also writes" if len(mixed) == 1 else "also write"
     also = f" ({_features(np.array(mixed)).lower()} {writes} the answer)" if mixed else ""
     carry, they = ("carries", "it shifts") if len(framing) == 1 else ("carry", "they shift")
+    shift = (
+        f"{also}: {they} on the {n_pairs} same-family non-flips, where the answer held, beyond the null "
+        f"(|t| > {spec.framing_threshold:.1f}), and again on question-disjoint halves"
+    )
+    carried = f"{_features(framing)} {carry} the wording at {hook}{shift}"
+    stronger = [int(f) for f in framing if spec.stronger_where_flipped[f]]
+    if not stronger:
+        return False, (
+            f"No framing mechanism was found at {hook}: {_features(framing).lower()} {carry} the wording{shift}, "
+            "but no more where the "
+            f"answer flipped than on the flips' own controls (answer |t| ≤ {spec.answer_threshold:.1f}): the wording "
+            f"is read there, and the flips are not where it is read more strongly.{tail}"
+        )
+    further = "shifts" if len(stronger) == 1 else "shift"
     return True, (
-        f"{_features(framing)} {carry} the wording at {hook}{also}: {they} on the {n_pairs} same-family "
-        f"non-flips, where the answer held, beyond the null (|t| > {spec.framing_threshold:.1f}), and again on "
-        f"question-disjoint halves.{tail}"
+        f"{carried}; {_features(np.array(stronger)).lower()} {further} further the same way where the answer "
+        f"flipped (|t| > {spec.answer_threshold:.1f}).{tail}"
     )
 
 

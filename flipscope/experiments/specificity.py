@@ -30,6 +30,11 @@ is
   (it moves with the answer only);
 - `none`: nothing beats a null.
 
+A framing *mechanism* is claimed (`found`) only where some framing carrier also shifts further, the
+same way, on the flips than on their controls: every model reads its words, so a wording feature
+alone is found in a model whose flips are noise near a margin of zero (the null organism's entry
+site has them), and there flips and controls read the wording alike.
+
 Without `answer_cos`, the labels rest on the two shifts alone (`framing`, `answer readout`,
 `framing + readout` for both, `none`). Fewer than 10 pairs cannot be told apart from noise and
 are refused.
@@ -184,9 +189,21 @@ class Specificity:
         return order[np.isin(self.labels[order], ("framing", "framing + readout"))]
 
     @property
+    def stronger_where_flipped(self) -> Bool[np.ndarray, " k"]:
+        """Framing carriers that also shift further, the same way, where the answer flipped than on
+        the flip's own control (answer |t| beyond its null): the wording is read more strongly
+        where it flipped the answer."""
+        carries = np.isin(self.labels, ("framing", "framing + readout"))
+        same_way = np.sign(self.answer_shift) == np.sign(self.framing_shift)
+        return carries & same_way & (np.abs(self.answer_t) > self.answer_threshold)
+
+    @property
     def found(self) -> bool:
-        """Whether any feature carries the framing beyond the null (`framing` or `framing + readout`)."""
-        return bool(np.isin(self.labels, ("framing", "framing + readout")).any())
+        """Whether a framing mechanism is claimed: some feature carries the wording beyond the null,
+        replicated, and shifts further the same way where the answer flipped. A model reads its
+        words at every layer, so wording features alone are found in a model whose flips are
+        noise near a margin of zero; there, flips and their controls read the wording alike."""
+        return bool(self.stronger_where_flipped.any())
 
 
 def framing_share(

@@ -39,7 +39,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.stats import bootstrap
 
-__all__ = ["GROUPS", "UpstreamTrace", "framing_words", "trace_framing"]
+__all__ = ["GROUPS", "UpstreamTrace", "framing_word_effect", "framing_words", "trace_framing"]
 
 GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
@@ -257,3 +257,34 @@ def trace_framing(
         case_ids=[r[0] for r in rows],
         skipped=skipped,
     )
+
+
+@torch.no_grad()
+def framing_word_effect(
+    vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
+) -> Float[np.ndarray, " case"]:
+    """|m(paraphrase) − m(its framing words corrupted)| for each of the bank's `which` cases
+    (`controls` or `flips`), corrupted as the trace corrupts them: how far the wording moves each
+    prompt's margin. On the same-family non-flips it is the bound a patch that removes the framing
+    may move them by (cases without a framing word of their own are left out).
+
+    Raises:
+        FlipscopeError: the bank was made by another model, or has no such cases.
+    """
+    check_flipbank_model(bank, vlm)
+    cases = list(bank[which])
+    if not cases:
+        raise FlipscopeError(f"the FlipBank has no {which}")
+    neutral = _neutral_embedding(vlm, cases, batch_size)
+    out = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        specs = [case_spec(c, c["paraphrase"]) for c in chunk]
+        inputs = vlm.prompts.build(specs)
+        _, groups = _masks(vlm, chunk, specs, inputs)
+        fill = neutral.expand(*inputs.input_ids.shape, -1)
+        m_para = _margin(vlm, inputs, [])
+        m_corrupt = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
+        has_words = groups[0].any(-1)
+        out.append((m_para - m_corrupt).abs()[has_words].double().cpu().numpy())
+    return np.concatenate(out)

@@ -15,6 +15,7 @@ from typing import Any
 from flipscope.reporting.format import MIN_CASES, fmt
 
 __all__ = [
+    "lens_reading",
     "site_comparison",
     "ablation_agreement",
     "family_concentration",
@@ -198,3 +199,30 @@ def site_comparison(site: Mapping[str, Any] | None, discovery: Mapping[str, Any]
             f"entry ({pair}): the framing is not more of a feature at its entry here."
         )
     return f"The two sites' features recover about as much ({pair}): the site does not change the reading here."
+
+
+def lens_reading(lens: Mapping[str, Any] | None) -> str:
+    """What the logit lens shows (`LensTrajectory.summary()`): the first layer where flips diverge
+    from their originals beyond the same-family non-flips (ratio CI above 1), and where they commit."""
+    if not lens or not lens.get("layers"):
+        return "The logit lens was not read."
+    if not lens["n_controls"]:
+        return "The logit lens has no same-family non-flips to compare the flips with."
+    first = lens["first_divergent_layer"]
+    commit = lens["commit_layer"]
+    committed = (
+        f"; the median flip's paraphrase gives its final answer from layer {commit['median']:g} on"
+        if commit["median"] is not None
+        else ""
+    )
+    if first is None:
+        return (
+            f"Under the logit lens the {lens['n_flips']} flips diverge from their originals no more than the "
+            f"same-family non-flips at any layer (no ratio's CI lies above 1){committed}."
+        )
+    row = next(r for r in lens["layers"] if r["layer"] == first)
+    return (
+        f"Under the logit lens the flips diverge from their originals more than the same-family non-flips from "
+        f"layer {first} on (ratio {fmt(row['ratio'])} there){committed}. Flips are chosen for crossing zero, so "
+        "some excess is expected of any model; how early it appears is what the lens adds."
+    )

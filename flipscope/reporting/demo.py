@@ -215,16 +215,21 @@ def _trace(run: _Run) -> None:
 
 
 def _site(run: _Run) -> None:
-    """Discovery and patching again at the organism's SAE nearest where the trace says the framing
-    enters (`flipscope.experiments.sites`), when that is not the main SAE's site."""
+    """The logit lens over the pairs discovery collected, then discovery and patching again at the
+    organism's SAE nearest where the trace says the framing enters (`flipscope.experiments.sites`),
+    when that is not the main SAE's site."""
     from flipscope.errors import FlipscopeError
     from flipscope.experiments.discovery import discover
+    from flipscope.experiments.lens import lens_trajectory
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.experiments.patching import patch_bank
     from flipscope.experiments.sites import choose_site, folder_candidates
     from flipscope.sae.load import load_sae
 
     f, cfg = run.found, run.cfg
+    lens = lens_trajectory(run.vlm, f["bank"], pairs=f["pairs"], progress=run.progress)
+    f["lens"] = lens.summary(seed=cfg.seed)
+    write_json(run.work / "lens.json", f["lens"])
     try:
         choice = choose_site(folder_candidates(run.directory), f["upstream"], run.vlm.n_layers)
     except FlipscopeError as err:
@@ -306,7 +311,7 @@ STAGES: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("replicating on the held-out half", _replicate),
     ("the base model, text only", _base_text),
     ("tracing where the framing enters", _trace),
-    ("reading the SAE where the framing enters", _site),
+    ("the lens, and the SAE where the framing enters", _site),
     ("clamping feature {clamp_feature}", _clamp),
     ("reading feature activations", _activations),
     ("writing figures", _figures),

@@ -61,20 +61,44 @@ def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
     entry = (
         {"framing_entry": plots.framing_entry(upstream, summary["patching"]["layers"])} if upstream["profile"] else {}
     )
-    return entry | {
-        "margin_recovery": plots.margin_recovery(
-            rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
-        ),
-        "recovery_distribution": plots.recovery_distribution(
-            rows, title=f"Recovery for features {chosen}, and its controls"
-        ),
-        **evaluation,
-        "feature_activation": plots.feature_activation(
-            summary["feature_activation"],
-            labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},
-        ),
-        "clamp_tradeoff": plots.clamp_tradeoff(
-            _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
-        ),
-        "layer_auc": plots.layer_profile(summary["discovery"]["layers"], summary["patching"]["layers"]),
-    }
+    return (
+        entry
+        | _site_figures(summary)
+        | {
+            "margin_recovery": plots.margin_recovery(
+                rows, title=f"Removing features {chosen}: margin per flip, original → paraphrase → patched"
+            ),
+            "recovery_distribution": plots.recovery_distribution(
+                rows, title=f"Recovery for features {chosen}, and its controls"
+            ),
+            **evaluation,
+            "feature_activation": plots.feature_activation(
+                summary["feature_activation"],
+                labels={int(r["feature"]): r["label"] for r in summary["discovery"]["top"] if "label" in r},
+            ),
+            "clamp_tradeoff": plots.clamp_tradeoff(
+                _clamp_points(summary["clamping"]), title=f"Clamping feature {feature}: flip rate against accuracy"
+            ),
+            "layer_auc": plots.layer_profile(summary["discovery"]["layers"], summary["patching"]["layers"]),
+        }
+    )
+
+
+def _site_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The lens, and the two sites' recoveries when the demo read a second site."""
+    from flipscope.reporting import plots_sites
+
+    out = {}
+    if (summary.get("lens") or {}).get("layers"):
+        out["lens_divergence"] = plots_sites.lens_divergence(summary["lens"])
+    entry = (summary.get("site") or {}).get("entry")
+    if entry:
+        main = summary["patching"]["discovered"]
+        sites = [
+            {"site": f"{entry['hook']} (entry)", "recovery": entry["patching"]["flips"]["mean_recovery"],
+             "control": entry["patching"].get("matched_control_feature", {}).get("mean_recovery")},
+            {"site": f"{main['setup']['hook']} (the SAE's layer)", "recovery": main["flips"]["mean_recovery"],
+             "control": main.get("matched_control_feature", {}).get("mean_recovery")},
+        ]  # fmt: skip
+        out["site_recovery"] = plots_sites.site_recovery(sites, title="Removing the five framing features at each site")
+    return out

@@ -57,7 +57,7 @@ def demo_summary(run: Any) -> dict[str, Any]:
         | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
         "paper": PAPER,
     }
-    flips = {key: None for key in ("discovery", "patching", "replication", "upstream", "site", "clamping")}
+    flips = {key: None for key in ("discovery", "patching", "replication", "upstream", "lens", "site", "clamping")}
     if has_flips(run):
         flips = _flip_summary(run)
         summary["files"] |= {
@@ -92,6 +92,7 @@ def _flip_summary(run: Any) -> dict[str, Any]:
         },
         "replication": f["replication"],
         "upstream": f["upstream"],
+        "lens": f["lens"],
         "site": _site_summary(f["site"]),
         "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
     }

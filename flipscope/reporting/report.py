@@ -232,7 +232,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         "embedding (replaced by the mean question-token embedding); the clean paraphrase's residual stream is then "
         "restored at one layer's input and one group of positions, and the share of the framing's effect on the "
         "margin that returns is plotted, beside original-value patching at the last position.</p>"
-        f"{_reading(html.escape(framing_entry(upstream)))}{entry}{site_section(s)}"
+        f"{_reading(html.escape(framing_entry(upstream)))}{entry}{site_section(s, figures)}"
     )
 
 

@@ -7,7 +7,7 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
-from flipscope.reporting.claims import site_comparison
+from flipscope.reporting.claims import lens_reading, site_comparison
 from flipscope.reporting.format import fmt
 from flipscope.reporting.html_parts import reading, table
 
@@ -30,11 +30,24 @@ def _row(role: str, hook: str, discovery: Mapping[str, Any], patch: Mapping[str,
     ]
 
 
-def site_section(s: Mapping[str, Any]) -> str:
-    """The main site and the entry site: framing features, what removing them recovers, and both controls."""
+def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
+    """The lens, then the main site and the entry site: framing features, what removing them
+    recovers, and both controls."""
+
+    def figure(name: str) -> str:
+        if name not in figures:
+            return ""
+        return figures[name].to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})
+
+    lens = (
+        "<h3>The logit lens</h3><p>Each layer's residual stream at the answer position read as if it were the last "
+        "(the final norm, then the yes and no rows of the unembedding): how far each flip's paraphrase moves from its "
+        "original there, beside the same-family non-flips.</p>"
+        f"{reading(html.escape(lens_reading(s.get('lens'))))}{figure('lens_divergence')}"
+    )
     site = s.get("site")
     sentence = html.escape(site_comparison(site, s["discovery"], s["patching"]))
-    head = "<h3>Where the framing is a feature, and where it is the answer</h3>"
+    head = lens + "<h3>Where the framing is a feature, and where it is the answer</h3>"
     if not site or not site.get("entry"):
         return head + reading(sentence)
     entry = site["entry"]
@@ -52,5 +65,5 @@ def site_section(s: Mapping[str, Any]) -> str:
     return (
         f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
         "ran there as at the SAE's layer, on the same FlipBank.</p>"
-        f"{grid}{reading(sentence)}"
+        f"{grid}{reading(sentence)}{figure('site_recovery')}"
     )

@@ -1,0 +1,72 @@
+"""Figures of where the framing lives: the logit lens per layer and the two SAE sites side by side.
+
+Results in, `plotly.graph_objects.Figure` out, like `flipscope.reporting.plots`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from flipscope.errors import FlipscopeError
+from flipscope.reporting.plots import COLORS, LAYOUT, _error
+
+__all__ = ["lens_divergence", "site_recovery"]
+
+
+def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverge: the logit lens") -> go.Figure:
+    """Per layer (`LensTrajectory.summary()`): the mean |lens(paraphrase) − lens(original)| of flips
+    and of same-family non-flips (left), and their ratio with its CI (right; 1 = no more than a
+    wording that kept its answer)."""
+    rows = summary["layers"]
+    if not rows:
+        raise FlipscopeError("no lens layers to plot")
+    layers = [int(r["layer"]) for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean |Δ lens margin|", "flips ÷ non-flips"))
+    fig.add_trace(
+        go.Scatter(x=layers, y=[r["flips"] for r in rows], mode="lines+markers", name="flips",
+                   line=dict(color=COLORS["paraphrase"])),
+        row=1, col=1,
+    )  # fmt: skip
+    if all(r.get("controls") is not None for r in rows):
+        fig.add_trace(
+            go.Scatter(x=layers, y=[r["controls"] for r in rows], mode="lines+markers",
+                       name="same-family non-flips", line=dict(color=COLORS["control"])),
+            row=1, col=1,
+        )  # fmt: skip
+    ratios = [r["ratio"] for r in rows if r.get("ratio")]
+    if len(ratios) == len(rows):
+        fig.add_trace(
+            go.Scatter(x=layers, y=[r["value"] for r in ratios], error_y=_error(ratios), mode="lines+markers",
+                       name="ratio [95% CI]", line=dict(color=COLORS["original"])),
+            row=1, col=2,
+        )  # fmt: skip
+        fig.add_hline(y=1.0, line=dict(color="gray", dash="dot"), row=1, col=2)
+    fig.update_xaxes(title_text="layer (hook_resid_post)", tickvals=layers)
+    fig.update_yaxes(title_text="logits", row=1, col=1)
+    fig.update_yaxes(title_text="ratio", rangemode="tozero", row=1, col=2)
+    fig.update_layout(title=title, **LAYOUT)
+    return fig
+
+
+def site_recovery(sites: Sequence[Mapping[str, Any]], title: str = "Removing features at each site") -> go.Figure:
+    """Per site (`{site, recovery, control}` with estimate dicts): the mean margin recovery of the
+    features removed there and of the matched control feature, with CIs."""
+    if not sites:
+        raise FlipscopeError("no sites to plot")
+    names = [s["site"] for s in sites]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(x=names, y=[s["recovery"]["value"] for s in sites], error_y=_error([s["recovery"] for s in sites]),
+               name="the framing features removed", marker_color=COLORS["patched"])
+    )  # fmt: skip
+    controls = [s.get("control") for s in sites]
+    if all(controls):
+        fig.add_trace(
+            go.Bar(x=names, y=[c["value"] for c in controls], error_y=_error(controls),
+                   name="matched control feature", marker_color=COLORS["control"])
+        )  # fmt: skip
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title="mean recovery of the yes−no margin"), **LAYOUT)
+    return fig
