@@ -85,6 +85,9 @@ def test_discover_with_sae_auto_reads_the_organisms_entry_sae(tmp_path: Path) ->
     refused = CliRunner().invoke(app, ["discover", "--flipbank", str(BANK), "--sae", "auto", "--trace", str(trace),
                                        "--exact-top", "0", "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert refused.exit_code == 2 and "no flip could be traced" in refused.output
+    args = ["discover", "--flipbank", str(BANK), "--sae", "auto", "--trace", str(trace)]
+    missing = CliRunner().invoke(app, [*args, "--saes", str(tmp_path / "no-saes"), "--out", str(tmp_path / "y.json")])
+    assert missing.exit_code == 2 and "is not a folder of SAEs" in missing.output
 
 
 def test_patch_with_sae_auto_patches_at_the_site_a_trace_file_names(tmp_path: Path) -> None:

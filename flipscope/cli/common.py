@@ -240,7 +240,8 @@ def load_model_and_site(
         raise FlipscopeError("--sae auto chooses the SAE itself; drop --sae-id (or name one with --sae)")
     vlm = load_model(model, dtype, device, adapter)
     where = saes or str(organism_dir(model) if model is None or model in SHIPPED else model)
-    candidates = folder_candidates(where) if Path(where).exists() else release_candidates(where)
+    is_folder = Path(where).exists() or "/" in where  # a release name has no slash
+    candidates = folder_candidates(where) if is_folder else release_candidates(where)
     if trace is not None:
         try:
             summary = json.loads(trace.read_text(encoding="utf-8"))
