@@ -55,9 +55,15 @@ def test_the_first_site_at_or_after_the_entry_is_chosen_with_the_mid_depth_besid
         choose_site(saes, _trace(None), n_layers=4)
 
 
-def test_the_organism_folder_and_a_gemmascope_release_list_their_sites() -> None:
+def test_the_organism_folder_and_a_gemmascope_release_list_their_sites(tmp_path: Path) -> None:
     found = {c.hook: Path(c.source).name for c in folder_candidates(default_organism_dir())}
     assert found == {"blocks.2.hook_resid_post": "sae", "blocks.0.hook_attn_out": "sae_entry"}
+    download = tmp_path / "gemma-scope-2-4b-it"  # a GemmaScope 2 download: site/layer folders of params
+    for site, layer in (("resid_post", 17), ("attn_out", 9)):
+        folder = download / site / f"layer_{layer}_width_16k_l0_medium"
+        folder.mkdir(parents=True)
+        (folder / "params.safetensors").write_bytes(b"")  # listed by name; weights are read only when chosen
+    assert {c.hook for c in folder_candidates(download)} == {"blocks.17.hook_resid_post", "blocks.9.attn.hook_z"}
     att = release_candidates("gemma-scope-2-4b-it-att")
     assert att and all(c.hook.endswith(".attn.hook_z") for c in att)
     res = release_candidates("gemma-scope-2-4b-it-res")

@@ -104,6 +104,8 @@ def _folder_hook(folder: Path) -> str | None:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FlipscopeError(f"{str(cfg_path)!r} is not a JSON SAE config ({err})") from err
+        if not isinstance(cfg, dict):
+            raise FlipscopeError(f"{str(cfg_path)!r} is a JSON {type(cfg).__name__}; expected an object")
         hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
         if not isinstance(hook, str):
             raise FlipscopeError(f"{str(cfg_path)!r} names no hook (metadata.hook_name)")
@@ -117,8 +119,8 @@ def _folder_hook(folder: Path) -> str | None:
 
 
 def folder_candidates(folder: str | Path) -> list[SiteCandidate]:
-    """The SAEs in `folder` and in its subfolders, one level down (an organism's `sae/` and
-    `sae_entry/`, or a folder of downloaded dictionaries), with their hooks.
+    """The SAEs in `folder` and in its subfolders up to two levels down (an organism's `sae/` and
+    `sae_entry/`, or a GemmaScope 2 download's `resid_post/layer_17_.../`), with their hooks.
 
     Raises:
         FlipscopeError: the folder does not exist, or holds no SAE.
@@ -127,14 +129,14 @@ def folder_candidates(folder: str | Path) -> list[SiteCandidate]:
     if not root.is_dir():
         raise FlipscopeError(f"{str(root)!r} is not a folder of SAEs")
     found = []
-    for path in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+    for path in [root, *sorted(p for p in (*root.glob("*"), *root.glob("*/*")) if p.is_dir())]:
         hook = _folder_hook(path)
         if hook is not None and _HOOK.match(hook):
             found.append(SiteCandidate(hook=hook, source=str(path)))
     if not found:
         raise FlipscopeError(
-            f"{str(root)!r} holds no SAE at a decoder-layer site (cfg.json or params.safetensors, itself or one "
-            "folder down)"
+            f"{str(root)!r} holds no SAE at a decoder-layer site (cfg.json or params.safetensors, itself or up to "
+            "two folders down)"
         )
     return found
 
