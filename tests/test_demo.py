@@ -126,7 +126,13 @@ def test_demo_writes_every_figure_and_the_report(demo) -> None:
         assert (out / f"{name}.html").is_file()
         assert json.loads((out / f"{name}.json").read_text())["demo"]["seed"] == summary["settings"]["seed"]
     assert (out / "plotly.min.js").is_file()
-    assert summary["seconds"]["total"] < 600
+    # every stage's time is recorded (how long is a benchmark's question, not a test's: a loaded machine is slower)
+    seconds = summary["seconds"]
+    assert (
+        len(seconds) == 12
+        and all(v >= 0 for v in seconds.values())
+        and seconds["total"] >= max(v for k, v in seconds.items() if k != "total")
+    )
 
 
 def test_pngs_are_real_renderings(demo) -> None:
