@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["reading", "table"]
+__all__ = ["figure", "reading", "table"]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], paper_rows: int = 0) -> str:
@@ -24,3 +24,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], paper_rows: int 
 
 def reading(text: str) -> str:
     return f'<p class="reading">{text}</p>'
+
+
+def figure(figures: Mapping[str, Any], name: str) -> str:
+    """One figure of `figures` as an HTML fragment (plotly.js is inlined once by the page)."""
+    return figures[name].to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})

@@ -19,6 +19,7 @@ from flipscope.reporting.claims import (
     peak_layer,
 )
 from flipscope.reporting.format import MIN_CASES, fmt, num
+from flipscope.reporting.html_parts import figure as _figure
 from flipscope.reporting.html_parts import reading as _reading
 from flipscope.reporting.html_parts import table as _table
 from flipscope.reporting.report_checks import base_text, held_out_replication
@@ -36,11 +37,6 @@ tr.paper td { color: #4a5568; font-style: italic; }
 .reading { background: #f7fafc; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
 code, pre { background: #edf2f7; padding: .1em .3em; } pre { padding: .8em; overflow-x: auto; }
 """
-
-
-def _figure(figures: Mapping[str, go.Figure], name: str) -> str:
-    fig = figures[name]
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})
 
 
 def _evaluation(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:

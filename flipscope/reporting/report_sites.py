@@ -9,6 +9,7 @@ from typing import Any
 
 from flipscope.reporting.claims import lens_reading, site_comparison
 from flipscope.reporting.format import fmt
+from flipscope.reporting.html_parts import figure as html_figure
 from flipscope.reporting.html_parts import reading, table
 
 __all__ = ["site_section"]
@@ -35,9 +36,7 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     recovers, and both controls."""
 
     def figure(name: str) -> str:
-        if name not in figures:
-            return ""
-        return figures[name].to_html(full_html=False, include_plotlyjs=False, div_id=name, config={"responsive": True})
+        return html_figure(figures, name) if name in figures else ""
 
     lens = (
         "<h3>The logit lens</h3><p>Each layer's residual stream at the answer position read as if it were the last "
