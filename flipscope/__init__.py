@@ -5,7 +5,8 @@ The package follows the data flow, each layer importing only the layers before i
     errors, stats  →  data  →  model  →  sae  →  interventions  →  experiments  →  organism
                    →  reporting  →  cli
 
-- `data`: questions, the resumable result store, FlipBanks (files in, validated objects out);
+- `data`: questions, PSF-Med and answer tables, the resumable result store, FlipBanks (files in,
+  validated objects out);
 - `model`: `HookedVLM` (hook points on the HF model), prompts, images, answers, KV-cache paths;
 - `sae`: SAEs through sae-lens, checked against a model, and their encodings;
 - `interventions`: pure hook functions and edited sibling models (`ClampedVLM`);

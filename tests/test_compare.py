@@ -160,7 +160,11 @@ def test_the_command_prints_the_comparison_and_writes_a_report_that_loads(runs: 
     assert "lora: 10 questions; flip rate 0.100 [" in result.output and "Dangerous 0.70" in result.output
     assert "No correlation between flip rate and the Dangerous share can be claimed: r = -0.87" in result.output
     assert "(from fewer than 10 runs); the paper measured r = -0.89 over 10 runs" in result.output
-    assert "base vs lora on 10 shared questions: flips 4/1 (McNemar p 0.375), Dangerous 0/5 (p 0.0625)" in result.output
+    assert (
+        "base vs lora on 10 shared questions: no difference in flipping can be claimed (4 vs 1 discordant questions, "
+        "McNemar p = 0.375)" in result.output
+    )
+    assert "Dangerous: 0/5 discordant (McNemar p 0.0625)." in result.output
     assert "nan" not in result.output.lower().replace("finance", "")
     saved = json.loads((out / "compare.json").read_text())
     assert saved["runs"]["clamp"]["quadrants"]["Ideal"]["share"]["value"] == pytest.approx(0.5)

@@ -1,19 +1,27 @@
 """PSF-Med in both of its authors' layouts, written here in each format: the same questions come
 back from nested JSON, pair-row CSV, Parquet and JSONL; the yes/no flags filter; answer-inverting
-paraphrases keep their relation; bad records are named file:line and field; missing images are
-listed before anything runs."""
+paraphrases keep their relation through conversion, evaluation rows, flips and curation; bad records
+are named file:line and field; missing images are listed before anything is written."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from flipscope.data.psfmed import psfmed_rows, read_records, resolve_images
+from flipscope.cli import app
+from flipscope.data.curation import CurationRules, curate
+from flipscope.data.psfmed import psfmed_rows, read_records, resolve_images, write_questions
+from flipscope.data.questions import Question, load_questions
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.evaluation import questions_fingerprint, unit_prompts
+from flipscope.experiments.summary import question_table
 
 NESTED = [
     {"question_id": 7, "original_question": "Is there a pleural effusion?", "answer": "Yes",
@@ -130,3 +138,72 @@ def test_a_datasets_table_and_its_saved_folder_read_as_the_csv(tmp_path: Path) -
             {k: v for k, v in r.items() if k != "source"} for r in expected
         ]
     assert rows[0]["source"] == "Dataset:row 0"
+
+
+def _films(root: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(32, 32), dtype=np.uint8)).save(root / name)
+
+
+def test_convert_writes_questions_the_loader_reads_with_relations_and_families(tmp_path: Path) -> None:
+    _films(tmp_path / "imgs", ["c3.png", "d4.png"])
+    source = _csv(tmp_path / "bank.csv", PAIRS)
+    out = tmp_path / "data" / "questions.jsonl"
+    result = CliRunner().invoke(app, ["convert", str(source), "--out", str(out), "--images", str(tmp_path / "imgs")])
+    assert result.exit_code == 0, result.output
+    assert "2 questions, 3 paraphrases (1 answer-inverting)" in result.output
+    nodule, effusion = load_questions(out)
+    assert nodule.relations == ("same", "inverted") and effusion.relations is None  # all-same: no relations
+    assert nodule.strategies == ("lexical_substitution", "negation_pattern")
+    assert [nodule.truth(k) for k in range(3)] == [True, True, False]
+    plain = dataclasses.replace(nodule, relations=None)
+    assert questions_fingerprint([nodule]) != questions_fingerprint([plain])  # a relation is part of the questions
+
+
+def test_convert_writes_nothing_when_an_image_is_missing(tmp_path: Path) -> None:
+    _films(tmp_path, ["c3.png"])
+    out = tmp_path / "questions.jsonl"
+    result = CliRunner().invoke(
+        app, ["convert", str(_csv(tmp_path / "b.csv", PAIRS)), "--out", str(out), "--images", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "b.csv:4: image 'd4.png' not found" in result.output and not out.exists()
+    bad = _csv(tmp_path / "bad.csv", [PAIRS[0], dict(PAIRS[1], ground_truth="unsure")])
+    result = CliRunner().invoke(app, ["convert", str(bad), "--out", str(out), "--images", str(tmp_path)])
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output.strip().splitlines() == [
+        f"error: the PSF-Med records: {bad}:3: field 'ground_truth': expected yes or no (any case), got 'unsure'"
+    ]
+
+
+def _answered(questions: list[Question], answer) -> list[dict]:
+    """Evaluation rows of `questions` (with the image) as `unit_prompts` makes them, answered by `answer(q, k)`."""
+    _, rows = unit_prompts(questions, "image", {})
+    for row in rows:
+        q = next(q for q in questions if q.id == row["question_id"])
+        yes = answer(q, row["prompt_index"])
+        row.update(answer="yes" if yes else "no", margin=2.0 if yes else -2.0, entropy=0.1, p_yes=0.9 if yes else 0.1)
+    return rows
+
+
+def test_an_inverted_paraphrase_flips_only_when_it_keeps_the_original_answer(tmp_path: Path) -> None:
+    """A model that answers every op_match = False paraphrase with the opposite of its original answer
+    has no flips there, is correct on it by the paraphrase's own truth, and curation leaves those
+    paraphrases out of the bank (its cases are read in the original's frame) and counts them."""
+    _films(tmp_path, ["c3.png", "d4.png"])
+    rows = resolve_images(psfmed_rows(read_records(_csv(tmp_path / "b.csv", PAIRS))), tmp_path)
+    write_questions(rows, tmp_path / "q.jsonl")
+    questions = load_questions(tmp_path / "q.jsonl")
+    consistent = _answered(questions, lambda q, k: q.truth(k))  # the opposite answer on the inverted one
+    inverted = [r for r in consistent if r.get("relation") == "inverted"]
+    assert len(inverted) == 1 and inverted[0]["truth"] == "no" and inverted[0]["answer"] == "no"
+    table = question_table(consistent)
+    assert not any(e["flip"] for e in table.values()) and all(e["correct"] for e in table.values())
+    stubborn = question_table(_answered(questions, lambda q, k: q.answer))  # the same answer everywhere
+    assert stubborn["p1"]["flip"] and stubborn["p1"]["paraphrase_flips"] == {1: False, 2: True}
+    assert not stubborn["p2"]["flip"]
+    bank = curate(_answered(questions, lambda q, k: q.answer), questions, CurationRules(), source={})
+    assert bank["n_flips"] == 0 and bank["inverted"] == {"n": 1, "n_broken": 1}

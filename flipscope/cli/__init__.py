@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flipscope.cli import analysis, compare, evaluation, organism, sae, upstream  # noqa: F401 - registers the commands
+from flipscope.cli import analysis, compare, data, evaluation, organism, sae, upstream  # noqa: F401 - registers the commands
 from flipscope.cli.common import app
 
 __all__ = ["app", "main"]
@@ -14,7 +14,10 @@ __all__ = ["app", "main"]
 ORDER = (
     "families",
     "hooks",
+    "convert",
     "evaluate",
+    "import_answers",
+    "summarize",
     "merge",
     "repair",
     "export",

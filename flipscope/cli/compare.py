@@ -30,7 +30,13 @@ def compare(
     share across runs; paired tests between runs on the same questions; figures and a report page."""
     from flipscope.experiments.compare import compare_runs
     from flipscope.reporting.compare_plots import comparison_figures
-    from flipscope.reporting.compare_report import correlation_sentence, screening_sentence, write_compare_report
+    from flipscope.reporting.compare_report import (
+        correlation_sentence,
+        paired_sentence,
+        screening_sentence,
+        unavailable_sentence,
+        write_compare_report,
+    )
     from flipscope.reporting.files import save_figures
 
     with one_line_errors():
@@ -45,19 +51,22 @@ def compare(
         t = found["runs"][name]
         shares = ", ".join(f"{q} {num(b['share']['value'], '.2f')}" for q, b in t["quadrants"].items())
         typer.echo(
-            f"{name}: {t['n_questions']} questions; flip rate {fmt(t['flip_rate'])}; accuracy {fmt(t['accuracy'])}"
+            f"{name}: {t['n_questions']} questions; flip rate {fmt(t['flip_rate'])}; accuracy {fmt(t['accuracy'])}; "
+            f"yes-rate {fmt(t['yes_rate'])}"
         )
-        typer.echo(f"  text-only agreement {fmt(t['text_only_agreement'])}; {shares}")
+        if t["quadrants_available"]:
+            typer.echo(f"  text-only agreement {fmt(t['text_only_agreement'])}; {shares}")
+        families = "; ".join(f"{f} {fmt(b)}" for f, b in t["by_strategy"].items())
+        typer.echo(f"  flip rate by family: {families}")
+    if missing := unavailable_sentence(found):
+        typer.echo(missing)
     typer.echo(correlation_sentence(found["correlation"]))
     for name in found["names"]:
         typer.echo(screening_sentence(name, found["runs"][name].get("screening")))
     for test in found["paired"]:
-        f, d = test["flips"], test["dangerous"]
-        typer.echo(
-            f"{test['first']} vs {test['second']} on {test['n_shared']} shared questions: flips "
-            f"{f['only_first']}/{f['only_second']} (McNemar p {num(f['p'], '.3g')}), Dangerous "
-            f"{d['only_first']}/{d['only_second']} (p {num(d['p'], '.3g')})"
-        )
+        d = test["dangerous"]
+        dangerous = f" Dangerous: {d['only_first']}/{d['only_second']} discordant (McNemar p {num(d['p'], '.3g')})."
+        typer.echo(paired_sentence(test) + (dangerous if d["n"] else ""))
     if written["png_skipped"]:
         typer.echo(f"PNGs skipped: {written['png_skipped']}")
     typer.echo(f"results: {out / 'compare.json'}\nreport: {report}")

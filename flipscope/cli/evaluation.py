@@ -135,6 +135,21 @@ def _check_answers(answers: str, generate_tokens: int, reliance: str | None, con
 
 
 @app.command()
+def summarize(
+    results: Path = typer.Argument(
+        ..., help="A results.jsonl, or the folder that holds it (evaluate, merge or import-answers wrote it)."
+    ),
+    reliance: str | None = typer.Option(
+        None, help="Condition that counts as 'image removed': blank, none or swap (default: blank, else none)."
+    ),
+    answers: str = typer.Option("margin", help="Answers to use: margin (its sign) or generated (parsed text)."),
+) -> None:
+    """Flip rate, accuracy, quadrants and per-family flip rates of a store, written beside it as summary.json."""
+    store = results / "results.jsonl" if results.is_dir() else results
+    _write_summary(store, store.parent, reliance=reliance, source=answers)
+
+
+@app.command()
 def merge(
     shards: list[Path] = typer.Argument(
         ...,
@@ -175,6 +190,8 @@ def _write_summary(rows_path: Path, out: Path, *, reliance: str | None = None, s
         summary = summarize(iter_rows(rows_path), removed=reliance, source=source)
         write_json(out / "summary.json", summary)
     _print_summary(summary)
+    if all(block["n_questions"] == 0 for block in summary["by_quadrant"].values()):
+        typer.echo("quadrants: unavailable (no image-removed condition, so image reliance is unknown)")
     typer.echo(f"rows: {rows_path}\nsummary: {out / 'summary.json'}")
 
 

@@ -12,6 +12,11 @@ are drawn deterministically (seeded), up to `controls_per_flip` per flip, by one
 - `match="question"`: from the non-flip paraphrases of the flipped questions, any family (the
   paper's draw; a control of another family mixes a second wording into the comparison).
 
+An answer-inverting paraphrase (its question's relation `inverted`) flips when its answer *equals*
+the original's. A bank case is read in the original's frame by every later stage (the margin shift
+to undo, the answer to restore), so such paraphrases are left out of the cases and counted instead
+(`inverted`: how many, and how many of them broke their relation).
+
 Rows are read in one pass and kept as compact tuples, so a store can be streamed.
 """
 
@@ -84,6 +89,11 @@ def _answers(rows: Iterable[Mapping[str, Any]], rules: CurationRules) -> list[_A
     for r in rows:
         if r["condition"] not in ("image", "context"):  # the evidence shown: an image, or a text model's passage
             continue
+        if r.get("margin") is None:
+            raise FlipscopeError(
+                f"question {r['question_id']!r}, prompt {r['prompt_index']}: no margin (an answer table imported "
+                "without margins); a FlipBank records both margins, so curate from a run that has them"
+            )
         similarity = r.get("similarity")
         if rules.min_similarity is not None and r["prompt_index"] and similarity is None:
             raise FlipscopeError("min_similarity needs a 'similarity' value on every row")
@@ -205,10 +215,15 @@ def curate(
     originals = {a.question_id: a for a in answers if a.prompt_index == 0}
     flips: list[Pair] = []
     candidates: list[Pair] = []
+    inverted = {"n": 0, "n_broken": 0}
     for para in sorted(answers, key=lambda a: (a.question_id, a.prompt_index)):
         if para.prompt_index == 0 or para.question_id not in by_id:
             continue
         original = originals[para.question_id]
+        if by_id[para.question_id].inverted(para.prompt_index):
+            inverted["n"] += 1
+            inverted["n_broken"] += int(original.judged is not None and original.judged == para.judged)
+            continue
         if _kept(original, para, rules):
             (flips if original.judged != para.judged else candidates).append((original, para))
     if rules.match == "family":
@@ -226,6 +241,11 @@ def curate(
             "controls": [_control(by_id, o, p, flip) for o, p, flip in chosen],
         }
     )
+    if inverted["n"]:
+        bank["inverted"] = inverted
+        logger.info(
+            "%d answer-inverting paraphrases left out of the bank (%d broke their relation)", *inverted.values()
+        )
     if questions_sha256 is not None:
         bank["questions_sha256"] = questions_sha256
     if edited:

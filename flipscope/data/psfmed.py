@@ -20,82 +20,22 @@ before anything is returned.
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flipscope.data.atomic import write_atomic
+from flipscope.data.questions import questions_from_table
+from flipscope.data.tables import flag as _flag
+from flipscope.data.tables import identifier as _id
+from flipscope.data.tables import read_records
+from flipscope.data.tables import text as _text
 from flipscope.errors import FlipscopeError, problems_error
 
-__all__ = ["YESNO", "psfmed_rows", "read_records", "resolve_images"]
+__all__ = ["YESNO", "psfmed_rows", "read_records", "resolve_images", "write_questions"]
 
 YESNO = ("regex", "claude", "both", "either", "off")
-_TRUE = {"true", "1", "yes", "t"}
-_FALSE = {"false", "0", "no", "f"}
-
-
-def read_records(source: Any) -> Iterator[tuple[str, Any]]:
-    """`(file:line, record)` for every record of a JSON, JSONL, CSV or Parquet file, a folder a
-    `datasets` table was saved to (`save_to_disk`), or a `datasets.Dataset` itself (a record that
-    is not an object, or a line that is not JSON, comes back as a string saying why)."""
-    if not isinstance(source, str | Path):  # a datasets.Dataset, or any sequence of row mappings
-        name = getattr(getattr(source, "info", None), "dataset_name", None) or type(source).__name__
-        for index, row in enumerate(source):
-            yield f"{name}:row {index}", row
-        return
-    path = Path(source)
-    if path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as err:
-            raise FlipscopeError(f"{path} is a folder; reading a saved datasets table needs `datasets`") from err
-        yield from read_records(load_from_disk(str(path)))
-        return
-    if not path.is_file():
-        raise FlipscopeError(f"PSF-Med file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):  # line 1 is the header
-                yield f"{path}:{number}", dict(row)
-    elif suffix == ".parquet":
-        import pandas as pd
-
-        for index, row in enumerate(pd.read_parquet(path).to_dict("records")):
-            yield f"{path}:row {index}", row
-    elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield f"{path}:{number}", _json(line)
-    elif suffix == ".json":
-        data = _json(path.read_text(encoding="utf-8"))
-        records = data.get("results") if isinstance(data, dict) else data
-        if not isinstance(records, list):
-            raise FlipscopeError(f"{path}: expected a JSON list of records, or an object with a 'results' list")
-        for index, record in enumerate(records):
-            yield f"{path}:record {index}", record
-    else:
-        raise FlipscopeError(f"{path}: unknown format {suffix!r}; expected .json, .jsonl, .csv or .parquet")
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        return f"not valid JSON ({err})"
-
-
-def _flag(value: Any) -> bool | None:
-    """A boolean column as CSV, Parquet or JSON writes it (None when absent or unreadable)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    return None
 
 
 def _keep(record: Mapping[str, Any], yesno: str, prefix: str = "") -> bool:
@@ -110,17 +50,6 @@ def _keep(record: Mapping[str, Any], yesno: str, prefix: str = "") -> bool:
         "both": regex is not False and claude is not False,
         "either": bool(regex) or bool(claude),
     }[yesno]
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _id(value: Any) -> str | None:
-    """An id or image name as any format writes it (an int from JSON or Parquet), None when absent."""
-    if isinstance(value, bool) or value is None or (isinstance(value, float) and value != value):  # NaN: empty
-        return None
-    return _text(str(value))
 
 
 def _answer(value: Any) -> str | None:
@@ -262,3 +191,31 @@ def resolve_images(rows: list[dict[str, Any]], root: str | Path) -> list[dict[st
     if missing:
         raise problems_error("the PSF-Med images", missing)
     return out
+
+
+def write_questions(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write question rows (after `resolve_images`) as a flipscope questions JSONL file, atomically,
+    with each image path relative to the file's folder where it lies under it. The rows are first
+    checked by the questions loader itself, so the file written is one `load_questions` reads.
+
+    Raises:
+        FlipscopeError: every row the questions loader refuses (named by its PSF-Med record).
+    """
+    path = Path(path)
+    folder = path.parent.resolve()
+    keep = ("id", "image", "finding", "answer", "question", "paraphrases", "strategies", "relations")
+    out = []
+    for row in rows:
+        image = Path(row["image"]).resolve()
+        shown = image.relative_to(folder) if image.is_relative_to(folder) else image
+        out.append({k: row[k] for k in keep if k in row} | {"image": str(shown)})
+    problems = []
+    for row, checked in zip(out, rows, strict=True):  # the loader's own checks, named by the record
+        try:
+            questions_from_table([row], image_root=folder, name=checked["source"])
+        except FlipscopeError as err:
+            problems.append(str(err).removeprefix("the questions: "))
+    if problems:
+        raise problems_error("the converted questions", problems)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in out))
+    return path

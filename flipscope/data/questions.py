@@ -8,7 +8,12 @@ JSONL schema, one question per line (fields beyond these are ignored)::
      "answer": "yes",                     # ground truth: "yes" or "no"
      "question": "Is there a pleural effusion?",
      "paraphrases": ["Do you see a pleural effusion?", "..."],   # at least one
-     "strategies": ["lexical", "..."]}    # optional: one tag per paraphrase
+     "strategies": ["lexical", "..."],    # optional: one tag per paraphrase
+     "relations": ["same", "inverted"]}   # optional: each paraphrase's expected answer relation
+
+A paraphrase whose relation is `inverted` (e.g. "Is the lung field clear of effusion?" for "Is there
+an effusion?") has the opposite correct answer: an answer flips when it breaks its paraphrase's
+relation to the original's, and the paraphrase's own truth is the original's inverted.
 
 For a text model (the `gemma3_text` family, e.g. MedGemma 27B text) the evidence is a passage
 instead of an image: a `context` field (e.g. the report) takes the place of `image`. Each row
@@ -30,9 +35,12 @@ from typing import Any
 
 from flipscope.errors import FlipscopeError, problems_error
 
-__all__ = ["FIELDS", "Question", "load_questions", "questions_from_table"]
+__all__ = ["FIELDS", "RELATIONS", "Question", "load_questions", "questions_from_table"]
 
-FIELDS: tuple[str, ...] = ("id", "image", "context", "finding", "answer", "question", "paraphrases", "strategies")
+FIELDS: tuple[str, ...] = (
+    "id", "image", "context", "finding", "answer", "question", "paraphrases", "strategies", "relations"
+)  # fmt: skip
+RELATIONS: tuple[str, ...] = ("same", "inverted")
 MAX_CONTEXT_CHARS = 50_000  # a report passage
 MAX_TEXT_CHARS = 2000  # per question or paraphrase: far above any clinical question, far below a context
 MAX_LINE_BYTES = 1 << 20  # per JSONL line
@@ -52,6 +60,8 @@ class Question:
         strategies: Paraphrase strategy tag per paraphrase, or None.
         source: Where it was read (`file:line`), for errors found later (its image, its prompts).
         context: The text passage a text model is shown (e.g. the report), or None.
+        relations: Per paraphrase, `same` or `inverted` (its correct answer is the original's
+            opposite); None when every paraphrase keeps the answer.
     """
 
     id: str
@@ -63,6 +73,15 @@ class Question:
     strategies: tuple[str, ...] | None = None
     source: str = dataclasses.field(default="", compare=False)
     context: str | None = None
+    relations: tuple[str, ...] | None = None
+
+    def inverted(self, prompt_index: int) -> bool:
+        """Whether prompt `prompt_index`'s correct answer is the opposite of the original's."""
+        return bool(prompt_index and self.relations and self.relations[prompt_index - 1] == "inverted")
+
+    def truth(self, prompt_index: int) -> bool:
+        """The correct answer (True: yes) to prompt `prompt_index` (0 = the original)."""
+        return self.answer != self.inverted(prompt_index)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -83,8 +102,8 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
-def _wordings(row: Mapping[str, Any], bad: Any) -> tuple[list[str] | None, list[str] | None]:
-    """The row's paraphrases and strategy tags, checked (None where bad, reported through `bad`)."""
+def _wordings(row: Mapping[str, Any], bad: Any) -> tuple[list[str] | None, list[str] | None, list[str] | None]:
+    """The row's paraphrases, strategy tags and relations, checked (None where bad, reported through `bad`)."""
     paraphrases = row.get("paraphrases")
     if not (isinstance(paraphrases, list) and paraphrases and all(_nonempty_str(p) for p in paraphrases)):
         bad("paraphrases", "a non-empty list of non-empty strings")
@@ -99,7 +118,14 @@ def _wordings(row: Mapping[str, Any], bad: Any) -> tuple[list[str] | None, list[
             strategies = None
         elif paraphrases is not None and len(strategies) != len(paraphrases):
             bad("strategies", f"one tag per paraphrase ({len(paraphrases)})")
-    return paraphrases, strategies
+    relations = row.get("relations")
+    if relations is not None:
+        if not (isinstance(relations, list) and all(r in RELATIONS for r in relations)):
+            bad("relations", "a list of 'same' or 'inverted'")
+            relations = None
+        elif paraphrases is not None and len(relations) != len(paraphrases):
+            bad("relations", f"one relation per paraphrase ({len(paraphrases)})")
+    return paraphrases, strategies, relations
 
 
 def _check_row(
@@ -130,7 +156,7 @@ def _check_row(
     answer = row.get("answer")
     if not (isinstance(answer, str) and answer.strip().lower() in ("yes", "no")):
         bad("answer", "'yes' or 'no'")
-    paraphrases, strategies = _wordings(row, bad)
+    paraphrases, strategies, relations = _wordings(row, bad)
     qid = row.get("id")
     if _nonempty_str(qid):
         if qid in seen:
@@ -157,6 +183,7 @@ def _check_row(
             strategies=tuple(strategies) if strategies is not None else None,
             source=where,
             context=context,
+            relations=tuple(relations) if relations is not None and "inverted" in relations else None,
         ),
         [],
     )
@@ -244,7 +271,7 @@ def questions_from_table(
     def rows() -> Iterable[tuple[str, Any]]:
         for index, record in enumerate(records):
             row = {field: record.get(column) for field, column in mapping.items()}
-            for field in ("paraphrases", "strategies"):
+            for field in ("paraphrases", "strategies", "relations"):
                 value = row[field]
                 if value is not None and not isinstance(value, list | str) and hasattr(value, "__iter__"):
                     row[field] = list(value)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,16 @@ from flipscope.data.atomic import write_atomic
 from flipscope.data.lock import StoreLock
 from flipscope.errors import FlipscopeError
 
-__all__ = ["ResultStore", "iter_rows", "iter_units", "read_header", "read_rows", "read_units", "repair_store"]
+__all__ = [
+    "ResultStore",
+    "iter_rows",
+    "iter_units",
+    "read_header",
+    "read_rows",
+    "read_units",
+    "repair_store",
+    "store_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,16 @@ _FORMAT = 1
 
 def _header_line(header: dict[str, Any]) -> str:
     return json.dumps({_HEADER_KEY: _FORMAT, "header": header}) + "\n"
+
+
+def store_text(header: dict[str, Any], units: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """A whole store's text (header, then each unit's rows and marker), for a store made in one
+    step (an import) and written atomically rather than unit by unit."""
+    body = "".join(
+        "".join(json.dumps(row) + "\n" for row in rows) + json.dumps({"done": unit, "rows": len(rows)}) + "\n"
+        for unit, rows in units.items()
+    )
+    return _header_line(header) + body
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

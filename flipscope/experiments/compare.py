@@ -1,17 +1,20 @@
 """Comparing evaluation runs: the false-reliability trap across models, adapters, sites and edits.
 
-Per run (one evaluation store): flip rate, pairwise disagreement, accuracy, text-only agreement and
-the four quadrants' shares, each quadrant's accuracy and entropy — bootstrap 95% CIs over questions —
-and **screening**: how well a confidence screen, which flags the least confident answers (by the
-original's |margin|; yes/no entropy and p(answer) are monotone in it, so they rank questions
-identically), picks out the Dangerous questions (AUROC of uncertainty, its ROC curve, and the
-Dangerous share among the most confident k%), beside the one extra text-only forward (flag a
+Per run (one evaluation store, from `flipscope evaluate` or `flipscope import-answers`: a model
+nobody can hook compares beside hooked ones): flip rate, pairwise disagreement, accuracy, yes-rate
+(the share of originals answered yes: the answer bias), per-family paraphrase flip rates, text-only
+agreement and the four quadrants' shares, each quadrant's accuracy and entropy — bootstrap 95% CIs
+over questions — and **screening**: how well a confidence screen, which flags the least confident
+answers (by the original's |margin|; yes/no entropy and p(answer) are monotone in it, so they rank
+questions identically), picks out the Dangerous questions (AUROC of uncertainty, its ROC curve, and
+the Dangerous share among the most confident k%), beside the one extra text-only forward (flag a
 question when its answer survives the image's removal: it flags every Dangerous question by
 definition, and its specificity is what that costs).
 
 Across runs: Pearson and Spearman correlation of flip rate with the Dangerous share, with CIs from a
-bootstrap over runs and one over questions within each run; between runs that share questions,
-exact McNemar tests on flipping and on Dangerous membership.
+bootstrap over runs and one over questions within each run (runs without an image-removed condition
+have no quadrants and sit out); between runs that share questions, exact McNemar tests on flipping,
+on correctness and on Dangerous membership.
 """
 
 from __future__ import annotations
@@ -99,7 +102,13 @@ def run_table(entries: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
     """The per-run table of `question_table` entries (module docstring): the evaluation summary's
     overall and per-quadrant blocks, and the screening."""
     entries = list(entries)
-    table: dict[str, Any] = {**question_block(entries, seed), "quadrants": quadrant_blocks(entries, seed)}
+    table: dict[str, Any] = {
+        **question_block(entries, seed),
+        "yes_rate": bootstrap(np.array([e["yes"] for e in entries], dtype=np.float64), seed=seed).to_dict(),
+        "by_strategy": _by_strategy(entries, seed),
+        "quadrants": quadrant_blocks(entries, seed),
+        "quadrants_available": any(e["quadrant"] is not None for e in entries),
+    }
     judged = [e for e in entries if e["quadrant"] is not None]
     if judged and all(e["margin"] is not None for e in judged):
         table["screening"] = screening(
@@ -109,6 +118,15 @@ def run_table(entries: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
             seed,
         )
     return table
+
+
+def _by_strategy(entries: Sequence[dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
+    """Per paraphrase family: the share of its paraphrases whose answer flips, CI over paraphrases."""
+    groups: dict[str, list[bool]] = {}
+    for e in entries:
+        for k, flipped in e["paraphrase_flips"].items():
+            groups.setdefault(e["strategies"].get(k) or "untagged", []).append(flipped)
+    return {s: bootstrap(np.array(v, dtype=np.float64), seed=seed).to_dict() for s, v in sorted(groups.items())}
 
 
 @dataclass
@@ -150,10 +168,15 @@ def _row_correlations(x: Float[np.ndarray, "b n"], y: Float[np.ndarray, "b n"]) 
 
 def _correlation(tables: dict[str, dict[str, Any]], entries: dict[str, list[dict]], seed: int) -> dict[str, Any]:
     """Flip rate vs Dangerous share across runs: r, ρ, and CIs over runs and over questions."""
-    names = list(tables)
+    names = [n for n in tables if tables[n]["quadrants_available"]]
     flip = np.array([tables[n]["flip_rate"]["value"] for n in names])
     danger = np.array([tables[n]["quadrants"]["Dangerous"]["share"]["value"] for n in names])
-    out: dict[str, Any] = {"n_runs": len(names), "flip_rate": flip.tolist(), "dangerous_share": danger.tolist()}
+    out: dict[str, Any] = {
+        "n_runs": len(names),
+        "runs": names,
+        "flip_rate": flip.tolist(),
+        "dangerous_share": danger.tolist(),
+    }
     if len(names) < 3 or np.ptp(flip) == 0 or np.ptp(danger) == 0:
         out["note"] = "needs at least 3 runs whose flip rates and Dangerous shares vary"
         return out
@@ -199,6 +222,9 @@ def _paired(entries: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
                 "second": second,
                 "n_shared": len(shared),
                 "flips": mcnemar(np.array([a[q]["flip"] for q in shared]), np.array([b[q]["flip"] for q in shared])),
+                "correct": mcnemar(
+                    np.array([a[q]["correct"] for q in shared]), np.array([b[q]["correct"] for q in shared])
+                ),
                 "dangerous": mcnemar(
                     np.array([a[q]["quadrant"] == "Dangerous" for q in judged], dtype=bool),
                     np.array([b[q]["quadrant"] == "Dangerous" for q in judged], dtype=bool),

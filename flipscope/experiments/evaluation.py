@@ -133,7 +133,9 @@ def questions_fingerprint(questions: Sequence[Question], images: dict[Path, str]
     for q in questions:
         shown = images.get(q.image) if q.image is not None else None
         fields = [q.id, shown, q.finding, q.answer, q.prompts, q.strategies]
-        digest.update(json.dumps(fields if q.context is None else [*fields, q.context]).encode())
+        fields += [] if q.context is None else [q.context]
+        fields += [] if q.relations is None else [{"relations": q.relations}]
+        digest.update(json.dumps(fields).encode())
     return digest.hexdigest()
 
 
@@ -205,12 +207,13 @@ def unit_prompts(
                 {
                     "question_id": q.id,
                     "finding": q.finding,
-                    "truth": "yes" if q.answer else "no",
+                    "truth": "yes" if q.truth(k) else "no",
                     "prompt_index": k,
                     "kind": "original" if k == 0 else "paraphrase",
                     "strategy": q.strategies[k - 1] if (k and q.strategies) else None,
                     "condition": condition,
                 }
+                | ({"relation": "inverted" if q.inverted(k) else "same"} if q.relations is not None and k else {})
             )
     return specs, rows
 
@@ -283,11 +286,12 @@ def run_sweep(
 
     `model` is a `VLM` (`HookedVLM`, a clamped model) or a model adapter; without the KV-cache
     methods, or where its family makes them unsound (the header's `path_reason`), it runs the
-    batched path. Rows: question_id, finding, truth, prompt_index (0 = original), kind, strategy,
-    condition, margin, p_yes, entropy, answer; with `generate_tokens`, also generated, parsed
-    (yes/no or None when excluded) and parse_reason. With `shard=(K, N)` only question chunks
-    whose index is K modulo N are run (one shard per GPU or array task); `merge_shards` joins the
-    N stores into the store a single process writes.
+    batched path. Rows: question_id, finding, truth (the prompt's own: the original's opposite on
+    an answer-inverting paraphrase), prompt_index (0 = original), kind, strategy, condition,
+    margin, p_yes, entropy, answer, and `relation` where the questions carry relations; with
+    `generate_tokens`, also generated, parsed (yes/no or None when excluded) and parse_reason.
+    With `shard=(K, N)` only question chunks whose index is K modulo N are run (one shard per GPU
+    or array task); `merge_shards` joins the N stores into the store a single process writes.
     """
     off = (
         getattr(model, "fast_path_off", None)

@@ -1,7 +1,9 @@
 """Flip and quadrant evaluation over a table of answers.
 
 Definitions (PSF-Med): a question **flips** when the answer to any paraphrase differs from the
-answer to the original; it is **consistent** when it does not flip. It is **image-reliant** when
+answer to the original; it is **consistent** when it does not flip. An answer-inverting paraphrase
+(row `relation` = `inverted`) is read in the original's frame: its answer flips when it *equals*
+the original's, and it is correct when it is the opposite of the original's truth. It is **image-reliant** when
 its answer to the original changes when the image is removed. The four quadrants:
 
 | | image-reliant | not image-reliant |
@@ -74,6 +76,8 @@ def _collect(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, dict[s
                     excluded.add(row["question_id"])
                 continue
             row = {**row, "answer": row["parsed"]}
+        if row.get("relation") == "inverted":  # into the original's frame
+            row = {**row, "answer": _opposite(row["answer"]), "truth": _opposite(row["truth"])}
         entry = by_question.setdefault(
             row["question_id"],
             {
@@ -96,6 +100,10 @@ def _collect(rows: Iterable[Mapping[str, Any]], source: str) -> dict[str, dict[s
     return by_question
 
 
+def _opposite(answer: str) -> str:
+    return {"yes": "no", "no": "yes"}[answer]
+
+
 def _measures(entry: dict[str, Any], removed: str | None) -> None:
     """Add the per-question measures to an entry of `_collect`."""
     answers = entry["answers"]
@@ -107,6 +115,7 @@ def _measures(entry: dict[str, Any], removed: str | None) -> None:
     entry["flip"] = bool(flips(image[None, :])[0])
     entry["pairwise"] = float(pairwise_disagreement(image[None, :])[0])
     entry["correct"] = bool(image[0] == entry["truth"])
+    entry["yes"] = bool(image[0])
     entry["reliant"] = bool(answers[removal][0] != image[0]) if removal else None
     entry["text_only_agreement"] = None if removal is None else not entry["reliant"]
     entry["swap_change"] = bool(answers["swap"][0] != image[0]) if "swap" in answers else None

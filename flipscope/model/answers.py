@@ -18,14 +18,14 @@ Two readings, as in the PSF-Med paper:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from flipscope.data.keywords import AFFIRMATIVE_KEYWORDS, NEGATIVE_KEYWORDS, ParsedAnswer, parse_answer
 from flipscope.errors import FlipscopeError
 
 __all__ = [
@@ -44,8 +44,6 @@ __all__ = [
 
 YES_SPELLINGS: tuple[str, ...] = ("Yes", "yes", "YES", " Yes", " yes", "▁Yes", "▁yes")
 NO_SPELLINGS: tuple[str, ...] = ("No", "no", "NO", " No", " no", "▁No", "▁no")
-AFFIRMATIVE_KEYWORDS: tuple[str, ...] = ("yes", "present", "visible", "confirmed", "shows", "evident")
-NEGATIVE_KEYWORDS: tuple[str, ...] = ("no", "absent", "not seen", "negative", "normal", "clear")
 
 
 def _single_token_ids(tokenizer: Any, spellings: tuple[str, ...]) -> tuple[int, ...]:
@@ -113,40 +111,6 @@ def binary_entropy(margin: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:
     log_p = torch.nn.functional.logsigmoid(margin)
     log_q = torch.nn.functional.logsigmoid(-margin)
     return -(log_p.exp() * log_p + log_q.exp() * log_q) / math.log(2.0)
-
-
-@dataclass(frozen=True)
-class ParsedAnswer:
-    """A keyword-parsed generated answer: `answer` is None when excluded, with `reason` saying why."""
-
-    answer: Literal["yes", "no"] | None
-    reason: str | None = None
-    affirmative: tuple[str, ...] = ()
-    negative: tuple[str, ...] = ()
-
-
-def _keyword_pattern(keywords: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = sorted((r"\s+".join(map(re.escape, k.split())) for k in keywords), key=len, reverse=True)
-    return re.compile(r"\b(" + "|".join(alternatives) + r")\b", re.IGNORECASE)
-
-
-_AFFIRMATIVE = _keyword_pattern(AFFIRMATIVE_KEYWORDS)
-_NEGATIVE = _keyword_pattern(NEGATIVE_KEYWORDS)
-
-
-def parse_answer(text: str) -> ParsedAnswer:
-    """Parse a generated answer by keyword (the paper's rule: both kinds or neither → excluded)."""
-    affirmative = tuple(m.group(0).lower() for m in _AFFIRMATIVE.finditer(text))
-    negative = tuple(m.group(0).lower() for m in _NEGATIVE.finditer(text))
-    if affirmative and negative:
-        return ParsedAnswer(
-            None, f"both affirmative {affirmative} and negative {negative} keywords", affirmative, negative
-        )
-    if not affirmative and not negative:
-        return ParsedAnswer(None, "no affirmative or negative keyword")
-    if affirmative:
-        return ParsedAnswer("yes", None, affirmative, ())
-    return ParsedAnswer("no", None, (), negative)
 
 
 def require_finite(margins: Float[Tensor, " n"], names: Any, what: str = "margin") -> None:

@@ -20,7 +20,7 @@ QUADRANT_COLORS = {"Ideal": "#2f855a", "Fragile": "#d69e2e", "Dangerous": "#c530
 
 def trap_scatter(c: Mapping[str, Any], title: str = "Flip rate against the Dangerous share, per run") -> go.Figure:
     """One point per run with its CIs, the least-squares line and r (when there are ≥ 3 runs)."""
-    names = c["names"]
+    names = [n for n in c["names"] if c["runs"][n].get("quadrants_available", True)]  # imported without blank: none
     flip = [c["runs"][n]["flip_rate"] for n in names]
     danger = [c["runs"][n]["quadrants"]["Dangerous"]["share"] for n in names]
     fig = go.Figure(
