@@ -124,6 +124,12 @@ def test_two_models_import_from_one_table_and_compare(tmp_path: Path) -> None:
     assert (test["correct"]["only_first"], test["correct"]["only_second"]) == (1, 0)
     assert found["correlation"]["n_runs"] == 0
     assert gpt["by_strategy"]["negated lead"]["value"] == pytest.approx(6 / 12)
+    separate = [  # the same answers as two tables, one per model, compare the same
+        import_answers(_write_csv(tmp_path / f"{name}.csv", rows), tmp_path / name, model=name)[name]
+        for name, rows in (("claude-haiku", a), ("gpt-5-mini", b))
+    ]
+    again = compare_runs(separate, names=list(written)).to_dict()
+    assert json.dumps(again["runs"]) == json.dumps(found["runs"]) and again["paired"] == found["paired"]
 
 
 def test_inverted_paraphrases_flip_only_when_they_keep_the_answer(tmp_path: Path) -> None:

@@ -76,10 +76,10 @@ def test_the_yes_no_flags_filter_questions_and_paraphrases(tmp_path: Path) -> No
     (tmp_path / "n.json").write_text(json.dumps(NESTED))
     kept = {
         mode: [len(r["paraphrases"]) for r in psfmed_rows(read_records(tmp_path / "n.json"), yesno=mode)]
-        for mode in ("off", "regex", "claude", "both", "either")
+        for mode in ("off", "regex", "claude", "both", "either", "any")
     }
     # question 8 has no flags: kept in every mode
-    assert kept == {"off": [3, 1], "regex": [2, 1], "claude": [1, 1], "both": [1, 1], "either": [2, 1]}
+    assert kept == {"off": [3, 1], "regex": [2, 1], "claude": [1, 1], "both": [1, 1], "either": [2, 1], "any": [2, 1]}
     with pytest.raises(FlipscopeError, match="yes/no filter 'sometimes' is unknown"):
         psfmed_rows(read_records(tmp_path / "n.json"), yesno="sometimes")
 

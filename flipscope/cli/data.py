@@ -30,7 +30,8 @@ def convert(
         ..., help="Root the images are found under (by filename, image_path, image_id or the MIMIC layout)."
     ),
     yesno: str = typer.Option(
-        "off", help="Keep questions and paraphrases the release flags as yes/no: regex, claude, both, either, off."
+        "off",
+        help="Keep questions and paraphrases the release flags as yes/no: regex, claude, both, either (any), off.",
     ),
 ) -> None:
     """Convert PSF-Med (nested records or pair rows) into a questions file `evaluate` reads: phenomena

@@ -14,7 +14,7 @@ Both become the same rows: `id`, `image`, `finding` (the question type), `answer
 `paraphrases`, `strategies` (the phenomena, so every table breaks flips down by them) and
 `relations` (`"same"` or `"inverted"` per paraphrase). The yes/no filter keeps questions and
 paraphrases by the release's flags: `regex` (`is_yesno`), `claude` (`is_yesno_claude`), `both`,
-`either`, or `off`. Every malformed record is reported (file:line, field, what was expected)
+`either` (or `any`), or `off`. Every malformed record is reported (file:line, field, what was expected)
 before anything is returned.
 """
 
@@ -35,7 +35,7 @@ from flipscope.errors import FlipscopeError, problems_error
 
 __all__ = ["YESNO", "psfmed_rows", "read_records", "resolve_images", "write_questions"]
 
-YESNO = ("regex", "claude", "both", "either", "off")
+YESNO = ("regex", "claude", "both", "either", "any", "off")  # any: the same as either
 
 
 def _keep(record: Mapping[str, Any], yesno: str, prefix: str = "") -> bool:
@@ -49,6 +49,7 @@ def _keep(record: Mapping[str, Any], yesno: str, prefix: str = "") -> bool:
         "claude": claude is not False,
         "both": regex is not False and claude is not False,
         "either": bool(regex) or bool(claude),
+        "any": bool(regex) or bool(claude),
     }[yesno]
 
 
