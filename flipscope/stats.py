@@ -15,7 +15,16 @@ import numpy as np
 from jaxtyping import Bool, Float
 from scipy import stats
 
-__all__ = ["Estimate", "auc", "bh_qvalues", "bootstrap", "bootstrap_means", "correlations", "mann_whitney"]
+__all__ = [
+    "Estimate",
+    "auc",
+    "auroc_ci",
+    "bh_qvalues",
+    "bootstrap",
+    "bootstrap_means",
+    "correlations",
+    "mann_whitney",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,26 @@ def auc(scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"]) -> floa
     if not n_pos or not n_neg:
         return float("nan")
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc_ci(
+    scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"], seed: int = 0, n_boot: int = 1000
+) -> dict[str, Any]:
+    """AUROC of `scores` (higher = flagged) for `labels`, with a bootstrap 95% CI over items; all
+    None (never NaN) when one class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.all() or not labels.any():
+        return {"value": None, "low": None, "high": None, "n": len(labels), "n_positive": int(labels.sum())}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(labels), len(labels))
+        y = labels[pick]
+        boots.append(auc(scores[pick], y) if 0 < y.sum() < len(y) else 0.5)
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return {"value": auc(scores, labels), "low": float(low), "high": float(high), "n": len(labels),
+            "n_positive": int(labels.sum())}  # fmt: skip
 
 
 def bh_qvalues(p: Float[np.ndarray, " k"]) -> Float[np.ndarray, " k"]:

@@ -23,6 +23,18 @@ from flipscope.cli.common import (
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
+CONDITIONS_HELP = (
+    "Comma-separated evidence conditions, the evidence first: image, blank, none, swap for a VLM "
+    "(default image,blank); context, none, swap for a text model (default context,none)."
+)
+SWAP_MATCH_HELP = (
+    "What 'swap' shows: any other question's film, or opposite: a film of the same finding whose truth is the "
+    "opposite (questions with none get no swap)."
+)
+RELIANCE_HELP = (
+    "Condition that counts as 'image removed' for reliance: blank, none or swap (default: blank, else none)."
+)
+
 
 @app.command()
 def hooks(
@@ -60,12 +72,9 @@ def evaluate(
     images: Path | None = typer.Option(
         None, help="Directory that relative image paths are resolved against (default: beside the questions file)."
     ),
-    conditions: str | None = typer.Option(
-        None,
-        help="Comma-separated evidence conditions, the evidence first: image, blank, none, swap for a VLM "
-        "(default image,blank); context, none, swap for a text model (default context,none).",
-    ),
+    conditions: str | None = typer.Option(None, help=CONDITIONS_HELP),
     blank: str = typer.Option("gray", help="What 'blank' shows: gray, white or noise (mean 128, sd 64)."),
+    swap_match: str = typer.Option("any", help=SWAP_MATCH_HELP),
     batch_size: int = typer.Option(32, help="Prompts per forward pass."),
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
@@ -76,10 +85,7 @@ def evaluate(
     answers: str = typer.Option(
         "margin", help="Answers the summary uses: margin (its sign) or generated (parsed text)."
     ),
-    reliance: str | None = typer.Option(
-        None,
-        help="Condition that counts as 'image removed' for reliance: blank, none or swap (default: blank, else none).",
-    ),
+    reliance: str | None = typer.Option(None, help=RELIANCE_HELP),
     shard: str | None = typer.Option(None, help=SHARD_HELP),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
     family: str | None = typer.Option(None, help=FAMILY_HELP),
@@ -96,6 +102,7 @@ def evaluate(
     with one_line_errors():
         writable(out, folder=True)
         options = {"blank": blank, "batch_size": batch_size, "generate_tokens": generate_tokens}
+        options["swap_match"] = swap_match
         checks = (answers, reliance)
         if conditions is None and reliance not in ("blank", "none"):  # in neither default (image,blank; context,none)
             _check_answers(answers, generate_tokens, reliance, ("image", "blank"))

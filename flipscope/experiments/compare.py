@@ -32,7 +32,7 @@ from scipy import stats as sps
 from flipscope.data.store import iter_rows, read_header
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.summary import quadrant_blocks, question_block, question_table
-from flipscope.stats import auc, bootstrap
+from flipscope.stats import auroc_ci, bootstrap
 
 __all__ = ["QUESTION_MODES", "Comparison", "compare_runs", "mcnemar", "run_table", "screening"]
 
@@ -45,22 +45,6 @@ def mcnemar(a: Bool[np.ndarray, " n"], b: Bool[np.ndarray, " n"]) -> dict[str, A
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = 1.0 if only_a + only_b == 0 else float(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
     return {"n": len(a), "only_first": only_a, "only_second": only_b, "p": p}
-
-
-def _auroc(scores: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any]:
-    """AUROC with a bootstrap CI over questions (NaN-free: None when one class is absent)."""
-    if labels.all() or not labels.any():
-        return {"value": None, "low": None, "high": None, "n": len(labels)}
-    both = np.stack([scores, labels.astype(np.float64)], axis=1)
-
-    def statistic(rows: np.ndarray) -> float:
-        y = rows[:, 1].astype(bool)
-        return auc(rows[:, 0], y) if 0 < y.sum() < len(y) else 0.5
-
-    rng = np.random.default_rng(seed)
-    boots = np.array([statistic(both[rng.integers(0, len(both), len(both))]) for _ in range(1000)])
-    low, high = np.quantile(boots, [0.025, 0.975])
-    return {"value": auc(scores, labels), "low": float(low), "high": float(high), "n": len(labels)}
 
 
 def _roc(scores: np.ndarray, labels: np.ndarray, points: int = 101) -> dict[str, list[float]]:
@@ -89,12 +73,12 @@ def screening(
     return {
         "n": len(dangerous),
         "dangerous_share": bootstrap(dangerous, seed=seed).to_dict(),
-        "uncertainty_auroc": _auroc(-confidence, dangerous, seed),
+        "uncertainty_auroc": auroc_ci(-confidence, dangerous, seed),
         "uncertainty_roc": _roc(-confidence, dangerous),
         "dangerous_among_most_confident": top,
         "text_only_sensitivity": bootstrap(flagged[dangerous], seed=seed).to_dict(),
         "text_only_specificity": bootstrap(~flagged[~dangerous], seed=seed).to_dict(),
-        "text_only_auroc": _auroc(flagged.astype(np.float64), dangerous, seed),
+        "text_only_auroc": auroc_ci(flagged.astype(np.float64), dangerous, seed),
     }
 
 

@@ -32,10 +32,12 @@ from flipscope.model.prompts import IMAGE_CONDITIONS, PromptBuilder, PromptSpec
 from flipscope.model.protocol import ScoringModel
 
 __all__ = [
+    "SWAP_MATCHES",
     "EvalConfig",
     "check_evidence",
     "check_prompt_lengths",
     "image_digests",
+    "opposite_images",
     "parse_shard",
     "questions_fingerprint",
     "run_sweep",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+SWAP_MATCHES = ("any", "opposite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,9 @@ class EvalConfig:
             (the question's text passage) for a text model (see `flipscope.model.prompts`).
         blank: The blank stand-in (`gray`, `white` or `noise`) and `blank_seed` for noise.
         swap_seed: Seed of the pairing that gives each question another question's image.
+        swap_match: Which image a swap shows: `any` other question's (a random partner often shares
+            the true answer), or `opposite`: a film of the same finding whose truth is the opposite
+            (the clean test of reliance; a question with no such film has no swap rows).
         batch_size: Prompts per forward.
         questions_per_unit: Questions per unit of resumable work.
         generate_tokens: Also generate this many tokens greedily per prompt and parse the text
@@ -70,6 +76,7 @@ class EvalConfig:
     blank: str = "gray"
     blank_seed: int = 0
     swap_seed: int = 0
+    swap_match: str = "any"
     batch_size: int = 32
     questions_per_unit: int = 16
     generate_tokens: int = 0
@@ -87,6 +94,8 @@ class EvalConfig:
         if len(set(self.conditions)) != len(self.conditions):
             raise FlipscopeError(f"conditions {list(self.conditions)} repeat")
         BlankSpec(kind=self.blank, seed=self.blank_seed)
+        if self.swap_match not in SWAP_MATCHES:
+            raise FlipscopeError(f"swap_match {self.swap_match!r} is unknown; expected one of {SWAP_MATCHES}")
         if self.batch_size < 1 or self.questions_per_unit < 1:
             raise FlipscopeError("batch_size and questions_per_unit must be positive")
         if self.generate_tokens < 0:
@@ -102,9 +111,11 @@ class EvalConfig:
         return cls(**data)
 
 
-def swap_images(questions: Sequence[Question], seed: int, *, text: bool = False) -> dict[str, Any]:
+def swap_images(questions: Sequence[Question], seed: int, *, text: bool = False, match: str = "any") -> dict[str, Any]:
     """Each question's swap image: another question's image (a different file), by a seeded
-    derangement over the questions."""
+    derangement over the questions; with `match="opposite"`, see `opposite_images`."""
+    if match == "opposite":
+        return opposite_images(questions, seed)
     order = np.random.default_rng(seed).permutation(len(questions))
     partner: dict[str, Any] = {}
     for rank, index in enumerate(order):
@@ -117,6 +128,23 @@ def swap_images(questions: Sequence[Question], seed: int, *, text: bool = False)
         else:
             what = "context passages" if text else "images"
             raise FlipscopeError(f"condition 'swap' needs questions with at least two different {what}")
+    return partner
+
+
+def opposite_images(questions: Sequence[Question], seed: int) -> dict[str, Path | None]:
+    """Each question's opposite-label image: a seeded draw among the films of the other questions
+    about the same finding whose truth is the opposite (None where there is none: such a question
+    gets no swap, and says so, rather than a film that may carry its own answer)."""
+    rng = np.random.default_rng(seed)
+    pools: dict[tuple[str, bool], list[Path]] = {}
+    for q in questions:
+        pool = pools.setdefault((q.finding, q.answer), [])
+        if q.image is not None and q.image not in pool:
+            pool.append(q.image)
+    partner: dict[str, Path | None] = {}
+    for q in questions:
+        pool = [image for image in pools.get((q.finding, not q.answer), []) if image != q.image]
+        partner[q.id] = pool[int(rng.integers(len(pool)))] if pool else None
     return partner
 
 
@@ -141,8 +169,9 @@ def questions_fingerprint(questions: Sequence[Question], images: dict[Path, str]
 
 def _identity(cfg: EvalConfig) -> dict[str, Any]:
     """The config fields that change results (not `batch_size`: a rerun after an out-of-memory
-    error may lower it; a unit's margins then differ only in float rounding, ~1e-6)."""
-    return {k: v for k, v in cfg.to_dict().items() if k != "batch_size"}
+    error may lower it; a unit's margins then differ only in float rounding, ~1e-6; `swap_match`
+    only when not the default, so stores written before it resume)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "batch_size" and (k, v) != ("swap_match", "any")}
 
 
 def _builder(model: Any, blank: BlankSpec) -> Any:
@@ -166,6 +195,8 @@ def _by_image(questions: Sequence[Question], swaps: dict[str, Any] | None, text:
     groups: dict[Any, list[int]] = {}
     start = 0
     for q in questions:
+        if swaps is not None and swaps[q.id] is None:  # no opposite-label film: no prompts in this unit
+            continue
         image = swaps[q.id] if swaps is not None else _evidence(q, text)
         groups.setdefault(image, []).extend(range(start, start + len(q.prompts)))
         start += len(q.prompts)
@@ -192,6 +223,8 @@ def unit_prompts(
     films: dict[Path, Any] = {}
     for q in chunk:
         evidence: dict[str, Any] = {}
+        if condition == "swap" and swaps[q.id] is None:  # no opposite-label film for it
+            continue
         if condition == "context":
             evidence = {"context": q.context}
         elif condition == "swap" and q.context is not None and isinstance(swaps[q.id], str):
@@ -230,6 +263,8 @@ class _UnitScorer:
         self, specs: list[PromptSpec], chunk: Sequence[Question], condition: str, swaps: dict[str, Any]
     ) -> Tensor:
         model, builder, size = self.model, self.builder, self.cfg.batch_size
+        if not specs:  # a swap unit whose questions have no opposite-label film
+            return torch.empty(0)
         if not self.fast:
             return torch.cat([model.score(builder.build(specs[i : i + size])) for i in range(0, len(specs), size)])
         if condition in ("blank", "none"):  # one image slot for every question: once per run
@@ -318,7 +353,7 @@ def run_sweep(
     logger.info("evaluation path: %s", header["path"])
     store = ResultStore.open(store_path, header)
     scorer = _UnitScorer(model, builder, cfg, fast)
-    swaps = swap_images(questions, cfg.swap_seed, text=text) if "swap" in cfg.conditions else {}
+    swaps = swap_images(questions, cfg.swap_seed, text=text, match=cfg.swap_match) if "swap" in cfg.conditions else {}
     chunks = [questions[i : i + cfg.questions_per_unit] for i in range(0, len(questions), cfg.questions_per_unit)]
     units = unit_order(cfg.conditions, len(questions), cfg.questions_per_unit)
     if shard is not None:
