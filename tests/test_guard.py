@@ -4,9 +4,12 @@ say when there is none); detectors, calibration and the guarded model on the shi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from flipscope.data.questions import Question
 from flipscope.data.store import read_rows
@@ -58,3 +61,143 @@ def test_opposite_swaps_move_the_organisms_answers_more_than_the_blank_does(orga
     # often carry the same truth)
     assert sum(changed) / len(changed) > 0.5
     assert {truth[q] for q in swapped} == {True, False}
+
+
+@pytest.fixture(scope="module")
+def organism_study(organism_store):
+    from flipscope.experiments.detectors import probe_features, question_arrays
+    from flipscope.experiments.guard import guard_study
+
+    vlm, questions, store = organism_store
+    arrays = question_arrays(read_rows(store))
+    hook = f"blocks.{vlm.n_layers - 1}.hook_resid_post"
+    features = probe_features(vlm, questions, arrays["id"], hook=hook)
+    return arrays, guard_study(arrays, features, recall=0.9, probe_hook=hook)
+
+
+def test_the_labels_keep_detector_and_target_apart_and_the_swap_defines_reliance(
+    organism_store, organism_study
+) -> None:
+    arrays, study = organism_study
+    rows = read_rows(organism_store[2])
+    table = question_table(rows)
+    ids = list(arrays["id"])
+    survived = [e["swap_change"] is False for q, e in sorted(table.items())]
+    assert [bool(v) for v in arrays["image_unreliant"]] == survived  # the label is the opposite swap's
+    assert "image_unreliant" not in study["auroc"]["swap"]  # a label is never its own detector
+    assert set(study["auroc"]) == {"margin", "probe", "dispersion", "blank", "swap"}
+    assert len(ids) == 160 and study["n_held_out"] == 80 and set(study["calibration_ids"]) < set(ids)
+
+
+def test_a_calibrated_gate_holds_its_recall_on_held_out_questions(organism_study) -> None:
+    from flipscope.experiments.guard import guard_sentences
+
+    arrays, study = organism_study
+    for gate in ("margin", "probe"):
+        r = study["realised_recall"][gate]
+        assert r["n"] >= 10 and r["low"] <= 0.9 <= r["high"], (gate, r)
+    for target in ("flip_prone",):  # flips are the organism's planted behaviour: a probe sees them
+        assert study["auroc"]["probe"][target]["low"] > 0.5
+    curve = study["abstention"]
+    assert curve[-1]["coverage"] == 1.0 and curve[-1]["n"] == study["n_held_out"]
+    sentences = guard_sentences(study, "the organism")
+    assert any("flip-prone answers are caught above chance by" in s and "probe" in s for s in sentences)
+    assert not any("nan" in s.lower() for s in sentences)
+
+
+def test_a_random_label_is_caught_by_nothing(organism_study) -> None:
+    """The same study with the flip label shuffled: no detector may claim it."""
+    from flipscope.experiments.guard import guard_sentences, guard_study
+
+    arrays, _ = organism_study
+    shuffled = dict(arrays, flip_prone=np.random.default_rng(7).permutation(arrays["flip_prone"]))
+    study = guard_study(shuffled, None, recall=0.9)
+    for detector in ("margin", "dispersion", "blank"):
+        a = study["auroc"][detector]["flip_prone"]
+        assert a["low"] <= 0.5 <= a["high"], (detector, a)
+    assert not any("flip-prone answers are caught" in s for s in guard_sentences(study))
+
+
+def test_the_guarded_model_answers_as_the_model_and_flags_by_its_gates(organism_store, organism_study) -> None:
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
+    from flipscope.model.prompts import PromptSpec
+
+    vlm, questions, _ = organism_store
+    _, study = organism_study
+    config = GuardConfig.from_study(study, image_check="opposite")
+    assert config.probe is not None and config.abs_margin == study["thresholds"]["margin"]
+    held = [q for q in questions if q.id not in set(study["calibration_ids"])][:24]
+    references = reference_films([q for q in questions if q.id in set(study["calibration_ids"])])
+    guarded = GuardedVLM(vlm, config, references)
+    specs = [PromptSpec(question=q.question, image=q.image) for q in held]
+    answers = guarded.answer(specs, [q.finding for q in held], batch_size=8)
+    plain = torch.cat([vlm.score(vlm.prompts.build(specs[i : i + 8])) for i in range(0, len(specs), 8)])
+    assert [a.margin for a in answers] == pytest.approx(plain.tolist(), abs=1e-5)
+    assert [a.answer for a in answers] == ["yes" if m > 0 else "no" for m in plain.tolist()]
+    for a in answers:
+        assert a.flip_prone == (abs(a.margin) <= config.abs_margin or "flip-prone" in a.reasons)
+        assert a.abstain == (a.flip_prone or bool(a.image_unreliant))
+    bare = GuardedVLM(vlm, GuardConfig(abs_margin=config.abs_margin))  # one pass, no probe: score's own margins
+    assert [a.margin for a in bare.answer(specs[:8])] == plain[:8].tolist()
+    lonely = GuardedVLM(vlm, GuardConfig(image_check="opposite"), {held[0].finding: {"yes": [], "no": []}})
+    (flagged,) = lonely.answer(specs[:1], [held[0].finding])
+    assert flagged.image_unreliant is None and "image reliance unknown" in flagged.reasons[0]
+
+
+def test_a_guard_composes_with_a_clamp(organism_store) -> None:
+    from flipscope.interventions import ClampedVLM
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM
+    from flipscope.model.prompts import PromptSpec
+    from flipscope.organism import load_organism
+
+    vlm, questions, _ = organism_store
+    _, sae, card = load_organism()
+    clamped = ClampedVLM(vlm, sae, {card["framing_features"][0]["feature"]: 0.0})  # the card's top framing feature
+    specs = [PromptSpec(question=q.prompts[-1], image=q.image) for q in questions[:8]]
+    guarded = GuardedVLM(clamped, GuardConfig(abs_margin=1.0))
+    margins = [a.margin for a in guarded.answer(specs)]
+    assert margins == clamped.score(clamped.prompts.build(specs)).tolist()
+    assert margins != vlm.score(vlm.prompts.build(specs)).tolist()  # the clamp is in force
+    assert guarded.identity() == clamped.identity()
+
+
+def test_guard_commands_calibrate_and_report_and_refuse_a_run_without_opposite_films(organism_store, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+    from flipscope.organism import organism_dir
+
+    vlm, questions, store = organism_store
+    qfile = next(store.parent.parent.glob("**/questions.jsonl"))
+    result = CliRunner().invoke(
+        app,
+        [
+            "guard",
+            "calibrate",
+            str(store.parent),
+            "--model",
+            str(organism_dir()),
+            "--questions",
+            str(qfile),
+            "--out",
+            str(tmp_path / "g" / "guard.json"),
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert "flip-prone answers are caught above chance by" in result.output
+    study = json.loads((tmp_path / "g" / "guard.json").read_text())
+    assert (
+        study["probe_hook"] == f"blocks.{vlm.n_layers - 1}.hook_resid_post"
+        and study["source"]["kind"] == "flip-evaluation"
+    )
+    result = CliRunner().invoke(app, ["guard", "report", str(tmp_path / "g"), "--out", str(tmp_path / "r"), "--no-png"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "guard.html").read_text()
+    text = re.sub(r"<script.*?</script>", "", page, flags=re.S).lower()  # the page's words, not plotly's code
+    assert "defines the label" in text and "nan" not in text
+    plain = tmp_path / "plain"
+    run_sweep(vlm, questions[:8], EvalConfig(), plain / "results.jsonl", progress=False)
+    result = CliRunner().invoke(app, ["guard", "calibrate", str(plain)])
+    assert result.exit_code == 2 and "--swap-match opposite" in result.output

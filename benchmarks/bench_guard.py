@@ -1,0 +1,98 @@
+"""What the guard's single-pass gate costs over plain scoring, side by side in one run.
+
+A random Gemma 3 VLM with MedGemma's 262,208-token vocabulary and the real Gemma 3 270M's
+language-model geometry (the shape where the last position's work dominates) answers the same
+prompts four ways, each repeated and interleaved so drift hits all alike:
+
+- `plain`: `vlm.score(vlm.prompts.build(batch))`, the evaluation's batched path;
+- `gate`: `GuardedVLM(vlm, GuardConfig(abs_margin=t)).answer(specs)` (the |margin| gate: no extra pass);
+- `gate+probe`: the same with a hidden-state probe read at the answer position during that pass;
+- `gate+image`: with the blank-image check (a second pass, for scale).
+
+Prints each path's median seconds and its ratio to `plain`; writes JSON.
+Run: `.venv/bin/python benchmarks/bench_guard.py [--vocab 262208] [--prompts 24] [--repeats 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_eval import CONFIGS, PARAPHRASES, VOCAB, WORDS  # noqa: E402
+
+from flipscope.interventions.guarded import GuardConfig, GuardedVLM  # noqa: E402
+from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
+from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/guard.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = TinyVLMConfig(words=WORDS, vocab_size=args.vocab, **CONFIGS["gemma-270m-geometry"])
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm = HookedVLM.from_pretrained(save_tiny_vlm(config, Path(tmp) / "bench-vlm"))
+    rng = np.random.default_rng(0)
+    films = [rng.integers(0, 256, (config.image_size,) * 2, dtype=np.uint8) for _ in range(args.prompts)]
+    specs = [PromptSpec(question=PARAPHRASES[i % len(PARAPHRASES)], image=film) for i, film in enumerate(films)]
+    d = vlm.d_model
+    probe = {"w": rng.normal(size=d).tolist(), "b": 0.0, "mean": [0.0] * d, "std": [1.0] * d,
+             "hook": f"blocks.{vlm.n_layers - 1}.hook_resid_post"}  # fmt: skip
+    guards = {
+        "gate": GuardedVLM(vlm, GuardConfig(abs_margin=0.5)),
+        "gate+probe": GuardedVLM(vlm, GuardConfig(abs_margin=0.5, probe=probe, probe_threshold=0.5)),
+        "gate+image": GuardedVLM(vlm, GuardConfig(abs_margin=0.5, image_check="blank", blank_delta=0.5)),
+    }
+
+    def plain() -> np.ndarray:
+        chunks = [vlm.score(vlm.prompts.build(specs[i : i + args.batch])) for i in range(0, len(specs), args.batch)]
+        return torch.cat(chunks).numpy()
+
+    def guarded(guard: GuardedVLM) -> np.ndarray:
+        return np.array([a.margin for a in guard.answer(specs, batch_size=args.batch)])
+
+    paths = {"plain": plain} | {name: (lambda g=g: guarded(g)) for name, g in guards.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    margins = {}
+    with torch.inference_mode():
+        plain()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                margins[name] = fn()
+                times[name].append(time.perf_counter() - start)
+    base = float(np.median(times["plain"]))
+    rows = []
+    for name, t in times.items():
+        median = float(np.median(t))
+        diff = float(np.abs(margins[name] - margins["plain"]).max())
+        rows.append({"path": name, "median_s": round(median, 3), "ratio_to_plain": round(median / base, 3),
+                     "max_margin_diff": diff})  # fmt: skip
+    print(f"vocabulary {args.vocab:,}, {args.prompts} prompts, batch {args.batch}, {args.threads} threads, "
+          f"median of {args.repeats} interleaved runs")  # fmt: skip
+    for row in rows:
+        print(f"  {row['path']:<12}{row['median_s']:>8.3f} s{row['ratio_to_plain']:>8.3f}× plain   "
+              f"max |Δmargin| {row['max_margin_diff']:.1e}")  # fmt: skip
+    report = {"vocab": args.vocab, "prompts": args.prompts, "threads": args.threads, "torch": torch.__version__,
+              "machine": platform.machine(), "rows": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
