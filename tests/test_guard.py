@@ -13,6 +13,7 @@ import torch
 
 from flipscope.data.questions import Question
 from flipscope.data.store import read_rows
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.evaluation import EvalConfig, opposite_images, run_sweep
 from flipscope.experiments.summary import question_table
 
@@ -201,3 +202,35 @@ def test_guard_commands_calibrate_and_report_and_refuse_a_run_without_opposite_f
     run_sweep(vlm, questions[:8], EvalConfig(), plain / "results.jsonl", progress=False)
     result = CliRunner().invoke(app, ["guard", "calibrate", str(plain)])
     assert result.exit_code == 2 and "--swap-match opposite" in result.output
+
+
+def test_an_imported_table_with_margins_calibrates_like_the_hooked_run(
+    organism_store, organism_study, tmp_path
+) -> None:
+    import csv
+
+    from flipscope.data.imported import import_answers
+    from flipscope.experiments.detectors import question_arrays
+    from flipscope.experiments.guard import guard_study
+
+    _, questions, store = organism_store
+    wordings = {q.id: q.prompts for q in questions}
+    rows = [{"qid": r["question_id"], "k": r["prompt_index"], "text": wordings[r["question_id"]][r["prompt_index"]],
+             "margin": r["margin"], "condition": r["condition"], "truth": r["truth"], "strategy": r["strategy"] or ""}
+            for r in read_rows(store)]  # fmt: skip
+    with (tmp_path / "api.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    mapping = {"question_id": "qid", "variant": "k", "wording": "text"}
+    imported = import_answers(tmp_path / "api.csv", tmp_path / "api", mapping, model="api", swap_match="opposite")[
+        "api"
+    ]
+    arrays, hooked = organism_study
+    study = guard_study(question_arrays(read_rows(imported)), None, recall=0.9)
+    plain = guard_study(arrays, None, recall=0.9)
+    assert study["auroc"] == plain["auroc"] and study["thresholds"] == plain["thresholds"]
+    assert study["auroc"]["margin"] == hooked["auroc"]["margin"]
+    bare = [dict(r, margin=None) for r in read_rows(imported)]
+    with pytest.raises(FlipscopeError, match="no margin"):
+        question_arrays(bare)

@@ -207,3 +207,17 @@ def test_an_inverted_paraphrase_flips_only_when_it_keeps_the_original_answer(tmp
     assert not stubborn["p2"]["flip"]
     bank = curate(_answered(questions, lambda q, k: q.answer), questions, CurationRules(), source={})
     assert bank["n_flips"] == 0 and bank["inverted"] == {"n": 1, "n_broken": 1}
+
+
+def test_the_same_questions_in_both_layouts_read_the_same(tmp_path: Path) -> None:
+    pairs = [
+        {"question_id": q["question_id"], "image_path": q["filename"], "original_question": q["original_question"],
+         "paraphrase": p["text"], "phenomenon": p["phenomenon"], "ground_truth": q["answer"], "op_match": True,
+         "question_type": q["question_type"]}
+        for q in NESTED for p in q["paraphrases"]
+    ]  # fmt: skip
+    (tmp_path / "nested.json").write_text(json.dumps(NESTED))
+    fields = ("id", "image", "finding", "answer", "question", "paraphrases", "strategies", "relations")
+    nested = [{k: r[k] for k in fields} for r in psfmed_rows(read_records(tmp_path / "nested.json"))]
+    paired = [{k: r[k] for k in fields} for r in psfmed_rows(read_records(_csv(tmp_path / "pairs.csv", pairs)))]
+    assert nested == paired and len(nested) == 2

@@ -64,6 +64,9 @@ def import_answers(
         "layout (study_id, baseline_question, variant_index, question, extracted_answer...) needs none.",
     ),
     model: str | None = typer.Option(None, help="The model's name, when the table has no model column."),
+    swap_match: str = typer.Option(
+        "any", help="What the table's swap rows showed: any other film, or opposite (same finding, other truth)."
+    ),
 ) -> None:
     """Read answers from a model nobody can hook (an API model's table) into an evaluation store that
     summarize, compare and the report read like any run."""
@@ -73,7 +76,7 @@ def import_answers(
 
     with one_line_errors():
         writable(out, folder=True)
-        written = run_import(table, out, _mapping(map_), model=model)
+        written = run_import(table, out, _mapping(map_), model=model, swap_match=swap_match)
     for name, store in written.items():
         header = read_header(store)
         imported = header["imported"]

@@ -116,12 +116,17 @@ def _fingerprint(rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(seen).encode()).hexdigest()
 
 
-def write_imported(run: ImportedRun, path: str | Path, source: Mapping[str, Any]) -> Path:
+def write_imported(run: ImportedRun, path: str | Path, source: Mapping[str, Any], swap_match: str = "any") -> Path:
     """Write one imported run as an evaluation store (one unit per condition), atomically: a
-    reader never sees half an import. `source` records the table (path, digest, mapping)."""
+    reader never sees half an import. `source` records the table (path, digest, mapping);
+    `swap_match` what its `swap` rows showed (`opposite`: a film of the same finding with the
+    other truth, as `flipscope evaluate --swap-match opposite` does)."""
+    config: dict[str, Any] = {"conditions": run.conditions, "imported": True}
+    if swap_match != "any":
+        config["swap_match"] = swap_match
     header = {
         "kind": "flip-evaluation",
-        "eval_config": {"conditions": run.conditions, "imported": True},
+        "eval_config": config,
         "model": {"name": run.model, "imported": True},
         "questions": {"n": run.n_questions, "sha256": _fingerprint(run.rows)},
         "imported": {
@@ -138,14 +143,22 @@ def write_imported(run: ImportedRun, path: str | Path, source: Mapping[str, Any]
 
 
 def import_answers(
-    table: str | Path, out: str | Path, columns: Mapping[str, str] | None = None, *, model: str | None = None
+    table: str | Path,
+    out: str | Path,
+    columns: Mapping[str, str] | None = None,
+    *,
+    model: str | None = None,
+    swap_match: str = "any",
 ) -> dict[str, Path]:
     """Read an answer table and write one store per model: `out/results.jsonl` for one model,
     `out/<model>/results.jsonl` for several. Nothing is written when any row is malformed.
+    `swap_match`: what the table's swap rows showed (`any` or `opposite`).
 
     Returns:
         model name → the store written.
     """
+    if swap_match not in ("any", "opposite"):
+        raise FlipscopeError(f"swap_match {swap_match!r} is unknown; expected 'any' or 'opposite'")
     read = read_answer_table(table, columns, model=model)
     runs = [build_run(name, questions) for name, questions in read.models.items()]
     digest = hashlib.sha256(Path(table).read_bytes()).hexdigest() if Path(table).is_file() else None
@@ -154,5 +167,5 @@ def import_answers(
     for run in runs:
         folder = Path(out) if len(runs) == 1 else Path(out) / re.sub(r"[^A-Za-z0-9._-]+", "_", run.model)
         folder.mkdir(parents=True, exist_ok=True)
-        written[run.model] = write_imported(run, folder / "results.jsonl", source)
+        written[run.model] = write_imported(run, folder / "results.jsonl", source, swap_match)
     return written

@@ -61,6 +61,11 @@ def question_arrays(rows: Iterable[Mapping[str, Any]], seed: int = 0) -> dict[st
     truth: dict[str, bool] = {}
     finding: dict[str, str] = {}
     for r in rows:
+        if r.get("margin") is None:
+            raise FlipscopeError(
+                f"question {r['question_id']!r}, prompt {r['prompt_index']}: no margin (an answer table imported "
+                "without margins or p_yes); the guard's detectors read margins"
+            )
         sign = -1.0 if r.get("relation") == "inverted" else 1.0  # answers read in the original's frame
         margins.setdefault(r["question_id"], {}).setdefault(r["condition"], {})[r["prompt_index"]] = sign * r["margin"]
         if r["prompt_index"] == 0:
