@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flipscope.data.keywords import parse_answer
-from flipscope.data.tables import flag, identifier, read_records, text
+from flipscope.data.tables import flag, identifier, not_a_record, read_records, text
 from flipscope.errors import FlipscopeError, problems_error
 
 __all__ = ["CONDITIONS", "FIELDS", "LAB_LAYOUT", "AnswerTable", "TableQuestion", "read_answer_table"]
@@ -205,9 +205,8 @@ def read_answer_table(
     problems: list[str] = []
     by_model: dict[str, dict[str, TableQuestion]] = {}
     for where, record in records:
-        if not isinstance(record, Mapping):
-            got = record if isinstance(record, str) else type(record).__name__
-            problems.append(f"{where}: expected a row (an object), got {got}")
+        if (problem := not_a_record(where, record, "row")) is not None:
+            problems.append(problem)
             continue
         _read_row(where, record, cols, model, by_model, problems)
     if problems:

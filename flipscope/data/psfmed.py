@@ -29,7 +29,7 @@ from flipscope.data.atomic import write_atomic
 from flipscope.data.questions import questions_from_table
 from flipscope.data.tables import flag as _flag
 from flipscope.data.tables import identifier as _id
-from flipscope.data.tables import read_records
+from flipscope.data.tables import not_a_record, read_records
 from flipscope.data.tables import text as _text
 from flipscope.errors import FlipscopeError, problems_error
 
@@ -129,9 +129,8 @@ def psfmed_rows(records: Iterable[tuple[str, Any]], *, yesno: str = "off") -> li
 
     questions: dict[str, dict[str, Any]] = {}
     for where, record in records:
-        if not isinstance(record, Mapping):
-            got = record if isinstance(record, str) else type(record).__name__
-            problems.append(f"{where}: expected a record (an object), got {got}")
+        if (problem := not_a_record(where, record)) is not None:
+            problems.append(problem)
             continue
         if "paraphrases" in record:
             row = _nested(where, record, yesno, bad)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["flag", "identifier", "read_records", "text"]
+__all__ = ["flag", "identifier", "not_a_record", "read_records", "text"]
 
 _TRUE = {"true", "1", "yes", "t"}
 _FALSE = {"false", "0", "no", "f"}
@@ -94,3 +94,12 @@ def identifier(value: Any) -> str | None:
     if isinstance(value, bool) or value is None or (isinstance(value, float) and value != value):  # NaN: empty
         return None
     return text(str(value))
+
+
+def not_a_record(where: str, record: Any, noun: str = "record") -> str | None:
+    """The problem line for a record that is not an object (a line that is not JSON comes back from
+    `read_records` as a string saying why), or None for an object."""
+    if isinstance(record, Mapping):
+        return None
+    got = record if isinstance(record, str) else type(record).__name__
+    return f"{where}: expected a {noun} (an object), got {got}"
