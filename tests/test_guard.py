@@ -234,3 +234,20 @@ def test_an_imported_table_with_margins_calibrates_like_the_hooked_run(
     bare = [dict(r, margin=None) for r in read_rows(imported)]
     with pytest.raises(FlipscopeError, match="no margin"):
         question_arrays(bare)
+
+
+def test_the_blank_check_flags_answers_the_blank_barely_moves(organism_store) -> None:
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM
+    from flipscope.model.prompts import PromptSpec
+
+    vlm, questions, _ = organism_store
+    specs = [PromptSpec(question=q.question, image=q.image) for q in questions[:12]]
+    margins = vlm.score(vlm.prompts.build(specs)).numpy()
+    blank = vlm.score(vlm.prompts.build([PromptSpec(question=s.question, condition="blank") for s in specs])).numpy()
+    moved = np.sign(margins) * (margins - blank)
+    delta = float(np.median(moved))
+    answers = GuardedVLM(vlm, GuardConfig(image_check="blank", blank_delta=delta)).answer(specs)
+    assert [a.image_unreliant for a in answers] == [bool(m <= delta) for m in moved]
+    assert any(a.image_unreliant for a in answers) and not all(a.image_unreliant for a in answers)
+    with pytest.raises(FlipscopeError, match="needs blank_delta"):
+        GuardConfig(image_check="blank")
