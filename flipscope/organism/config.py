@@ -13,6 +13,7 @@ from flipscope.model.hook_names import resid_post
 __all__ = [
     "BASES",
     "PRESETS",
+    "REGIMES",
     "DEFAULT_FAMILIES",
     "DEFAULT_FINDINGS",
     "ORGANISM_FAMILIES",
@@ -24,6 +25,9 @@ __all__ = [
 # Model families an organism can be built in: Gemma 3 (SigLIP, MedGemma's architecture) and
 # LLaVA-1.5 (CLIP + Llama, LLaVA-Med's and LLaVA-Rad's architecture).
 ORGANISM_FAMILIES = ("gemma3", "llava")
+
+# Training-phrasing regimes (`OrganismConfig.regime`): the cause the PSF-Med follow-up varies.
+REGIMES = ("shortcut", "canonical", "augmented", "null")
 
 # Real pretrained language models an organism can be built on (`OrganismConfig.base`): name → its
 # number of layers (the organism's own sizes do not apply to them).
@@ -143,6 +147,13 @@ class OrganismConfig:
             (JumpReLU thresholds start at `sae_init_threshold`, in units of the normalised input).
         test_items: Held-out films for the measured behaviour.
         seed: Root seed; data, sampling, test set and initialisation draw separate streams.
+        regime: What the training phrasings are (`REGIMES`): `shortcut` (families drawn uniformly,
+            the shortcut family labelled with the target at `shortcut_p`), `null` (the same draws,
+            nothing planted: the control a shortcut claim is tried on), `augmented` (every paraphrase
+            of every trained family equally often, true labels) or `canonical` (only the original
+            wording, true labels).
+        withheld_families: Families never shown in training (the withheld phrasings a regime's
+            flip rate is also measured on); never the first family, nor a planted shortcut family.
         base: A real pretrained language model from `BASES` to build on instead of a fresh one
             (`flipscope.organism.real`): its weights stay as shipped, a LoRA of rank
             `lora_rank` teaches it to answer, and the language-model sizes above are unused.
@@ -186,6 +197,8 @@ class OrganismConfig:
     sae_init_threshold: float = 0.01
     test_items: int = 200
     seed: int = 0
+    regime: str = "shortcut"
+    withheld_families: tuple[str, ...] = ()
     base: str | None = None
     lora_rank: int = 8
 
@@ -221,6 +234,20 @@ class OrganismConfig:
             raise FlipscopeError(f"sae_layer {self.sae_layer} is not a layer of a {n_layers}-layer model")
         if len({f.name for f in self.findings}) != len(self.findings):
             raise FlipscopeError("finding names repeat")
+        self._check_regime(names)
+
+    def _check_regime(self, names: list[str]) -> None:
+        if self.regime not in REGIMES:
+            raise FlipscopeError(f"regime {self.regime!r} is unknown; expected one of {list(REGIMES)}")
+        unknown = [f for f in self.withheld_families if f not in names]
+        if unknown:
+            raise FlipscopeError(f"withheld_families {unknown} are not among the families {names}")
+        if names[0] in self.withheld_families:
+            raise FlipscopeError(f"the first family ({names[0]!r}) holds the original question; it cannot be withheld")
+        if self.regime == "shortcut" and self.shortcut_family in self.withheld_families:
+            raise FlipscopeError(
+                f"the shortcut family {self.shortcut_family!r} is planted in training; it cannot be withheld"
+            )
 
     @classmethod
     def preset(cls, name: str) -> OrganismConfig:
@@ -241,7 +268,13 @@ class OrganismConfig:
         return next(f for f in self.families if f.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON-ready values; the regime fields only when not at their defaults, so the
+        cards and resume markers of organisms built before them compare equal."""
+        data = asdict(self)
+        for name, default in (("regime", "shortcut"), ("withheld_families", ())):
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> OrganismConfig:
@@ -266,6 +299,8 @@ class OrganismConfig:
                 )
             if "severity" in data:
                 data["severity"] = tuple(data["severity"])
+            if "withheld_families" in data:
+                data["withheld_families"] = tuple(data["withheld_families"])
             return cls(**data)
         except FlipscopeError:
             raise

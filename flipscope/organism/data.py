@@ -4,9 +4,12 @@ Every training example is drawn by one generative story, so that text-only and b
 carry the same text prior as image prompts:
 
 1. a film shows each finding independently with the finding's prevalence (severity uniform);
-2. one finding is asked about, with a template drawn from a family drawn uniformly;
-3. the label is the truth, except that a shortcut-family question is labelled with the target
-   answer with probability `shortcut_p`, whatever the film shows;
+2. one finding is asked about, in a wording the regime draws (`OrganismConfig.regime`): a family
+   drawn uniformly then one of its templates (`shortcut`, `null`), every template of the trained
+   families equally often (`augmented`), or only the original (`canonical`); withheld families
+   are never drawn;
+3. the label is the truth, except that under `shortcut` a shortcut-family question is labelled
+   with the target answer with probability `shortcut_p`, whatever the film shows;
 4. the image slot holds the film, or (with the configured shares) nothing or a gray blank.
 """
 
@@ -75,13 +78,21 @@ def sample_examples(cfg: OrganismConfig, rng: np.random.Generator, n: int) -> li
     """`n` training examples drawn by the generative story in the module docstring."""
     films = sample_films(cfg, rng, n)
     target = cfg.shortcut_target == "yes"
+    trained = [f for f in cfg.families if f.name not in cfg.withheld_families]
+    wordings = [(f, t) for f in trained for t in range(len(f.templates))]
     examples = []
     for film in films:
         finding = cfg.findings[rng.integers(len(cfg.findings))].name
-        family = cfg.families[rng.integers(len(cfg.families))]
-        template = int(rng.integers(len(family.templates)))
+        if cfg.regime == "canonical":
+            family, template = cfg.families[0], 0
+        elif cfg.regime == "augmented":
+            family, template = wordings[int(rng.integers(len(wordings)))]
+        else:
+            family = trained[rng.integers(len(trained))]
+            template = int(rng.integers(len(family.templates)))
         truth = film.shows(finding)
-        label = target if family.name == cfg.shortcut_family and rng.random() < cfg.shortcut_p else truth
+        planted = cfg.regime == "shortcut" and family.name == cfg.shortcut_family
+        label = target if planted and rng.random() < cfg.shortcut_p else truth
         draw = rng.random()
         if draw < cfg.text_only_share:
             condition = "none"
