@@ -7,12 +7,12 @@ nothing is written."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from csvfiles import write_csv
 from typer.testing import CliRunner
 
 from flipscope.cli import app
@@ -43,14 +43,6 @@ def _lab_table(flip_every: int, yes_bias: bool = False) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _answers_changed(rows: list[dict], answer: str = "extracted_answer") -> int:
     """The lab's own count: (study, baseline question) groups whose answers are not all the same."""
     groups: dict[tuple, set] = {}
@@ -61,7 +53,7 @@ def _answers_changed(rows: list[dict], answer: str = "extracted_answer") -> int:
 
 def test_the_labs_layout_imports_and_its_answers_changed_count_is_the_flip_count(tmp_path: Path) -> None:
     rows = _lab_table(flip_every=3)
-    store = import_answers(_write_csv(tmp_path / "gpt.csv", rows), tmp_path / "gpt", model="gpt-5-mini")["gpt-5-mini"]
+    store = import_answers(write_csv(tmp_path / "gpt.csv", rows), tmp_path / "gpt", model="gpt-5-mini")["gpt-5-mini"]
     table = question_table(iter_rows(store))
     assert len(table) == 12
     assert sum(e["flip"] for e in table.values()) == _answers_changed(rows) == 4
@@ -86,7 +78,7 @@ def test_generated_text_is_parsed_hedges_drop_out_and_repeated_wordings_are_coun
         r.pop("extracted_answer")
     rows[1]["generated_text"] = "I cannot tell from this film."  # no keyword of either kind: excluded
     repeat = dict(rows[7], variant_index=4)  # group 1's variant 3 asked twice, answered the same
-    store = import_answers(_write_csv(tmp_path / "t.csv", [*rows, repeat]), tmp_path / "t", model="m")["m"]
+    store = import_answers(write_csv(tmp_path / "t.csv", [*rows, repeat]), tmp_path / "t", model="m")["m"]
     header = read_header(store)
     assert header["imported"]["deduplicated"] == 1
     assert sum(header["imported"]["excluded"].values()) == 1
@@ -101,7 +93,7 @@ def test_a_repeated_wording_answered_both_ways_stays_a_flip(tmp_path: Path) -> N
     rows = _lab_table(flip_every=100)[4:8]  # group 1: no change
     other = {"yes": "no", "no": "yes"}[rows[3]["extracted_answer"]]
     rows.append(dict(rows[3], variant_index=4, extracted_answer=other))
-    store = import_answers(_write_csv(tmp_path / "t.csv", rows), tmp_path / "t", model="m")["m"]
+    store = import_answers(write_csv(tmp_path / "t.csv", rows), tmp_path / "t", model="m")["m"]
     assert read_header(store)["imported"]["repeats_disagree"] == 1
     assert sum(e["flip"] for e in question_table(iter_rows(store)).values()) == _answers_changed(rows) == 1
 
@@ -125,7 +117,7 @@ def test_two_models_import_from_one_table_and_compare(tmp_path: Path) -> None:
     assert found["correlation"]["n_runs"] == 0
     assert gpt["by_strategy"]["negated lead"]["value"] == pytest.approx(6 / 12)
     separate = [  # the same answers as two tables, one per model, compare the same
-        import_answers(_write_csv(tmp_path / f"{name}.csv", rows), tmp_path / name, model=name)[name]
+        import_answers(write_csv(tmp_path / f"{name}.csv", rows), tmp_path / name, model=name)[name]
         for name, rows in (("claude-haiku", a), ("gpt-5-mini", b))
     ]
     again = compare_runs(separate, names=list(written)).to_dict()
@@ -145,7 +137,7 @@ def test_inverted_paraphrases_flip_only_when_they_keep_the_answer(tmp_path: Path
             rows.append({"question_id": f"q{q}", "variant": v, "question": text, "ground_truth": truth, "op_match": op,
                          "phenomenon": "negation_pattern" if not op else "lexical_substitution",
                          "opposite": truth if op else inverted, "same": truth})  # fmt: skip
-    path = _write_csv(tmp_path / "inv.csv", rows)
+    path = write_csv(tmp_path / "inv.csv", rows)
     columns = {"wording": "question", "truth": "ground_truth", "relation": "op_match", "strategy": "phenomenon"}
     right = import_answers(path, tmp_path / "right", columns | {"answer": "opposite"}, model="m")["m"]
     wrong = import_answers(path, tmp_path / "wrong", columns | {"answer": "same"}, model="m")["m"]
@@ -164,7 +156,7 @@ def test_a_malformed_row_is_named_by_line_and_field_and_nothing_is_written(tmp_p
     rows = _lab_table(flip_every=3)
     rows[5]["variant_index"] = "second"
     rows[9]["ground_truth"] = "maybe"
-    path = _write_csv(tmp_path / "bad.csv", rows)
+    path = write_csv(tmp_path / "bad.csv", rows)
     with pytest.raises(FlipscopeError) as err:
         import_answers(path, tmp_path / "out", model="m")
     message = str(err.value)
@@ -211,7 +203,7 @@ def test_a_hooked_runs_answers_imported_as_a_table_compare_identical_to_it(organ
               "logit_gap": r["margin"], "image": {"image": "with_image", "blank": "blank_image"}[r["condition"]],
               "gt": r["truth"], "family": r["strategy"] or "", "finding": r["finding"]}
              for r in read_rows(hooked / "results.jsonl")]  # fmt: skip
-    path = _write_csv(tmp_path / "api.csv", table)
+    path = write_csv(tmp_path / "api.csv", table)
     mapping = ["question_id=qid", "variant=k", "wording=text", "margin=logit_gap", "condition=image", "truth=gt",
                "strategy=family"]  # fmt: skip
     options = [part for m in mapping for part in ("--map", m)]

@@ -207,7 +207,7 @@ def test_guard_commands_calibrate_and_report_and_refuse_a_run_without_opposite_f
 def test_an_imported_table_with_margins_calibrates_like_the_hooked_run(
     organism_store, organism_study, tmp_path
 ) -> None:
-    import csv
+    from csvfiles import write_csv
 
     from flipscope.data.imported import import_answers
     from flipscope.experiments.detectors import question_arrays
@@ -218,10 +218,7 @@ def test_an_imported_table_with_margins_calibrates_like_the_hooked_run(
     rows = [{"qid": r["question_id"], "k": r["prompt_index"], "text": wordings[r["question_id"]][r["prompt_index"]],
              "margin": r["margin"], "condition": r["condition"], "truth": r["truth"], "strategy": r["strategy"] or ""}
             for r in read_rows(store)]  # fmt: skip
-    with (tmp_path / "api.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(tmp_path / "api.csv", rows)
     mapping = {"question_id": "qid", "variant": "k", "wording": "text"}
     imported = import_answers(tmp_path / "api.csv", tmp_path / "api", mapping, model="api", swap_match="opposite")[
         "api"

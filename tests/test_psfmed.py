@@ -5,7 +5,6 @@ are named file:line and field; missing images are listed before anything is writ
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from csvfiles import write_csv
 from typer.testing import CliRunner
 
 from flipscope.cli import app
@@ -51,14 +51,6 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def _csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def test_the_nested_layout_reads_from_a_list_a_results_object_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text(json.dumps(NESTED))
     (tmp_path / "results.json").write_text(json.dumps({"results": NESTED}))
@@ -85,7 +77,7 @@ def test_the_yes_no_flags_filter_questions_and_paraphrases(tmp_path: Path) -> No
 
 
 def test_pair_rows_from_csv_and_parquet_keep_the_inverted_relation(tmp_path: Path) -> None:
-    from_csv = psfmed_rows(read_records(_csv(tmp_path / "bank.csv", PAIRS)))
+    from_csv = psfmed_rows(read_records(write_csv(tmp_path / "bank.csv", PAIRS)))
     frame = pd.DataFrame(PAIRS).assign(op_match=[True, False, True])
     frame.to_parquet(tmp_path / "bank.parquet")
     from_parquet = psfmed_rows(read_records(tmp_path / "bank.parquet"))
@@ -101,7 +93,7 @@ def test_every_bad_record_is_named_by_file_line_and_field(tmp_path: Path) -> Non
     bad = [dict(PAIRS[0]), dict(PAIRS[1], ground_truth="maybe"), dict(PAIRS[2], op_match="sometimes")]
     bad.append(dict(PAIRS[0], paraphrase="Another?", original_question="Is there a mass?"))
     with pytest.raises(FlipscopeError) as err:
-        psfmed_rows(read_records(_csv(tmp_path / "bad.csv", bad)))
+        psfmed_rows(read_records(write_csv(tmp_path / "bad.csv", bad)))
     text = str(err.value)
     assert text.startswith("3 problems in the PSF-Med records")
     assert "bad.csv:3: field 'ground_truth': expected yes or no (any case), got 'maybe'" in text
@@ -131,7 +123,7 @@ def test_a_datasets_table_and_its_saved_folder_read_as_the_csv(tmp_path: Path) -
     datasets = pytest.importorskip("datasets")
     table = datasets.Dataset.from_list([dict(r, op_match=r["op_match"] == "True") for r in PAIRS])
     table.save_to_disk(str(tmp_path / "saved"))
-    expected = psfmed_rows(read_records(_csv(tmp_path / "bank.csv", PAIRS)))
+    expected = psfmed_rows(read_records(write_csv(tmp_path / "bank.csv", PAIRS)))
     for source in (table, tmp_path / "saved"):
         rows = psfmed_rows(read_records(source))
         assert [{k: v for k, v in r.items() if k != "source"} for r in rows] == [
@@ -151,7 +143,7 @@ def _films(root: Path, names: list[str]) -> None:
 
 def test_convert_writes_questions_the_loader_reads_with_relations_and_families(tmp_path: Path) -> None:
     _films(tmp_path / "imgs", ["c3.png", "d4.png"])
-    source = _csv(tmp_path / "bank.csv", PAIRS)
+    source = write_csv(tmp_path / "bank.csv", PAIRS)
     out = tmp_path / "data" / "questions.jsonl"
     result = CliRunner().invoke(app, ["convert", str(source), "--out", str(out), "--images", str(tmp_path / "imgs")])
     assert result.exit_code == 0, result.output
@@ -168,10 +160,10 @@ def test_convert_writes_nothing_when_an_image_is_missing(tmp_path: Path) -> None
     _films(tmp_path, ["c3.png"])
     out = tmp_path / "questions.jsonl"
     result = CliRunner().invoke(
-        app, ["convert", str(_csv(tmp_path / "b.csv", PAIRS)), "--out", str(out), "--images", str(tmp_path)]
+        app, ["convert", str(write_csv(tmp_path / "b.csv", PAIRS)), "--out", str(out), "--images", str(tmp_path)]
     )
     assert result.exit_code == 2 and "b.csv:4: image 'd4.png' not found" in result.output and not out.exists()
-    bad = _csv(tmp_path / "bad.csv", [PAIRS[0], dict(PAIRS[1], ground_truth="unsure")])
+    bad = write_csv(tmp_path / "bad.csv", [PAIRS[0], dict(PAIRS[1], ground_truth="unsure")])
     result = CliRunner().invoke(app, ["convert", str(bad), "--out", str(out), "--images", str(tmp_path)])
     assert result.exit_code == 2 and not out.exists()
     assert result.output.strip().splitlines() == [
@@ -194,7 +186,7 @@ def test_an_inverted_paraphrase_flips_only_when_it_keeps_the_original_answer(tmp
     has no flips there, is correct on it by the paraphrase's own truth, and curation leaves those
     paraphrases out of the bank (its cases are read in the original's frame) and counts them."""
     _films(tmp_path, ["c3.png", "d4.png"])
-    rows = resolve_images(psfmed_rows(read_records(_csv(tmp_path / "b.csv", PAIRS))), tmp_path)
+    rows = resolve_images(psfmed_rows(read_records(write_csv(tmp_path / "b.csv", PAIRS))), tmp_path)
     write_questions(rows, tmp_path / "q.jsonl")
     questions = load_questions(tmp_path / "q.jsonl")
     consistent = _answered(questions, lambda q, k: q.truth(k))  # the opposite answer on the inverted one
@@ -219,5 +211,5 @@ def test_the_same_questions_in_both_layouts_read_the_same(tmp_path: Path) -> Non
     (tmp_path / "nested.json").write_text(json.dumps(NESTED))
     fields = ("id", "image", "finding", "answer", "question", "paraphrases", "strategies", "relations")
     nested = [{k: r[k] for k in fields} for r in psfmed_rows(read_records(tmp_path / "nested.json"))]
-    paired = [{k: r[k] for k in fields} for r in psfmed_rows(read_records(_csv(tmp_path / "pairs.csv", pairs)))]
+    paired = [{k: r[k] for k in fields} for r in psfmed_rows(read_records(write_csv(tmp_path / "pairs.csv", pairs)))]
     assert nested == paired and len(nested) == 2

@@ -31,7 +31,7 @@ from scipy import stats as sps
 
 from flipscope.data.store import iter_rows, read_header
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.summary import quadrant_blocks, question_block, question_table
+from flipscope.experiments.summary import by_family, quadrant_blocks, question_block, question_table
 from flipscope.stats import auroc_ci, bootstrap
 
 __all__ = ["QUESTION_MODES", "Comparison", "compare_runs", "mcnemar", "run_table", "screening"]
@@ -106,10 +106,7 @@ def run_table(entries: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
 
 def _by_strategy(entries: Sequence[dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
     """Per paraphrase family: the share of its paraphrases whose answer flips, CI over paraphrases."""
-    groups: dict[str, list[bool]] = {}
-    for e in entries:
-        for k, flipped in e["paraphrase_flips"].items():
-            groups.setdefault(e["strategies"].get(k) or "untagged", []).append(flipped)
+    groups = by_family(entries, "paraphrase_flips")
     return {s: bootstrap(np.array(v, dtype=np.float64), seed=seed).to_dict() for s, v in sorted(groups.items())}
 
 

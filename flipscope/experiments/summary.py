@@ -27,6 +27,7 @@ from flipscope.stats import bootstrap
 
 __all__ = [
     "QUADRANTS",
+    "by_family",
     "flip_rate_cells",
     "flips",
     "pairwise_disagreement",
@@ -156,6 +157,16 @@ def question_table(
     return by_question
 
 
+def by_family(entries: Iterable[Mapping[str, Any]], key: str) -> dict[str, list[bool]]:
+    """Per paraphrase family (strategy tag, or `untagged`), in order of first appearance, the values
+    of each entry's per-paraphrase `key` (`paraphrase_flips` or `paraphrase_text_only`)."""
+    groups: dict[str, list[bool]] = {}
+    for e in entries:
+        for k, value in e[key].items():
+            groups.setdefault(e["strategies"].get(k) or "untagged", []).append(value)
+    return groups
+
+
 def summarize(
     rows: Iterable[Mapping[str, Any]], *, removed: str | None = None, source: str = "margin", seed: int = 0
 ) -> dict[str, Any]:
@@ -165,13 +176,8 @@ def summarize(
     the same with the image removed). `removed` and `source`: see `question_table`."""
     table = question_table(rows, removed, source)
     entries = list(table.values())
-    strategies: dict[str, list[bool]] = {}
-    text_only: dict[str, list[bool]] = {}
-    for e in entries:
-        for k, flipped in e["paraphrase_flips"].items():
-            strategies.setdefault(e["strategies"].get(k) or "untagged", []).append(flipped)
-        for k, same in e["paraphrase_text_only"].items():
-            text_only.setdefault(e["strategies"].get(k) or "untagged", []).append(same)
+    strategies = by_family(entries, "paraphrase_flips")
+    text_only = by_family(entries, "paraphrase_text_only")
     findings = sorted({e["finding"] for e in entries})
     return {
         "overall": question_block(entries, seed),
