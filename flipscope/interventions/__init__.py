@@ -1,4 +1,5 @@
-"""Interventions: pure hook functions, and edited sibling models that apply one on every forward."""
+"""Interventions: pure hook functions, edited sibling models that apply one on every forward, and a
+direction folded out of the weights (`fold_writers`) with its run-time twin (`ablate_writers`)."""
 
 from flipscope.interventions.edited import ClampedVLM, DirectionAblatedVLM, EditedVLM, clamp
 from flipscope.interventions.hooks import (
@@ -9,14 +10,17 @@ from flipscope.interventions.hooks import (
     splice_features_hook,
     subtract_at_last,
 )
+from flipscope.interventions.weight_edit import ablate_writers, fold_writers
 
 __all__ = [
     "ClampedVLM",
     "DirectionAblatedVLM",
     "EditedVLM",
     "ablate_direction_hook",
+    "ablate_writers",
     "clamp",
     "clamp_hook",
+    "fold_writers",
     "replace_at_last",
     "shift_features_hook",
     "splice_features_hook",

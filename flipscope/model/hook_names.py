@@ -17,6 +17,9 @@ and the attention and MLP outputs are read directly)::
 - `blocks.{L}.attn.hook_z`: the input of `self_attn.o_proj`, every head's output concatenated
   (`[batch pos n_heads·d_head]`), the site of GemmaScope 2's attention SAEs.
 - `blocks.{L}.hook_mlp_out`: the output of `post_feedforward_layernorm`, what the MLP adds.
+- `blocks.{L}.ln1_post.hook_in`, `blocks.{L}.ln2_post.hook_in` (post-norm families only): the
+  inputs of `post_attention_layernorm` and `post_feedforward_layernorm`, i.e. `o_proj`'s and
+  `down_proj`'s outputs (TransformerLens calls those norms `ln1_post` and `ln2_post`).
 - `blocks.{L}.hook_resid_post`: the decoder layer's output (HF `hidden_states[L+1]` for every
   layer but the last, whose HF hidden state is taken after the final norm).
 - `ln_final.hook_normalized`: the final RMSNorm's output (what the unembedding reads).

@@ -12,9 +12,10 @@ __all__ = ["model_identity"]
 
 
 def model_identity(vlm: Any) -> dict[str, Any]:
-    """A hooked model's name (hub id or folder name), HF class, size, a weight fingerprint, its
-    adapter and what its edits are (one edit's description merged in, several as a list under
-    `edits`), so results (evaluation stores, FlipBanks) can be checked against a model.
+    """A hooked model's name (hub id or folder name), HF class, size, a weight fingerprint, a weight
+    edit folded into its checkpoint, its adapter and what its edits are (one edit's description
+    merged in, several as a list under `edits`), so results (evaluation stores, FlipBanks) can be
+    checked against a model.
 
     The fingerprint hashes the first 64 values of every parameter rounded to bfloat16, so a
     float32 and a bfloat16 load of one checkpoint agree, on any device; an adapter merged into
@@ -32,6 +33,9 @@ def model_identity(vlm: Any) -> dict[str, Any]:
         "n_params": sum(p.numel() for p in vlm.hf_model.parameters()),
         "fingerprint": digest.hexdigest()[:16],
     }
+    folded = getattr(vlm.hf_model.config, "flipscope_edit", None)
+    if folded:  # a weight edit folded into the checkpoint (`flipscope.interventions.weight_edit`)
+        identity["weight_edit"] = folded
     if vlm.adapter is not None:
         identity["adapter"] = Path(vlm.adapter).expanduser().resolve().name
     if len(vlm.edits) == 1:

@@ -4,7 +4,9 @@ Two decoder-layer styles cover the families:
 
 - **Gemma** (`Gemma3DecoderLayer`): attention and MLP are wrapped in pre- *and* post-norms, so
   `hook_attn_out` / `hook_mlp_out` read `post_attention_layernorm` / `post_feedforward_layernorm`,
-  exactly what each adds to the residual stream.
+  exactly what each adds to the residual stream; `ln1_post.hook_in` / `ln2_post.hook_in` read
+  those norms' inputs (the attention and MLP outputs before the post-norms, where a weight edit of
+  `o_proj` / `down_proj` acts).
 - **Llama** (Llama, Qwen2, Qwen2.5-VL's decoder, Mistral): pre-norms only, so they read the
   outputs of `self_attn` (its first element) and `mlp`.
 
@@ -39,6 +41,9 @@ def decoder_sites(language_model: nn.Module) -> dict[str, HookSite]:
         if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
             sites[f"blocks.{i}.hook_attn_out"] = HookSite(layer.post_attention_layernorm, "output")
             sites[f"blocks.{i}.hook_mlp_out"] = HookSite(layer.post_feedforward_layernorm, "output")
+            # what attention and the MLP compute before the post-norms (TransformerLens's ln1_post, ln2_post)
+            sites[f"blocks.{i}.ln1_post.hook_in"] = HookSite(layer.post_attention_layernorm, "input")
+            sites[f"blocks.{i}.ln2_post.hook_in"] = HookSite(layer.post_feedforward_layernorm, "input")
         elif hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
             sites[f"blocks.{i}.hook_attn_out"] = HookSite(layer.self_attn, "output")
             sites[f"blocks.{i}.hook_mlp_out"] = HookSite(layer.mlp, "output")
