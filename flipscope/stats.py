@@ -22,6 +22,7 @@ __all__ = [
     "bh_qvalues",
     "bootstrap",
     "bootstrap_means",
+    "cliffs_delta",
     "correlations",
     "mann_whitney",
 ]
@@ -133,6 +134,19 @@ def mann_whitney(a: Float[np.ndarray, "n_a k"], b: Float[np.ndarray, "n_b k"]) -
     u, p = stats.mannwhitneyu(a, b, axis=0, alternative="two-sided")
     p = np.where(np.isnan(p), 1.0, p)
     return {"u": u, "auc": u / (len(a) * len(b)), "p": p}
+
+
+def cliffs_delta(a: Float[np.ndarray, " n_a"], b: Float[np.ndarray, " n_b"]) -> dict[str, Any]:
+    """Two groups of independent values (e.g. one per seed): Cliff's δ = P(a > b) − P(a < b) over
+    every pair (±1 = fully separated, 0 = none), the two-sided Mann–Whitney p (exact when there
+    are no ties; 1.0 when every value is equal) and the group sizes."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not len(a) or not len(b):
+        raise ValueError("Cliff's delta needs values in both groups")
+    diff = a[:, None] - b[None, :]
+    delta = float((np.sign(diff)).mean())
+    p = 1.0 if np.ptp(np.concatenate([a, b])) == 0 else float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    return {"delta": delta, "p": p, "n_a": len(a), "n_b": len(b)}
 
 
 def auc(scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,24 +22,9 @@ def organism_build(
     ),
 ) -> None:
     """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
-    import json
+    from flipscope.organism import build_organism
 
-    from flipscope.organism import OrganismConfig, build_organism
-    from flipscope.organism.config import PRESETS
-
-    try:
-        if config is not None and str(config) in PRESETS and not config.exists():
-            cfg = OrganismConfig.preset(str(config))
-        else:
-            cfg = (
-                OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8")))
-                if config
-                else OrganismConfig()
-            )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
-    except FlipscopeError as err:
-        raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
+    cfg = _read_config(config)
     with one_line_errors():
         card = build_organism(cfg, writable(out, folder=True))
     b = card["behaviour"]
@@ -48,6 +34,62 @@ def organism_build(
         f"flips with the {card['shortcut']['family']} family {num(b['flips_involving_shortcut'])}"
     )
     typer.echo(f"SAE fvu {card['sae']['fvu']:.3f}, L0 {card['sae']['l0']:.1f}; {_framing_line(card)}")
+
+
+def _read_config(config: Path | None) -> Any:
+    """The `OrganismConfig` of `--config`: a preset's name, a JSON file of fields, or the default."""
+    import json
+
+    from flipscope.organism import OrganismConfig
+    from flipscope.organism.config import PRESETS
+
+    try:
+        if config is not None and str(config) in PRESETS and not config.exists():
+            return OrganismConfig.preset(str(config))
+        return OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8"))) if config else OrganismConfig()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
+    except FlipscopeError as err:
+        raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
+
+
+@organism_app.command("sweep")
+def organism_sweep(
+    out: Path = typer.Option(..., help="Folder of the sweep: runs/<regime>-s<seed>/, summary.json, the figure."),
+    config: Path | None = typer.Option(
+        "small", help="The organism every run starts from: a preset's name (small, default) or a JSON file of fields."
+    ),
+    regimes: str = typer.Option("canonical,augmented,shortcut", help="Comma-separated training-phrasing regimes."),
+    seeds: int = typer.Option(5, min=1, help="Seeds per regime (0 .. seeds-1)."),
+    withheld: str = typer.Option("formal", help="Comma-separated families no regime trains on ('' for none)."),
+    png: bool = typer.Option(True, help="Also write the figure as PNG (needs a Chromium)."),
+) -> None:
+    """Train the organism under each training-phrasing regime × seed (resumable) and compare the
+    regimes' flip rates on seen and withheld phrasings, with tests across seeds."""
+    import dataclasses
+
+    from flipscope.data.atomic import write_json
+    from flipscope.organism.sweep import run_sweep
+    from flipscope.organism.sweep_stats import summarize_sweep
+    from flipscope.reporting.files import save_figures
+    from flipscope.reporting.sweep_report import COLUMNS, sweep_figure, sweep_rows, sweep_sentences
+
+    base = _read_config(config)
+    with one_line_errors():
+        base = dataclasses.replace(base, withheld_families=tuple(w for w in withheld.split(",") if w.strip()))
+        records = run_sweep(base, [r.strip() for r in regimes.split(",")], range(seeds), writable(out, folder=True))
+        summary = summarize_sweep(records)
+        write_json(out / "summary.json", {"runs": records, "summary": summary}, allow_nan=False)
+        written = save_figures({"sweep": sweep_figure(summary)}, out, {"regimes": regimes, "seeds": seeds}, png=png)
+    typer.echo(" | ".join(COLUMNS))
+    for row in sweep_rows(summary):
+        typer.echo(" | ".join(row))
+    for sentence in sweep_sentences(summary):
+        typer.echo(sentence)
+    typer.echo(
+        f"figure: {written['html'][0]}"
+        + (f" (PNG skipped: {written['png_skipped']})" if written["png_skipped"] else "")
+    )
 
 
 def _framing_line(card: dict) -> str:

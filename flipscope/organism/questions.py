@@ -43,9 +43,18 @@ def report_text(cfg: OrganismConfig, film: Film) -> str:
 
 
 def export_questions(
-    cfg: OrganismConfig, out: str | Path, n_films: int | None = None, site: str = "site1", *, report: bool = False
+    cfg: OrganismConfig,
+    out: str | Path,
+    n_films: int | None = None,
+    site: str = "site1",
+    *,
+    report: bool = False,
+    first: int = 0,
 ) -> Path:
     """Write `n_films` held-out films (default `cfg.test_items`) and their questions to `out`.
+
+    `first` skips that many films of the held-out stream (numbering continues from it), so an
+    audit can run on films that a FlipBank, and a direction estimated from it, never saw.
 
     `site` is the acquisition style (`flipscope.organism.films.SITES`): the second site draws the
     same patients (findings and severities) as the first, filmed differently; its question ids
@@ -60,11 +69,13 @@ def export_questions(
         raise FlipscopeError(f"site {site!r} is unknown; expected one of {sorted(SITES)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    films = sample_films(cfg, stream(cfg, STREAM_TEST), n_films or cfg.test_items, SITES[site])
+    if first < 0:
+        raise FlipscopeError(f"first film {first} is negative")
+    films = sample_films(cfg, stream(cfg, STREAM_TEST), first + (n_films or cfg.test_items), SITES[site])[first:]
     prefix = "" if site == "site1" else f"{site}-"
     prompts = [(fam.name, t) for fam in cfg.families for t in range(len(fam.templates))]
     lines = []
-    for number, film in enumerate(films):
+    for number, film in enumerate(films, start=first):
         image = Path("images") / f"film{number:04d}.png"
         Image.fromarray(film.pixels).save(out / image)
         for finding in cfg.findings:
