@@ -96,3 +96,27 @@ def test_the_audit_pairs_each_cure_with_the_base_and_resumes(tmp_path: Path) -> 
     assert {n: (tmp_path / "audit" / n / "results.jsonl").read_bytes() for n in stores} == stores
     bad = CliRunner().invoke(app, ["mitigate", "audit", str(tmp_path), "--out", str(tmp_path / "a2")])
     assert bad.exit_code == 2 and "not clamp:FEATURES, an adapter folder or a checkpoint folder" in bad.output
+
+
+def test_the_fold_takes_decoder_rows_or_a_file_and_refuses_anything_else(tmp_path: Path) -> None:
+    import numpy as np
+
+    def cure(*args: str):
+        return CliRunner().invoke(app, ["mitigate", "cure", "fold", *args])
+
+    rows = cure("--direction", "features:38,3", "--layers", "0,1", "--components", "attn,mlp", "--out",
+                str(tmp_path / "rows"))  # fmt: skip
+    assert rows.exit_code == 0 and "features:38,3 removed from the attn+mlp writers of layers [0, 1]" in rows.output
+    record = json.loads((tmp_path / "rows" / "cure.json").read_text())
+    assert record["features"] == [38, 3] and len(record["vectors"]) == 2
+    folded = HookedVLM.from_pretrained(tmp_path / "rows")
+    assert folded.identity()["weight_edit"][0]["name"] == "features:38,3"
+    np.save(tmp_path / "v.npy", np.ones(folded.d_model, dtype=np.float32))
+    assert cure("--direction", str(tmp_path / "v.npy"), "--out", str(tmp_path / "file")).exit_code == 0
+    for args, said in (
+        (["--direction", "sideways"], "expected framing, diffmean, features:F1,F2 or a .npy file"),
+        (["--direction", "framing"], "needs --flipbank"),
+        (["--direction", "features:9999"], "features must lie in"),
+    ):
+        bad = cure(*args, "--out", str(tmp_path / "bad"))
+        assert bad.exit_code == 2 and said in bad.output, bad.output

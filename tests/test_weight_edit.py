@@ -48,10 +48,11 @@ def _direction(vlm: HookedVLM, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).standard_normal(vlm.d_model)).float()
 
 
+@pytest.mark.parametrize("k", [1, 3], ids=["one-direction", "three-rows"])
 @pytest.mark.parametrize("family", ["gemma3", "llava"])
-def test_the_folded_weights_equal_the_runtime_ablation_and_write_nothing_along_the_direction(models, family) -> None:
+def test_the_folded_weights_equal_the_runtime_ablation_and_write_nothing_along_the_direction(models, family, k) -> None:
     vlm, specs = models[family]
-    direction = _direction(vlm)
+    direction = _direction(vlm) if k == 1 else torch.stack([_direction(vlm, seed) for seed in range(k)])
     layers, components = [0, 1], ["attn", "mlp"]
     folded = fold_writers(vlm, direction, layers, components)
     runtime = ablate_writers(vlm, direction, layers, components)
@@ -59,13 +60,14 @@ def test_the_folded_weights_equal_the_runtime_ablation_and_write_nothing_along_t
     base, hooked, weights = vlm.score(batch), runtime.score(batch), folded.score(batch)
     assert (hooked - base).abs().max() > 1e-3  # the edit moves the margins
     torch.testing.assert_close(weights, hooked, atol=1e-4, rtol=0)
-    r = direction / direction.norm()
+    rows = direction.reshape(k, -1)
+    r = rows / rows.norm(dim=-1, keepdim=True)
     names = [f"blocks.{layer}.hook_{c}_out" for layer in layers for c in components]
     _, cache = folded.run_with_cache(batch, names_filter=names)
-    for name in names:
-        assert (cache[name].float() @ r).abs().max() < 1e-4 * cache[name].float().norm(dim=-1).max()
+    for name in names:  # every direction of the stack: nothing written along it
+        assert (cache[name].float() @ r.T).abs().max() < 1e-4 * cache[name].float().norm(dim=-1).max()
     _, before = vlm.run_with_cache(batch, names_filter=names)
-    assert max(float((before[n].float() @ r).abs().max()) for n in names) > 1e-2
+    assert max(float((before[n].float() @ r.T).abs().max()) for n in names) > 1e-2
     untouched = dict(vlm.hf_model.named_parameters())  # the base model is left as it was
     assert all(
         torch.equal(p, untouched[n]) for n, p in HookedVLM.from_pretrained(vlm.name_or_path).hf_model.named_parameters()
@@ -78,7 +80,9 @@ def test_gemma_writers_are_edited_before_the_post_norm_and_llava_writers_at_thei
     sites = writer_sites(gemma, _direction(gemma), [0], ["attn", "mlp"])
     assert [s.hook for s in sites] == ["blocks.0.ln1_post.hook_in", "blocks.0.ln2_post.hook_in"]
     assert [s.hook for s in writer_sites(llava, _direction(llava), [1], ["mlp"])] == ["blocks.1.hook_mlp_out"]
-    for bad in ({"layers": [99]}, {"components": ["embed"]}, {"direction": torch.zeros(gemma.d_model)}):
+    twice = torch.stack([_direction(gemma), 2 * _direction(gemma)])
+    for bad in ({"layers": [99]}, {"components": ["embed"]}, {"direction": torch.zeros(gemma.d_model)},
+                {"direction": twice}, {"direction": torch.ones(gemma.d_model + 1)}):  # fmt: skip
         args = {"direction": _direction(gemma), "layers": [0], "components": ["attn"], **bad}
         with pytest.raises(FlipscopeError):
             fold_writers(gemma, **args)

@@ -31,6 +31,11 @@ def cure(
     out: Path = typer.Option(..., help="Folder to write the cure to (a checkpoint, or an adapter)."),
     organism: Path | None = typer.Option(None, help=ORGANISM_HELP),
     flipbank: Path | None = typer.Option(None, help="The organism's FlipBank (fold: its flips give the direction)."),
+    direction: str = typer.Option(
+        "framing",
+        help="fold: framing or diffmean (from --flipbank at --hook), features:F1,F2 (SAE decoder rows), "
+        "or a .npy file of one vector or a stack.",
+    ),
     hook: str = typer.Option("blocks.0.hook_attn_out", help="fold: where the framing direction is measured."),
     layers: str = typer.Option("0", help="Layers whose writers are edited (fold) or adapted (consistency)."),
     components: str = typer.Option("attn", help="fold: writers to edit, attn and/or mlp."),
@@ -41,14 +46,15 @@ def cure(
 
     with one_line_errors():
         record = make_cure(
-            kind, writable(out, folder=True), organism, flipbank=flipbank, hook=hook,
+            kind, writable(out, folder=True), organism, flipbank=flipbank, direction=direction, hook=hook,
             layers=_ints(layers, "--layers"), components=[c.strip() for c in components.split(",") if c.strip()],
             withheld=[w.strip() for w in withheld.split(",") if w.strip()],
         )  # fmt: skip
     if kind == "fold":
-        writers = "+".join(record["components"])
-        typer.echo(f"fold: the framing direction at {hook} (from {record['n_flips']} flips) removed from "
-                   f"{writers} writers of layers {record['layers']}; checkpoint {out}")  # fmt: skip
+        writers, source = "+".join(record["components"]), record["direction"]
+        if "n_flips" in record:
+            source += f" at {record['hook']} (from {record['n_flips']} flips)"
+        typer.echo(f"fold: {source} removed from the {writers} writers of layers {record['layers']}; checkpoint {out}")
     else:
         typer.echo(
             f"{kind}: final loss {record['final_loss']:.3f}, adapter {record['adapter_bytes'] / 1e3:.0f} kB in {out}"
