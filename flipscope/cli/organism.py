@@ -92,6 +92,41 @@ def organism_sweep(
     )
 
 
+@organism_app.command("evidence")
+def organism_evidence(
+    out: Path = typer.Option(..., help="JSON file to write the scores to."),
+    organism: Path | None = typer.Option(
+        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
+    ),
+    films: int = typer.Option(50, min=1, help="Held-out films (the test stream's first)."),
+) -> None:
+    """Score image-evidence maps (occlusion, gradient x input, integrated gradients) against the
+    organism's drawn findings and for faithfulness, and the image-evidence share by wording and quadrant."""
+    from flipscope.data.atomic import write_json
+    from flipscope.organism import OrganismConfig, load_organism
+    from flipscope.organism.data import sample_films
+    from flipscope.organism.evidence_study import evidence_study
+    from flipscope.organism.train import STREAM_TEST, stream
+    from flipscope.reporting.format import fmt
+
+    with one_line_errors():
+        writable(out, folder=False)
+        vlm, _, card = load_organism(organism)
+        cfg = OrganismConfig.from_dict(card["config"])
+        found = evidence_study(vlm, cfg, sample_films(cfg, stream(cfg, STREAM_TEST), films))
+        write_json(out, found, allow_nan=False)
+    random = found["methods"].pop("random")
+    typer.echo(f"random order: deletion {fmt(random['deletion_area'])}, insertion {fmt(random['insertion_area'])}")
+    for method, s in found["methods"].items():
+        typer.echo(f"{method}: pointing {fmt(s['hit'])} (random map {fmt(s['hit_random'])}), mass on the finding "
+                   f"{fmt(s['mass'])} (random {fmt(s['mass_random'])}), deletion {fmt(s['deletion_area'])}, "
+                   f"insertion {fmt(s['insertion_area'])}")  # fmt: skip
+    for name, e in found["share"]["by_family"].items():
+        typer.echo(f"image-evidence share, {name} wordings: {fmt(e)}")
+    for name, e in found["share"]["by_quadrant"].items():
+        typer.echo(f"image-evidence share of the original, {name}: {fmt(e)}")
+
+
 def _framing_line(card: dict) -> str:
     """The card's framing verdict: a framing feature only when the direction beats its null."""
     d = card["directions"]

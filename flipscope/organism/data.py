@@ -15,7 +15,7 @@ carry the same text prior as image prompts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,10 +29,12 @@ __all__ = ["Film", "Example", "sample_films", "sample_examples", "question", "vo
 
 @dataclass(frozen=True)
 class Film:
-    """A synthetic film and what it shows: finding name → severity (absent findings omitted)."""
+    """A synthetic film and what it shows: finding name → severity (absent findings omitted), and
+    each present finding's region on the film (`masks`, the ground truth of evidence maps)."""
 
     pixels: np.ndarray
     severities: dict[str, float]
+    masks: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
     def shows(self, finding: str) -> bool:
         return finding in self.severities
@@ -70,7 +72,8 @@ def sample_films(
     films = []
     for _ in range(n):
         severities = {f.name: float(rng.uniform(low, high)) for f in cfg.findings if rng.random() < f.prevalence}
-        films.append(Film(draw_film(rng, severities, cfg.image_size, style), severities))
+        masks: dict[str, np.ndarray] = {}
+        films.append(Film(draw_film(rng, severities, cfg.image_size, style, masks), severities, masks))
     return films
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Float, UInt8
+from jaxtyping import Bool, Float, UInt8
 from PIL import Image
 
 from flipscope.errors import FlipscopeError
@@ -24,6 +24,7 @@ from flipscope.errors import FlipscopeError
 __all__ = ["FINDING_DRAWERS", "SITES", "FilmStyle", "draw_film"]
 
 Canvas = Float[np.ndarray, "height width"]
+Mask = Bool[np.ndarray, "height width"]
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +48,7 @@ def _lung_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
     return left, right
 
 
-def _opacity(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> None:
+def _opacity(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> Mask:
     size = canvas.shape[0]
     y, x = _grid(size)
     lung = lungs[rng.integers(2)]
@@ -58,9 +59,10 @@ def _opacity(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: t
     radius = 0.06 + 0.04 * severity
     blob = np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius**2)))
     canvas += (0.35 + 0.35 * severity) * blob
+    return blob >= np.exp(-2.0)  # within two radii of the centre
 
 
-def _effusion(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> None:
+def _effusion(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> Mask:
     size = canvas.shape[0]
     y, x = _grid(size)
     side = rng.integers(2)
@@ -70,20 +72,22 @@ def _effusion(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: 
     meniscus = level - 0.08 * ((x - cx) / 0.17) ** 2
     fluid = lung & (y >= meniscus)
     canvas[fluid] = 0.62 + 0.1 * severity
+    return fluid
 
 
-def _cardiomegaly(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> None:
-    _heart(canvas, half_width=0.17 + 0.1 * severity)
+def _cardiomegaly(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> Mask:
+    return _heart(canvas, half_width=0.17 + 0.1 * severity)
 
 
-def _heart(canvas: Canvas, half_width: float) -> None:
+def _heart(canvas: Canvas, half_width: float) -> Mask:
     size = canvas.shape[0]
     y, x = _grid(size)
     heart = ((x - 0.53) / half_width) ** 2 + ((y - 0.68) / 0.16) ** 2 <= 1.0
     canvas[heart] = np.maximum(canvas[heart], 0.7)
+    return heart
 
 
-def _pneumothorax(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> None:
+def _pneumothorax(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> Mask:
     size = canvas.shape[0]
     y, x = _grid(size)
     side = rng.integers(2)
@@ -94,6 +98,7 @@ def _pneumothorax(canvas: Canvas, severity: float, rng: np.random.Generator, lun
     canvas[region] = 0.03
     edge = lung & (np.abs(y - (top + depth)) <= 0.025)
     canvas[edge] = 0.55
+    return region | edge
 
 
 FINDING_DRAWERS: dict[str, Callable[..., None]] = {
@@ -132,10 +137,16 @@ def _zoom(image: UInt8[np.ndarray, "h w"], field_of_view: float) -> UInt8[np.nda
 
 
 def draw_film(
-    rng: np.random.Generator, severities: Mapping[str, float], size: int = 64, style: FilmStyle = SITES["site1"]
+    rng: np.random.Generator,
+    severities: Mapping[str, float],
+    size: int = 64,
+    style: FilmStyle = SITES["site1"],
+    masks: dict[str, Mask] | None = None,
 ) -> UInt8[np.ndarray, "height width"]:
     """One grayscale film; `severities` maps each present finding to a severity in (0, 1]; `style`
-    is the site's acquisition (the default site draws exactly what it always drew).
+    is the site's acquisition (the default site draws exactly what it always drew). With `masks`,
+    each present finding's region is written into it (where its drawer painted, on the film's
+    grid): the ground truth an evidence map is checked against. Masks draw nothing from `rng`.
 
     Raises:
         FlipscopeError: a finding has no drawer.
@@ -155,13 +166,18 @@ def draw_film(
     for lung in lungs:
         canvas[lung] = texture[lung]
     heart_width = 0.11 + 0.02 * rng.random()
+    drawn: dict[str, Mask] = {}
     if "cardiomegaly" in severities:
-        _cardiomegaly(canvas, severities["cardiomegaly"], rng, lungs)
+        drawn["cardiomegaly"] = _cardiomegaly(canvas, severities["cardiomegaly"], rng, lungs)
     else:
         _heart(canvas, half_width=heart_width)
     for name in ("pneumothorax", "effusion", "opacity"):
         if name in severities:
-            FINDING_DRAWERS[name](canvas, severities[name], rng, lungs)
+            drawn[name] = FINDING_DRAWERS[name](canvas, severities[name], rng, lungs)
+    if masks is not None:
+        for name, mask in drawn.items():
+            zoomed = _zoom(mask.astype(np.uint8) * 255, style.field_of_view) if style.field_of_view < 1.0 else None
+            masks[name] = mask if zoomed is None else zoomed >= 128
     canvas = canvas * exposure + offset + grain
     film = (np.clip(canvas, 0.0, 1.0) * 255).round().astype(np.uint8)
     return film if style.field_of_view >= 1.0 else _zoom(film, style.field_of_view)
