@@ -14,6 +14,7 @@ import torch
 from flipscope.experiments.evidence import (
     FILL,
     Grid,
+    attention_map,
     deletion_insertion,
     evidence_share,
     gradient_maps,
@@ -130,7 +131,10 @@ def test_maps_run_on_llava_and_integrated_gradients_add_up_there(tmp_path: Path)
     q = "is there an effusion ?"
     occlusion = occlusion_map(llava, q, film, grid, batch_size=5)  # several batches
     maps = gradient_maps(llava, q, film, steps=64)
-    assert occlusion.shape == maps["integrated_gradients"].shape == (16,) and np.isfinite(occlusion).all()
+    attention = attention_map(llava, q, film)
+    assert occlusion.shape == maps["integrated_gradients"].shape == attention.shape == (16,)
+    assert np.isfinite(occlusion).all() and (attention >= 0).all() and 0 < attention.sum() <= 1 + 1e-6
+    assert llava.hf_model.config._attn_implementation != "eager"  # put back as it was
     assert abs(maps["delta"]) > 1e-3 and abs(maps["ig_total"] - maps["delta"]) < 0.05 * abs(maps["delta"])
 
 
@@ -144,9 +148,31 @@ def test_the_evidence_command_scores_every_method_against_the_random_baselines(t
     result = CliRunner().invoke(app, ["organism", "evidence", "--films", "3", "--out", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     found = json.loads((tmp_path / "e.json").read_text())
-    assert set(found["methods"]) == {"occlusion", "grad_x_input", "integrated_gradients", "random"}
+    assert set(found["methods"]) == {"occlusion", "grad_x_input", "integrated_gradients", "attention", "random"}
     assert found["methods"]["random"]["deletion_area"]["n"] == 4 * found["methods"]["occlusion"]["hit"]["n"]
     assert (
         set(found["share"]["by_family"]) == {"neutral", "leading", "formal"} and found["share"]["original"]["n"] == 12
     )
     assert "pointing" in result.output and "nan" not in result.output
+
+
+def test_flip_evidence_maps_both_wordings_of_each_case_and_draws_them(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    bank = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+    args = ["evidence", "--flipbank", str(bank), "--max-cases", "3", "--pictures", "2", "--out", str(tmp_path / "e"),
+            "--no-png"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "e" / "evidence.json").read_text())
+    assert [c["flip"] for c in found["cases"]] == [True] * 3 + [False] * 3 and found["grid"] == [4, 4]
+    case = found["cases"][0]
+    assert len(case["map_original"]) == len(case["map_paraphrase"]) == 16 and -1 <= case["cosine"] <= 1
+    assert (case["margin_original"] > 0) != (case["margin_paraphrase"] > 0)  # a flip: the answers differ
+    assert 0 <= case["share_original"] <= 1 and found["summary"]["flips"]["n"] == 3
+    assert (tmp_path / "e" / "overlays.html").is_file() and "fewer than" not in result.output
+    assert "(from only 3 cases)" in result.output and "nan" not in result.output

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from flipscope.cli import analysis, compare, data, evaluation, guard, mitigate, organism, sae, upstream  # noqa: F401 - registers the commands
+from flipscope.cli import analysis, compare, data, evaluation, evidence, guard, mitigate, organism, sae, upstream  # noqa: F401 - registers the commands
 from flipscope.cli.common import app
 
 __all__ = ["app", "main"]
@@ -26,6 +26,7 @@ ORDER = (
     "patch",
     "trace",
     "lens",
+    "evidence",
     "clamp",
     "compare",
     "demo",

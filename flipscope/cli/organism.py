@@ -107,6 +107,7 @@ def organism_evidence(
     from flipscope.organism.data import sample_films
     from flipscope.organism.evidence_study import evidence_study
     from flipscope.organism.train import STREAM_TEST, stream
+    from flipscope.reporting.evidence_report import evidence_sentences
     from flipscope.reporting.format import fmt
 
     with one_line_errors():
@@ -125,6 +126,9 @@ def organism_evidence(
         typer.echo(f"image-evidence share, {name} wordings: {fmt(e)}")
     for name, e in found["share"]["by_quadrant"].items():
         typer.echo(f"image-evidence share of the original, {name}: {fmt(e)}")
+    found["methods"]["random"] = random
+    for sentence in evidence_sentences(found):
+        typer.echo(sentence)
 
 
 def _framing_line(card: dict) -> str:

@@ -8,7 +8,10 @@ them, each cell the block of film pixels its token reads (`image_grid`, `cell_sl
   in one batched forward;
 - **gradient × input** on the soft tokens, against the blank's soft tokens: (x − x₀) · ∂m/∂x;
 - **integrated gradients** from the blank's soft tokens to the film's (`steps` points in one batch);
-  their sum is m(film) − m(blank) up to the Riemann error.
+  their sum is m(film) − m(blank) up to the Riemann error;
+- **attention**, for comparison: the answer position's attention to each image token, averaged over
+  the language model's layers and heads (run with eager attention for the one forward). It says
+  where the model looks, not what moves the margin.
 
 A map is checked two ways. **Faithfulness** (`deletion_insertion`): the margin, in the original
 answer's direction, as the top-k cells by the map are blanked (deletion: should fall fast) or
@@ -40,15 +43,16 @@ __all__ = [
     "evidence_share",
     "gradient_maps",
     "image_grid",
+    "attention_map",
     "occlusion_map",
     "pointing",
 ]
 
-METHODS = ("occlusion", "grad_x_input", "integrated_gradients")
+METHODS = ("occlusion", "grad_x_input", "integrated_gradients", "attention")
 FILL = 128  # the gray blank's value: a film with every cell occluded is the blank
 PROJECTOR = "projector.hook_out"
 
-Film = UInt8[np.ndarray, "height width"]
+Film = UInt8[np.ndarray, "height width *channels"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,36 @@ def gradient_maps(
     blank = _margins(vlm, question, [np.full_like(film, FILL)], 1)[0]
     return {"grad_x_input": gxi, "integrated_gradients": ig, "ig_total": float(ig.sum()),
             "delta": float(margins[-1].detach()) - float(blank)}  # fmt: skip
+
+
+@torch.no_grad()
+def attention_map(vlm: HookedVLM, question: str, film: Film) -> Float[np.ndarray, " n_cells"]:
+    """The last prompt position's attention to each image token, mean over layers and heads."""
+    from flipscope.model.families.sites import find_language_model
+
+    model = vlm.hf_model
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = model.config.image_token_index
+    batch = vlm.prompts.build([PromptSpec(question=question, image=film)])
+    positions = torch.nonzero(batch.as_kwargs()["input_ids"][0] == image_token).flatten()
+    weights: list[Tensor] = []
+
+    def keep(module: torch.nn.Module, args: object, output: tuple) -> None:
+        weights.append(output[1][0, :, -1, positions].float().mean(0))  # [image tokens], mean over heads
+
+    previous = model.config._attn_implementation
+    handles = [layer.self_attn.register_forward_hook(keep) for layer in find_language_model(model).layers]
+    try:
+        model.set_attn_implementation("eager")
+        vlm.score(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.set_attn_implementation(previous)
+    if not weights or len(positions) == 0:
+        raise FlipscopeError("the model returned no attention weights or its prompt holds no image tokens")
+    return torch.stack(weights).mean(0).double().numpy()
 
 
 def evidence_share(

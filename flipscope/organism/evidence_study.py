@@ -18,6 +18,7 @@ import torch
 
 from flipscope.experiments.evidence import (
     METHODS,
+    attention_map,
     deletion_insertion,
     evidence_share,
     gradient_maps,
@@ -40,7 +41,12 @@ SCORES = ("hit", "hit_random", "mass", "mass_random", "deletion_area", "insertio
 
 def _maps(vlm: HookedVLM, q: str, pixels: np.ndarray, grid: Any, ig_steps: int) -> dict[str, np.ndarray]:
     gradients = gradient_maps(vlm, q, pixels, steps=ig_steps)
-    return {"occlusion": occlusion_map(vlm, q, pixels, grid), **{m: gradients[m] for m in METHODS[1:]}}
+    maps = {"occlusion": occlusion_map(vlm, q, pixels, grid), "attention": attention_map(vlm, q, pixels)}
+    return {
+        **maps,
+        "grad_x_input": gradients["grad_x_input"],
+        "integrated_gradients": gradients["integrated_gradients"],
+    }
 
 
 def map_scores(
@@ -73,21 +79,41 @@ def map_scores(
     }
 
 
+def _difference(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000) -> dict[str, Any]:
+    """mean(a) − mean(b) of two independent groups, with a percentile-bootstrap 95% CI (each group
+    resampled on its own); all None when a group is empty."""
+    if not len(a) or not len(b):
+        return {"value": None, "low": None, "high": None, "n": min(len(a), len(b))}
+    rng = np.random.default_rng(seed)
+    boots = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(n_boot)]
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return {"value": float(a.mean() - b.mean()), "low": float(low), "high": float(high), "n": min(len(a), len(b))}
+
+
 def share_table(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], seed: int = 0) -> dict[str, Any]:
     """The image-evidence share by wording family (mean over each item's wordings of the family)
-    and, for the original wording, by the item's quadrant; bootstrap CIs over items."""
+    and, for the original wording, by the item's quadrant; paired per item, the planted family's
+    share minus the first family's; over the (item, paraphrase) pairs that flip, the paraphrase's
+    share minus the original's; and Dangerous minus Ideal. Bootstrap CIs over items (pairs)."""
     table = margin_table(vlm, cfg, films)
     image, blank = table.margins[:, :, 0], table.margins[:, :, 1]
     share = evidence_share(image, blank)
     answers = image > 0
     quadrant = quadrants(~flips(answers), answers[:, 0] != (blank[:, 0] > 0))
+    family = {fam.name: share[:, table.family_columns(fam.name)].mean(1) for fam in cfg.families}
+    flipped = answers[:, 1:] != answers[:, :1]
+    first, planted = cfg.families[0].name, cfg.shortcut_family
     return {
-        "by_family": {
-            fam.name: bootstrap(share[:, table.family_columns(fam.name)].mean(1), seed=seed).to_dict()
-            for fam in cfg.families
-        },  # fmt: skip
+        "by_family": {name: bootstrap(values, seed=seed).to_dict() for name, values in family.items()},
         "original": bootstrap(share[:, 0], seed=seed).to_dict(),
         "by_quadrant": {q: bootstrap(share[quadrant == q, 0], seed=seed).to_dict() for q in QUADRANTS},
+        "planted_minus_first": {
+            "planted": planted,
+            "first": first,
+            **bootstrap(family[planted] - family[first], seed=seed).to_dict(),
+        },  # fmt: skip
+        "flip_paraphrase_minus_original": bootstrap((share[:, 1:] - share[:, :1])[flipped], seed=seed).to_dict(),
+        "dangerous_minus_ideal": _difference(share[quadrant == "Dangerous", 0], share[quadrant == "Ideal", 0], seed),
     }
 
 

@@ -1,0 +1,57 @@
+"""`flipscope evidence`: where in the film each wording's answer comes from, for a FlipBank's cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import ADAPTER_HELP, app, fmt, load_model, one_line_errors, writable
+
+
+@app.command()
+def evidence(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    max_cases: int = typer.Option(20, min=1, help="Flips mapped (the bank's first ones), and as many controls."),
+    pictures: int = typer.Option(4, min=0, help="Flip cases drawn as overlays (original beside paraphrase)."),
+    out: Path = typer.Option(..., help="Folder for evidence.json and the overlay figure."),
+    png: bool = typer.Option(True, help="Also write the figure as PNG (needs a Chromium)."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+) -> None:
+    """Occlusion maps of each case's original and paraphrase on its film: did a flip stop using the
+    film (its share of the margin falls) or use it differently (the maps' cosine falls)?"""
+    from flipscope.data.atomic import write_json
+    from flipscope.data.flipbank import check_flipbank_model, load_flipbank
+    from flipscope.experiments.evidence_pairs import flip_evidence
+    from flipscope.reporting.evidence_plots import overlay_figure
+    from flipscope.reporting.files import save_figures
+
+    with one_line_errors():
+        writable(out, folder=True)
+        bank = load_flipbank(flipbank)
+        vlm = load_model(model, dtype, device, adapter)
+        check_flipbank_model(bank, vlm)
+        found = flip_evidence(vlm, bank, max_cases=max_cases)
+        write_json(out / "evidence.json", found, allow_nan=False)
+        shown = [r for r in found["cases"] if r["flip"]][:pictures]
+        written = (
+            save_figures({"overlays": overlay_figure(shown, found["grid"])}, out, {"cases": pictures}, png=png)
+            if shown
+            else None
+        )
+    for kind, s in found["summary"].items():
+        typer.echo(f"{kind} ({s['n']}): map cosine original vs paraphrase {fmt(s['cosine'])}, "
+                   f"paraphrase minus original share of the margin from the film {fmt(s['share_change'])}")  # fmt: skip
+    flips = found["summary"]["flips"]["share_change"]
+    if flips["n"] and flips["high"] < 0:
+        typer.echo("Flipping paraphrases draw less of their margin from the film than their originals.")
+    elif flips["n"] and flips["low"] > 0:
+        typer.echo("Flipping paraphrases draw more of their margin from the film than their originals.")
+    else:
+        typer.echo(
+            "Flipping paraphrases and their originals draw the same share from the film, as the interval stands."
+        )
+    typer.echo(f"evidence: {out / 'evidence.json'}" + (f"; overlays: {written['html'][0]}" if written else ""))
