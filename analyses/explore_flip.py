@@ -23,13 +23,18 @@
 # out, and clamp the top one.
 
 # %%
+import numpy as np
 import plotly.graph_objects as go
 import torch
+from PIL import Image
 
 from flipscope import ClampedVLM, PromptSpec, load_flipbank
+from flipscope.experiments.evidence import image_grid
+from flipscope.experiments.evidence_pairs import pair_evidence
 from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.interventions import subtract_at_last
 from flipscope.organism import load_organism
+from flipscope.reporting.evidence_plots import overlay_figure
 from flipscope.sae import decoder_vectors
 
 vlm, sae, card = load_organism()
@@ -114,3 +119,15 @@ feature = card["framing_features"][0]["feature"]
 clamped = ClampedVLM(vlm, sae, {feature: 0.0})
 print("clamped margins (original, paraphrase):", [round(m, 3) for m in clamped.score(batch).tolist()])
 print("generated:", clamped.generate(batch, max_new_tokens=3))
+
+# %% [markdown]
+# ## Where in the film does each wording's answer come from?
+# Occlusion maps (each soft-token cell blanked in turn) of the original and the paraphrase on the same
+# film, and each one's share of its margin that the film accounts for (against the gray blank).
+
+# %%
+grid = image_grid(vlm)
+pair = pair_evidence(vlm, np.asarray(Image.open(case["image"])), case["original"], case["paraphrase"], grid)
+print(f"film's share of the margin: original {pair['share_original']:.2f}, paraphrase {pair['share_paraphrase']:.2f};"
+      f" map cosine {pair['cosine']:.2f}")  # fmt: skip
+overlay_figure([{**case, **pair}], [grid.rows, grid.cols])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.evidence import (
     FILL,
     Grid,
@@ -145,9 +146,10 @@ def test_the_evidence_command_scores_every_method_against_the_random_baselines(t
 
     from flipscope.cli import app
 
-    result = CliRunner().invoke(app, ["organism", "evidence", "--films", "3", "--out", str(tmp_path / "e.json")])
+    result = CliRunner().invoke(app, ["organism", "evidence", "--films", "3", "--out", str(tmp_path / "e"), "--no-png"])
     assert result.exit_code == 0, result.output
-    found = json.loads((tmp_path / "e.json").read_text())
+    found = json.loads((tmp_path / "e" / "evidence.json").read_text())
+    assert (tmp_path / "e" / "overlays.html").is_file()
     assert set(found["methods"]) == {"occlusion", "grad_x_input", "integrated_gradients", "attention", "random"}
     assert found["methods"]["random"]["deletion_area"]["n"] == 4 * found["methods"]["occlusion"]["hit"]["n"]
     assert (
@@ -176,3 +178,25 @@ def test_flip_evidence_maps_both_wordings_of_each_case_and_draws_them(tmp_path: 
     assert 0 <= case["share_original"] <= 1 and found["summary"]["flips"]["n"] == 3
     assert (tmp_path / "e" / "overlays.html").is_file() and "fewer than" not in result.output
     assert "(from only 3 cases)" in result.output and "nan" not in result.output
+
+
+def test_the_share_read_from_a_runs_margins_is_the_share_the_model_gives(organism, tmp_path: Path) -> None:
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.evaluation import EvalConfig, run_sweep
+    from flipscope.experiments.evidence_pairs import run_shares
+    from flipscope.organism.evidence_study import share_table
+    from flipscope.organism.questions import export_questions
+
+    vlm, cfg = organism
+    questions = load_questions(export_questions(cfg, tmp_path / "q", n_films=3))
+    store = tmp_path / "run" / "results.jsonl"
+    run_sweep(vlm, questions, EvalConfig(conditions=("image", "blank")), store, progress=False)
+    from_run = run_shares(store)
+    direct = share_table(vlm, cfg, sample_films(cfg, stream(cfg, STREAM_TEST), 3))
+    for family in ("leading", "formal"):
+        assert from_run["by_family"][family]["value"] == pytest.approx(direct["by_family"][family]["value"], abs=1e-4)
+    assert from_run["by_family"]["original"]["value"] == pytest.approx(direct["original"]["value"], abs=1e-4)
+    image_only = tmp_path / "image" / "results.jsonl"
+    run_sweep(vlm, questions, EvalConfig(conditions=("image",)), image_only, progress=False)
+    with pytest.raises(FlipscopeError, match="--conditions image,blank"):
+        run_shares(image_only)

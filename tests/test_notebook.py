@@ -26,4 +26,4 @@ def test_notebook_executes_top_to_bottom(tmp_path: Path) -> None:
     ).execute()
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "answer restored: True" in text  # the patch undid this flip
-    assert "recovery" in text and "clamped margins" in text
+    assert "recovery" in text and "clamped margins" in text and "film's share of the margin" in text

@@ -94,41 +94,51 @@ def organism_sweep(
 
 @organism_app.command("evidence")
 def organism_evidence(
-    out: Path = typer.Option(..., help="JSON file to write the scores to."),
+    out: Path = typer.Option(..., help="Folder for evidence.json and the overlay figure."),
     organism: Path | None = typer.Option(
         None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
     ),
     films: int = typer.Option(50, min=1, help="Held-out films (the test stream's first)."),
+    png: bool = typer.Option(True, help="Also write the figure as PNG (needs a Chromium)."),
 ) -> None:
-    """Score image-evidence maps (occlusion, gradient x input, integrated gradients) against the
-    organism's drawn findings and for faithfulness, and the image-evidence share by wording and quadrant."""
+    """Score image-evidence maps (occlusion, attention, gradient x input, integrated gradients) against
+    the organism's drawn findings and for faithfulness, the image-evidence share by wording and
+    quadrant, and draw two flips and a Dangerous case."""
     from flipscope.data.atomic import write_json
     from flipscope.organism import OrganismConfig, load_organism
     from flipscope.organism.data import sample_films
-    from flipscope.organism.evidence_study import evidence_study
+    from flipscope.organism.evidence_study import evidence_study, picture_cases
     from flipscope.organism.train import STREAM_TEST, stream
+    from flipscope.reporting.evidence_plots import overlay_figure
     from flipscope.reporting.evidence_report import evidence_sentences
+    from flipscope.reporting.files import save_figures
     from flipscope.reporting.format import fmt
 
     with one_line_errors():
-        writable(out, folder=False)
+        writable(out, folder=True)
         vlm, _, card = load_organism(organism)
         cfg = OrganismConfig.from_dict(card["config"])
-        found = evidence_study(vlm, cfg, sample_films(cfg, stream(cfg, STREAM_TEST), films))
-        write_json(out, found, allow_nan=False)
-    random = found["methods"].pop("random")
+        held_out = sample_films(cfg, stream(cfg, STREAM_TEST), films)
+        found = evidence_study(vlm, cfg, held_out)
+        write_json(out / "evidence.json", found, allow_nan=False)
+        cases = picture_cases(vlm, cfg, held_out)
+        if cases:
+            grid = [int(len(cases[0]["map_original"]) ** 0.5)] * 2
+            save_figures({"overlays": overlay_figure(cases, grid)}, out, {"films": films}, png=png)
+    random = found["methods"]["random"]
     typer.echo(f"random order: deletion {fmt(random['deletion_area'])}, insertion {fmt(random['insertion_area'])}")
     for method, s in found["methods"].items():
-        typer.echo(f"{method}: pointing {fmt(s['hit'])} (random map {fmt(s['hit_random'])}), mass on the finding "
-                   f"{fmt(s['mass'])} (random {fmt(s['mass_random'])}), deletion {fmt(s['deletion_area'])}, "
-                   f"insertion {fmt(s['insertion_area'])}")  # fmt: skip
+        if method != "random":
+            typer.echo(f"{method}: pointing {fmt(s['hit'])} (random map {fmt(s['hit_random'])}), mass on the finding "
+                       f"{fmt(s['mass'])} (random {fmt(s['mass_random'])}), deletion {fmt(s['deletion_area'])}, "
+                       f"insertion {fmt(s['insertion_area'])}")  # fmt: skip
     for name, e in found["share"]["by_family"].items():
         typer.echo(f"image-evidence share, {name} wordings: {fmt(e)}")
     for name, e in found["share"]["by_quadrant"].items():
         typer.echo(f"image-evidence share of the original, {name}: {fmt(e)}")
-    found["methods"]["random"] = random
     for sentence in evidence_sentences(found):
         typer.echo(sentence)
+    typer.echo(f"evidence: {out / 'evidence.json'}" + (f"; overlays: {out / 'overlays.html'}" if cases else ""))
 
 
 def _framing_line(card: dict) -> str:

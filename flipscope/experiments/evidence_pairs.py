@@ -10,20 +10,23 @@ bank's same-wording non-flip controls, each with a bootstrap CI over cases.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from flipscope.data.store import iter_rows
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.evidence import FILL, evidence_share, image_grid, occlusion_map
 from flipscope.experiments.pairs import bank_cases
+from flipscope.experiments.summary import question_table
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.images import load_image
 from flipscope.model.prompts import PromptSpec
 from flipscope.stats import bootstrap
 
-__all__ = ["flip_evidence", "pair_evidence"]
+__all__ = ["flip_evidence", "pair_evidence", "run_shares"]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,3 +82,53 @@ def flip_evidence(
             ).to_dict(),  # fmt: skip
         }
     return {"grid": [grid.rows, grid.cols], "summary": summary, "cases": rows}
+
+
+def run_shares(path: str | Path, seed: int = 0) -> dict[str, Any]:
+    """The image-evidence share of every answer in an evaluation store run with the image and the
+    blank, read from its margins (no model needed): by paraphrase family (`original` for the
+    original wording), by the question's quadrant (the original wording), and, over the
+    (question, paraphrase) pairs that flip, the paraphrase's share minus the original's.
+
+    Raises:
+        FlipscopeError: the run has no image and blank margins to compare.
+    """
+    margins: dict[tuple[str, int, str], float] = {}
+    strategy: dict[tuple[str, int], str] = {}
+    for row in iter_rows(path):
+        if row.get("margin") is not None:
+            margins[(row["question_id"], row["prompt_index"], row["condition"])] = float(row["margin"])
+            strategy[(row["question_id"], row["prompt_index"])] = row.get("strategy") or (
+                "original" if row["prompt_index"] == 0 else "untagged"
+            )
+    table = question_table(iter_rows(path))
+    shares: dict[tuple[str, int], float] = {
+        key: evidence_share(margins[(*key, "image")], margins[(*key, "blank")])
+        for key in strategy if (*key, "image") in margins and (*key, "blank") in margins
+    }  # fmt: skip
+    if not shares:
+        raise FlipscopeError(f"{path}: no prompt has margins with both the image and the blank; evaluate with "
+                             "--conditions image,blank")  # fmt: skip
+    families: dict[str, list[float]] = {}
+    for key, value in shares.items():
+        families.setdefault(strategy[key], []).append(value)
+    by_quadrant: dict[str, list[float]] = {}
+    flip_change = []
+    for q, entry in table.items():
+        if (q, 0) not in shares:
+            continue
+        by_quadrant.setdefault(entry["quadrant"] or "unknown", []).append(shares[(q, 0)])
+        flip_change += [shares[(q, k)] - shares[(q, 0)] for k, flipped in entry["paraphrase_flips"].items()
+                        if flipped and (q, k) in shares]  # fmt: skip
+    return {
+        "by_family": {name: _estimate(values, seed) for name, values in families.items()},
+        "by_quadrant": {name: _estimate(values, seed) for name, values in by_quadrant.items()},
+        "flip_paraphrase_minus_original": _estimate(flip_change, seed),
+    }
+
+
+def _estimate(values: list[float], seed: int) -> dict[str, Any]:
+    """A bootstrap estimate; with no values, Nones (never NaN: the result is strict JSON)."""
+    if not values:
+        return {"value": None, "low": None, "high": None, "n": 0}
+    return bootstrap(np.array(values, dtype=np.float64), seed=seed).to_dict()

@@ -34,7 +34,7 @@ from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question
 from flipscope.stats import bootstrap
 
-__all__ = ["evidence_study", "map_scores", "share_table"]
+__all__ = ["evidence_study", "map_scores", "picture_cases", "share_table"]
 
 SCORES = ("hit", "hit_random", "mass", "mass_random", "deletion_area", "insertion_area")
 
@@ -115,6 +115,31 @@ def share_table(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], seed
         "flip_paraphrase_minus_original": bootstrap((share[:, 1:] - share[:, :1])[flipped], seed=seed).to_dict(),
         "dangerous_minus_ideal": _difference(share[quadrant == "Dangerous", 0], share[quadrant == "Ideal", 0], seed),
     }
+
+
+def picture_cases(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], n_flips: int = 2) -> list[dict[str, Any]]:
+    """Cases to draw (`overlay_figure`): the first `n_flips` items whose planted-family wording flips
+    the original, and the first Dangerous item (consistent, the same answer with the blank), each
+    as `pair_evidence` of the original and that wording, with the film's pixels."""
+    from flipscope.experiments.evidence_pairs import pair_evidence
+
+    table = margin_table(vlm, cfg, films)
+    image, blank = table.margins[:, :, 0] > 0, table.margins[:, :, 1] > 0
+    quadrant = quadrants(~flips(image), image[:, 0] != blank[:, 0])
+    planted = table.family_columns(cfg.shortcut_family)
+    items = [films[i // len(cfg.findings)] for i in range(len(table.truths))]
+    chosen = [(i, int(planted[np.argmax(image[i, planted] != image[i, 0])]), "flip")
+              for i in np.flatnonzero((image[:, planted] != image[:, :1]).any(1))[:n_flips]]  # fmt: skip
+    chosen += [(int(i), int(planted[0]), "Dangerous") for i in np.flatnonzero(quadrant == "Dangerous")[:1]]
+    grid, cases = image_grid(vlm), []
+    for i, column, label in chosen:
+        finding = str(table.findings[i])
+        original = question(cfg, cfg.families[0].name, 0, finding)
+        wording = question(cfg, table.families[column], table.templates[column], finding)
+        pixels = items[i].pixels
+        cases.append({"label": label, "image": pixels, "original": original, "paraphrase": wording,
+                      **pair_evidence(vlm, pixels, original, wording, grid)})  # fmt: skip
+    return cases
 
 
 def evidence_study(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], **kwargs: Any) -> dict[str, Any]:

@@ -20,13 +20,15 @@ __all__ = ["overlay_figure"]
 def overlay_figure(
     rows: Sequence[Mapping[str, Any]], grid: Sequence[int], title: str = "Where the margin comes from"
 ) -> go.Figure:
-    """One row per case: the film in gray with the original's and the paraphrase's occlusion maps
-    over it (red: the cell supports *yes*; blue: *no*), titled with each wording's margin."""
+    """One row per case (`image`: a path or the film's pixels): the film in gray with the original's
+    and the paraphrase's occlusion maps over it (red: the cell supports *yes*; blue: *no*), titled
+    with each wording's margin and the case's `label` when it has one."""
     cells = Grid(*grid)
-    titles = [f"{r[k][:48]} (m = {r['margin_' + k]:+.2f})" for r in rows for k in ("original", "paraphrase")]
+    titles = [f"{r.get('label', '') + ': ' if r.get('label') and k == 'original' else ''}{r[k][:44]} "
+              f"(m = {r['margin_' + k]:+.2f})" for r in rows for k in ("original", "paraphrase")]  # fmt: skip
     fig = make_subplots(rows=len(rows), cols=2, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.08)
     for i, row in enumerate(rows, start=1):
-        film = np.asarray(load_image(row["image"]).convert("L"), dtype=np.float64)
+        film = np.asarray(load_image(row["image"]).convert("L"), dtype=np.float64)  # a path or the pixels
         scale = max(np.abs(row["map_original"]).max(), np.abs(row["map_paraphrase"]).max(), 1e-9)
         for j, key in enumerate(("map_original", "map_paraphrase"), start=1):
             overlay = cells.to_pixels(np.asarray(row[key]), *film.shape)
