@@ -94,6 +94,12 @@ def test_the_audit_pairs_each_cure_with_the_base_and_resumes(tmp_path: Path) -> 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and json.loads((tmp_path / "audit" / "audit.json").read_text()) == found
     assert {n: (tmp_path / "audit" / n / "results.jsonl").read_bytes() for n in stores} == stores
+    same = CliRunner().invoke(app, ["mitigate", "audit", str(default_organism_dir()), "--films", "6", "--out",
+                                    str(tmp_path / "audit"), "--no-png"])  # fmt: skip
+    assert same.exit_code == 0, same.output  # the base itself as a "cure": no verdict of a cure
+    itself = json.loads((tmp_path / "audit" / "audit.json").read_text())["cures"][0]
+    assert itself["verdict"] == itself["verdict_opposite"] == "no_fewer_flips"
+    assert all(p["change"]["value"] == 0.0 for p in itself["paired"].values())
     bad = CliRunner().invoke(app, ["mitigate", "audit", str(tmp_path), "--out", str(tmp_path / "a2")])
     assert bad.exit_code == 2 and "not clamp:FEATURES, an adapter folder or a checkpoint folder" in bad.output
 

@@ -96,11 +96,13 @@ def test_occlusion_points_at_the_drawn_finding_and_deletes_faster_than_random(or
     vlm, cfg = organism
     grid = image_grid(vlm)
     rng = np.random.default_rng(0)
-    hits, chance, mass, mass_chance, faithful, random_order = [], [], [], [], [], []
+    hits, chance, mass, mass_chance, faithful, random_order, maps, masks = [], [], [], [], [], [], [], []
     for film in sample_films(cfg, stream(cfg, STREAM_TEST), 12):
         for finding in film.severities:
             q = question(cfg, "neutral", 0, finding)
             attribution = occlusion_map(vlm, q, film.pixels, grid)
+            maps.append(attribution)
+            masks.append(film.masks[finding])
             score = pointing(attribution, film.masks[finding], grid)
             hits.append(score["hit"])
             chance.append(score["hit_random"])
@@ -112,6 +114,9 @@ def test_occlusion_points_at_the_drawn_finding_and_deletes_faster_than_random(or
     assert len(hits) >= 10
     assert np.mean(hits) > np.mean(chance) + 0.2 and np.mean(mass) > np.mean(mass_chance)
     assert np.mean(faithful) < np.mean(random_order) - 0.1
+    # against another case's finding (masks shifted by one), the pointing advantage goes away
+    shifted = [pointing(a, m, grid) for a, m in zip(maps, masks[1:] + masks[:1], strict=True)]
+    assert np.mean([p["hit"] for p in shifted]) < np.mean([p["hit_random"] for p in shifted]) + 0.15
 
 
 def test_evidence_share_and_pointing_edges() -> None:
