@@ -205,3 +205,16 @@ def test_the_share_read_from_a_runs_margins_is_the_share_the_model_gives(organis
     run_sweep(vlm, questions, EvalConfig(conditions=("image",)), image_only, progress=False)
     with pytest.raises(FlipscopeError, match="--conditions image,blank"):
         run_shares(image_only)
+
+
+def test_a_bank_without_controls_reports_none_for_them_never_nan(organism) -> None:
+    import json
+
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.evidence_pairs import flip_evidence
+
+    bank = load_flipbank(Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json")
+    found = flip_evidence(organism[0], {**bank, "controls": []}, max_cases=1, progress=False)
+    empty = {"value": None, "low": None, "high": None, "n": 0}
+    assert found["summary"]["controls"] == {"n": 0, "cosine": empty, "share_change": empty}
+    json.dumps(found, allow_nan=False)

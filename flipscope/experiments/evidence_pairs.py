@@ -76,10 +76,8 @@ def flip_evidence(
         picked = [r for r in rows if r["flip"] == wanted]
         summary[kind] = {
             "n": len(picked),
-            "cosine": bootstrap(np.array([r["cosine"] for r in picked]), seed=seed).to_dict(),
-            "share_change": bootstrap(
-                np.array([r["share_paraphrase"] - r["share_original"] for r in picked]), seed=seed
-            ).to_dict(),  # fmt: skip
+            "cosine": _estimate([r["cosine"] for r in picked], seed),
+            "share_change": _estimate([r["share_paraphrase"] - r["share_original"] for r in picked], seed),
         }
     return {"grid": [grid.rows, grid.cols], "summary": summary, "cases": rows}
 
