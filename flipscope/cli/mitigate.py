@@ -9,20 +9,13 @@ from typing import Any
 
 import typer
 
-from flipscope.cli.common import app, one_line_errors, writable
+from flipscope.cli.common import app, ints, one_line_errors, writable
 from flipscope.errors import FlipscopeError
 
 mitigate_app = typer.Typer(help="Make cures for flips and audit them against the trap.", no_args_is_help=True)
 app.add_typer(mitigate_app, name="mitigate")
 
 ORGANISM_HELP = "Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise FlipscopeError(f"{option} {text!r}: expected comma-separated integers") from err
 
 
 @mitigate_app.command("cure")
@@ -47,7 +40,7 @@ def cure(
     with one_line_errors():
         record = make_cure(
             kind, writable(out, folder=True), organism, flipbank=flipbank, direction=direction, hook=hook,
-            layers=_ints(layers, "--layers"), components=[c.strip() for c in components.split(",") if c.strip()],
+            layers=ints(layers, "--layers"), components=[c.strip() for c in components.split(",") if c.strip()],
             withheld=[w.strip() for w in withheld.split(",") if w.strip()],
         )  # fmt: skip
     if kind == "fold":
@@ -68,7 +61,7 @@ def _cured_model(spec: str, base: Any, base_source: str, sae: Any) -> tuple[str,
     from flipscope.model.hooked import HookedVLM
 
     if spec.startswith("clamp:"):
-        features = _ints(spec.removeprefix("clamp:"), spec)
+        features = ints(spec.removeprefix("clamp:"), spec)
         if not features:
             raise FlipscopeError(f"{spec!r}: name the features to clamp, e.g. clamp:38,3")
         return "clamp-" + "-".join(map(str, features)), ClampedVLM(base, sae, dict.fromkeys(features, 0.0))

@@ -106,6 +106,7 @@ def organism_evidence(
     quadrant, and draw two flips and a Dangerous case."""
     from flipscope.data.atomic import write_json
     from flipscope.organism import OrganismConfig, load_organism
+    from flipscope.organism.behaviour import margin_table
     from flipscope.organism.data import sample_films
     from flipscope.organism.evidence_study import evidence_study, picture_cases
     from flipscope.organism.train import STREAM_TEST, stream
@@ -119,9 +120,10 @@ def organism_evidence(
         vlm, _, card = load_organism(organism)
         cfg = OrganismConfig.from_dict(card["config"])
         held_out = sample_films(cfg, stream(cfg, STREAM_TEST), films)
-        found = evidence_study(vlm, cfg, held_out)
+        table = margin_table(vlm, cfg, held_out)
+        found = evidence_study(vlm, cfg, held_out, table=table)
         write_json(out / "evidence.json", found, allow_nan=False)
-        cases = picture_cases(vlm, cfg, held_out)
+        cases = picture_cases(vlm, cfg, held_out, table=table)
         if cases:
             grid = [int(len(cases[0]["map_original"]) ** 0.5)] * 2
             save_figures({"overlays": overlay_figure(cases, grid)}, out, {"films": films}, png=png)

@@ -98,10 +98,16 @@ def image_grid(vlm: HookedVLM) -> Grid:
 
 def occlude(film: Film, grid: Grid, cells: Sequence[int]) -> Film:
     """`film` with `cells` replaced by the blank's gray (a copy)."""
-    out = film.copy()
-    slices = grid.cell_slices(*film.shape[:2])
+    return _paste(film, np.full_like(film, FILL), grid, cells)
+
+
+def _paste(target: Film, source: Film, grid: Grid, cells: Sequence[int]) -> Film:
+    """A copy of `target` with `cells` taken from `source` (occluding: gray into the film; revealing:
+    the film into the blank)."""
+    out = target.copy()
+    slices = grid.cell_slices(*target.shape[:2])
     for cell in cells:
-        out[slices[cell]] = FILL
+        out[slices[cell]] = source[slices[cell]]
     return out
 
 
@@ -212,21 +218,13 @@ def deletion_insertion(
         raise FlipscopeError(f"order must list every cell 0..{n - 1} once")
     blank = np.full_like(film, FILL)
     deleted = [occlude(film, grid, order[:k]) for k in range(n + 1)]
-    inserted = [_reveal(blank, film, grid, order[:k]) for k in range(n + 1)]
+    inserted = [_paste(blank, film, grid, order[:k]) for k in range(n + 1)]
     margins = _margins(vlm, question, deleted + inserted, batch_size)
     sign = 1.0 if margins[0] > 0 else -1.0
     scale = max(abs(margins[0]), 1e-6)
     deletion, insertion = sign * margins[: n + 1] / scale, sign * margins[n + 1 :] / scale
     return {"deletion": deletion, "insertion": insertion,
             "deletion_area": float(deletion.mean()), "insertion_area": float(insertion.mean())}  # fmt: skip
-
-
-def _reveal(blank: Film, film: Film, grid: Grid, cells: Sequence[int]) -> Film:
-    out = blank.copy()
-    slices = grid.cell_slices(*film.shape[:2])
-    for cell in cells:
-        out[slices[cell]] = film[slices[cell]]
-    return out
 
 
 def pointing(

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from flipscope.experiments.evidence import (
     METHODS,
@@ -28,8 +27,7 @@ from flipscope.experiments.evidence import (
 )
 from flipscope.experiments.summary import QUADRANTS, flips, quadrants
 from flipscope.model.hooked import HookedVLM
-from flipscope.model.prompts import PromptSpec
-from flipscope.organism.behaviour import margin_table
+from flipscope.organism.behaviour import MarginTable, margin_table
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import Film, question
 from flipscope.stats import bootstrap
@@ -50,29 +48,34 @@ def _maps(vlm: HookedVLM, q: str, pixels: np.ndarray, grid: Any, ig_steps: int) 
 
 
 def map_scores(
-    vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], *, n_random: int = 4, ig_steps: int = 32, seed: int = 0
+    vlm: HookedVLM,
+    cfg: OrganismConfig,
+    films: Sequence[Film],
+    *,
+    table: MarginTable | None = None,
+    n_random: int = 4,
+    ig_steps: int = 32,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Per method, each score's mean with a bootstrap CI over the positive, correctly answered
-    findings; `random` holds the random orders' deletion and insertion areas."""
+    findings (read from `table`, the films' `margin_table`, made here when not given); `random`
+    holds the random orders' deletion and insertion areas."""
+    table = table if table is not None else margin_table(vlm, cfg, films)
     grid = image_grid(vlm)
     rng = np.random.default_rng(seed)
     rows: dict[str, dict[str, list[float]]] = {m: {s: [] for s in SCORES} for m in [*METHODS, "random"]}
-    for film in films:
-        for finding in film.severities:
-            q = question(cfg, cfg.families[0].name, 0, finding)
-            with torch.no_grad():
-                margin = float(vlm.score(vlm.prompts.build([PromptSpec(question=q, image=film.pixels)]))[0])
-            if margin <= 0:
-                continue
-            for method, attribution in _maps(vlm, q, film.pixels, grid, ig_steps).items():
-                scores = pointing(attribution, film.masks[finding], grid)
-                curves = deletion_insertion(vlm, q, film.pixels, grid, np.argsort(-attribution, kind="stable"))
-                for key in SCORES:
-                    rows[method][key].append(curves[key] if key in curves else scores[key])
-            for _ in range(n_random):
-                curves = deletion_insertion(vlm, q, film.pixels, grid, rng.permutation(grid.n_cells))
-                rows["random"]["deletion_area"].append(curves["deletion_area"])
-                rows["random"]["insertion_area"].append(curves["insertion_area"])
+    for i in np.flatnonzero(table.truths & (table.margins[:, 0, 0] > 0)):
+        film, finding = films[i // len(cfg.findings)], str(table.findings[i])
+        q = question(cfg, cfg.families[0].name, 0, finding)
+        for method, attribution in _maps(vlm, q, film.pixels, grid, ig_steps).items():
+            scores = pointing(attribution, film.masks[finding], grid)
+            curves = deletion_insertion(vlm, q, film.pixels, grid, np.argsort(-attribution, kind="stable"))
+            for key in SCORES:
+                rows[method][key].append(curves[key] if key in curves else scores[key])
+        for _ in range(n_random):
+            curves = deletion_insertion(vlm, q, film.pixels, grid, rng.permutation(grid.n_cells))
+            rows["random"]["deletion_area"].append(curves["deletion_area"])
+            rows["random"]["insertion_area"].append(curves["insertion_area"])
     return {
         method: {key: bootstrap(np.array(values), seed=seed).to_dict() for key, values in keys.items() if values}
         for method, keys in rows.items()
@@ -90,12 +93,15 @@ def _difference(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000) -> 
     return {"value": float(a.mean() - b.mean()), "low": float(low), "high": float(high), "n": min(len(a), len(b))}
 
 
-def share_table(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], seed: int = 0) -> dict[str, Any]:
+def share_table(
+    vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], seed: int = 0, table: MarginTable | None = None
+) -> dict[str, Any]:
     """The image-evidence share by wording family (mean over each item's wordings of the family)
     and, for the original wording, by the item's quadrant; paired per item, the planted family's
     share minus the first family's; over the (item, paraphrase) pairs that flip, the paraphrase's
-    share minus the original's; and Dangerous minus Ideal. Bootstrap CIs over items (pairs)."""
-    table = margin_table(vlm, cfg, films)
+    share minus the original's; and Dangerous minus Ideal. Bootstrap CIs over items (pairs).
+    `table` is the films' `margin_table` (made here when not given)."""
+    table = table if table is not None else margin_table(vlm, cfg, films)
     image, blank = table.margins[:, :, 0], table.margins[:, :, 1]
     share = evidence_share(image, blank)
     answers = image > 0
@@ -117,13 +123,16 @@ def share_table(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], seed
     }
 
 
-def picture_cases(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], n_flips: int = 2) -> list[dict[str, Any]]:
+def picture_cases(
+    vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], n_flips: int = 2, table: MarginTable | None = None
+) -> list[dict[str, Any]]:
     """Cases to draw (`overlay_figure`): the first `n_flips` items whose planted-family wording flips
     the original, and the first Dangerous item (consistent, the same answer with the blank), each
-    as `pair_evidence` of the original and that wording, with the film's pixels."""
+    as `pair_evidence` of the original and that wording, with the film's pixels. `table` is the
+    films' `margin_table` (made here when not given)."""
     from flipscope.experiments.evidence_pairs import pair_evidence
 
-    table = margin_table(vlm, cfg, films)
+    table = table if table is not None else margin_table(vlm, cfg, films)
     image, blank = table.margins[:, :, 0] > 0, table.margins[:, :, 1] > 0
     quadrant = quadrants(~flips(image), image[:, 0] != blank[:, 0])
     planted = table.family_columns(cfg.shortcut_family)
@@ -142,10 +151,13 @@ def picture_cases(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], n_
     return cases
 
 
-def evidence_study(vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], **kwargs: Any) -> dict[str, Any]:
-    """`map_scores` and `share_table` on the same held-out films."""
+def evidence_study(
+    vlm: HookedVLM, cfg: OrganismConfig, films: Sequence[Film], table: MarginTable | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`map_scores` and `share_table` on the same held-out films, from one `margin_table` of them."""
+    table = table if table is not None else margin_table(vlm, cfg, films)
     return {
         "n_films": len(films),
-        "methods": map_scores(vlm, cfg, films, **kwargs),
-        "share": share_table(vlm, cfg, films),
+        "methods": map_scores(vlm, cfg, films, table=table, **kwargs),
+        "share": share_table(vlm, cfg, films, table=table),
     }

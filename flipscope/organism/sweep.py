@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
-from flipscope.organism.behaviour import MarginTable, margin_table
+from flipscope.organism.behaviour import MarginTable, _share, margin_table
 from flipscope.organism.config import REGIMES, OrganismConfig
 from flipscope.organism.data import sample_films
 from flipscope.organism.train import STREAM_TEST, deterministic, stream, train_model
@@ -42,10 +42,6 @@ RUN_FILE = "run.json"
 def run_dir(out: str | Path, regime: str, seed: int) -> Path:
     """The folder of one run of a sweep written to `out`."""
     return Path(out) / "runs" / f"{regime}-s{seed}"
-
-
-def _share(values: np.ndarray) -> float | None:
-    return float(values.mean()) if values.size else None
 
 
 def run_measures(table: MarginTable, cfg: OrganismConfig) -> dict[str, Any]:
