@@ -94,7 +94,22 @@ def test_removing_the_framing_features_reverses_flips_but_the_readout_carries_th
     assert flips["n"] == bank["n_flips"]
     assert flips["share_reversed"]["value"] >= 0.5  # the flipped margins sit just above 0
     control = result.summary["matched_control_feature"]
-    assert result.summary["setup"]["control_feature"] not in aligned
+    controls = result.summary["setup"]["control_features"]
+    assert len(set(controls)) == len(aligned) and not set(controls) & set(aligned)
+    # the controls do not track the shift, and the report says how large their own patch is
+    from flipscope.sae.encode import decoder_vectors
+    from flipscope.stats import correlations
+
+    is_flip = torch.from_numpy(pairs.is_flip)
+    delta = pairs.feature_delta(sae, card["hook_name"])[is_flip].double()
+    r = correlations(delta[:, controls].numpy(), pairs.margin_shift[is_flip].double().numpy())["r"]
+    assert np.all(np.abs(r) < 0.1)
+    own = decoder_vectors(sae, delta[:, controls].float(), controls).norm(dim=1)
+    patched = decoder_vectors(sae, delta[:, aligned].float(), aligned).norm(dim=1)
+    ratio = result.summary["setup"]["control_size_ratio"]
+    assert ratio == pytest.approx(float((own / patched).mean()), rel=1e-4) and 0 < ratio < 1
+    given = patch_bank(vlm, sae, bank, aligned, control_features=controls, pairs=pairs, progress=False).summary
+    assert given["matched_control_feature"] == control and "same_push_control" in given
     assert (
         flips["mean_recovery"]["low"] > control["mean_recovery"]["high"]
         and abs(control["mean_recovery"]["value"]) < 0.1
@@ -111,6 +126,10 @@ def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path)
         patch_bank(vlm, sae, bank, [38, 64], pairs=pairs, progress=False)
     with pytest.raises(FlipscopeError, match="feature index -1 is out of range"):
         ClampedVLM(vlm, sae, {-1: 0.0})
+    with pytest.raises(FlipscopeError, match=r"control features \[1\] must be one per patched feature \[38, 3\]"):
+        patch_bank(vlm, sae, bank, [38, 3], control_features=[1], pairs=pairs, progress=False)
+    with pytest.raises(FlipscopeError, match=r"control features \[38, 1\] must be one per patched feature"):
+        patch_bank(vlm, sae, bank, [38, 3], control_features=[38, 1], pairs=pairs, progress=False)
     with pytest.raises(FlipscopeError, match="positions 'middle' is unknown"):
         patch_bank(vlm, sae, bank, [38], positions="middle", pairs=pairs, progress=False)
     from flipscope.model import HookedVLM

@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from flipscope.data.flipbank import load_flipbank
-from flipscope.experiments.lens import lens_margins, lens_trajectory
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.lens import LensTrajectory, lens_margins, lens_trajectory
 from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.rank1 import rank1_patch
 from flipscope.model.hook_names import resid_post
 from flipscope.organism import load_organism
+from flipscope.reporting.claims import lens_reading
 from flipscope.reporting.format import fmt
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -51,13 +54,70 @@ def test_flips_diverge_under_the_lens_far_more_than_non_flips(setup) -> None:
     assert summary["commit_layer"]["n"] == summary["n_flips"]
 
 
+def test_the_flips_diverge_beyond_what_choosing_them_for_crossing_zero_gives(setup) -> None:
+    vlm, bank, pairs = setup
+    summary = lens_trajectory(vlm, bank, pairs=pairs).summary()
+    assert summary["first_layer_beyond_selection"] == 0
+    for row in summary["layers"]:
+        null = row["selection"]
+        assert 1 < null["ratio"] < row["ratio"]["low"]  # selection gives some excess, the framing more
+        assert null["p_value"] < 0.01 and null["n_shuffles"] == 1000
+
+
+def _trajectory(push: float, seed: int = 0) -> LensTrajectory:
+    """Two wordings, 200 cases each, whose shifts are noise, plus `push` toward the other answer on
+    the cases it carries across zero more easily (those nearest it): a case-specific effect."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    orig = rng.normal(0, 3, n)
+    shift = rng.normal(0, 1.5, n) - push * np.sign(orig) * (np.abs(orig) < 3)
+    layers = np.linspace(0.5, 1, 3)[:, None]
+    return LensTrajectory(
+        layers=[0, 1, 2], orig=layers * orig, para=layers * (orig + shift),
+        is_flip=(orig > 0) != (orig + shift > 0), final_orig=orig, final_para=orig + shift,
+        family=np.repeat(["a", "b"], n // 2),
+    )  # fmt: skip
+
+
+def test_the_selection_null_holds_noise_shifts_and_finds_case_specific_ones() -> None:
+    """Noise shifts make flips diverge more than non-flips (they are chosen for crossing zero), and
+    the selection null says no more; a push that only acts on some cases is found beyond it."""
+    for seed in range(3):
+        noise = _trajectory(0.0, seed).summary()
+        assert all(row["ratio"]["low"] > 1 for row in noise["layers"])  # the raw ratio is fooled
+        assert noise["first_layer_beyond_selection"] is None, [r["selection"] for r in noise["layers"]]
+        assert "Selection alone gives as much" in lens_reading(noise)
+        pushed = _trajectory(2.0, seed).summary()
+        assert pushed["first_layer_beyond_selection"] == 0
+        assert "more than choosing flips for crossing zero gives" in lens_reading(pushed)
+
+
 def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setup) -> None:
     vlm, _, pairs = setup
     found = rank1_patch(vlm, pairs, ENTRY, n_random=32)
     assert found["recovery"]["value"] >= 0.9 and found["recovery"]["n"] == int(pairs.is_flip.sum())
-    assert found["random"]["median_mean_recovery"] <= 0.05
-    assert found["random"]["best_mean_recovery"] < 0.1
+    null = found["random"]
+    assert null["n_directions"] == 32 and null["n_drawn"] == 256
+    assert null["median_mean_recovery"] <= 0.05 < 0.9 <= found["recovery"]["value"]
+    assert null["median_mean_recovery"] < null["best_mean_recovery"] <= null["largest_drawn"]
+    assert null["best_mean_recovery"] < 0.1 and null["p_value"] == 1 / 257  # no drawn direction comes close
     assert found["controls"]["mean_abs_margin_change"]["value"] <= CORRUPTION_BOUND
+    # the null's draws do not depend on how many the forward pass takes at once
+    again = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16, rows_per_forward=7)
+    first = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16)
+    assert again["random"]["best_mean_recovery"] == pytest.approx(first["random"]["best_mean_recovery"], abs=1e-5)
+    with pytest.raises(FlipscopeError, match="needs n_draws ≥ 8"):
+        rank1_patch(vlm, pairs, ENTRY, n_random=8, n_draws=4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on the shipped organism at blocks.0.hook_attn_out: the expected best of 32 norm-matched random "
+    "directions (from 256) recovers 0.059 of the margin; the bar is 0.05 (the median direction recovers 0.014)",
+)
+def test_the_best_of_32_random_directions_recovers_at_most_005(setup) -> None:
+    vlm, _, pairs = setup
+    assert rank1_patch(vlm, pairs, ENTRY, n_random=32)["random"]["best_mean_recovery"] <= 0.05
 
 
 def test_the_lens_command_prints_both_readings_and_writes_them(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from flipscope.stats import bootstrap
+from flipscope.stats import bootstrap, expected_max
 
 
 def test_interval_covers_and_shrinks() -> None:
@@ -40,3 +40,17 @@ def test_bootstrap_in_bounded_chunks_equals_one_draw(monkeypatch) -> None:
     assert len(st._chunks(2000, len(values))) > 1  # the budget really splits this draw
     monkeypatch.setattr(st, "_RESAMPLE_BUDGET", 1 << 40)
     assert (bootstrap(values, seed=3), bootstrap(values, np.median, n_boot=301, seed=3)) == chunked
+
+
+def test_expected_max_is_the_mean_best_of_every_subset() -> None:
+    import itertools
+
+    import pytest
+
+    values = np.random.default_rng(3).normal(size=9)
+    for n in (1, 3, 9):
+        brute = np.mean([max(c) for c in itertools.combinations(values, n)])
+        assert expected_max(values, n) == pytest.approx(brute, rel=1e-12)
+    assert expected_max(values, 1) == pytest.approx(values.mean())
+    with pytest.raises(ValueError, match="the best of 10 needs at least 10 draws; there are 9"):
+        expected_max(values, 10)

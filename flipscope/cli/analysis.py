@@ -265,8 +265,13 @@ def _print_patch(s: dict, chosen: list[int], positions: str, site=None) -> None:
     if "matched_control_feature" in s:
         m = s["matched_control_feature"]
         typer.echo(
-            f"  matched control feature {s['setup']['control_feature']}: recovery {fmt(m['mean_recovery'])}, "
+            f"  matched control features {s['setup']['control_features']} (own Δf, a push "
+            f"{s['setup']['control_size_ratio']:.2f}× the features'): recovery {fmt(m['mean_recovery'])}, "
             f"reversed {fmt(m['share_reversed'])}"
+        )
+    if "same_push_control" in s:
+        typer.echo(
+            f"  the features' push along the controls' rows: recovery {fmt(s['same_push_control']['mean_recovery'])}"
         )
 
 

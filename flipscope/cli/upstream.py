@@ -60,7 +60,9 @@ def lens(
     sites: str | None = typer.Option(
         None, help="Extra hooks to rank-1 patch, e.g. blocks.0.hook_attn_out (each layer's resid_post always)."
     ),
-    n_random: int = typer.Option(32, help="Norm-matched random directions in the null (its best is reported)."),
+    n_random: int = typer.Option(
+        32, help="The null is the best of this many norm-matched random directions (its expectation, from 8× as many)."
+    ),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.lens.json beside the FlipBank)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
@@ -91,19 +93,29 @@ def lens(
         patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random)
         write_json(path, {"lens": trajectory, "rank1": patched})
     typer.echo(f"{trajectory['n_flips']} flips, {trajectory['n_controls']} same-family non-flips")
-    typer.echo(f"{'layer':>5}  {'|Δ lens| flips':>15}{'non-flips':>11}  {'ratio [CI]':<28}{'r(flip)':>8}")
+    typer.echo(
+        f"{'layer':>5}  {'|Δ lens| flips':>15}{'non-flips':>11}  {'ratio [CI]':<28}{'r(flip)':>8}"
+        f"{'by selection':>14}{'p':>7}"
+    )
     for row in trajectory["layers"]:
         ratio = fmt(row.get("ratio"), 2) if row.get("ratio") else "n/a"
         controls = f"{row['controls']:.3f}" if row["controls"] is not None else "n/a"
         r = f"{row['r_flip']:+.2f}" if "r_flip" in row else "n/a"
-        typer.echo(f"{row['layer']:>5}  {row['flips']:>15.3f}{controls:>11}  {ratio:<28}{r:>8}")
+        null = row.get("selection")
+        chosen = f"{null['ratio']:>14.2f}{null['p_value']:>7.3f}" if null else f"{'n/a':>14}{'':>7}"
+        typer.echo(f"{row['layer']:>5}  {row['flips']:>15.3f}{controls:>11}  {ratio:<28}{r:>8}{chosen}")
     commit = trajectory["commit_layer"]
     typer.echo(f"commit layer (median over flips' paraphrases): {commit['median']} (n = {commit['n']})")
-    typer.echo(f"{'site':<28}{'rank-1 recovery [CI]':<30}{'best random':>12}{'non-flips |Δm|':>16}")
+    typer.echo(f"{'site':<28}{'rank-1 recovery [CI]':<30}{f'best of {n_random} random':>20}{'p':>8}"
+               f"{'non-flips |Δm|':>16}")  # fmt: skip
     for row in patched:
         controls = row.get("controls", {}).get("mean_abs_margin_change", {}).get("value")
         shown = f"{controls:.3f}" if controls is not None else "n/a"
+        null = row["random"]
         typer.echo(
-            f"{row['hook']:<28}{fmt(row['recovery']):<30}{row['random']['best_mean_recovery']:>12.3f}{shown:>16}"
+            f"{row['hook']:<28}{fmt(row['recovery']):<30}{null['best_mean_recovery']:>20.3f}{null['p_value']:>8.3f}"
+            f"{shown:>16}"
         )
+    typer.echo(f"(best of {n_random}: its expected value over {patched[0]['random']['n_drawn']} drawn directions; "
+               "p: the share of them that recover as much)" if patched else "")  # fmt: skip
     typer.echo(f"lens: {path}")

@@ -11,6 +11,12 @@ same for the bank's same-family non-flips says how far a wording moves the lens 
 holds. Where the flips' divergence first exceeds the non-flips' (a ratio whose CI lies above 1),
 the framing has started to act on the answer. A paraphrase's **commit layer** is the first layer
 from which the lens gives its final answer at every later layer.
+
+Flips are chosen for crossing zero, so their shifts are large by selection alone. The **selection
+null** says how large: the cases' shift trajectories are shuffled among cases of the same wording,
+flips are re-selected as the shuffled shifts that carry their original across zero, and the ratio
+is recomputed. A ratio beyond that null says the wording moves the flips more than a shift drawn at
+random from the same wording's shifts would have to; one within it says no more than selection.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class LensTrajectory:
         is_flip: Which cases are flips (the rest are same-family non-flip controls).
         final_orig: The model's own margin of each original.
         final_para: The model's own margin of each paraphrase.
+        family: Each case's wording (the paraphrase's `prompt_index`, else its `strategy`), within
+            which the selection null shuffles; None shuffles over the whole bank.
     """
 
     layers: list[int]
@@ -69,6 +77,7 @@ class LensTrajectory:
     is_flip: Bool[np.ndarray, " case"]
     final_orig: Float[np.ndarray, " case"]
     final_para: Float[np.ndarray, " case"]
+    family: np.ndarray | None = None
 
     @property
     def divergence(self) -> Float[np.ndarray, "layer case"]:
@@ -85,6 +94,34 @@ class LensTrajectory:
         first = np.argmax(tail, axis=0)
         layers = np.asarray(self.layers, dtype=float)
         return np.where(tail.any(0), layers[first], np.nan)
+
+    def selection_null(self, *, n_perm: int = 1000, seed: int = 0) -> list[dict[str, Any] | None]:
+        """Per layer, the flips ÷ non-flips divergence ratio that selecting flips for crossing zero
+        gives by itself (the median over shuffles of the shifts within each wording, see the
+        module docstring) and the share of shuffles at least as large as the observed ratio (p).
+        None where fewer than half the shuffles leave two flips and two non-flips."""
+        div, crossing = self.divergence, self.final_para - self.final_orig
+        groups = [np.arange(len(self.is_flip))] if self.family is None else [
+            np.flatnonzero(self.family == f) for f in np.unique(self.family)
+        ]  # fmt: skip
+        rng = np.random.default_rng(seed)
+        observed = _ratio(div, self.is_flip)
+        null = []
+        for _ in range(n_perm):
+            perm = np.arange(len(self.is_flip))
+            for idx in groups:
+                perm[idx] = rng.permutation(idx)
+            flips = (self.final_orig > 0) != (self.final_orig + crossing[perm] > 0)
+            if flips.sum() >= 2 and (~flips).sum() >= 2:
+                null.append(_ratio(div[:, perm], flips))
+        if observed is None or len(null) < n_perm / 2:
+            return [None] * len(self.layers)
+        null_ratios = np.asarray(null)
+        return [
+            {"ratio": float(np.median(null_ratios[:, k])), "n_shuffles": len(null),
+             "p_value": float((1 + (null_ratios[:, k] >= observed[k]).sum()) / (1 + len(null)))}
+            for k in range(len(self.layers))
+        ]  # fmt: skip
 
     def summary(self, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
         """Per layer: the flips' and the non-flips' mean divergence, their ratio with a bootstrap
@@ -114,7 +151,11 @@ class LensTrajectory:
                 r = float(stats.pearsonr(self.is_flip.astype(float), div[k])[0]) if varied else 0.0
                 row |= {"ratio": {"value": ratio, "low": float(low), "high": float(high), "n": n_f}, "r_flip": r}
             rows.append(row)
+        if n_c:
+            for row, null in zip(rows, self.selection_null(seed=seed), strict=True):
+                row["selection"] = null
         above = [row["layer"] for row in rows if row.get("ratio") and row["ratio"]["low"] > 1]
+        beyond = [row["layer"] for row in rows if (row.get("selection") or {}).get("p_value", 1.0) < 0.05]
         commit = self.commit_layers("para")[self.is_flip]
         committed = commit[np.isfinite(commit)]
         return {
@@ -122,12 +163,24 @@ class LensTrajectory:
             "n_flips": n_f,
             "n_controls": n_c,
             "first_divergent_layer": above[0] if above else None,
+            "first_layer_beyond_selection": beyond[0] if beyond else None,
             "commit_layer": {
                 "median": float(np.median(committed)) if len(committed) else None,
                 "n": int(len(committed)),
                 "by_layer": {int(layer): int((committed == layer).sum()) for layer in self.layers},
             },
         }
+
+
+def _ratio(div: Float[np.ndarray, "layer case"], flips: Bool[np.ndarray, " case"]) -> np.ndarray | None:
+    """Per layer, the flips' mean divergence over the non-flips' (None without both)."""
+    if not flips.any() or flips.all():
+        return None
+    return div[:, flips].mean(1) / np.maximum(div[:, ~flips].mean(1), 1e-12)
+
+
+def _family(case: Mapping[str, Any]) -> Any:
+    return case.get("prompt_index", case.get("strategy"))
 
 
 def lens_trajectory(
@@ -154,4 +207,7 @@ def lens_trajectory(
         is_flip=np.asarray(pairs.is_flip),
         final_orig=pairs.margin_orig.double().cpu().numpy(),
         final_para=pairs.margin_para.double().cpu().numpy(),
+        family=None
+        if any(_family(c) is None for c in pairs.cases)
+        else np.array([str(_family(c)) for c in pairs.cases]),
     )

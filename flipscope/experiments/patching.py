@@ -10,8 +10,14 @@ patching** puts the original's whole activation vector in place of the paraphras
 Per case: the margins of the original, the paraphrase and the patched paraphrase; **recovery**
 = (m_patched − m_para) / (m_orig − m_para); **reversed** when the patched answer is the original's.
 Controls, always beside: the same patch on the FlipBank's non-flip controls (margins should not
-move) and a **matched control feature** — one that does not track the margin shift, with the mean
-activation closest to the patched feature's — moved by the same amount along its own decoder row.
+move), and the **matched control features** — for each patched feature, one that does not track
+the margin shift and moves as much between original and paraphrase (mean |Δf|) — given the same
+patch, each by its own Δf · W_dec (the paper's control "of matched activation magnitude"), with
+the size of their patch beside (`control_size_ratio`, the mean over flips of its norm over the
+features' patch's: a small SAE may have no feature that moves as much without tracking the shift,
+and a control that barely moves proves little). A harsher check sits beside them: the **same-push
+control**, the patched features' own amounts Δf laid along the matched controls' decoder rows
+instead of their own, so the push is as large and only the features differ.
 
 The hook functions (`flipscope.interventions.hooks`) are pure and live only inside
 `HookedVLM.hooks`, so no hook outlives a run, even one that raises. Sweeps of one feature or
@@ -43,7 +49,7 @@ from flipscope.stats import bootstrap, correlations
 __all__ = [
     "POSITIONS",
     "PatchResult",
-    "matched_control_feature",
+    "matched_control_features",
     "patch_bank",
     "patched_margins",
     "recovery",
@@ -78,39 +84,48 @@ class PatchResult:
     summary: dict[str, Any]
 
 
-def matched_control_feature(
+def matched_control_features(
     sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], max_abs_r: float = 0.1
-) -> int:
-    """A feature that does not track the margin shift (|Pearson r| of Δf with it, over flips,
-    below `max_abs_r`; else the least correlated), not among `features`, whose mean activation on
-    the flip paraphrases is closest to that of `features[0]`."""
+) -> list[int]:
+    """For each of `features` in turn, a distinct other feature that does not track the margin
+    shift (|Pearson r| of Δf with it, over flips, below `max_abs_r`; else the least correlated)
+    and whose patch is as large: its mean |Δf| over flips closest to that feature's. A feature
+    whose Δf never varies is no control (its patch would be nothing)."""
     flips = torch.from_numpy(pairs.is_flip)
     f_orig, f_para = (f[flips].double() for f in pairs.features(sae, hook))
-    r = np.abs(correlations((f_para - f_orig).numpy(), pairs.margin_shift[flips].double().numpy())["r"])
-    active = (f_para > 0).any(0).numpy()
+    delta = (f_para - f_orig).numpy()
+    r = np.abs(correlations(delta, pairs.margin_shift[flips].double().numpy())["r"])
+    moved = np.isfinite(r) & (delta.std(0) > 0)
     allowed = np.ones(len(r), dtype=bool)
     allowed[list(features)] = False
-    candidates = np.flatnonzero(allowed & active & (r < max_abs_r))
-    if not len(candidates):
-        candidates = np.flatnonzero(allowed & active)
-        candidates = candidates[np.argsort(r[candidates])][:5]
-    if not len(candidates):
-        raise FlipscopeError("no other active feature to serve as a matched control")
-    level = f_para.mean(0).numpy()
-    return int(candidates[np.argmin(np.abs(level[candidates] - level[features[0]]))])
+    candidates = np.flatnonzero(allowed & moved & (r < max_abs_r))
+    if len(candidates) < len(features):
+        ranked = np.flatnonzero(allowed & moved)
+        candidates = ranked[np.argsort(r[ranked], kind="stable")][: max(len(features), 5)]
+    if len(candidates) < len(features):
+        raise FlipscopeError(
+            f"only {len(candidates)} other features move between original and paraphrase; "
+            f"{len(features)} are needed as matched controls"
+        )
+    size = np.abs(delta).mean(0)
+    chosen: list[int] = []
+    for feature in features:
+        free = np.array([c for c in candidates if c not in chosen])
+        chosen.append(int(free[np.argmin(np.abs(size[free] - size[feature]))]))
+    return chosen
 
 
 def _vectors(
-    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], control: int | None
-) -> tuple[Tensor, Tensor | None]:
-    """Per case, the delta-only patch vector of `features`, and of the matched control: the same
-    norm along the control feature's unit decoder row."""
+    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], controls: Sequence[int] | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per case, the delta-only patch vector of `features`; of the matched `controls`, each by its
+    own Δf · W_dec; and the same-push control: the features' Δf along the controls' rows."""
     delta = pairs.feature_delta(sae, hook)
     vectors = decoder_vectors(sae, delta[:, list(features)], features)
-    if control is None:
-        return vectors, None
-    row = sae.W_dec.detach()[control]
-    return vectors, vectors.norm(dim=1, keepdim=True) * (row / row.norm())
+    if not controls:
+        return vectors, None, None
+    own = decoder_vectors(sae, delta[:, list(controls)], controls)
+    return vectors, own, decoder_vectors(sae, delta[:, list(features)], controls)
 
 
 def _span_reference(
@@ -144,17 +159,22 @@ def _check_setup(sae: Any, features: Sequence[int] | None, variant: str, positio
 class _Patcher:
     """The hook that patches a batch of paraphrases (`start:stop` of the bank's cases)."""
 
-    def __init__(self, vlm: VLM, sae: Any, hook: str, pairs: PairActivations, features, variant, positions, control,
+    def __init__(self, vlm: VLM, sae: Any, hook: str, pairs: PairActivations, features, variant, positions, controls,
                  batch_size: int) -> None:  # fmt: skip
         self.vlm, self.sae, self.hook, self.pairs = vlm, sae, hook, pairs
         self.features, self.variant, self.positions = features, variant, positions
-        self.vectors = self.control_vectors = self.reference = None
+        self.vectors = self.control_vectors = self.norm_vectors = self.reference = None
         if variant == "delta" and positions == "last":
-            self.vectors, self.control_vectors = _vectors(sae, hook, pairs, features, control)
+            self.vectors, self.control_vectors, self.norm_vectors = _vectors(sae, hook, pairs, features, controls)
         if positions != "last":
             specs, orig_index, _ = pair_specs(pairs.cases)
             originals = [specs[i] for i in orig_index]
             self.reference = _span_reference(vlm, sae, hook, originals, features, positions, batch_size)
+
+    def control_margins(self, inputs: Any, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """The batch's margins under the matched controls' own patch, and under the same push."""
+        own = patched_margins(self.vlm, inputs, self.hook, self.control_vectors[start:stop])
+        return own, patched_margins(self.vlm, inputs, self.hook, self.norm_vectors[start:stop])
 
     def hook_fn(self, chunk: list, inputs: Any, start: int, stop: int):
         if self.variant == "original":
@@ -166,7 +186,27 @@ class _Patcher:
         return shift_features_hook(self.sae, self.features, self.reference[start:stop, None], mask)
 
 
-def _case_rows(pairs: PairActivations, m_patched: Tensor, m_control: Tensor | None) -> list[dict[str, Any]]:
+def _controls(sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], given) -> list[int]:
+    """The matched controls: chosen (`"auto"`) or given, one per feature, none of them patched."""
+    if given == "auto":
+        return matched_control_features(sae, hook, pairs, features)
+    controls = [int(c) for c in given]
+    check_features(sae, controls)
+    if len(controls) != len(features) or set(controls) & set(features):
+        raise FlipscopeError(
+            f"control features {controls} must be one per patched feature {list(features)}, none of them"
+        )
+    return controls
+
+
+def _size_ratio(patcher: _Patcher, pairs: PairActivations) -> float:
+    """Mean over flips of |the matched controls' own patch| / |the features' patch|."""
+    flips = torch.from_numpy(pairs.is_flip)
+    own, features = patcher.control_vectors[flips].norm(dim=1), patcher.vectors[flips].norm(dim=1)
+    return float((own / features.clamp_min(1e-12)).double().mean())
+
+
+def _case_rows(pairs: PairActivations, m_patched: Tensor, controlled: list[Tensor]) -> list[dict[str, Any]]:
     rows = []
     for i, case in enumerate(pairs.cases):
         row = {
@@ -177,8 +217,8 @@ def _case_rows(pairs: PairActivations, m_patched: Tensor, m_control: Tensor | No
             "m_para": float(pairs.margin_para[i]),
             "m_patched": float(m_patched[i]),
         }
-        if m_control is not None:
-            row["m_control_feature"] = float(m_control[i])
+        if controlled:
+            row["m_control_feature"], row["m_same_push"] = float(controlled[0][i]), float(controlled[1][i])
         rows.append(row)
     return rows
 
@@ -193,7 +233,7 @@ def patch_bank(
     *,
     variant: str = "delta",
     positions: str = "last",
-    control_feature: int | str | None = "auto",
+    control_features: Sequence[int] | str | None = "auto",
     pairs: PairActivations | None = None,
     batch_size: int = 32,
     progress: bool = True,
@@ -205,8 +245,8 @@ def patch_bank(
         variant: `"delta"` (remove Δf · W_dec) or `"original"` (the original's activation
             vector at the SAE's hook, last position).
         positions: `"last"`, `"question"` or `"all"` (delta only; see the module docstring).
-        control_feature: The matched control feature, `"auto"` (`matched_control_feature`) or
-            None (no control).
+        control_features: The matched control features, one per feature: `"auto"`
+            (`matched_control_features`), the indices, or None (no control).
 
     Raises:
         FlipscopeError: bad feature, variant or positions; SAE or bank not of this model.
@@ -214,12 +254,10 @@ def patch_bank(
     hook = check_sae(sae, vlm)
     _check_setup(sae, features, variant, positions)
     pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
-    control = None
-    if variant == "delta" and positions == "last" and control_feature is not None:
-        auto = control_feature == "auto"
-        control = matched_control_feature(sae, hook, pairs, features) if auto else int(control_feature)
-        check_features(sae, [control])
-    patcher = _Patcher(vlm, sae, hook, pairs, features, variant, positions, control, batch_size)
+    controls = None
+    if variant == "delta" and positions == "last" and control_features is not None:
+        controls = _controls(sae, hook, pairs, features, control_features)
+    patcher = _Patcher(vlm, sae, hook, pairs, features, variant, positions, controls, batch_size)
     para_specs = pairs.paraphrase_specs()
     patched, controlled = [], []
     for start in tqdm(range(0, len(para_specs), batch_size), desc="patching", disable=not progress):
@@ -228,12 +266,13 @@ def patch_bank(
         inputs = vlm.prompts.build(chunk)
         with vlm.hooks(fwd_hooks=[(hook, patcher.hook_fn(chunk, inputs, start, stop))]):
             patched.append(vlm.score(inputs))
-        if control is not None:
-            controlled.append(patched_margins(vlm, inputs, hook, patcher.control_vectors[start:stop]))
-    patched_all, controlled_all = torch.cat(patched), torch.cat(controlled) if controlled else None
-    require_finite(patched_all, lambda i: f"case {pairs.cases[i]['id']!r}", "patched margin")
-    if controlled_all is not None:
-        require_finite(controlled_all, lambda i: f"case {pairs.cases[i]['id']!r}", "control-feature margin")
+        if controls:
+            controlled.append(patcher.control_margins(inputs, start, stop))
+    patched_all = torch.cat(patched)
+    controlled_all = [torch.cat(m) for m in zip(*controlled, strict=True)] if controlled else []
+    names = ("patched", "control-feature", "same-push control")[: 1 + len(controlled_all)]
+    for name, m in zip(names, [patched_all, *controlled_all], strict=True):
+        require_finite(m, lambda i: f"case {pairs.cases[i]['id']!r}", f"{name} margin")
     rows = _case_rows(pairs, patched_all, controlled_all)
     summary = summarize_patch(rows)
     summary["setup"] = {
@@ -241,7 +280,8 @@ def patch_bank(
         "features": None if features is None else [int(f) for f in features],
         "variant": variant,
         "positions": positions,
-        "control_feature": control,
+        "control_features": controls,
+        "control_size_ratio": _size_ratio(patcher, pairs) if controls else None,
     }
     return PatchResult(rows=rows, summary=summary)
 
@@ -284,4 +324,6 @@ def summarize_patch(rows: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[st
         }
     if flips and "m_control_feature" in flips[0]:
         summary["matched_control_feature"] = flips_block(flips, "m_control_feature")
+    if flips and "m_same_push" in flips[0]:
+        summary["same_push_control"] = flips_block(flips, "m_same_push")
     return summary

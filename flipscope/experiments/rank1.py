@@ -11,8 +11,11 @@ difference defines the direction that undoes it.
 Two nulls sit beside it:
 
 - **random directions**, norm-matched: the paraphrase is moved by the same distance along a random
-  unit direction r̂ (towards its original's side of r̂); `n_random` directions are tried and the
-  *best* mean recovery is reported, so the null has searched as much as a direction search would;
+  unit direction r̂ (towards its original's side of r̂). The null is the *best* mean recovery of
+  `n_random` such directions, so it has searched as much as a direction search would; it is
+  estimated as the expected best of `n_random` from `n_draws` ≫ `n_random` directions
+  (`flipscope.stats.expected_max`), since the largest of one set of `n_random` is itself a noisy
+  draw, beside the share of drawn directions that recover as much as the framing direction;
 - the **same-family non-flips**: the flips' direction applied to them the same way; a framing
   direction moves their margins about as much as their own wording does, no more.
 """
@@ -34,7 +37,7 @@ from flipscope.interventions.hooks import subtract_at_last
 from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
-from flipscope.stats import bootstrap
+from flipscope.stats import bootstrap, expected_max
 
 __all__ = ["framing_direction", "rank1_patch", "rank1_sweep"]
 
@@ -96,6 +99,31 @@ def _estimate(values: np.ndarray, seed: int) -> dict[str, Any]:
     return bootstrap(values, seed=seed).to_dict()
 
 
+def _directions(delta: Tensor, flips: np.ndarray, folds: int, seed: int) -> Tensor:
+    """Per case, the framing direction it is patched with: a flip's from the other folds' flips
+    (cross-fitted), a non-flip's from all flips."""
+    flip_idx = np.flatnonzero(flips)
+    fold = _folds(len(flip_idx), folds, seed)
+    directions = torch.zeros_like(delta)
+    for k in range(folds):
+        held_in = torch.from_numpy(flip_idx[fold != k])
+        directions[torch.from_numpy(flip_idx[fold == k])] = framing_direction(delta[held_in])
+    directions[torch.from_numpy(~flips)] = framing_direction(delta[torch.from_numpy(flip_idx)])
+    return directions
+
+
+def _random_null(random_means: list[float], observed: float, n_random: int) -> dict[str, Any]:
+    values = np.asarray(random_means)
+    return {
+        "n_directions": n_random,
+        "n_drawn": len(values),
+        "best_mean_recovery": expected_max(values, n_random),
+        "largest_drawn": float(values.max()),
+        "median_mean_recovery": float(np.median(values)),
+        "p_value": float((1 + (values >= observed).sum()) / (1 + len(values))),
+    }
+
+
 @torch.no_grad()
 @images_once
 def rank1_patch(
@@ -104,56 +132,57 @@ def rank1_patch(
     hook: str,
     *,
     n_random: int = 32,
+    n_draws: int | None = None,
     folds: int = 2,
     seed: int = 0,
     rows_per_forward: int = 1024,
 ) -> dict[str, Any]:
     """Rank-1 patching at `hook` (see the module docstring): recovery over flips with its CI, the
-    share reversed, the non-flips' margin change under the flips' direction, and the best of
-    `n_random` norm-matched random directions."""
+    share reversed, the non-flips' margin change under the flips' direction, and the expected best
+    of `n_random` norm-matched random directions, from `n_draws` (default 8 × `n_random`)."""
     if hook not in pairs.orig:
         raise FlipscopeError(f"the pair activations do not hold {hook!r}")
     flips: Bool[np.ndarray, " case"] = np.asarray(pairs.is_flip)
-    n_flips = int(flips.sum())
+    n_flips, n_draws = int(flips.sum()), 8 * n_random if n_draws is None else n_draws
     if n_flips < 2 * folds:
         raise FlipscopeError(f"rank-1 patching needs at least {2 * folds} flips to cross-fit; the bank has {n_flips}")
+    if not 1 <= n_random <= n_draws:
+        raise FlipscopeError(f"the best of {n_random} random directions needs n_draws ≥ {n_random}; got {n_draws}")
     delta = pairs.delta(hook).float()
-    flip_idx = np.flatnonzero(flips)
-    fold = _folds(n_flips, folds, seed)
-    directions = torch.zeros_like(delta)
-    for k in range(folds):
-        held_in = torch.from_numpy(flip_idx[fold != k])
-        directions[torch.from_numpy(flip_idx[fold == k])] = framing_direction(delta[held_in])
-    whole = framing_direction(delta[torch.from_numpy(flip_idx)])
-    directions[torch.from_numpy(~flips)] = whole
-    generator = torch.Generator().manual_seed(seed)
-    randoms = torch.randn(n_random, delta.shape[1], generator=generator)
+    directions = _directions(delta, flips, folds, seed)
+    randoms = torch.randn(n_draws, delta.shape[1], generator=torch.Generator().manual_seed(seed))
     randoms = randoms / randoms.norm(dim=1, keepdim=True)
-    along = torch.cat([directions[:, None], randoms[None].expand(len(delta), -1, -1)], dim=1)
-    vectors = _vectors(delta[:, None], directions[:, None], along)
-    margins = _margins(vlm, pairs.paraphrase_specs(), hook, vectors, rows_per_forward)
-    require_finite(margins.flatten(), lambda r: f"case {pairs.cases[r // (1 + n_random)]['id']!r}", "rank-1 margin")
-    patched, random = margins[:, 0], margins[flips][:, 1:].T
+    specs, is_flip = pairs.paraphrase_specs(), torch.from_numpy(flips)
+    along = torch.cat([directions[is_flip, None], randoms[None].expand(n_flips, -1, -1)], dim=1)
+    vectors = _vectors(delta[is_flip, None], directions[is_flip, None], along)  # flips: framing, then random
+    flip_specs = [s for s, f in zip(specs, flips, strict=True) if f]
+    margins = _margins(vlm, flip_specs, hook, vectors, rows_per_forward)
+    ids = [c["id"] for c in pairs.cases]
+    flip_ids, control_ids = (
+        [i for i, f in zip(ids, flips, strict=True) if f],
+        [i for i, f in zip(ids, flips, strict=True) if not f],
+    )
+    require_finite(margins.flatten(), lambda r: f"case {flip_ids[r // (1 + n_draws)]!r}", "rank-1 margin")
     m_orig, m_para = pairs.margin_orig.double().numpy(), pairs.margin_para.double().numpy()
-    m_new = patched.double().numpy()
-    rec = (m_new[flips] - m_para[flips]) / (m_orig[flips] - m_para[flips])
     shift = m_orig[flips] - m_para[flips]
-    random_means = [float(np.mean((m.double().numpy() - m_para[flips]) / shift)) for m in random]
+    m_new = margins[:, 0].double().numpy()
+    rec = (m_new - m_para[flips]) / shift
+    random_means = [float(np.mean((m.double().numpy() - m_para[flips]) / shift)) for m in margins[:, 1:].T]
     result: dict[str, Any] = {
         "hook": hook,
         "n_flips": n_flips,
         "folds": folds,
         "recovery": _estimate(rec, seed),
-        "share_reversed": _estimate((m_new[flips] > 0) == (m_orig[flips] > 0), seed),
-        "random": {
-            "n_directions": n_random,
-            "best_mean_recovery": max(random_means) if random_means else None,
-            "median_mean_recovery": float(np.median(random_means)) if random_means else None,
-        },
-        "direction_norm": float(delta[torch.from_numpy(flip_idx)].double().mean(0).norm()),
+        "share_reversed": _estimate((m_new > 0) == (m_orig[flips] > 0), seed),
+        "random": _random_null(random_means, float(rec.mean()), n_random),
+        "direction_norm": float(delta[is_flip].double().mean(0).norm()),
     }
     if (~flips).any():
-        change = m_new[~flips] - m_para[~flips]
+        control_specs = [s for s, f in zip(specs, flips, strict=True) if not f]
+        vectors = _vectors(delta[~is_flip, None], directions[~is_flip, None], directions[~is_flip, None])
+        m_control = _margins(vlm, control_specs, hook, vectors, rows_per_forward)[:, 0].double().numpy()
+        require_finite(torch.from_numpy(m_control), lambda r: f"case {control_ids[r]!r}", "rank-1 margin")
+        change = m_control - m_para[~flips]
         result["controls"] = {
             "n": int((~flips).sum()),
             "mean_margin_change": _estimate(change, seed),

@@ -121,25 +121,34 @@ def replicated(run: Mapping[str, Any]) -> bool:
 
 
 def beats_control(run: Mapping[str, Any]) -> bool | None:
-    """Whether the held-out recovery's interval lies above the matched control feature's (None
-    when there was no control feature)."""
+    """Whether the held-out recovery's interval lies above the matched control features' and, where
+    it was measured, above the same push laid along their rows (None when no control was patched)."""
     rec = run["patch"]["flips"]["mean_recovery"]
-    control = run["patch"].get("matched_control_feature", {}).get("mean_recovery")
-    if not control or not control.get("n"):
+    controls = [run["patch"].get(k, {}).get("mean_recovery") for k in ("matched_control_feature", "same_push_control")]
+    controls = [c for c in controls if c and c.get("n")]
+    if not controls:
         return None
-    return bool(rec["low"] > control["high"])
+    return all(rec["low"] > c["high"] for c in controls)
 
 
 def _control_clause(run: Mapping[str, Any]) -> str:
-    control = run["patch"].get("matched_control_feature", {}).get("mean_recovery")
+    patch = run["patch"]
+    control = patch.get("matched_control_feature", {}).get("mean_recovery")
+    push = patch.get("same_push_control", {}).get("mean_recovery")
+    ratio = patch.get("setup", {}).get("control_size_ratio")
     beats = beats_control(run)
     if beats is None:
         return "no matched control feature was patched"
+    size = f"; their own push is {ratio:.2f}× the features'" if ratio is not None else ""
+    pushed = f", and the features' push laid along their rows recovers {fmt(push)}" if push else ""
     if beats:
-        return f"the matched control feature recovers less ({fmt(control)}), so the recovery is specific to them"
+        return (
+            f"the matched control features recover less ({fmt(control)}{size}){pushed}, so the recovery is "
+            "specific to them"
+        )
     return (
-        f"the matched control feature recovers {fmt(control)}, not less, so the recovery is not shown to be "
-        "specific to these features"
+        f"the matched control features recover {fmt(control)}{size}{pushed}: not less, so the recovery is not shown "
+        "to be specific to these features"
     )
 
 
@@ -223,6 +232,24 @@ def lens_reading(lens: Mapping[str, Any] | None) -> str:
     row = next(r for r in lens["layers"] if r["layer"] == first)
     return (
         f"Under the logit lens the flips diverge from their originals more than the same-family non-flips from "
-        f"layer {first} on (ratio {fmt(row['ratio'])} there){committed}. Flips are chosen for crossing zero, so "
-        "some excess is expected of any model; how early it appears is what the lens adds."
+        f"layer {first} on (ratio {fmt(row['ratio'])} there){committed}. {_selection_reading(lens, row)}"
+    )
+
+
+def _selection_reading(lens: Mapping[str, Any], first: Mapping[str, Any]) -> str:
+    """Whether the flips' excess divergence is more than choosing them for crossing zero gives."""
+    if not first.get("selection"):
+        return "Flips are chosen for crossing zero, so some excess is expected of any model."
+    beyond = lens.get("first_layer_beyond_selection")
+    if beyond is None:
+        return (
+            "Selection alone gives as much: shuffling the shifts among cases of the same wording and taking as flips "
+            f"those that cross zero gives a ratio of {first['selection']['ratio']:.2f} at layer {first['layer']}, and "
+            "no layer's observed ratio lies beyond such shuffles (p ≥ 0.05)."
+        )
+    row = next(r for r in lens["layers"] if r["layer"] == beyond)
+    return (
+        f"That is more than choosing flips for crossing zero gives: shuffling the shifts among cases of the same "
+        f"wording gives a ratio of {row['selection']['ratio']:.2f} at layer {beyond}, and the flips' exceeds it from "
+        f"layer {beyond} on (p = {row['selection']['p_value']:.3f}, {row['selection']['n_shuffles']} shuffles)."
     )

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MIN_CASES", "fmt", "num"]
+__all__ = ["MIN_CASES", "control_text", "fmt", "num"]
 
 MIN_CASES = 10  # fewer units than this and an estimate says so wherever it is printed
 
@@ -34,3 +34,11 @@ def num(value: Any, spec: str = ".3f") -> str:
     if not isinstance(value, int | float) or not math.isfinite(value):
         return "n/a"
     return format(value, spec)
+
+
+def control_text(patch: Mapping[str, Any]) -> str:
+    """A patch summary's matched control features: their recovery, with how large their own push
+    is beside the patched features' (a control that barely moves proves little)."""
+    control = patch.get("matched_control_feature", {}).get("mean_recovery")
+    ratio = patch.get("setup", {}).get("control_size_ratio")
+    return fmt(control) + (f" (a push {ratio:.2f}× the features')" if control and ratio is not None else "")

@@ -105,7 +105,7 @@ def margin_recovery(rows: Sequence[Mapping[str, Any]], title: str = "Margin reco
 
 
 def recovery_distribution(rows: Sequence[Mapping[str, Any]], title: str = "Recovery, with its controls") -> go.Figure:
-    """Left: recovery over flips (and the matched control feature's, when the rows have it).
+    """Left: recovery over flips (and the matched control features', when the rows have it).
     Right: the margin change the same patch causes on the non-flip controls."""
     flips = _rows_of(rows, "flip")
     controls = _rows_of(rows, "control")
@@ -121,7 +121,7 @@ def recovery_distribution(rows: Sequence[Mapping[str, Any]], title: str = "Recov
         fig.add_trace(
             go.Histogram(
                 x=_recovery(flips, "m_control_feature"),
-                name="matched control feature",
+                name="matched control features",
                 marker_color=COLORS["control"],
                 opacity=0.75,
             ),

@@ -19,7 +19,7 @@ __all__ = ["lens_divergence", "site_recovery"]
 def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverge: the logit lens") -> go.Figure:
     """Per layer (`LensTrajectory.summary()`): the mean |lens(paraphrase) − lens(original)| of flips
     and of same-family non-flips (left), and their ratio with its CI (right; 1 = no more than a
-    wording that kept its answer)."""
+    wording that kept its answer; dashed, the ratio that choosing flips for crossing zero gives)."""
     rows = summary["layers"]
     if not rows:
         raise FlipscopeError("no lens layers to plot")
@@ -44,6 +44,12 @@ def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverg
             row=1, col=2,
         )  # fmt: skip
         fig.add_hline(y=1.0, line=dict(color="gray", dash="dot"), row=1, col=2)
+    if all(r.get("selection") for r in rows):
+        fig.add_trace(
+            go.Scatter(x=layers, y=[r["selection"]["ratio"] for r in rows], mode="lines", name="by selection alone",
+                       line=dict(color="gray", dash="dash")),
+            row=1, col=2,
+        )  # fmt: skip
     fig.update_xaxes(title_text="layer (hook_resid_post)", tickvals=layers)
     fig.update_yaxes(title_text="logits", row=1, col=1)
     fig.update_yaxes(title_text="ratio", rangemode="tozero", row=1, col=2)
@@ -53,7 +59,7 @@ def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverg
 
 def site_recovery(sites: Sequence[Mapping[str, Any]], title: str = "Removing features at each site") -> go.Figure:
     """Per site (`{site, recovery, control}` with estimate dicts): the mean margin recovery of the
-    features removed there and of the matched control feature, with CIs."""
+    features removed there and of the matched control features, with CIs."""
     if not sites:
         raise FlipscopeError("no sites to plot")
     names = [s["site"] for s in sites]
@@ -66,7 +72,7 @@ def site_recovery(sites: Sequence[Mapping[str, Any]], title: str = "Removing fea
     if all(controls):
         fig.add_trace(
             go.Bar(x=names, y=[c["value"] for c in controls], error_y=_error(controls),
-                   name="matched control feature", marker_color=COLORS["control"])
+                   name="matched control features", marker_color=COLORS["control"])
         )  # fmt: skip
     fig.update_layout(title=title, barmode="group", yaxis=dict(title="mean recovery of the yes−no margin"), **LAYOUT)
     return fig

@@ -18,7 +18,7 @@ from flipscope.reporting.claims import (
     framing_entry,
     peak_layer,
 )
-from flipscope.reporting.format import MIN_CASES, fmt, num
+from flipscope.reporting.format import MIN_CASES, control_text, fmt, num
 from flipscope.reporting.html_parts import figure as _figure
 from flipscope.reporting.html_parts import reading as _reading
 from flipscope.reporting.html_parts import table as _table
@@ -183,7 +183,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
             fmt(f["mean_recovery"]),
             f"{reversed_n}/{f['n']}",
             fmt(summary["controls"]["mean_margin_change"]) if "controls" in summary else "n/a",
-            f"{fmt(control)} (feature {summary['setup']['control_feature']})" if control else "n/a",
+            f"{control_text(summary)}, features {summary['setup']['control_features']}" if control else "n/a",
         ]
 
     d = s["discovery"]
@@ -196,7 +196,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     ]  # fmt: skip
     table = _table(
         ["features removed (delta-only, last position)", "mean recovery [CI]", "flips reversed",
-         "non-flip controls: margin change", "matched control feature: recovery"],
+         "non-flip controls: margin change", "matched control features: recovery"],
         rows,
         paper_rows=1,
     )  # fmt: skip
@@ -210,8 +210,10 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         f"Subtracting the discovered features' Δf · W_dec at the SAE layer (error term kept) recovers "
         f"{fmt(disc['mean_recovery'])} of the yes−no margin on average and fully reverses a share of "
         f"{fmt(disc['share_reversed'])} of flips; the same patch moves the non-flip controls by "
-        f"{fmt(p['discovered'].get('controls', {}).get('mean_margin_change'))} logits, and a matched control "
-        f"feature recovers {fmt(p['discovered'].get('matched_control_feature', {}).get('mean_recovery'))}. "
+        f"{fmt(p['discovered'].get('controls', {}).get('mean_margin_change'))} logits; the matched control "
+        f"features, each patched by its own Δf, recover {control_text(p['discovered'])}, and the features' own "
+        f"push laid along their rows recovers {fmt(p['discovered'].get('same_push_control', {}).get('mean_recovery'))}"
+        ". "
         "The paper's single "
         f"feature recovered {paper['patch_mean_recovery']:.1%} and reversed {paper['patch_reversed']}."
     )

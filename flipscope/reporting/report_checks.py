@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flipscope.reporting.claims import replication
-from flipscope.reporting.format import fmt, num
+from flipscope.reporting.format import control_text, fmt, num
 from flipscope.reporting.html_parts import reading, table
 
 __all__ = ["base_text", "held_out_replication"]
@@ -27,14 +27,14 @@ def held_out_replication(s: Mapping[str, Any]) -> str:
             f"{r['features']} ({r['chosen_by']})",
             f"{r['discovery_flips']} / {r['held_out_flips']}",
             fmt(r["patch"]["flips"]["mean_recovery"]),
-            fmt(r["patch"].get("matched_control_feature", {}).get("mean_recovery")),
+            control_text(r["patch"]),
             fmt(r["patch"].get("controls", {}).get("mean_margin_change")),
         ]
         for r in s["replication"]
     ]
     grid = table(
         ["halves", "features chosen on the first", "flips (discovery / held out)", "held-out recovery [CI]",
-         "matched control feature", "held-out non-flips: margin change"],
+         "matched control features", "held-out non-flips: margin change"],
         rows,
     )  # fmt: skip
     return (
@@ -69,8 +69,8 @@ def base_text(s: Mapping[str, Any]) -> str:
     d, p = b["discovery"], b["patch"]
     text = (
         f"{d['verdict']} Removing features {d['features']} (by {d['chosen_by']}) recovers "
-        f"{fmt(p['flips']['mean_recovery'])} of the margin on its flips (matched control feature "
-        f"{fmt(p.get('matched_control_feature', {}).get('mean_recovery'))}; non-flips move "
+        f"{fmt(p['flips']['mean_recovery'])} of the margin on its flips (matched control features "
+        f"{control_text(p)}; non-flips move "
         f"{fmt(p.get('controls', {}).get('mean_margin_change'))}). The organism's SAE was trained on the "
         f"fine-tuned model; on the base model's activations at these prompts its FVU is {num(b['sae_fvu'], '.2f')}"
         f"{' (it does not describe them, so these features say little)' if b['sae_fvu'] > 0.5 else ''}. "

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flipscope.reporting.claims import lens_reading, site_comparison
-from flipscope.reporting.format import fmt
+from flipscope.reporting.format import control_text, fmt
 from flipscope.reporting.html_parts import figure as html_figure
 from flipscope.reporting.html_parts import reading, table
 
@@ -19,14 +19,14 @@ def _row(role: str, hook: str, discovery: Mapping[str, Any], patch: Mapping[str,
     flips = patch["flips"]
     replication = (discovery.get("framing") or {}).get("replication") or {}
     carried = len(replication.get("replicated", [])) if replication else "n/a"
-    control = patch.get("matched_control_feature", {}).get("mean_recovery")
     return [
         f"{role}: {hook}",
         str(carried),
         f"{discovery['patched']} ({discovery['patched_by']})",
         fmt(flips["mean_recovery"]),
         f"{round(flips['share_reversed']['value'] * flips['n'])}/{flips['n']}",
-        fmt(control),
+        control_text(patch),
+        fmt(patch.get("same_push_control", {}).get("mean_recovery")),
         fmt(patch.get("controls", {}).get("mean_abs_margin_change")),
     ]
 
@@ -57,7 +57,9 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     ]
     grid = table(
         ["site", "framing features (beyond the null, replicated)", "removed", "mean recovery [CI]", "flips reversed",
-         "matched control feature: recovery", "non-flips: mean |margin change|"],
+         "matched control features (own Δf): recovery",
+         "the features' push along the controls' rows: recovery",
+         "non-flips: mean |margin change|"],
         rows,
     )  # fmt: skip
     why = html.escape(site["choice"]["reason"])
