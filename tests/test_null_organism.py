@@ -100,6 +100,12 @@ def test_the_demo_report_claims_no_mechanism(null_run) -> None:
         assert summary["discovery"] is None
         return
     assert "No framing mechanism" in readings
+    lens = summary["lens"]
+    if lens and lens["n_controls"] and lens["first_divergent_layer"] is not None:
+        # the lens sentence says whether the flips' excess is more than selecting them gives, as its numbers do
+        beyond = lens["first_layer_beyond_selection"]
+        assert ("more than choosing flips for crossing zero gives" in readings) == (beyond is not None)
+        assert ("Selection alone gives as much" in readings) == (beyond is None)
     if n_flips < 10:  # every estimate over the flips says how few they are
         patch = readings[readings.index("Subtracting") :]
         assert patch.count(f"(from only {n_flips} case") >= 3

@@ -92,6 +92,13 @@ def lens(
         trajectory = lens_trajectory(vlm, bank, layers=layer_ids, pairs=pairs).summary()
         patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random)
         write_json(path, {"lens": trajectory, "rank1": patched})
+    _print_lens(trajectory)
+    _print_rank1(patched, n_random)
+    typer.echo(f"lens: {path}")
+
+
+def _print_lens(trajectory: dict) -> None:
+    """The lens table: per layer, the divergences, their ratio, and the ratio selection alone gives."""
     typer.echo(f"{trajectory['n_flips']} flips, {trajectory['n_controls']} same-family non-flips")
     typer.echo(
         f"{'layer':>5}  {'|Δ lens| flips':>15}{'non-flips':>11}  {'ratio [CI]':<28}{'r(flip)':>8}"
@@ -106,6 +113,10 @@ def lens(
         typer.echo(f"{row['layer']:>5}  {row['flips']:>15.3f}{controls:>11}  {ratio:<28}{r:>8}{chosen}")
     commit = trajectory["commit_layer"]
     typer.echo(f"commit layer (median over flips' paraphrases): {commit['median']} (n = {commit['n']})")
+
+
+def _print_rank1(patched: list[dict], n_random: int) -> None:
+    """The rank-1 table: per site, the recovery beside the best of `n_random` random directions."""
     typer.echo(f"{'site':<28}{'rank-1 recovery [CI]':<30}{f'best of {n_random} random':>20}{'p':>8}"
                f"{'non-flips |Δm|':>16}")  # fmt: skip
     for row in patched:
@@ -118,4 +129,3 @@ def lens(
         )
     typer.echo(f"(best of {n_random}: its expected value over {patched[0]['random']['n_drawn']} drawn directions; "
                "p: the share of them that recover as much)" if patched else "")  # fmt: skip
-    typer.echo(f"lens: {path}")

@@ -171,32 +171,36 @@ def _discovery(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
 
 
+def _patch_row(label: str, summary: Mapping[str, Any]) -> list[str]:
+    """One patch's row: recovery, reversals, the non-flips' move and both controls."""
+    f = summary["flips"]
+    reversed_n = round(f["share_reversed"]["value"] * f["n"])
+    control = summary.get("matched_control_feature", {}).get("mean_recovery")
+    return [
+        label,
+        fmt(f["mean_recovery"]),
+        f"{reversed_n}/{f['n']}",
+        fmt(summary["controls"]["mean_margin_change"]) if "controls" in summary else "n/a",
+        f"{control_text(summary)}, features {summary['setup']['control_features']}" if control else "n/a",
+        fmt(summary.get("same_push_control", {}).get("mean_recovery")),
+    ]
+
+
 def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     p, paper = s["patching"], s["paper"]
-
-    def row(label: str, summary: Mapping[str, Any]) -> list[str]:
-        f = summary["flips"]
-        reversed_n = round(f["share_reversed"]["value"] * f["n"])
-        control = summary.get("matched_control_feature", {}).get("mean_recovery")
-        return [
-            label,
-            fmt(f["mean_recovery"]),
-            f"{reversed_n}/{f['n']}",
-            fmt(summary["controls"]["mean_margin_change"]) if "controls" in summary else "n/a",
-            f"{control_text(summary)}, features {summary['setup']['control_features']}" if control else "n/a",
-        ]
-
+    row = _patch_row
     d = s["discovery"]
     rows = [
         row(f"discovered: top {len(d['patched'])} by {d['patched_by']} {d['patched']}", p["discovered"]),
         *([row(f"the card's planted set {p['planted']['setup']['features']}", p["planted"])] if p["planted"] else []),
         row(f"feature {p['single']['setup']['features'][0]} alone", p["single"]),
         ["paper: feature 3818, layer 17", f"{paper['patch_mean_recovery']:.3f}", paper["patch_reversed"],
-         f"{paper['patch_controls_margin_change']:.2f}", "n/a"],
+         f"{paper['patch_controls_margin_change']:.2f}", "n/a", "n/a"],
     ]  # fmt: skip
     table = _table(
         ["features removed (delta-only, last position)", "mean recovery [CI]", "flips reversed",
-         "non-flip controls: margin change", "matched control features: recovery"],
+         "non-flip controls: margin change", "matched control features: recovery",
+         "the features' push along their rows: recovery"],
         rows,
         paper_rows=1,
     )  # fmt: skip
