@@ -126,7 +126,8 @@ class LensTrajectory:
     def summary(self, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
         """Per layer: the flips' and the non-flips' mean divergence, their ratio with a bootstrap
         CI (cases resampled within each group), the point-biserial correlation of divergence with
-        being a flip; the first layer whose ratio CI lies above 1; the flips' commit layers."""
+        being a flip, and the ratio selection alone gives (`selection_null`); the first layer whose
+        ratio CI lies above 1, the first beyond the selection null; the flips' commit layers."""
         div = self.divergence
         flips, controls = div[:, self.is_flip], div[:, ~self.is_flip]
         rng = np.random.default_rng(seed)
@@ -135,7 +136,7 @@ class LensTrajectory:
         if n_c:
             boot_f = flips[:, rng.integers(0, n_f, size=(n_boot, n_f))].mean(-1)
             boot_c = controls[:, rng.integers(0, n_c, size=(n_boot, n_c))].mean(-1)
-            ratios = boot_f / np.maximum(boot_c, 1e-12)
+            ratios, observed = boot_f / np.maximum(boot_c, 1e-12), _ratio(div, self.is_flip)
         for k, layer in enumerate(self.layers):
             row: dict[str, Any] = {
                 "layer": int(layer),
@@ -146,7 +147,7 @@ class LensTrajectory:
             }
             if n_c:
                 low, high = np.quantile(ratios[k], [0.025, 0.975])
-                ratio = row["flips"] / max(row["controls"], 1e-12)
+                ratio = float(observed[k])
                 varied = div[k].std() > 0
                 r = float(stats.pearsonr(self.is_flip.astype(float), div[k])[0]) if varied else 0.0
                 row |= {"ratio": {"value": ratio, "low": float(low), "high": float(high), "n": n_f}, "r_flip": r}
@@ -180,6 +181,7 @@ def _ratio(div: Float[np.ndarray, "layer case"], flips: Bool[np.ndarray, " case"
 
 
 def _family(case: Mapping[str, Any]) -> Any:
+    """A case's wording: its paraphrase's `prompt_index`, else its `strategy`."""
     return case.get("prompt_index", case.get("strategy"))
 
 

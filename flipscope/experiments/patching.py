@@ -163,9 +163,9 @@ class _Patcher:
                  batch_size: int) -> None:  # fmt: skip
         self.vlm, self.sae, self.hook, self.pairs = vlm, sae, hook, pairs
         self.features, self.variant, self.positions = features, variant, positions
-        self.vectors = self.control_vectors = self.norm_vectors = self.reference = None
+        self.vectors = self.control_vectors = self.push_vectors = self.reference = None
         if variant == "delta" and positions == "last":
-            self.vectors, self.control_vectors, self.norm_vectors = _vectors(sae, hook, pairs, features, controls)
+            self.vectors, self.control_vectors, self.push_vectors = _vectors(sae, hook, pairs, features, controls)
         if positions != "last":
             specs, orig_index, _ = pair_specs(pairs.cases)
             originals = [specs[i] for i in orig_index]
@@ -174,7 +174,7 @@ class _Patcher:
     def control_margins(self, inputs: Any, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """The batch's margins under the matched controls' own patch, and under the same push."""
         own = patched_margins(self.vlm, inputs, self.hook, self.control_vectors[start:stop])
-        return own, patched_margins(self.vlm, inputs, self.hook, self.norm_vectors[start:stop])
+        return own, patched_margins(self.vlm, inputs, self.hook, self.push_vectors[start:stop])
 
     def hook_fn(self, chunk: list, inputs: Any, start: int, stop: int):
         if self.variant == "original":
