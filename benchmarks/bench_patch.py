@@ -9,6 +9,10 @@
    random JumpReLU SAE (8192 features) on its middle layer, batch `--batch` prompts; the plain
    forward and the `ClampedVLM` forward (one feature clamped at every position) interleaved for
    `--rounds` rounds; prints median ms and the ratio.
+3. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
+   random-direction null drawn once at the size it reports (the best of 32 from 32 directions)
+   against the expected best of 32 from `--draws` directions (the default); prints seconds, the
+   ratio, and both nulls' values.
 
 Both keep small vocabularies on purpose: the sweep's two paths and the clamp's two forwards
 unembed the same last positions, so a 262,208-token vocabulary would add the same cost to both
@@ -35,6 +39,7 @@ from sae_lens.saes.sae import SAEMetadata
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.store import read_rows
 from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.rank1 import rank1_patch
 from flipscope.experiments.sweeps import patch_sweep
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.model import HookedVLM, PromptSpec
@@ -102,11 +107,32 @@ def clamp_overhead(batch: int, rounds: int) -> dict:
     }
 
 
+def rank1_null(draws: int, hook: str = "blocks.0.hook_attn_out") -> dict:
+    vlm, _, _ = load_organism()
+    pairs = collect_pairs(vlm, load_flipbank(BANK), [hook], progress=False)
+    rank1_patch(vlm, pairs, hook, n_random=4, n_draws=4)  # warm up
+    timings, nulls = {}, {}
+    for n_draws in (32, draws):
+        start = time.perf_counter()
+        nulls[n_draws] = rank1_patch(vlm, pairs, hook, n_random=32, n_draws=n_draws)["random"]
+        timings[n_draws] = time.perf_counter() - start
+    return {
+        "flips": int(pairs.is_flip.sum()),
+        "draws": draws,
+        "one_draw_s": timings[32],
+        "expected_s": timings[draws],
+        "ratio": timings[draws] / timings[32],
+        "best_of_32_one_draw": nulls[32]["best_mean_recovery"],
+        "best_of_32_expected": nulls[draws]["best_mean_recovery"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=int, default=50)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--draws", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patch.json"))
     args = parser.parse_args()
@@ -117,8 +143,9 @@ def main() -> None:
         "torch": torch.__version__,
         "feature_sweep": feature_sweep(args.features),
         "clamp": clamp_overhead(args.batch, args.rounds),
+        "rank1_null": rank1_null(args.draws),
     }
-    s, c = result["feature_sweep"], result["clamp"]
+    s, c, r = result["feature_sweep"], result["clamp"], result["rank1_null"]
     print(
         f"feature sweep, {s['features']} features x {s['cases']} cases: fast {s['fast_s']:.2f} s, "
         f"full {s['full_s']:.2f} s, ratio {s['ratio']:.1f}x, max margin diff {s['max_margin_diff']:.1e}"
@@ -126,6 +153,11 @@ def main() -> None:
     print(
         f"clamp, {c['params_m']:.0f}M params, batch {c['batch']} x {c['tokens']} tokens: "
         f"plain {c['plain_ms']:.0f} ms, clamped {c['clamped_ms']:.0f} ms, ratio {c['ratio']:.3f}"
+    )
+    print(
+        f"rank-1 null, {r['flips']} flips: best of 32 from 32 directions {r['one_draw_s']:.2f} s "
+        f"({r['best_of_32_one_draw']:.3f}), expected from {r['draws']} {r['expected_s']:.2f} s "
+        f"({r['best_of_32_expected']:.3f}), ratio {r['ratio']:.1f}x"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
