@@ -92,9 +92,15 @@ def test_the_selection_null_holds_noise_shifts_and_finds_case_specific_ones() ->
         assert "more than choosing flips for crossing zero gives" in lens_reading(pushed)
 
 
-def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setup) -> None:
+@pytest.fixture(scope="module")
+def entry_rank1(setup) -> dict:
     vlm, _, pairs = setup
-    found = rank1_patch(vlm, pairs, ENTRY, n_random=32)
+    return rank1_patch(vlm, pairs, ENTRY, n_random=32)
+
+
+def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setup, entry_rank1) -> None:
+    vlm, _, pairs = setup
+    found = entry_rank1
     assert found["recovery"]["value"] >= 0.9 and found["recovery"]["n"] == int(pairs.is_flip.sum())
     null = found["random"]
     assert null["n_directions"] == 32 and null["n_drawn"] == 256
@@ -103,7 +109,7 @@ def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setu
     assert null["best_mean_recovery"] < 0.1 and null["p_value"] == 1 / 257  # no drawn direction comes close
     assert found["controls"]["mean_abs_margin_change"]["value"] <= CORRUPTION_BOUND
     # the null's draws do not depend on how many the forward pass takes at once
-    again = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16, rows_per_forward=7)
+    again = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16, rows_per_forward=40)
     first = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16)
     assert again["random"]["best_mean_recovery"] == pytest.approx(first["random"]["best_mean_recovery"], abs=1e-5)
     with pytest.raises(FlipscopeError, match="needs n_draws ≥ 8"):
@@ -115,9 +121,8 @@ def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setu
     reason="measured on the shipped organism at blocks.0.hook_attn_out: the expected best of 32 norm-matched random "
     "directions (from 256) recovers 0.059 of the margin; the bar is 0.05 (the median direction recovers 0.014)",
 )
-def test_the_best_of_32_random_directions_recovers_at_most_005(setup) -> None:
-    vlm, _, pairs = setup
-    assert rank1_patch(vlm, pairs, ENTRY, n_random=32)["random"]["best_mean_recovery"] <= 0.05
+def test_the_best_of_32_random_directions_recovers_at_most_005(entry_rank1) -> None:
+    assert entry_rank1["random"]["best_mean_recovery"] <= 0.05
 
 
 def test_the_lens_command_prints_both_readings_and_writes_them(tmp_path: Path) -> None:
