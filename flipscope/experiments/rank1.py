@@ -153,16 +153,15 @@ def rank1_patch(
     randoms = torch.randn(n_draws, delta.shape[1], generator=torch.Generator().manual_seed(seed))
     randoms = randoms / randoms.norm(dim=1, keepdim=True)
     specs, is_flip = pairs.paraphrase_specs(), torch.from_numpy(flips)
+    flip_rows, control_rows = np.flatnonzero(flips), np.flatnonzero(~flips)
     along = torch.cat([directions[is_flip, None], randoms[None].expand(n_flips, -1, -1)], dim=1)
     vectors = _vectors(delta[is_flip, None], directions[is_flip, None], along)  # flips: framing, then random
-    flip_specs = [s for s, f in zip(specs, flips, strict=True) if f]
-    margins = _margins(vlm, flip_specs, hook, vectors, rows_per_forward)
-    ids = [c["id"] for c in pairs.cases]
-    flip_ids, control_ids = (
-        [i for i, f in zip(ids, flips, strict=True) if f],
-        [i for i, f in zip(ids, flips, strict=True) if not f],
-    )
-    require_finite(margins.flatten(), lambda r: f"case {flip_ids[r // (1 + n_draws)]!r}", "rank-1 margin")
+    margins = _margins(vlm, [specs[i] for i in flip_rows], hook, vectors, rows_per_forward)
+
+    def case_id(rows: np.ndarray, r: int) -> str:
+        return f"case {pairs.cases[rows[r]]['id']!r}"
+
+    require_finite(margins.flatten(), lambda r: case_id(flip_rows, r // (1 + n_draws)), "rank-1 margin")
     m_orig, m_para = pairs.margin_orig.double().numpy(), pairs.margin_para.double().numpy()
     shift = m_orig[flips] - m_para[flips]
     m_new = margins[:, 0].double().numpy()
@@ -177,11 +176,11 @@ def rank1_patch(
         "random": _random_null(random_means, float(rec.mean()), n_random),
         "direction_norm": float(delta[is_flip].double().mean(0).norm()),
     }
-    if (~flips).any():
-        control_specs = [s for s, f in zip(specs, flips, strict=True) if not f]
+    if len(control_rows):
         vectors = _vectors(delta[~is_flip, None], directions[~is_flip, None], directions[~is_flip, None])
-        m_control = _margins(vlm, control_specs, hook, vectors, rows_per_forward)[:, 0].double().numpy()
-        require_finite(torch.from_numpy(m_control), lambda r: f"case {control_ids[r]!r}", "rank-1 margin")
+        margins = _margins(vlm, [specs[i] for i in control_rows], hook, vectors, rows_per_forward)
+        require_finite(margins.flatten(), lambda r: case_id(control_rows, r), "rank-1 margin")
+        m_control = margins[:, 0].double().numpy()
         change = m_control - m_para[~flips]
         result["controls"] = {
             "n": int((~flips).sum()),
