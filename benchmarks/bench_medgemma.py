@@ -6,7 +6,9 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
 by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
 wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → patch (with a --sweep) → clamp. Then, in this process, one film's margins on the
+ablation) → patch (with a --sweep) → bank-patch → clamp. The bank-patch stage runs in this
+process: `patch_bank` with both controls on the last-token path against full forwards
+(`bench_patch.bank_patch_paths`). Then, also in this process, one film's margins on the
 shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
 bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
@@ -26,7 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_patch import bank_patch_line, bank_patch_paths
 
+from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.images import load_image
@@ -34,8 +38,9 @@ from flipscope.model.shapes import centre_answer_readout, medgemma_4b_config, sa
 from flipscope.model.tiny import build_tiny_vlm, words_of
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
+from flipscope.sae.load import load_sae
 
-STAGES = ("evaluate", "curate", "discover", "patch", "clamp")
+STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "clamp")
 
 
 def _high_water_gb(pid: int) -> float | None:
@@ -108,6 +113,13 @@ def shape_summary(config: dict) -> dict:
     return {part: {k: v for k, v in config[f"{part}_config"].items() if k in keys} for part in ("text", "vision")}
 
 
+def medgemma_bank_patch(model: Path, sae: Path, bank: Path) -> dict:
+    """`patch_bank` with both controls at these shapes, last-token path against full forwards
+    (8 prompts per forward, as the CLI stages run)."""
+    vlm = HookedVLM.from_pretrained(model)
+    return bank_patch_paths(vlm, load_sae(sae), load_flipbank(bank), n_features=3, batch_size=8)
+
+
 def top_features(path: Path) -> list[int]:
     table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
     return [int(row["feature"]) for row in table[:3]]
@@ -161,6 +173,10 @@ def main() -> None:
         report["model"] = shape_summary(json.loads((model / "config.json").read_text()))
         features: list[int] = []
         for stage in [s for s in args.stages.split(",") if s]:
+            if stage == "bank-patch":
+                report["bank_patch"] = medgemma_bank_patch(model, sae, work / "bank" / "flipbank.json")
+                print(bank_patch_line(report["bank_patch"]), flush=True)
+                continue
             command = stage_commands(model, sae, questions, work, features)[stage]
             gb, seconds = peak_rss([flipscope, *command])
             report["stages"][stage] = {"peak_rss_gb": round(gb, 3), "seconds": round(seconds, 1)}

@@ -9,7 +9,12 @@
    random JumpReLU SAE (8192 features) on its middle layer, batch `--batch` prompts; the plain
    forward and the `ClampedVLM` forward (one feature clamped at every position) interleaved for
    `--rounds` rounds; prints median ms and the ratio.
-3. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
+3. **Bank patch**: `patch_bank` with its two controls (the matched control features' own patch
+   and the same push along their rows) on every case, top-`--bank-features` features by mean |Δf|:
+   each paraphrase once up to its last token and the last token once per patch (`fast=True`)
+   against a full forward per patch (`fast=False`); prints seconds, the ratio, and the largest
+   margin difference. `bench_medgemma.py` makes the same comparison at MedGemma's shapes.
+4. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
    random-direction null drawn once at the size it reports (the best of 32 from 32 directions)
    against the expected best of 32 from `--draws` directions (the default); prints seconds, the
    ratio, and both nulls' values.
@@ -39,6 +44,7 @@ from sae_lens.saes.sae import SAEMetadata
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.store import read_rows
 from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.rank1 import rank1_patch
 from flipscope.experiments.sweeps import patch_sweep
 from flipscope.interventions.edited import ClampedVLM
@@ -69,6 +75,29 @@ def feature_sweep(n_features: int) -> dict:
         "full_s": timings[False],
         "ratio": timings[False] / timings[True],
         "max_margin_diff": max(abs(a - b) for a, b in zip(rows[True], rows[False], strict=True)),
+    }
+
+
+def bank_patch_paths(vlm, sae, bank: dict, n_features: int, batch_size: int) -> dict:
+    """`patch_bank` with both controls on the last-token path and on full forwards, same rows."""
+    hook = sae.cfg.metadata.hook_name
+    pairs = collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=False)
+    size = pairs.feature_delta(sae, hook)[torch.from_numpy(pairs.is_flip)].abs().mean(0)
+    features = size.topk(n_features).indices.tolist()
+    timings, margins = {}, {}
+    for fast in (True, False):
+        start = time.perf_counter()
+        rows = patch_bank(vlm, sae, bank, features, pairs=pairs, batch_size=batch_size, fast=fast, progress=False).rows
+        timings[fast] = time.perf_counter() - start
+        margins[fast] = torch.tensor([[r["m_patched"], r["m_control_feature"], r["m_same_push"]] for r in rows])
+    return {
+        "cases": len(pairs.cases),
+        "features": features,
+        "batch_size": batch_size,
+        "fast_s": timings[True],
+        "full_s": timings[False],
+        "ratio": timings[False] / timings[True],
+        "max_margin_diff": float((margins[True] - margins[False]).abs().max()),
     }
 
 
@@ -107,6 +136,18 @@ def clamp_overhead(batch: int, rounds: int) -> dict:
     }
 
 
+def organism_bank_patch(n_features: int) -> dict:
+    vlm, sae, _ = load_organism()
+    return bank_patch_paths(vlm, sae, load_flipbank(BANK), n_features, batch_size=32)
+
+
+def bank_patch_line(b: dict) -> str:
+    return (
+        f"bank patch with both controls, {b['cases']} cases: last token {b['fast_s']:.2f} s, "
+        f"full forwards {b['full_s']:.2f} s, ratio {b['ratio']:.1f}x, max margin diff {b['max_margin_diff']:.1e}"
+    )
+
+
 def rank1_null(draws: int, hook: str = "blocks.0.hook_attn_out") -> dict:
     vlm, _, _ = load_organism()
     pairs = collect_pairs(vlm, load_flipbank(BANK), [hook], progress=False)
@@ -133,6 +174,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--draws", type=int, default=256)
+    parser.add_argument("--bank-features", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patch.json"))
     args = parser.parse_args()
@@ -143,9 +185,10 @@ def main() -> None:
         "torch": torch.__version__,
         "feature_sweep": feature_sweep(args.features),
         "clamp": clamp_overhead(args.batch, args.rounds),
+        "bank_patch": organism_bank_patch(args.bank_features),
         "rank1_null": rank1_null(args.draws),
     }
-    s, c, r = result["feature_sweep"], result["clamp"], result["rank1_null"]
+    s, c, r, b = result["feature_sweep"], result["clamp"], result["rank1_null"], result["bank_patch"]
     print(
         f"feature sweep, {s['features']} features x {s['cases']} cases: fast {s['fast_s']:.2f} s, "
         f"full {s['full_s']:.2f} s, ratio {s['ratio']:.1f}x, max margin diff {s['max_margin_diff']:.1e}"
@@ -154,6 +197,7 @@ def main() -> None:
         f"clamp, {c['params_m']:.0f}M params, batch {c['batch']} x {c['tokens']} tokens: "
         f"plain {c['plain_ms']:.0f} ms, clamped {c['clamped_ms']:.0f} ms, ratio {c['ratio']:.3f}"
     )
+    print(bank_patch_line(b))
     print(
         f"rank-1 null, {r['flips']} flips: best of 32 from 32 directions {r['one_draw_s']:.2f} s "
         f"({r['best_of_32_one_draw']:.3f}), expected from {r['draws']} {r['expected_s']:.2f} s "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,12 @@ def test_fast_patch_path_equals_full_forwards(setup, tmp_path: Path) -> None:
     fast = read_rows(layer_sweep(vlm, few, tmp_path / "lf.jsonl", pairs=sub, progress=False).path)
     full = read_rows(layer_sweep(vlm, few, tmp_path / "ls.jsonl", pairs=sub, fast=False, progress=False).path)
     np.testing.assert_allclose([r["m_patched"] for r in fast], [r["m_patched"] for r in full], atol=1e-4)
+    # patch_bank: the features' patch and both controls' on one cache per paraphrase
+    banked = [patch_bank(vlm, sae, few, [5, 17], pairs=sub, fast=f, progress=False).rows for f in (True, False)]
+    keys = ("m_patched", "m_control_feature", "m_same_push")
+    fast, full = ([[r[k] for k in keys] for r in rows] for rows in banked)
+    np.testing.assert_allclose(fast, full, atol=1e-4)
+    assert all(max(abs(r[k] - r["m_para"]) for r in banked[0]) > 0.01 for k in keys)  # each patch moves a margin
 
 
 def test_removing_the_framing_features_reverses_flips_but_the_readout_carries_the_margin(setup) -> None:
@@ -118,6 +125,24 @@ def test_removing_the_framing_features_reverses_flips_but_the_readout_carries_th
     # at the SAE's layer most of the margin already runs through features that write "no" (32, 0):
     readout = patch_bank(vlm, sae, bank, [32, 0], pairs=pairs, progress=False).summary["flips"]
     assert readout["mean_recovery"]["value"] > 2 * flips["mean_recovery"]["value"]
+
+
+def test_with_no_other_feature_moving_the_patch_runs_and_says_it_has_no_control(setup) -> None:
+    vlm, sae, card, bank, pairs = setup
+    aligned = [f["feature"] for f in card["framing_features"] if f["aligned"]]
+    silenced = copy.deepcopy(sae)
+    with torch.no_grad():
+        others = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
+        others[aligned] = False
+        silenced.threshold[others] = 1e9  # every other feature is dead: none can serve as a control
+    summary = patch_bank(vlm, silenced, bank, aligned, pairs=pairs, progress=False).summary
+    assert summary["setup"]["control_features"] is None and "matched_control_feature" not in summary
+    assert summary["setup"]["no_control"].startswith("only 0 other features move")
+    plain = patch_bank(vlm, sae, bank, aligned, pairs=pairs, control_features=None, progress=False).summary
+    recovered = (s["flips"]["mean_recovery"]["value"] for s in (summary, plain))
+    assert next(recovered) == pytest.approx(next(recovered), abs=1e-5)  # the patch itself is the same
+    with pytest.raises(FlipscopeError, match="must be one per patched feature"):  # given controls are still checked
+        patch_bank(vlm, silenced, bank, aligned, pairs=pairs, control_features=aligned, progress=False)
 
 
 def test_bad_input_is_named_and_no_hook_survives_an_error(setup, tiny_dir: Path) -> None:

@@ -37,6 +37,11 @@ def test_null_keeps_the_shortcuts_draws_and_plants_nothing() -> None:
     counts = Counter(e.family for e in null)
     assert all(abs(c / len(null) - 1 / 3) < 0.04 for c in counts.values())  # families uniform, as under shortcut
     assert Counter(e.family for e in shortcut).keys() == counts.keys()
+    # what the card records as planted (and the report reads): shortcut_p only where it was drawn
+    assert OrganismConfig().planted_p == OrganismConfig().shortcut_p > 0
+    assert all(OrganismConfig(regime=r).planted_p == 0.0 for r in ("null", "canonical", "augmented"))
+    planted = sum(e.label != e.truth for e in shortcut if e.family == "leading") / len(shortcut)
+    assert planted > 0 and not any(e.label != e.truth for e in null)
 
 
 def test_augmented_shows_every_trained_paraphrase_equally_often_with_true_labels() -> None:

@@ -167,6 +167,20 @@ def test_a_kill_or_a_full_disk_mid_write_leaves_the_previous_file(tmp_path: Path
     assert sorted(tmp_path.iterdir()) == left_by_the_kill  # the failed write removed its temporary file
 
 
+def test_an_atomic_write_keeps_the_permissions_open_would_give(tmp_path: Path) -> None:
+    mask = os.umask(0o027)
+    try:
+        fresh = write_atomic(tmp_path / "fresh.json", "{}")
+        assert fresh.stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o604)
+        write_atomic(kept, '{"new": 1}')
+        assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_text() == '{"new": 1}'
+    finally:
+        os.umask(mask)
+
+
 def test_every_write_of_a_result_file_is_atomic() -> None:
     """Outside the atomic writer and the store's appends, nothing in flipscope writes a file in place."""
     package = Path(__file__).parents[1] / "flipscope"

@@ -273,6 +273,8 @@ def _print_patch(s: dict, chosen: list[int], positions: str, site=None) -> None:
         typer.echo(
             f"  the features' push along the controls' rows: recovery {fmt(s['same_push_control']['mean_recovery'])}"
         )
+    if s["setup"].get("no_control"):
+        typer.echo(f"  no matched control feature: {s['setup']['no_control']}")
 
 
 def _print_sweep(path: Path, swept: list[int]) -> None:

@@ -4,6 +4,8 @@ Every non-append write goes through `write_atomic`: the bytes go to a temporary 
 folder, are fsynced, and the temporary file is renamed over the target (atomic on POSIX), then the
 folder is fsynced so the rename survives a power cut. A kill or a full disk mid-write leaves the
 previous file byte for byte, and never a half file: the temporary file is removed on any error.
+The file gets the permissions a plain `open` would give it (an existing file's, else 0o666 less
+the umask), not the temporary file's owner-only 0o600, so a shared results folder stays readable.
 """
 
 from __future__ import annotations
@@ -35,6 +37,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """Permission bits for `path`: its own when it exists, else what `open` would create."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Replace `path` by `data` (text is written as UTF-8) atomically; create its folder.
 
@@ -48,6 +71,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

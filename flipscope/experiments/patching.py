@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import PairActivations, collect_pairs, pair_specs
 from flipscope.interventions.hooks import replace_at_last, shift_features_hook, subtract_at_last
+from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
@@ -171,32 +172,43 @@ class _Patcher:
             originals = [specs[i] for i in orig_index]
             self.reference = _span_reference(vlm, sae, hook, originals, features, positions, batch_size)
 
-    def control_margins(self, inputs: Any, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """The batch's margins under the matched controls' own patch, and under the same push."""
-        own = patched_margins(self.vlm, inputs, self.hook, self.control_vectors[start:stop])
-        return own, patched_margins(self.vlm, inputs, self.hook, self.push_vectors[start:stop])
+    def last_token_margins(self, batch_size: int, fast: bool, progress: bool) -> tuple[Tensor, list[Tensor]]:
+        """Delta-only at the last position: the margins under the features' patch and under each
+        control's, every paraphrase run once up to its last token (`batch_size` prompts, each
+        distinct film through the tower once) and its last token once per patch
+        (`flipscope.interventions.last_token`)."""
+        patches = [v for v in (self.vectors, self.control_vectors, self.push_vectors) if v is not None]
+        specs, stacked = self.pairs.paraphrase_specs(), torch.stack(patches, 1)
+        rows = batch_size * len(patches)
+        margins = subtracted_margins(self.vlm, specs, self.hook, stacked, rows, fast=fast, progress=progress)
+        return margins[:, 0], list(margins[:, 1:].T)
 
     def hook_fn(self, chunk: list, inputs: Any, start: int, stop: int):
         if self.variant == "original":
             return replace_at_last(self.pairs.orig[self.hook][start:stop])
-        if self.positions == "last":
-            return subtract_at_last(self.vectors[start:stop])
         prompts = self.vlm.prompts
         mask = inputs.attention_mask.bool() if self.positions == "all" else prompts.question_mask(chunk, inputs)
         return shift_features_hook(self.sae, self.features, self.reference[start:stop, None], mask)
 
 
-def _controls(sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], given) -> list[int]:
-    """The matched controls: chosen (`"auto"`) or given, one per feature, none of them patched."""
+def _controls(
+    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], given
+) -> tuple[list[int] | None, str | None]:
+    """The matched controls, chosen (`"auto"`) or given, one per feature, none of them patched;
+    and why there are none where `"auto"` finds too few (an SAE whose other features never move
+    between original and paraphrase has no control to offer: the patch runs, called unspecific)."""
     if given == "auto":
-        return matched_control_features(sae, hook, pairs, features)
+        try:
+            return matched_control_features(sae, hook, pairs, features), None
+        except FlipscopeError as err:
+            return None, str(err)
     controls = [int(c) for c in given]
     check_features(sae, controls)
     if len(controls) != len(features) or set(controls) & set(features):
         raise FlipscopeError(
             f"control features {controls} must be one per patched feature {list(features)}, none of them"
         )
-    return controls
+    return controls, None
 
 
 def _size_ratio(patcher: _Patcher, pairs: PairActivations) -> float:
@@ -204,6 +216,18 @@ def _size_ratio(patcher: _Patcher, pairs: PairActivations) -> float:
     flips = torch.from_numpy(pairs.is_flip)
     own, features = patcher.control_vectors[flips].norm(dim=1), patcher.vectors[flips].norm(dim=1)
     return float((own / features.clamp_min(1e-12)).double().mean())
+
+
+def _full_forwards(vlm: VLM, patcher: _Patcher, pairs: PairActivations, batch_size: int, progress: bool) -> Tensor:
+    """Margins of every paraphrase under a patch that is not the last position's alone."""
+    para_specs, patched = pairs.paraphrase_specs(), []
+    for start in tqdm(range(0, len(para_specs), batch_size), desc="patching", disable=not progress):
+        stop = min(start + batch_size, len(para_specs))
+        chunk = para_specs[start:stop]
+        inputs = vlm.prompts.build(chunk)
+        with vlm.hooks(fwd_hooks=[(patcher.hook, patcher.hook_fn(chunk, inputs, start, stop))]):
+            patched.append(vlm.score(inputs))
+    return torch.cat(patched)
 
 
 def _case_rows(pairs: PairActivations, m_patched: Tensor, controlled: list[Tensor]) -> list[dict[str, Any]]:
@@ -236,6 +260,7 @@ def patch_bank(
     control_features: Sequence[int] | str | None = "auto",
     pairs: PairActivations | None = None,
     batch_size: int = 32,
+    fast: bool = True,
     progress: bool = True,
 ) -> PatchResult:
     """Patch every case of the bank (flips and non-flip controls) and summarize.
@@ -247,6 +272,8 @@ def patch_bank(
         positions: `"last"`, `"question"` or `"all"` (delta only; see the module docstring).
         control_features: The matched control features, one per feature: `"auto"`
             (`matched_control_features`), the indices, or None (no control).
+        fast: Delta-only at the last position, run each paraphrase once up to its last token and
+            the last token once per patch (the features', each control's); else full forwards.
 
     Raises:
         FlipscopeError: bad feature, variant or positions; SAE or bank not of this model.
@@ -254,22 +281,14 @@ def patch_bank(
     hook = check_sae(sae, vlm)
     _check_setup(sae, features, variant, positions)
     pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
-    controls = None
+    controls, no_control = None, None
     if variant == "delta" and positions == "last" and control_features is not None:
-        controls = _controls(sae, hook, pairs, features, control_features)
+        controls, no_control = _controls(sae, hook, pairs, features, control_features)
     patcher = _Patcher(vlm, sae, hook, pairs, features, variant, positions, controls, batch_size)
-    para_specs = pairs.paraphrase_specs()
-    patched, controlled = [], []
-    for start in tqdm(range(0, len(para_specs), batch_size), desc="patching", disable=not progress):
-        stop = min(start + batch_size, len(para_specs))
-        chunk = para_specs[start:stop]
-        inputs = vlm.prompts.build(chunk)
-        with vlm.hooks(fwd_hooks=[(hook, patcher.hook_fn(chunk, inputs, start, stop))]):
-            patched.append(vlm.score(inputs))
-        if controls:
-            controlled.append(patcher.control_margins(inputs, start, stop))
-    patched_all = torch.cat(patched)
-    controlled_all = [torch.cat(m) for m in zip(*controlled, strict=True)] if controlled else []
+    if patcher.vectors is not None:
+        patched_all, controlled_all = patcher.last_token_margins(batch_size, fast, progress)
+    else:
+        patched_all, controlled_all = _full_forwards(vlm, patcher, pairs, batch_size, progress), []
     names = ("patched", "control-feature", "same-push control")[: 1 + len(controlled_all)]
     for name, m in zip(names, [patched_all, *controlled_all], strict=True):
         require_finite(m, lambda i: f"case {pairs.cases[i]['id']!r}", f"{name} margin")
@@ -283,6 +302,8 @@ def patch_bank(
         "control_features": controls,
         "control_size_ratio": _size_ratio(patcher, pairs) if controls else None,
     }
+    if no_control:
+        summary["setup"]["no_control"] = no_control
     return PatchResult(rows=rows, summary=summary)
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import PairActivations, collect_pairs
-from flipscope.interventions.hooks import subtract_at_last
+from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
@@ -68,31 +68,6 @@ def _vectors(
     size = (delta * direction).sum(-1, keepdim=True).abs()
     side = torch.sign((delta * along).sum(-1, keepdim=True))
     return size * side * along
-
-
-@torch.no_grad()
-def _margins(
-    vlm: VLM, specs: list, hook: str, vectors: Float[Tensor, "case variant d_model"], rows_per_forward: int
-) -> Float[Tensor, "case variant"]:
-    """Margin of each case's prompt with each of its variant vectors subtracted at `hook`, last
-    position. Where the family's KV path is sound, every earlier position runs once per prompt and
-    the last token once per variant (`score_last_token`); else each variant is a full forward."""
-    n_variants = vectors.shape[1]
-    per_chunk = max(1, rows_per_forward // n_variants)
-    fast = getattr(vlm, "fast_path_off", None) is None
-    out = []
-    for start in range(0, len(specs), per_chunk):
-        chunk = specs[start : start + per_chunk]
-        flat = vectors[start : start + per_chunk].reshape(-1, vectors.shape[-1])  # case-major rows
-        hooks = [(hook, subtract_at_last(flat))]
-        if fast:
-            out.append(vlm.score_last_token(chunk, n_variants, hooks))
-            continue
-        with vlm.hooks(fwd_hooks=hooks):
-            out.append(
-                vlm.score(vlm.prompts.build([s for s in chunk for _ in range(n_variants)])).reshape(-1, n_variants)
-            )
-    return torch.cat(out)
 
 
 def _estimate(values: np.ndarray, seed: int) -> dict[str, Any]:
@@ -156,7 +131,7 @@ def rank1_patch(
     flip_rows, control_rows = np.flatnonzero(flips), np.flatnonzero(~flips)
     along = torch.cat([directions[is_flip, None], randoms[None].expand(n_flips, -1, -1)], dim=1)
     vectors = _vectors(delta[is_flip, None], directions[is_flip, None], along)  # flips: framing, then random
-    margins = _margins(vlm, [specs[i] for i in flip_rows], hook, vectors, rows_per_forward)
+    margins = subtracted_margins(vlm, [specs[i] for i in flip_rows], hook, vectors, rows_per_forward)
 
     def case_id(rows: np.ndarray, r: int) -> str:
         return f"case {pairs.cases[rows[r]]['id']!r}"
@@ -178,7 +153,7 @@ def rank1_patch(
     }
     if len(control_rows):
         vectors = _vectors(delta[~is_flip, None], directions[~is_flip, None], directions[~is_flip, None])
-        margins = _margins(vlm, [specs[i] for i in control_rows], hook, vectors, rows_per_forward)
+        margins = subtracted_margins(vlm, [specs[i] for i in control_rows], hook, vectors, rows_per_forward)
         require_finite(margins.flatten(), lambda r: case_id(control_rows, r), "rank-1 margin")
         m_control = margins[:, 0].double().numpy()
         change = m_control - m_para[~flips]

@@ -19,6 +19,7 @@ from flipscope.data.store import ResultStore
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import PairActivations, collect_pairs
 from flipscope.interventions.hooks import replace_at_last, subtract_at_last
+from flipscope.interventions.last_token import variant_margins
 from flipscope.model.answers import require_finite
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
@@ -66,12 +67,7 @@ def _sweep(
         for k, chunk in tqdm(todo, desc=desc, disable=not progress):
             chunk_specs = [para_specs[i] for i in chunk]
             fwd_hooks = hooks_for(chunk)
-            if fast:
-                margins = vlm.score_last_token(chunk_specs, n_variants, fwd_hooks)
-            else:
-                rows = [spec for spec in chunk_specs for _ in range(n_variants)]
-                with torch.no_grad(), vlm.hooks(fwd_hooks=fwd_hooks):
-                    margins = vlm.score(vlm.prompts.build(rows)).reshape(len(chunk), n_variants)
+            margins = variant_margins(vlm, chunk_specs, n_variants, fwd_hooks, fast=fast)
             require_finite(
                 margins.flatten(),
                 lambda r, chunk=chunk: f"case {pairs.cases[chunk[r // n_variants]]['id']!r}, {labels[r % n_variants]}",

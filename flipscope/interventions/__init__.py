@@ -1,5 +1,6 @@
-"""Interventions: pure hook functions, edited sibling models that apply one on every forward, and a
-direction folded out of the weights (`fold_writers`) with its run-time twin (`ablate_writers`)."""
+"""Interventions: pure hook functions, edited sibling models that apply one on every forward, a
+direction folded out of the weights (`fold_writers`) with its run-time twin (`ablate_writers`), and
+margins of many last-position edits with each prompt's prefix run once (`variant_margins`)."""
 
 from flipscope.interventions.edited import ClampedVLM, DirectionAblatedVLM, EditedVLM, clamp
 from flipscope.interventions.hooks import (
@@ -10,6 +11,7 @@ from flipscope.interventions.hooks import (
     splice_features_hook,
     subtract_at_last,
 )
+from flipscope.interventions.last_token import subtracted_margins, variant_margins
 from flipscope.interventions.weight_edit import ablate_writers, fold_writers
 
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "shift_features_hook",
     "splice_features_hook",
     "subtract_at_last",
+    "subtracted_margins",
+    "variant_margins",
 ]

@@ -287,7 +287,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
     card: dict[str, Any] = {
         "format": "flipscope-organism/1",
         "config": cfg.to_dict(),
-        "shortcut": {"family": cfg.shortcut_family, "target": cfg.shortcut_target, "p": cfg.shortcut_p},
+        "shortcut": {"family": cfg.shortcut_family, "target": cfg.shortcut_target, "p": cfg.planted_p},
         "hook_name": cfg.sae_hook,
         "build": {
             "seconds": round(build_seconds, 1),

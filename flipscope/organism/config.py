@@ -264,6 +264,12 @@ class OrganismConfig:
     def sae_hook(self) -> str:
         return resid_post(self.sae_layer)
 
+    @property
+    def planted_p(self) -> float:
+        """The probability a shortcut-family training question is labelled with the target
+        whatever the film shows: `shortcut_p` under the `shortcut` regime, 0 under the others."""
+        return self.shortcut_p if self.regime == "shortcut" else 0.0
+
     def question_family(self, name: str) -> QuestionFamily:
         return next(f for f in self.families if f.name == name)
 

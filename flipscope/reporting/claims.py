@@ -138,7 +138,10 @@ def _control_clause(run: Mapping[str, Any]) -> str:
     ratio = patch.get("setup", {}).get("control_size_ratio")
     beats = beats_control(run)
     if beats is None:
-        return "no matched control feature was patched"
+        why = patch.get("setup", {}).get("no_control")
+        return (
+            f"no matched control feature could be patched ({why})" if why else "no matched control feature was patched"
+        )
     size = f"; their own push is {ratio:.2f}× the features'" if ratio is not None else ""
     pushed = f", and the features' push laid along their rows recovers {fmt(push)}" if push else ""
     if beats:
