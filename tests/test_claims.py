@@ -116,3 +116,7 @@ def test_the_lens_names_the_first_layer_whose_ratio_is_above_one() -> None:
     assert "no more than the same-family non-flips at any layer" in flat
     assert "no same-family non-flips" in lens_reading(lens([2.0], n_controls=0))
     assert lens_reading(None) == "The logit lens was not read."
+    few = lens([0.8, 1.3]) | {"n_flips": 9}
+    assert lens_reading(few).startswith("From only 9 flips, under the logit lens the flips diverge")
+    one = lens_reading(lens([2.0, 3.0]) | {"n_flips": 1})
+    assert one.startswith("The logit lens cannot compare 1 flip(s)") and "from layer" not in one

@@ -90,6 +90,18 @@ def test_the_selection_null_holds_noise_shifts_and_finds_case_specific_ones() ->
         pushed = _trajectory(2.0, seed).summary()
         assert pushed["first_layer_beyond_selection"] == 0
         assert "more than choosing flips for crossing zero gives" in lens_reading(pushed)
+    # one flip diverging far more than the non-flips: resampling it never varies, so no layer is named
+    lone = _trajectory(2.0)
+    keep = ~lone.is_flip
+    flips = np.flatnonzero(lone.is_flip)
+    keep[flips[np.argmax(lone.divergence[-1, flips])]] = True  # the flip that diverges most
+    one = LensTrajectory(
+        layers=lone.layers, orig=lone.orig[:, keep], para=lone.para[:, keep], is_flip=lone.is_flip[keep],
+        final_orig=lone.final_orig[keep], final_para=lone.final_para[keep], family=lone.family[keep],
+    )  # fmt: skip
+    summary = one.summary()
+    assert summary["n_flips"] == 1 and summary["first_divergent_layer"] is None
+    assert any(row["ratio"]["low"] > 1 for row in summary["layers"])  # the controls' spread alone would name one
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ class LensTrajectory:
         """Per layer: the flips' and the non-flips' mean divergence, their ratio with a bootstrap
         CI (cases resampled within each group), the point-biserial correlation of divergence with
         being a flip, and the ratio selection alone gives (`selection_null`); the first layer whose
-        ratio CI lies above 1, the first beyond the selection null; the flips' commit layers."""
+        ratio CI lies above 1 (with at least two flips and two non-flips), the first beyond the
+        selection null; the flips' commit layers."""
         div = self.divergence
         flips, controls = div[:, self.is_flip], div[:, ~self.is_flip]
         rng = np.random.default_rng(seed)
@@ -155,7 +156,8 @@ class LensTrajectory:
         if n_c:
             for row, null in zip(rows, self.selection_null(seed=seed), strict=True):
                 row["selection"] = null
-        above = [row["layer"] for row in rows if row.get("ratio") and row["ratio"]["low"] > 1]
+        comparable = n_f >= 2 and n_c >= 2  # one case resampled never varies: its interval is the others' spread
+        above = [row["layer"] for row in rows if comparable and row.get("ratio") and row["ratio"]["low"] > 1]
         beyond = [row["layer"] for row in rows if (row.get("selection") or {}).get("p_value", 1.0) < 0.05]
         commit = self.commit_layers("para")[self.is_flip]
         committed = commit[np.isfinite(commit)]

@@ -220,6 +220,13 @@ def lens_reading(lens: Mapping[str, Any] | None) -> str:
         return "The logit lens was not read."
     if not lens["n_controls"]:
         return "The logit lens has no same-family non-flips to compare the flips with."
+    n = lens["n_flips"]
+    if n < 2 or lens["n_controls"] < 2:
+        return (
+            f"The logit lens cannot compare {n} flip(s) with {lens['n_controls']} same-family non-flip(s): a ratio's "
+            "interval needs at least two of each."
+        )
+    lead = f"From only {n} flips, under the logit lens the" if n < MIN_CASES else "Under the logit lens the"
     first = lens["first_divergent_layer"]
     commit = lens["commit_layer"]
     committed = (
@@ -229,12 +236,12 @@ def lens_reading(lens: Mapping[str, Any] | None) -> str:
     )
     if first is None:
         return (
-            f"Under the logit lens the {lens['n_flips']} flips diverge from their originals no more than the "
+            f"{lead} {n} flips diverge from their originals no more than the "
             f"same-family non-flips at any layer (no ratio's CI lies above 1){committed}."
         )
     row = next(r for r in lens["layers"] if r["layer"] == first)
     return (
-        f"Under the logit lens the flips diverge from their originals more than the same-family non-flips from "
+        f"{lead} flips diverge from their originals more than the same-family non-flips from "
         f"layer {first} on (ratio {fmt(row['ratio'])} there){committed}. {_selection_reading(lens, row)}"
     )
 
