@@ -102,7 +102,8 @@ def stage_commands(model: Path, sae: Path, questions: Path, work: Path, features
         "evaluate": ["evaluate", "--model", str(model), "--questions", str(questions), "--out", str(work / "eval")],
         "curate": ["curate", "--results", str(work / "eval"), "--questions", str(questions), "--out", str(bank)],
         "discover": ["discover", "--flipbank", str(bank), *common, *small, "--out", str(work / "f.json")],
-        "patch": ["patch", "--flipbank", str(bank), *common, "--features", top, "--sweep", top, "--out", str(work)],
+        "patch": ["patch", "--flipbank", str(bank), *common, "--features", top, "--sweep", top, *small[2:],
+                  "--out", str(work)],
         "clamp": ["clamp", "--questions", str(questions), *common, "--features", first, "--out", str(work / "c")],
     }  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from flipscope.data.flipbank import load_flipbank
-from flipscope.data.store import read_rows
+from flipscope.data.store import read_header, read_rows
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import collect_pairs, pair_specs
 from flipscope.experiments.patching import patch_bank, patched_margins, subtract_at_last
@@ -221,6 +222,15 @@ def test_cli_patch_and_clamp(tmp_path: Path) -> None:
     assert "mean recovery" in result.output and "non-flip controls" in result.output
     assert "matched control feature" in result.output and "each feature alone" in result.output
     assert (tmp_path / "p" / "patch.json").is_file() and (tmp_path / "p" / "sweep.jsonl").is_file()
+    small = ["--batch-size", "7", "--rows-per-forward", "10", "--out", str(tmp_path / "s")]  # many small forwards
+    result = runner.invoke(app, ["patch", "--flipbank", str(BANK), "--features", "38", "--sweep", "36-39", *small])
+    assert result.exit_code == 0, result.output
+    for name in ("p", "s"):
+        assert read_header(tmp_path / name / "sweep.jsonl")["cases_per_unit"] == (256 if name == "p" else 2)
+    swept = [[r["m_patched"] for r in read_rows(tmp_path / name / "sweep.jsonl")] for name in ("p", "s")]
+    np.testing.assert_allclose(*swept, atol=1e-4)
+    patched = [json.loads((tmp_path / name / "patch.json").read_text())["cases"] for name in ("p", "s")]
+    np.testing.assert_allclose(*([r["m_same_push"] for r in rows] for rows in patched), atol=1e-4)
     result = runner.invoke(app, ["patch", "--flipbank", str(BANK), "--features", "38,99"])
     assert result.exit_code == 2 and "feature index 99 is out of range" in result.output
     few = tmp_path / "q.jsonl"

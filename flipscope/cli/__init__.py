@@ -6,7 +6,19 @@ import sys
 
 import typer
 
-from flipscope.cli import analysis, compare, data, evaluation, evidence, guard, mitigate, organism, sae, upstream  # noqa: F401 - registers the commands
+from flipscope.cli import (  # noqa: F401 - registers the commands
+    analysis,
+    compare,
+    data,
+    evaluation,
+    evidence,
+    guard,
+    mitigate,
+    organism,
+    patching,
+    sae,
+    upstream,
+)
 from flipscope.cli.common import app
 
 __all__ = ["app", "main"]

@@ -42,6 +42,7 @@ def _sweep(
     *,
     fast: bool,
     rows_per_forward: int,
+    batch_size: int,
     progress: bool,
     desc: str,
     shard: tuple[int, int] | None = None,
@@ -49,9 +50,11 @@ def _sweep(
     """Run `n_variants` hooked variants of every case's paraphrase into a resumable store.
 
     Cases go in fixed chunks (so a resumed run recomputes whole chunks exactly as before) of
-    about `rows_per_forward / n_variants` cases; `hooks_for(indices)` gives the hooks for the
-    chunk's case × variant rows, case-major. With `shard=(K, N)` only chunks K mod N are run
-    (`merge_shards` joins the N stores).
+    about `rows_per_forward / n_variants` cases, each run `batch_size` prompts at a time (the
+    prompt forward is a batch like any other; the last token's rows then hold a copy of its
+    key/value cache each); `hooks_for(indices)` gives the hooks for those cases' case × variant
+    rows, case-major. With `shard=(K, N)` only chunks K mod N are run (`merge_shards` joins the N
+    stores).
     """
     per_chunk = max(1, rows_per_forward // n_variants)
     fast = fast and getattr(vlm, "fast_path_off", None) is None
@@ -65,9 +68,12 @@ def _sweep(
     todo = [(k, chunk) for k, chunk in mine if f"cases/{k}" not in store.done]
     with store:
         for k, chunk in tqdm(todo, desc=desc, disable=not progress):
-            chunk_specs = [para_specs[i] for i in chunk]
-            fwd_hooks = hooks_for(chunk)
-            margins = variant_margins(vlm, chunk_specs, n_variants, fwd_hooks, fast=fast)
+            margins = torch.cat(  # at most `batch_size` prompts per forward, as every other stage runs
+                [
+                    variant_margins(vlm, [para_specs[i] for i in part], n_variants, hooks_for(part), fast=fast)
+                    for part in (chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+                ]
+            )
             require_finite(
                 margins.flatten(),
                 lambda r, chunk=chunk: f"case {pairs.cases[chunk[r // n_variants]]['id']!r}, {labels[r % n_variants]}",
@@ -141,6 +147,7 @@ def patch_sweep(
         labels,
         fast=fast,
         rows_per_forward=rows_per_forward,
+        batch_size=batch_size,
         progress=progress,
         desc="feature sweep",
         shard=shard,
@@ -194,6 +201,7 @@ def layer_sweep(
         layers,
         fast=fast,
         rows_per_forward=rows_per_forward,
+        batch_size=batch_size,
         progress=progress,
         desc="layer sweep",
         shard=shard,

@@ -1,0 +1,173 @@
+"""The `patch` command: remove features' contribution on a FlipBank's flips, with its controls,
+and optionally sweep features one at a time into a resumable store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import (
+    ADAPTER_HELP,
+    SHARD_HELP,
+    SITE_HELP,
+    TRACE_HELP,
+    app,
+    echo_shard_done,
+    echo_site,
+    fmt,
+    ints,
+    load_model_and_site,
+    one_line_errors,
+    writable,
+)
+from flipscope.data.atomic import write_json
+from flipscope.errors import FlipscopeError
+
+ROWS_HELP = (
+    "The --sweep's last-token rows per forward (prompt × feature): each holds a copy of its prompt's key/value "
+    "cache, so this bounds the sweep's memory."
+)
+
+
+@app.command()
+def patch(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    features: str = typer.Option(..., help="SAE features to remove together, e.g. 38 or 38,32,0."),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    sae: str | None = typer.Option(
+        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
+    ),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    saes: str | None = typer.Option(None, help=SITE_HELP),
+    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    positions: str = typer.Option("last", help="Where to patch: last (the paper's), question or all."),
+    sweep: str | None = typer.Option(
+        None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
+    ),
+    out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.patch/ beside the FlipBank)."),
+    batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass (caching the pairs, patching)."),
+    rows_per_forward: int = typer.Option(1024, min=1, help=ROWS_HELP),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    shard: str | None = typer.Option(None, help="The --sweep's part this process runs. " + SHARD_HELP),
+) -> None:
+    """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
+
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.launch import resolve_shard
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.experiments.patching import patch_bank
+    from flipscope.sae.load import check_sae
+
+    out = out or flipbank.with_name(f"{flipbank.stem}.patch")
+    with one_line_errors():
+        writable(out, folder=True)
+        chosen, swept = _patch_features(positions, features, sweep)
+        launch = resolve_shard(shard)
+        main = launch is None or launch.is_main
+        bank = load_flipbank(flipbank)
+        device = launch.device(device) if launch is not None else device
+        vlm, dictionary, site = load_model_and_site(model, sae, sae_id, saes, trace, bank, dtype, device, adapter)
+        pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)], batch_size=batch_size)
+        sizes = {"batch_size": batch_size, "rows_per_forward": rows_per_forward}
+        if main:
+            result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size)
+            chosen_site = {} if site is None else {"site": site.to_dict()}
+            write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows, **chosen_site})
+        path = _sweep(vlm, dictionary, bank, swept, pairs, out, launch, sizes) if swept else None
+    if not main:
+        return
+    _print_patch(result.summary, chosen, positions, site)
+    if swept and path is not None:
+        _print_sweep(path, swept)
+    elif swept:
+        echo_shard_done(launch, out)
+    typer.echo(f"results: {out}")
+
+
+def _sweep(vlm, dictionary, bank, swept: list[int], pairs, out: Path, launch, sizes: dict) -> Path | None:
+    """The --sweep over every case, this process's part of it (`run_sharded`)."""
+    from flipscope.experiments.sharded import run_sharded
+    from flipscope.experiments.sweeps import patch_sweep
+
+    def part_of(part, where):
+        return patch_sweep(vlm, dictionary, bank, swept, where, pairs=pairs, shard=part, **sizes)
+
+    return run_sharded(part_of, out / "sweep.jsonl", launch, manual_in_place=False)
+
+
+def _patch_features(positions: str, features: str, sweep: str | None) -> tuple[list[int], list[int] | None]:
+    """The features patched together and those swept alone, after checking `positions`."""
+    from flipscope.experiments.patching import POSITIONS
+
+    if positions not in POSITIONS:
+        raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
+    return ints(features, "--features"), (_feature_list(sweep) if sweep else None)
+
+
+def _feature_list(text: str) -> list[int]:
+    """`0-49` (a range, both ends included) or `3,38`."""
+    if "-" in text:
+        ends = ints(text.replace("-", ","), "--sweep")
+        if len(ends) != 2 or not 0 <= ends[0] <= ends[1]:
+            raise FlipscopeError(f"--sweep {text!r}: expected a range LOW-HIGH with 0 <= LOW <= HIGH, or a list 3,38")
+        return list(range(ends[0], ends[1] + 1))
+    chosen = ints(text, "--sweep")
+    if not chosen:
+        raise FlipscopeError(f"--sweep {text!r} names no feature")
+    return chosen
+
+
+def _print_patch(s: dict, chosen: list[int], positions: str, site=None) -> None:
+    if site is not None:
+        echo_site(site)
+    typer.echo(
+        f"removing features {chosen} at {s['setup']['hook']} ({positions} position(s)); 95% bootstrap CIs over cases"
+    )
+    flips = s["flips"]
+    typer.echo(
+        f"  flips ({flips['n']}): mean recovery {fmt(flips['mean_recovery'])}, median {fmt(flips['median_recovery'])}"
+    )
+    typer.echo(
+        f"    recovered > 50%: {fmt(flips['share_recovered_over_half'])}; "
+        f"fully reversed: {fmt(flips['share_reversed'])}"
+    )
+    for direction, block in s["by_direction"].items():
+        typer.echo(
+            f"    {direction} ({block['n']}): recovery {fmt(block['mean_recovery'])}, "
+            f"reversed {fmt(block['share_reversed'])}"
+        )
+    if "controls" in s:
+        c = s["controls"]
+        typer.echo(
+            f"  non-flip controls ({c['n']}): margin change {fmt(c['mean_margin_change'])}, "
+            f"|change| {fmt(c['mean_abs_margin_change'])}"
+        )
+    if "matched_control_feature" in s:
+        m = s["matched_control_feature"]
+        typer.echo(
+            f"  matched control features {s['setup']['control_features']} (own Δf, a push "
+            f"{s['setup']['control_size_ratio']:.2f}× the features'): recovery {fmt(m['mean_recovery'])}, "
+            f"reversed {fmt(m['share_reversed'])}"
+        )
+    if "same_push_control" in s:
+        typer.echo(
+            f"  the features' push along the controls' rows: recovery {fmt(s['same_push_control']['mean_recovery'])}"
+        )
+    if s["setup"].get("no_control"):
+        typer.echo(f"  no matched control feature: {s['setup']['no_control']}")
+
+
+def _print_sweep(path: Path, swept: list[int]) -> None:
+    from flipscope.data.store import iter_rows
+    from flipscope.experiments.patching import summarize_patch
+
+    rows = [r for r in iter_rows(path) if r["kind"] == "flip"]
+    typer.echo("  each feature alone (flips): feature, mean recovery [CI], reversed")
+    blocks = {f: summarize_patch([r for r in rows if r["variant"] == f])["flips"] for f in swept}
+    ranked = sorted(swept, key=lambda f: -blocks[f]["mean_recovery"]["value"])
+    for feature in ranked[:10]:
+        block = blocks[feature]
+        typer.echo(f"    {feature:>6} {fmt(block['mean_recovery'])}  {block['share_reversed']['value']:.3f}")
