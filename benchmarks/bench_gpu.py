@@ -8,10 +8,10 @@ device in `--dtype`. Measured side by side in one run:
 - evaluation prompts/s on three paths: `naive` (one HF forward per prompt, HF's default logits),
   `batched` (padded batches of whole prompts) and `prefix` (the shared-prefix path flipscope
   evaluates with: the vision tower and shared tokens once per image, only each prompt's last
-  token unembedded);
+  token read, through the answer tokens' unembedding rows);
 - achieved TFLOP/s of each path counted on the FLOPs that must be done (each image's tower and
-  shared tokens once, each prompt's own tokens, one unembedding row per prompt: the work of the
-  prefix path), and its share of the device's dense bf16 peak;
+  shared tokens once, each prompt's own tokens and its answer tokens' unembedding rows: the work
+  of the prefix path), and its share of the device's dense bf16 peak;
 - margins in `--dtype` against float32 on the same weights, on plain batches and the shared prefix;
 - attribution's peak memory (forward with the SAE spliced in, backward to every feature) by batch size;
 - clamping overhead: the prefix path with one feature of a random 16,384-feature GemmaScope 2 SAE
@@ -113,11 +113,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def must_flops(cfg: TinyVLMConfig, groups: list[list[int]], shared: list[int]) -> float:
+def must_flops(cfg: TinyVLMConfig, groups: list[list[int]], shared: list[int], answer_rows: int) -> float:
     """FLOPs that must be done to score every prompt: per image the SigLIP tower, the projector
-    and the shared tokens once; per prompt its own tokens and one unembedding row. `groups` holds
-    each image's prompt lengths in tokens, `shared` each image's shared prefix length."""
-    d, m, v = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    and the shared tokens once; per prompt its own tokens and the `answer_rows` unembedding rows
+    of the yes/no tokens. `groups` holds each image's prompt lengths in tokens, `shared` each
+    image's shared prefix length."""
+    d, m = cfg.d_model, cfg.d_mlp
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     linear = 2 * (d * q + 2 * d * kv + q * d + 3 * d * m)  # per token per layer
 
@@ -133,7 +134,7 @@ def must_flops(cfg: TinyVLMConfig, groups: list[list[int]], shared: list[int]) -
     vision += 2 * patches * 3 * cfg.patch_size**2 * w + 2 * cfg.mm_tokens_per_image * w * d
     total = 0.0
     for lengths, prefix in zip(groups, shared, strict=True):
-        total += vision + lm(0, prefix) + sum(lm(prefix, n) for n in lengths) + 2 * d * v * len(lengths)
+        total += vision + lm(0, prefix) + sum(lm(prefix, n) for n in lengths) + 2 * d * answer_rows * len(lengths)
     return total
 
 
@@ -174,7 +175,8 @@ def throughput(vlm: HookedVLM, cfg: TinyVLMConfig, groups: list[list[PromptSpec]
         for group in groups:
             vlm.score_shared_prefix(group, batch_size=args.batch_size)
 
-    flops = must_flops(cfg, *token_counts(vlm, groups))
+    answer_rows = len(vlm.answer_tokens.yes_ids) + len(vlm.answer_tokens.no_ids)
+    flops = must_flops(cfg, *token_counts(vlm, groups), answer_rows)
     peak = args.peak_tflops or next((p for k, p in PEAK_BF16_TFLOPS.items() if k in device_name(device)), None)
     paths = {}
     with torch.no_grad():

@@ -78,12 +78,12 @@ def build(folder: Path, questions: Path, depth: int) -> tuple[Path, Path]:
     vlm = HookedVLM(model, processor)
     film = load_image(loaded[0].image)
     specs = [PromptSpec(question=p, image=film) for q in loaded[:2] for p in q.prompts]  # one film's 20 wordings
-    hidden: list[torch.Tensor] = []  # the final-norm states the unembedding reads, one per prompt
-    unembed = vlm.unembed
-    vlm.unembed = lambda h: (hidden.append(h.detach()), unembed(h))[1]  # type: ignore[method-assign]
+    hidden: list[torch.Tensor] = []  # the final-norm states the answer readout reads, one per prompt
+    margin = vlm.answer_margin
+    vlm.answer_margin = lambda h: (hidden.append(h.detach()), margin(h))[1]  # type: ignore[method-assign]
     with torch.no_grad():
         vlm.score_shared_prefix(specs)  # the 896-px tower once
-    del vlm.unembed
+    del vlm.answer_margin
     tokens = vlm.answer_tokens
     centre_answer_readout(model, tokens.yes_ids, tokens.no_ids, torch.cat(hidden))
     model.save_pretrained(folder / "model")

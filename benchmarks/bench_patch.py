@@ -14,7 +14,11 @@
    each paraphrase once up to its last token and the last token once per patch (`fast=True`)
    against a full forward per patch (`fast=False`); prints seconds, the ratio, and the largest
    margin difference. `bench_medgemma.py` makes the same comparison at MedGemma's shapes.
-4. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
+4. **Answer head**: the yes−no margin of `--head-rows` final hidden states at MedGemma's width
+   and 262,208-token vocabulary, through the full unembedding then `yes_no_margin` against the
+   answer tokens' rows alone (`head_margin`, what the last-token and shared-prefix paths read);
+   a rank-1 null scores 257 such rows per flip.
+5. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
    random-direction null drawn once at the size it reports (the best of 32 from 32 directions)
    against the expected best of 32 from `--draws` directions (the default); prints seconds, the
    ratio, and both nulls' values.
@@ -49,6 +53,7 @@ from flipscope.experiments.rank1 import rank1_patch
 from flipscope.experiments.sweeps import patch_sweep
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.answers import AnswerTokens, head_margin, yes_no_margin
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.organism import load_organism
 
@@ -136,6 +141,29 @@ def clamp_overhead(batch: int, rounds: int) -> dict:
     }
 
 
+def answer_head(rows: int, rounds: int, d_model: int = 2560, vocab: int = 262_208) -> dict:
+    head = torch.nn.Linear(d_model, vocab, bias=False)
+    tokens, hidden = AnswerTokens(yes_ids=(4, 9), no_ids=(17, 21)), torch.randn(rows, d_model)
+    full, rows_only = [], []
+    with torch.no_grad():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            a = yes_no_margin(head(hidden), tokens)
+            full.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            b = head_margin(hidden, head, tokens)
+            rows_only.append(time.perf_counter() - start)
+    return {
+        "rows": rows,
+        "d_model": d_model,
+        "vocab": vocab,
+        "full_ms": 1000 * statistics.median(full),
+        "answer_rows_ms": 1000 * statistics.median(rows_only),
+        "ratio": statistics.median(full) / statistics.median(rows_only),
+        "max_margin_diff": float((a - b).abs().max()),
+    }
+
+
 def organism_bank_patch(n_features: int) -> dict:
     vlm, sae, _ = load_organism()
     return bank_patch_paths(vlm, sae, load_flipbank(BANK), n_features, batch_size=32)
@@ -175,6 +203,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--draws", type=int, default=256)
     parser.add_argument("--bank-features", type=int, default=5)
+    parser.add_argument("--head-rows", type=int, default=257)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patch.json"))
     args = parser.parse_args()
@@ -186,6 +215,7 @@ def main() -> None:
         "feature_sweep": feature_sweep(args.features),
         "clamp": clamp_overhead(args.batch, args.rounds),
         "bank_patch": organism_bank_patch(args.bank_features),
+        "answer_head": answer_head(args.head_rows, args.rounds),
         "rank1_null": rank1_null(args.draws),
     }
     s, c, r, b = result["feature_sweep"], result["clamp"], result["rank1_null"], result["bank_patch"]
@@ -198,6 +228,12 @@ def main() -> None:
         f"plain {c['plain_ms']:.0f} ms, clamped {c['clamped_ms']:.0f} ms, ratio {c['ratio']:.3f}"
     )
     print(bank_patch_line(b))
+    h = result["answer_head"]
+    print(
+        f"answer head, {h['rows']} rows x {h['d_model']} -> {h['vocab']:,} tokens: full unembedding "
+        f"{h['full_ms']:.1f} ms, answer rows {h['answer_rows_ms']:.2f} ms, ratio {h['ratio']:.0f}x, "
+        f"max margin diff {h['max_margin_diff']:.1e}"
+    )
     print(
         f"rank-1 null, {r['flips']} flips: best of 32 from 32 directions {r['one_draw_s']:.2f} s "
         f"({r['best_of_32_one_draw']:.3f}), expected from {r['draws']} {r['expected_s']:.2f} s "

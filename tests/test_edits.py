@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flipscope.interventions.edited import ClampedVLM, DirectionAblatedVLM
+from flipscope.model.answers import AnswerTokens, head_margin, yes_no_margin
 from flipscope.model.hooked import Edit, HookedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism import load_organism
@@ -133,3 +134,10 @@ def test_unembedding_the_last_token_alone_gives_the_hf_logits(organism) -> None:
     hidden = vlm.hf_hidden(**kwargs, use_cache=False).last_hidden_state[:, -1]
     logits = vlm.hf_model(**kwargs, use_cache=False).logits[:, -1]
     torch.testing.assert_close(vlm.unembed(hidden), logits, atol=1e-5, rtol=0)  # the same product, fewer rows
+    # the margin from the answer tokens' rows alone is the full logits' margin
+    torch.testing.assert_close(vlm.answer_margin(hidden), yes_no_margin(logits, vlm.answer_tokens), atol=1e-5, rtol=0)
+    head = torch.nn.Linear(16, 50)  # a biased head, several spellings of each answer
+    tokens, states = AnswerTokens(yes_ids=(3, 7, 41), no_ids=(0, 12)), torch.randn(4, 5, 16)
+    full = yes_no_margin(head(states), tokens)
+    torch.testing.assert_close(head_margin(states, head, tokens), full, atol=1e-5, rtol=0)
+    assert full.shape == (4, 5) and full.std() > 0.01

@@ -19,9 +19,12 @@ and a control that barely moves proves little). A harsher check sits beside them
 control**, the patched features' own amounts Δf laid along the matched controls' decoder rows
 instead of their own, so the push is as large and only the features differ.
 
-The hook functions (`flipscope.interventions.hooks`) are pure and live only inside
-`HookedVLM.hooks`, so no hook outlives a run, even one that raises. Sweeps of one feature or
-one layer at a time over every case are in `flipscope.experiments.sweeps`.
+At the last position the patch and both controls share one forward of each paraphrase up to its
+last token, then run on that token alone (`flipscope.interventions.last_token`); where the
+matched controls cannot be found (no other feature moves) the patch runs without them and
+`setup["no_control"]` says why. The hook functions (`flipscope.interventions.hooks`) are pure
+and live only inside `HookedVLM.hooks`, so no hook outlives a run, even one that raises. Sweeps
+of one feature or one layer at a time over every case are in `flipscope.experiments.sweeps`.
 """
 
 from __future__ import annotations

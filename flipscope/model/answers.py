@@ -36,6 +36,7 @@ __all__ = [
     "AnswerTokens",
     "ParsedAnswer",
     "binary_entropy",
+    "head_margin",
     "p_yes",
     "parse_answer",
     "require_finite",
@@ -99,6 +100,19 @@ def yes_no_margin(logits: Float[Tensor, "*batch d_vocab"], tokens: AnswerTokens)
     yes = torch.logsumexp(logits[..., list(tokens.yes_ids)], dim=-1)
     no = torch.logsumexp(logits[..., list(tokens.no_ids)], dim=-1)
     return yes - no
+
+
+def head_margin(
+    hidden: Float[Tensor, "*batch d_model"], head: torch.nn.Module, tokens: AnswerTokens
+) -> Float[Tensor, "*batch"]:
+    """`yes_no_margin(head(hidden), tokens)` from the answer tokens' rows of the unembedding alone:
+    the margin reads two logits, and at a 262,208-token vocabulary the full product costs about
+    1.3 GFLOP and 1 MB a row (for the last token of a 34-layer MedGemma, a sixth of its forward)."""
+    ids = [*tokens.yes_ids, *tokens.no_ids]
+    bias = getattr(head, "bias", None)
+    logits = torch.nn.functional.linear(hidden, head.weight[ids], None if bias is None else bias[ids]).float()
+    n_yes = len(tokens.yes_ids)
+    return torch.logsumexp(logits[..., :n_yes], dim=-1) - torch.logsumexp(logits[..., n_yes:], dim=-1)
 
 
 def p_yes(margin: Float[Tensor, "*batch"]) -> Float[Tensor, "*batch"]:

@@ -26,7 +26,7 @@ from transformer_lens.hook_points import HookPoint
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import kv
-from flipscope.model.answers import AnswerTokens, yes_no_margin
+from flipscope.model.answers import AnswerTokens, head_margin, yes_no_margin
 from flipscope.model.edit import Edit, HookFn
 from flipscope.model.families import Family, family_of
 from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
@@ -272,6 +272,11 @@ class HookedVLM(HookedRootModule):
     def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""
         return self.hf_model.get_output_embeddings()(hidden)
+
+    def answer_margin(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
+        """Yes−no margin of final hidden states from the answer tokens' unembedding rows alone
+        (`flipscope.model.answers.head_margin`): what the KV-cache paths read."""
+        return head_margin(hidden, self.hf_model.get_output_embeddings(), self.answer_tokens)
 
     # ----------------------------------------------------------------------------------- running
     @staticmethod
