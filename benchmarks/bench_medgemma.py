@@ -6,11 +6,13 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
 by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
 wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → patch (with a --sweep) → bank-patch → clamp. The bank-patch stage runs in this
-process: `patch_bank` with both controls on the last-token path against full forwards
-(`bench_patch.bank_patch_paths`). Then, also in this process, one film's margins on the
-shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
-bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
+ablation) → patch (with a --sweep) → bank-patch → rank1 → clamp. The bank-patch and rank1
+stages run in this process: `patch_bank` with both controls on the last-token path against full
+forwards (`bench_patch.bank_patch_paths`), and rank-1 patching at the SAE's hook with its random
+null drawn once at 32 directions against the expected best of 32 from 256
+(`bench_patch.rank1_paths`). Then, also in this process, one film's margins on the shared-prefix
+path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16
+against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
@@ -28,10 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench_patch import bank_patch_line, bank_patch_paths
+from bench_patch import bank_patch_line, bank_patch_paths, rank1_paths
 
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
+from flipscope.experiments.pairs import collect_pairs
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.images import load_image
 from flipscope.model.shapes import centre_answer_readout, medgemma_4b_config, save_random_gemmascope_sae
@@ -40,7 +43,7 @@ from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
 from flipscope.sae.load import load_sae
 
-STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "clamp")
+STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "rank1", "clamp")
 
 
 def _high_water_gb(pid: int) -> float | None:
@@ -121,6 +124,14 @@ def medgemma_bank_patch(model: Path, sae: Path, bank: Path) -> dict:
     return bank_patch_paths(vlm, load_sae(sae), load_flipbank(bank), n_features=3, batch_size=8)
 
 
+def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
+    """Rank-1 patching at the SAE's layer: its null from 32 directions and from 256 (257 last-token
+    rows a flip, each read through the answer tokens' unembedding rows)."""
+    vlm, hook = HookedVLM.from_pretrained(model), f"blocks.{layer}.hook_resid_post"
+    pairs = collect_pairs(vlm, load_flipbank(bank), [hook], batch_size=8, progress=False)
+    return rank1_paths(vlm, pairs, hook, draws=256)
+
+
 def top_features(path: Path) -> list[int]:
     table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
     return [int(row["feature"]) for row in table[:3]]
@@ -177,6 +188,10 @@ def main() -> None:
             if stage == "bank-patch":
                 report["bank_patch"] = medgemma_bank_patch(model, sae, work / "bank" / "flipbank.json")
                 print(bank_patch_line(report["bank_patch"]), flush=True)
+                continue
+            if stage == "rank1":
+                report["rank1"] = medgemma_rank1(model, args.depth // 2, work / "bank" / "flipbank.json")
+                print(f"rank-1: {json.dumps(report['rank1'])}", flush=True)
                 continue
             command = stage_commands(model, sae, questions, work, features)[stage]
             gb, seconds = peak_rss([flipscope, *command])

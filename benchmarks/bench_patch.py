@@ -179,6 +179,11 @@ def bank_patch_line(b: dict) -> str:
 def rank1_null(draws: int, hook: str = "blocks.0.hook_attn_out") -> dict:
     vlm, _, _ = load_organism()
     pairs = collect_pairs(vlm, load_flipbank(BANK), [hook], progress=False)
+    return rank1_paths(vlm, pairs, hook, draws)
+
+
+def rank1_paths(vlm, pairs, hook: str, draws: int) -> dict:
+    """Rank-1 patching at `hook` with its null drawn once at 32 directions and from `draws`."""
     rank1_patch(vlm, pairs, hook, n_random=4, n_draws=4)  # warm up
     timings, nulls = {}, {}
     for n_draws in (32, draws):
