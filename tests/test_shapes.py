@@ -126,7 +126,8 @@ def test_the_gpu_benchmarks_precision_check(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     """evaluate → curate → discover → patch → clamp at full widths and vocabulary, depth 2, with
-    peak memory per stage; the shared prefix agrees with whole prompts at this width."""
+    peak memory per stage (and in-process, the bank patch's two paths and the rank-1 null); the
+    shared prefix agrees with whole prompts at this width."""
     out = tmp_path / "medgemma.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_medgemma.py"), "--depth", "2", "--out", str(out)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
@@ -139,3 +140,6 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     assert all(s["peak_rss_gb"] > 1.0 for s in report["stages"].values() if s is not report["stages"]["curate"])
     assert report["flipbank"]["flips"] > 0
     assert report["precision"]["max_abs_prefix_vs_batched_float32"] < 1e-3
+    # patching's last-token path against full forwards, and rank-1's null, at these shapes
+    assert report["bank_patch"]["max_margin_diff"] < 1e-3 and report["bank_patch"]["cases"] > 0
+    assert report["rank1"]["flips"] == report["flipbank"]["flips"] and report["rank1"]["draws"] == 256
