@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -182,16 +182,24 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
     return total / count
 
 
+def _paraphrases(
+    vlm: VLM, cases: Sequence[Mapping[str, Any]], neutral: Float[Tensor, " d_model"]
+) -> tuple[Any, list[dict[str, Tensor]], Bool[Tensor, "group batch pos"], Float[Tensor, "batch pos d_model"]]:
+    """One batch of the cases' paraphrases as the trace corrupts them: the model inputs, each row's
+    framing-word masks, the `GROUPS`' position masks, and the neutral embedding at every position."""
+    specs = [case_spec(c, c["paraphrase"]) for c in cases]
+    inputs = vlm.prompts.build(specs)
+    word_masks, groups = _masks(vlm, cases, specs, inputs)
+    return inputs, word_masks, groups, neutral.expand(*inputs.input_ids.shape, -1)
+
+
 @torch.no_grad()
 def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int]) -> list[tuple]:
     """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
     → share)`, counting the flips it skips in `skipped`."""
-    specs = [case_spec(c, c["paraphrase"]) for c in cases]
-    inputs = vlm.prompts.build(specs)
-    word_masks, groups = _masks(vlm, cases, specs, inputs)
+    inputs, word_masks, groups, fill = _paraphrases(vlm, cases, neutral)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
     logits, clean = vlm.run_with_cache(inputs, names_filter=hooks, logits_to_keep=1)
-    fill = neutral.expand(*inputs.input_ids.shape, -1)
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
     m_para, m_corrupt = yes_no_margin(logits[:, -1], vlm.answer_tokens), _margin(vlm, inputs, [corrupt])
     m_orig = torch.tensor([c["original_margin"] for c in cases])
@@ -278,11 +286,7 @@ def framing_word_effect(
     neutral = _neutral_embedding(vlm, cases, batch_size)
     out = []
     for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        specs = [case_spec(c, c["paraphrase"]) for c in chunk]
-        inputs = vlm.prompts.build(specs)
-        _, groups = _masks(vlm, chunk, specs, inputs)
-        fill = neutral.expand(*inputs.input_ids.shape, -1)
+        inputs, _, groups, fill = _paraphrases(vlm, cases[start : start + batch_size], neutral)
         m_para = _margin(vlm, inputs, [])
         m_corrupt = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
         has_words = groups[0].any(-1)
