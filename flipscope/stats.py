@@ -18,6 +18,7 @@ from scipy import special, stats
 __all__ = [
     "Estimate",
     "auc",
+    "auc_interval",
     "auroc_ci",
     "bh_qvalues",
     "bootstrap",
@@ -159,24 +160,50 @@ def auc(scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"]) -> floa
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auc_interval(
+    scores: Float[np.ndarray, " n"],
+    labels: Bool[np.ndarray, " n"],
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate | None:
+    """AUC of `scores` for `labels` with a percentile-bootstrap interval that resamples the
+    positives and the negatives separately (stratified: every resample keeps both classes at their
+    sizes, so no resample is undefined however rare one class is); None when a class is absent.
+
+    Each resample's AUC comes from counts, not a re-sort: a positive beats the resampled negatives
+    below it (ties count half), read from cumulative counts over the sorted negatives."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = scores[labels], np.sort(scores[~labels])
+    n_pos, n_neg = len(pos), len(neg)
+    if not n_pos or not n_neg:
+        return None
+    left, right = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+    rng = np.random.default_rng(seed)
+    boots = []
+    step = max(1, _RESAMPLE_BUDGET // (n_pos + n_neg))
+    for start in range(0, n_boot, step):
+        size = min(step, n_boot - start)
+        c = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=size)
+        below = np.zeros((size, n_neg + 1))
+        np.cumsum(rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=size), axis=1, out=below[:, 1:])
+        boots.append((c * 0.5 * (below[:, left] + below[:, right])).sum(1) / (n_pos * n_neg))
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(np.concatenate(boots), [tail, 1.0 - tail])
+    return Estimate(auc(scores, labels), float(low), float(high), len(labels))
+
+
 def auroc_ci(
     scores: Float[np.ndarray, " n"], labels: Bool[np.ndarray, " n"], seed: int = 0, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """AUROC of `scores` (higher = flagged) for `labels`, with a bootstrap 95% CI over items; all
-    None (never NaN) when one class is absent."""
+    """AUROC of `scores` (higher = flagged) for `labels`, with a stratified bootstrap 95% CI
+    (`auc_interval`); all None (never NaN) when one class is absent."""
     labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels.all() or not labels.any():
-        return {"value": None, "low": None, "high": None, "n": len(labels), "n_positive": int(labels.sum())}
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(labels), len(labels))
-        y = labels[pick]
-        boots.append(auc(scores[pick], y) if 0 < y.sum() < len(y) else 0.5)
-    low, high = np.quantile(boots, [0.025, 0.975])
-    return {"value": auc(scores, labels), "low": float(low), "high": float(high), "n": len(labels),
-            "n_positive": int(labels.sum())}  # fmt: skip
+    found = auc_interval(scores, labels, n_boot=n_boot, seed=seed)
+    values = found.to_dict() if found else {"value": None, "low": None, "high": None, "n": len(labels)}
+    return values | {"n_positive": int(labels.sum())}
 
 
 def bh_qvalues(p: Float[np.ndarray, " k"]) -> Float[np.ndarray, " k"]:

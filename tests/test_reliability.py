@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flipscope.cli import app
-from flipscope.data.atomic import write_atomic
+from flipscope.data.atomic import write_atomic, write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header, read_rows
@@ -165,6 +165,19 @@ def test_a_kill_or_a_full_disk_mid_write_leaves_the_previous_file(tmp_path: Path
         write_atomic(target, "x" * 10_000)
     assert target.read_bytes() == before
     assert sorted(tmp_path.iterdir()) == left_by_the_kill  # the failed write removed its temporary file
+
+
+def test_json_results_are_strict_json_and_a_refused_nan_writes_nothing(tmp_path: Path) -> None:
+    summary = {"flip_rate": {"value": 0.25, "n": 8}, "swap": {"value": float("nan"), "n": 0}, "r": [1.0, float("inf")]}
+    path = write_json(tmp_path / "summary.json", summary)
+    # a statistic with no cases is null, which strict readers accept; NaN is not JSON
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "flip_rate": {"value": 0.25, "n": 8}, "swap": {"value": None, "n": 0}, "r": [1.0, None]
+    }  # fmt: skip
+    assert summary["swap"]["value"] != summary["swap"]["value"]  # the caller's object is left as it was
+    with pytest.raises(FlipscopeError, match=r"card\.json' would hold a non-finite number"):
+        write_json(tmp_path / "card.json", summary, allow_nan=False)
+    assert not (tmp_path / "card.json").exists()
 
 
 def test_an_atomic_write_keeps_the_permissions_open_would_give(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ the umask), not the temporary file's owner-only 0o600, so a shared results folde
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -88,12 +89,29 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 1, **dumps: Any) -> Path:
-    """`write_atomic` of `obj` as JSON with one trailing newline (`dumps` go to `json.dumps`)."""
+    """`write_atomic` of `obj` as strict JSON with one trailing newline (`dumps` go to
+    `json.dumps`). A non-finite float (a statistic with no cases) is written as `null`, since
+    `NaN` is not JSON and strict readers (jq, R, JavaScript) refuse the whole file; with
+    `allow_nan=False` the write is refused instead, for files where one would be a bug."""
+    refuse = dumps.pop("allow_nan", True) is False
     try:
-        text = json.dumps(obj, indent=indent, **dumps)
-    except ValueError as err:  # allow_nan=False and a non-finite number
-        raise FlipscopeError(f"{str(path)!r} would hold a non-finite number ({err}); nothing was written") from err
+        text = json.dumps(obj, indent=indent, allow_nan=False, **dumps)
+    except ValueError as err:
+        if refuse:
+            raise FlipscopeError(f"{str(path)!r} would hold a non-finite number ({err}); nothing was written") from err
+        text = json.dumps(_finite_or_null(obj), indent=indent, allow_nan=False, **dumps)
     return write_atomic(path, text + "\n")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (containers copied, the rest as is)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.sae.encode import check_features, encode_prompts
 from flipscope.sae.load import check_sae
-from flipscope.stats import auc, bootstrap
+from flipscope.stats import auc_interval, bootstrap
 
 __all__ = ["activation_by_family", "diffmean_direction", "layer_auc_sweep"]
 
@@ -30,18 +30,18 @@ def diffmean_direction(pairs: PairActivations, hook: str) -> Float[Tensor, " d_m
     return delta[flips].mean(0) - delta[~flips].mean(0)
 
 
-def _auc_of(scores: np.ndarray, labels: np.ndarray):
-    """AUC of the cases whose indices are given (for bootstrapping over cases)."""
-    return lambda index: auc(scores[index.astype(np.int64)], labels[index.astype(np.int64)])
-
-
 def layer_auc_sweep(
     pairs: PairActivations, hooks: Sequence[str], *, folds: int = 5, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Per hook, how well Δresidual predicts flip vs control: the AUC of the projection on the
     DiffMean direction fitted on the other folds (k-fold, stratified by a seeded shuffle), with a
-    bootstrap interval over cases."""
+    stratified bootstrap interval over cases (`auc_interval`). The AUC is None, not NaN, where a
+    class has fewer than two cases: some fold's direction would then have no case of it to fit."""
     labels = pairs.is_flip
+    n_flips, n_controls = int(labels.sum()), int((~labels).sum())
+    counts = {"n": len(labels), "n_flips": n_flips, "n_controls": n_controls}
+    if min(n_flips, n_controls) < 2:
+        return [{"hook": hook, "auc": None, "low": None, "high": None, **counts} for hook in hooks]
     rng = np.random.default_rng(seed)
     fold = np.empty(len(labels), dtype=np.int64)
     for group in (np.flatnonzero(labels), np.flatnonzero(~labels)):
@@ -54,8 +54,8 @@ def layer_auc_sweep(
             train, test = fold != k, fold == k
             direction = delta[train & labels].mean(0) - delta[train & ~labels].mean(0)
             scores[test] = delta[test] @ direction
-        est = bootstrap(np.arange(len(labels), dtype=np.float64), _auc_of(scores, labels), n_boot=500, seed=seed)
-        rows.append({"hook": hook, "auc": est.value, "low": est.low, "high": est.high, "n": len(labels)})
+        est = auc_interval(scores, labels, seed=seed)
+        rows.append({"hook": hook, "auc": est.value, "low": est.low, "high": est.high, **counts})
     return rows
 
 

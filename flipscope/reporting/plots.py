@@ -296,16 +296,18 @@ def layer_profile(
     title: str = "Flip prediction by layer",
 ) -> go.Figure:
     """Per layer, the flip-vs-control AUC of the DiffMean projection (`layer_auc_sweep` rows:
-    hook, auc, low, high) and, optionally, the mean recovery of original-value patching there
-    (`{layer, value, low, high}`)."""
+    hook, auc, low, high; a layer whose AUC is None, too few flips or controls to fit, is left
+    out) and, optionally, the mean recovery of original-value patching there (`{layer, value, low,
+    high}`)."""
     if not layers:
         raise FlipscopeError("no layer rows to plot")
     index = [int(r["hook"].split(".")[1]) for r in layers]
+    scored = [r for r in layers if r["auc"] is not None]
     fig = go.Figure(
         go.Scatter(
-            x=index,
-            y=[r["auc"] for r in layers],
-            error_y=_error([{"value": r["auc"], "low": r["low"], "high": r["high"]} for r in layers]),
+            x=[int(r["hook"].split(".")[1]) for r in scored],
+            y=[r["auc"] for r in scored],
+            error_y=_error([{"value": r["auc"], "low": r["low"], "high": r["high"]} for r in scored]),
             mode="lines+markers",
             name="flip vs control AUC",
             line=dict(color=COLORS["original"]),
