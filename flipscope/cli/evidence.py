@@ -47,9 +47,7 @@ def evidence(
         write_json(out / "evidence.json", found, allow_nan=False)
         shown = [r for r in found["cases"] if r["flip"]][:pictures]
         written = (
-            save_figures({"overlays": overlay_figure(shown, found["grid"])}, out, {"cases": pictures}, png=png)
-            if shown
-            else None
+            save_figures({"overlays": overlay_figure(shown)}, out, {"cases": pictures}, png=png) if shown else None
         )
     for kind, s in found["summary"].items():
         typer.echo(f"{kind} ({s['n']}): map cosine original vs paraphrase {fmt(s['cosine'])}, "

@@ -125,8 +125,7 @@ def organism_evidence(
         write_json(out / "evidence.json", found, allow_nan=False)
         cases = picture_cases(vlm, cfg, held_out, table=table)
         if cases:
-            grid = [int(len(cases[0]["map_original"]) ** 0.5)] * 2
-            save_figures({"overlays": overlay_figure(cases, grid)}, out, {"films": films}, png=png)
+            save_figures({"overlays": overlay_figure(cases)}, out, {"films": films}, png=png)
     random = found["methods"]["random"]
     typer.echo(f"random order: deletion {fmt(random['deletion_area'])}, insertion {fmt(random['insertion_area'])}")
     for method, s in found["methods"].items():

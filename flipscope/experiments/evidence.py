@@ -1,8 +1,10 @@
 """Image-evidence maps: where in the film a yes−no margin comes from, and whether the map is faithful.
 
 The film is cut into the grid of the model's image soft tokens (Gemma 3: its pooled tokens, e.g.
-4×4 on the organism, 16×16 on MedGemma; LLaVA: its CLIP patches), row-major as the projector emits
-them, each cell the block of film pixels its token reads (`image_grid`, `cell_slices`). Per prompt:
+4×4 on the organism, 16×16 on MedGemma; LLaVA: its CLIP patches; Qwen2.5-VL: its merged patches,
+a grid of the film's own shape), row-major as the projector emits them, each cell the block of film
+pixels its token reads, over the part of the film the processor keeps (`image_grid`,
+`flipscope.model.image_layout`). Per prompt:
 
 - **occlusion**: the margin's drop when one cell is replaced by the blank's gray (128), every cell
   in one batched forward;
@@ -34,6 +36,8 @@ from torch import Tensor
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.hooked import HookedVLM
+from flipscope.model.image_layout import Grid, seen_box
+from flipscope.model.images import load_image
 from flipscope.model.prompts import PromptSpec
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
     "deletion_insertion",
     "evidence_share",
     "gradient_maps",
+    "FilmLayout",
+    "film_layout",
     "image_grid",
     "attention_map",
     "occlusion_map",
@@ -55,45 +61,53 @@ PROJECTOR = "projector.hook_out"
 Film = UInt8[np.ndarray, "height width *channels"]
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The image soft tokens' grid: `rows` × `cols`, row-major as the projector emits them."""
-
-    rows: int
-    cols: int
-
-    @property
-    def n_cells(self) -> int:
-        return self.rows * self.cols
-
-    def cell_slices(self, height: int, width: int) -> list[tuple[slice, slice]]:
-        """The film pixels each cell reads, row-major (cell edges rounded to whole pixels)."""
-        ys = np.linspace(0, height, self.rows + 1).round().astype(int)
-        xs = np.linspace(0, width, self.cols + 1).round().astype(int)
-        return [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(self.rows) for j in range(self.cols)]
-
-    def to_pixels(self, cells: Float[np.ndarray, " n_cells"], height: int, width: int) -> Float[np.ndarray, "h w"]:
-        """A per-cell map painted onto the film's pixels (for overlays)."""
-        out = np.zeros((height, width))
-        for value, (ys, xs) in zip(cells, self.cell_slices(height, width), strict=True):
-            out[ys, xs] = value
-        return out
-
-
-def image_grid(vlm: HookedVLM) -> Grid:
-    """The grid of `vlm`'s image soft tokens, read from one forward of a gray film.
+def image_grid(vlm: HookedVLM, film: Film | None = None) -> Grid:
+    """The grid of `vlm`'s image soft tokens over `film` (default: over the blank of the model's
+    own image size; `film_layout` reads it for many films at the cost of one forward).
 
     Raises:
         FlipscopeError: the model has no projector hook, or its soft tokens are not a square grid.
     """
+    return film_layout(vlm).grid(film)
+
+
+@dataclass(frozen=True)
+class FilmLayout:
+    """How `vlm`'s processor lays films out as soft tokens (`flipscope.model.image_layout`): a
+    pixel-budget processor (Qwen2.5-VL) gives each film its own grid (`side` None); any other
+    gives every film a `side` × `side` grid over the window of it that the processor keeps."""
+
+    vlm: HookedVLM
+    side: int | None
+
+    def grid(self, film: Film | None = None) -> Grid:
+        """`film`'s grid (no forward); with no film, the grid over the model's own blank."""
+        if film is None:
+            return (
+                Grid(self.side, self.side)
+                if self.side is not None
+                else self.grid(np.asarray(self.vlm.prompts.blank_image))
+            )
+        if self.side is None:
+            thw = self.vlm.prompts.image_inputs([load_image(film)])["image_grid_thw"][0].tolist()
+            merge = int(self.vlm.prompts.processor.image_processor.merge_size)
+            return Grid(thw[0] * thw[1] // merge, thw[2] // merge)
+        return Grid(self.side, self.side, seen_box(self.vlm.prompts.processor.image_processor, *film.shape[:2]))
+
+
+def film_layout(vlm: HookedVLM) -> FilmLayout:
+    """`vlm`'s `FilmLayout`; for a fixed-size processor its side is read from one forward of a
+    gray blank."""
     vlm.check_hook_name(PROJECTOR)
+    if not vlm.prompts.fixed_layout:
+        return FilmLayout(vlm, None)
     batch = vlm.prompts.build([PromptSpec(question="yes", condition="blank")])
     _, cache = vlm.run_with_cache(batch, names_filter=PROJECTOR, logits_to_keep=1)
     n_tokens = cache[PROJECTOR].reshape(-1, cache[PROJECTOR].shape[-1]).shape[0]
     side = math.isqrt(n_tokens)
     if side * side != n_tokens:
         raise FlipscopeError(f"the model's {n_tokens} image soft tokens are not a square grid")
-    return Grid(side, side)
+    return FilmLayout(vlm, side)
 
 
 def occlude(film: Film, grid: Grid, cells: Sequence[int]) -> Film:
@@ -134,10 +148,11 @@ def gradient_maps(
     """Gradient × input and integrated gradients over the image soft tokens (module docstring), and
     `ig_total` = their sum next to `delta` = m(film) − m(blank), the completeness check."""
     with torch.no_grad():
-        specs = [PromptSpec(question=question, image=film), PromptSpec(question=question, condition="blank")]
+        gray = np.full_like(film, FILL)  # the film's own size: a pixel-budget processor gives it the same grid
+        specs = [PromptSpec(question=question, image=film), PromptSpec(question=question, image=gray)]
         batch = vlm.prompts.build(specs)
         _, cache = vlm.run_with_cache(batch, names_filter=PROJECTOR, logits_to_keep=1)
-        x, x0 = cache[PROJECTOR].float()
+        x, x0 = cache[PROJECTOR].float().reshape(2, -1, cache[PROJECTOR].shape[-1])  # Qwen2.5-VL's come flat
     alphas = torch.linspace(1.0 / steps, 1.0, steps)[:, None, None]  # right Riemann sum; alpha = 1 is the film
     path = (x0 + alphas * (x - x0)).requires_grad_(True)
 
@@ -152,7 +167,7 @@ def gradient_maps(
     diff = (x - x0).double()
     ig = (diff * grads.double().mean(0)).sum(-1).numpy()
     gxi = (diff * grads[-1].double()).sum(-1).numpy()
-    blank = _margins(vlm, question, [np.full_like(film, FILL)], 1)[0]
+    blank = _margins(vlm, question, [gray], 1)[0]
     return {"grad_x_input": gxi, "integrated_gradients": ig, "ig_total": float(ig.sum()),
             "delta": float(margins[-1].detach()) - float(blank)}  # fmt: skip
 

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from flipscope.data.store import iter_rows
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.evidence import FILL, evidence_share, image_grid, occlusion_map
+from flipscope.experiments.evidence import FILL, evidence_share, film_layout, occlusion_map
 from flipscope.experiments.pairs import bank_cases
 from flipscope.experiments.summary import question_table
 from flipscope.model.hooked import HookedVLM
+from flipscope.model.image_layout import Grid
 from flipscope.model.images import load_image
 from flipscope.model.prompts import PromptSpec
 from flipscope.stats import bootstrap
@@ -34,15 +35,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / norm) if norm > 0 else 0.0
 
 
-def pair_evidence(vlm: HookedVLM, film: np.ndarray, original: str, paraphrase: str, grid: Any) -> dict[str, Any]:
-    """Both wordings' occlusion maps on one film, their cosine, and each one's share of its margin
-    drawn from the film."""
+def pair_evidence(vlm: HookedVLM, film: np.ndarray, original: str, paraphrase: str, grid: Grid) -> dict[str, Any]:
+    """Both wordings' occlusion maps on `grid` (the film's, `image_grid`) on one film, their cosine,
+    and each one's share of its margin drawn from the film."""
     blank = np.full_like(film, FILL)
     specs = [PromptSpec(question=q, image=image) for q in (original, paraphrase) for image in (film, blank)]
     m = vlm.score(vlm.prompts.build(specs)).double().numpy()
     maps = [occlusion_map(vlm, q, film, grid) for q in (original, paraphrase)]
     return {
-        "map_original": maps[0].round(6).tolist(), "map_paraphrase": maps[1].round(6).tolist(),
+        "grid": grid.to_dict(), "map_original": maps[0].round(6).tolist(), "map_paraphrase": maps[1].round(6).tolist(),
         "cosine": _cosine(*maps), "margin_original": float(m[0]), "margin_paraphrase": float(m[2]),
         "share_original": evidence_share(float(m[0]), float(m[1])),
         "share_paraphrase": evidence_share(float(m[2]), float(m[3])),
@@ -53,12 +54,13 @@ def flip_evidence(
     vlm: HookedVLM, bank: Mapping[str, Any], *, max_cases: int | None = None, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
     """`pair_evidence` for the bank's cases (flips first, then controls; at most `max_cases` of
-    each), and per kind the mean map cosine and the paraphrase-minus-original share with CIs.
+    each), each on its film's grid, and per kind the mean map cosine and the paraphrase-minus-original
+    share with CIs.
 
     Raises:
         FlipscopeError: no case of the bank has a film.
     """
-    grid = image_grid(vlm)
+    layout = film_layout(vlm)
     cases, is_flip = bank_cases(bank)
     chosen = [(c, bool(f)) for c, f in zip(cases, is_flip, strict=True) if c.get("image") is not None]
     if max_cases is not None:
@@ -68,9 +70,9 @@ def flip_evidence(
     rows = []
     for case, flip in tqdm(chosen, desc="evidence maps", disable=not progress):
         film = np.asarray(load_image(case["image"]))
+        maps = pair_evidence(vlm, film, case["original"], case["paraphrase"], layout.grid(film))
         rows.append({"flip": flip, "image": str(case["image"]), "original": case["original"],
-                     "paraphrase": case["paraphrase"], **pair_evidence(vlm, film, case["original"],
-                                                                      case["paraphrase"], grid)})  # fmt: skip
+                     "paraphrase": case["paraphrase"], **maps})  # fmt: skip
     summary = {}
     for kind, wanted in (("flips", True), ("controls", False)):
         picked = [r for r in rows if r["flip"] == wanted]
@@ -79,7 +81,7 @@ def flip_evidence(
             "cosine": _estimate([r["cosine"] for r in picked], seed),
             "share_change": _estimate([r["share_paraphrase"] - r["share_original"] for r in picked], seed),
         }
-    return {"grid": [grid.rows, grid.cols], "summary": summary, "cases": rows}
+    return {"summary": summary, "cases": rows}
 
 
 def run_shares(path: str | Path, seed: int = 0) -> dict[str, Any]:
