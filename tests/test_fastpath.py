@@ -87,3 +87,36 @@ def test_vision_runs_once_per_image_and_once_per_run_for_the_blank(tmp_path: Pat
     # One per film (its four questions share it) in each unit that holds it, one blank per run.
     films_per_unit = [len({q.image for q in questions[i : i + 4]}) for i in range(0, 12, 4)]
     assert sum(images_seen) == sum(films_per_unit) + 1 == 3 + 1
+
+
+def _copied_rows(cache, repeats: int):
+    """HF's own way: every layer's copies, on a deep copy, kept through the forward."""
+    import copy
+
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(repeats)
+    return copied
+
+
+def test_shared_cache_rows_equal_hf_copies_bit_for_bit_and_leave_the_prefix_as_it_was(
+    vlm: HookedVLM, film_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flipscope.model import kv
+
+    specs = [PromptSpec(question=q, image=film_paths["gray"]) for q in QUESTIONS]
+    prefix = kv.run_prefix(vlm, vlm.prompts, specs[0])
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+    shared = score_shared_prefix(vlm, vlm.prompts, specs, batch_size=3, prefix=prefix)
+    assert torch.equal(score_shared_prefix(vlm, vlm.prompts, specs, batch_size=3, prefix=prefix), shared)  # reused
+    layers = prefix.cache.layers
+    assert all(torch.equal(a.keys, k) and torch.equal(a.values, v) for a, (k, v) in zip(layers, kept, strict=True))
+
+    def double(x: torch.Tensor, hook) -> torch.Tensor:  # a different edit per variant at the last token
+        return x * torch.arange(1, len(x) + 1, dtype=x.dtype)[:, None, None]
+
+    hooks = [("blocks.1.hook_resid_post", double)]
+    variants = kv.score_last_token(vlm, vlm.prompts, specs, 3, hooks)
+    monkeypatch.setattr(kv, "shared_rows", _copied_rows)
+    assert torch.equal(score_shared_prefix(vlm, vlm.prompts, specs, batch_size=3, prefix=prefix), shared)
+    assert torch.equal(kv.score_last_token(vlm, vlm.prompts, specs, 3, hooks), variants)
+    assert not torch.equal(variants[:, 0], variants[:, 1])  # the variants differ: the edit reached the margin

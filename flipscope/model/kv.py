@@ -4,10 +4,11 @@ Gemma 3 puts the image before the question: every paraphrase of a question about
 starts with the same tokens (chat header, image block, the newlines after it). Image tokens
 attend bidirectionally only within their block and never to later tokens, so the keys and
 values of that prefix do not depend on what follows. `score_shared_prefix` runs the prefix once
-(the vision tower included), then all suffixes as one right-padded batch on copies of the prefix's
-key/value cache, and reads only each row's last real token, through the answer tokens' rows of
-the unembedding alone (at a 262k vocabulary the full projection costs ~1.3 GFLOP a row). It
-equals the plain forward of each full prompt up to float reassociation (tested to 1e-4).
+(the vision tower included), then all suffixes as one right-padded batch on the prefix's key/value
+cache (each layer's copied for the batch only while that layer attends: `shared_rows`), and reads
+only each row's last real token, through the answer tokens' rows of the unembedding alone (at a
+262k vocabulary the full projection costs ~1.3 GFLOP a row). It equals the plain forward of each
+full prompt up to float reassociation (tested to 1e-4).
 
 `score_last_token` serves patching sweeps: every position but the last runs once per prompt,
 the last once per variant of an edit there. All forwards go through `HookedVLM.hf_forward` /
@@ -25,11 +26,12 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.prompts import PromptBuilder, PromptSpec
 
-__all__ = ["Prefix", "run_prefix", "score_last_token", "score_shared_prefix", "template_prefix_length"]
+__all__ = ["Prefix", "run_prefix", "score_last_token", "score_shared_prefix", "shared_rows", "template_prefix_length"]
 
 
 def template_prefix_length(builder: PromptBuilder, with_image: bool) -> int:
@@ -65,6 +67,29 @@ def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int
         kwargs["pixel_values"] = vision.pop("pixel_values").to(device=device, dtype=model.dtype)
         kwargs.update({k: v.to(device) for k, v in vision.items()})
     return Prefix(model.hf_hidden(**kwargs).past_key_values, length)
+
+
+def shared_rows(cache: Any, repeats: int) -> Any:
+    """A view of `cache` that serves `repeats` consecutive copies of each of its rows for one
+    forward and is never written: each layer's keys and values are repeated only while that layer
+    attends, then dropped. HF's `batch_repeat_interleave` (on a deep copy, to keep `cache`) holds
+    every layer's copies through the whole forward: ~42 MB a row for a 300-token MedGemma prompt.
+    A cache whose layers are not HF's dynamic ones is copied that way instead."""
+    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers) or any(
+        getattr(layer, "record_past", False) for layer in cache.layers
+    ):
+        copied = copy.deepcopy(cache)
+        copied.batch_repeat_interleave(repeats)
+        return copied
+    view = copy.copy(cache)
+
+    def update(keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        layer = cache.layers[layer_idx]  # what the layer's own update would concatenate to, left as it is
+        return (torch.cat([layer.keys.repeat_interleave(repeats, 0), keys], dim=-2),
+                torch.cat([layer.values.repeat_interleave(repeats, 0), values], dim=-2))  # fmt: skip
+
+    view.update = update
+    return view
 
 
 @torch.no_grad()
@@ -104,8 +129,7 @@ def _score_suffixes(model: Any, prefix: Prefix, suffixes: list[Tensor], pad: int
     for i, suffix in enumerate(suffixes):
         batch[i, : len(suffix)] = suffix.to(device)
         suffix_mask[i, : len(suffix)] = 1
-    cache = copy.deepcopy(prefix.cache)
-    cache.batch_repeat_interleave(len(suffixes))
+    cache = shared_rows(prefix.cache, len(suffixes))
     prefix_mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long, device=device)
     position_ids = (prefix.length + torch.arange(width, device=device)).expand(len(suffixes), width)
     hidden = model.hf_hidden(
@@ -139,8 +163,7 @@ def score_last_token(
     if inputs.pixel_values is not None:
         prefix["pixel_values"] = inputs.pixel_values.to(device=device, dtype=model.dtype)
         prefix.update({k: v.to(device) for k, v in inputs.extra.items()})
-    cache = model.hf_hidden(**prefix, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(n_variants)
+    cache = shared_rows(model.hf_hidden(**prefix, use_cache=True).past_key_values, n_variants)
 
     def repeat(t: Tensor) -> Tensor:
         return t.to(device).repeat_interleave(n_variants, dim=0)
