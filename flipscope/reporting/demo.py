@@ -194,8 +194,11 @@ def _patch(run: _Run) -> None:
     f["planted"] = [x["feature"] for x in run.card["framing_features"] if x["aligned"]]
     sets = {"patch_discovered": f["chosen"], "patch_card": f["planted"], "patch_single": [f["clamp_feature"]]}
     sets = {name: features for name, features in sets.items() if features}  # a card may mark none
+    done: dict[tuple[int, ...], Any] = {}  # discovery may find exactly the card's set: patched once
     for name, features in sets.items():
-        f[name] = patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
+        key = tuple(features)
+        f[name] = done[key] if key in done else patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
+        done[key] = f[name]
     layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", layers=_layers(run), pairs=pairs, progress=progress)
     f["layer_rows"] = read_rows(layers.path)
     for name in sets:
