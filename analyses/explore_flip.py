@@ -126,8 +126,8 @@ print("generated:", clamped.generate(batch, max_new_tokens=3))
 # film, and each one's share of its margin that the film accounts for (against the gray blank).
 
 # %%
-grid = image_grid(vlm)
-pair = pair_evidence(vlm, np.asarray(Image.open(case["image"])), case["original"], case["paraphrase"], grid)
+film = np.asarray(Image.open(case["image"]))
+pair = pair_evidence(vlm, film, case["original"], case["paraphrase"], image_grid(vlm, film))
 print(f"film's share of the margin: original {pair['share_original']:.2f}, paraphrase {pair['share_paraphrase']:.2f};"
       f" map cosine {pair['cosine']:.2f}")  # fmt: skip
-overlay_figure([{**case, **pair}], [grid.rows, grid.cols])
+overlay_figure([{**case, **pair}])

@@ -20,6 +20,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from flipscope.experiments.evidence import (
     FILL,
     PROJECTOR,
+    attention_map,
     film_layout,
     gradient_maps,
     image_grid,
@@ -119,6 +120,7 @@ def test_evidence_maps_of_a_film_that_is_not_square_have_one_cell_per_token(mode
         assert occlusion_map(vlm, "is there an effusion ?", film, grid).shape == (grid.n_cells,)
         maps = gradient_maps(vlm, "is there an effusion ?", film, steps=8)
         assert maps["integrated_gradients"].shape == (grid.n_cells,) and np.isfinite(maps["ig_total"])
+        assert attention_map(vlm, "is there an effusion ?", film).shape == (grid.n_cells,)
     assert (layout.side is None) == (family == "qwen2_5_vl")
     if family == "llava":  # the centre crop: the ends of a tall film move no margin
         film, grid = _film((112, 56), seed=1), layout.grid(_film((112, 56)))

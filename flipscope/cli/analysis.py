@@ -94,7 +94,13 @@ def _print_discovery(found, top: int) -> None:
     )
     typer.echo("flip-vs-control AUC by layer (cross-validated DiffMean projection):")
     for row in found.layers:
-        typer.echo(f"  {row['hook']:<28} {fmt({**row, 'value': row['auc']})}")
+        fewer = min(row["n_flips"], row["n_controls"])  # the AUC rests on its smaller class
+        auc = (
+            fmt({**row, "value": row["auc"], "n": fewer})
+            if row["auc"] is not None
+            else "n/a (fewer than 2 flips or controls)"
+        )
+        typer.echo(f"  {row['hook']:<28} {auc}")
     if found.ablation is not None:
         a = found.ablation
         typer.echo(
