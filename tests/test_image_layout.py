@@ -79,6 +79,14 @@ def test_a_cell_of_a_fixed_size_processor_is_its_token_block(name: str, shape: t
         assert far.any() and torch.equal(after, base)
 
 
+def test_a_processor_that_cuts_a_film_into_several_images_is_refused() -> None:
+    from flipscope.errors import FlipscopeError
+
+    panning = Gemma3ImageProcessorPil(size={"height": 64, "width": 64}, do_pan_and_scan=True, **HALF)
+    with pytest.raises(FlipscopeError, match="pan and scan cuts a film into several images"):
+        seen_box(panning, 40, 200)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_pixel_budget_processor_gives_each_film_its_own_grid(shape: tuple[int, int]) -> None:
     processor = Qwen2VLImageProcessorPil(

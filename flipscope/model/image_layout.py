@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from flipscope.errors import FlipscopeError
+
 __all__ = ["FULL", "Grid", "seen_box"]
 
 FULL = (0.0, 0.0, 1.0, 1.0)
@@ -63,7 +65,14 @@ def seen_box(image_processor: Any, height: int, width: int) -> tuple[float, floa
     """The window of a `height` × `width` film that a resize-to-fixed-size processor's output
     shows, following its own steps: pad to a square (`do_pad`, LLaVA), resize (to `size`'s
     height × width, or its `shortest_edge` keeping the aspect), then crop the centre
-    (`do_center_crop` to `crop_size`). As shares of the film's height and width."""
+    (`do_center_crop` to `crop_size`). As shares of the film's height and width.
+
+    Raises:
+        FlipscopeError: the processor cuts a film into several images (Gemma 3's pan and scan).
+    """
+    if getattr(image_processor, "do_pan_and_scan", False):
+        raise FlipscopeError("the image processor's pan and scan cuts a film into several images; evidence maps "
+                             "need one image per film (load the model with do_pan_and_scan off)")  # fmt: skip
     top, left, bottom, right = 0.0, 0.0, float(height), float(width)  # the canvas, in film pixels
     if getattr(image_processor, "do_pad", False) and height != width:
         side = max(height, width)
