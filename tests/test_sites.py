@@ -186,3 +186,31 @@ def test_the_corruption_bound_is_what_the_framing_words_move_the_non_flips_by(se
     assert abs(float(moved.mean()) - CORRUPTION_BOUND) < 0.01
     flips = framing_word_effect(vlm, bank, which="flips")
     assert flips.mean() > 4 * moved.mean()  # on flips the wording moves the margin across zero
+
+
+def test_the_width_study_runs_on_the_shipped_organism_and_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`analyses/null_width.py` at width 128 reads the shipped organism (no training), patches at the
+    entry the trace names, and a rerun reads its row back instead of recomputing it."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "analyses" / "null_width.py"
+    spec = importlib.util.spec_from_file_location("null_width", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["null_width.py", "--widths", "128", "--work", str(tmp_path), "--films", "6"]
+    argv += ["--n-random", "2", "--trace-cases", "8"]
+    monkeypatch.setattr("sys.argv", argv)
+    study.main()
+    first = capsys.readouterr().out
+    rows = json.loads((tmp_path / study.ROWS).read_text())["rows"]
+    assert [r["width"] for r in rows] == [128] and rows[0]["entry"] == ENTRY
+    assert not (tmp_path / "w128").exists()  # the shipped organism, not a retrained one
+    row = rows[0]
+    assert row["recovery"]["value"] > 0.9 > row["random"]["best_mean_recovery"]
+    assert f"{row['recovery']['value']:>7.3f}" in first
+    stamp = (tmp_path / study.ROWS).stat().st_mtime_ns
+    monkeypatch.setattr(study, "measure", None)  # a rerun must not measure again
+    study.main()
+    assert capsys.readouterr().out == first and (tmp_path / study.ROWS).stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="width 130 is not a multiple of the 4 heads"):
+        study.width_config(130)
