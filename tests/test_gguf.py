@@ -117,7 +117,41 @@ def test_a_missing_or_unreadable_gguf_is_named(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf file")
     with pytest.raises(FlipscopeError, match="cannot be read by transformers"):
         gguf_folder(bad, cache=tmp_path / "cache")
-    assert not any((tmp_path / "cache").iterdir())  # nothing half-converted is left to be trusted
+    left = [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"]
+    assert not left  # nothing half-converted is left to be trusted
+
+
+def _count_and_write(path: Path, out: Path) -> None:
+    """A stand-in conversion that takes a while and counts how often it runs."""
+    import time
+
+    with (path.parent / "conversions").open("a") as log:
+        log.write("x")
+    time.sleep(0.5)
+    (out / "model.safetensors").write_bytes(b"")
+
+
+def test_two_processes_wanting_one_gguf_convert_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pytest workers (or two users' runs) meeting the same unconverted GGUF: the second waits
+    for the first and reuses its folder, instead of converting the same file beside it."""
+    import multiprocessing
+
+    import flipscope.model.gguf as converting
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights")
+    monkeypatch.setattr(converting, "_convert", _count_and_write)
+    fork = multiprocessing.get_context("fork")  # the children see the stand-in conversion
+    runs = [fork.Process(target=gguf_folder, args=(source,), kwargs={"cache": tmp_path / "cache"}) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(30)
+    assert [run.exitcode for run in runs] == [0, 0]
+    assert (tmp_path / "conversions").read_text() == "x"
+    folder = gguf_folder(source, cache=tmp_path / "cache")
+    assert json.loads((folder / CONVERTED_NAME).read_text())["sha256"] == file_sha256(source)
+    assert (tmp_path / "conversions").read_text() == "x"
 
 
 def test_grafted_vision_keeps_the_language_model(folder: Path, vlm: HookedVLM, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""One writer per store: an exclusive lock held while a run appends to it.
+"""One writer per store: an exclusive lock held while a run appends to it; and one builder per
+cached folder (`build_lock`): a second process waits for the first and reuses what it built.
 
 The lock is `fcntl.flock` on `<store>.lock`, which the kernel releases when its holder dies, so a
 crashed or killed run never blocks the rerun. The lock file records the holder (PID, host, start
@@ -16,12 +17,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["StoreLock"]
+__all__ = ["StoreLock", "build_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +104,26 @@ class StoreLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+@contextmanager
+def build_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<folder>.lock`, waiting while another process holds it. Two
+    processes that would build the same cached folder (a converted GGUF, an assembled organism)
+    then build it once: the second re-checks the folder after the wait and reuses it. The kernel
+    releases the lock when its holder dies, so a killed build never blocks the next.
+
+    Raises:
+        FlipscopeError: the lock file cannot be made.
+    """
+    path = Path(str(folder) + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise FlipscopeError(f"cannot create the lock {str(path)!r}: {err.strerror or err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

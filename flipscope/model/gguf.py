@@ -7,7 +7,8 @@ its weights copied into a fresh model of the same config and written with its to
 folder named by the file's sha256 (`~/.cache/flipscope/gguf/<sha256[:16]>`, or under
 `$FLIPSCOPE_CACHE`). A GGUF's tokenizer has no chat template; Gemma 3's is added for a Gemma 3
 model, as the instruction-tuned releases ship it. The folder is built beside its final place and
-renamed into it, so an interrupted conversion leaves nothing a later load would trust.
+renamed into it, so an interrupted conversion leaves nothing a later load would trust; a second
+process that wants the same folder meanwhile waits for the first and reuses its conversion.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 from flipscope.data.atomic import folder_in_scratch, write_json
+from flipscope.data.lock import build_lock
 from flipscope.errors import FlipscopeError
 
 __all__ = ["CONVERTED_NAME", "cache_root", "file_sha256", "gemma3_270m_file", "gguf_folder", "resolve_gguf"]
@@ -52,11 +54,18 @@ def gguf_folder(gguf_file: str | os.PathLike[str], *, cache: str | os.PathLike[s
     sha = file_sha256(path)
     folder = (Path(cache).expanduser() if cache is not None else cache_root()) / sha[:16]
     marker = folder / CONVERTED_NAME
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha:
+
+    def converted() -> bool:
+        return marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha
+
+    if converted():
         return folder
-    with folder_in_scratch(folder) as scratch:
-        _convert(path, scratch)
-        write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
+    with build_lock(folder):
+        if converted():  # another process converted it while this one waited
+            return folder
+        with folder_in_scratch(folder) as scratch:
+            _convert(path, scratch)
+            write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
     return folder
 
 
