@@ -54,6 +54,16 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"PID {holder.get('pid')} on {holder.get('host')} (since {since}: {holder.get('command', '?')})"
 
 
+def _open_lock(target: str | Path) -> tuple[Path, int]:
+    """`<target>.lock` beside `target`, opened (created if need be) for locking."""
+    path = Path(str(target) + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise FlipscopeError(f"cannot create the lock {str(path)!r}: {err.strerror or err}") from err
+
+
 class StoreLock:
     """An acquired lock; `release()` (or leaving the `with` block) gives it up."""
 
@@ -67,12 +77,7 @@ class StoreLock:
         Raises:
             FlipscopeError: another live process holds it (named), or the lock file cannot be made.
         """
-        path = Path(str(store) + ".lock")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise FlipscopeError(f"cannot create the lock {str(path)!r}: {err.strerror or err}") from err
+        path, fd = _open_lock(store)
         previous = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,12 +121,7 @@ def build_lock(folder: str | Path) -> Iterator[None]:
     Raises:
         FlipscopeError: the lock file cannot be made.
     """
-    path = Path(str(folder) + ".lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise FlipscopeError(f"cannot create the lock {str(path)!r}: {err.strerror or err}") from err
+    _, fd = _open_lock(folder)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
