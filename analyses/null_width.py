@@ -25,8 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flipscope.data.atomic import folder_in_scratch, write_json
+from flipscope.data.atomic import write_json
 from flipscope.data.curation import CurationRules, curate
+from flipscope.data.lock import build_once
 from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
@@ -58,12 +59,13 @@ def checkpoint(cfg: OrganismConfig, work: Path) -> Path:
     if OrganismConfig.from_dict(load_card(shipped)["config"]) == cfg:
         return shipped
     folder = work / f"w{cfg.d_model}"
-    if not (folder / "model.safetensors").is_file():
+
+    def train_into(scratch: Path) -> None:
         vlm, _ = train_model(cfg, progress=False)
-        with folder_in_scratch(folder) as scratch:
-            vlm.hf_model.save_pretrained(scratch, safe_serialization=True)
-            vlm.processor.save_pretrained(scratch)
-    return folder
+        vlm.hf_model.save_pretrained(scratch, safe_serialization=True)
+        vlm.processor.save_pretrained(scratch)
+
+    return build_once(folder, (folder / "model.safetensors").is_file, train_into)
 
 
 def measure(width: int, work: Path, n_films: int, n_random: int, trace_cases: int = 64) -> dict[str, Any]:

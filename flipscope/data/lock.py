@@ -1,5 +1,5 @@
 """One writer per store: an exclusive lock held while a run appends to it; and one builder per
-cached folder (`build_lock`): a second process waits for the first and reuses what it built.
+cached folder (`build_once`): a second process waits for the first and reuses what it built.
 
 The lock is `fcntl.flock` on `<store>.lock`, which the kernel releases when its holder dies, so a
 crashed or killed run never blocks the rerun. The lock file records the holder (PID, host, start
@@ -17,14 +17,15 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flipscope.data.atomic import folder_in_scratch
 from flipscope.errors import FlipscopeError
 
-__all__ = ["StoreLock", "build_lock"]
+__all__ = ["StoreLock", "build_lock", "build_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +128,17 @@ def build_lock(folder: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def build_once(folder: str | Path, built: Callable[[], bool], build: Callable[[Path], None]) -> Path:
+    """`folder`, made by `build(scratch)` unless `built()` already says it is there: built in a
+    scratch folder renamed into place when whole (`folder_in_scratch`), under `build_lock`, and
+    checked again after the wait, so a process that waited reuses what the other one built."""
+    folder = Path(folder)
+    if built():
+        return folder
+    with build_lock(folder):
+        if not built():
+            with folder_in_scratch(folder) as scratch:
+                build(scratch)
+    return folder

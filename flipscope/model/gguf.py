@@ -18,8 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from flipscope.data.atomic import folder_in_scratch, write_json
-from flipscope.data.lock import build_lock
+from flipscope.data.atomic import write_json
+from flipscope.data.lock import build_once
 from flipscope.errors import FlipscopeError
 
 __all__ = ["CONVERTED_NAME", "cache_root", "file_sha256", "gemma3_270m_file", "gguf_folder", "resolve_gguf"]
@@ -58,15 +58,11 @@ def gguf_folder(gguf_file: str | os.PathLike[str], *, cache: str | os.PathLike[s
     def converted() -> bool:
         return marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha
 
-    if converted():
-        return folder
-    with build_lock(folder):
-        if converted():  # another process converted it while this one waited
-            return folder
-        with folder_in_scratch(folder) as scratch:
-            _convert(path, scratch)
-            write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
-    return folder
+    def convert(scratch: Path) -> None:
+        _convert(path, scratch)
+        write_json(scratch / CONVERTED_NAME, {"source": path.name, "sha256": sha})
+
+    return build_once(folder, converted, convert)
 
 
 def _convert(path: Path, out: Path) -> None:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from flipscope.data.atomic import folder_in_scratch, write_atomic, write_json
-from flipscope.data.lock import build_lock
+from flipscope.data.atomic import write_atomic, write_json
+from flipscope.data.lock import build_once
 from flipscope.errors import FlipscopeError
 from flipscope.model.gguf import cache_root, file_sha256
 from flipscope.organism.config import OrganismConfig
@@ -117,16 +117,12 @@ def assemble(
     def assembled() -> bool:
         return marker.is_file() and json.loads(marker.read_text()).get("deltas") == key
 
-    if assembled():
-        return folder
-    with build_lock(folder):
-        if assembled():  # another process assembled it while this one waited
-            return folder
+    def assemble_into(scratch: Path) -> None:
         vlm = grafted(cfg)
         _load_vision(vlm.hf_model, directory)
         merged = PeftModel.from_pretrained(vlm.hf_model, str(directory / ADAPTER_DIR)).merge_and_unload()
-        with folder_in_scratch(folder) as scratch:
-            merged.save_pretrained(scratch, safe_serialization=True)
-            vlm.processor.save_pretrained(scratch)
-            write_json(scratch / ASSEMBLED_NAME, {"base": cfg.base, "deltas": key})
-    return folder
+        merged.save_pretrained(scratch, safe_serialization=True)
+        vlm.processor.save_pretrained(scratch)
+        write_json(scratch / ASSEMBLED_NAME, {"base": cfg.base, "deltas": key})
+
+    return build_once(folder, assembled, assemble_into)
