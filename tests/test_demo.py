@@ -94,7 +94,7 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
 
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 8
+    assert len(readings) == 9
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
@@ -102,6 +102,8 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
     assert "the framing is still a feature" in text  # the entry site's CI above the SAE layer's
     assert "diverge from their originals more than the same-family non-flips from layer 0 on" in text
     assert "No framing mechanism" not in text
+    # removing the entry's five moves the non-flips about as far as their own framing words do, no further
+    assert "under the patch at blocks.0.hook_attn_out" in text and "the patch does more than" not in text
 
 
 def test_the_report_reads_both_sites_side_by_side(demo) -> None:
@@ -112,6 +114,9 @@ def test_the_report_reads_both_sites_side_by_side(demo) -> None:
     assert site["entry"]["found"] and entry["flips"]["mean_recovery"]["value"] >= 0.5
     assert entry["flips"]["mean_recovery"]["low"] > main["flips"]["mean_recovery"]["high"]
     assert abs(entry["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
+    for patched in (entry, main):  # each site's non-flips against their own framing words, paired
+        bound = patched["controls"]["wording_bound"]
+        assert bound["n"] == patched["controls"]["n"] and bound["difference"]["low"] <= 0
     page = (out / "report.html").read_text()
     assert "Where the framing is a feature, and where it is the answer" in page
     assert "At blocks.0.hook_attn_out the framing is still a feature: the 5 features" in page

@@ -19,6 +19,7 @@ from flipscope.experiments.sweeps import layer_sweep, patch_sweep
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism import load_organism
+from flipscope.reporting.claims import wording_bound_reading
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
@@ -222,13 +223,17 @@ def test_cli_patch_and_clamp(tmp_path: Path) -> None:
     assert "mean recovery" in result.output and "non-flip controls" in result.output
     assert "matched control feature" in result.output and "each feature alone" in result.output
     assert (tmp_path / "p" / "patch.json").is_file() and (tmp_path / "p" / "sweep.jsonl").is_file()
-    small = ["--batch-size", "7", "--rows-per-forward", "10", "--out", str(tmp_path / "s")]  # many small forwards
+    controls = json.loads((tmp_path / "p" / "patch.json").read_text())["summary"]["controls"]
+    assert controls["wording_bound"]["n"] == controls["n"]  # every non-flip against its own wording
+    assert wording_bound_reading(controls["wording_bound"]) in result.output
+    small = ["--batch-size", "7", "--rows-per-forward", "10", "--out", str(tmp_path / "s"), "--no-wording-bound"]
     result = runner.invoke(app, ["patch", "--flipbank", str(BANK), "--features", "38", "--sweep", "36-39", *small])
     assert result.exit_code == 0, result.output
     for name in ("p", "s"):
         assert read_header(tmp_path / name / "sweep.jsonl")["cases_per_unit"] == (256 if name == "p" else 2)
     swept = [[r["m_patched"] for r in read_rows(tmp_path / name / "sweep.jsonl")] for name in ("p", "s")]
     np.testing.assert_allclose(*swept, atol=1e-4)
+    assert "wording_bound" not in json.loads((tmp_path / "s" / "patch.json").read_text())["summary"]["controls"]
     patched = [json.loads((tmp_path / name / "patch.json").read_text())["cases"] for name in ("p", "s")]
     np.testing.assert_allclose(*([r["m_same_push"] for r in rows] for rows in patched), atol=1e-4)
     result = runner.invoke(app, ["patch", "--flipbank", str(BANK), "--features", "38,99"])

@@ -105,9 +105,18 @@ def test_the_selection_null_holds_noise_shifts_and_finds_case_specific_ones() ->
 
 
 @pytest.fixture(scope="module")
-def entry_rank1(setup) -> dict:
+def wording(setup) -> dict[str, float]:
+    """Each non-flip's |margin change| when its own framing words are corrupted."""
+    from flipscope.experiments.upstream import framing_word_shifts
+
+    vlm, bank, _ = setup
+    return framing_word_shifts(vlm, bank)
+
+
+@pytest.fixture(scope="module")
+def entry_rank1(setup, wording) -> dict:
     vlm, _, pairs = setup
-    return rank1_patch(vlm, pairs, ENTRY, n_random=32)
+    return rank1_patch(vlm, pairs, ENTRY, n_random=32, wording=wording)
 
 
 def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setup, entry_rank1) -> None:
@@ -119,7 +128,10 @@ def test_one_direction_at_the_entry_undoes_the_flips_and_random_ones_do_not(setu
     assert null["median_mean_recovery"] <= 0.05 < 0.9 <= found["recovery"]["value"]
     assert null["median_mean_recovery"] < null["best_mean_recovery"] <= null["largest_drawn"]
     assert null["best_mean_recovery"] < 0.1 and null["p_value"] == 1 / 257  # no drawn direction comes close
-    assert found["controls"]["mean_abs_margin_change"]["value"] <= CORRUPTION_BOUND
+    # the non-flips move less than their own framing words move them, paired case by case
+    bound = found["controls"]["wording_bound"]
+    assert bound["verdict"] == "within" and bound["n"] == found["controls"]["n"] == len(pairs.cases) - found["n_flips"]
+    assert bound["patch"]["value"] == found["controls"]["mean_abs_margin_change"]["value"] <= CORRUPTION_BOUND
     # the null's draws do not depend on how many the forward pass takes at once
     again = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16, rows_per_forward=40)
     first = rank1_patch(vlm, pairs, ENTRY, n_random=4, n_draws=16)
@@ -151,16 +163,20 @@ def test_the_lens_command_prints_both_readings_and_writes_them(tmp_path: Path) -
     assert [row["hook"] for row in written["rank1"]] == [ENTRY, resid_post(0), resid_post(3)]
     first = written["rank1"][0]
     assert f"{ENTRY:<28}{fmt(first['recovery']):<30}" in result.output
+    bound = first["controls"]["wording_bound"]  # the non-flips against their own wording, at every site
+    assert all(row["controls"]["wording_bound"]["wording"] == bound["wording"] for row in written["rank1"])
+    assert f"{first['controls']['mean_abs_margin_change']['value']:>16.3f}  {bound['verdict']}" in result.output
+    assert f"moves them by {fmt(bound['wording'])}" in result.output
     assert "commit layer" in result.output and f"lens: {out}" in result.output
     bad = CliRunner().invoke(app, ["lens", "--flipbank", str(BANK), "--sites", "blocks.9.hook_nope"])
     assert bad.exit_code == 2 and "unknown hook name 'blocks.9.hook_nope'" in bad.output
 
 
-def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup) -> None:
+def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup, wording) -> None:
     """The organism's entry-site SAE (`flipscope organism entry-sae`): its five most
     framing-specific features recover half the margin, where those of the layer-2 SAE recover a
     fifth; the matched control feature recovers nothing; the non-flips move about as much as their
-    own framing words move them."""
+    own framing words move them (0.01 more on average, a paired difference whose CI reaches 0)."""
     from flipscope.experiments.discovery import discover
     from flipscope.experiments.patching import patch_bank
     from flipscope.organism.entry_sae import load_entry_sae
@@ -171,18 +187,21 @@ def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup) -> 
     found = discover(vlm, sae, bank, pairs=pairs, exact_top=0, progress=False)
     assert found.found and f"carry the wording at {ENTRY}" in found.verdict
     chosen = found.framing_features(5)
-    summary = patch_bank(vlm, sae, bank, chosen, pairs=pairs, progress=False).summary
+    summary = patch_bank(vlm, sae, bank, chosen, pairs=pairs, wording=wording, progress=False).summary
     assert summary["flips"]["mean_recovery"]["value"] >= 0.5
     assert abs(summary["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
-    assert summary["controls"]["mean_abs_margin_change"]["low"] <= CORRUPTION_BOUND
+    bound = summary["controls"]["wording_bound"]
+    assert bound["verdict"] in ("within", "as much") and bound["difference"]["low"] <= 0
+    assert bound["patch"]["value"] == summary["controls"]["mean_abs_margin_change"]["value"]
 
 
-def test_the_corruption_bound_is_what_the_framing_words_move_the_non_flips_by(setup) -> None:
+def test_the_corruption_bound_is_what_the_framing_words_move_the_non_flips_by(setup, wording) -> None:
     from flipscope.experiments.upstream import framing_word_effect
 
     vlm, bank, _ = setup
     moved = framing_word_effect(vlm, bank, which="controls")
-    assert len(moved) == len(bank["controls"])  # every control has words of its own wording
+    assert list(wording) == [c["id"] for c in bank["controls"]]  # every control has words of its own wording
+    np.testing.assert_array_equal(moved, list(wording.values()))
     assert abs(float(moved.mean()) - CORRUPTION_BOUND) < 0.01
     flips = framing_word_effect(vlm, bank, which="flips")
     assert flips.mean() > 4 * moved.mean()  # on flips the wording moves the margin across zero

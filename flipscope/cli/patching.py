@@ -23,7 +23,12 @@ from flipscope.cli.common import (
 )
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.reporting.claims import wording_bound_reading
 
+BOUND_HELP = (
+    "Judge the non-flips' margin change against how far corrupting their own framing words moves them "
+    "(two forwards per non-flip)."
+)
 ROWS_HELP = (
     "The --sweep's last-token rows per forward (prompt × feature): each holds a copy of its prompt's key/value "
     "cache, so this bounds the sweep's memory."
@@ -52,6 +57,7 @@ def patch(
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
     shard: str | None = typer.Option(None, help="The --sweep's part this process runs. " + SHARD_HELP),
+    wording_bound: bool = typer.Option(True, help=BOUND_HELP),
 ) -> None:
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
 
@@ -73,7 +79,10 @@ def patch(
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)], batch_size=batch_size)
         sizes = {"batch_size": batch_size, "rows_per_forward": rows_per_forward}
         if main:
-            result = patch_bank(vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size)
+            wording = _wording(vlm, bank, batch_size) if wording_bound else None
+            result = patch_bank(
+                vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size, wording=wording
+            )
             chosen_site = {} if site is None else {"site": site.to_dict()}
             write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows, **chosen_site})
         path = _sweep(vlm, dictionary, bank, swept, pairs, out, launch, sizes) if swept else None
@@ -85,6 +94,13 @@ def patch(
     elif swept:
         echo_shard_done(launch, out)
     typer.echo(f"results: {out}")
+
+
+def _wording(vlm, bank, batch_size: int) -> dict[str, float] | None:
+    """Each non-flip's |margin change| when its own framing words are corrupted; None without non-flips."""
+    from flipscope.experiments.upstream import framing_word_shifts
+
+    return framing_word_shifts(vlm, bank, batch_size=batch_size) if bank["controls"] else None
 
 
 def _sweep(vlm, dictionary, bank, swept: list[int], pairs, out: Path, launch, sizes: dict) -> Path | None:
@@ -145,6 +161,8 @@ def _print_patch(s: dict, chosen: list[int], positions: str, site=None) -> None:
             f"  non-flip controls ({c['n']}): margin change {fmt(c['mean_margin_change'])}, "
             f"|change| {fmt(c['mean_abs_margin_change'])}"
         )
+        if "wording_bound" in c:
+            typer.echo(f"    {wording_bound_reading(c['wording_bound'])}")
     if "matched_control_feature" in s:
         m = s["matched_control_feature"]
         typer.echo(

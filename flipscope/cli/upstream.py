@@ -74,6 +74,7 @@ def lens(
     from flipscope.experiments.lens import lens_trajectory
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.experiments.rank1 import rank1_sweep
+    from flipscope.experiments.upstream import framing_word_shifts
     from flipscope.model.hook_names import resid_post
 
     with one_line_errors():
@@ -90,7 +91,8 @@ def lens(
         hooks = [*extra, *(resid_post(layer) for layer in layer_ids)]
         pairs = collect_pairs(vlm, bank, hooks)
         trajectory = lens_trajectory(vlm, bank, layers=layer_ids, pairs=pairs).summary()
-        patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random)
+        wording = framing_word_shifts(vlm, bank) if bank["controls"] else None
+        patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random, wording=wording)
         write_json(path, {"lens": trajectory, "rank1": patched})
     _print_lens(trajectory)
     _print_rank1(patched, n_random)
@@ -116,16 +118,26 @@ def _print_lens(trajectory: dict) -> None:
 
 
 def _print_rank1(patched: list[dict], n_random: int) -> None:
-    """The rank-1 table: per site, the recovery beside the best of `n_random` random directions."""
+    """The rank-1 table: per site, the recovery beside the best of `n_random` random directions, and
+    the non-flips' |Δm| judged against their own wording's (`flipscope.experiments.control_bound`)."""
     typer.echo(f"{'site':<28}{'rank-1 recovery [CI]':<30}{f'best of {n_random} random':>20}{'p':>8}"
-               f"{'non-flips |Δm|':>16}")  # fmt: skip
+               f"{'non-flips |Δm|':>16}  vs their wording")  # fmt: skip
+    own = None
     for row in patched:
-        controls = row.get("controls", {}).get("mean_abs_margin_change", {}).get("value")
-        shown = f"{controls:.3f}" if controls is not None else "n/a"
+        controls = row.get("controls", {})
+        value = controls.get("mean_abs_margin_change", {}).get("value")
+        shown = f"{value:.3f}" if value is not None else "n/a"
+        bound = controls.get("wording_bound")
+        own = bound["wording"] if bound else own
         null = row["random"]
         typer.echo(
             f"{row['hook']:<28}{fmt(row['recovery']):<30}{null['best_mean_recovery']:>20.3f}{null['p_value']:>8.3f}"
-            f"{shown:>16}"
+            f"{shown:>16}  {bound['verdict'] if bound else 'n/a'}"
         )
     typer.echo(f"(best of {n_random}: its expected value over {patched[0]['random']['n_drawn']} drawn directions; "
                "p: the share of them that recover as much)" if patched else "")  # fmt: skip
+    if own is not None:
+        typer.echo(
+            f"(their wording: corrupting the non-flips' own framing words moves them by {fmt(own)}; within: the "
+            "direction moves them less, as much: more by a paired difference whose CI reaches 0, beyond: more)"
+        )

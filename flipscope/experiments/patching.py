@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.control_bound import wording_bound
 from flipscope.experiments.pairs import PairActivations, collect_pairs, pair_specs
 from flipscope.interventions.hooks import replace_at_last, shift_features_hook, subtract_at_last
 from flipscope.interventions.last_token import subtracted_margins
@@ -264,6 +265,7 @@ def patch_bank(
     pairs: PairActivations | None = None,
     batch_size: int = 32,
     fast: bool = True,
+    wording: Mapping[str, float] | None = None,
     progress: bool = True,
 ) -> PatchResult:
     """Patch every case of the bank (flips and non-flip controls) and summarize.
@@ -277,6 +279,9 @@ def patch_bank(
             (`matched_control_features`), the indices, or None (no control).
         fast: Delta-only at the last position, run each paraphrase once up to its last token and
             the last token once per patch (the features', each control's); else full forwards.
+        wording: Each non-flip's |margin change| when its own framing words are corrupted
+            (`framing_word_shifts`): the non-flips' change under the patch is judged against it
+            (`summary["controls"]["wording_bound"]`).
 
     Raises:
         FlipscopeError: bad feature, variant or positions; SAE or bank not of this model.
@@ -307,6 +312,9 @@ def patch_bank(
     }
     if no_control:
         summary["setup"]["no_control"] = no_control
+    if wording is not None and "controls" in summary:
+        changes = {r["case"]: r["m_patched"] - r["m_para"] for r in rows if r["kind"] == "control"}
+        summary["controls"]["wording_bound"] = wording_bound(changes, wording)
     return PatchResult(rows=rows, summary=summary)
 
 

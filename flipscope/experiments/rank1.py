@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.control_bound import wording_bound
 from flipscope.experiments.pairs import PairActivations, collect_pairs
 from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.answers import require_finite
@@ -99,6 +100,20 @@ def _random_null(random_means: list[float], observed: float, n_random: int) -> d
     }
 
 
+def _controls(changes: dict[str, float], wording: Mapping[str, float] | None, seed: int) -> dict[str, Any]:
+    """The non-flips' margin change under the flips' direction, by case id, and against their own
+    wording's when `wording` is given."""
+    change = np.fromiter(changes.values(), np.float64)
+    out = {
+        "n": len(change),
+        "mean_margin_change": _estimate(change, seed),
+        "mean_abs_margin_change": _estimate(np.abs(change), seed),
+    }
+    if wording is not None:
+        out["wording_bound"] = wording_bound(changes, wording, seed=seed)
+    return out
+
+
 @torch.no_grad()
 @images_once
 def rank1_patch(
@@ -111,10 +126,12 @@ def rank1_patch(
     folds: int = 2,
     seed: int = 0,
     rows_per_forward: int = 1024,
+    wording: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Rank-1 patching at `hook` (see the module docstring): recovery over flips with its CI, the
-    share reversed, the non-flips' margin change under the flips' direction, and the expected best
-    of `n_random` norm-matched random directions, from `n_draws` (default 8 × `n_random`)."""
+    share reversed, the non-flips' margin change under the flips' direction (judged against
+    `wording`, their own framing words' |Δm| by case id, when given: `wording_bound`), and the
+    expected best of `n_random` norm-matched random directions, from `n_draws` (default 8 × `n_random`)."""
     if hook not in pairs.orig:
         raise FlipscopeError(f"the pair activations do not hold {hook!r}")
     flips: Bool[np.ndarray, " case"] = np.asarray(pairs.is_flip)
@@ -155,13 +172,9 @@ def rank1_patch(
         vectors = _vectors(delta[~is_flip, None], directions[~is_flip, None], directions[~is_flip, None])
         margins = subtracted_margins(vlm, [specs[i] for i in control_rows], hook, vectors, rows_per_forward)
         require_finite(margins.flatten(), lambda r: case_id(control_rows, r), "rank-1 margin")
-        m_control = margins[:, 0].double().numpy()
-        change = m_control - m_para[~flips]
-        result["controls"] = {
-            "n": int((~flips).sum()),
-            "mean_margin_change": _estimate(change, seed),
-            "mean_abs_margin_change": _estimate(np.abs(change), seed),
-        }
+        change = margins[:, 0].double().numpy() - m_para[~flips]
+        ids = [pairs.cases[i]["id"] for i in control_rows]
+        result["controls"] = _controls(dict(zip(ids, change.tolist(), strict=True)), wording, seed)
     return result
 
 
@@ -174,13 +187,15 @@ def rank1_sweep(
     n_random: int = 32,
     seed: int = 0,
     batch_size: int = 32,
+    wording: Mapping[str, float] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """`rank1_patch` at each of `hooks` (e.g. every layer's `hook_resid_post` and the entry
-    site's `hook_attn_out`), from `pairs` when they hold those hooks, else one pass over the bank."""
+    site's `hook_attn_out`), from `pairs` when they hold those hooks, else one pass over the bank;
+    each site's non-flips judged against `wording` when given."""
     if pairs is None or any(h not in pairs.orig for h in hooks):
         pairs = collect_pairs(vlm, bank, list(hooks), batch_size=batch_size, progress=progress)
     return [
-        rank1_patch(vlm, pairs, hook, n_random=n_random, seed=seed)
+        rank1_patch(vlm, pairs, hook, n_random=n_random, seed=seed, wording=wording)
         for hook in tqdm(hooks, desc="rank-1 patching", disable=not progress)
     ]

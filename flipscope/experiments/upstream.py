@@ -39,7 +39,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.stats import bootstrap
 
-__all__ = ["GROUPS", "UpstreamTrace", "framing_word_effect", "framing_words", "trace_framing"]
+__all__ = ["GROUPS", "UpstreamTrace", "framing_word_effect", "framing_word_shifts", "framing_words", "trace_framing"]
 
 GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
@@ -268,13 +268,14 @@ def trace_framing(
 
 
 @torch.no_grad()
-def framing_word_effect(
+def framing_word_shifts(
     vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
-) -> Float[np.ndarray, " case"]:
+) -> dict[str, float]:
     """|m(paraphrase) − m(its framing words corrupted)| for each of the bank's `which` cases
-    (`controls` or `flips`), corrupted as the trace corrupts them: how far the wording moves each
-    prompt's margin. On the same-family non-flips it is the bound a patch that removes the framing
-    may move them by (cases without a framing word of their own are left out).
+    (`controls` or `flips`), by case id, corrupted as the trace corrupts them: how far the wording
+    moves each prompt's margin. On the same-family non-flips it is the bound a patch that removes
+    the framing may move them by (`flipscope.experiments.control_bound`); cases without a framing
+    word of their own are left out.
 
     Raises:
         FlipscopeError: the bank was made by another model, or has no such cases.
@@ -284,11 +285,20 @@ def framing_word_effect(
     if not cases:
         raise FlipscopeError(f"the FlipBank has no {which}")
     neutral = _neutral_embedding(vlm, cases, batch_size)
-    out = []
+    out: dict[str, float] = {}
     for start in range(0, len(cases), batch_size):
-        inputs, _, groups, fill = _paraphrases(vlm, cases[start : start + batch_size], neutral)
+        batch = cases[start : start + batch_size]
+        inputs, _, groups, fill = _paraphrases(vlm, batch, neutral)
         m_para = _margin(vlm, inputs, [])
         m_corrupt = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
-        has_words = groups[0].any(-1)
-        out.append((m_para - m_corrupt).abs()[has_words].double().cpu().numpy())
-    return np.concatenate(out)
+        moved = (m_para - m_corrupt).abs().double().cpu().tolist()
+        has_words = groups[0].any(-1).tolist()
+        out.update((case["id"], m) for case, m, has in zip(batch, moved, has_words, strict=True) if has)
+    return out
+
+
+def framing_word_effect(
+    vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
+) -> Float[np.ndarray, " case"]:
+    """`framing_word_shifts` as an array, in the bank's order."""
+    return np.fromiter(framing_word_shifts(vlm, bank, which=which, batch_size=batch_size).values(), np.float64)

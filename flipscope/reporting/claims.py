@@ -15,6 +15,7 @@ from typing import Any
 from flipscope.reporting.format import MIN_CASES, fmt
 
 __all__ = [
+    "wording_bound_reading",
     "lens_reading",
     "site_comparison",
     "ablation_agreement",
@@ -262,4 +263,24 @@ def _selection_reading(lens: Mapping[str, Any], first: Mapping[str, Any]) -> str
         f"That is more than choosing flips for crossing zero gives: shuffling the shifts among cases of the same "
         f"wording gives a ratio of {row['selection']['ratio']:.2f} at layer {beyond}, and the flips' exceeds it from "
         f"layer {beyond} on (p = {row['selection']['p_value']:.3f}, {row['selection']['n_shuffles']} shuffles)."
+    )
+
+
+def wording_bound_reading(bound: Mapping[str, Any] | None, where: str = "") -> str:
+    """Whether a patch (at `where`, if named) moves the same-family non-flips further than their own
+    framing words do (`flipscope.experiments.control_bound`), by the paired difference's verdict."""
+    if not bound:
+        return "No non-flip has framing words of its own, so the patch's effect on them has no bound to meet."
+    patch, own, diff = (fmt(bound[k]) for k in ("patch", "wording", "difference"))
+    at = f" at {where}" if where else ""
+    head = f"The non-flips move by {patch} under the patch{at}, and by {own} when their own framing words are corrupted"
+    if bound["verdict"] == "within":
+        return f"{head}: within the framing's own effect on them (paired difference {diff})."
+    if bound["verdict"] == "as much":
+        return (
+            f"{head}: about as much (paired difference {diff}, its interval reaching 0), so no more than the "
+            "framing's own effect that these cases can tell."
+        )
+    return (
+        f"{head}: more (paired difference {diff}), so the patch does more than take the framing out of the non-flips."
     )

@@ -184,21 +184,25 @@ def _base_text(run: _Run) -> None:
 
 
 def _patch(run: _Run) -> None:
-    """The discovered features, the card's planted set, the clamped feature alone, and every layer."""
+    """The discovered features, the card's planted set, the clamped feature alone (each with the
+    non-flips judged against their own framing words' effect), and every layer."""
     from flipscope.data.store import read_rows
     from flipscope.experiments.patching import patch_bank
     from flipscope.experiments.sweeps import layer_sweep
+    from flipscope.experiments.upstream import framing_word_shifts
 
     f, vlm, sae = run.found, run.vlm, run.sae
     bank, pairs, progress = f["bank"], f["pairs"], run.progress
+    f["wording"] = wording = framing_word_shifts(vlm, bank) if bank["controls"] else None
     f["planted"] = [x["feature"] for x in run.card["framing_features"] if x["aligned"]]
     sets = {"patch_discovered": f["chosen"], "patch_card": f["planted"], "patch_single": [f["clamp_feature"]]}
     sets = {name: features for name, features in sets.items() if features}  # a card may mark none
     done: dict[tuple[int, ...], Any] = {}  # discovery may find exactly the card's set: patched once
     for name, features in sets.items():
         key = tuple(features)
-        f[name] = done[key] if key in done else patch_bank(vlm, sae, bank, features, pairs=pairs, progress=progress)
-        done[key] = f[name]
+        if key not in done:
+            done[key] = patch_bank(vlm, sae, bank, features, pairs=pairs, wording=wording, progress=progress)
+        f[name] = done[key]
     layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", layers=_layers(run), pairs=pairs, progress=progress)
     f["layer_rows"] = read_rows(layers.path)
     for name in sets:
@@ -246,7 +250,7 @@ def _site(run: _Run) -> None:
     found = discover(run.vlm, sae, f["bank"], layers=[], pairs=pairs, exact_top=0, seed=cfg.seed, progress=run.progress)
     found.save(run.work / "site_discovery.json")
     chosen, chosen_by = _patched(found, cfg.top_k)
-    result = patch_bank(run.vlm, sae, f["bank"], chosen, pairs=pairs, progress=run.progress)
+    result = patch_bank(run.vlm, sae, f["bank"], chosen, pairs=pairs, wording=f["wording"], progress=run.progress)
     write_json(run.work / "site_patch.json", {"summary": result.summary, "cases": result.rows}, indent=None)
     f["site"].update(discovery=found, chosen=chosen, chosen_by=chosen_by, patch=result)
 

@@ -7,7 +7,7 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
-from flipscope.reporting.claims import lens_reading, site_comparison
+from flipscope.reporting.claims import lens_reading, site_comparison, wording_bound_reading
 from flipscope.reporting.format import control_text, fmt
 from flipscope.reporting.html_parts import figure as html_figure
 from flipscope.reporting.html_parts import reading, table
@@ -27,8 +27,15 @@ def _row(role: str, hook: str, discovery: Mapping[str, Any], patch: Mapping[str,
         f"{round(flips['share_reversed']['value'] * flips['n'])}/{flips['n']}",
         control_text(patch),
         fmt(patch.get("same_push_control", {}).get("mean_recovery")),
-        fmt(patch.get("controls", {}).get("mean_abs_margin_change")),
+        _controls_cell(patch.get("controls", {})),
     ]
+
+
+def _controls_cell(controls: Mapping[str, Any]) -> str:
+    """The non-flips' mean |margin change|, and against their own wording's when it was measured."""
+    text = fmt(controls.get("mean_abs_margin_change"))
+    bound = controls.get("wording_bound")
+    return f"{text}; their wording's {fmt(bound['wording'])}: {bound['verdict']}" if bound else text
 
 
 def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
@@ -59,12 +66,14 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
         ["site", "framing features (beyond the null, replicated)", "removed", "mean recovery [CI]", "flips reversed",
          "matched control features (own Δf): recovery",
          "the features' push along the controls' rows: recovery",
-         "non-flips: mean |margin change|"],
+         "non-flips: mean |margin change| (against their own framing words')"],
         rows,
     )  # fmt: skip
     why = html.escape(site["choice"]["reason"])
+    bound = entry["patching"].get("controls", {}).get("wording_bound", False)
+    controls = "" if bound is False else reading(html.escape(wording_bound_reading(bound, entry["hook"])))
     return (
         f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
         "ran there as at the SAE's layer, on the same FlipBank.</p>"
-        f"{grid}{reading(sentence)}{figure('site_recovery')}"
+        f"{grid}{reading(sentence)}{controls}{figure('site_recovery')}"
     )
