@@ -19,7 +19,7 @@ from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.rank1 import rank1_patch
 from flipscope.experiments.sites import choose_site, entry_site, folder_candidates
-from flipscope.experiments.upstream import framing_word_effect, trace_framing
+from flipscope.experiments.upstream import framing_word_shifts, trace_framing
 from flipscope.organism import OrganismConfig, build_organism, load_organism
 from flipscope.organism.entry_sae import train_entry_sae
 from flipscope.organism.questions import export_questions
@@ -98,16 +98,19 @@ def entry_study(second, second_bank):
     sae = load_sae(choice.chosen.source)
     pairs = collect_pairs(vlm, bank, [entry], progress=False)
     found = discover(vlm, sae, bank, layers=[], pairs=pairs, exact_top=0, progress=False)
-    result = patch_bank(vlm, sae, bank, found.framing_features(5), pairs=pairs, progress=False).summary
-    bound = float(framing_word_effect(vlm, bank, which="controls").mean())
-    direction = rank1_patch(vlm, pairs, entry, n_random=32)
+    wording = framing_word_shifts(vlm, bank)
+    result = patch_bank(vlm, sae, bank, found.framing_features(5), pairs=pairs, wording=wording, progress=False)
+    result = result.summary
+    bound = result["controls"]["wording_bound"]
+    direction = rank1_patch(vlm, pairs, entry, n_random=32, wording=wording)
     print(
         f"second organism entry {entry} (FVU {entry_card['fvu']:.4f}, L0 {entry_card['l0']:.1f}): {found.verdict}\n"
         f"  top-5 recovery {result['flips']['mean_recovery']}, matched controls "
         f"{result['matched_control_feature']['mean_recovery']['value']:.3f} (a push "
         f"{result['setup']['control_size_ratio']:.2f}x the features'; the features' push on their rows "
         f"{result['same_push_control']['mean_recovery']['value']:.3f}), controls |dm| "
-        f"{result['controls']['mean_abs_margin_change']['value']:.3f} (bound {bound:.3f}); rank-1 "
+        f"{result['controls']['mean_abs_margin_change']['value']:.3f} (their wording's "
+        f"{bound['wording']['value']:.3f}: {bound['verdict']}); rank-1 "
         f"{direction['recovery']['value']:.3f}, best random {direction['random']['best_mean_recovery']:.3f}"
     )
     return {"entry": entry, "choice": choice, "found": found, "result": result, "bound": bound, "rank1": direction}
@@ -122,7 +125,8 @@ def test_at_its_own_entry_site_the_framing_is_features_that_undo_the_flips(entry
     assert choice.chosen.hook == entry_study["entry"] and Path(choice.chosen.source).name == "sae_entry"
     assert found.found, found.verdict
     assert result["flips"]["mean_recovery"]["value"] >= 0.5
-    assert result["controls"]["mean_abs_margin_change"]["low"] <= entry_study["bound"]
+    # the non-flips, case by case, move no further than their own framing words move them
+    assert entry_study["bound"]["verdict"] in ("within", "as much"), entry_study["bound"]["difference"]
     assert entry_study["rank1"]["random"]["best_mean_recovery"] < 0.1
     table = found.table.set_index("feature")
     readout, framing = table[table["label"] == "answer readout"], table[table["label"] == "framing"]
