@@ -62,6 +62,7 @@ def patch(
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
 
     from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.control_bound import non_flip_wording
     from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.experiments.patching import patch_bank
@@ -79,7 +80,7 @@ def patch(
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)], batch_size=batch_size)
         sizes = {"batch_size": batch_size, "rows_per_forward": rows_per_forward}
         if main:
-            wording = _wording(vlm, bank, batch_size) if wording_bound else None
+            wording = non_flip_wording(vlm, bank, batch_size) if wording_bound else None
             result = patch_bank(
                 vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size, wording=wording
             )
@@ -94,13 +95,6 @@ def patch(
     elif swept:
         echo_shard_done(launch, out)
     typer.echo(f"results: {out}")
-
-
-def _wording(vlm, bank, batch_size: int) -> dict[str, float] | None:
-    """Each non-flip's |margin change| when its own framing words are corrupted; None without non-flips."""
-    from flipscope.experiments.upstream import framing_word_shifts
-
-    return framing_word_shifts(vlm, bank, batch_size=batch_size) if bank["controls"] else None
 
 
 def _sweep(vlm, dictionary, bank, swept: list[int], pairs, out: Path, launch, sizes: dict) -> Path | None:

@@ -71,10 +71,10 @@ def lens(
     """Logit lens per layer (flips' divergence against same-family non-flips, the commit layer) and
     rank-1 patching of one cross-fitted framing direction per site, beside random directions."""
     from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.control_bound import non_flip_wording
     from flipscope.experiments.lens import lens_trajectory
     from flipscope.experiments.pairs import collect_pairs
     from flipscope.experiments.rank1 import rank1_sweep
-    from flipscope.experiments.upstream import framing_word_shifts
     from flipscope.model.hook_names import resid_post
 
     with one_line_errors():
@@ -91,7 +91,7 @@ def lens(
         hooks = [*extra, *(resid_post(layer) for layer in layer_ids)]
         pairs = collect_pairs(vlm, bank, hooks)
         trajectory = lens_trajectory(vlm, bank, layers=layer_ids, pairs=pairs).summary()
-        wording = framing_word_shifts(vlm, bank) if bank["controls"] else None
+        wording = non_flip_wording(vlm, bank)
         patched = rank1_sweep(vlm, bank, hooks, pairs=pairs, n_random=n_random, wording=wording)
         write_json(path, {"lens": trajectory, "rank1": patched})
     _print_lens(trajectory)

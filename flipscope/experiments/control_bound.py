@@ -20,11 +20,18 @@ from typing import Any
 import numpy as np
 
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.upstream import framing_word_shifts
+from flipscope.model.protocol import VLM
 from flipscope.stats import bootstrap
 
-__all__ = ["VERDICTS", "wording_bound"]
+__all__ = ["non_flip_wording", "wording_bound"]
 
-VERDICTS = ("within", "as much", "beyond")
+
+def non_flip_wording(vlm: VLM, bank: Mapping[str, Any], batch_size: int = 16) -> dict[str, float] | None:
+    """Each non-flip's |margin change| when its own framing words are corrupted, by case id
+    (`framing_word_shifts`): what `wording_bound` pairs a patch's changes with; None for a bank
+    without non-flips."""
+    return framing_word_shifts(vlm, bank, batch_size=batch_size) if bank["controls"] else None
 
 
 def wording_bound(

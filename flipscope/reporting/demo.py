@@ -187,13 +187,13 @@ def _patch(run: _Run) -> None:
     """The discovered features, the card's planted set, the clamped feature alone (each with the
     non-flips judged against their own framing words' effect), and every layer."""
     from flipscope.data.store import read_rows
+    from flipscope.experiments.control_bound import non_flip_wording
     from flipscope.experiments.patching import patch_bank
     from flipscope.experiments.sweeps import layer_sweep
-    from flipscope.experiments.upstream import framing_word_shifts
 
     f, vlm, sae = run.found, run.vlm, run.sae
     bank, pairs, progress = f["bank"], f["pairs"], run.progress
-    f["wording"] = wording = framing_word_shifts(vlm, bank) if bank["controls"] else None
+    f["wording"] = wording = non_flip_wording(vlm, bank)
     f["planted"] = [x["feature"] for x in run.card["framing_features"] if x["aligned"]]
     sets = {"patch_discovered": f["chosen"], "patch_card": f["planted"], "patch_single": [f["clamp_feature"]]}
     sets = {name: features for name, features in sets.items() if features}  # a card may mark none
