@@ -196,14 +196,13 @@ def test_at_the_entry_the_framing_is_features_and_they_undo_the_flips(setup, wor
 
 
 def test_the_corruption_bound_is_what_the_framing_words_move_the_non_flips_by(setup, wording) -> None:
-    from flipscope.experiments.upstream import framing_word_effect
+    from flipscope.experiments.upstream import framing_word_shifts
 
     vlm, bank, _ = setup
-    moved = framing_word_effect(vlm, bank, which="controls")
+    moved = np.fromiter(wording.values(), np.float64)
     assert list(wording) == [c["id"] for c in bank["controls"]]  # every control has words of its own wording
-    np.testing.assert_array_equal(moved, list(wording.values()))
     assert abs(float(moved.mean()) - CORRUPTION_BOUND) < 0.01
-    flips = framing_word_effect(vlm, bank, which="flips")
+    flips = np.fromiter(framing_word_shifts(vlm, bank, which="flips").values(), np.float64)
     assert flips.mean() > 4 * moved.mean()  # on flips the wording moves the margin across zero
 
 

@@ -39,7 +39,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.stats import bootstrap
 
-__all__ = ["GROUPS", "UpstreamTrace", "framing_word_effect", "framing_word_shifts", "framing_words", "trace_framing"]
+__all__ = ["GROUPS", "UpstreamTrace", "framing_word_shifts", "framing_words", "trace_framing"]
 
 GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
@@ -295,10 +295,3 @@ def framing_word_shifts(
         has_words = groups[0].any(-1).tolist()
         out.update((case["id"], m) for case, m, has in zip(batch, moved, has_words, strict=True) if has)
     return out
-
-
-def framing_word_effect(
-    vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
-) -> Float[np.ndarray, " case"]:
-    """`framing_word_shifts` as an array, in the bank's order."""
-    return np.fromiter(framing_word_shifts(vlm, bank, which=which, batch_size=batch_size).values(), np.float64)

@@ -70,8 +70,12 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
         rows,
     )  # fmt: skip
     why = html.escape(site["choice"]["reason"])
-    bound = entry["patching"].get("controls", {}).get("wording_bound", False)
-    controls = "" if bound is False else reading(html.escape(wording_bound_reading(bound, entry["hook"])))
+    measured = entry["patching"].get("controls", {})  # a bound of None: no non-flip had framing words
+    controls = (
+        reading(html.escape(wording_bound_reading(measured["wording_bound"], entry["hook"])))
+        if "wording_bound" in measured
+        else ""
+    )
     return (
         f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
         "ran there as at the SAE's layer, on the same FlipBank.</p>"
