@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from jaxtyping import Bool, Float, UInt8
@@ -27,9 +28,17 @@ Canvas = Float[np.ndarray, "height width"]
 Mask = Bool[np.ndarray, "height width"]
 
 
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+@lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's row and column in [0, 1); read-only, as every film of a size shares it."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    return y, x
+    return _frozen(y, x)
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> Canvas:
@@ -41,11 +50,12 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> Canvas:
     return rows[:, lo] * (1 - frac)[None, :] + rows[:, lo + 1] * frac[None, :]
 
 
+@lru_cache(maxsize=8)
 def _lung_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
     y, x = _grid(size)
     left = ((x - 0.31) / 0.17) ** 2 + ((y - 0.5) / 0.33) ** 2 <= 1.0
     right = ((x - 0.69) / 0.17) ** 2 + ((y - 0.5) / 0.33) ** 2 <= 1.0
-    return left, right
+    return _frozen(left, right)
 
 
 def _opacity(canvas: Canvas, severity: float, rng: np.random.Generator, lungs: tuple) -> Mask:
