@@ -23,9 +23,11 @@ demo: $(STAMP)
 	$(VENV)/bin/flipscope demo
 
 # Two workers of one thread each (unless OMP_NUM_THREADS says otherwise); a module stays on one
-# worker, so its fixtures are built once.
+# worker, so its fixtures are built once. An organism build runs its fixed two threads inside a
+# worker, so cores can be oversubscribed: OpenMP threads then wait asleep instead of spinning
+# (which made such a build 3× slower while the other worker built too; the bits are the same).
 XDIST := -n 2 --dist loadfile
-THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 test: $(STAMP)
 	$(THREADS) $(PY) -m pytest -q $(XDIST) --durations=15
 
