@@ -1,22 +1,32 @@
 """The framing verdict: pairs read from the bank's `control_for`, a mechanism claimed only when a
-feature shifts on same-family non-flips beyond the null, and nothing claimed from too few pairs."""
+feature shifts on same-family non-flips beyond the null, further where flipped, and the flips lie
+beyond the wording's reach; nothing claimed from too few pairs."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.framing import control_pairs, framing_analysis
+from flipscope.experiments.reach import wording_reach
 
 
-def _cases(n_flips: int, n_controls: int) -> list[dict]:
-    flips = [{"id": f"q{i}/p1", "direction": "no→yes"} for i in range(n_flips)]
-    controls = [{"id": f"c{i}/p2", "control_for": f"q{i}/p1"} for i in range(n_controls)]
-    return [*flips, *controls, {"id": "x/p3"}, {"id": "y/p1", "control_for": "gone/p9"}]
+def _cases(n_flips: int, n_controls: int, flip_margin: float = -3.0) -> list[dict]:
+    """Flips from `flip_margin` (no→yes), controls from +2, two strays; every case has its margin."""
+    flips = [{"id": f"q{i}/p1", "direction": "no→yes", "original_margin": flip_margin} for i in range(n_flips)]
+    controls = [{"id": f"c{i}/p2", "control_for": f"q{i}/p1", "original_margin": 2.0} for i in range(n_controls)]
+    strays = [{"id": "x/p3", "original_margin": 1.0}, {"id": "y/p1", "control_for": "gone/p9", "original_margin": 1.0}]
+    return [*flips, *controls, *strays]
 
 
-def _bank(n: int = 40, k: int = 30, framing: float = 1.0, stronger: float = 0.6, seed: int = 1):
+def _bank(n: int = 40, k: int = 30, framing: float = 1.0, stronger: float = 0.6, seed: int = 1, flip_margin=None):
+    """Δf, Δmargin and cases of `n` pairs: flips shifted by about +5 from margins of about −3 (or
+    `flip_margin`), beyond the controls' reach (|Δm| ~ N(0, 1): about 2)."""
     rng = np.random.default_rng(seed)
     cases = _cases(n, n)
+    for case, m in zip(cases[:n], rng.uniform(-4.0, -2.5, n) if flip_margin is None else flip_margin, strict=True):
+        case["original_margin"] = float(m)
     delta = rng.normal(0, 0.5, (len(cases), k))
     delta[: 2 * n, 0] += framing  # the wording moves feature 0 on flips and their controls,
     delta[:n, 0] += stronger if framing else 0.0  # more where the answer flipped
@@ -47,7 +57,9 @@ def test_a_planted_framing_is_claimed_and_the_readout_named() -> None:
     assert not alike.found and alike.specificity.labels[0] == "framing"
     assert alike.verdict.startswith("No framing mechanism was found at blocks.2.hook_resid_post: feature 0 carries")
     assert "but no more where the answer flipped than on the flips' own controls" in alike.verdict
+    assert "of the 40 flips were answers further from a margin of 0 than the wording moves 95%" in found.verdict
     out = found.to_dict()
+    assert out["reach"]["beyond"] and out["reach"]["share_beyond"]["low"] > 0.5
     assert out["thresholds"]["answer_cos"] is None and set(out["nulls"]) == {"pearson", "spearman", "auc", "size"}
 
 
@@ -82,3 +94,41 @@ def test_a_wording_effect_of_one_question_is_named_but_not_claimed() -> None:
     )
     assert "but not again on question-disjoint halves of 20 and 20 pairs" in found.verdict
     assert found.to_dict()["replication"] == {"halves": [20, 20], "beating_null": [0], "replicated": []}
+
+
+def test_near_boundary_flips_are_named_but_claim_no_mechanism() -> None:
+    """The null organism's trap: the same features, shifting further where flipped, but the flips are
+    answers that sat at a margin of about 0, which the wording's ordinary reach tips over."""
+    margins = np.random.default_rng(3).uniform(-0.3, -0.05, 40)
+    delta, shift, cases = _bank(flip_margin=margins)
+    near = framing_analysis(delta, shift, cases, "blocks.2.hook_resid_post", n_perm=200)
+    planted = framing_analysis(*_bank(), "blocks.2.hook_resid_post", n_perm=200)
+    assert planted.found and near.specificity.stronger_where_flipped[0]  # the feature-level tests alike
+    assert not near.found and near.reach.share.high < 0.5 and near.reach.flip_margin < 0.3
+    assert near.verdict.startswith("No framing mechanism was found at blocks.2.hook_resid_post: feature 0 carries")
+    assert "and feature 0 shifts further the same way where the answer flipped" in near.verdict
+    assert "but the flips are near-boundary answers: only 0.000 [0.000, 0.000] of the 40 flips" in near.verdict
+    assert near.verdict.endswith("Feature 1 moves with the answer only (answer readout).")
+    assert not near.to_dict()["reach"]["beyond"]
+
+
+def test_the_reach_is_the_controls_95th_percentile_and_resamples_questions() -> None:
+    margin = np.array([-3.0, -0.5, 0.2, -4.0, 1.0, 1.0, 1.0, 1.0])
+    shift = np.array([5.0, 1.0, -1.0, 6.0, 0.1, -0.2, 0.3, -2.0])
+    flips, controls = np.arange(4), np.arange(4, 8)
+    reach = wording_reach(margin, shift, flips, controls, ["a", "b", "c", "d"], n_boot=200)
+    assert reach.reach == pytest.approx(np.quantile([0.1, 0.2, 0.3, 2.0], 0.95))
+    assert reach.share.value == 0.5 and reach.share.n == 4 and reach.flip_margin == pytest.approx(1.75)
+    one = wording_reach(margin, shift, flips, controls, ["a"] * 4, n_boot=200)  # one question: nothing to resample
+    assert one.share.low == one.share.high == 0.5
+    assert "0.500 [" in reach.sentence() and "(1.74 logits)" in reach.sentence()
+
+
+def test_a_case_without_its_original_margin_is_refused_by_name() -> None:
+    delta, shift, cases = _bank()
+    del cases[3]["original_margin"]
+    with pytest.raises(FlipscopeError, match=r"case 'q3/p1': original_margin must be a finite number"):
+        framing_analysis(delta, shift, cases, "h", n_perm=50)
+    cases[3]["original_margin"] = float("nan")
+    with pytest.raises(FlipscopeError, match="got nan"):
+        framing_analysis(delta, shift, cases, "h", n_perm=50)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,7 @@ def test_discover_finds_no_framing_where_correlation_would_claim_one(null_run) -
             return
         assert run.exit_code == 0, run.output
         found = json.loads(out.read_text())
-        assert not found["framing"]["found"], (sae, found["framing"]["verdict"])
-        assert found["framing"]["verdict"].startswith("No framing mechanism")
-        assert not found["framing"]["stronger_where_flipped"]
+        _claims_nothing(found["framing"], sae)
         assert "No framing mechanism" in run.output
     found = json.loads((root / "loose.sae.features.json").read_text())
     labels = {f["label"] for f in found["features"]}
@@ -80,6 +79,54 @@ def test_discover_finds_no_framing_where_correlation_would_claim_one(null_run) -
         # by its parametric q-value, correlation "finds" features, and they are answer readout
         assert min(f["pearson_q"] for f in found["features"]) < 1e-3
         assert "answer readout" in labels
+
+
+def _claims_nothing(framing: dict, sae: str) -> None:
+    """No mechanism claimed; where a wording feature does shift further on the flips (selection on
+    near-boundary answers can make it), the verdict says the flips lie within the wording's reach."""
+    assert not framing["found"], (sae, framing["verdict"])
+    assert framing["verdict"].startswith("No framing mechanism"), framing["verdict"]
+    if framing["stronger_where_flipped"]:
+        assert not framing["reach"]["beyond"] and "near-boundary answers" in framing["verdict"]
+
+
+NULL_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def large_null_banks(null_run, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Each seed's null organism (seed 0: the module's) with a 320-film FlipBank curated as loosely as
+    the test above (every flip, however near 0), and discover's framing analysis at both sites."""
+    out = []
+    for seed in NULL_SEEDS:
+        root = null_run[0] if seed == NULL.seed else tmp_path_factory.mktemp(f"null{seed}")
+        model = root / "organism"
+        if seed != NULL.seed:
+            build_organism(replace(NULL, seed=seed), model, progress=False)
+            train_entry_sae(model, "blocks.0.hook_attn_out")
+        args = ["organism", "flipbank", "--organism", str(model), "--out", str(root / "large"), "--n-films", "320"]
+        made = CliRunner().invoke(app, [*args, "--min-margin", "0"])
+        assert made.exit_code == 0, made.output
+        for sae in ("sae", "sae_entry"):
+            found = root / f"large.{sae}.json"
+            args = ["discover", "--flipbank", str(root / "large" / "flipbank.json"), "--model", str(model)]
+            run = CliRunner().invoke(app, [*args, "--sae", str(model / sae), "--exact-top", "0", "--out", str(found)])
+            assert run.exit_code == 0, run.output
+            out.append({"seed": seed, "sae": sae, **json.loads(found.read_text())["framing"]})
+    return out
+
+
+@pytest.mark.slow
+def test_no_mechanism_is_claimed_on_null_seeds_at_scale(large_null_banks) -> None:
+    """Three null seeds x two sites, each on a bank of 100+ pairs: large enough that a wording feature
+    tracking the margin shifts further on the (near-boundary) flips beyond the swap null, as it did
+    on 5 of these 6 when this was written. The reach refuses every one: most flips sat nearer 0 than
+    the wording moves its controls."""
+    assert all(f["n_pairs"] >= 100 for f in large_null_banks), [f["n_pairs"] for f in large_null_banks]
+    for framing in large_null_banks:
+        _claims_nothing(framing, f"seed {framing['seed']} {framing['sae']}")
+        assert framing["reach"]["share_beyond"]["value"] < 0.5
+    assert any(f["stronger_where_flipped"] for f in large_null_banks)  # the trap the reach closes is there
 
 
 def test_the_demo_report_claims_no_mechanism(null_run) -> None:

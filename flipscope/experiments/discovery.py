@@ -298,7 +298,7 @@ def _framing(
             "answer_cos_threshold": alignment_threshold(sae, seed=seed),
         }
     return framing_analysis(
-        delta_f, shift, pairs.cases, hook, attribution=per_case,
+        delta_f, shift, pairs.cases, hook, margin_orig=pairs.margin_orig.double().numpy(), attribution=per_case,
         decoder=sae.W_dec.detach().double().cpu().numpy(), resid_delta=pairs.delta(hook).double().numpy(),
         seed=seed, **readout,
     )  # fmt: skip

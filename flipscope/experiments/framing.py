@@ -13,7 +13,9 @@ questions are asked of the pairs, each against a null that keeps the answer stru
 
 A framing mechanism is claimed only when some feature's framing shift beats its null, replicates
 on question-disjoint halves of the pairs, and is larger, the same way, on the flips than on their
-controls (`Specificity.found`); the answer-readout features are named either way. Fewer
+controls (`Specificity.found`), and when most flips lie beyond the wording's reach (`reach`): answers
+further from the boundary than the wording moves its controls, not near-boundary answers it tips
+over. The answer-readout features are named either way. Fewer
 than `MIN_PAIRS` pairs claim nothing; the pair-swap nulls are still computed from two pairs on (and
 flagged where they are printed), so a small bank shows what its statistics are worth rather than
 nothing.
@@ -28,7 +30,9 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.nulls import NullTest, pair_swap_nulls
+from flipscope.experiments.reach import Reach, wording_reach
 from flipscope.experiments.specificity import (
     MIN_PAIRS,
     Specificity,
@@ -59,6 +63,8 @@ class FramingAnalysis:
         nulls: Ranking statistic → its pair-swap null.
         found: Whether a framing mechanism is claimed.
         verdict: The sentence discovery prints.
+        reach: The wording's reach and the share of flips beyond it (None with fewer than
+            `MIN_PAIRS` pairs).
     """
 
     n_pairs: int
@@ -66,6 +72,7 @@ class FramingAnalysis:
     nulls: dict[str, NullTest]
     found: bool
     verdict: str
+    reach: Reach | None = None
 
     def to_dict(self) -> dict[str, Any]:
         spec = self.specificity
@@ -90,6 +97,7 @@ class FramingAnalysis:
             "stronger_where_flipped": None
             if spec is None
             else [int(f) for f in np.flatnonzero(spec.stronger_where_flipped)],
+            "reach": None if self.reach is None else self.reach.to_dict(),
             "nulls": {
                 name: {
                     "null_top": test.threshold,
@@ -108,14 +116,17 @@ def _features(ids: np.ndarray, limit: int = 5) -> str:
     return f"Feature{'s' if len(ids) > 1 else ''} {shown}{more}"
 
 
-def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, str]:
-    if spec is None:
-        why = (
-            "its controls are not family-matched (curate with --match family)"
-            if n_pairs == 0
-            else f"only {n_pairs} flips have a family-matched control (at least {MIN_PAIRS} are needed)"
-        )
-        return False, f"No framing mechanism can be claimed from this FlipBank: {why}."
+def _refused(n_pairs: int) -> str:
+    why = (
+        "its controls are not family-matched (curate with --match family)"
+        if n_pairs == 0
+        else f"only {n_pairs} flips have a family-matched control (at least {MIN_PAIRS} are needed)"
+    )
+    return f"No framing mechanism can be claimed from this FlipBank: {why}."
+
+
+def _verdict(spec: Specificity, reach: Reach, hook: str) -> tuple[bool, str]:
+    n_pairs = spec.n_pairs
     readout = np.flatnonzero(spec.labels == "answer readout")
     moves = "moves" if len(readout) == 1 else "move"
     tail = f" {_features(readout)} {moves} with the answer only (answer readout)." if len(readout) else ""
@@ -153,10 +164,18 @@ def _verdict(n_pairs: int, spec: Specificity | None, hook: str) -> tuple[bool, s
             f"is read there, and the flips are not where it is read more strongly.{tail}"
         )
     further = "shifts" if len(stronger) == 1 else "shift"
-    return True, (
-        f"{carried}; {_features(np.array(stronger)).lower()} {further} further the same way where the answer "
-        f"flipped (|t| > {spec.answer_threshold:.1f}).{tail}"
+    stronger_clause = (
+        f"{_features(np.array(stronger)).lower()} {further} further the same way where the answer "
+        f"flipped (|t| > {spec.answer_threshold:.1f})"
     )
+    if not reach.beyond:
+        return False, (
+            f"No framing mechanism was found at {hook}: {_features(framing).lower()} {carry} the wording{shift}, "
+            f"and {stronger_clause}, but the flips are near-boundary answers: only {reach.sentence()}, where a "
+            "mechanism needs most of them. Flips are chosen by their answer change, so a feature that moves with "
+            f"the margin reads more strongly on answers this close to 0 without overturning any.{tail}"
+        )
+    return True, f"{carried}; {stronger_clause}; {reach.sentence()}.{tail}"
 
 
 def framing_analysis(
@@ -165,6 +184,7 @@ def framing_analysis(
     cases: Sequence[dict[str, Any]],
     hook: str,
     *,
+    margin_orig: Float[np.ndarray, " case"] | None = None,
     attribution: Float[np.ndarray, "case k"] | None = None,
     answer_cos: Float[np.ndarray, " k"] | None = None,
     answer_cos_threshold: float | None = None,
@@ -176,7 +196,12 @@ def framing_analysis(
     """The tests and verdict of the module docstring for one bank's cases (rows of `delta_f`,
     `margin_shift`, `attribution` and `resid_delta` follow `cases`). With the SAE's `decoder` and
     the residual Δ at its hook, framing features are ranked by their share of the controls' mean
-    Δresidual (`framing_share`)."""
+    Δresidual (`framing_share`). `margin_orig` (the originals' margins, as `margin_shift` was
+    measured) defaults to the cases' `original_margin`.
+
+    Raises:
+        FlipscopeError: without `margin_orig`, a paired case has no numeric `original_margin`.
+    """
     flips, controls = control_pairs(cases)
     questions = np.array([str(cases[i].get("question_id", cases[i]["id"])) for i in flips])
 
@@ -188,8 +213,10 @@ def framing_analysis(
         )  # fmt: skip
 
     if len(flips) < MIN_PAIRS:
-        found, verdict = _verdict(len(flips), None, hook)
-        return FramingAnalysis(len(flips), None, swap_nulls() if len(flips) >= 2 else {}, found, verdict)
+        return FramingAnalysis(len(flips), None, swap_nulls() if len(flips) >= 2 else {}, False, _refused(len(flips)))
+    if margin_orig is None:
+        margin_orig = _original_margins(cases, np.concatenate([flips, controls]))
+    reach = wording_reach(margin_orig, margin_shift, flips, controls, questions, seed=seed)
     share = None
     if decoder is not None and resid_delta is not None:
         share = framing_share(decoder, delta_f[controls].mean(0), resid_delta[controls].mean(0))
@@ -197,5 +224,19 @@ def framing_analysis(
         delta_f[flips], delta_f[controls], answer_cos=answer_cos, answer_cos_threshold=answer_cos_threshold,
         share=share, groups=questions, n_perm=n_perm, seed=seed,
     )  # fmt: skip
-    found, verdict = _verdict(len(flips), spec, hook)
-    return FramingAnalysis(len(flips), spec, swap_nulls(), found, verdict)
+    found, verdict = _verdict(spec, reach, hook)
+    return FramingAnalysis(len(flips), spec, swap_nulls(), found, verdict, reach)
+
+
+def _original_margins(cases: Sequence[dict[str, Any]], rows: np.ndarray) -> Float[np.ndarray, " case"]:
+    """Each case's `original_margin` (NaN where no row asks for it), refusing a paired case without one."""
+    out = np.full(len(cases), np.nan)
+    for i in rows:
+        value = cases[i].get("original_margin")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+            raise FlipscopeError(
+                f"case {cases[i].get('id', i)!r}: original_margin must be a finite number (the reach test reads "
+                f"it), got {value!r}"
+            )
+        out[i] = float(value)
+    return out

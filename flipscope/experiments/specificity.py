@@ -30,10 +30,12 @@ is
   (it moves with the answer only);
 - `none`: nothing beats a null.
 
-A framing *mechanism* is claimed (`found`) only where some framing carrier also shifts further, the
-same way, on the flips than on their controls: every model reads its words, so a wording feature
-alone is found in a model whose flips are noise near a margin of zero (the null organism's entry
-site has them), and there flips and controls read the wording alike.
+The feature-level half of a framing *mechanism* (`found`) is a framing carrier that also shifts
+further, the same way, on the flips than on their controls: every model reads its words, so a
+wording feature alone is found in a model whose flips are noise near a margin of zero (the null
+organism's entry site has them). That half is not enough: flips are chosen by their answer change,
+so on near-boundary flips a feature that moves with the margin reads more strongly too;
+`framing_analysis` also asks that most flips lie beyond the wording's reach (`reach`).
 
 Without `answer_cos`, the labels rest on the two shifts alone (`framing`, `answer readout`,
 `framing + readout` for both, `none`). Fewer than 10 pairs cannot be told apart from noise and
@@ -199,10 +201,10 @@ class Specificity:
 
     @property
     def found(self) -> bool:
-        """Whether a framing mechanism is claimed: some feature carries the wording beyond the null,
-        replicated, and shifts further the same way where the answer flipped. A model reads its
-        words at every layer, so wording features alone are found in a model whose flips are
-        noise near a margin of zero; there, flips and their controls read the wording alike."""
+        """The feature-level half of a framing claim: some feature carries the wording beyond the
+        null, replicated, and shifts further the same way where the answer flipped. A model reads
+        its words at every layer, so wording features alone are found in any model; the other half
+        (most flips beyond the wording's reach) is `framing_analysis`'s."""
         return bool(self.stronger_where_flipped.any())
 
 
