@@ -18,7 +18,6 @@ Run: `.venv/bin/python benchmarks/bench_eval.py [--configs ...] [--vocab 262208]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flipscope.data.atomic import write_json
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
@@ -135,8 +135,7 @@ def main() -> None:
                 f"{row['ratio_to_batched']:>12.2f}{row['max_margin_diff']:>15.2e}"
             )
     report = {"threads": args.threads, "torch": torch.__version__, "machine": platform.machine(), "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

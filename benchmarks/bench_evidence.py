@@ -17,7 +17,6 @@ Run: `.venv/bin/python benchmarks/bench_evidence.py [--repeats 3] [--threads 2]`
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_eval import CONFIGS, VOCAB, WORDS  # noqa: E402
 
+from flipscope.data.atomic import write_json
 from flipscope.experiments.evidence import Grid, gradient_maps, image_grid, occlude, occlusion_map  # noqa: E402
 from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm  # noqa: E402
@@ -98,8 +98,7 @@ def main() -> None:
               f"{run['batched_vs_unbatched_max_abs_diff']:.1e}")  # fmt: skip
     out = {"machine": platform.machine(), "processor": platform.processor(), "threads": args.threads,
            "torch": torch.__version__, "vocab": args.vocab, "runs": runs}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Run: `.venv/bin/python benchmarks/bench_families.py [--rounds N] [--out FILE]`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flipscope.data.atomic import write_json
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.model.tiny_families import save_tiny
@@ -181,8 +181,7 @@ def main() -> None:
         "torch": torch.__version__,
         "families": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record, indent=2)
 
 
 if __name__ == "__main__":

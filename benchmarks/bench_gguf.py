@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from flipscope.data.atomic import write_json
+
 
 def _child(path: str, cache: Path, out: Path) -> None:
     import flipscope.model.gguf as converting
@@ -66,8 +68,7 @@ def main() -> None:
         "files": sorted(runs["shared"]["files"]),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Run: `.venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--depth 34] [--i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flipscope.data.atomic import write_json
 from flipscope.experiments.attribution import frozen_weights
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.interventions.hooks import splice_features_hook
@@ -319,8 +319,7 @@ def main() -> None:
         "per_device_of_n": "one_device / N",
     }
     print(f"PSF-Med sweep ({PSF_MED_ROWS} rows): {hours:.2f} h on one device, {hours / 8:.2f} h on 8")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
     if not math.isfinite(hours):
         raise SystemExit("non-finite timing")
 

@@ -16,7 +16,6 @@ Run: `.venv/bin/python benchmarks/bench_guard.py [--vocab 262208] [--prompts 24]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_eval import CONFIGS, PARAPHRASES, VOCAB, WORDS  # noqa: E402
 
+from flipscope.data.atomic import write_json
 from flipscope.interventions.guarded import GuardConfig, GuardedVLM  # noqa: E402
 from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> None:
               f"max |Δmargin| {row['max_margin_diff']:.1e}")  # fmt: skip
     report = {"vocab": args.vocab, "prompts": args.prompts, "threads": args.threads, "torch": torch.__version__,
               "machine": platform.machine(), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ median milliseconds and ratios, and writes it as JSON beside the configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flipscope.data.atomic import write_json
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 
@@ -143,8 +143,7 @@ def main() -> None:
     print(f"{'variant':<28}{'median ms':>10}{'ratio':>8}")
     for row in rows:
         print(f"{row['variant']:<28}{row['median_ms']:>10.1f}{row['ratio']:>8.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from flipscope.data.atomic import write_json
+
 WORDS = ("yes", "no", *(f"w{i}" for i in range(62)))
 
 
@@ -107,8 +109,7 @@ def main() -> None:
         "margins_equal": runs["copied"]["margins"] == runs["shared"]["margins"],
     }  # fmt: skip
     print(json.dumps(result, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

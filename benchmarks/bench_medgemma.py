@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from bench_patch import bank_patch_line, bank_patch_paths, rank1_paths
 
+from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.experiments.pairs import collect_pairs
@@ -206,8 +207,7 @@ def main() -> None:
         dtypes = [torch.float32, torch.bfloat16] if args.bf16 else [torch.float32]
         report["precision"] = precision(model, questions, dtypes)
     print(json.dumps(report["precision"], indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

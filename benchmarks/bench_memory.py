@@ -10,7 +10,6 @@ Run: `.venv/bin/python benchmarks/bench_memory.py [--rows 20000 100000]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -20,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flipscope.data.atomic import write_json
 from flipscope.organism import default_organism_dir, load_card
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.questions import export_questions
@@ -69,8 +69,7 @@ def main() -> None:
     for row in rows:
         row["ratio_to_smallest"] = round(row["peak_rss_gb"] / rows[0]["peak_rss_gb"], 3)
     report = {"organism": str(organism.name), "machine": platform.machine(), "cpus": os.cpu_count(), "runs": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
     print(f"largest / smallest peak: {rows[-1]['ratio_to_smallest']:.3f}")
 
 

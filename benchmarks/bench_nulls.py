@@ -11,13 +11,13 @@ Run: `.venv/bin/python benchmarks/bench_nulls.py [--features 16384 --pairs 160 -
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from flipscope.data.atomic import write_json
 from flipscope.experiments.nulls import NULL_STATISTICS, _swapped_maxima, statistic
 from flipscope.experiments.specificity import max_t_null, t_statistic
 
@@ -77,7 +77,7 @@ def main() -> None:
           f"{per_slow / per_fast:6.1f}x")  # fmt: skip
     result = {"features": args.features, "pairs": args.pairs, "perms": args.perms, "machine": platform.machine(),
               "statistics": rows}  # fmt: skip
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
     print(f"written: {args.out}")
 
 

@@ -33,7 +33,6 @@ Run: `.venv/bin/python benchmarks/bench_patch.py [--features 50] [--batch 16] [-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -45,6 +44,7 @@ from sae_lens import JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.store import read_rows
 from flipscope.experiments.pairs import collect_pairs
@@ -244,8 +244,7 @@ def main() -> None:
         f"({r['best_of_32_one_draw']:.3f}), expected from {r['draws']} {r['expected_s']:.2f} s "
         f"({r['best_of_32_expected']:.3f}), ratio {r['ratio']:.1f}x"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":
