@@ -132,3 +132,17 @@ def test_a_case_without_its_original_margin_is_refused_by_name() -> None:
     cases[3]["original_margin"] = float("nan")
     with pytest.raises(FlipscopeError, match="got nan"):
         framing_analysis(delta, shift, cases, "h", n_perm=50)
+
+
+def test_a_curation_floor_above_the_reach_leaves_the_question_open() -> None:
+    """A bank that kept only flips at least `min_margin` from 0 makes every flip "beyond" a reach
+    below that floor, planted or not: the claim is refused, and the verdict says how to curate."""
+    delta, shift, cases = _bank()
+    reach = framing_analysis(delta, shift, cases, "h", n_perm=200).reach.reach
+    floored = framing_analysis(delta, shift, cases, "h", min_margin=reach + 0.1, n_perm=200)
+    assert floored.reach.share.value == 1.0 and not floored.reach.informative and not floored.found
+    assert floored.verdict.startswith("No framing mechanism can be claimed at h: feature 0 carries the wording")
+    assert f"at least {reach + 0.1:.2f} from a margin of 0, beyond the wording's reach" in floored.verdict
+    assert "(curate with a lower --min-margin)" in floored.verdict
+    assert floored.to_dict()["reach"]["informative"] is False
+    assert framing_analysis(delta, shift, cases, "h", min_margin=reach - 0.1, n_perm=200).found

@@ -263,7 +263,8 @@ def discover(
     table = feature_table(
         delta_f, shift, pairs.is_flip, attribution=per_case[:n_flips].mean(0), n_boot=n_boot, seed=seed
     )
-    analysis = _framing(vlm, sae, hook, pairs, delta_f, shift, per_case, seed)
+    floor = float((bank.get("rules") or {}).get("min_margin") or 0.0)
+    analysis = _framing(vlm, sae, hook, pairs, delta_f, shift, per_case, seed, floor)
     table = with_framing(table, analysis)
     diffmean = _diffmean_summary(sae, pairs, hook)
     ablation = None
@@ -288,9 +289,11 @@ def _framing(
     shift: Float[np.ndarray, " case"],
     per_case: Float[np.ndarray, "case d_sae"],
     seed: int,
+    min_margin: float,
 ) -> FramingAnalysis:
     """The framing analysis of the pairs, with the decoder's answer alignment where the model
-    exposes its unembedding and the SAE writes the residual stream (not the heads' `attn.hook_z`)."""
+    exposes its unembedding and the SAE writes the residual stream (not the heads' `attn.hook_z`);
+    `min_margin` is the bank's curation floor."""
     readout = {}
     if hasattr(vlm, "hf_model") and not hook.endswith(".attn.hook_z"):
         readout = {
@@ -298,7 +301,8 @@ def _framing(
             "answer_cos_threshold": alignment_threshold(sae, seed=seed),
         }
     return framing_analysis(
-        delta_f, shift, pairs.cases, hook, margin_orig=pairs.margin_orig.double().numpy(), attribution=per_case,
+        delta_f, shift, pairs.cases, hook, margin_orig=pairs.margin_orig.double().numpy(),
+        min_margin=min_margin, attribution=per_case,
         decoder=sae.W_dec.detach().double().cpu().numpy(), resid_delta=pairs.delta(hook).double().numpy(),
         seed=seed, **readout,
     )  # fmt: skip

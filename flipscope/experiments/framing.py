@@ -168,6 +168,13 @@ def _verdict(spec: Specificity, reach: Reach, hook: str) -> tuple[bool, str]:
         f"{_features(np.array(stronger)).lower()} {further} further the same way where the answer "
         f"flipped (|t| > {spec.answer_threshold:.1f})"
     )
+    if not reach.informative:
+        return False, (
+            f"No framing mechanism can be claimed at {hook}: {_features(framing).lower()} {carry} the wording{shift}, "
+            f"and {stronger_clause}, but the bank kept only flips at least {reach.floor:.2f} from a margin of 0, "
+            f"beyond the wording's reach on their controls ({reach.reach:.2f} logits), so it cannot tell "
+            f"near-boundary flips from overturned answers (curate with a lower --min-margin).{tail}"
+        )
     if not reach.beyond:
         return False, (
             f"No framing mechanism was found at {hook}: {_features(framing).lower()} {carry} the wording{shift}, "
@@ -185,6 +192,7 @@ def framing_analysis(
     hook: str,
     *,
     margin_orig: Float[np.ndarray, " case"] | None = None,
+    min_margin: float = 0.0,
     attribution: Float[np.ndarray, "case k"] | None = None,
     answer_cos: Float[np.ndarray, " k"] | None = None,
     answer_cos_threshold: float | None = None,
@@ -197,7 +205,8 @@ def framing_analysis(
     `margin_shift`, `attribution` and `resid_delta` follow `cases`). With the SAE's `decoder` and
     the residual Δ at its hook, framing features are ranked by their share of the controls' mean
     Δresidual (`framing_share`). `margin_orig` (the originals' margins, as `margin_shift` was
-    measured) defaults to the cases' `original_margin`.
+    measured) defaults to the cases' `original_margin`; `min_margin` is the bank's curation floor
+    (`rules.min_margin`).
 
     Raises:
         FlipscopeError: without `margin_orig`, a paired case has no numeric `original_margin`.
@@ -216,7 +225,7 @@ def framing_analysis(
         return FramingAnalysis(len(flips), None, swap_nulls() if len(flips) >= 2 else {}, False, _refused(len(flips)))
     if margin_orig is None:
         margin_orig = _original_margins(cases, np.concatenate([flips, controls]))
-    reach = wording_reach(margin_orig, margin_shift, flips, controls, questions, seed=seed)
+    reach = wording_reach(margin_orig, margin_shift, flips, controls, questions, floor=min_margin, seed=seed)
     share = None
     if decoder is not None and resid_delta is not None:
         share = framing_share(decoder, delta_f[controls].mean(0), resid_delta[controls].mean(0))

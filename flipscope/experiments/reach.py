@@ -18,9 +18,11 @@ null organisms' loosely curated banks (three seeds, 80 and 320 films) 0.07 to 0.
 lower end above 0.04.
 
 The share is necessary, not sufficient: a curation that keeps only flips with both margins away
-from 0 (`min_margin`) removes the near-boundary flips, and where the wording barely moves the
-controls every flip left is "beyond" (a null seed's 12-pair bank: 1.0). The claim also needs the
-feature-level tests, which held nothing there.
+from 0 (the bank's `min_margin`, the `floor` here) removes the near-boundary flips, and where the
+wording barely moves the controls every flip left is "beyond" (a null seed's 12-pair bank: 1.0).
+Where the reach does not exceed the floor, every kept flip is beyond it by construction and the
+share says nothing: the claim is then refused (`informative`). The claim also needs the
+feature-level tests, which held nothing on those banks.
 """
 
 from __future__ import annotations
@@ -48,17 +50,25 @@ class Reach:
         reach: 95th percentile of |Δmargin| over the controls, in logits.
         share: Share of flips whose original |margin| exceeds `reach`, with its interval.
         flip_margin: Median original |margin| of the flips; `control_margin` of the controls.
+        floor: The curation's margin floor (`min_margin`): no kept flip started nearer 0.
     """
 
     reach: float
     share: Estimate
     flip_margin: float
     control_margin: float
+    floor: float = 0.0
+
+    @property
+    def informative(self) -> bool:
+        """Whether the reach exceeds the curation's floor (else every kept flip is beyond it)."""
+        return self.reach > self.floor
 
     @property
     def beyond(self) -> bool:
-        """Whether most flips lie beyond the wording's reach (interval above `REACH_BAR`)."""
-        return self.share.low > REACH_BAR
+        """Whether most flips lie beyond the wording's reach (interval above `REACH_BAR`), on a
+        bank whose curation left that open (`informative`)."""
+        return self.informative and self.share.low > REACH_BAR
 
     def sentence(self) -> str:
         """`0.83 [0.76, 0.89] of the 131 flips ... (reach 5.24 logits)`: the finding in words."""
@@ -73,6 +83,8 @@ class Reach:
             "share_beyond": self.share.to_dict(),
             "bar": REACH_BAR,
             "beyond": self.beyond,
+            "floor": self.floor,
+            "informative": self.informative,
             "median_abs_margin_flips": self.flip_margin,
             "median_abs_margin_controls": self.control_margin,
         }
@@ -90,11 +102,13 @@ def wording_reach(
     controls: Int[np.ndarray, " pair"],
     groups: Sequence[str] | np.ndarray,
     *,
+    floor: float = 0.0,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> Reach:
     """The reach of the module docstring for pairs (`flips[i]`, `controls[i]`) of case rows, the
-    interval from resampling whole questions (`groups`, one per pair) with their pairs."""
+    interval from resampling whole questions (`groups`, one per pair) with their pairs; `floor`
+    is the curation's `min_margin`."""
     flip_margin = np.abs(np.asarray(margin_orig, dtype=np.float64)[flips])
     control_shift = np.abs(np.asarray(margin_shift, dtype=np.float64)[controls])
     names, inverse = np.unique(np.asarray(groups), return_inverse=True)
@@ -111,4 +125,5 @@ def wording_reach(
         share=share,
         flip_margin=float(np.median(flip_margin)),
         control_margin=float(np.median(np.abs(np.asarray(margin_orig, dtype=np.float64)[controls]))),
+        floor=float(floor),
     )
