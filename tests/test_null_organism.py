@@ -134,9 +134,11 @@ def test_the_demo_report_claims_no_mechanism(null_run) -> None:
     page = (root / "figures" / "report.html").read_text()
     sentences = re.findall(r'<p class="reading">(.*?)</p>', page, flags=re.S)
     readings = " ".join(sentences)
-    # a wording feature may be named, but only inside a sentence that claims no mechanism
-    assert all("No framing mechanism" in r for r in sentences if re.search(r"carr(y|ies) the wording", r))
-    assert "further the same way where the answer flipped" not in readings and "still a feature" not in readings
+    # a wording feature may be named, even as read more strongly where flipped, but only inside a
+    # sentence that claims no mechanism (near-boundary flips make the latter on some CPUs)
+    named = r"carr(y|ies) the wording|further the same way where the answer flipped"
+    assert all("No framing mechanism" in r for r in sentences if re.search(named, r))
+    assert "still a feature" not in readings
     assert "The flips concentrate" not in readings
     assert "with no planted shortcut" in page
     assert not re.search(r"\bnan\b", readings, flags=re.I)
