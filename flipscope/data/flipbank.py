@@ -33,6 +33,7 @@ __all__ = [
     "FlipCase",
     "check_flipbank_model",
     "check_questions_digest",
+    "is_finite_number",
     "load_flipbank",
     "save_flipbank",
 ]
@@ -174,12 +175,8 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
                 continue
             for field, kind_type in _CASE_FIELDS.items():
                 value = case.get(field)
-                ok = (
-                    isinstance(value, (int, float)) and not isinstance(value, bool)
-                    if kind_type is float
-                    else isinstance(value, kind_type)
-                )
-                if not ok or (kind_type is float and not np.isfinite(value)):
+                ok = is_finite_number(value) if kind_type is float else isinstance(value, kind_type)
+                if not ok:
                     problems.append(f"{label}: field '{field}': expected {kind_type.__name__}, got {value!r}")
             problems += _evidence_problems(case, label)
             for field in ("original_answer", "paraphrase_answer", "truth"):
@@ -194,6 +191,11 @@ def _validate(bank: Mapping[str, Any], where: str, image_root: Path | None = Non
                     problems.append(f"{label}: field 'image': file {str(image)!r} does not exist")
     if problems:
         raise problems_error("the FlipBank", problems)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is a finite int or float (not a bool): what a case's margin must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def load_flipbank(path: str | Path, image_root: str | Path | None = None) -> FlipBank:

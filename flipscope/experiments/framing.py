@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from flipscope.data.flipbank import is_finite_number
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.nulls import NullTest, pair_swap_nulls
 from flipscope.experiments.reach import Reach, wording_reach
@@ -242,7 +243,7 @@ def _original_margins(cases: Sequence[dict[str, Any]], rows: np.ndarray) -> Floa
     out = np.full(len(cases), np.nan)
     for i in rows:
         value = cases[i].get("original_margin")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        if not is_finite_number(value):
             raise FlipscopeError(
                 f"case {cases[i].get('id', i)!r}: original_margin must be a finite number (the reach test reads "
                 f"it), got {value!r}"
