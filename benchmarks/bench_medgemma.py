@@ -6,13 +6,14 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
 by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
 wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → patch (with a --sweep) → bank-patch → rank1 → clamp. The bank-patch and rank1
-stages run in this process: `patch_bank` with both controls on the last-token path against full
-forwards (`bench_patch.bank_patch_paths`), and rank-1 patching at the SAE's hook with its random
-null drawn once at 32 directions against the expected best of 32 from 256
-(`bench_patch.rank1_paths`). Then, also in this process, one film's margins on the shared-prefix
-path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16
-against float32; `bench_gpu.py` makes that comparison on a GPU).
+ablation) → patch (with a --sweep) → bank-patch → rank1 → trace → clamp. The bank-patch, rank1
+and trace stages run in this process: `patch_bank` with both controls on the last-token path
+against full forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its
+random null drawn once at 32 directions against the expected best of 32 from 256
+(`bench_patch.rank1_paths`), and the causal trace with each batch's films encoded once for all
+its forwards against the tower in every forward (`trace_paths`). Then, also in this process, one
+film's margins on the shared-prefix path against whole prompts (and, with `--bf16` on a CPU with
+native bf16 matmuls, bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from bench_patch import bank_patch_line, bank_patch_paths, rank1_paths
 
@@ -36,6 +38,7 @@ from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.upstream import trace_framing
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.images import load_image
 from flipscope.model.shapes import centre_answer_readout, medgemma_4b_config, save_random_gemmascope_sae
@@ -44,7 +47,7 @@ from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
 from flipscope.sae.load import load_sae
 
-STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "rank1", "clamp")
+STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "rank1", "trace", "clamp")
 
 
 def _high_water_gb(pid: int) -> float | None:
@@ -133,6 +136,38 @@ def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
     return rank1_paths(vlm, pairs, hook, draws=256)
 
 
+def trace_paths(model: Path, bank: Path, batch_size: int = 8) -> dict:
+    """`trace_framing` over the bank's flips with each batch's films through the tower once (as the
+    command runs it) against the tower in every forward (the same function outside
+    `distinct_images`), alternating, with the forwards and tower runs each made."""
+    vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
+    towers: list[int] = []
+    vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
+    forwards: list[int] = []
+    vlm.hf_model.model.language_model.register_forward_hook(lambda m, i, o: forwards.append(1))
+    paths = {"once": trace_framing, "every_forward": trace_framing.__wrapped__}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    counts, traced = {}, {}
+    for _ in range(2):
+        for name, trace in paths.items():
+            towers.clear()
+            forwards.clear()
+            start = time.perf_counter()
+            traced[name] = trace(vlm, flipbank, max_cases=None, batch_size=batch_size, progress=False)
+            seconds[name].append(time.perf_counter() - start)
+            counts[name] = {"forwards": len(forwards), "tower_runs": len(towers), "tower_images": sum(towers)}
+    best = {name: min(times) for name, times in seconds.items()}
+    return {
+        "flips": len(traced["once"].case_ids),
+        "layers": vlm.n_layers,
+        "once_s": best["once"],
+        "every_forward_s": best["every_forward"],
+        "ratio": best["every_forward"] / best["once"],
+        "counts": counts,
+        "max_abs_restored_diff": float(np.abs(traced["once"].restored - traced["every_forward"].restored).max()),
+    }
+
+
 def top_features(path: Path) -> list[int]:
     table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
     return [int(row["feature"]) for row in table[:3]]
@@ -189,6 +224,10 @@ def main() -> None:
             if stage == "bank-patch":
                 report["bank_patch"] = medgemma_bank_patch(model, sae, work / "bank" / "flipbank.json")
                 print(bank_patch_line(report["bank_patch"]), flush=True)
+                continue
+            if stage == "trace":
+                report["trace"] = trace_paths(model, work / "bank" / "flipbank.json")
+                print(f"trace: {json.dumps(report['trace'])}", flush=True)
                 continue
             if stage == "rank1":
                 report["rank1"] = medgemma_rank1(model, args.depth // 2, work / "bank" / "flipbank.json")

@@ -126,8 +126,9 @@ def test_the_gpu_benchmarks_precision_check(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     """evaluate → curate → discover → patch → clamp at full widths and vocabulary, depth 2, with
-    peak memory per stage (and in-process, the bank patch's two paths and the rank-1 null); the
-    shared prefix agrees with whole prompts at this width."""
+    peak memory per stage (and in-process, the bank patch's two paths, the rank-1 null and the
+    trace's tower once a batch against once a forward); the shared prefix agrees with whole prompts
+    at this width."""
     out = tmp_path / "medgemma.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_medgemma.py"), "--depth", "2", "--out", str(out)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
@@ -143,3 +144,9 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     # patching's last-token path against full forwards, and rank-1's null, at these shapes
     assert report["bank_patch"]["max_margin_diff"] < 1e-3 and report["bank_patch"]["cases"] > 0
     assert report["rank1"]["flips"] == report["flipbank"]["flips"] and report["rank1"]["draws"] == 256
+    # the trace: each batch's films through the 896-px tower once, not once per forward, with the same shares
+    trace = report["trace"]
+    batches = -(-report["flipbank"]["flips"] // 8)
+    assert trace["counts"]["once"]["tower_runs"] <= 2 * batches  # the fill's batch of originals, the paraphrases'
+    assert trace["counts"]["every_forward"]["tower_runs"] == trace["counts"]["every_forward"]["forwards"]
+    assert trace["max_abs_restored_diff"] < 1e-3

@@ -37,6 +37,7 @@ from flipscope.interventions.hooks import replace_where
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
 __all__ = ["GROUPS", "UpstreamTrace", "framing_word_shifts", "framing_words", "trace_framing"]
@@ -232,6 +233,7 @@ def _margin(vlm: VLM, inputs: Any, hooks: list) -> Float[Tensor, " batch"]:
     return yes_no_margin(vlm.run_with_hooks(inputs, fwd_hooks=hooks, logits_to_keep=1)[:, -1], vlm.answer_tokens)
 
 
+@images_once
 def trace_framing(
     vlm: VLM,
     bank: Mapping[str, Any],
@@ -268,6 +270,7 @@ def trace_framing(
 
 
 @torch.no_grad()
+@images_once
 def framing_word_shifts(
     vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
 ) -> dict[str, float]:

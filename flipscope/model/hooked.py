@@ -33,7 +33,7 @@ from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names
 from flipscope.model.identity import model_identity
 from flipscope.model.loading import load_hf_vlm, merge_adapter
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
-from flipscope.model.vision_once import encode_images_once
+from flipscope.model.vision_once import ImageMemo, encode_images_once
 
 __all__ = ["Edit", "HookedVLM", "Positions"]
 
@@ -80,6 +80,7 @@ class HookedVLM(HookedRootModule):
         self.adapter = adapter
         self._edit_depth = 0
         self._images_once = 0
+        self.image_memo: ImageMemo | None = None  # the last batch's encoded images, inside `distinct_images`
         self._hook_points: dict[str, SiteHookPoint] = {}
         for name, site in self.family.sites(hf_model).items():
             point = SiteHookPoint(site)
@@ -262,12 +263,15 @@ class HookedVLM(HookedRootModule):
 
     @contextmanager
     def distinct_images(self) -> Iterator[HookedVLM]:
-        """Inside the block, each distinct image of a batch goes through the vision tower once."""
+        """Inside the block, each distinct image of a batch goes through the vision tower once, and
+        a batch run again (the same or equal pixel values) reuses that encoding."""
         self._images_once += 1
         try:
             yield self
         finally:
             self._images_once -= 1
+            if not self._images_once:
+                self.image_memo = None
 
     def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""
