@@ -10,8 +10,9 @@ ablation) → patch (with a --sweep) → bank-patch → rank1 → trace → clam
 and trace stages run in this process: `patch_bank` with both controls on the last-token path
 against full forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its
 random null drawn once at 32 directions against the expected best of 32 from 256
-(`bench_patch.rank1_paths`), and the causal trace with each batch's films encoded once for all
-its forwards against the tower in every forward (`trace_paths`). Then, also in this process, one
+(`bench_patch.rank1_paths`), and the causal trace on the questions alone, each batch's prompts
+before them run once, against whole prompts with the films encoded once a batch and with the
+tower in every forward (`trace_paths`). Then, also in this process, one
 film's margins on the shared-prefix path against whole prompts (and, with `--bf16` on a CPU with
 native bf16 matmuls, bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
@@ -20,6 +21,7 @@ Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -137,32 +139,49 @@ def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
 
 
 def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8) -> dict:
-    """`trace_framing` over the bank's first `max_cases` flips with each batch's films through the
-    tower once (as the command runs it) against the tower in every forward (the same function
-    outside `distinct_images`), one after the other, with the forwards and tower runs each made
-    (at 896 px on a CPU one batch's forwards take minutes, so each path runs once)."""
+    """`trace_framing` over the bank's first `max_cases` flips three ways, one after the other: as
+    the command runs it (each batch's prompts before the questions once, every forward on the
+    questions alone: `suffix`), on whole prompts with each batch's films through the tower once
+    (`whole`), and on whole prompts with the tower in every forward (`whole_every`, the function
+    outside `distinct_images`); with the language model's forwards and tokens and the tower runs
+    each made (at 896 px on a CPU a whole-prompt batch takes minutes, so each path runs once).
+    The paths agree as margins: a restored share times the framing's effect (the random model's
+    flips sit at the boundary, so effects, the shares' denominators, can be small)."""
     vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
     towers: list[int] = []
     vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
-    forwards: list[int] = []
-    vlm.hf_model.model.language_model.register_forward_hook(lambda m, i, o: forwards.append(1))
-    paths = {"once": trace_framing, "every_forward": trace_framing.__wrapped__}
+    tokens: list[int] = []
+    vlm.hf_model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+    )
+    paths = {
+        "suffix": trace_framing,
+        "whole": functools.partial(trace_framing, fast=False),
+        "whole_every": functools.partial(trace_framing.__wrapped__, fast=False),
+    }
     seconds, counts, traced = {}, {}, {}
     for name, trace in paths.items():
         towers.clear()
-        forwards.clear()
+        tokens.clear()
         start = time.perf_counter()
         traced[name] = trace(vlm, flipbank, max_cases=max_cases, batch_size=batch_size, progress=False)
         seconds[name] = time.perf_counter() - start
-        counts[name] = {"forwards": len(forwards), "tower_runs": len(towers), "tower_images": sum(towers)}
+        counts[name] = {"forwards": len(tokens), "tokens": sum(tokens), "tower_runs": len(towers)}
+    base = traced["whole_every"]
+    scale = np.abs(base.effect)[:, None, None]  # a share of a small effect is a small margin
     return {
-        "flips": len(traced["once"].case_ids),
+        "flips": len(traced["suffix"].case_ids),
         "layers": vlm.n_layers,
-        "once_s": seconds["once"],
-        "every_forward_s": seconds["every_forward"],
-        "ratio": seconds["every_forward"] / seconds["once"],
+        "seconds": seconds,
+        "ratio_whole_every_to_suffix": seconds["whole_every"] / seconds["suffix"],
+        "ratio_whole_to_suffix": seconds["whole"] / seconds["suffix"],
+        "ratio_whole_every_to_whole": seconds["whole_every"] / seconds["whole"],
         "counts": counts,
-        "max_abs_restored_diff": float(np.abs(traced["once"].restored - traced["every_forward"].restored).max()),
+        "min_abs_effect": float(scale.min()),
+        "max_abs_restored_diff": max(float(np.abs(t.restored - base.restored).max()) for t in traced.values()),
+        "max_abs_restored_margin_diff": max(
+            float((np.abs(t.restored - base.restored) * scale).max()) for t in traced.values()
+        ),
     }
 
 

@@ -141,6 +141,35 @@ def test_an_edit_on_a_middle_layer_moves_the_margin(models, family: str) -> None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_edits_in_the_question_on_suffix_runs_equal_whole_prompts(models, family: str) -> None:
+    """`batch_runs` (the trace's forwards): where the family's KV-cache paths are sound, the
+    prompts before the questions run once and an edit at the questions moves the margins as on
+    whole prompts; elsewhere every forward is a whole prompt."""
+    from flipscope.model.suffix import FullRuns, SuffixRuns, batch_runs
+
+    vlm = models[family]
+    condition = "none" if vlm.family.evidence == "text" else "image"
+    questions = ("is there an effusion ?", "do you see any pleural effusion in this film ?", "are the lungs clear ?")
+    specs = [PromptSpec(question=q, condition=condition, image=_film(k)) for k, q in enumerate(questions)]
+    inputs = vlm.prompts.build(specs)
+    question = vlm.prompts.question_mask(specs, inputs)
+    runs = batch_runs(vlm, inputs, question)
+    assert type(runs) is (FullRuns if vlm.fast_path_off else SuffixRuns)
+    hook = f"blocks.{vlm.n_layers // 2}.hook_resid_pre"
+    push = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0)) * 5
+
+    def edit(mask: torch.Tensor):
+        return [(hook, lambda x, hook: x + mask[..., None].to(x) * push)]
+
+    whole = FullRuns(vlm, inputs)
+    with torch.no_grad():
+        before, after = whole.margins(), whole.margins(edit(question))
+    assert float((after - before).abs().min()) > 1e-3
+    torch.testing.assert_close(runs.margins(), before, rtol=0, atol=1e-4)
+    torch.testing.assert_close(runs.margins(edit(runs.to_run(question))), after, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_flipscope_hooks_lists_the_family_names(checkpoints, models, family: str) -> None:
     args = ["hooks", str(checkpoints[family])] + (["--family", "generic"] if family == "generic" else [])
     result = CliRunner().invoke(app, args)

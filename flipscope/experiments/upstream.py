@@ -15,6 +15,11 @@ where it was, so the clean and corrupted runs line up position by position:
 Restoring the framing words restores everything at layer 0 and less once attention has moved the
 wording on; restoring the last position restores little before that and everything after. The
 layer where the last position takes over is where the framing enters the answer.
+
+Every edit is inside the question or after it, so each batch's prompts before the questions (chat
+header, image block) run once and its 2 + 3L + words forwards run on the questions alone
+(`flipscope.model.suffix`); the neutral embedding is read from the questions asked without
+evidence, which leaves their token embeddings as they are.
 """
 
 from __future__ import annotations
@@ -34,9 +39,9 @@ from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import case_spec
 from flipscope.interventions.hooks import replace_where
-from flipscope.model.answers import yes_no_margin
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.suffix import FullRuns, batch_runs
 from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
@@ -80,6 +85,9 @@ class UpstreamTrace:
         restored: [case, layer, group] share of the framing's effect restored (`GROUPS` order).
         corrupted_share: Per case, the share of the flip's margin shift that corrupting every
             framing word undoes.
+        effect: Per case, what corrupting every framing word moves its margin by, in logits
+            (m_para − m_corrupt: the denominator of `restored`, so its shares mean little where
+            this is small).
         words: Per case, framing word → share of the margin shift undone by corrupting it alone.
         case_ids: The traced flips.
         skipped: Flips not traced: no word of their own, or corrupting it moved nothing.
@@ -88,6 +96,7 @@ class UpstreamTrace:
     layers: list[int]
     restored: Float[np.ndarray, "case layer group"]
     corrupted_share: Float[np.ndarray, " case"]
+    effect: Float[np.ndarray, " case"]
     words: list[dict[str, float]]
     case_ids: list[str]
     skipped: dict[str, int]
@@ -119,6 +128,7 @@ class UpstreamTrace:
             "skipped": self.skipped,
             "groups": list(GROUPS),
             "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if len(self.case_ids) else None,
+            "effect": bootstrap(self.effect, seed=seed).to_dict() if len(self.case_ids) else None,
             "profile": profile,
             "words": words,
             "explained": self.explained(seed),
@@ -170,8 +180,9 @@ def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec]
 
 @torch.no_grad()
 def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: int) -> Float[Tensor, " d_model"]:
-    """Mean `blocks.0.hook_resid_pre` over the question tokens of the bank's original questions."""
-    specs = [case_spec(c, c["original"]) for c in cases]
+    """Mean `blocks.0.hook_resid_pre` over the question tokens of the bank's original questions
+    (their token embeddings, which no image or passage before them changes: asked without one)."""
+    specs = [PromptSpec(question=c["original"], condition="none") for c in cases]
     total, count = None, 0
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
@@ -184,37 +195,42 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
 
 
 def _paraphrases(
-    vlm: VLM, cases: Sequence[Mapping[str, Any]], neutral: Float[Tensor, " d_model"]
-) -> tuple[Any, list[dict[str, Tensor]], Bool[Tensor, "group batch pos"], Float[Tensor, "batch pos d_model"]]:
-    """One batch of the cases' paraphrases as the trace corrupts them: the model inputs, each row's
-    framing-word masks, the `GROUPS`' position masks, and the neutral embedding at every position."""
+    vlm: VLM, cases: Sequence[Mapping[str, Any]], neutral: Float[Tensor, " d_model"], fast: bool = True
+) -> tuple[FullRuns, list[dict[str, Tensor]], Bool[Tensor, "group batch pos"], Float[Tensor, "batch pos d_model"]]:
+    """One batch of the cases' paraphrases as the trace corrupts them: its runs (with `fast`, the
+    prompts before the questions once where that is sound: `flipscope.model.suffix`), each row's
+    framing-word masks (at the batch's positions; `runs.to_run` moves them), and the `GROUPS`'
+    position masks and the neutral embedding at the runs' positions."""
     specs = [case_spec(c, c["paraphrase"]) for c in cases]
     inputs = vlm.prompts.build(specs)
     word_masks, groups = _masks(vlm, cases, specs, inputs)
-    return inputs, word_masks, groups, neutral.expand(*inputs.input_ids.shape, -1)
+    runs = batch_runs(vlm, inputs, groups.any(0)) if fast else FullRuns(vlm, inputs)
+    fill = runs.to_run(neutral.expand(*inputs.input_ids.shape, -1))
+    return runs, word_masks, torch.stack([runs.to_run(g) for g in groups]), fill
 
 
 @torch.no_grad()
-def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int]) -> list[tuple]:
+def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int], fast: bool) -> list[tuple]:
     """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
-    → share)`, counting the flips it skips in `skipped`."""
-    inputs, word_masks, groups, fill = _paraphrases(vlm, cases, neutral)
+    → share, effect)`, counting the flips it skips in `skipped`."""
+    runs, word_masks, groups, fill = _paraphrases(vlm, cases, neutral, fast)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-    logits, clean = vlm.run_with_cache(inputs, names_filter=hooks, logits_to_keep=1)
+    m_para, clean = runs.run_with_cache(hooks)
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
-    m_para, m_corrupt = yes_no_margin(logits[:, -1], vlm.answer_tokens), _margin(vlm, inputs, [corrupt])
+    m_corrupt = runs.margins([corrupt])
     m_orig = torch.tensor([c["original_margin"] for c in cases])
     restored = torch.empty(len(cases), len(layers), len(GROUPS))
     for i, hook in enumerate(hooks):
         for g in range(len(GROUPS)):
-            m = _margin(vlm, inputs, [corrupt, (hook, replace_where(clean[hook], groups[g]))])
+            m = runs.margins([corrupt, (hook, replace_where(clean[hook], groups[g]))])
             restored[:, i, g] = (m - m_corrupt) / (m_para - m_corrupt)
     undone = (m_para - m_corrupt) / (m_para - m_orig)
     words: list[dict[str, float]] = [{} for _ in cases]
+    nothing = torch.zeros(runs.inputs.input_ids.shape[1], dtype=torch.bool)
     for k in range(max((len(m) for m in word_masks), default=0)):  # the k-th framing word of every row at once
         kth = [list(m)[k] if k < len(m) else None for m in word_masks]
-        mask = torch.stack([word_masks[r][w] if w else torch.zeros_like(groups[0][r]) for r, w in enumerate(kth)])
-        m_word = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, mask))])
+        mask = runs.to_run(torch.stack([word_masks[r][w] if w else nothing for r, w in enumerate(kth)]))
+        m_word = runs.margins([("blocks.0.hook_resid_pre", replace_where(fill, mask))])
         for r, w in enumerate(kth):
             if w:
                 words[r][w] = float((m_para[r] - m_word[r]) / (m_para[r] - m_orig[r]))
@@ -225,12 +241,8 @@ def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int]) -> l
         elif abs(float(m_para[r] - m_corrupt[r])) < MIN_EFFECT:
             skipped["corruption moved nothing"] += 1
         else:
-            rows.append((case["id"], restored[r].numpy(), float(undone[r]), words[r]))
+            rows.append((case["id"], restored[r].numpy(), float(undone[r]), words[r], float(m_para[r] - m_corrupt[r])))
     return rows
-
-
-def _margin(vlm: VLM, inputs: Any, hooks: list) -> Float[Tensor, " batch"]:
-    return yes_no_margin(vlm.run_with_hooks(inputs, fwd_hooks=hooks, logits_to_keep=1)[:, -1], vlm.answer_tokens)
 
 
 @images_once
@@ -242,9 +254,12 @@ def trace_framing(
     max_cases: int | None = 64,
     batch_size: int = 16,
     progress: bool = True,
+    fast: bool = True,
 ) -> UpstreamTrace:
     """Word attribution and layer × position tracing (module docstring) over the bank's first
-    `max_cases` flips (all with None), at `layers` (default all).
+    `max_cases` flips (all with None), at `layers` (default all). Each batch's prompts before the
+    questions run once, its forwards on the questions alone (`flipscope.model.suffix`); with
+    `fast=False` every forward runs the whole prompt (the reference that path is tested against).
 
     Raises:
         FlipscopeError: the bank was made by another model, or has no flips.
@@ -258,11 +273,12 @@ def trace_framing(
     skipped = {"no framing word": 0, "corruption moved nothing": 0}
     rows = []
     for start in tqdm(range(0, len(flips), batch_size), desc="tracing the framing", disable=not progress):
-        rows += _trace_batch(vlm, flips[start : start + batch_size], layer_ids, neutral, skipped)
+        rows += _trace_batch(vlm, flips[start : start + batch_size], layer_ids, neutral, skipped, fast)
     return UpstreamTrace(
         layers=layer_ids,
         restored=np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(layer_ids), len(GROUPS))),
         corrupted_share=np.array([r[2] for r in rows]),
+        effect=np.array([r[4] for r in rows]),
         words=[r[3] for r in rows],
         case_ids=[r[0] for r in rows],
         skipped=skipped,
@@ -291,9 +307,9 @@ def framing_word_shifts(
     out: dict[str, float] = {}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        inputs, _, groups, fill = _paraphrases(vlm, batch, neutral)
-        m_para = _margin(vlm, inputs, [])
-        m_corrupt = _margin(vlm, inputs, [("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
+        runs, _, groups, fill = _paraphrases(vlm, batch, neutral)
+        m_para = runs.margins()
+        m_corrupt = runs.margins([("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
         moved = (m_para - m_corrupt).abs().double().cpu().tolist()
         has_words = groups[0].any(-1).tolist()
         out.update((case["id"], m) for case, m, has in zip(batch, moved, has_words, strict=True) if has)

@@ -1,0 +1,110 @@
+"""Suffix runs (`flipscope.model.suffix`): one batch's prompts before the questions run once, every
+forward after it on the questions alone; margins, caches and edits equal the whole-prompt
+forwards, and the trace they serve equals the trace on whole prompts at a fraction of the tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flipscope.data.flipbank import load_flipbank
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.pairs import case_spec
+from flipscope.experiments.upstream import framing_word_shifts, trace_framing
+from flipscope.model.prompts import PromptSpec
+from flipscope.model.suffix import FullRuns, SuffixRuns, batch_runs
+from flipscope.organism import load_organism
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_organism()[0]
+
+
+def _push(vector: torch.Tensor, mask: torch.Tensor):
+    def hook(x: torch.Tensor, hook) -> torch.Tensor:
+        return x + mask[..., None].to(x) * vector.to(x)
+
+    return hook
+
+
+def test_suffix_runs_equal_whole_prompts_with_and_without_an_edit(organism) -> None:
+    vlm = organism
+    cases = load_flipbank(BANK)["flips"][:6]
+    specs = [case_spec(c, c["paraphrase"]) for c in cases]
+    inputs = vlm.prompts.build(specs)
+    question = vlm.prompts.question_mask(specs, inputs)
+    assert bool((inputs.attention_mask == 0).any())  # rows of different lengths: left padding to undo
+    runs, full = batch_runs(vlm, inputs, question), FullRuns(vlm, inputs)
+    assert isinstance(runs, SuffixRuns)
+    first = int(question[0].int().argmax()) - int((inputs.attention_mask[0] == 0).sum())
+    assert runs.cut == first and runs.input_ids.shape[1] < inputs.input_ids.shape[1] / 2
+    margin, cache = runs.run_with_cache([HOOK])
+    margin_full, cache_full = full.run_with_cache([HOOK])
+    torch.testing.assert_close(margin, margin_full, atol=1e-4, rtol=0)
+    keep = runs.keep
+    torch.testing.assert_close(cache[HOOK][keep], runs.to_run(cache_full[HOOK])[keep], atol=1e-4, rtol=1e-4)
+    push = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    edited_full = full.margins([(HOOK, _push(push, question))])
+    edited = runs.margins([(HOOK, _push(push, runs.to_run(question)))])
+    assert float((edited_full - margin_full).abs().max().detach()) > 0.1  # the edit moves the margin
+    torch.testing.assert_close(edited, edited_full, atol=1e-4, rtol=0)
+    with pytest.raises(FlipscopeError, match=f"before the cut at {runs.cut}"):
+        runs.to_run(inputs.attention_mask.bool())
+
+
+def test_batches_without_one_shared_prefix_run_whole_prompts(organism) -> None:
+    vlm = organism
+    case = load_flipbank(BANK)["flips"][0]
+    mixed = [case_spec(case, case["paraphrase"]), PromptSpec(question=case["paraphrase"], condition="none")]
+    inputs = vlm.prompts.build(mixed)
+    assert type(batch_runs(vlm, inputs, vlm.prompts.question_mask(mixed, inputs))) is FullRuns
+    one = [case_spec(case, case["paraphrase"])]
+    inputs = vlm.prompts.build(one)
+    assert type(batch_runs(vlm, inputs, torch.zeros_like(inputs.attention_mask, dtype=torch.bool))) is FullRuns
+
+
+def test_the_trace_on_suffixes_equals_it_on_whole_prompts_for_a_fraction_of_the_tokens(organism) -> None:
+    vlm = organism
+    bank = load_flipbank(BANK)
+    tokens: list[int] = []
+    tower: list[int] = []
+    handles = [
+        vlm.hf_model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+        ),
+        vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: tower.append(o[0].shape[0])),
+    ]
+    try:
+        fast = trace_framing(vlm, bank, max_cases=8, batch_size=4, progress=False)
+        counted = {"tokens": sum(tokens), "tower": len(tower)}
+        tokens.clear(), tower.clear()
+        whole = trace_framing(vlm, bank, max_cases=8, batch_size=4, progress=False, fast=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert fast.case_ids == whole.case_ids and len(fast.case_ids) == 8
+    np.testing.assert_allclose(fast.restored, whole.restored, atol=1e-4)
+    np.testing.assert_allclose(fast.corrupted_share, whole.corrupted_share, atol=1e-5)
+    for a, b in zip(fast.words, whole.words, strict=True):
+        assert list(a) == list(b) and np.allclose(list(a.values()), list(b.values()), atol=1e-5)
+    assert fast.entry_layer() == whole.entry_layer()
+    assert counted["tower"] == len(tower) == 2  # once for each batch of paraphrases (the fill needs no film)
+    assert counted["tokens"] < sum(tokens) / 2  # 16 image tokens here; at MedGemma's 256 the suffix is ~8x shorter
+
+
+def test_the_wording_bound_on_suffixes_equals_it_on_whole_prompts(organism, monkeypatch) -> None:
+    vlm = organism
+    bank = load_flipbank(BANK)
+    bank = {**bank, "controls": bank["controls"][:10]}
+    fast = framing_word_shifts(vlm, bank)
+    monkeypatch.setattr("flipscope.experiments.upstream.batch_runs", lambda vlm, inputs, edited: FullRuns(vlm, inputs))
+    whole = framing_word_shifts(vlm, bank)
+    assert list(fast) == list(whole) and len(fast) == 10
+    np.testing.assert_allclose(list(fast.values()), list(whole.values()), atol=1e-4)
