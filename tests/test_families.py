@@ -169,6 +169,34 @@ def test_edits_in_the_question_on_suffix_runs_equal_whole_prompts(models, family
     torch.testing.assert_close(runs.margins(edit(runs.to_run(question))), after, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma3_text"])
+def test_every_path_reads_the_margin_the_forward_gives_under_a_logit_cap(models, family: str) -> None:
+    """Gemma 3's causal LM soft-caps its logits when its config says so and the VLM class does
+    not: the KV-cache paths and the logit lens, which unembed hidden states themselves, follow
+    the forward either way."""
+    from flipscope.experiments.lens import lens_margins
+    from flipscope.model.hook_names import resid_post
+
+    vlm = models[family]
+    text = vlm.hf_model.config.get_text_config()
+    specs = [PromptSpec(question=q, condition="none") for q in ("is there an effusion ?", "are the lungs clear ?")]
+    inputs = vlm.prompts.build(specs)
+    uncapped = vlm.score(inputs)
+    with torch.no_grad():
+        text.final_logit_softcapping = float(vlm(inputs, logits_to_keep=1).abs().max()) / 2  # well into tanh's bend
+    try:
+        forward = vlm.score(inputs)
+        assert torch.equal(forward, uncapped) == (family == "gemma3")
+        hidden = vlm.hf_hidden(**inputs.as_kwargs(), use_cache=False).last_hidden_state[:, -1]
+        torch.testing.assert_close(vlm.answer_margin(hidden), forward, rtol=0, atol=1e-5)
+        torch.testing.assert_close(vlm.score_shared_prefix(specs), forward, rtol=0, atol=1e-4)
+        last = resid_post(vlm.n_layers - 1)
+        _, cache = vlm.run_with_cache(inputs, names_filter=last, positions="last")
+        torch.testing.assert_close(lens_margins(vlm, cache[last]), forward, rtol=0, atol=1e-4)
+    finally:
+        text.final_logit_softcapping = None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flipscope_hooks_lists_the_family_names(checkpoints, models, family: str) -> None:
     args = ["hooks", str(checkpoints[family])] + (["--family", "generic"] if family == "generic" else [])

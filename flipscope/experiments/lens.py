@@ -32,6 +32,7 @@ from scipy import stats
 from torch import Tensor
 
 from flipscope.experiments.pairs import PairActivations, collect_pairs
+from flipscope.model.families.base import text_config_cap
 from flipscope.model.families.sites import find_language_model
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
@@ -49,7 +50,7 @@ def lens_margins(vlm: VLM, acts: Float[Tensor, "*batch d_model"]) -> Float[Tenso
     rows = hf.get_output_embeddings().weight.detach()[ids].float()
     normed = norm(acts.to(norm.weight.dtype)).float()  # the model's own final norm
     logits = normed @ rows.T.to(normed.device)
-    cap = getattr(getattr(hf.config, "text_config", hf.config), "final_logit_softcapping", None)
+    cap = vlm.logit_cap if hasattr(vlm, "logit_cap") else text_config_cap(hf)  # as the forward caps them
     if cap:
         logits = torch.tanh(logits / cap) * cap
     n_yes = len(tokens.yes_ids)

@@ -103,14 +103,17 @@ def yes_no_margin(logits: Float[Tensor, "*batch d_vocab"], tokens: AnswerTokens)
 
 
 def head_margin(
-    hidden: Float[Tensor, "*batch d_model"], head: torch.nn.Module, tokens: AnswerTokens
+    hidden: Float[Tensor, "*batch d_model"], head: torch.nn.Module, tokens: AnswerTokens, cap: float | None = None
 ) -> Float[Tensor, "*batch"]:
-    """`yes_no_margin(head(hidden), tokens)` from the answer tokens' rows of the unembedding alone:
-    the margin reads two logits, and at a 262,208-token vocabulary the full product costs about
-    1.3 GFLOP and 1 MB a row (for the last token of a 34-layer MedGemma, a sixth of its forward)."""
+    """`yes_no_margin(head(hidden), tokens)` from the answer tokens' rows of the unembedding alone
+    (the logits soft-capped at `cap` first, as a forward that caps them does): the margin reads
+    two logits, and at a 262,208-token vocabulary the full product costs about 1.3 GFLOP and 1 MB
+    a row (for the last token of a 34-layer MedGemma, a sixth of its forward)."""
     ids = [*tokens.yes_ids, *tokens.no_ids]
     bias = getattr(head, "bias", None)
     logits = torch.nn.functional.linear(hidden, head.weight[ids], None if bias is None else bias[ids])
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     n_yes = len(tokens.yes_ids)
     return yes_no_margin(logits, AnswerTokens(tuple(range(n_yes)), tuple(range(n_yes, len(ids)))))
 

@@ -280,7 +280,12 @@ class HookedVLM(HookedRootModule):
     def answer_margin(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
         """Yes−no margin of final hidden states from the answer tokens' unembedding rows alone
         (`flipscope.model.answers.head_margin`): what the KV-cache paths read."""
-        return head_margin(hidden, self.hf_model.get_output_embeddings(), self.answer_tokens)
+        return head_margin(hidden, self.hf_model.get_output_embeddings(), self.answer_tokens, self.logit_cap)
+
+    @property
+    def logit_cap(self) -> float | None:
+        """The soft cap the HF forward puts on its logits (the family's `logit_cap`), or None."""
+        return self.family.logit_cap(self.hf_model)
 
     # ----------------------------------------------------------------------------------- running
     @staticmethod

@@ -108,6 +108,12 @@ def _generic_kwargs(hf_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, An
     return kwargs
 
 
+def _uncapped(hf_model: nn.Module) -> None:
+    """Gemma3ForConditionalGeneration returns its head's logits uncapped, whatever its text config's
+    `final_logit_softcapping` says (tested against the forward)."""
+    return None
+
+
 _QWEN_OFF = (
     "Qwen2.5-VL's multimodal rotary positions: a suffix continues from the image grid's positions, "
     "which the KV-cache paths do not compute"
@@ -124,6 +130,7 @@ FAMILIES: dict[str, Family] = {
             sites=_gemma3_sites,
             image_mask="token_type_ids",
             images_once=True,
+            logit_cap=_uncapped,
             processor=_auto_processor,
         ),
         Family(

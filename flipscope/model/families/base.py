@@ -26,6 +26,12 @@ def _no_change(hf_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def text_config_cap(hf_model: nn.Module) -> float | None:
+    """The text config's `final_logit_softcapping`: what Gemma 3's causal LM and PaliGemma put on
+    their logits (None for models without one)."""
+    return getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Family:
     """One model family.
@@ -46,6 +52,9 @@ class Family:
         images_once: Whether each distinct image may be encoded once per batch
             (`HookedVLM.distinct_images`; needs `mm_encoder_outputs` with per-image tensors).
         norm_offset: The final RMSNorm's gain is `offset + weight` (1 for Gemma, 0 for Llama/Qwen).
+        logit_cap: The soft cap c the HF forward puts on its logits (c·tanh(logit/c)), or None,
+            so the paths that unembed hidden states themselves (KV-cache, lens) read the margin
+            the forward gives.
         processor: Loads the processor (or tokenizer) from a folder or hub id.
     """
 
@@ -61,6 +70,7 @@ class Family:
     fast_path_off: str | None = None
     images_once: bool = False
     norm_offset: float = 0.0
+    logit_cap: Callable[[nn.Module], float | None] = text_config_cap
     processor: Callable[[str], Any] = field(repr=False)
 
     def forward_kwargs(self, hf_model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
