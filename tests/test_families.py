@@ -155,6 +155,8 @@ def test_edits_in_the_question_on_suffix_runs_equal_whole_prompts(models, family
     question = vlm.prompts.question_mask(specs, inputs)
     runs = batch_runs(vlm, inputs, question)
     assert type(runs) is (FullRuns if vlm.fast_path_off else SuffixRuns)
+    window = getattr(vlm.hf_model.config.get_text_config(), "sliding_window", None)
+    assert family != "gemma3" or inputs.input_ids.shape[1] > window  # the prefix's cache outgrows the window
     hook = f"blocks.{vlm.n_layers // 2}.hook_resid_pre"
     push = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0)) * 5
 

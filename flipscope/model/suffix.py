@@ -6,8 +6,8 @@ question. The positions before it (chat header, image block, its newlines) atten
 another (image tokens bidirectionally within their block), so their keys and values are the same
 in every run. `batch_runs` cuts a left-padded batch before its questions, runs the prefix once
 (the vision tower included) and every later forward on the question and the template's tail
-alone, right-padded on that key/value cache: at MedGemma's ~300-token prompts a forward runs
-~35 tokens and no tower. Edits and caches are in those suffix positions; `to_run` moves a tensor
+alone, right-padded on that key/value cache: of MedGemma's ~280-token prompts a forward runs
+the last ~20 tokens, and no tower. Edits and caches are in those suffix positions; `to_run` moves a tensor
 over the batch's positions there. Where the family's KV-cache paths are unsound
 (`fast_path_off`), the model has no `hf_hidden`, or the rows do not share one prefix, every
 forward runs the whole batch (`FullRuns`, the same interface). Margins equal the full forwards'
@@ -41,10 +41,13 @@ class FullRuns:
         """`values` over the batch's positions ([batch, pos, ...]), as a forward sees them."""
         return values
 
+    @torch.no_grad()
     def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
+        """Margins of the batch with `fwd_hooks` on (at the positions `to_run` gives)."""
         logits = self.vlm.run_with_hooks(self.inputs, fwd_hooks=list(fwd_hooks), logits_to_keep=1)
         return yes_no_margin(logits[:, -1], self.vlm.answer_tokens)
 
+    @torch.no_grad()
     def run_with_cache(self, names: Sequence[str]) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
         """Margins of the unedited batch and the activations at `names`."""
         logits, cache = self.vlm.run_with_cache(self.inputs, names_filter=list(names), logits_to_keep=1)
