@@ -15,6 +15,7 @@ from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.upstream import GROUPS, _token_words, framing_words, trace_framing
 from flipscope.organism import load_organism
+from flipscope.reporting.format import fmt
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
@@ -63,7 +64,9 @@ def test_trace_command_prints_where_the_framing_enters(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "4 flips traced" in result.output and "the framing reaches the answer position" in result.output
     assert "(from only 4 cases)" in result.output and "nan" not in result.output
-    assert json.loads(out.read_text())["entry_layer"] == 1
+    written = json.loads(out.read_text())
+    assert written["entry_layer"] == 1 and written["effect"]["value"] > 1  # the words move the margin by logits
+    assert f"moves the margin by {fmt(written['effect'])} logits" in result.output
     bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--layers", "9"])
     assert bad.exit_code == 2 and "--layers [9]: the model has layers 0..3" in bad.output
 

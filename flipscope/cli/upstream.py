@@ -42,6 +42,9 @@ def trace(
         summary = traced.summary()
         write_json(path, summary)
     typer.echo(f"{summary['n_cases']} flips traced; skipped: {json.dumps(summary['skipped'])}")
+    if summary["effect"] is not None:
+        effect = fmt(summary["effect"])
+        typer.echo(f"corrupting their framing words moves the margin by {effect} logits; the share restored:")
     groups = summary["groups"]
     typer.echo(f"{'layer':>5}  " + "".join(f"{g:>26}" for g in groups))
     for row in summary["profile"]:
