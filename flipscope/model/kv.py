@@ -24,14 +24,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.prompts import PromptBuilder, PromptSpec
 
-__all__ = ["Prefix", "run_prefix", "score_last_token", "score_shared_prefix", "shared_rows", "template_prefix_length"]
+__all__ = [
+    "Prefix",
+    "run_prefix",
+    "score_last_token",
+    "score_shared_prefix",
+    "shared_rows",
+    "suffix_last_hidden",
+    "template_prefix_length",
+]
 
 
 def template_prefix_length(builder: PromptBuilder, with_image: bool) -> int:
@@ -121,26 +129,33 @@ def score_shared_prefix(
 def _score_suffixes(model: Any, prefix: Prefix, suffixes: list[Tensor], pad: int) -> Float[Tensor, " batch"]:
     """Margins of right-padded `suffixes` on copies of `prefix`'s cache, read at each row's last
     real token (only those hidden states are unembedded)."""
-    device = model.device
-    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    lengths = torch.tensor([len(s) for s in suffixes])
     width = int(lengths.max())
-    batch = torch.full((len(suffixes), width), pad, dtype=torch.long, device=device)
-    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long, device=device)
+    batch = torch.full((len(suffixes), width), pad, dtype=torch.long)
     for i, suffix in enumerate(suffixes):
-        batch[i, : len(suffix)] = suffix.to(device)
-        suffix_mask[i, : len(suffix)] = 1
-    cache = shared_rows(prefix.cache, len(suffixes))
-    prefix_mask = torch.ones((len(suffixes), prefix.length), dtype=torch.long, device=device)
-    position_ids = (prefix.length + torch.arange(width, device=device)).expand(len(suffixes), width)
+        batch[i, : len(suffix)] = suffix
+    keep = torch.arange(width) < lengths[:, None]
+    return model.answer_margin(suffix_last_hidden(model, prefix.cache, prefix.length, batch, keep, len(suffixes)))
+
+
+def suffix_last_hidden(
+    model: Any, cache: Any, length: int, input_ids: Int[Tensor, "batch suffix"], keep: Bool[Tensor, "batch suffix"],
+    repeats: int = 1,
+) -> Float[Tensor, "batch d_model"]:  # fmt: skip
+    """Final hidden states at each row's last real token of right-padded suffixes (`keep` marks
+    their real tokens) run on `cache`, a prefix of `length` tokens: one row of it shared by all
+    (`repeats` = the rows) or one per row (`repeats` = 1). The cache is never written."""
+    device, n = model.device, len(input_ids)
+    width = input_ids.shape[1]
+    mask = torch.cat([torch.ones((n, length), dtype=torch.long), keep.long()], 1)
     hidden = model.hf_hidden(
-        input_ids=batch,
-        attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
-        position_ids=position_ids,
-        past_key_values=cache,
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=(length + torch.arange(width)).expand(n, width).to(device),
+        past_key_values=shared_rows(cache, repeats),
         use_cache=True,
     ).last_hidden_state
-    last = hidden[torch.arange(len(suffixes), device=device), lengths - 1]
-    return model.answer_margin(last)
+    return hidden[torch.arange(n, device=device), (keep.sum(1) - 1).to(device)]
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
-from flipscope.model.kv import shared_rows
+from flipscope.model.kv import suffix_last_hidden
 from flipscope.model.prompts import ModelInputs
 
 __all__ = ["FullRuns", "SuffixRuns", "batch_runs"]
@@ -102,23 +102,11 @@ class SuffixRuns(FullRuns):
     def _prefix_mask(self, width: int) -> Bool[Tensor, "batch pos"]:
         return torch.arange(width) < (self.pad + self.cut)[:, None]
 
-    def _last_hidden(self) -> Float[Tensor, "batch d_model"]:
-        device, n = self.vlm.device, len(self.inputs)
-        width = self.input_ids.shape[1]
-        mask = torch.cat([torch.ones(n, self.cut, dtype=torch.long), self.keep.long()], 1)
-        hidden = self.vlm.hf_hidden(
-            input_ids=self.input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=(self.cut + torch.arange(width)).expand(n, width).to(device),
-            past_key_values=shared_rows(self.cache, 1),
-            use_cache=True,
-        ).last_hidden_state
-        return hidden[torch.arange(n, device=device), (self.lengths - 1).to(device)]
-
     @torch.no_grad()
     def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
         with self.vlm.hooks(fwd_hooks=list(fwd_hooks)):
-            return self.vlm.answer_margin(self._last_hidden()).float()
+            hidden = suffix_last_hidden(self.vlm, self.cache, self.cut, self.input_ids, self.keep)
+            return self.vlm.answer_margin(hidden).float()
 
     @torch.no_grad()
     def run_with_cache(self, names: Sequence[str]) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
