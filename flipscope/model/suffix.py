@@ -92,15 +92,12 @@ class SuffixRuns(FullRuns):
     def to_run(self, values: Tensor) -> Tensor:
         """`values` over the batch's positions, at the suffix's positions (zero or False on its
         right padding). A value set before the cut could not reach the run: that is an error."""
-        if values.dtype == torch.bool and bool((values & (self._prefix_mask(values.shape[1]))).any()):
+        if values.dtype == torch.bool and bool((values & _before_cut(self.pad, self.cut, values.shape[1])).any()):
             raise FlipscopeError(f"a mask selects positions before the cut at {self.cut}: suffix runs do not hold them")
         index = self.columns.to(values.device).reshape(*self.columns.shape, *([1] * (values.dim() - 2)))
         moved = values.gather(1, index.expand(*self.columns.shape, *values.shape[2:]))
         keep = self.keep.to(values.device).reshape(index.shape)
         return torch.where(keep, moved, torch.zeros((), dtype=values.dtype, device=values.device))
-
-    def _prefix_mask(self, width: int) -> Bool[Tensor, "batch pos"]:
-        return torch.arange(width) < (self.pad + self.cut)[:, None]
 
     @torch.no_grad()
     def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
@@ -118,6 +115,11 @@ class SuffixRuns(FullRuns):
         return self.margins([(name, save) for name in names]), cache
 
 
+def _before_cut(pad: Int[Tensor, " batch"], cut: int, width: int) -> Bool[Tensor, "batch pos"]:
+    """The positions of a left-padded batch (rows padded by `pad`) before each row's `cut`-th real token."""
+    return torch.arange(width) < (pad + cut)[:, None]
+
+
 def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"]) -> FullRuns:
     """The runs of `inputs` for edits confined to `edited` positions (e.g. the question): on
     the suffix path cut before the earliest of them where that is sound, else full forwards."""
@@ -128,7 +130,7 @@ def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"])
         return FullRuns(vlm, inputs)
     cut = int((edited.int().argmax(1) - pad).min())
     rows = inputs.input_ids.gather(1, pad[:, None] + torch.arange(cut))
-    after = torch.arange(inputs.input_ids.shape[1]) >= (pad + cut)[:, None]
+    after = ~_before_cut(pad, cut, inputs.input_ids.shape[1])
     one_prefix = cut > 0 and bool((rows == rows[:1]).all())
     image_after_cut = bool((inputs.token_type_ids.bool() & after).any())  # an image block must not be split
     if not one_prefix or image_after_cut or bool((inputs.attention_mask[:, -1] == 0).any()):
