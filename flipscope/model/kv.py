@@ -29,10 +29,11 @@ from torch import Tensor
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from flipscope.errors import FlipscopeError
-from flipscope.model.prompts import PromptBuilder, PromptSpec
+from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 
 __all__ = [
     "Prefix",
+    "prefix_cache",
     "run_prefix",
     "score_last_token",
     "score_shared_prefix",
@@ -60,21 +61,14 @@ def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int
     """Run the first `length` tokens of `spec` (default: the template prefix; its image
     included) once, keeping their key/value cache."""
     length = builder.prefix_length(spec) if length is None else length
-    row = builder.tokens(spec)
-    device = model.device
-    ids = row["input_ids"].reshape(-1)[:length].unsqueeze(0).to(device)
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "token_type_ids": row["token_type_ids"].reshape(-1)[:length].unsqueeze(0).to(device),
-        "use_cache": True,
-    }
-    image = builder.image_for(spec)
-    if image is not None:
-        vision = builder.image_inputs([image])
-        kwargs["pixel_values"] = vision.pop("pixel_values").to(device=device, dtype=model.dtype)
-        kwargs.update({k: v.to(device) for k, v in vision.items()})
-    return Prefix(model.hf_hidden(**kwargs).past_key_values, length)
+    return Prefix(prefix_cache(model, builder.build([spec]), torch.arange(length)[None]), length)
+
+
+def prefix_cache(model: Any, inputs: ModelInputs, columns: Int[Tensor, "batch width"]) -> Any:
+    """The key/value cache of each row's tokens at `columns` (a prefix: the same columns after it
+    run on the cache), its images through the tower, with the model's edits and no hooks."""
+    prefix = inputs.columns(columns).to(model.device, model.dtype)
+    return model.hf_hidden(**prefix.as_kwargs(), use_cache=True).past_key_values
 
 
 def shared_rows(cache: Any, repeats: int) -> Any:
@@ -167,18 +161,8 @@ def score_last_token(
     position runs once per spec without `fwd_hooks` — an edit at the last position cannot reach
     it — and the last token runs once per variant on that key/value cache."""
     inputs = builder.build(specs)
-    device = model.device
-    prefix = {
-        "input_ids": inputs.input_ids[:, :-1],
-        "attention_mask": inputs.attention_mask[:, :-1],
-        "token_type_ids": inputs.token_type_ids[:, :-1],
-        "position_ids": inputs.position_ids[:, :-1],
-    }
-    prefix = {k: v.to(device) for k, v in prefix.items()}
-    if inputs.pixel_values is not None:
-        prefix["pixel_values"] = inputs.pixel_values.to(device=device, dtype=model.dtype)
-        prefix.update({k: v.to(device) for k, v in inputs.extra.items()})
-    cache = shared_rows(model.hf_hidden(**prefix, use_cache=True).past_key_values, n_variants)
+    device, width = model.device, inputs.input_ids.shape[1]
+    cache = shared_rows(prefix_cache(model, inputs, torch.arange(width - 1).expand(len(inputs), -1)), n_variants)
 
     def repeat(t: Tensor) -> Tensor:
         return t.to(device).repeat_interleave(n_variants, dim=0)

@@ -120,6 +120,16 @@ class ModelInputs:
             extra={k: v.to(device) for k, v in self.extra.items()},
         )
 
+    def columns(self, index: Int[Tensor, "batch width"]) -> ModelInputs:
+        """Each row's tokens at its columns `index` (a prefix, a slice), its images and extras kept."""
+        return replace(
+            self,
+            input_ids=self.input_ids.gather(1, index),
+            attention_mask=self.attention_mask.gather(1, index),
+            token_type_ids=self.token_type_ids.gather(1, index),
+            position_ids=self.position_ids.gather(1, index),
+        )
+
     def as_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments for the HF forward (no `pixel_values` key when there is no image)."""
         kwargs = {

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
-from flipscope.model.kv import suffix_last_hidden
+from flipscope.model.kv import prefix_cache, suffix_last_hidden
 from flipscope.model.prompts import ModelInputs
 
 __all__ = ["FullRuns", "SuffixRuns", "batch_runs"]
@@ -64,7 +64,8 @@ class SuffixRuns(FullRuns):
         self.pad = inputs.input_ids.shape[1] - real  # left padding of each row
         self.lengths = real - cut  # each row's suffix length
         self.cut = cut
-        self.cache = self._prefix_cache()
+        with torch.no_grad():
+            self.cache = prefix_cache(vlm, inputs, self.pad[:, None] + torch.arange(cut))
         width = int(self.lengths.max())
         self.keep: Bool[Tensor, "batch suffix"] = torch.arange(width) < self.lengths[:, None]
         self.columns: Int[Tensor, "batch suffix"] = torch.where(
@@ -72,22 +73,6 @@ class SuffixRuns(FullRuns):
         )
         pad_id = int(vlm.prompts.tokenizer.pad_token_id)
         self.input_ids = torch.where(self.keep, inputs.input_ids.gather(1, self.columns), pad_id)
-
-    def _prefix_cache(self) -> Any:
-        inputs, cut, device = self.inputs, self.cut, self.vlm.device
-        rows = self.pad[:, None] + torch.arange(cut)
-        kwargs = {
-            "input_ids": inputs.input_ids.gather(1, rows),
-            "attention_mask": torch.ones(len(inputs), cut, dtype=torch.long),
-            "token_type_ids": inputs.token_type_ids.gather(1, rows),
-            "position_ids": torch.arange(cut).expand(len(inputs), cut),
-        }
-        kwargs = {k: v.to(device) for k, v in kwargs.items()}
-        if inputs.pixel_values is not None:
-            kwargs["pixel_values"] = inputs.pixel_values.to(device=device, dtype=self.vlm.dtype)
-            kwargs.update({k: v.to(device) for k, v in inputs.extra.items()})
-        with torch.no_grad():
-            return self.vlm.hf_hidden(**kwargs, use_cache=True).past_key_values
 
     def to_run(self, values: Tensor) -> Tensor:
         """`values` over the batch's positions, at the suffix's positions (zero or False on its
