@@ -15,8 +15,11 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.errors import FlipscopeError
+from flipscope.experiments.attribution import exact_ablation_effects
 from flipscope.experiments.discovery import discover, feature_table
+from flipscope.experiments.pairs import collect_pairs
 from flipscope.organism import default_organism_dir, load_organism
+from flipscope.sae.load import check_sae
 from flipscope.stats import auc, bh_qvalues, bootstrap_means, correlations, mann_whitney
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -66,6 +69,20 @@ def test_attribution_agrees_with_exact_single_feature_ablation(found) -> None:
     first = found.top(1, "attribution").iloc[0]
     assert ablation["features"][0] == int(first["feature"])
     assert ablation["exact"][0] > 0.5  # removing it really moves flips back toward the original answer
+
+
+def test_exact_ablation_on_the_last_token_path_equals_full_forwards(organism) -> None:
+    vlm, sae, _ = organism
+    bank = load_flipbank(BANK)
+    hook = check_sae(sae, vlm)
+    pairs = collect_pairs(vlm, {**bank, "flips": bank["flips"][:12], "controls": []}, [hook], progress=False)
+    features = [38, 3, 32, 0, 15]
+    fast = exact_ablation_effects(vlm, sae, hook, pairs, features, batch_size=5, progress=False)
+    full = exact_ablation_effects(vlm, sae, hook, pairs, features, fast=False, progress=False)
+    assert fast.shape == (12, 5) and np.abs(full).max() > 0.5  # the features move the margin
+    np.testing.assert_allclose(fast, full, atol=1e-4)
+    with pytest.raises(FlipscopeError, match="9999"):
+        exact_ablation_effects(vlm, sae, hook, pairs, [9999], progress=False)
 
 
 def test_layer_sweep_and_controls_are_reported(found, organism) -> None:

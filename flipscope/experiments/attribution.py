@@ -21,12 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flipscope.experiments.pairs import PairActivations
-from flipscope.experiments.patching import patched_margins
 from flipscope.interventions.hooks import splice_features_hook
+from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
-from flipscope.sae.encode import decoder_vectors
+from flipscope.sae.encode import check_features
 
 __all__ = ["attribution_scores", "check_attribution", "direction_sign", "exact_ablation_effects", "frozen_weights"]
 
@@ -100,27 +100,24 @@ def exact_ablation_effects(
     features: Sequence[int],
     *,
     batch_size: int = 32,
+    fast: bool = True,
     progress: bool = True,
 ) -> Float[np.ndarray, "flip n_features"]:
     """Per flip case and feature, the exact margin change toward the original's when that one
     feature's Δf is removed at `hook` (delta-only patch, last position): (m_patched − m_para) ·
-    sign(m_orig − m_para)."""
+    sign(m_orig − m_para). Each flip's prompt runs once up to its last token and the last token
+    once per feature (`subtracted_margins`, `batch_size` prompts at a time); with `fast=False`,
+    or where the family's key/value-cache path is off, every feature is a full forward."""
+    check_features(sae, features)
     n_flips = int(pairs.is_flip.sum())  # flips come first
-    para_specs = pairs.paraphrase_specs()[:n_flips]
-    delta_f = pairs.feature_delta(sae, hook)[:n_flips]
-    sign = direction_sign(pairs)[:n_flips]
-    effects = torch.empty(n_flips, len(features))
-    jobs = [(k, c) for k in range(len(features)) for c in range(n_flips)]
-    for start in tqdm(range(0, len(jobs), batch_size), desc="exact ablation", disable=not progress):
-        chunk = jobs[start : start + batch_size]
-        cases = [c for _, c in chunk]
-        vectors = torch.cat(
-            [decoder_vectors(sae, delta_f[c, features[k]].reshape(1, 1), [features[k]]) for k, c in chunk]
-        )
-        margins = patched_margins(vlm, vlm.prompts.build([para_specs[c] for c in cases]), hook, vectors)
-        for (k, c), m in zip(chunk, margins.tolist(), strict=True):
-            effects[c, k] = (m - float(pairs.margin_para[c])) * float(sign[c])
-    return effects.numpy()
+    w_dec = sae.W_dec.detach()[list(features)]
+    delta_f = pairs.feature_delta(sae, hook)[:n_flips, list(features)].to(w_dec.dtype)
+    margins = subtracted_margins(
+        vlm, pairs.paraphrase_specs()[:n_flips], hook, delta_f[:, :, None] * w_dec,
+        rows_per_forward=batch_size * len(features), fast=fast, progress=progress, desc="exact ablation",
+    )  # fmt: skip
+    sign = direction_sign(pairs)[:n_flips, None]
+    return ((margins.float() - pairs.margin_para[:n_flips, None].float()) * sign.float()).numpy()
 
 
 def check_attribution(
