@@ -107,7 +107,9 @@ def exact_ablation_effects(
     feature's Δf is removed at `hook` (delta-only patch, last position): (m_patched − m_para) ·
     sign(m_orig − m_para). Each flip's prompt runs once up to its last token and the last token
     once per feature (`subtracted_margins`, `batch_size` prompts at a time); with `fast=False`,
-    or where the family's key/value-cache path is off, every feature is a full forward."""
+    or where the family's key/value-cache path is off, every feature is a full forward. Where a
+    feature's Δf is 0 the patch is nothing and its effect exactly 0 (attribution's is too: ties
+    that a rank correlation must see as ties, on any machine)."""
     check_features(sae, features)
     n_flips = int(pairs.is_flip.sum())  # flips come first
     w_dec = sae.W_dec.detach()[list(features)]
@@ -116,8 +118,8 @@ def exact_ablation_effects(
         vlm, pairs.paraphrase_specs()[:n_flips], hook, delta_f[:, :, None] * w_dec,
         rows_per_forward=batch_size * len(features), fast=fast, progress=progress, desc="exact ablation",
     )  # fmt: skip
-    sign = direction_sign(pairs)[:n_flips, None]
-    return ((margins.float() - pairs.margin_para[:n_flips, None].float()) * sign.float()).numpy()
+    effect = (margins.float() - pairs.margin_para[:n_flips, None].float()) * direction_sign(pairs)[:n_flips, None]
+    return torch.where(delta_f == 0, 0.0, effect).numpy()  # no patch: 0, not the two paths' rounding
 
 
 def check_attribution(
