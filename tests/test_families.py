@@ -142,19 +142,23 @@ def test_an_edit_on_a_middle_layer_moves_the_margin(models, family: str) -> None
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edits_in_the_question_on_suffix_runs_equal_whole_prompts(models, family: str) -> None:
-    """`batch_runs` (the trace's forwards): where the family's KV-cache paths are sound, the
-    prompts before the questions run once and an edit at the questions moves the margins as on
-    whole prompts; elsewhere every forward is a whole prompt."""
+    """`batch_runs` (the trace's and the pairs' forwards): where the family's KV-cache paths are
+    sound, the prompts before the questions run once for each distinct film and an edit at the
+    questions moves the margins, and the last position's activations are, as on whole prompts;
+    elsewhere every forward is a whole prompt."""
     from flipscope.model.suffix import FullRuns, SuffixRuns, batch_runs
 
     vlm = models[family]
     condition = "none" if vlm.family.evidence == "text" else "image"
-    questions = ("is there an effusion ?", "do you see any pleural effusion in this film ?", "are the lungs clear ?")
-    specs = [PromptSpec(question=q, condition=condition, image=_film(k)) for k, q in enumerate(questions)]
+    questions = ("is there an effusion ?", "do you see any pleural effusion in this film ?", "are the lungs clear ?",
+                 "is a pleural effusion present ?")  # fmt: skip
+    specs = [PromptSpec(question=q, condition=condition, image=_film(k % 2)) for k, q in enumerate(questions)]
     inputs = vlm.prompts.build(specs)
     question = vlm.prompts.question_mask(specs, inputs)
     runs = batch_runs(vlm, inputs, question)
     assert type(runs) is (FullRuns if vlm.fast_path_off else SuffixRuns)
+    if isinstance(runs, SuffixRuns):  # two films: two prefix rows, or one where no film is shown
+        assert runs.cache.layers[0].keys.shape[0] == (1 if inputs.pixel_values is None else 2)
     window = getattr(vlm.hf_model.config.get_text_config(), "sliding_window", None)
     assert family != "gemma3" or inputs.input_ids.shape[1] > window  # the prefix's cache outgrows the window
     hook = f"blocks.{vlm.n_layers // 2}.hook_resid_pre"
@@ -169,6 +173,10 @@ def test_edits_in_the_question_on_suffix_runs_equal_whole_prompts(models, family
     assert float((after - before).abs().min()) > 1e-3
     torch.testing.assert_close(runs.margins(), before, rtol=0, atol=1e-4)
     torch.testing.assert_close(runs.margins(edit(runs.to_run(question))), after, rtol=0, atol=1e-4)
+    (margin, cache), (_, whole_cache) = runs.run_with_cache([hook], last=True), whole.run_with_cache([hook], last=True)
+    assert cache[hook].shape == (len(specs), vlm.d_model)
+    torch.testing.assert_close(margin, before, rtol=0, atol=1e-4)
+    torch.testing.assert_close(cache[hook], whole_cache[hook], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma3_text"])

@@ -4,6 +4,8 @@ forwards, and the trace they serve equals the trace on whole prompts at a fracti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 from flipscope.data.flipbank import load_flipbank
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.pairs import case_spec
+from flipscope.experiments.pairs import case_spec, collect_pairs
 from flipscope.experiments.upstream import framing_word_shifts, trace_framing
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.suffix import FullRuns, SuffixRuns, batch_runs
@@ -25,6 +27,23 @@ HOOK = "blocks.1.hook_resid_pre"
 @pytest.fixture(scope="module")
 def organism():
     return load_organism()[0]
+
+
+@contextmanager
+def counting(vlm) -> Iterator[dict[str, list[int]]]:
+    """Tokens of each language-model forward and images of each tower forward inside the block."""
+    counted: dict[str, list[int]] = {"tokens": [], "tower": []}
+    handles = [
+        vlm.hf_model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: counted["tokens"].append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+        ),
+        vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: counted["tower"].append(o[0].shape[0])),
+    ]
+    try:
+        yield counted
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _push(vector: torch.Tensor, mask: torch.Tensor):
@@ -73,30 +92,18 @@ def test_batches_without_one_shared_prefix_run_whole_prompts(organism) -> None:
 def test_the_trace_on_suffixes_equals_it_on_whole_prompts_for_a_fraction_of_the_tokens(organism) -> None:
     vlm = organism
     bank = load_flipbank(BANK)
-    tokens: list[int] = []
-    tower: list[int] = []
-    handles = [
-        vlm.hf_model.model.language_model.register_forward_pre_hook(
-            lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
-        ),
-        vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: tower.append(o[0].shape[0])),
-    ]
-    try:
+    with counting(vlm) as counted:
         fast = trace_framing(vlm, bank, max_cases=8, batch_size=4, progress=False)
-        counted = {"tokens": sum(tokens), "tower": len(tower)}
-        tokens.clear(), tower.clear()
+    with counting(vlm) as whole_counted:
         whole = trace_framing(vlm, bank, max_cases=8, batch_size=4, progress=False, fast=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     assert fast.case_ids == whole.case_ids and len(fast.case_ids) == 8
     np.testing.assert_allclose(fast.restored, whole.restored, atol=1e-4)
     np.testing.assert_allclose(fast.corrupted_share, whole.corrupted_share, atol=1e-5)
     for a, b in zip(fast.words, whole.words, strict=True):
         assert list(a) == list(b) and np.allclose(list(a.values()), list(b.values()), atol=1e-5)
     assert fast.entry_layer() == whole.entry_layer()
-    assert counted["tower"] == len(tower) == 2  # once for each batch of paraphrases (the fill needs no film)
-    assert counted["tokens"] < sum(tokens) / 2  # 16 image tokens here; at MedGemma's 256 the suffix is ~8x shorter
+    assert len(counted["tower"]) == len(whole_counted["tower"]) == 2  # once a batch (the fill needs no film)
+    assert sum(counted["tokens"]) < sum(whole_counted["tokens"]) / 2  # 16 image tokens; MedGemma's 256: ~8x
 
 
 def test_the_wording_bound_on_suffixes_equals_it_on_whole_prompts(organism, monkeypatch) -> None:
@@ -108,3 +115,25 @@ def test_the_wording_bound_on_suffixes_equals_it_on_whole_prompts(organism, monk
     whole = framing_word_shifts(vlm, bank)
     assert list(fast) == list(whole) and len(fast) == 10
     np.testing.assert_allclose(list(fast.values()), list(whole.values()), atol=1e-4)
+
+
+def test_the_pairs_run_each_films_prompts_before_the_questions_once(organism, monkeypatch) -> None:
+    vlm = organism
+    bank = load_flipbank(BANK)
+    bank = {**bank, "flips": bank["flips"][:24], "controls": bank["controls"][:12]}
+    hooks = [HOOK, "blocks.2.hook_resid_post"]
+    with counting(vlm) as fast_counted:
+        fast = collect_pairs(vlm, bank, hooks, batch_size=16, progress=False)
+    monkeypatch.setattr("flipscope.experiments.pairs.batch_runs", lambda vlm, inputs, edited: FullRuns(vlm, inputs))
+    with counting(vlm) as whole_counted:
+        whole = collect_pairs(vlm, bank, hooks, batch_size=16, progress=False)
+    torch.testing.assert_close(fast.margin_orig, whole.margin_orig, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.margin_para, whole.margin_para, atol=1e-4, rtol=0)
+    for hook in hooks:
+        torch.testing.assert_close(fast.orig[hook], whole.orig[hook], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.para[hook], whole.para[hook], atol=1e-4, rtol=1e-4)
+    films = len({c["image"] for c in [*bank["flips"], *bank["controls"]]})
+    batches = len(fast_counted["tower"])
+    assert sum(fast_counted["tower"]) == sum(whole_counted["tower"]) < films + batches  # a film's prompts together
+    prompts = whole_counted["tokens"]  # one forward a batch; 16 image tokens here, MedGemma's 256 save far more
+    assert sum(fast_counted["tokens"]) < 0.6 * sum(prompts) and len(fast_counted["tokens"]) == 2 * len(prompts)

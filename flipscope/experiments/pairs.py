@@ -3,8 +3,11 @@ image, at the last prompt position of the layers asked for.
 
 Discovery, attribution and patching all start from these activations. Prompts repeat across
 cases (an original question is shared by its paraphrases' cases), so each distinct (image,
-question) prompt runs once. The margins recomputed here are checked against the bank's: a bank
-that does not fit the model is refused rather than analysed.
+question) prompt runs once; a film's prompts are batched together, and each batch runs the
+tokens before its questions (chat header, image block, the tower) once per distinct film and
+its questions on that key/value cache (`flipscope.model.suffix`), where the family allows it.
+The margins recomputed here are checked against the bank's: a bank that does not fit the model
+is refused rather than analysed.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from tqdm.auto import tqdm
 
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
-from flipscope.model.answers import require_finite, yes_no_margin
+from flipscope.model.answers import require_finite
+from flipscope.model.hook_points import is_text_hook
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.suffix import FullRuns, batch_runs
 from flipscope.model.vision_once import images_once
 
 __all__ = ["PairActivations", "bank_cases", "case_spec", "collect_pairs", "pair_specs"]
@@ -108,6 +113,19 @@ class PairActivations:
         return [specs[i] for i in paraphrases]
 
 
+def _evidence(spec: PromptSpec) -> tuple[str, str, str]:
+    return spec.condition, str(spec.image), spec.context or ""
+
+
+def _runs(vlm: VLM, specs: list[PromptSpec], hooks: Sequence[str]) -> FullRuns:
+    """One batch's runs: its prompts up to the questions once per distinct film (`batch_runs`)
+    where every hook is in the language model, else whole prompts."""
+    inputs = vlm.prompts.build(specs)
+    if not all(is_text_hook(hook) for hook in hooks):
+        return FullRuns(vlm, inputs)
+    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
+
+
 @torch.no_grad()
 @images_once
 def collect_pairs(
@@ -133,16 +151,19 @@ def collect_pairs(
             "the FlipBank has no flip cases, so there is no flip to explain (curation found none under its rules)"
         )
     specs, originals, paraphrases = pair_specs(cases)
+    order = sorted(range(len(specs)), key=lambda i: _evidence(specs[i]))  # a film's prompts side by side
     margins, cached = [], {hook: [] for hook in hooks}
-    for start in tqdm(range(0, len(specs), batch_size), desc="caching pairs", disable=not progress):
-        batch = vlm.prompts.build(specs[start : start + batch_size])
-        logits, cache = vlm.run_with_cache(batch, names_filter=list(hooks), positions="last", logits_to_keep=1)
-        margins.append(yes_no_margin(logits[:, -1], vlm.answer_tokens))
+    for start in tqdm(range(0, len(order), batch_size), desc="caching pairs", disable=not progress):
+        chunk = [specs[i] for i in order[start : start + batch_size]]
+        margin, cache = _runs(vlm, chunk, hooks).run_with_cache(hooks, last=True)
+        margins.append(margin)
         for hook in hooks:
             cached[hook].append(cache[hook].float())
-    margin = torch.cat(margins)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[order] = torch.arange(len(order))
+    margin = torch.cat(margins)[back]
     require_finite(margin, lambda i: f"the FlipBank prompt {specs[i].question!r}")
-    acts = {hook: torch.cat(chunks) for hook, chunks in cached.items()}
+    acts = {hook: torch.cat(chunks)[back] for hook, chunks in cached.items()}
     o, p = torch.tensor(originals), torch.tensor(paraphrases)
     recorded = torch.tensor([[c["original_margin"], c["paraphrase_margin"]] for c in cases])
     gap = (torch.stack([margin[o], margin[p]], dim=1) - recorded).abs().max(dim=1).values

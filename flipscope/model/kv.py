@@ -71,24 +71,28 @@ def prefix_cache(model: Any, inputs: ModelInputs, columns: Int[Tensor, "batch wi
     return model.hf_hidden(**prefix.as_kwargs(), use_cache=True).past_key_values
 
 
-def shared_rows(cache: Any, repeats: int) -> Any:
-    """A view of `cache` that serves `repeats` consecutive copies of each of its rows for one
-    forward and is never written: each layer's keys and values are repeated only while that layer
-    attends, then dropped. HF's `batch_repeat_interleave` (on a deep copy, to keep `cache`) holds
-    every layer's copies through the whole forward: ~42 MB a row for a 300-token MedGemma prompt.
-    A cache whose layers are not HF's dynamic ones is copied that way instead."""
+def shared_rows(cache: Any, rows: int | Int[Tensor, " row"]) -> Any:
+    """A view of `cache` that serves its row `rows[i]` as row i of one forward (`rows` an int k:
+    k consecutive copies of each row) and is never written: each layer's keys and values are
+    copied for the rows only while that layer attends, then dropped. HF's `batch_repeat_interleave`
+    (on a deep copy, to keep `cache`) holds every layer's copies through the whole forward: ~42 MB
+    a row for a 300-token MedGemma prompt. A cache whose layers are not HF's dynamic ones is
+    copied that way instead."""
+    if isinstance(rows, int):
+        rows = torch.arange(cache.layers[0].keys.shape[0]).repeat_interleave(rows)
     if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers) or any(
         getattr(layer, "record_past", False) for layer in cache.layers
     ):
         copied = copy.deepcopy(cache)
-        copied.batch_repeat_interleave(repeats)
+        copied.batch_select_indices(rows.to(cache.layers[0].keys.device))
         return copied
     view = copy.copy(cache)
 
     def update(keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         layer = cache.layers[layer_idx]  # what the layer's own update would concatenate to, left as it is
-        return (torch.cat([layer.keys.repeat_interleave(repeats, 0), keys], dim=-2),
-                torch.cat([layer.values.repeat_interleave(repeats, 0), values], dim=-2))  # fmt: skip
+        index = rows.to(layer.keys.device)
+        return (torch.cat([layer.keys.index_select(0, index), keys], dim=-2),
+                torch.cat([layer.values.index_select(0, index), values], dim=-2))  # fmt: skip
 
     view.update = update
     return view
@@ -134,11 +138,12 @@ def _score_suffixes(model: Any, prefix: Prefix, suffixes: list[Tensor], pad: int
 
 def suffix_last_hidden(
     model: Any, cache: Any, length: int, input_ids: Int[Tensor, "batch suffix"], keep: Bool[Tensor, "batch suffix"],
-    repeats: int = 1,
+    rows: int | Int[Tensor, " batch"] = 1,
 ) -> Float[Tensor, "batch d_model"]:  # fmt: skip
     """Final hidden states at each row's last real token of right-padded suffixes (`keep` marks
-    their real tokens) run on `cache`, a prefix of `length` tokens: one row of it shared by all
-    (`repeats` = the rows) or one per row (`repeats` = 1). The cache is never written."""
+    their real tokens) run on `cache`, a prefix of `length` tokens: row `rows[i]` of it for suffix
+    i, or (`rows` an int) each of its rows for that many consecutive suffixes. The cache is never
+    written."""
     device, n = model.device, len(input_ids)
     width = input_ids.shape[1]
     mask = torch.cat([torch.ones((n, length), dtype=torch.long), keep.long()], 1)
@@ -146,7 +151,7 @@ def suffix_last_hidden(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=(length + torch.arange(width)).expand(n, width).to(device),
-        past_key_values=shared_rows(cache, repeats),
+        past_key_values=shared_rows(cache, rows),
         use_cache=True,
     ).last_hidden_state
     return hidden[torch.arange(n, device=device), (keep.sum(1) - 1).to(device)]

@@ -130,6 +130,26 @@ class ModelInputs:
             position_ids=self.position_ids.gather(1, index),
         )
 
+    def rows(self, index: Sequence[int]) -> ModelInputs:
+        """The batch's rows `index`, each with its image and processor extras.
+
+        Raises:
+            FlipscopeError: the images are not one per row (Qwen2.5-VL's patches, a batch mixing
+                rows with and without an image).
+        """
+        pixels, rows = self.pixel_values, list(index)
+        if pixels is not None and pixels.shape[0] != len(self):
+            raise FlipscopeError(f"{pixels.shape[0]} images for {len(self)} rows: rows cannot take their own images")
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            token_type_ids=self.token_type_ids[rows],
+            position_ids=self.position_ids[rows],
+            pixel_values=None if pixels is None else pixels[rows],
+            extra={k: v[rows] for k, v in self.extra.items()},
+        )
+
     def as_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments for the HF forward (no `pixel_values` key when there is no image)."""
         kwargs = {

@@ -5,13 +5,14 @@ per layer × position group restored, one per framing word — with edits only i
 question. The positions before it (chat header, image block, its newlines) attend only to one
 another (image tokens bidirectionally within their block), so their keys and values are the same
 in every run. `batch_runs` cuts a left-padded batch before its questions, runs the prefix once
-(the vision tower included) and every later forward on the question and the template's tail
-alone, right-padded on that key/value cache: of MedGemma's ~280-token prompts a forward runs
-the last ~20 tokens, and no tower. Edits and caches are in those suffix positions; `to_run` moves a tensor
-over the batch's positions there. Where the family's KV-cache paths are unsound
-(`fast_path_off`), the model has no `hf_hidden`, or the rows do not share one prefix, every
-forward runs the whole batch (`FullRuns`, the same interface). Margins equal the full forwards'
-to float rounding (tested to 1e-4).
+(the vision tower included; one row per distinct film, which all of its rows read) and every
+later forward on the question and the template's tail alone, right-padded on that key/value
+cache: of MedGemma's ~280-token prompts a forward runs the last ~20 tokens, and no tower. Edits
+and caches are in those suffix positions; `to_run` moves a tensor over the batch's positions
+there. The FlipBank's pairs (`collect_pairs`), with several prompts per film, run the same way.
+Where the family's KV-cache paths are unsound (`fast_path_off`), the model has no `hf_hidden`,
+or the rows' prefixes differ in tokens, every forward runs the whole batch (`FullRuns`, the same
+interface). Margins equal the full forwards' to float rounding (tested to 1e-4).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.kv import prefix_cache, suffix_last_hidden
 from flipscope.model.prompts import ModelInputs
+from flipscope.model.vision_once import distinct_rows
 
 __all__ = ["FullRuns", "SuffixRuns", "batch_runs"]
 
@@ -48,9 +50,14 @@ class FullRuns:
         return yes_no_margin(logits[:, -1], self.vlm.answer_tokens)
 
     @torch.no_grad()
-    def run_with_cache(self, names: Sequence[str]) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
-        """Margins of the unedited batch and the activations at `names`."""
-        logits, cache = self.vlm.run_with_cache(self.inputs, names_filter=list(names), logits_to_keep=1)
+    def run_with_cache(
+        self, names: Sequence[str], last: bool = False
+    ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
+        """Margins of the unedited batch and the activations at `names` (at every position a
+        forward runs, or with `last` at each row's last one: [batch, ...])."""
+        logits, cache = self.vlm.run_with_cache(
+            self.inputs, names_filter=list(names), positions="last" if last else None, logits_to_keep=1
+        )
         return yes_no_margin(logits[:, -1], self.vlm.answer_tokens), dict(cache.items())
 
 
@@ -64,8 +71,9 @@ class SuffixRuns(FullRuns):
         self.pad = inputs.input_ids.shape[1] - real  # left padding of each row
         self.lengths = real - cut  # each row's suffix length
         self.cut = cut
-        with torch.no_grad():
-            self.cache = prefix_cache(vlm, inputs, self.pad[:, None] + torch.arange(cut))
+        kept, self.prefix_rows = _distinct_prefixes(inputs)
+        with torch.no_grad():  # one prefix row for each distinct image, which all its rows read
+            self.cache = prefix_cache(vlm, inputs.rows(kept), self.pad[kept, None] + torch.arange(cut))
         width = int(self.lengths.max())
         self.keep: Bool[Tensor, "batch suffix"] = torch.arange(width) < self.lengths[:, None]
         self.columns: Int[Tensor, "batch suffix"] = torch.where(
@@ -87,17 +95,30 @@ class SuffixRuns(FullRuns):
     @torch.no_grad()
     def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
         with self.vlm.hooks(fwd_hooks=list(fwd_hooks)):
-            hidden = suffix_last_hidden(self.vlm, self.cache, self.cut, self.input_ids, self.keep)
+            hidden = suffix_last_hidden(self.vlm, self.cache, self.cut, self.input_ids, self.keep, self.prefix_rows)
             return self.vlm.answer_margin(hidden).float()
 
     @torch.no_grad()
-    def run_with_cache(self, names: Sequence[str]) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
+    def run_with_cache(
+        self, names: Sequence[str], last: bool = False
+    ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
+        ends = self.lengths - 1
 
         def save(x: Tensor, hook: Any) -> None:
-            cache[hook.name] = x.detach()
+            cache[hook.name] = (x[torch.arange(len(x), device=x.device), ends.to(x.device)] if last else x).detach()
 
         return self.margins([(name, save) for name in names]), cache
+
+
+def _distinct_prefixes(inputs: ModelInputs) -> tuple[list[int], Int[Tensor, " batch"]]:
+    """For a batch whose rows share their prefix's tokens: the first row of each distinct prefix
+    (rows differ there only by their image) and, per row, the index of its prefix among those."""
+    if inputs.pixel_values is None:
+        return [0], torch.zeros(len(inputs), dtype=torch.long)
+    if inputs.extra or inputs.pixel_values.shape[0] != len(inputs):
+        return list(range(len(inputs))), torch.arange(len(inputs))
+    return distinct_rows(inputs.pixel_values)
 
 
 def _before_cut(pad: Int[Tensor, " batch"], cut: int, width: int) -> Bool[Tensor, "batch pos"]:
