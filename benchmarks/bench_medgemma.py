@@ -6,15 +6,17 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
 by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
 wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → patch (with a --sweep) → bank-patch → rank1 → trace → clamp. The bank-patch, rank1
-and trace stages run in this process: `patch_bank` with both controls on the last-token path
-against full forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its
-random null drawn once at 32 directions against the expected best of 32 from 256
-(`bench_patch.rank1_paths`), and the causal trace on the questions alone, each batch's prompts
-before them run once, against whole prompts with the films encoded once a batch and with the
-tower in every forward (`trace_paths`). Then, also in this process, one
-film's margins on the shared-prefix path against whole prompts (and, with `--bf16` on a CPU with
-native bf16 matmuls, bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
+ablation) → discovery-paths → patch (with a --sweep) → bank-patch → rank1 → trace → clamp. The
+discovery-paths, bank-patch, rank1 and trace stages run in this process: discover's three
+model-running steps on their suffix and last-token paths against whole prompts
+(`discovery_paths`), `patch_bank` with both controls on the last-token path against full
+forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its random null
+drawn once at 32 directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`),
+and the causal trace on the questions alone, each batch's prompts before them run once, against
+whole prompts with the films encoded once a batch and with the tower in every forward
+(`trace_paths`). Then, also in this process, one film's margins on the shared-prefix path
+against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16 against
+float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
@@ -39,6 +41,7 @@ from bench_patch import bank_patch_line, bank_patch_paths, rank1_paths
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
+from flipscope.experiments.attribution import attribution_scores, exact_ablation_effects
 from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.upstream import trace_framing
 from flipscope.model import HookedVLM, PromptSpec
@@ -47,9 +50,9 @@ from flipscope.model.shapes import centre_answer_readout, medgemma_4b_config, sa
 from flipscope.model.tiny import build_tiny_vlm, words_of
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
-from flipscope.sae.load import load_sae
+from flipscope.sae.load import check_sae, load_sae
 
-STAGES = ("evaluate", "curate", "discover", "patch", "bank-patch", "rank1", "trace", "clamp")
+STAGES = ("evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "rank1", "trace", "clamp")
 
 
 def _high_water_gb(pid: int) -> float | None:
@@ -185,6 +188,57 @@ def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8
     }
 
 
+def discovery_paths(model: Path, sae_path: Path, bank: Path, n_features: int = 5, batch_size: int = 8) -> dict:
+    """The three steps of `discover` that run the model, each two ways one after the other: caching
+    the pairs (a film's prompts before the questions once a batch, against whole prompts), attribution
+    (forward and backward on the questions alone, against whole prompts) and the exact ablation of
+    `n_features` features (the last-token path, against a full forward per feature); with the
+    language model's tokens and the tower's runs each made, and how far the two ways differ."""
+    vlm, sae, flipbank = HookedVLM.from_pretrained(model), load_sae(sae_path), load_flipbank(bank)
+    hook = check_sae(sae, vlm)
+    towers: list[int] = []
+    vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
+    tokens: list[int] = []
+    vlm.hf_model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+    )
+    pairs = collect_pairs(vlm, flipbank, [hook], batch_size=batch_size, progress=False)
+    delta = pairs.feature_delta(sae, hook)[torch.from_numpy(pairs.is_flip)].abs().mean(0)
+    features = delta.argsort(descending=True)[:n_features].tolist()
+    steps = {
+        "pairs": lambda fast: collect_pairs(vlm, flipbank, [hook], batch_size=batch_size, fast=fast, progress=False),
+        "attribution": lambda fast: attribution_scores(
+            vlm, sae, hook, pairs, batch_size=batch_size, fast=fast, progress=False
+        ),
+        "exact_ablation": lambda fast: exact_ablation_effects(
+            vlm, sae, hook, pairs, features, batch_size=batch_size, fast=fast, progress=False
+        ),
+    }
+    report: dict = {"flips": int(pairs.is_flip.sum()), "cases": len(pairs.cases), "features": features}
+    for name, step in steps.items():
+        row: dict = {}
+        outputs = {}
+        for fast in (True, False):
+            towers.clear()
+            tokens.clear()
+            start = time.perf_counter()
+            outputs[fast] = step(fast)
+            path = "fast" if fast else "whole"
+            row[f"{path}_s"] = time.perf_counter() - start
+            row[f"{path}_tokens"], row[f"{path}_tower_runs"] = sum(tokens), len(towers)
+        row["ratio"] = row["whole_s"] / row["fast_s"]
+        if name == "pairs":
+            fast_pairs, whole_pairs = outputs[True], outputs[False]
+            row["max_abs_diff"] = max(
+                float((fast_pairs.margin_para - whole_pairs.margin_para).abs().max()),
+                float((fast_pairs.para[hook] - whole_pairs.para[hook]).abs().max()),
+            )
+        else:
+            row["max_abs_diff"] = float(np.abs(outputs[True] - outputs[False]).max())
+        report[name] = row
+    return report
+
+
 def top_features(path: Path) -> list[int]:
     table = json.loads(path.read_text())["features"]  # ranked as `flipscope discover` prints them
     return [int(row["feature"]) for row in table[:3]]
@@ -245,6 +299,10 @@ def main() -> None:
             if stage == "trace":
                 report["trace"] = trace_paths(model, work / "bank" / "flipbank.json")
                 print(f"trace: {json.dumps(report['trace'])}", flush=True)
+                continue
+            if stage == "discovery-paths":
+                report["discovery_paths"] = discovery_paths(model, sae, work / "bank" / "flipbank.json")
+                print(f"discovery paths: {json.dumps(report['discovery_paths'])}", flush=True)
                 continue
             if stage == "rank1":
                 report["rank1"] = medgemma_rank1(model, args.depth // 2, work / "bank" / "flipbank.json")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.attribution import exact_ablation_effects
+from flipscope.experiments.attribution import attribution_scores, exact_ablation_effects
 from flipscope.experiments.discovery import discover, feature_table
 from flipscope.experiments.pairs import collect_pairs
 from flipscope.organism import default_organism_dir, load_organism
@@ -71,11 +71,29 @@ def test_attribution_agrees_with_exact_single_feature_ablation(found) -> None:
     assert ablation["exact"][0] > 0.5  # removing it really moves flips back toward the original answer
 
 
-def test_exact_ablation_on_the_last_token_path_equals_full_forwards(organism) -> None:
+@pytest.fixture(scope="module")
+def few_pairs(organism):
     vlm, sae, _ = organism
     bank = load_flipbank(BANK)
     hook = check_sae(sae, vlm)
-    pairs = collect_pairs(vlm, {**bank, "flips": bank["flips"][:12], "controls": []}, [hook], progress=False)
+    return hook, collect_pairs(
+        vlm, {**bank, "flips": bank["flips"][:12], "controls": bank["controls"][:6]}, [hook], progress=False
+    )
+
+
+def test_attribution_on_suffix_runs_equals_it_on_whole_prompts(organism, few_pairs) -> None:
+    vlm, sae, _ = organism
+    hook, pairs = few_pairs
+    fast = attribution_scores(vlm, sae, hook, pairs, batch_size=5, include_controls=True, progress=False)
+    whole = attribution_scores(vlm, sae, hook, pairs, include_controls=True, fast=False, progress=False)
+    assert fast.shape == (18, sae.cfg.d_sae) and np.abs(whole).max() > 0.5
+    np.testing.assert_allclose(fast, whole, atol=1e-4)
+    assert ((fast == 0) == (whole == 0)).all()  # a feature that does not move has no attribution on either path
+
+
+def test_exact_ablation_on_the_last_token_path_equals_full_forwards(organism, few_pairs) -> None:
+    vlm, sae, _ = organism
+    hook, pairs = few_pairs
     features = [38, 3, 32, 0, 15]
     fast = exact_ablation_effects(vlm, sae, hook, pairs, features, batch_size=5, progress=False)
     full = exact_ablation_effects(vlm, sae, hook, pairs, features, fast=False, progress=False)

@@ -117,16 +117,15 @@ def test_the_wording_bound_on_suffixes_equals_it_on_whole_prompts(organism, monk
     np.testing.assert_allclose(list(fast.values()), list(whole.values()), atol=1e-4)
 
 
-def test_the_pairs_run_each_films_prompts_before_the_questions_once(organism, monkeypatch) -> None:
+def test_the_pairs_run_each_films_prompts_before_the_questions_once(organism) -> None:
     vlm = organism
     bank = load_flipbank(BANK)
     bank = {**bank, "flips": bank["flips"][:24], "controls": bank["controls"][:12]}
     hooks = [HOOK, "blocks.2.hook_resid_post"]
     with counting(vlm) as fast_counted:
         fast = collect_pairs(vlm, bank, hooks, batch_size=16, progress=False)
-    monkeypatch.setattr("flipscope.experiments.pairs.batch_runs", lambda vlm, inputs, edited: FullRuns(vlm, inputs))
     with counting(vlm) as whole_counted:
-        whole = collect_pairs(vlm, bank, hooks, batch_size=16, progress=False)
+        whole = collect_pairs(vlm, bank, hooks, batch_size=16, fast=False, progress=False)
     torch.testing.assert_close(fast.margin_orig, whole.margin_orig, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast.margin_para, whole.margin_para, atol=1e-4, rtol=0)
     for hook in hooks:

@@ -20,11 +20,11 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flipscope.experiments.pairs import PairActivations
+from flipscope.experiments.pairs import PairActivations, evidence_order
 from flipscope.interventions.hooks import splice_features_hook
 from flipscope.interventions.last_token import subtracted_margins
-from flipscope.model.answers import yes_no_margin
 from flipscope.model.protocol import VLM
+from flipscope.model.suffix import FullRuns, question_runs
 from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features
 
@@ -61,6 +61,7 @@ def attribution_scores(
     *,
     batch_size: int = 32,
     include_controls: bool = False,
+    fast: bool = True,
     progress: bool = True,
 ) -> Float[np.ndarray, "case d_sae"]:
     """Per flip case (and, with `include_controls`, every control after them) and feature, the
@@ -68,27 +69,28 @@ def attribution_scores(
     grad_f(margin) · (f_orig − f_para) · sign(m_orig − m_para).
 
     The gradient is taken on the paraphrase run with the SAE spliced in at `hook` (last position,
-    error term kept, so the forward is unchanged), with respect to every feature at once.
+    error term kept, so the forward is unchanged), with respect to every feature at once. A film's
+    paraphrases are batched together and each batch runs its prompts before the questions once
+    per film, the forward and backward on the questions alone (`question_runs`; whole prompts
+    with `fast=False`).
     """
     n_flips = len(pairs.cases) if include_controls else int(pairs.is_flip.sum())  # flips come first
     para_specs = pairs.paraphrase_specs()[:n_flips]
     f_orig = pairs.features(sae, hook)[0][:n_flips]
     sign = direction_sign(pairs)[:n_flips]
-    out = []
+    order = evidence_order(para_specs)
+    out = torch.empty(n_flips, f_orig.shape[1])
     for start in tqdm(range(0, n_flips, batch_size), desc="attribution", disable=not progress):
-        stop = min(start + batch_size, n_flips)
-        inputs = vlm.prompts.build(para_specs[start:stop])
+        rows = order[start : start + batch_size]
+        specs = [para_specs[i] for i in rows]
+        runs = question_runs(vlm, specs, [hook]) if fast else FullRuns(vlm, vlm.prompts.build(specs))
         grabbed: dict[str, Tensor] = {}
-        with (
-            frozen_weights(vlm),
-            torch.enable_grad(),
-            vlm.hooks(fwd_hooks=[(hook, splice_features_hook(sae, grabbed))]),
-        ):
-            margin = yes_no_margin(vlm.last_logits(inputs), vlm.answer_tokens)
+        with frozen_weights(vlm), torch.enable_grad():
+            margin = runs.margins([(hook, splice_features_hook(sae, grabbed, runs.last_positions))], grad=True)
             (grad,) = torch.autograd.grad(margin.sum(), grabbed["features"])
-        delta_patch = f_orig[start:stop] - grabbed["features"].detach()
-        out.append((grad * delta_patch * sign[start:stop, None].to(grad.dtype)).float())
-    return torch.cat(out).numpy()
+        delta_patch = f_orig[rows] - grabbed["features"].detach()
+        out[rows] = (grad * delta_patch * sign[rows, None].to(grad.dtype)).float()
+    return out.numpy()
 
 
 @images_once

@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import require_finite
-from flipscope.model.hook_points import is_text_hook
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
-from flipscope.model.suffix import FullRuns, batch_runs
+from flipscope.model.suffix import FullRuns, question_runs
 from flipscope.model.vision_once import images_once
 
-__all__ = ["PairActivations", "bank_cases", "case_spec", "collect_pairs", "pair_specs"]
+__all__ = ["PairActivations", "bank_cases", "case_spec", "collect_pairs", "evidence_order", "pair_specs"]
 
 MARGIN_TOLERANCE = 1e-2
 
@@ -113,17 +112,10 @@ class PairActivations:
         return [specs[i] for i in paraphrases]
 
 
-def _evidence(spec: PromptSpec) -> tuple[str, str, str]:
-    return spec.condition, str(spec.image), spec.context or ""
-
-
-def _runs(vlm: VLM, specs: list[PromptSpec], hooks: Sequence[str]) -> FullRuns:
-    """One batch's runs: its prompts up to the questions once per distinct film (`batch_runs`)
-    where every hook is in the language model, else whole prompts."""
-    inputs = vlm.prompts.build(specs)
-    if not all(is_text_hook(hook) for hook in hooks):
-        return FullRuns(vlm, inputs)
-    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
+def evidence_order(specs: Sequence[PromptSpec]) -> list[int]:
+    """Indices of `specs` with each film's (or passage's) prompts side by side, in their order:
+    batches in this order run a film's prefix, and its tower, once."""
+    return sorted(range(len(specs)), key=lambda i: (specs[i].condition, str(specs[i].image), specs[i].context or ""))
 
 
 @torch.no_grad()
@@ -134,9 +126,11 @@ def collect_pairs(
     hooks: Sequence[str],
     *,
     batch_size: int = 32,
+    fast: bool = True,
     progress: bool = True,
 ) -> PairActivations:
-    """Run every distinct prompt of the bank once, caching `hooks` at the last prompt position.
+    """Run every distinct prompt of the bank once, caching `hooks` at the last prompt position
+    (a batch's prompts before the questions once per film; whole prompts with `fast=False`).
 
     Raises:
         FlipscopeError: the bank was made by another model, or its margins do not match this
@@ -151,11 +145,12 @@ def collect_pairs(
             "the FlipBank has no flip cases, so there is no flip to explain (curation found none under its rules)"
         )
     specs, originals, paraphrases = pair_specs(cases)
-    order = sorted(range(len(specs)), key=lambda i: _evidence(specs[i]))  # a film's prompts side by side
+    order = evidence_order(specs)
     margins, cached = [], {hook: [] for hook in hooks}
     for start in tqdm(range(0, len(order), batch_size), desc="caching pairs", disable=not progress):
         chunk = [specs[i] for i in order[start : start + batch_size]]
-        margin, cache = _runs(vlm, chunk, hooks).run_with_cache(hooks, last=True)
+        runs = question_runs(vlm, chunk, hooks) if fast else FullRuns(vlm, vlm.prompts.build(chunk))
+        margin, cache = runs.run_with_cache(hooks, last=True)
         margins.append(margin)
         for hook in hooks:
             cached[hook].append(cache[hook].float())

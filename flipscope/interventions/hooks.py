@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -97,16 +97,19 @@ def ablate_direction_hook(direction: Float[Tensor, " d_model"]):
     return hook
 
 
-def splice_features_hook(sae: Any, grabbed: dict[str, Tensor]):
-    """A hook that re-expresses the last position as decode(f) + error with f a fresh leaf
-    tensor (stored in `grabbed["features"]`); the forward is unchanged."""
+def splice_features_hook(sae: Any, grabbed: dict[str, Tensor], positions: Int[Tensor, " batch"] | None = None):
+    """A hook that re-expresses each row's last position (or its `positions`: a suffix run's are
+    right-padded) as decode(f) + error with f a fresh leaf tensor (stored in
+    `grabbed["features"]`); the forward is unchanged."""
 
     def splice(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        enc = encode_with_error(sae, x[:, -1].detach())
+        rows = torch.arange(x.shape[0], device=x.device)
+        at = torch.full_like(rows, x.shape[1] - 1) if positions is None else positions.to(x.device)
+        enc = encode_with_error(sae, x[rows, at].detach())
         features = enc.features.detach().requires_grad_(True)
         grabbed["features"] = features
         x = x.clone()
-        x[:, -1] = sae.decode(features).to(x.dtype) + enc.error.detach()
+        x[rows, at] = sae.decode(features).to(x.dtype) + enc.error.detach()
         return x
 
     return splice

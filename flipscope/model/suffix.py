@@ -26,11 +26,12 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
+from flipscope.model.hook_points import is_text_hook
 from flipscope.model.kv import prefix_cache, suffix_last_hidden
-from flipscope.model.prompts import ModelInputs
+from flipscope.model.prompts import ModelInputs, PromptSpec
 from flipscope.model.vision_once import distinct_rows
 
-__all__ = ["FullRuns", "SuffixRuns", "batch_runs"]
+__all__ = ["FullRuns", "SuffixRuns", "batch_runs", "question_runs"]
 
 
 class FullRuns:
@@ -43,11 +44,17 @@ class FullRuns:
         """`values` over the batch's positions ([batch, pos, ...]), as a forward sees them."""
         return values
 
-    @torch.no_grad()
-    def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
-        """Margins of the batch with `fwd_hooks` on (at the positions `to_run` gives)."""
-        logits = self.vlm.run_with_hooks(self.inputs, fwd_hooks=list(fwd_hooks), logits_to_keep=1)
-        return yes_no_margin(logits[:, -1], self.vlm.answer_tokens)
+    @property
+    def last_positions(self) -> Int[Tensor, " batch"]:
+        """Each row's last prompt position in a forward's activations."""
+        return torch.full((len(self.inputs),), self.inputs.input_ids.shape[1] - 1)
+
+    def margins(self, fwd_hooks: Sequence = (), grad: bool = False) -> Float[Tensor, " batch"]:
+        """Margins of the batch with `fwd_hooks` on (at the positions `to_run` gives); with
+        `grad`, the forward records its graph (attribution's backward)."""
+        with torch.set_grad_enabled(grad):
+            logits = self.vlm.run_with_hooks(self.inputs, fwd_hooks=list(fwd_hooks), logits_to_keep=1)
+            return yes_no_margin(logits[:, -1], self.vlm.answer_tokens)
 
     @torch.no_grad()
     def run_with_cache(
@@ -92,9 +99,12 @@ class SuffixRuns(FullRuns):
         keep = self.keep.to(values.device).reshape(index.shape)
         return torch.where(keep, moved, torch.zeros((), dtype=values.dtype, device=values.device))
 
-    @torch.no_grad()
-    def margins(self, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
-        with self.vlm.hooks(fwd_hooks=list(fwd_hooks)):
+    @property
+    def last_positions(self) -> Int[Tensor, " batch"]:
+        return self.lengths - 1
+
+    def margins(self, fwd_hooks: Sequence = (), grad: bool = False) -> Float[Tensor, " batch"]:
+        with torch.set_grad_enabled(grad), self.vlm.hooks(fwd_hooks=list(fwd_hooks)):
             hidden = suffix_last_hidden(self.vlm, self.cache, self.cut, self.input_ids, self.keep, self.prefix_rows)
             return self.vlm.answer_margin(hidden).float()
 
@@ -103,7 +113,7 @@ class SuffixRuns(FullRuns):
         self, names: Sequence[str], last: bool = False
     ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
-        ends = self.lengths - 1
+        ends = self.last_positions
 
         def save(x: Tensor, hook: Any) -> None:
             cache[hook.name] = (x[torch.arange(len(x), device=x.device), ends.to(x.device)] if last else x).detach()
@@ -124,6 +134,15 @@ def _distinct_prefixes(inputs: ModelInputs) -> tuple[list[int], Int[Tensor, " ba
 def _before_cut(pad: Int[Tensor, " batch"], cut: int, width: int) -> Bool[Tensor, "batch pos"]:
     """The positions of a left-padded batch (rows padded by `pad`) before each row's `cut`-th real token."""
     return torch.arange(width) < (pad + cut)[:, None]
+
+
+def question_runs(vlm: Any, specs: Sequence[PromptSpec], hooks: Sequence[str]) -> FullRuns:
+    """The runs of `specs` for edits and reads at `hooks` from their questions on: `batch_runs`
+    cut before the questions where every hook is in the language model, else whole prompts."""
+    inputs = vlm.prompts.build(specs)
+    if not all(is_text_hook(hook) for hook in hooks):
+        return FullRuns(vlm, inputs)
+    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
 
 
 def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"]) -> FullRuns:
