@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.organism import default_organism_dir
+from flipscope.reporting.format import fmt
 
 runner = CliRunner()
 
@@ -77,3 +78,22 @@ def test_the_command_answers_every_wrong_path_or_option_in_one_line(tmp_path: Pa
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, captured.err)
         assert "Traceback" not in captured.out + captured.err
     assert not (tmp_path / "f").exists() and not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
+
+
+def test_the_quadrant_table_keeps_its_columns_apart_when_a_cell_notes_few_cases(tmp_path: Path) -> None:
+    source = Path(__file__).parents[1] / "flipbank" / "organism" / "questions.jsonl"
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(source.read_text().splitlines()[:8]) + "\n")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(default_organism_dir()), "--questions", str(questions)]
+    result = runner.invoke(app, [*args, "--images", str(source.parent), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("quadrant"))
+    column = lines[header].index("accuracy")
+    rows = lines[header + 1 : header + 5]
+    assert any("(from only" in row for row in rows)  # the cells that outgrow a fixed width
+    blocks = json.loads((out / "summary.json").read_text())["by_quadrant"]
+    for row, (name, block) in zip(rows, blocks.items(), strict=True):
+        assert row.startswith(name) and row[column - 1] == " "
+        assert row[column:].startswith(fmt(block["accuracy"]))

@@ -213,10 +213,12 @@ def _print_summary(summary: dict) -> None:
     typer.echo(f"{'strategy':<20}{'n':>5}  paraphrase flip rate")
     for name, block in summary["by_strategy"].items():
         typer.echo(f"{name:<20}{block['n_paraphrases']:>5}  {fmt(block['paraphrase_flip_rate'])}")
-    typer.echo(f"{'quadrant':<12}{'n':>5}  {'share':<24}{'accuracy':<24}entropy (bits)")
+    cells = {name: (fmt(b["share"]), fmt(b["accuracy"])) for name, b in summary["by_quadrant"].items()}
+    share, accuracy = (max(24, *(len(c[k]) + 2 for c in cells.values())) for k in (0, 1))  # a long CI note
+    typer.echo(f"{'quadrant':<12}{'n':>5}  {'share':<{share}}{'accuracy':<{accuracy}}entropy (bits)")
     for name, block in summary["by_quadrant"].items():
         typer.echo(
-            f"{name:<12}{block['n_questions']:>5}  {fmt(block['share']):<24}{fmt(block['accuracy']):<24}"
+            f"{name:<12}{block['n_questions']:>5}  {cells[name][0]:<{share}}{cells[name][1]:<{accuracy}}"
             f"{fmt(block['mean_entropy_bits'])}"
         )
 
