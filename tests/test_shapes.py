@@ -126,9 +126,9 @@ def test_the_gpu_benchmarks_precision_check(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     """evaluate → curate → discover → patch → clamp at full widths and vocabulary, depth 2, with
-    peak memory per stage (and in-process, the bank patch's two paths, the rank-1 null and the
-    trace on suffixes against whole prompts); the shared prefix agrees with whole prompts at this
-    width."""
+    peak memory per stage (and in-process, discover's steps, the bank patch's two paths, the rank-1
+    null and the trace on suffixes against whole prompts); the shared prefix agrees with whole
+    prompts at this width."""
     out = tmp_path / "medgemma.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_medgemma.py"), "--depth", "2", "--out", str(out)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
@@ -144,6 +144,11 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     # patching's last-token path against full forwards, and rank-1's null, at these shapes
     assert report["bank_patch"]["max_margin_diff"] < 1e-3 and report["bank_patch"]["cases"] > 0
     assert report["rank1"]["flips"] == report["flipbank"]["flips"] and report["rank1"]["draws"] == 256
+    # discover's model-running steps on their suffix and last-token paths against whole prompts
+    for step in ("pairs", "attribution", "exact_ablation"):
+        row = report["discovery_paths"][step]
+        assert row["max_abs_diff"] < 1e-3 and row["fast_tokens"] < row["whole_tokens"] / 2
+        assert row["fast_tower_runs"] == row["whole_tower_runs"]  # a film's prompts batched together on both
     # the trace: each batch's prefix (its 896-px films included) run once, every forward on the questions alone
     trace, counts = report["trace"], report["trace"]["counts"]
     assert counts["suffix"]["tower_runs"] == counts["whole"]["tower_runs"] == 1  # one batch of paraphrases
