@@ -79,8 +79,9 @@ class SuffixRuns(FullRuns):
         self.lengths = real - cut  # each row's suffix length
         self.cut = cut
         kept, self.prefix_rows = _distinct_prefixes(inputs)
+        prefixes = inputs if len(kept) == len(inputs) else inputs.rows(kept)
         with torch.no_grad():  # one prefix row for each distinct image, which all its rows read
-            self.cache = prefix_cache(vlm, inputs.rows(kept), self.pad[kept, None] + torch.arange(cut))
+            self.cache = prefix_cache(vlm, prefixes, self.pad[kept, None] + torch.arange(cut))
         width = int(self.lengths.max())
         self.keep: Bool[Tensor, "batch suffix"] = torch.arange(width) < self.lengths[:, None]
         self.columns: Int[Tensor, "batch suffix"] = torch.where(
