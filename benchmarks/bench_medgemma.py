@@ -141,6 +141,18 @@ def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
     return rank1_paths(vlm, pairs, hook, draws=256)
 
 
+def counters(vlm: HookedVLM) -> tuple[list[int], list[int]]:
+    """Lists that every vision-tower forward (its images) and language-model forward (its tokens)
+    of `vlm` appends to, from now on."""
+    towers: list[int] = []
+    vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
+    tokens: list[int] = []
+    vlm.hf_model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+    )
+    return towers, tokens
+
+
 def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8) -> dict:
     """`trace_framing` over the bank's first `max_cases` flips three ways, one after the other: as
     the command runs it (each batch's prompts before the questions once, every forward on the
@@ -151,12 +163,7 @@ def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8
     The paths agree as margins: a restored share times the framing's effect (the random model's
     flips sit at the boundary, so effects, the shares' denominators, can be small)."""
     vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
-    towers: list[int] = []
-    vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
-    tokens: list[int] = []
-    vlm.hf_model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
-    )
+    towers, tokens = counters(vlm)
     paths = {
         "suffix": trace_framing,
         "whole": functools.partial(trace_framing, fast=False),
@@ -196,12 +203,7 @@ def discovery_paths(model: Path, sae_path: Path, bank: Path, n_features: int = 5
     language model's tokens and the tower's runs each made, and how far the two ways differ."""
     vlm, sae, flipbank = HookedVLM.from_pretrained(model), load_sae(sae_path), load_flipbank(bank)
     hook = check_sae(sae, vlm)
-    towers: list[int] = []
-    vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
-    tokens: list[int] = []
-    vlm.hf_model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: tokens.append(k["inputs_embeds"].shape[:2].numel()), with_kwargs=True
-    )
+    towers, tokens = counters(vlm)
     pairs = collect_pairs(vlm, flipbank, [hook], batch_size=batch_size, progress=False)
     delta = pairs.feature_delta(sae, hook)[torch.from_numpy(pairs.is_flip)].abs().mean(0)
     features = delta.argsort(descending=True)[:n_features].tolist()
