@@ -24,7 +24,7 @@ from flipscope.experiments.pairs import PairActivations, evidence_order
 from flipscope.interventions.hooks import splice_features_hook
 from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.protocol import VLM
-from flipscope.model.suffix import FullRuns, question_runs
+from flipscope.model.suffix import question_runs
 from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features
 
@@ -83,7 +83,7 @@ def attribution_scores(
     for start in tqdm(range(0, n_flips, batch_size), desc="attribution", disable=not progress):
         rows = order[start : start + batch_size]
         specs = [para_specs[i] for i in rows]
-        runs = question_runs(vlm, specs, [hook]) if fast else FullRuns(vlm, vlm.prompts.build(specs))
+        runs = question_runs(vlm, specs, [hook], fast=fast)
         grabbed: dict[str, Tensor] = {}
         with frozen_weights(vlm), torch.enable_grad():
             margin = runs.margins([(hook, splice_features_hook(sae, grabbed, runs.last_positions))], grad=True)

@@ -27,7 +27,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.answers import require_finite
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
-from flipscope.model.suffix import FullRuns, question_runs
+from flipscope.model.suffix import question_runs
 from flipscope.model.vision_once import images_once
 
 __all__ = ["PairActivations", "bank_cases", "case_spec", "collect_pairs", "evidence_order", "pair_specs"]
@@ -149,7 +149,7 @@ def collect_pairs(
     margins, cached = [], {hook: [] for hook in hooks}
     for start in tqdm(range(0, len(order), batch_size), desc="caching pairs", disable=not progress):
         chunk = [specs[i] for i in order[start : start + batch_size]]
-        runs = question_runs(vlm, chunk, hooks) if fast else FullRuns(vlm, vlm.prompts.build(chunk))
+        runs = question_runs(vlm, chunk, hooks, fast=fast)
         margin, cache = runs.run_with_cache(hooks, last=True)
         margins.append(margin)
         for hook in hooks:

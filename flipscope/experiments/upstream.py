@@ -204,7 +204,7 @@ def _paraphrases(
     specs = [case_spec(c, c["paraphrase"]) for c in cases]
     inputs = vlm.prompts.build(specs)
     word_masks, groups = _masks(vlm, cases, specs, inputs)
-    runs = batch_runs(vlm, inputs, groups.any(0)) if fast else FullRuns(vlm, inputs)
+    runs = batch_runs(vlm, inputs, groups.any(0), fast=fast)
     fill = runs.to_run(neutral.expand(*inputs.input_ids.shape, -1))
     return runs, word_masks, torch.stack([runs.to_run(g) for g in groups]), fill
 
@@ -288,13 +288,14 @@ def trace_framing(
 @torch.no_grad()
 @images_once
 def framing_word_shifts(
-    vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16
+    vlm: VLM, bank: Mapping[str, Any], *, which: str = "controls", batch_size: int = 16, fast: bool = True
 ) -> dict[str, float]:
     """|m(paraphrase) − m(its framing words corrupted)| for each of the bank's `which` cases
     (`controls` or `flips`), by case id, corrupted as the trace corrupts them: how far the wording
     moves each prompt's margin. On the same-family non-flips it is the bound a patch that removes
     the framing may move them by (`flipscope.experiments.control_bound`); cases without a framing
-    word of their own are left out.
+    word of their own are left out. With `fast`, each batch's prompts before the questions run
+    once, as in the trace; else whole prompts.
 
     Raises:
         FlipscopeError: the bank was made by another model, or has no such cases.
@@ -307,7 +308,7 @@ def framing_word_shifts(
     out: dict[str, float] = {}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        runs, _, groups, fill = _paraphrases(vlm, batch, neutral)
+        runs, _, groups, fill = _paraphrases(vlm, batch, neutral, fast)
         m_para = runs.margins()
         m_corrupt = runs.margins([("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
         moved = (m_para - m_corrupt).abs().double().cpu().tolist()

@@ -137,19 +137,20 @@ def _before_cut(pad: Int[Tensor, " batch"], cut: int, width: int) -> Bool[Tensor
     return torch.arange(width) < (pad + cut)[:, None]
 
 
-def question_runs(vlm: Any, specs: Sequence[PromptSpec], hooks: Sequence[str]) -> FullRuns:
+def question_runs(vlm: Any, specs: Sequence[PromptSpec], hooks: Sequence[str], fast: bool = True) -> FullRuns:
     """The runs of `specs` for edits and reads at `hooks` from their questions on: `batch_runs`
     cut before the questions where every hook is in the language model, else whole prompts."""
     inputs = vlm.prompts.build(specs)
     if not all(is_text_hook(hook) for hook in hooks):
         return FullRuns(vlm, inputs)
-    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
+    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs), fast=fast)
 
 
-def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"]) -> FullRuns:
+def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"], fast: bool = True) -> FullRuns:
     """The runs of `inputs` for edits confined to `edited` positions (e.g. the question): on
-    the suffix path cut before the earliest of them where that is sound, else full forwards."""
-    if getattr(vlm, "fast_path_off", "no KV-cache path") is not None or not hasattr(vlm, "hf_hidden"):
+    the suffix path cut before the earliest of them where that is sound (and `fast`), else full
+    forwards."""
+    if not fast or getattr(vlm, "fast_path_off", "no KV-cache path") is not None or not hasattr(vlm, "hf_hidden"):
         return FullRuns(vlm, inputs)
     pad = inputs.input_ids.shape[1] - inputs.attention_mask.sum(1)
     if not bool(edited.any(1).all()):
