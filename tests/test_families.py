@@ -130,6 +130,39 @@ def test_a_padded_mixed_batch_equals_one_by_one(models, family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_cache_activations_is_the_cache_of_a_forward_that_stops_once_it_holds_it(models, family: str) -> None:
+    """A cache of early hooks (vision, the projector, layer 0) equals `run_with_cache`'s, and no
+    later hook fires; a hook that does not fire (the projector without a film) runs the forward
+    to its end; no hook is left on after the stop."""
+    vlm = models[family]
+    inputs = vlm.prompts.build(_specs(vlm))
+    selections = [["blocks.0.hook_resid_pre"], ["blocks.0.hook_attn_out", "blocks.0.hook_resid_post"]]
+    if "projector.hook_out" in vlm.hook_dict:
+        selections.append(["projector.hook_out"])
+    if "vision.blocks.0.hook_resid_post" in vlm.hook_dict:
+        selections.append(["vision.blocks.0.hook_resid_post", "projector.hook_out"])
+    for names in selections:
+        fired: list[str] = []
+        watch = [
+            (n, lambda x, hook: fired.append(hook.name)) for n in ("blocks.0.hook_mlp_out", "ln_final.hook_normalized")
+        ]
+        with torch.no_grad():
+            _, full = vlm.run_with_cache(inputs, names_filter=names, positions="last")
+            with vlm.hooks(fwd_hooks=watch):
+                stopped = vlm.cache_activations(inputs, names_filter=names, positions="last")
+        assert sorted(stopped) == sorted(full) == sorted(names), (family, names)
+        assert all(torch.equal(stopped[n], full[n]) for n in names), (family, names)
+        assert fired == (["blocks.0.hook_mlp_out"] if "blocks.0.hook_resid_post" in names else []), (family, names)
+    assert all(not point.fwd_hooks for point in vlm.hook_dict.values())
+    if "projector.hook_out" in vlm.hook_dict:
+        fired.clear()
+        with torch.no_grad(), vlm.hooks(fwd_hooks=watch):
+            unseen = vlm.cache_activations(vlm.prompts.build([PromptSpec(question="is it ?", condition="none")]),
+                                           names_filter="projector.hook_out")  # fmt: skip
+        assert unseen == {} and fired == ["blocks.0.hook_mlp_out", "ln_final.hook_normalized"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_an_edit_on_a_middle_layer_moves_the_margin(models, family: str) -> None:
     vlm = models[family]
     inputs = vlm.prompts.build(_specs(vlm)[:2])

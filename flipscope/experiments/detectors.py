@@ -126,7 +126,7 @@ def probe_features(
     with torch.no_grad():
         for start in range(0, len(specs), batch_size):
             batch = vlm.prompts.build(specs[start : start + batch_size])
-            _, cache = vlm.run_with_cache(batch, names_filter=[hook], positions="last", logits_to_keep=1)
+            cache = vlm.cache_activations(batch, names_filter=[hook], positions="last")
             chunks.append(cache[hook].reshape(len(batch.input_ids), -1).float().cpu())
     return torch.cat(chunks).numpy().astype(np.float64)
 

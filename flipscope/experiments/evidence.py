@@ -102,7 +102,7 @@ def film_layout(vlm: HookedVLM) -> FilmLayout:
     if not vlm.prompts.fixed_layout:
         return FilmLayout(vlm, None)
     batch = vlm.prompts.build([PromptSpec(question="yes", condition="blank")])
-    _, cache = vlm.run_with_cache(batch, names_filter=PROJECTOR, logits_to_keep=1)
+    cache = vlm.cache_activations(batch, names_filter=PROJECTOR)
     n_tokens = cache[PROJECTOR].reshape(-1, cache[PROJECTOR].shape[-1]).shape[0]
     side = math.isqrt(n_tokens)
     if side * side != n_tokens:
@@ -151,7 +151,7 @@ def gradient_maps(
         gray = np.full_like(film, FILL)  # the film's own size: a pixel-budget processor gives it the same grid
         specs = [PromptSpec(question=question, image=film), PromptSpec(question=question, image=gray)]
         batch = vlm.prompts.build(specs)
-        _, cache = vlm.run_with_cache(batch, names_filter=PROJECTOR, logits_to_keep=1)
+        cache = vlm.cache_activations(batch, names_filter=PROJECTOR)
         x, x0 = cache[PROJECTOR].float().reshape(2, -1, cache[PROJECTOR].shape[-1])  # Qwen2.5-VL's come flat
     alphas = torch.linspace(1.0 / steps, 1.0, steps)[:, None, None]  # right Riemann sum; alpha = 1 is the film
     path = (x0 + alphas * (x - x0)).requires_grad_(True)

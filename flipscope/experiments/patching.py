@@ -141,7 +141,7 @@ def _span_reference(
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
         inputs = vlm.prompts.build(chunk)
-        acts = vlm.run_with_cache(inputs, names_filter=hook, logits_to_keep=1)[1][hook]
+        acts = vlm.cache_activations(inputs, names_filter=hook)[hook]
         mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(chunk, inputs)
         mask = mask.to(acts.device)
         with torch.no_grad():

@@ -187,7 +187,7 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
         inputs = vlm.prompts.build(chunk)
-        _, cache = vlm.run_with_cache(inputs, names_filter="blocks.0.hook_resid_pre", logits_to_keep=1)
+        cache = vlm.cache_activations(inputs, names_filter="blocks.0.hook_resid_pre")
         x = cache["blocks.0.hook_resid_pre"][vlm.prompts.question_mask(chunk, inputs)].float()
         total = x.sum(0) if total is None else total + x.sum(0)
         count += len(x)

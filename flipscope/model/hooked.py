@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cached_property
 from typing import Any
 
@@ -22,14 +22,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import kv
 from flipscope.model.answers import AnswerTokens, head_margin, yes_no_margin
+from flipscope.model.caching import NamesFilter, Recorder, StopForward, selected_names
 from flipscope.model.edit import Edit, HookFn
 from flipscope.model.families import Family, family_of
-from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names, is_text_hook, select_positions
+from flipscope.model.hook_points import Positions, SiteHookPoint, describe_names
 from flipscope.model.identity import model_identity
 from flipscope.model.loading import load_hf_vlm, merge_adapter
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
@@ -38,8 +38,6 @@ from flipscope.model.vision_once import ImageMemo, encode_images_once
 __all__ = ["Edit", "HookedVLM", "Positions"]
 
 logger = logging.getLogger(__name__)
-
-NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class HookedVLM(HookedRootModule):
@@ -323,23 +321,26 @@ class HookedVLM(HookedRootModule):
         Returns:
             The logits and a dict from hook name to activation (detached).
         """
-        if names_filter is None:
-            selected = list(self.hook_dict)
-        elif isinstance(names_filter, str):
-            selected = [names_filter]
-        elif callable(names_filter):
-            selected = [name for name in self.hook_dict if names_filter(name)]
-        else:
-            selected = list(names_filter)
-        cache: dict[str, Tensor] = {}
-
-        def save(tensor: Tensor, hook: HookPoint) -> None:
-            kept = select_positions(tensor, positions) if is_text_hook(hook.name) else tensor
-            cache[hook.name] = kept.detach().to(device) if device is not None else kept.detach()
-
-        with self.hooks(fwd_hooks=[(name, save) for name in selected]):
+        recorder = Recorder(selected_names(self.hook_dict, names_filter), positions, device)
+        with self.hooks(fwd_hooks=recorder.hooks(self.hook_dict)):
             logits = self(inputs, logits_to_keep=logits_to_keep)
-        return logits, cache
+        return logits, recorder.cache
+
+    def cache_activations(
+        self,
+        inputs: ModelInputs | Mapping[str, Tensor],
+        *,
+        names_filter: NamesFilter,
+        positions: Positions = None,
+        device: str | torch.device | None = None,
+    ) -> dict[str, Tensor]:
+        """`run_with_cache`'s cache alone, from a forward that ends as soon as it holds every hook asked
+        for: no later layer and no unembedding runs (`flipscope.model.caching`). Where a selected hook
+        does not fire (a vision hook on a prompt without an image), the forward runs to its end."""
+        recorder = Recorder(selected_names(self.hook_dict, names_filter), positions, device, stop=True)
+        with self.hooks(fwd_hooks=recorder.hooks(self.hook_dict)), suppress(StopForward):
+            self(inputs, logits_to_keep=1)
+        return recorder.cache
 
     def run_with_hooks(
         self,

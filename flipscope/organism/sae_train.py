@@ -61,7 +61,7 @@ def collect_activations(
     for start in range(0, n_prompts, batch_size):
         examples = sample_examples(cfg, rng, min(batch_size, n_prompts - start))
         batch = vlm.prompts.build([e.spec for e in examples])
-        _, cache = vlm.run_with_cache(batch, names_filter=hook, logits_to_keep=1)
+        cache = vlm.cache_activations(batch, names_filter=hook)
         chunks.append(cache[hook][_real_tokens(batch.attention_mask, drop_first)])
     return torch.cat(chunks)
 
@@ -90,7 +90,7 @@ def generated_text_activations(
         top = out.logits[:, -1].float().topk(top_k, dim=-1)
         tokens.append(top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=generator)))
         out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    _, cache = vlm.run_with_cache({"input_ids": torch.cat(tokens, 1)}, names_filter=cfg.sae_hook, logits_to_keep=1)
+    cache = vlm.cache_activations({"input_ids": torch.cat(tokens, 1)}, names_filter=cfg.sae_hook)
     return cache[cfg.sae_hook][:, 1:].flatten(0, 1)
 
 

@@ -96,7 +96,7 @@ def encode_prompts(
     hook = check_sae(sae, vlm)
     inputs = vlm.prompts.build(specs)
     kept = "last" if positions == "last" else None
-    acts = vlm.run_with_cache(inputs, names_filter=hook, positions=kept, logits_to_keep=1)[1][hook]
+    acts = vlm.cache_activations(inputs, names_filter=hook, positions=kept)[hook]
     encoding = encode_with_error(sae, acts)
     if positions == "last":
         return encoding

@@ -175,6 +175,6 @@ def site_activations(
     chunks: list[Tensor] = []
     for start in tqdm(range(0, len(specs), batch_size), desc=f"caching {hook}", disable=not progress):
         batch = vlm.prompts.build(list(specs[start : start + batch_size]))
-        _, cache = vlm.run_with_cache(batch, names_filter=hook, logits_to_keep=1)
+        cache = vlm.cache_activations(batch, names_filter=hook)
         chunks.append(cache[hook][batch.attention_mask.bool().to(cache[hook].device)].float().cpu())
     return torch.cat(chunks)
