@@ -141,11 +141,12 @@ def test_cache_activations_is_the_cache_of_a_forward_that_stops_once_it_holds_it
         selections.append(["projector.hook_out"])
     if "vision.blocks.0.hook_resid_post" in vlm.hook_dict:
         selections.append(["vision.blocks.0.hook_resid_post", "projector.hook_out"])
+    fired: list[str] = []
+    watch = [
+        (n, lambda x, hook: fired.append(hook.name)) for n in ("blocks.0.hook_mlp_out", "ln_final.hook_normalized")
+    ]
     for names in selections:
-        fired: list[str] = []
-        watch = [
-            (n, lambda x, hook: fired.append(hook.name)) for n in ("blocks.0.hook_mlp_out", "ln_final.hook_normalized")
-        ]
+        fired.clear()
         with torch.no_grad():
             _, full = vlm.run_with_cache(inputs, names_filter=names, positions="last")
             with vlm.hooks(fwd_hooks=watch):
