@@ -6,15 +6,16 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
 by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
 wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → discovery-paths → patch (with a --sweep) → bank-patch → rank1 → trace → clamp. The
-discovery-paths, bank-patch, rank1 and trace stages run in this process: discover's three
+ablation) → discovery-paths → patch (with a --sweep) → bank-patch → rank1 → trace → stream →
+clamp. The discovery-paths, bank-patch, rank1, trace and stream stages run in this process: discover's three
 model-running steps on their suffix and last-token paths against whole prompts
 (`discovery_paths`), `patch_bank` with both controls on the last-token path against full
 forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its random null
 drawn once at 32 directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`),
 and the causal trace on the questions alone, each batch's prompts before them run once, against
 whole prompts with the films encoded once a batch and with the tower in every forward
-(`trace_paths`). Then, also in this process, one film's margins on the shared-prefix path
+(`trace_paths`), and caching activations alone in forwards that end at their hook against whole
+forwards (`stream_paths`). Then, also in this process, one film's margins on the shared-prefix path
 against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16 against
 float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.experiments.attribution import attribution_scores, exact_ablation_effects
-from flipscope.experiments.pairs import collect_pairs
+from flipscope.experiments.pairs import case_spec, collect_pairs
 from flipscope.experiments.upstream import trace_framing
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.images import load_image
@@ -52,7 +54,9 @@ from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
 from flipscope.sae.load import check_sae, load_sae
 
-STAGES = ("evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "rank1", "trace", "clamp")
+STAGES = (
+    "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "rank1", "trace", "stream", "clamp"
+)  # fmt: skip
 
 
 def _high_water_gb(pid: int) -> float | None:
@@ -195,6 +199,38 @@ def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8
     }
 
 
+def stream_paths(model: Path, bank: Path, n_cases: int = 2, rounds: int = 2) -> dict:
+    """Caching activations alone (an SAE's training stream, a site's encoding, the projector's read)
+    two ways, interleaved round by round: a forward that ends once the hook is cached
+    (`HookedVLM.cache_activations`) against the whole forward with the last position's logits
+    (`run_with_cache(..., logits_to_keep=1)`); at the entry site (layer 0's attention), the last
+    layer's residual and the projector, on the first `n_cases` flips' two prompts in one batch, with
+    their films and with none (the stream's text-only condition)."""
+    vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
+    specs = [case_spec(c, text) for c in flipbank.flips[:n_cases] for text in (c["original"], c["paraphrase"])]
+    text_hooks = ["blocks.0.hook_attn_out", f"blocks.{vlm.n_layers - 1}.hook_resid_post"]
+    runs = [("films", vlm.prompts.build(specs), h) for h in [*text_hooks, "projector.hook_out"]]
+    runs += [("no film", vlm.prompts.build([replace(p, condition="none") for p in specs]), h) for h in text_hooks]
+    seconds: dict = {(batch, hook, way): [] for batch, _, hook in runs for way in ("stopped", "whole")}
+    diffs = {(batch, hook): 0.0 for batch, _, hook in runs}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, batch, hook in runs:
+                start = time.perf_counter()
+                stopped = vlm.cache_activations(batch, names_filter=hook)[hook]
+                seconds[name, hook, "stopped"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                whole = vlm.run_with_cache(batch, names_filter=hook, logits_to_keep=1)[1][hook]
+                seconds[name, hook, "whole"].append(time.perf_counter() - start)
+                diffs[name, hook] = max(diffs[name, hook], float((stopped - whole).abs().max()))
+    report: dict = {"prompts": len(specs), "layers": vlm.n_layers, "rounds": rounds, "paths": []}
+    for name, _, hook in runs:
+        stopped_s, whole_s = (float(np.median(seconds[name, hook, way])) for way in ("stopped", "whole"))
+        report["paths"].append({"batch": name, "hook": hook, "stopped_s": stopped_s, "whole_s": whole_s,
+                                "ratio": whole_s / stopped_s, "max_abs_diff": diffs[name, hook]})  # fmt: skip
+    return report
+
+
 def discovery_paths(model: Path, sae_path: Path, bank: Path, n_features: int = 5, batch_size: int = 8) -> dict:
     """The three steps of `discover` that run the model, each two ways one after the other: caching
     the pairs (a film's prompts before the questions once a batch, against whole prompts), attribution
@@ -293,30 +329,28 @@ def main() -> None:
         report["build_seconds"] = round(time.perf_counter() - start, 1)
         report["model"] = shape_summary(json.loads((model / "config.json").read_text()))
         features: list[int] = []
+        bank = work / "bank" / "flipbank.json"
+        in_process = {
+            "bank-patch": ("bank_patch", lambda: medgemma_bank_patch(model, sae, bank)),
+            "trace": ("trace", lambda: trace_paths(model, bank)),
+            "discovery-paths": ("discovery_paths", lambda: discovery_paths(model, sae, bank)),
+            "rank1": ("rank1", lambda: medgemma_rank1(model, args.depth // 2, bank)),
+            "stream": ("stream", lambda: stream_paths(model, bank)),
+        }
         for stage in [s for s in args.stages.split(",") if s]:
-            if stage == "bank-patch":
-                report["bank_patch"] = medgemma_bank_patch(model, sae, work / "bank" / "flipbank.json")
-                print(bank_patch_line(report["bank_patch"]), flush=True)
-                continue
-            if stage == "trace":
-                report["trace"] = trace_paths(model, work / "bank" / "flipbank.json")
-                print(f"trace: {json.dumps(report['trace'])}", flush=True)
-                continue
-            if stage == "discovery-paths":
-                report["discovery_paths"] = discovery_paths(model, sae, work / "bank" / "flipbank.json")
-                print(f"discovery paths: {json.dumps(report['discovery_paths'])}", flush=True)
-                continue
-            if stage == "rank1":
-                report["rank1"] = medgemma_rank1(model, args.depth // 2, work / "bank" / "flipbank.json")
-                print(f"rank-1: {json.dumps(report['rank1'])}", flush=True)
+            if stage in in_process:
+                key, run = in_process[stage]
+                report[key] = run()
+                line = bank_patch_line(report[key]) if stage == "bank-patch" else f"{stage}: {json.dumps(report[key])}"
+                print(line, flush=True)
                 continue
             command = stage_commands(model, sae, questions, work, features)[stage]
             gb, seconds = peak_rss([flipscope, *command])
             report["stages"][stage] = {"peak_rss_gb": round(gb, 3), "seconds": round(seconds, 1)}
             print(f"{stage:>9}: peak RSS {gb:6.2f} GB  {seconds:6.1f} s", flush=True)
             if stage == "curate":
-                bank = json.loads((work / "bank" / "flipbank.json").read_text())
-                report["flipbank"] = {"flips": len(bank["flips"]), "controls": len(bank.get("controls", []))}
+                cases = json.loads(bank.read_text())
+                report["flipbank"] = {"flips": len(cases["flips"]), "controls": len(cases.get("controls", []))}
             if stage == "discover":
                 features = top_features(work / "f.json")
                 report["top_features"] = features

@@ -127,8 +127,8 @@ def test_the_gpu_benchmarks_precision_check(tmp_path: Path) -> None:
 def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     """evaluate → curate → discover → patch → clamp at full widths and vocabulary, depth 2, with
     peak memory per stage (and in-process, discover's steps, the bank patch's two paths, the rank-1
-    null and the trace on suffixes against whole prompts); the shared prefix agrees with whole
-    prompts at this width."""
+    null, the trace on suffixes against whole prompts, and caches from forwards that stop at their
+    hook); the shared prefix agrees with whole prompts at this width."""
     out = tmp_path / "medgemma.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_medgemma.py"), "--depth", "2", "--out", str(out)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
@@ -155,3 +155,12 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     assert counts["whole_every"]["tower_runs"] == counts["whole_every"]["forwards"] - 1  # all but the fill's (text)
     assert counts["whole"]["tokens"] == counts["whole_every"]["tokens"] > 4 * counts["suffix"]["tokens"]
     assert trace["max_abs_restored_margin_diff"] < 1e-3  # in logits: shares times the framing's effect
+    # activations alone from forwards that end at their hook: the same tensors, and no stage pages in the
+    # whole 2.7 GB unembedding (the weights, 3.5 GB, are memory-mapped: a stage holds what it reads)
+    paths = report["stream"]["paths"]
+    assert [(p["batch"], p["hook"]) for p in paths] == [
+        ("films", "blocks.0.hook_attn_out"), ("films", "blocks.1.hook_resid_post"), ("films", "projector.hook_out"),
+        ("no film", "blocks.0.hook_attn_out"), ("no film", "blocks.1.hook_resid_post"),
+    ]  # fmt: skip
+    assert all(p["max_abs_diff"] == 0 for p in paths)
+    assert report["stages"]["patch"]["peak_rss_gb"] < 3.5
