@@ -67,7 +67,7 @@ class Recorder:
         """The forward hooks to put on (with `stop`, a guard at the language model's first hook, where
         it is `available`, for a cache of vision hooks alone)."""
         hooks = [(name, self._save) for name in self.names]
-        if self.stop and FIRST_TEXT_HOOK in available and FIRST_TEXT_HOOK not in self._waiting:
+        if self.stop and FIRST_TEXT_HOOK in available and FIRST_TEXT_HOOK not in self.names:
             hooks.append((FIRST_TEXT_HOOK, self._stop_if_done))
         return hooks
 
