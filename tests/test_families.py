@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flipscope.cli import app
-from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model import Edit, HookedVLM, PromptSpec
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.model.tiny_families import save_tiny
 from tests.conftest import WORDS
@@ -132,8 +132,8 @@ def test_a_padded_mixed_batch_equals_one_by_one(models, family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_activations_is_the_cache_of_a_forward_that_stops_once_it_holds_it(models, family: str) -> None:
     """A cache of early hooks (vision, the projector, layer 0) equals `run_with_cache`'s, and no
-    later hook fires; a hook that does not fire (the projector without a film) runs the forward
-    to its end; no hook is left on after the stop."""
+    later hook fires; an edited sibling's edit before the hook applies; a hook that does not fire
+    (the projector without a film) runs the forward to its end; no hook is left on after the stop."""
     vlm = models[family]
     inputs = vlm.prompts.build(_specs(vlm))
     selections = [["blocks.0.hook_resid_pre"], ["blocks.0.hook_attn_out", "blocks.0.hook_resid_post"]]
@@ -154,7 +154,17 @@ def test_cache_activations_is_the_cache_of_a_forward_that_stops_once_it_holds_it
         assert sorted(stopped) == sorted(full) == sorted(names), (family, names)
         assert all(torch.equal(stopped[n], full[n]) for n in names), (family, names)
         assert fired == (["blocks.0.hook_mlp_out"] if "blocks.0.hook_resid_post" in names else []), (family, names)
-    assert all(not point.fwd_hooks for point in vlm.hook_dict.values())
+    push = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0))
+    edited = vlm.edited(Edit("blocks.0.hook_attn_out", lambda x, hook: x + push))  # an edit the stop passes through
+    site = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        _, full = edited.run_with_cache(inputs, names_filter=site)
+        stopped, plain = (
+            edited.cache_activations(inputs, names_filter=site),
+            vlm.cache_activations(inputs, names_filter=site),
+        )
+    assert torch.equal(stopped[site], full[site]) and not torch.equal(stopped[site], plain[site])
+    assert all(not point.fwd_hooks for model in (vlm, edited) for point in model.hook_dict.values())
     if "projector.hook_out" in vlm.hook_dict:
         fired.clear()
         with torch.no_grad(), vlm.hooks(fwd_hooks=watch):
