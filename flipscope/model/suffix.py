@@ -26,6 +26,7 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
+from flipscope.model.caching import Recorder
 from flipscope.model.hook_points import is_text_hook
 from flipscope.model.kv import prefix_cache, suffix_last_hidden
 from flipscope.model.prompts import ModelInputs, PromptSpec
@@ -113,13 +114,8 @@ class SuffixRuns(FullRuns):
     def run_with_cache(
         self, names: Sequence[str], last: bool = False
     ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor]]:
-        cache: dict[str, Tensor] = {}
-        ends = self.last_positions
-
-        def save(x: Tensor, hook: Any) -> None:
-            cache[hook.name] = (x[torch.arange(len(x), device=x.device), ends.to(x.device)] if last else x).detach()
-
-        return self.margins([(name, save) for name in names]), cache
+        recorder = Recorder(names, self.last_positions if last else None)
+        return self.margins(recorder.hooks(names)), recorder.cache
 
 
 def _distinct_prefixes(inputs: ModelInputs) -> tuple[list[int], Int[Tensor, " batch"]]:
