@@ -2,22 +2,23 @@
 
 A random model with MedGemma 4B's exact widths, heads, rotary and window settings, 262,208-token
 vocabulary and 896-px SigLIP-So400m tower (`flipscope.model.shapes`) at reduced depth, with its
-answer readout put at the decision boundary so paraphrases flip it, and a random GemmaScope 2
-SAE of 16,384 features at its middle layer. The organism's questions and films (resized to 896 px
-by the processor) go through the commands a user runs, each a fresh process whose peak RSS and
-wall time are measured: evaluate (image, blank) → curate → discover (attribution and exact
-ablation) → discovery-paths → patch (with a --sweep) → bank-patch → rank1 → trace → stream →
-clamp. The discovery-paths, bank-patch, rank1, trace and stream stages run in this process: discover's three
-model-running steps on their suffix and last-token paths against whole prompts
-(`discovery_paths`), `patch_bank` with both controls on the last-token path against full
-forwards (`bench_patch.bank_patch_paths`), rank-1 patching at the SAE's hook with its random null
-drawn once at 32 directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`),
-and the causal trace on the questions alone, each batch's prompts before them run once, against
-whole prompts with the films encoded once a batch and with the tower in every forward
-(`trace_paths`), and caching activations alone in forwards that end at their hook against whole
-forwards (`stream_paths`). Then, also in this process, one film's margins on the shared-prefix path
-against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16 against
-float32; `bench_gpu.py` makes that comparison on a GPU).
+answer readout put at the decision boundary so paraphrases flip it, and a random GemmaScope 2 SAE of
+16,384 features at its middle layer. The organism's questions and films (resized to 896 px by the
+processor) go through the commands a user runs, each a fresh process whose peak RSS and wall time
+are measured: evaluate (image, blank) → curate → discover (attribution and exact ablation) →
+discovery-paths → patch (with a --sweep) → bank-patch → memo → rank1 → trace → stream → clamp. The
+discovery-paths, bank-patch, memo, rank1, trace and stream stages run in this process: discover's
+three model-running steps on their suffix and last-token paths against whole prompts
+(`discovery_paths`), `patch_bank` with both controls on the last-token path against full forwards
+(`bench_patch.bank_patch_paths`), `flipscope patch`'s steps with each film's tower output kept
+between them against the tower on every film in every step (`bench_patch.memo_paths`), rank-1
+patching at the SAE's hook with its random null drawn once at 32 directions against the expected
+best of 32 from 256 (`bench_patch.rank1_paths`), and the causal trace on the questions alone, each
+batch's prompts before them run once, against whole prompts with each film encoded once and with the
+tower in every forward (`trace_paths`), and caching activations alone in forwards that end at their
+hook against whole forwards (`stream_paths`). Then, also in this process, one film's margins on the
+shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
+bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_patch import bank_patch_line, bank_patch_paths, rank1_paths
+from bench_patch import bank_patch_line, bank_patch_paths, memo_paths, rank1_paths
 
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
@@ -55,7 +56,8 @@ from flipscope.organism.questions import export_questions
 from flipscope.sae.load import check_sae, load_sae
 
 STAGES = (
-    "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "rank1", "trace", "stream", "clamp"
+    "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "memo", "rank1", "trace", "stream",
+    "clamp",
 )  # fmt: skip
 
 
@@ -137,6 +139,14 @@ def medgemma_bank_patch(model: Path, sae: Path, bank: Path) -> dict:
     return bank_patch_paths(vlm, load_sae(sae), load_flipbank(bank), n_features=3, batch_size=8)
 
 
+def medgemma_memo(model: Path, sae: Path, bank: Path) -> dict:
+    """`flipscope patch`'s steps with the films' tower outputs kept between them and without
+    (`bench_patch.memo_paths`)."""
+    flipbank = load_flipbank(bank)
+    film = case_spec(flipbank.flips[0], flipbank.flips[0]["original"])
+    return memo_paths(HookedVLM.from_pretrained(model), load_sae(sae), flipbank, n_features=3, batch_size=8, film=film)
+
+
 def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
     """Rank-1 patching at the SAE's layer: its null from 32 directions and from 256 (257 last-token
     rows a flip, each read through the answer tokens' unembedding rows)."""
@@ -160,7 +170,7 @@ def counters(vlm: HookedVLM) -> tuple[list[int], list[int]]:
 def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8) -> dict:
     """`trace_framing` over the bank's first `max_cases` flips three ways, one after the other: as
     the command runs it (each batch's prompts before the questions once, every forward on the
-    questions alone: `suffix`), on whole prompts with each batch's films through the tower once
+    questions alone: `suffix`), on whole prompts with each film through the tower once
     (`whole`), and on whole prompts with the tower in every forward (`whole_every`, the function
     outside `distinct_images`); with the language model's forwards and tokens and the tower runs
     each made (at 896 px on a CPU a whole-prompt batch takes minutes, so each path runs once).
@@ -177,14 +187,17 @@ def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8
     for name, trace in paths.items():
         towers.clear()
         tokens.clear()
+        vlm.image_memo.clear()  # each path encodes its own films, as it would run alone
         start = time.perf_counter()
         traced[name] = trace(vlm, flipbank, max_cases=max_cases, batch_size=batch_size, progress=False)
         seconds[name] = time.perf_counter() - start
         counts[name] = {"forwards": len(tokens), "tokens": sum(tokens), "tower_runs": len(towers)}
     base = traced["whole_every"]
     scale = np.abs(base.effect)[:, None, None]  # a share of a small effect is a small margin
+    traced_ids = set(traced["suffix"].case_ids)
     return {
-        "flips": len(traced["suffix"].case_ids),
+        "flips": len(traced_ids),
+        "films": len({case["image"] for case in flipbank.flips if case["id"] in traced_ids}),
         "layers": vlm.n_layers,
         "seconds": seconds,
         "ratio_whole_every_to_suffix": seconds["whole_every"] / seconds["suffix"],
@@ -259,6 +272,7 @@ def discovery_paths(model: Path, sae_path: Path, bank: Path, n_features: int = 5
         for fast in (True, False):
             towers.clear()
             tokens.clear()
+            vlm.image_memo.clear()  # each path encodes its own films, as it would run alone
             start = time.perf_counter()
             outputs[fast] = step(fast)
             path = "fast" if fast else "whole"
@@ -336,6 +350,7 @@ def main() -> None:
             "discovery-paths": ("discovery_paths", lambda: discovery_paths(model, sae, bank)),
             "rank1": ("rank1", lambda: medgemma_rank1(model, args.depth // 2, bank)),
             "stream": ("stream", lambda: stream_paths(model, bank)),
+            "memo": ("memo", lambda: medgemma_memo(model, sae, bank)),
         }
         for stage in [s for s in args.stages.split(",") if s]:
             if stage in in_process:

@@ -51,10 +51,12 @@ from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.rank1 import rank1_patch
 from flipscope.experiments.sweeps import patch_sweep
+from flipscope.experiments.upstream import framing_word_shifts
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.answers import AnswerTokens, head_margin, yes_no_margin
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
+from flipscope.model.vision_once import ImageMemo
 from flipscope.organism import load_organism
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -68,6 +70,7 @@ def feature_sweep(n_features: int) -> dict:
     timings, rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for fast in (True, False):
+            vlm.image_memo.clear()  # each path encodes its own films, as it would run alone
             start = time.perf_counter()
             store = patch_sweep(vlm, sae, bank, features, Path(tmp) / f"{fast}.jsonl", fast=fast, pairs=pairs,
                                 progress=False)  # fmt: skip
@@ -91,6 +94,7 @@ def bank_patch_paths(vlm, sae, bank: dict, n_features: int, batch_size: int) -> 
     features = size.topk(n_features).indices.tolist()
     timings, margins = {}, {}
     for fast in (True, False):
+        vlm.image_memo.clear()  # each path encodes its own films, as it would run alone
         start = time.perf_counter()
         rows = patch_bank(vlm, sae, bank, features, pairs=pairs, batch_size=batch_size, fast=fast, progress=False).rows
         timings[fast] = time.perf_counter() - start
@@ -182,11 +186,47 @@ def rank1_null(draws: int, hook: str = "blocks.0.hook_attn_out") -> dict:
     return rank1_paths(vlm, pairs, hook, draws)
 
 
+def memo_paths(vlm, sae, bank: dict, n_features: int, batch_size: int, film: PromptSpec) -> dict:
+    """`flipscope patch`'s model-running steps in turn (the pairs, the non-flips' wording bound,
+    `patch_bank` with both controls), once with each film's tower output kept between them
+    (`HookedVLM.image_memo`) and once with a memo that keeps nothing (the tower on each film in
+    every step), after one warm-up forward on `film`; the tower's runs, seconds, and the largest
+    difference between the two ways' margins (each film is encoded alone either way)."""
+    hook = sae.cfg.metadata.hook_name
+
+    def steps() -> torch.Tensor:
+        pairs = collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=False)
+        features = pairs.feature_delta(sae, hook)[torch.from_numpy(pairs.is_flip)].abs().mean(0).topk(n_features)
+        wording = framing_word_shifts(vlm, bank, batch_size=batch_size)
+        rows = patch_bank(vlm, sae, bank, features.indices.tolist(), pairs=pairs, batch_size=batch_size,
+                          wording=wording, progress=False).rows  # fmt: skip
+        patched = [m for r in rows for m in (r["m_patched"], r["m_control_feature"], r["m_same_push"])]
+        return torch.cat([pairs.margin_orig, pairs.margin_para, torch.tensor([*wording.values(), *patched])])
+
+    with torch.no_grad():
+        vlm.score(vlm.prompts.build([film]))
+    kept = vlm.image_memo
+    report, margins = {"cases": len(bank["flips"]) + len(bank["controls"]), "features": n_features}, {}
+    try:
+        for way, memo in (("kept", ImageMemo()), ("none", ImageMemo(max_bytes=0))):
+            vlm.image_memo = memo
+            start = time.perf_counter()
+            margins[way] = steps()
+            report[way] = {"seconds": time.perf_counter() - start, "tower_runs": memo.encoded, "served": memo.served}
+    finally:
+        vlm.image_memo = kept
+    report["films"] = len({c["image"] for c in [*bank["flips"], *bank["controls"]]})
+    report["ratio"] = report["none"]["seconds"] / report["kept"]["seconds"]
+    report["max_abs_diff"] = float((margins["kept"] - margins["none"]).abs().max())
+    return report
+
+
 def rank1_paths(vlm, pairs, hook: str, draws: int) -> dict:
     """Rank-1 patching at `hook` with its null drawn once at 32 directions and from `draws`."""
     rank1_patch(vlm, pairs, hook, n_random=4, n_draws=4)  # warm up
     timings, nulls = {}, {}
     for n_draws in (32, draws):
+        vlm.image_memo.clear()  # each null encodes its own films, as it would run alone
         start = time.perf_counter()
         nulls[n_draws] = rank1_patch(vlm, pairs, hook, n_random=32, n_draws=n_draws)["random"]
         timings[n_draws] = time.perf_counter() - start

@@ -127,8 +127,9 @@ def test_the_gpu_benchmarks_precision_check(tmp_path: Path) -> None:
 def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     """evaluate → curate → discover → patch → clamp at full widths and vocabulary, depth 2, with
     peak memory per stage (and in-process, discover's steps, the bank patch's two paths, the rank-1
-    null, the trace on suffixes against whole prompts, and caches from forwards that stop at their
-    hook); the shared prefix agrees with whole prompts at this width."""
+    null, the trace on suffixes against whole prompts, caches from forwards that stop at their
+    hook, and the patch's steps with the films' tower outputs kept between them); the shared
+    prefix agrees with whole prompts at this width."""
     out = tmp_path / "medgemma.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_medgemma.py"), "--depth", "2", "--out", str(out)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=3000)
@@ -148,10 +149,10 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     for step in ("pairs", "attribution", "exact_ablation"):
         row = report["discovery_paths"][step]
         assert row["max_abs_diff"] < 1e-3 and row["fast_tokens"] < row["whole_tokens"] / 2
-        assert row["fast_tower_runs"] == row["whole_tower_runs"]  # a film's prompts batched together on both
+        assert row["fast_tower_runs"] == row["whole_tower_runs"]  # each film once on both
     # the trace: each batch's prefix (its 896-px films included) run once, every forward on the questions alone
     trace, counts = report["trace"], report["trace"]["counts"]
-    assert counts["suffix"]["tower_runs"] == counts["whole"]["tower_runs"] == 1  # one batch of paraphrases
+    assert counts["suffix"]["tower_runs"] == counts["whole"]["tower_runs"] == trace["films"]  # each film once
     assert counts["whole_every"]["tower_runs"] == counts["whole_every"]["forwards"] - 1  # all but the fill's (text)
     assert counts["whole"]["tokens"] == counts["whole_every"]["tokens"] > 4 * counts["suffix"]["tokens"]
     assert trace["max_abs_restored_margin_diff"] < 1e-3  # in logits: shares times the framing's effect
@@ -164,3 +165,6 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert all(p["max_abs_diff"] == 0 for p in paths)
     assert report["stages"]["patch"]["peak_rss_gb"] < 3.5
+    # `flipscope patch`'s steps: each film through the tower once for all of them, the same margins to the bit
+    memo = report["memo"]
+    assert memo["kept"]["tower_runs"] == memo["films"] < memo["none"]["tower_runs"] and memo["max_abs_diff"] == 0

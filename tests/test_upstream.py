@@ -72,20 +72,22 @@ def test_trace_command_prints_where_the_framing_enters(tmp_path: Path) -> None:
 
 
 def test_on_whole_prompts_the_trace_runs_the_tower_once_per_batch_not_per_forward(organism) -> None:
-    """Where the trace runs whole prompts (a family without the suffix path), each batch's films
-    go through the tower once for all its forwards, with the same shares."""
+    """Where the trace runs whole prompts (a family without the suffix path), each film goes
+    through the tower once for all its forwards, with the same shares."""
     vlm, _, _ = organism
     bank = load_flipbank(BANK)
+    vlm.image_memo.clear()
     rows: list[int] = []
     handle = vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: rows.append(o[0].shape[0]))
     try:
         once = trace_framing(vlm, bank, max_cases=8, batch_size=4, progress=False, fast=False)
-        encodings = len(rows)
+        encodings = list(rows)
         rows.clear()
         each = trace_framing.__wrapped__(vlm, bank, max_cases=8, batch_size=4, progress=False, fast=False)
     finally:
         handle.remove()
     forwards = 2 * (2 + len(GROUPS) * vlm.n_layers)  # two batches: clean, corrupted, then one per layer and group
-    assert encodings == 2 and len(rows) >= forwards  # the paraphrases' two batches (the fill is text alone)
+    films = len({case["image"] for case in bank["flips"] if case["id"] in once.case_ids})
+    assert encodings == [1] * films and len(rows) >= forwards  # each film alone, once (the fill is text alone)
     np.testing.assert_allclose(once.restored, each.restored, atol=1e-4)
     np.testing.assert_allclose(once.corrupted_share, each.corrupted_share, atol=1e-5)

@@ -68,6 +68,7 @@ class HookedVLM(HookedRootModule):
         adapter: str | None = None,
         edits: Sequence[Edit] = (),
         prompts: PromptBuilder | None = None,
+        image_memo: ImageMemo | None = None,
     ) -> None:
         super().__init__()
         self.hf_model = hf_model
@@ -78,7 +79,7 @@ class HookedVLM(HookedRootModule):
         self.adapter = adapter
         self._edit_depth = 0
         self._images_once = 0
-        self.image_memo: ImageMemo | None = None  # the last batch's encoded images, inside `distinct_images`
+        self.image_memo = image_memo if image_memo is not None else ImageMemo()  # see `distinct_images`
         self._hook_points: dict[str, SiteHookPoint] = {}
         for name, site in self.family.sites(hf_model).items():
             point = SiteHookPoint(site)
@@ -112,6 +113,7 @@ class HookedVLM(HookedRootModule):
             "adapter": self.adapter,
             "edits": (*self.edits, *edits),
             "prompts": self.prompts,
+            "image_memo": self.image_memo,
         }
 
     def setup(self) -> None:
@@ -261,15 +263,13 @@ class HookedVLM(HookedRootModule):
 
     @contextmanager
     def distinct_images(self) -> Iterator[HookedVLM]:
-        """Inside the block, each distinct image of a batch goes through the vision tower once, and
-        a batch run again (the same or equal pixel values) reuses that encoding."""
+        """Inside the block each distinct image goes through the vision tower once, alone, and stays
+        in `image_memo` (shared with edited siblings) for later blocks (`flipscope.model.vision_once`)."""
         self._images_once += 1
         try:
             yield self
         finally:
             self._images_once -= 1
-            if not self._images_once:
-                self.image_memo = None
 
     def unembed(self, hidden: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         """Logits of final hidden states, as the HF forward computes them from `hf_hidden`'s output."""

@@ -1,33 +1,44 @@
-"""The vision tower once per distinct image of a batch.
+"""The vision tower once per distinct image, and once per image across the stages of a run.
 
 A FlipBank's original and paraphrase prompts show the same film, so a batch of pair prompts holds
-each image several times; at MedGemma's 896-px SigLIP the tower costs more than the language
-model, and running it per prompt multiplies the cost of caching pairs, attribution and patching
-by the number of prompts per image. Inside `HookedVLM.distinct_images()` every forward with
-pixel values encodes each distinct image once and hands HF the result as `mm_encoder_outputs`
-(what Gemma 3's forward accepts in place of pixel values). The last batch's encoding is kept
-for the block (`ImageMemo`): a stage that runs one batch many times (the trace restores each
-layer × position group in its own forward: three per layer) runs the tower on it once, not once
-per forward. It stays off while any hook reads or edits the tower or the projector (those hooks
-must see every row), and off by default, so a plain forward stays bit-identical to HF's; margins
-under it match to float rounding (tested).
+each image several times, and the stages of one command (patching, its controls, the wording
+bound, a sweep) show the same films again; at MedGemma's 896-px SigLIP the tower costs more than
+the language model. Inside `HookedVLM.distinct_images()` every forward with pixel values hands HF
+the images' tower outputs as `mm_encoder_outputs` (what Gemma 3's forward accepts in place of pixel
+values), each image encoded alone, once, and kept in the model's `ImageMemo` under a digest of its
+bytes. An image's encoding is then a function of the image alone, not of the batch it first came
+in, so a result is the same bits whether the memo served it or the tower ran (and whatever ran
+before: a resumed run equals an uninterrupted one).
+
+The memo is keyed to the tower's state (each weight's identity, storage and version), so a weight
+changed in place or a module swapped empties it; it is used only while no hook reads or edits the
+tower or the projector (those hooks must see every row) or while the pixels require grad, keeps
+encodings without their graph (a served one carries none to the tower's weights: differentiate
+through the tower outside the block), and holds at most `max_bytes` (least recently used out
+first). The block is off by
+default, so a plain forward stays bit-identical to HF's; margins under it match to float rounding
+(tested).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-__all__ = ["ImageMemo", "distinct_rows", "encode_images_once", "images_once"]
+__all__ = ["MEMO_BYTES", "ImageMemo", "distinct_rows", "encode_images_once", "image_digest", "images_once"]
 
 T = TypeVar("T")
+MEMO_BYTES = 1 << 30  # ~400 MedGemma films in bfloat16 (256 soft tokens × 2,560 each), ~200 in float32
+TOWER_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 def distinct_rows(pixels: Float[Tensor, "image channel height width"]) -> tuple[list[int], Int[Tensor, " image"]]:
@@ -43,6 +54,72 @@ def distinct_rows(pixels: Float[Tensor, "image channel height width"]) -> tuple[
     return kept, inverse
 
 
+def image_digest(image: Float[Tensor, "channel height width"]) -> Hashable:
+    """What identifies one image's pixel values: shape, dtype and a digest of their bytes."""
+    data = image.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return tuple(image.shape), str(image.dtype), hashlib.sha256(data).digest()
+
+
+class ImageMemo:
+    """Tower outputs (`pooler_output`, one image's soft tokens) by `image_digest`, for one tower state.
+
+    Attributes:
+        max_bytes: The most the memo holds; 0 keeps nothing (the tower then runs on every image).
+        encoded: Images the tower has run on, through `encode_images_once`.
+        served: Images served from the memo instead.
+    """
+
+    def __init__(self, max_bytes: int = MEMO_BYTES) -> None:
+        self.max_bytes, self.encoded, self.served, self.nbytes = max_bytes, 0, 0, 0
+        self._rows: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._tower: Hashable = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        """Let go of every encoding."""
+        self._rows.clear()
+        self.nbytes = 0
+
+    def for_tower(self, state: Hashable) -> ImageMemo:
+        """This memo, emptied first if the tower's state is not the one its encodings came from."""
+        if state != self._tower:
+            self.clear()
+            self._tower = state
+        return self
+
+    def get(self, key: Hashable) -> Tensor | None:
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        return row
+
+    def put(self, key: Hashable, row: Tensor) -> None:
+        size = row.numel() * row.element_size()
+        if size > self.max_bytes or key in self._rows:
+            return
+        self._rows[key] = row
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, old = self._rows.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+
+
+def _tower_modules(hf_model: nn.Module) -> list[nn.Module]:
+    base = getattr(hf_model, "model", hf_model)
+    return [part for name in TOWER_PARTS if isinstance(part := getattr(base, name, None), nn.Module)]
+
+
+def _tower_state(modules: list[nn.Module]) -> Hashable:
+    """Each tower weight's identity, storage, version, dtype and device: changes when a weight does."""
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+        for module in modules
+        for t in (*module.parameters(), *module.buffers())
+    )
+
+
 def _tower_hooked(vlm: Any) -> bool:
     return any(
         point.fwd_hooks or point.bwd_hooks
@@ -51,56 +128,40 @@ def _tower_hooked(vlm: Any) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class ImageMemo:
-    """One batch's images as the tower encoded them (`pooler_output` per row), kept for reuse
-    while `pixels` is unchanged: the same tensor at the same version, or an equal one."""
-
-    pixels: Tensor
-    version: int
-    encoded: Any
-
-    @classmethod
-    def of(cls, pixels: Tensor, encoded: Any) -> ImageMemo:
-        return cls(pixels, pixels._version, encoded)
-
-    def serves(self, pixels: Tensor) -> bool:
-        """Whether `pixels` are the batch this memo encoded (an in-place change is not)."""
-        if self.pixels._version != self.version:
-            return False
-        if pixels is self.pixels:
-            return True
-        same_kind = pixels.shape == self.pixels.shape and pixels.dtype == self.pixels.dtype
-        return same_kind and torch.equal(pixels, self.pixels)
-
-
-def _encode(vlm: Any, pixels: Float[Tensor, "image channel height width"]) -> Any:
-    """Each distinct image through the tower once, its output given back to every row."""
-    kept, inverse = distinct_rows(pixels)
-    repeats = len(kept) < len(pixels)
-    encoded = vlm.hf_model.model.get_image_features(pixels[kept] if repeats else pixels, return_dict=True)
-    if repeats:
-        encoded.pooler_output = encoded.pooler_output[inverse.to(encoded.pooler_output.device)]
-    encoded.last_hidden_state = None  # per distinct image; nothing downstream reads it
-    return encoded
+def _encode(vlm: Any, pixels: Float[Tensor, "image channel height width"], *, memo: bool) -> Any:
+    """Each row's tower output, every distinct image encoded alone once (or, with `memo`, served
+    by the model's `ImageMemo` and kept there)."""
+    store: ImageMemo = vlm.image_memo
+    keys = [image_digest(image) for image in pixels]
+    rows: dict[Hashable, Tensor] = {}
+    for index, key in enumerate(keys):
+        if key in rows:
+            continue
+        row = store.get(key) if memo else None
+        if row is None:
+            row = vlm.hf_model.model.get_image_features(pixels[index : index + 1], return_dict=True).pooler_output[0]
+            store.encoded += 1
+            if memo:
+                store.put(key, row.detach())
+        else:
+            store.served += 1
+        rows[key] = row
+    return BaseModelOutputWithPooling(pooler_output=torch.stack([rows[key] for key in keys]))
 
 
 def encode_images_once(vlm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` for the HF forward with each distinct image encoded once, or taken from the
-    memo of the last batch when these are its images (unchanged when a hook is on the tower or
-    projector). A memo is kept only for an encoding without a graph (a backward through it
-    would otherwise be asked twice)."""
+    """`kwargs` for the HF forward with each distinct image encoded once, or served from the
+    model's `ImageMemo` (unchanged when a hook is on the tower or projector). Pixels that require
+    grad bypass the memo; a served encoding carries no graph to the tower's weights."""
     pixels = kwargs.get("pixel_values")
     if pixels is None or _tower_hooked(vlm):
         return kwargs
-    memo: ImageMemo | None = vlm.image_memo
-    if memo is not None and memo.serves(pixels):
-        encoded = memo.encoded
-    else:
-        encoded = _encode(vlm, pixels)
-        vlm.image_memo = None if encoded.pooler_output.requires_grad else ImageMemo.of(pixels, encoded)
+    modules = _tower_modules(vlm.hf_model)
+    memo = bool(modules) and not pixels.requires_grad
+    if memo:
+        vlm.image_memo.for_tower(_tower_state(modules))
     rest = {k: v for k, v in kwargs.items() if k != "pixel_values"}
-    return {**rest, "mm_encoder_outputs": {"image": encoded}}
+    return {**rest, "mm_encoder_outputs": {"image": _encode(vlm, pixels, memo=memo)}}
 
 
 def images_once(fn: Callable[..., T]) -> Callable[..., T]:
