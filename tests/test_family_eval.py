@@ -18,12 +18,14 @@ from flipscope.data.curation import CurationRules, curate
 from flipscope.data.flipbank import load_flipbank, save_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header, read_rows
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.directions import diffmean_direction
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.experiments.pairs import collect_pairs, pair_specs
 from flipscope.experiments.sweeps import layer_sweep
 from flipscope.interventions.edited import DirectionAblatedVLM
 from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.adapter import load_model_adapter
 from flipscope.model.shapes import centre_answer_readout
 from tests.test_families import FAMILIES, _save
 
@@ -170,6 +172,26 @@ def test_a_custom_model_adapter_evaluates_end_to_end(root: Path) -> None:
     got = np.array([r["margin"] for r in rows])
     expected = [want[(r["question_id"], r["prompt_index"], r["condition"])] for r in rows]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_model_adapter_caches_its_sites_across_its_separate_forwards(root: Path) -> None:
+    """The adapter above runs one forward per prompt: each fires its site once, and the cache joins
+    them along the batch, each row the activation of its own prompt's forward."""
+    adapted = load_model_adapter(f"{Path(__file__)}:TinyLlavaAdapter", str(_save("llava", root / "models-cache")))
+    site = "blocks.0.hook_resid_post"
+    same = [PromptSpec(question=q, condition="none") for q in ("Is there an effusion?", "Is there an opacity?")]
+    margins, cache = adapted.run_with_cache(adapted.prompts.build(same), names_filter=site)
+    assert list(cache) == [site] and cache[site].shape[0] == 2
+    for row, spec in enumerate(same):
+        alone = adapted.cache_activations(adapted.prompts.build([spec]), names_filter=[site])[site]
+        torch.testing.assert_close(cache[site][row : row + 1], alone, atol=0, rtol=0)
+    torch.testing.assert_close(margins, adapted.score(adapted.prompts.build(same)), atol=0, rtol=0)
+    longer = [same[0], PromptSpec(question="Do you see any pleural effusion in this film?", condition="none")]
+    with pytest.raises(FlipscopeError, match="fired 2 times with shapes .*cache one prompt at a time"):
+        adapted.cache_activations(adapted.prompts.build(longer), names_filter=site)
+    with pytest.raises(FlipscopeError, match="unknown hook name 'blocks.9.hook_resid_post'; valid names: blocks"):
+        adapted.cache_activations(adapted.prompts.build(same), names_filter=["blocks.9.hook_resid_post"])
+    assert not any(point.fwd_hooks for point in adapted.hook_dict.values())
 
 
 def test_a_model_adapter_spec_that_does_not_load_is_one_line(root: Path) -> None:

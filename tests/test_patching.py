@@ -207,6 +207,19 @@ def test_clamping_the_framing_feature_cuts_flips_at_no_accuracy_cost(setup, tmp_
     slow_cfg = EvalConfig(conditions=("image", "blank"), fast=False)
     slow = read_rows(run_sweep(clamped, few, slow_cfg, tmp_path / "slow.jsonl", progress=False).path)
     np.testing.assert_allclose([r["margin"] for r in fast], [r["margin"] for r in slow], atol=1e-4)
+    # the baseline and the clamped model share one tower run per film, the bits of their own runs
+    plain = read_rows(run_sweep(vlm, few, cfg, tmp_path / "plain.jsonl", progress=False).path)
+    vlm.image_memo.clear()
+    towers: list[int] = []
+    handle = vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
+    try:
+        compare_clamped(vlm, sae, few, [{feature: 0.0}], tmp_path / "few", progress=False)
+    finally:
+        handle.remove()
+    assert towers == [1] * (len({q.image for q in few}) + 1)  # each film and the blank, once for both models
+    for name, alone in (("baseline", plain), ("clamp-0", fast)):
+        shared = read_rows(tmp_path / "few" / name / "results.jsonl")
+        assert [r["margin"] for r in shared] == [r["margin"] for r in alone]
     assert _no_hooks_left(vlm)
 
 

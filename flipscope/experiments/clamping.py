@@ -5,6 +5,7 @@ McNemar's exact test)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ def compare_interventions(
     baseline (bootstrap CI and McNemar's test over questions). `baseline_store` reuses an
     evaluation of the same questions and config already on disk (resumed, not recomputed).
 
+    The interventions are `vlm`'s edited siblings and share its image memo: each film goes through
+    the vision tower once for all of them (`HookedVLM.distinct_images`; an edit on the tower
+    itself bypasses the memo): on the shared-prefix path, where each film runs alone anyway, the
+    same bits as a tower run per evaluation; on the batched path, equal to float rounding.
+
     Under a `launch`, each store is computed in shards (`run_sharded`); only the process that
     holds every merged store (rank 0, or one process) gets the report, the others None.
 
@@ -79,7 +85,8 @@ def compare_interventions(
         def run(part: tuple[int, int] | None, where: Path) -> Any:
             return run_sweep(model, questions, cfg, where, shard=part, progress=progress)
 
-        return run_sharded(run, path, launch, manual_in_place=False)
+        with model.distinct_images() if hasattr(model, "distinct_images") else nullcontext():
+            return run_sharded(run, path, launch, manual_in_place=False)
 
     base_path = Path(baseline_store) if baseline_store is not None else out / "baseline" / "results.jsonl"
     paths = {"baseline": sweep(vlm, base_path)}

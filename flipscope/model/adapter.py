@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 
 from flipscope.errors import FlipscopeError
+from flipscope.model.caching import NamesFilter, selected_names
 from flipscope.model.families.sites import HookSite
 from flipscope.model.hook_points import SiteHookPoint, describe_names
 from flipscope.model.images import BlankSpec, blank_image, load_image
@@ -143,24 +144,44 @@ class AdaptedModel(HookedRootModule):
             )
         return list(self.adapter.generate(batch, max_new_tokens))
 
-    def run_with_cache(self, batch: Any, *, names_filter: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Margins and the activations at the named sites (all when `names_filter` is None)."""
-        names = [n for n in self.hook_dict if names_filter is None or _selected(n, names_filter)]
-        cache: dict[str, Tensor] = {}
+    def run_with_cache(self, batch: Any, *, names_filter: NamesFilter = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Margins and the activations at the named sites (all when `names_filter` is None). An
+        adapter that runs its prompts in separate forwards fires a site once per forward: those
+        activations are joined along the batch.
+
+        Raises:
+            FlipscopeError: a name is not one of the adapter's sites, or one site's activations
+                from separate forwards differ in shape beyond the batch (prompts of different
+                lengths: cache one prompt at a time).
+        """
+        names = selected_names(self.hook_dict, names_filter)
+        for name in names:
+            self.check_hook_name(name)
+        fired: dict[str, list[Tensor]] = {name: [] for name in names}
 
         def save(tensor: Tensor, hook: Any) -> None:
-            cache[hook.name] = tensor.detach()
+            fired[hook.name].append(tensor.detach())
 
         with self.hooks(fwd_hooks=[(name, save) for name in names]):
-            return self.score(batch), cache
+            margins = self.score(batch)
+        return margins, {name: _joined(name, parts) for name, parts in fired.items() if parts}
+
+    def cache_activations(self, batch: Any, *, names_filter: NamesFilter = None) -> dict[str, Tensor]:
+        """`run_with_cache`'s activations alone. The adapter's forward runs to its end: flipscope
+        does not stop code it did not write."""
+        return self.run_with_cache(batch, names_filter=names_filter)[1]
 
 
-def _selected(name: str, names_filter: Any) -> bool:
-    if isinstance(names_filter, str):
-        return name == names_filter
-    if callable(names_filter):
-        return bool(names_filter(name))
-    return name in names_filter
+def _joined(name: str, parts: list[Tensor]) -> Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    shapes = {tuple(part.shape[1:]) for part in parts}
+    if len(shapes) > 1:
+        raise FlipscopeError(
+            f"hook {name!r} fired {len(parts)} times with shapes {sorted(tuple(p.shape) for p in parts)}: the "
+            "adapter runs its prompts in separate forwards of different lengths; cache one prompt at a time"
+        )
+    return torch.cat(parts)
 
 
 def load_model_adapter(spec: str, model: str) -> AdaptedModel:
