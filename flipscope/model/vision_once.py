@@ -42,15 +42,20 @@ TOWER_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 def distinct_rows(pixels: Float[Tensor, "image channel height width"]) -> tuple[list[int], Int[Tensor, " image"]]:
-    """The first row of each distinct image and, per row, the index of its image among those."""
+    """The first row of each distinct image (by `image_digest`) and, per row, the index of its
+    image among those."""
+    return _first_of_each([image_digest(image) for image in pixels])
+
+
+def _first_of_each(keys: list[Hashable]) -> tuple[list[int], Int[Tensor, " image"]]:
+    first: dict[Hashable, int] = {}
     kept: list[int] = []
-    inverse = torch.empty(pixels.shape[0], dtype=torch.long)
-    for row in range(pixels.shape[0]):
-        match = next((k for k, first in enumerate(kept) if torch.equal(pixels[row], pixels[first])), None)
-        if match is None:
-            match = len(kept)
+    inverse = torch.empty(len(keys), dtype=torch.long)
+    for row, key in enumerate(keys):
+        if key not in first:
+            first[key] = len(kept)
             kept.append(row)
-        inverse[row] = match
+        inverse[row] = first[key]
     return kept, inverse
 
 
@@ -133,10 +138,10 @@ def _encode(vlm: Any, pixels: Float[Tensor, "image channel height width"], *, me
     by the model's `ImageMemo` and kept there)."""
     store: ImageMemo = vlm.image_memo
     keys = [image_digest(image) for image in pixels]
-    rows: dict[Hashable, Tensor] = {}
-    for index, key in enumerate(keys):
-        if key in rows:
-            continue
+    kept, inverse = _first_of_each(keys)
+    rows: list[Tensor] = []
+    for index in kept:
+        key = keys[index]
         row = store.get(key) if memo else None
         if row is None:
             row = vlm.hf_model.model.get_image_features(pixels[index : index + 1], return_dict=True).pooler_output[0]
@@ -145,8 +150,8 @@ def _encode(vlm: Any, pixels: Float[Tensor, "image channel height width"], *, me
                 store.put(key, row.detach())
         else:
             store.served += 1
-        rows[key] = row
-    return BaseModelOutputWithPooling(pooler_output=torch.stack([rows[key] for key in keys]))
+        rows.append(row)
+    return BaseModelOutputWithPooling(pooler_output=torch.stack(rows)[inverse.to(rows[0].device)])
 
 
 def encode_images_once(vlm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
