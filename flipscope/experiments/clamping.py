@@ -5,7 +5,6 @@ McNemar's exact test)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from flipscope.experiments.sharded import run_sharded
 from flipscope.experiments.summary import question_table, summarize
 from flipscope.interventions.edited import ClampedVLM, EditedVLM
 from flipscope.model.hooked import HookedVLM
+from flipscope.model.vision_once import distinct_images_of
 from flipscope.stats import bootstrap
 
 __all__ = ["compare_clamped", "compare_interventions", "paired_difference"]
@@ -85,7 +85,7 @@ def compare_interventions(
         def run(part: tuple[int, int] | None, where: Path) -> Any:
             return run_sweep(model, questions, cfg, where, shard=part, progress=progress)
 
-        with model.distinct_images() if hasattr(model, "distinct_images") else nullcontext():
+        with distinct_images_of(model):
             return run_sharded(run, path, launch, manual_in_place=False)
 
     base_path = Path(baseline_store) if baseline_store is not None else out / "baseline" / "results.jsonl"

@@ -155,14 +155,12 @@ class AdaptedModel(HookedRootModule):
                 lengths: cache one prompt at a time).
         """
         names = selected_names(self.hook_dict, names_filter)
-        for name in names:
-            self.check_hook_name(name)
         fired: dict[str, list[Tensor]] = {name: [] for name in names}
 
         def save(tensor: Tensor, hook: Any) -> None:
             fired[hook.name].append(tensor.detach())
 
-        with self.hooks(fwd_hooks=[(name, save) for name in names]):
+        with self.hooks(fwd_hooks=[(name, save) for name in names]):  # checks each name
             margins = self.score(batch)
         return margins, {name: _joined(name, parts) for name, parts in fired.items() if parts}
 

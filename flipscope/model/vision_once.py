@@ -15,9 +15,8 @@ changed in place or a module swapped empties it; it is used only while no hook r
 tower or the projector (those hooks must see every row) or while the pixels require grad, keeps
 encodings without their graph (a served one carries none to the tower's weights: differentiate
 through the tower outside the block), and holds at most `max_bytes` (least recently used out
-first). The block is off by
-default, so a plain forward stays bit-identical to HF's; margins under it match to float rounding
-(tested).
+first). The block is off by default, so a plain forward stays bit-identical to HF's; margins under
+it match to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -34,7 +33,15 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-__all__ = ["MEMO_BYTES", "ImageMemo", "distinct_rows", "encode_images_once", "image_digest", "images_once"]
+__all__ = [
+    "MEMO_BYTES",
+    "ImageMemo",
+    "distinct_images_of",
+    "distinct_rows",
+    "encode_images_once",
+    "image_digest",
+    "images_once",
+]
 
 T = TypeVar("T")
 MEMO_BYTES = 1 << 30  # ~400 MedGemma films in bfloat16 (256 soft tokens × 2,560 each), ~200 in float32
@@ -169,12 +176,17 @@ def encode_images_once(vlm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "mm_encoder_outputs": {"image": _encode(vlm, pixels, memo=memo)}}
 
 
+def distinct_images_of(vlm: Any) -> AbstractContextManager[Any]:
+    """`vlm.distinct_images()`, or no block for a model without one (an adapter)."""
+    return vlm.distinct_images() if hasattr(vlm, "distinct_images") else nullcontext()
+
+
 def images_once(fn: Callable[..., T]) -> Callable[..., T]:
     """Run `fn(vlm, ...)` inside `vlm.distinct_images()` (for stages whose batches repeat images)."""
 
     @functools.wraps(fn)
     def wrapper(vlm: Any, *args: Any, **kwargs: Any) -> T:
-        with vlm.distinct_images() if hasattr(vlm, "distinct_images") else nullcontext():
+        with distinct_images_of(vlm):
             return fn(vlm, *args, **kwargs)
 
     return wrapper
