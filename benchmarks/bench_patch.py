@@ -10,7 +10,7 @@
    forward and the `ClampedVLM` forward (one feature clamped at every position) interleaved for
    `--rounds` rounds; prints median ms and the ratio.
 3. **Bank patch**: `patch_bank` with its two controls (the matched control features' own patch
-   and the same push along their rows) on every case, top-`--bank-features` features by mean |Δf|:
+   and the same push along the controls' rows) on every case, top-`--bank-features` features by mean |Δf|:
    each paraphrase once up to its last token and the last token once per patch (`fast=True`)
    against a full forward per patch (`fast=False`); prints seconds, the ratio, and the largest
    margin difference. `bench_medgemma.py` makes the same comparison at MedGemma's shapes.

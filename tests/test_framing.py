@@ -57,7 +57,10 @@ def test_a_planted_framing_is_claimed_and_the_readout_named() -> None:
     assert not alike.found and alike.specificity.labels[0] == "framing"
     assert alike.verdict.startswith("No framing mechanism was found at blocks.2.hook_resid_post: feature 0 carries")
     assert "but no more where the answer flipped than on the flips' own controls" in alike.verdict
-    assert "of the 40 flips were answers further from a margin of 0 than the wording moves 95%" in found.verdict
+    assert (
+        "of the 40 flips with a same-family control were answers further from a margin of 0 than the wording moves 95%"
+        in found.verdict
+    )
     out = found.to_dict()
     assert out["reach"]["beyond"] and out["reach"]["share_beyond"]["low"] > 0.5
     assert out["thresholds"]["answer_cos"] is None and set(out["nulls"]) == {"pearson", "spearman", "auc", "size"}

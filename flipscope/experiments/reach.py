@@ -71,10 +71,10 @@ class Reach:
         return self.informative and self.share.low > REACH_BAR
 
     def sentence(self) -> str:
-        """`0.832 [0.674, 1.000] of the 131 flips ... their controls (5.24 logits)`: the finding in words."""
+        """`0.832 [0.674, 1.000] of the 131 flips with a same-family control ... (5.24 logits)`: in words."""
         return (
-            f"{self.share} of the {self.share.n} flips were answers further from a margin of 0 than the wording "
-            f"moves 95% of their controls ({self.reach:.2f} logits)"
+            f"{self.share} of the {self.share.n} flips with a same-family control were answers further from a "
+            f"margin of 0 than the wording moves 95% of their controls ({self.reach:.2f} logits)"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def replicated(run: Mapping[str, Any]) -> bool:
 
 def beats_control(run: Mapping[str, Any]) -> bool | None:
     """Whether the held-out recovery's interval lies above the matched control features' and, where
-    it was measured, above the same push laid along their rows (None when no control was patched)."""
+    it was measured, above the same push laid along the matched controls' rows (None when no control was patched)."""
     rec = run["patch"]["flips"]["mean_recovery"]
     controls = [run["patch"].get(k, {}).get("mean_recovery") for k in ("matched_control_feature", "same_push_control")]
     controls = [c for c in controls if c and c.get("n")]
@@ -144,7 +144,7 @@ def _control_clause(run: Mapping[str, Any]) -> str:
             f"no matched control feature could be patched ({why})" if why else "no matched control feature was patched"
         )
     size = f"; their own push is {ratio:.2f}× the features'" if ratio is not None else ""
-    pushed = f", and the features' push laid along their rows recovers {fmt(push)}" if push else ""
+    pushed = f", and the features' push laid along the matched controls' rows recovers {fmt(push)}" if push else ""
     if beats:
         return (
             f"the matched control features recover less ({fmt(control)}{size}){pushed}, so the recovery is "

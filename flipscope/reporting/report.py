@@ -200,7 +200,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     table = _table(
         ["features removed (delta-only, last position)", "mean recovery [CI]", "flips reversed",
          "non-flip controls: margin change", "matched control features: recovery",
-         "the features' push along their rows: recovery"],
+         "the features' push along the controls' rows: recovery"],
         rows,
         paper_rows=1,
     )  # fmt: skip
@@ -216,7 +216,8 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         f"{fmt(disc['share_reversed'])} of flips; the same patch moves the non-flip controls by "
         f"{fmt(p['discovered'].get('controls', {}).get('mean_margin_change'))} logits; the matched control "
         f"features, each patched by its own Δf, recover {control_text(p['discovered'])}, and the features' own "
-        f"push laid along their rows recovers {fmt(p['discovered'].get('same_push_control', {}).get('mean_recovery'))}"
+        "push laid along the matched controls' rows recovers "
+        f"{fmt(p['discovered'].get('same_push_control', {}).get('mean_recovery'))}"
         ". "
         "The paper's single "
         f"feature recovered {paper['patch_mean_recovery']:.1%} and reversed {paper['patch_reversed']}."
