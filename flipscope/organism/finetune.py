@@ -28,7 +28,7 @@ from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism.config import OrganismConfig
 from flipscope.organism.data import question, sample_examples, sample_films
-from flipscope.organism.train import deterministic, stream
+from flipscope.organism.train import answer_loss, deterministic, stream
 
 __all__ = [
     "FINETUNES",
@@ -183,7 +183,6 @@ def finetune(vlm: HookedVLM, cfg: OrganismConfig, ft: FinetuneConfig, out: str |
             bias="none",
         )
         model = get_peft_model(vlm.hf_model, lora)
-        yes_id, no_id = vlm.answer_tokens.yes_ids[0], vlm.answer_tokens.no_ids[0]
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=0.0)
         losses: list[float] = []
@@ -192,10 +191,7 @@ def finetune(vlm: HookedVLM, cfg: OrganismConfig, ft: FinetuneConfig, out: str |
             if ft.objective == "consistency":
                 loss = consistency_step(model, vlm, data_cfg, rng, ft.batch_size)
             else:
-                examples = sample_examples(data_cfg, rng, ft.batch_size)
-                batch = vlm.prompts.build([e.spec for e in examples])
-                logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1]
-                loss = F.cross_entropy(logits, torch.tensor([yes_id if e.label else no_id for e in examples]))
+                loss = answer_loss(model, vlm, sample_examples(data_cfg, rng, ft.batch_size))[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -29,15 +29,15 @@ from flipscope.model.graft import graft_vision
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.images import load_image
 from flipscope.organism.config import OrganismConfig
-from flipscope.organism.data import sample_examples, sample_films
+from flipscope.organism.data import sample_films
 from flipscope.organism.train import (
     STREAM_INIT,
-    STREAM_TRAIN,
     STREAM_VISION,
     TrainLog,
     _soft_tokens,
     deterministic,
     stream,
+    train_answers,
 )
 
 __all__ = ["LORA_TARGETS", "align_vision", "base_folder", "grafted", "train_lora", "train_real"]
@@ -129,32 +129,8 @@ def train_lora(vlm: HookedVLM, cfg: OrganismConfig, *, progress: bool = True, lo
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20)  # then constant: the LoRA starts reading the film late in training
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    yes_id, no_id = vlm.answer_tokens.yes_ids[0], vlm.answer_tokens.no_ids[0]
-    rng = stream(cfg, STREAM_TRAIN)
     log = TrainLog(every=log_every)
-    window = [0.0, 0, 0]
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="training the LoRA", disable=not progress)
-    for step in bar:
-        examples = sample_examples(cfg, rng, cfg.batch_size)
-        batch = vlm.prompts.build([e.spec for e in examples])
-        logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        targets = torch.tensor([yes_id if e.label else no_id for e in examples])
-        loss = F.cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        window[0] += float(loss.detach()) * len(examples)
-        window[1] += int((logits[:, yes_id] > logits[:, no_id]).eq(targets == yes_id).sum())
-        window[2] += len(examples)
-        if (step + 1) % log_every == 0:
-            log.loss.append(window[0] / window[2])
-            log.accuracy.append(window[1] / window[2])
-            bar.set_postfix(loss=f"{log.loss[-1]:.3f}", acc=f"{log.accuracy[-1]:.3f}")
-            window = [0.0, 0, 0]
-    model.eval()
+    train_answers(model, vlm, cfg, optimizer, scheduler, log, desc="training the LoRA", progress=progress)
     for param in model.parameters():
         param.requires_grad_(False)
     return model, log

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from flipscope.model.hooked import HookedVLM
@@ -23,9 +25,9 @@ from flipscope.model.images import load_image
 from flipscope.model.tiny import TinyVLMConfig, build_tiny_vlm
 from flipscope.model.tiny_families import build_llava
 from flipscope.organism.config import OrganismConfig
-from flipscope.organism.data import sample_examples, sample_films, vocabulary
+from flipscope.organism.data import Example, sample_examples, sample_films, vocabulary
 
-__all__ = ["TrainLog", "deterministic", "train_model"]
+__all__ = ["TrainLog", "answer_loss", "deterministic", "train_answers", "train_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,57 @@ def pretrain_vision(vlm: HookedVLM, cfg: OrganismConfig, rng: np.random.Generato
     return hits / max(seen, 1)
 
 
+def answer_loss(
+    model: torch.nn.Module, vlm: HookedVLM, examples: Sequence[Example]
+) -> tuple[Float[Tensor, ""], Float[Tensor, "batch vocab"], Int[Tensor, " batch"]]:
+    """Cross-entropy of the first answer token at the last prompt position of `examples` (`model`
+    is `vlm`'s HF model or a PEFT wrapper of it), with the logits and targets it was taken on."""
+    yes_id, no_id = vlm.answer_tokens.yes_ids[0], vlm.answer_tokens.no_ids[0]
+    batch = vlm.prompts.build([e.spec for e in examples])
+    logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    targets = torch.tensor([yes_id if e.label else no_id for e in examples])
+    return F.cross_entropy(logits, targets), logits, targets
+
+
+def train_answers(
+    model: torch.nn.Module,
+    vlm: HookedVLM,
+    cfg: OrganismConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    log: TrainLog,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> None:
+    """Answer training, as every organism does it: `cfg.steps` steps of `answer_loss` on the
+    training stream, gradients clipped to norm 1 over what `optimizer` trains, the mean loss and
+    accuracy of each `log.every` steps appended to `log`; leaves `model` in eval mode."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    yes_id, no_id = vlm.answer_tokens.yes_ids[0], vlm.answer_tokens.no_ids[0]
+    rng = stream(cfg, STREAM_TRAIN)
+    window = [0.0, 0, 0]  # loss sum, hits, examples since the last entry
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
+    for step in bar:
+        examples = sample_examples(cfg, rng, cfg.batch_size)
+        loss, logits, targets = answer_loss(model, vlm, examples)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        window[0] += float(loss.detach()) * len(examples)
+        window[1] += int((logits[:, yes_id] > logits[:, no_id]).eq(targets == yes_id).sum())
+        window[2] += len(examples)
+        if (step + 1) % log.every == 0:
+            log.loss.append(window[0] / window[2])
+            log.accuracy.append(window[1] / window[2])
+            bar.set_postfix(loss=f"{log.loss[-1]:.3f}", acc=f"{log.accuracy[-1]:.3f}")
+            window = [0.0, 0, 0]
+    model.eval()
+
+
 def train_model(cfg: OrganismConfig, *, progress: bool = True, log_every: int = 50) -> tuple[HookedVLM, TrainLog]:
     """Build and train the organism's model; returns it in eval mode with its training log.
 
@@ -146,9 +199,6 @@ def train_model(cfg: OrganismConfig, *, progress: bool = True, log_every: int = 
         vlm = build_untrained(cfg)
         log_vision = pretrain_vision(vlm, cfg, stream(cfg, STREAM_VISION), progress=progress)
         model = vlm.hf_model
-        tokens = vlm.answer_tokens
-        yes_id, no_id = tokens.yes_ids[0], tokens.no_ids[0]
-        rng = stream(cfg, STREAM_TRAIN)
         core = model.model
         frozen = [*core.vision_tower.parameters(), *core.multi_modal_projector.parameters()]
         for param in frozen:
@@ -157,29 +207,7 @@ def train_model(cfg: OrganismConfig, *, progress: bool = True, log_every: int = 
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.steps))
         log = TrainLog(every=log_every, vision_accuracy=log_vision)
-        window_loss, window_hits, window_n = 0.0, 0, 0
-        model.train()
-        bar = tqdm(range(cfg.steps), desc="training organism", disable=not progress)
-        for step in bar:
-            examples = sample_examples(cfg, rng, cfg.batch_size)
-            batch = vlm.prompts.build([e.spec for e in examples])
-            logits = model(**batch.as_kwargs(), use_cache=False, logits_to_keep=1).logits[:, -1]
-            targets = torch.tensor([yes_id if e.label else no_id for e in examples])
-            loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            window_loss += float(loss.detach()) * len(examples)
-            window_hits += int((logits[:, yes_id] > logits[:, no_id]).eq(targets == yes_id).sum())
-            window_n += len(examples)
-            if (step + 1) % log_every == 0:
-                log.loss.append(window_loss / window_n)
-                log.accuracy.append(window_hits / window_n)
-                bar.set_postfix(loss=f"{log.loss[-1]:.3f}", acc=f"{log.accuracy[-1]:.3f}")
-                window_loss, window_hits, window_n = 0.0, 0, 0
+        train_answers(model, vlm, cfg, optimizer, scheduler, log, desc="training organism", progress=progress)
         for param in frozen:
             param.requires_grad_(True)
-        model.eval()
     return vlm, log
