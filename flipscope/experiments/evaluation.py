@@ -362,7 +362,7 @@ def run_sweep(
     if len(todo) < len(units):
         logger.info("resuming %s: %d of %d units already done", store_path, len(units) - len(todo), len(units))
     with store, torch.no_grad():
-        for condition, index in tqdm(todo, desc="evaluating", disable=not progress):
+        for condition, index in tqdm(todo, desc="evaluating", disable=not progress or not todo):
             specs, rows = unit_prompts(chunks[index], condition, swaps)
             margins = scorer.margins(specs, chunks[index], condition, swaps)
             _fill_rows(rows, margins, scorer.generated(specs) if cfg.generate_tokens else None)

@@ -67,7 +67,7 @@ def _sweep(
     mine = [(k, chunk) for k, chunk in enumerate(chunks) if shard is None or k % shard[1] == shard[0]]
     todo = [(k, chunk) for k, chunk in mine if f"cases/{k}" not in store.done]
     with store:
-        for k, chunk in tqdm(todo, desc=desc, disable=not progress):
+        for k, chunk in tqdm(todo, desc=desc, disable=not progress or not todo):
             margins = torch.cat(  # at most `batch_size` prompts per forward, as every other stage runs
                 [
                     variant_margins(vlm, [para_specs[i] for i in part], n_variants, hooks_for(part), fast=fast)
