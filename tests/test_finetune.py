@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flipscope.data.questions import load_questions
 from flipscope.errors import FlipscopeError
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
@@ -82,12 +83,33 @@ def test_the_shipped_adapters_are_what_their_configurations_say(ft: FinetuneConf
 
 
 @pytest.mark.slow
-def test_a_shipped_adapter_is_rebuilt_byte_for_byte(organism, tmp_path: Path) -> None:
+def test_a_shipped_adapter_is_rebuilt_on_any_machine(organism, tmp_path: Path) -> None:
+    """Rebuilt here, the shipped adapter's recipe gives the shipped model: the same answers on 400
+    prompts, margins within 0.1 logits and weights within 2e-3. Not its bytes: training carries
+    another CPU's float rounding through every step (measured on an AVX512 AMD EPYC against the
+    recording: weights 2.9e-4 apart, margins 0.018, no answer changed). A rebuild on one machine is
+    bitwise (`test_a_finetune_is_deterministic_leaves_the_model_and_loads_merged`)."""
+    from safetensors.torch import load_file
+
     vlm, _, card = organism
-    ft = FINETUNES[0]
-    finetune(vlm, OrganismConfig.from_dict(card["config"]), ft, tmp_path / ft.name)
-    shipped = default_adapters_dir() / ft.name / "adapter_model.safetensors"
-    assert (tmp_path / ft.name / "adapter_model.safetensors").read_bytes() == shipped.read_bytes()
+    cfg, ft = OrganismConfig.from_dict(card["config"]), FINETUNES[0]
+    finetune(vlm, cfg, ft, tmp_path / ft.name)
+    shipped = default_adapters_dir() / ft.name
+    rebuilt, recorded = (load_file(f / "adapter_model.safetensors") for f in (tmp_path / ft.name, shipped))
+    assert rebuilt.keys() == recorded.keys()
+    assert max(float((rebuilt[k] - recorded[k]).abs().max()) for k in recorded) < 2e-3
+    questions = load_questions(export_questions(cfg, tmp_path / "qs", n_films=10))
+    specs = [PromptSpec(question=p, image=q.image) for q in questions for p in (q.question, *q.paraphrases)]
+
+    def margins(adapter: Path) -> np.ndarray:
+        model = HookedVLM.from_pretrained(default_organism_dir(), adapter=adapter)
+        return torch.cat(
+            [model.score(model.prompts.build(specs[i : i + 32])) for i in range(0, len(specs), 32)]
+        ).numpy()
+
+    ours, theirs = margins(tmp_path / ft.name), margins(shipped)
+    assert len(specs) == 400 and np.abs(ours - theirs).max() < 0.1
+    assert np.array_equal(ours > 0, theirs > 0)
 
 
 def test_the_second_site_films_the_same_patients_differently(organism, tmp_path: Path) -> None:
