@@ -32,7 +32,7 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flipscope.data.atomic import write_json  # noqa: E402
 from flipscope.model.shapes import MEDGEMMA_4B  # noqa: E402
-from flipscope.model.vision_once import image_digest  # noqa: E402
+from flipscope.model.vision_once import image_digest, pixel_bytes  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -43,10 +43,6 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
-
-
-def _bytes(image: torch.Tensor):
-    return image.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
 
 
 def _tower_ms() -> float:
@@ -81,8 +77,8 @@ def main() -> None:
         image = film.to(dtype)
         ways = {
             "image_digest": lambda image=image: image_digest(image),
-            "sha256": lambda image=image: hashlib.sha256(_bytes(image)).digest(),
-            "xxh3_128": lambda image=image: xxhash.xxh3_128_digest(_bytes(image)),
+            "sha256": lambda image=image: hashlib.sha256(pixel_bytes(image)).digest(),
+            "xxh3_128": lambda image=image: xxhash.xxh3_128_digest(pixel_bytes(image)),
         }
         found[str(dtype).removeprefix("torch.")] = {
             "megabytes": image.numel() * image.element_size() / 1e6,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import xxhash
 from jaxtyping import Float, Int
@@ -41,6 +42,7 @@ __all__ = [
     "encode_images_once",
     "image_digest",
     "images_once",
+    "pixel_bytes",
 ]
 
 T = TypeVar("T")
@@ -66,6 +68,11 @@ def _first_of_each(keys: list[Hashable]) -> tuple[list[int], Int[Tensor, " image
     return kept, inverse
 
 
+def pixel_bytes(image: Tensor) -> np.ndarray:
+    """An image's pixel values as the bytes `image_digest` hashes (copied to the CPU if need be)."""
+    return image.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+
+
 def image_digest(image: Float[Tensor, "channel height width"]) -> Hashable:
     """What identifies one image's pixel values: shape, dtype and the XXH3-128 digest of their bytes.
 
@@ -73,8 +80,7 @@ def image_digest(image: Float[Tensor, "channel height width"]) -> Hashable:
     a pair, and it costs 0.15 ms on an 896-px film against SHA-256's 5.3 ms
     (`benchmarks/bench_digest.py`), which matters where the tower itself takes milliseconds (a GPU).
     It is not a defence against films crafted to collide."""
-    data = image.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-    return tuple(image.shape), str(image.dtype), xxhash.xxh3_128_digest(data)
+    return tuple(image.shape), str(image.dtype), xxhash.xxh3_128_digest(pixel_bytes(image))
 
 
 class ImageMemo:
