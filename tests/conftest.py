@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from flipscope.kernels import prefer_portable
+
+# Before torch loads (here, and in each xdist worker, which inherits the environment): organisms and
+# SAEs trained in the suite are then their recipe's bits on any x86-64 CPU with AVX2, as the
+# recorded numbers are (flipscope/kernels.py). A setting already in the environment is kept.
+prefer_portable()
+
 import random
 from pathlib import Path
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import kernel_settings
 from flipscope.model import PromptSpec
 from flipscope.organism import OrganismConfig, build_organism, load_card, load_organism
 
@@ -48,6 +49,7 @@ def test_card_records_config_files_and_behaviour(built) -> None:
     out, card = built
     assert OrganismConfig.from_dict(card["config"]) == REDUCED
     assert card["hook_name"] == "blocks.0.hook_resid_post"
+    assert card["build"]["kernels"] == kernel_settings()  # what trained it, portable or not
     assert {"model.safetensors", "config.json", "sae/cfg.json", "sae/sae_weights.safetensors"} <= set(card["sha256"])
     for name, digest in card["sha256"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name

@@ -19,6 +19,7 @@ from flipscope.data.store import iter_rows, read_header
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.discovery import discover
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.kernels import kernel_settings
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.shapes import centre_answer_readout
 from flipscope.sae.load import load_sae
@@ -54,6 +55,7 @@ def test_sae_train_on_llava_at_a_chosen_site_loads_and_discovery_runs_on_it(llav
     assert result.exit_code == 0, result.output
     report = json.loads((out / "training.json").read_text())
     assert report["hook"] == SITE and report["questions"] == {"train": 3, "held_out": 1}
+    assert report["kernels"] == kernel_settings()
     held = report["held_out"]
     assert f"FVU {held['fvu']:.3f}" in result.output and f"L0 {held['l0']:.1f}" in result.output
     assert held["fvu"] < 0.5 and 1 < held["l0"] < 12 and held["n_tokens"] > 0

@@ -9,6 +9,7 @@ import typer
 
 from flipscope.cli.common import app, fmt, one_line_errors, organism_app, writable
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import prefer_portable
 from flipscope.reporting.format import num
 
 
@@ -22,6 +23,7 @@ def organism_build(
     ),
 ) -> None:
     """Train an organism (model + SAE), measure it on held-out films, and write it with its card."""
+    prefer_portable()  # before torch loads: the build's bits are then any AVX2 CPU's
     from flipscope.organism import build_organism
 
     cfg = _read_config(config)
@@ -66,6 +68,7 @@ def organism_sweep(
 ) -> None:
     """Train the organism under each training-phrasing regime × seed (resumable) and compare the
     regimes' flip rates on seen and withheld phrasings, with tests across seeds."""
+    prefer_portable()  # before torch loads: the build's bits are then any AVX2 CPU's
     import dataclasses
 
     from flipscope.data.atomic import write_json
@@ -277,6 +280,7 @@ def organism_finetune(
 ) -> None:
     """LoRA-fine-tune the organism the way deployment fine-tunes are made (consistent, text-heavy data);
     writes each adapter (what ships) with its training log."""
+    prefer_portable()  # before torch loads: the build's bits are then any AVX2 CPU's
     from flipscope.organism import OrganismConfig, load_organism
     from flipscope.organism.finetune import FINETUNES, finetune
 
@@ -307,6 +311,7 @@ def organism_entry_sae(
     d_sae: int | None = typer.Option(None, help="Dictionary size (default: the organism's first SAE's)."),
 ) -> None:
     """Train the organism's second SAE, at the entry site, by its own recipe; record it in the card."""
+    prefer_portable()  # before torch loads: the build's bits are then any AVX2 CPU's
     from flipscope.organism.entry_sae import ENTRY_DIR, train_entry_sae
 
     with one_line_errors():

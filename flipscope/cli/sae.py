@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from flipscope.cli.common import ADAPTER_HELP, app, load_any_model, model_source, one_line_errors, writable
+from flipscope.kernels import prefer_portable
 
 __all__ = ["sae_app"]
 
@@ -36,6 +37,7 @@ def train(
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Train an SAE at HOOK on the questions' prompts; report FVU, L0 and dead share on held-out questions."""
+    prefer_portable()  # before torch loads: on a CPU the SAE's bits are then any AVX2 CPU's
     from flipscope.data.questions import load_questions
     from flipscope.experiments.site_sae import train_site_sae
     from flipscope.sae.train import SAETrainConfig

@@ -20,6 +20,7 @@ from flipscope.data.atomic import write_json
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.evaluation import check_evidence, swap_images, unit_prompts
+from flipscope.kernels import build_kernels
 from flipscope.sae.train import SAETrainConfig, sae_stats, save_trained_sae, site_activations, train_sae
 
 __all__ = ["REPORT_NAME", "train_site_sae"]
@@ -75,6 +76,7 @@ def train_site_sae(
         "questions": {"train": len(train), "held_out": len(held)},
         "held_out": sae_stats(sae, held_acts),
         "train": sae_stats(sae, acts),
+        "kernels": build_kernels(f"SAE at {hook}", vlm.device),
     }
     write_json(out / REPORT_NAME, report)
     return report

@@ -2,7 +2,8 @@
 text shortcut, its SAE, and a ground-truth card saying what every stage should find.
 
 The default organism ships in `flipscope/organism/default/` (see `default_organism_dir`); it is
-rebuilt bit for bit by `flipscope organism build`. `gemma3-270m` is the same story on the real
+rebuilt bit for bit by `flipscope organism build` on any x86-64 CPU with AVX2, which trains on the
+portable kernels (`flipscope.kernels`). `gemma3-270m` is the same story on the real
 google/gemma-3-270m language model with nothing planted; it ships as deltas over the installed
 base weights (`flipscope.organism.deltas`).
 """

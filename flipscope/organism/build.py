@@ -26,6 +26,7 @@ from torch import Tensor
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import build_kernels
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
@@ -294,6 +295,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
             "threads": cfg.threads,
             "torch": torch.__version__,
             "machine": platform.machine(),
+            "kernels": build_kernels(f"organism {out}"),
         },
         "training": training,
         "behaviour": summarize(table, cfg),

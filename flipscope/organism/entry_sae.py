@@ -17,6 +17,7 @@ from typing import Any
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import build_kernels
 
 __all__ = ["ENTRY_DIR", "load_entry_sae", "train_entry_sae"]
 
@@ -48,7 +49,8 @@ def train_entry_sae(organism: str | Path | None, hook: str, *, d_sae: int | None
         held_out = collect_activations(vlm, cfg, rng, max(cfg.sae_prompts // 5, 64), drop_first=real, hook=hook)
         trained = train_sae(acts, sized, hook=hook)
     sae = save_sae(trained, directory / ENTRY_DIR, half=True)
-    entry = {"hook": hook, "d_sae": sized.d_sae, **sae_stats(sae, held_out)}
+    kernels = build_kernels(f"entry SAE {hook}")
+    entry = {"hook": hook, "d_sae": sized.d_sae, **sae_stats(sae, held_out), "kernels": kernels}
     files = sorted(p for p in (directory / ENTRY_DIR).iterdir() if p.is_file())
     card["entry_sae"] = entry
     kept = {k: v for k, v in card["sha256"].items() if not k.startswith(f"{ENTRY_DIR}/")}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import build_kernels
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.organism.config import OrganismConfig
@@ -207,6 +208,7 @@ def finetune(vlm: HookedVLM, cfg: OrganismConfig, ft: FinetuneConfig, out: str |
         "trainable_params": sum(p.numel() for p in trainable),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
+        "kernels": build_kernels(f"adapter {out}"),
     }
     write_json(out / "finetune.json", log)
     return json.loads((out / "finetune.json").read_text())

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
+from flipscope.kernels import build_kernels
 from flipscope.organism.behaviour import MarginTable, _share, margin_table
 from flipscope.organism.config import REGIMES, OrganismConfig
 from flipscope.organism.data import sample_films
@@ -83,6 +84,7 @@ def _train_run(cfg: OrganismConfig, folder: Path, progress: bool) -> dict[str, A
         "seed": cfg.seed,
         "config": cfg.to_dict(),
         "train_seconds": round(seconds, 1),
+        "kernels": build_kernels(f"organism sweep run {cfg.regime}/{cfg.seed}"),
         "final_accuracy": log.accuracy[-1] if log.accuracy else None,
         "measures": run_measures(table, cfg),
     }
