@@ -121,9 +121,9 @@ def test_no_mechanism_is_claimed_on_null_seeds_at_scale(large_null_banks) -> Non
     """Three null seeds x two sites, each on a bank of 100+ pairs: large enough that a wording feature
     tracking the margin shifts further on the (near-boundary) flips beyond the swap null, as it did
     on 5 of these 6 when this was written. The reach refuses every one: most flips sat nearer 0 than
-    the wording moves its controls. A seed whose build here flips too rarely for 100 pairs (one
-    build on an AVX512 AMD EPYC: 70) must still claim nothing; the test is then an expected failure
-    that gives the sizes."""
+    the wording moves its controls. A seed whose build flips too rarely for 100 pairs (one build on
+    an AVX512 AMD EPYC's own kernels: 70; the suite trains on the portable ones) must still claim
+    nothing; the test is then an expected failure that gives the sizes."""
     for framing in large_null_banks:
         _claims_nothing(framing, f"seed {framing['seed']} {framing['sae']}")
     at_scale = [f for f in large_null_banks if f["n_pairs"] >= 100]

@@ -120,9 +120,10 @@ def entry_study(second, second_bank):
 
 def _traced(entry_study: dict) -> dict:
     """The study where this build's trace named an entry. Where it did not, the refusal is checked
-    for the reason it gives and the test is an expected failure that says so: the build is the
-    recipe trained under this CPU's rounding, and one build here (an AVX512 AMD EPYC) came out with
-    framing words that undo 0.437 [0.369, 0.504] of its flips' shift, below the trace's bar."""
+    for the reason it gives and the test is an expected failure that says so. On the portable
+    kernels the suite trains on, the build is the recorded one and its trace names layer 0; on an
+    AVX512 AMD EPYC's own kernels one build came out with framing words that undo 0.437
+    [0.369, 0.504] of its flips' shift, below the trace's bar."""
     trace = entry_study.get("untraced")
     if trace is None:
         return entry_study
