@@ -10,7 +10,7 @@ matches the shipped weights byte for byte, which native kernels there do not, no
 
 The libraries read these settings when they load, so they must be in the environment before
 `import torch`: flipscope's training commands and its test suite set them (`prefer_portable`), and
-every build records what it ran (`kernel_settings`). Inference needs no pinning: across kernels its
+every build records what it ran (`build_kernels`). Inference needs no pinning: across kernels its
 floats differ by about 1e-5, which the suite's tolerances absorb.
 """
 
@@ -40,7 +40,7 @@ def prefer_portable() -> bool:
     if "torch" not in sys.modules:
         for name, value in PORTABLE_KERNELS.items():
             os.environ.setdefault(name, value)
-    return all(os.environ.get(name, "").lower() == value.lower() for name, value in PORTABLE_KERNELS.items())
+    return all(_pinned(name) for name in PORTABLE_KERNELS)
 
 
 def kernel_settings() -> dict[str, Any]:
@@ -49,14 +49,16 @@ def kernel_settings() -> dict[str, Any]:
     so a CPU without AVX2 reports less than was asked for and is not portable)."""
     import torch
 
+    libraries = [name for name in PORTABLE_KERNELS if name != "ATEN_CPU_CAPABILITY"]
     settings: dict[str, Any] = {"aten": torch.backends.cpu.get_cpu_capability()}
-    settings |= {name: os.environ.get(name) for name in PORTABLE_KERNELS if name != "ATEN_CPU_CAPABILITY"}
-    settings["portable"] = settings["aten"] == "AVX2" and all(
-        (settings[name] or "").lower() == value.lower()
-        for name, value in PORTABLE_KERNELS.items()
-        if name != "ATEN_CPU_CAPABILITY"
-    )
+    settings |= {name: os.environ.get(name) for name in libraries}
+    settings["portable"] = settings["aten"] == "AVX2" and all(_pinned(name) for name in libraries)
     return settings
+
+
+def _pinned(name: str) -> bool:
+    """Whether the environment sets `name` to its portable value."""
+    return os.environ.get(name, "").lower() == PORTABLE_KERNELS[name].lower()
 
 
 def build_kernels(what: str, device: Any = "cpu") -> dict[str, Any]:
