@@ -31,7 +31,7 @@ def _fresh(code: str, **env: str) -> dict:
 CHOOSE_THEN_LOAD = (
     "import json, os\nfrom flipscope.kernels import prefer_portable\nportable = prefer_portable()\nimport torch\n"
     "print(json.dumps({'portable': portable, 'aten': torch.backends.cpu.get_cpu_capability(), "
-    "'env': {k: os.environ.get(k) for k in ('ATEN_CPU_CAPABILITY', 'MKL_CBWR', 'ONEDNN_MAX_CPU_ISA')}}))"
+    f"'env': {{k: os.environ.get(k) for k in {list(PORTABLE_KERNELS)!r}}}}}))"
 )
 
 
