@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ FIGURES = (
     "framing_entry",
     "lens_divergence",
     "site_recovery",
+    "feature_count",
 )
 SHIPPED = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 EXPECTED = Path(__file__).parent / "data" / "demo_expected.json"
@@ -90,11 +92,9 @@ def test_a_resumed_run_is_byte_identical_to_the_uninterrupted_one(demo, tmp_path
 
 
 def test_the_report_reads_claims_off_the_numbers(demo) -> None:
-    import re
-
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 9
+    assert len(readings) == 11
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
@@ -121,6 +121,11 @@ def test_the_report_reads_both_sites_side_by_side(demo) -> None:
     assert "Where the framing is a feature, and where it is the answer" in page
     assert "At blocks.0.hook_attn_out the framing is still a feature: the 5 features" in page
     assert "entry (chosen by the trace): blocks.0.hook_attn_out" in page
+    # how many features each site needs: a few at the entry; at the SAE's layer no count of its framing features
+    assert site["entry"]["count"]["needed"]["k"] is not None and summary["patching"]["count"]["needed"]["k"] is None
+    assert "How many features carry the framing" in page
+    assert re.search(r"At blocks\.0\.hook_attn_out: the first \d+ feature\(s\) recover .*? carried by \d+", page)
+    assert "At blocks.2.hook_resid_post: no count up to" in page
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:

@@ -29,6 +29,10 @@ BOUND_HELP = (
     "Judge the non-flips' margin change against how far corrupting their own framing words moves them "
     "(two forwards per non-flip)."
 )
+COUNT_HELP = (
+    "Also remove the first 1, 2, ..., n of FEATURES together (in the order given, e.g. discover's ranking), each "
+    "beside as many matched control features (resumable, count.jsonl): how many features carry the framing here."
+)
 ROWS_HELP = (
     "The --sweep's last-token rows per forward (prompt × feature): each holds a copy of its prompt's key/value "
     "cache, so this bounds the sweep's memory."
@@ -58,20 +62,19 @@ def patch(
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
     shard: str | None = typer.Option(None, help="The --sweep's part this process runs. " + SHARD_HELP),
     wording_bound: bool = typer.Option(True, help=BOUND_HELP),
+    count: bool = typer.Option(False, "--count", help=COUNT_HELP),
 ) -> None:
     """Remove features' contribution on the FlipBank's flips: margin recovered, flips reversed, controls."""
 
     from flipscope.data.flipbank import load_flipbank
-    from flipscope.experiments.control_bound import non_flip_wording
     from flipscope.experiments.launch import resolve_shard
     from flipscope.experiments.pairs import collect_pairs
-    from flipscope.experiments.patching import patch_bank
     from flipscope.sae.load import check_sae
 
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
     with one_line_errors():
         writable(out, folder=True)
-        chosen, swept = _patch_features(positions, features, sweep)
+        chosen, swept = _patch_features(positions, features, sweep, count)
         launch = resolve_shard(shard)
         main = launch is None or launch.is_main
         bank = load_flipbank(flipbank)
@@ -80,16 +83,14 @@ def patch(
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)], batch_size=batch_size)
         sizes = {"batch_size": batch_size, "rows_per_forward": rows_per_forward}
         if main:
-            wording = non_flip_wording(vlm, bank, batch_size) if wording_bound else None
-            result = patch_bank(
-                vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size, wording=wording
-            )
-            chosen_site = {} if site is None else {"site": site.to_dict()}
-            write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows, **chosen_site})
+            result = _patch_main(vlm, dictionary, bank, chosen, pairs, site, out, positions, wording_bound, batch_size)
+            counted = _count(vlm, dictionary, bank, chosen, pairs, out, sizes) if count else None
         path = _sweep(vlm, dictionary, bank, swept, pairs, out, launch, sizes) if swept else None
     if not main:
         return
     _print_patch(result.summary, chosen, positions, site)
+    if counted is not None:
+        _print_count(counted)
     if swept and path is not None:
         _print_sweep(path, swept)
     elif swept:
@@ -108,12 +109,38 @@ def _sweep(vlm, dictionary, bank, swept: list[int], pairs, out: Path, launch, si
     return run_sharded(part_of, out / "sweep.jsonl", launch, manual_in_place=False)
 
 
-def _patch_features(positions: str, features: str, sweep: str | None) -> tuple[list[int], list[int] | None]:
+def _count(vlm, dictionary, bank, chosen: list[int], pairs, out: Path, sizes: dict) -> dict:
+    """The --count sweep (resumable, count.jsonl), its summary written beside it as count.json."""
+    from flipscope.experiments.feature_count import count_features
+
+    return count_features(vlm, dictionary, bank, chosen, out / "count.jsonl", pairs=pairs, **sizes)
+
+
+def _patch_main(vlm, dictionary, bank, chosen: list[int], pairs, site, out: Path, positions: str, bound: bool,
+                batch_size: int):  # fmt: skip
+    """The patch of `chosen` together, written to patch.json (with the site chosen, if any)."""
+    from flipscope.experiments.control_bound import non_flip_wording
+    from flipscope.experiments.patching import patch_bank
+
+    wording = non_flip_wording(vlm, bank, batch_size) if bound else None
+    result = patch_bank(
+        vlm, dictionary, bank, chosen, positions=positions, pairs=pairs, batch_size=batch_size, wording=wording
+    )
+    chosen_site = {} if site is None else {"site": site.to_dict()}
+    write_json(out / "patch.json", {"summary": result.summary, "cases": result.rows, **chosen_site})
+    return result
+
+
+def _patch_features(
+    positions: str, features: str, sweep: str | None, count: bool = False
+) -> tuple[list[int], list[int] | None]:
     """The features patched together and those swept alone, after checking `positions`."""
     from flipscope.experiments.patching import POSITIONS
 
     if positions not in POSITIONS:
         raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
+    if count and positions != "last":
+        raise FlipscopeError(f"--count patches the last position; got --positions {positions}")
     return ints(features, "--features"), (_feature_list(sweep) if sweep else None)
 
 
@@ -183,3 +210,14 @@ def _print_sweep(path: Path, swept: list[int]) -> None:
     for feature in ranked[:10]:
         block = blocks[feature]
         typer.echo(f"    {feature:>6} {fmt(block['mean_recovery'])}  {block['share_reversed']['value']:.3f}")
+
+
+def _print_count(summary: dict) -> None:
+    typer.echo(f"  the first k features removed together at {summary['hook']}: k, flips' recovery [CI], "
+               "as many matched controls, non-flips' margin change")  # fmt: skip
+    for c in summary["counts"]:
+        control, moved = c.get("matched_control_feature"), c.get("controls")
+        control = "—" if control is None else format(control["mean_recovery"]["value"], "+.3f")
+        moved = "—" if moved is None else format(moved["mean_margin_change"]["value"], "+.3f")
+        typer.echo(f"    {c['k']:>3} {fmt(c['flips']['mean_recovery'])}  {control:>7}  {moved:>7}")
+    typer.echo(f"  {summary['needed']['reading']}")

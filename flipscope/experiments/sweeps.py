@@ -1,7 +1,8 @@
 """Patching sweeps: one variant at a time over every FlipBank case, into resumable stores.
 
-`patch_sweep` removes each feature alone (delta-only, last position); `layer_sweep` puts the
-original's residual in at each layer's `hook_resid_post`, last position. Both run on the
+`patch_sweep` removes each feature alone (delta-only, last position); `count_sweep` removes the
+first k of a ranking together, k = 1..K, beside as many matched control features; `layer_sweep`
+puts the original's residual in at each layer's `hook_resid_post`, last position. All run on the
 last-token fast path: an edit at the last position cannot reach earlier positions, so each
 prompt runs once up to its last token and the last token once per variant on that key/value
 cache (equal to full forwards within 1e-5, tested).
@@ -27,7 +28,7 @@ from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features
 from flipscope.sae.load import check_sae
 
-__all__ = ["layer_sweep", "patch_sweep"]
+__all__ = ["count_sweep", "layer_sweep", "patch_sweep"]
 
 
 @images_once
@@ -206,3 +207,51 @@ def layer_sweep(
         desc="layer sweep",
         shard=shard,
     )
+
+
+def count_sweep(
+    vlm: VLM,
+    sae: Any,
+    bank: Mapping[str, Any],
+    features: Sequence[int],
+    store_path: Any,
+    *,
+    fast: bool = True,
+    pairs: PairActivations | None = None,
+    batch_size: int = 32,
+    rows_per_forward: int = 1024,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> ResultStore:
+    """Delta-only patch of the first k of `features` together, k = 1..len(features), on every
+    case, beside the first k of their matched control features (`matched_control_features`, one
+    per feature in rank order, each by its own Δf), into a resumable store: rows carry `variant` =
+    `features:k` or `controls:k`. The header names the controls, or says why there are none."""
+    from flipscope.experiments.patching import matched_control_features
+
+    hook = check_sae(sae, vlm)
+    check_features(sae, features)
+    if len(set(features)) != len(features):
+        raise FlipscopeError(f"features {list(features)} name a feature twice; a count needs distinct features")
+    pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
+    header = {"kind": "count-sweep", "hook": hook, "features": [int(f) for f in features], "controls": None}
+    try:
+        controls = matched_control_features(sae, hook, pairs, features)
+        header["controls"] = controls
+    except FlipscopeError as err:
+        controls, header["no_control"] = [], str(err)
+    header.update(model=vlm.identity(), bank=bank.get("source", {}).get("questions"), n_cases=len(pairs.cases))
+    sets = [list(features), controls] if controls else [list(features)]
+    deltas = pairs.feature_delta(sae, hook)
+    rows_of = [(deltas[:, s][:, :, None] * sae.W_dec.detach()[s]).cumsum(1) for s in sets]  # case × k × d_model
+    labels = [f"{name}:{k}" for name in ("features", "controls")[: len(sets)] for k in range(1, len(features) + 1)]
+
+    def hooks_for(chunk: list[int]) -> list:
+        vectors = torch.cat([rows[chunk] for rows in rows_of], dim=1)  # case-major: features 1..K, controls 1..K
+        return [(hook, subtract_at_last(vectors.reshape(-1, vectors.shape[-1])))]
+
+    return _sweep(
+        vlm, pairs, header, store_path, len(labels), hooks_for, labels,
+        fast=fast, rows_per_forward=rows_per_forward, batch_size=batch_size, progress=progress,
+        desc="feature count sweep", shard=shard,
+    )  # fmt: skip

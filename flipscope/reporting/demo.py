@@ -36,6 +36,7 @@ class DemoConfig:
         trace_cases: Flips traced to find where the framing enters.
         layer_stride: Every how many layers the layer sweep and the trace look (1: all).
         exact_top: Top attributed features checked by exact single-feature ablation.
+        count_top: The first how many framing features are removed together, one count at a time.
         seed: Seed of every bootstrap and of the control draw.
     """
 
@@ -46,6 +47,7 @@ class DemoConfig:
     trace_cases: int = 64
     layer_stride: int = 1
     exact_top: int = 50
+    count_top: int = 12
     seed: int = 0
 
     @classmethod
@@ -203,6 +205,7 @@ def _patch(run: _Run) -> None:
         if key not in done:
             done[key] = patch_bank(vlm, sae, bank, features, pairs=pairs, wording=wording, progress=progress)
         f[name] = done[key]
+    f["count"] = _count(run, sae, f["discovery"], pairs, "count_main.jsonl")
     layers = layer_sweep(vlm, bank, run.work / "layer_sweep.jsonl", layers=_layers(run), pairs=pairs, progress=progress)
     f["layer_rows"] = read_rows(layers.path)
     for name in sets:
@@ -252,7 +255,19 @@ def _site(run: _Run) -> None:
     chosen, chosen_by = _patched(found, cfg.top_k)
     result = patch_bank(run.vlm, sae, f["bank"], chosen, pairs=pairs, wording=f["wording"], progress=run.progress)
     write_json(run.work / "site_patch.json", {"summary": result.summary, "cases": result.rows}, indent=None)
-    f["site"].update(discovery=found, chosen=chosen, chosen_by=chosen_by, patch=result)
+    count = _count(run, sae, found, pairs, "count_entry.jsonl")
+    f["site"].update(discovery=found, chosen=chosen, chosen_by=chosen_by, patch=result, count=count)
+
+
+def _count(run: _Run, sae: Any, found: Any, pairs: Any, name: str) -> dict[str, Any]:
+    """How many of discovery's first `count_top` features the framing needs at `sae`'s site."""
+    from flipscope.experiments.feature_count import count_features
+
+    features, _ = _patched(found, run.cfg.count_top)
+    return count_features(
+        run.vlm, sae, run.found["bank"], features, run.work / name, pairs=pairs, seed=run.cfg.seed,
+        progress=run.progress,
+    )  # fmt: skip
 
 
 def _clamp(run: _Run) -> None:

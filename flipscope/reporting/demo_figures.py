@@ -101,4 +101,11 @@ def _site_figures(summary: dict[str, Any]) -> dict[str, Any]:
              "control": main.get("matched_control_feature", {}).get("mean_recovery")},
         ]  # fmt: skip
         out["site_recovery"] = plots_sites.site_recovery(sites, title="Removing the five framing features at each site")
+    counts = [
+        {"site": f"{c['hook']} ({role})", "counts": c["counts"]}
+        for role, c in (("entry", (entry or {}).get("count")), ("the SAE's layer", summary["patching"].get("count")))
+        if c
+    ]
+    if counts:
+        out["feature_count"] = plots_sites.feature_count(counts)
     return out

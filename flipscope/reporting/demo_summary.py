@@ -89,6 +89,7 @@ def _flip_summary(run: Any) -> dict[str, Any]:
             "planted": f["patch_card"].summary if "patch_card" in f else None,
             "single": f["patch_single"].summary,
             "layers": layer_recovery(f["layer_rows"], cfg.seed),
+            "count": f["count"],
         },
         "replication": f["replication"],
         "upstream": f["upstream"],
@@ -115,5 +116,6 @@ def _site_summary(site: dict[str, Any]) -> dict[str, Any]:
             "patched": site["chosen"],
             "patched_by": site["chosen_by"],
             "patching": site["patch"].summary,
+            "count": site["count"],
         }
     return out

@@ -1,4 +1,5 @@
-"""Figures of where the framing lives: the logit lens per layer and the two SAE sites side by side.
+"""Figures of where the framing lives: the logit lens per layer, the two SAE sites side by side,
+and how many features each site needs.
 
 Results in, `plotly.graph_objects.Figure` out, like `flipscope.reporting.plots`."""
 
@@ -13,7 +14,7 @@ from plotly.subplots import make_subplots
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.plots import COLORS, LAYOUT, _error
 
-__all__ = ["lens_divergence", "site_recovery"]
+__all__ = ["feature_count", "lens_divergence", "site_recovery"]
 
 
 def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverge: the logit lens") -> go.Figure:
@@ -75,4 +76,37 @@ def site_recovery(sites: Sequence[Mapping[str, Any]], title: str = "Removing fea
                    name="matched control features", marker_color=COLORS["control"])
         )  # fmt: skip
     fig.update_layout(title=title, barmode="group", yaxis=dict(title="mean recovery of the yes−no margin"), **LAYOUT)
+    return fig
+
+
+def feature_count(
+    sites: Sequence[Mapping[str, Any]], target: float = 0.5, title: str = "How many features carry the framing"
+) -> go.Figure:
+    """Per site (`{site, counts}`, the counts of `summarize_counts`): the flips' mean recovery with
+    the first k framing features removed together, against k, with CIs; dotted beside it, as many
+    matched control features; the dashed line is the share a set must recover to carry the framing."""
+    if not sites or not all(s["counts"] for s in sites):
+        raise FlipscopeError("no feature counts to plot")
+    palette = [COLORS["patched"], COLORS["paraphrase"], COLORS["original"]]
+    fig = go.Figure()
+    for i, site in enumerate(sites):
+        colour = palette[i % len(palette)]
+        counts = site["counts"]
+        ks = [c["k"] for c in counts]
+        recovery = [c["flips"]["mean_recovery"] for c in counts]
+        fig.add_trace(
+            go.Scatter(x=ks, y=[r["value"] for r in recovery], error_y=_error(recovery), mode="lines+markers",
+                       name=f"{site['site']}: the first k features", line=dict(color=colour))
+        )  # fmt: skip
+        controls = [c.get("matched_control_feature") for c in counts]
+        if all(controls):
+            fig.add_trace(
+                go.Scatter(x=ks, y=[c["mean_recovery"]["value"] for c in controls], mode="lines",
+                           name=f"{site['site']}: as many matched controls", line=dict(color=colour, dash="dot"))
+            )  # fmt: skip
+    fig.add_hline(y=target, line=dict(color="gray", dash="dash"))
+    fig.update_layout(
+        title=title, xaxis=dict(title="features removed together (k, in discovery's order)", dtick=1),
+        yaxis=dict(title="mean recovery of the yes−no margin"), **LAYOUT,
+    )  # fmt: skip
     return fig

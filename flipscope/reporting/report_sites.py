@@ -55,7 +55,7 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     sentence = html.escape(site_comparison(site, s["discovery"], s["patching"]))
     head = lens + "<h3>Where the framing is a feature, and where it is the answer</h3>"
     if not site or not site.get("entry"):
-        return head + reading(sentence)
+        return head + reading(sentence) + _counts(s, figure)
     entry = site["entry"]
     main_hook = s["patching"]["discovered"]["setup"]["hook"]
     rows = [
@@ -79,5 +79,18 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     return (
         f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
         "ran there as at the SAE's layer, on the same FlipBank.</p>"
-        f"{grid}{reading(sentence)}{controls}{figure('site_recovery')}"
+        f"{grid}{reading(sentence)}{controls}{figure('site_recovery')}{_counts(s, figure)}"
+    )
+
+
+def _counts(s: Mapping[str, Any], figure: Any) -> str:
+    """How many features each site needs: the first k framing features removed together."""
+    counts = [c for c in (((s.get("site") or {}).get("entry") or {}).get("count"), s["patching"].get("count")) if c]
+    if not counts:
+        return ""
+    readings = "".join(reading(html.escape(f"At {c['hook']}: {c['needed']['reading']}")) for c in counts)
+    return (
+        "<h3>How many features carry the framing</h3><p>Discovery's framing features removed together, the first "
+        "one, then the first two, and so on, each count beside as many matched control features.</p>"
+        f"{readings}{figure('feature_count')}"
     )
