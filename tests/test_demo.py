@@ -123,9 +123,10 @@ def test_the_report_reads_both_sites_side_by_side(demo) -> None:
     assert "entry (chosen by the trace): blocks.0.hook_attn_out" in page
     # how many features each site needs: a few at the entry; at the SAE's layer no count of its framing features
     assert site["entry"]["count"]["needed"]["k"] is not None and summary["patching"]["count"]["needed"]["k"] is None
-    assert "How many features carry the framing" in page
-    assert re.search(r"At blocks\.0\.hook_attn_out: the first \d+ feature\(s\) recover .*? carried by \d+", page)
-    assert "At blocks.2.hook_resid_post: no count up to" in page
+    assert "How many features undo the flips" in page
+    entry_reading = r"At blocks\.0\.hook_attn_out, features ranked by framing specificity: the first \d+ feature\(s\)"
+    assert re.search(entry_reading + r" recover .*? enough to undo the flips", page)
+    assert "At blocks.2.hook_resid_post, features ranked by framing specificity: no count up to" in page
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:

@@ -84,7 +84,7 @@ def test_at_the_entry_site_a_few_framing_features_carry_the_framing(sites, tmp_p
     features = sites[2]["entry"]["found"].framing_features(8)
     needed = _counted(sites, "entry", features, tmp_path / "count.jsonl")["needed"]
     assert needed["k"] is not None and needed["k"] <= 8, needed["reading"]
-    assert f"carried by {needed['k']} feature(s)" in needed["reading"]
+    assert f"{needed['k']} of these features are enough to undo the flips" in needed["reading"]
 
 
 def test_at_the_main_site_no_count_carries_it(sites, tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_at_the_main_site_no_count_carries_it(sites, tmp_path: Path) -> None:
     features = sites[2]["main"]["found"].framing_features(12)
     needed = _counted(sites, "main", features, tmp_path / "count.jsonl")["needed"]
     assert needed["k"] is None and needed["k_point"] is None
-    assert "spread over more features than these" in needed["reading"]
+    assert "these features do not undo the flips here" in needed["reading"]
 
 
 def test_the_least_framing_specific_features_carry_nothing(sites, tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def _count(value: float, low: float, control: float | None, n: int = 40, k: int 
 
 def test_the_sentence_is_chosen_by_the_numbers() -> None:
     carried = features_needed([_count(0.3, 0.2, 0.0, k=1), _count(0.7, 0.6, 0.02, k=2)])
-    assert carried["k"] == 2 and carried["k_point"] == 2 and "carried by 2 feature(s)" in carried["reading"]
+    assert carried["k"] == 2 and carried["k_point"] == 2 and "2 of these features are enough" in carried["reading"]
     unspecific = features_needed([_count(0.7, 0.6, MAX_CONTROL + 0.05)])
     assert unspecific["k"] is None and "not shown to be specific" in unspecific["reading"]
     uncontrolled = features_needed([_count(0.7, 0.6, None)])

@@ -10,6 +10,7 @@ is zeroed so every prompt gets the same margin, makes the no-flip branch certain
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -165,6 +166,10 @@ def test_the_demo_report_claims_no_mechanism(null_run) -> None:
         patch = readings[readings.index("Subtracting") :]
         assert patch.count(f"(from only {n_flips} case") >= 3
     assert summary["discovery"]["found"] is False and "No framing mechanism" in summary["discovery"]["verdict"]
+    # the count of features that undo the flips says how they were ranked, and claims no framing
+    count = summary["patching"]["count"]
+    assert summary["discovery"]["patched_by"].startswith(count["ranked_by"])
+    assert f"{count['hook']}, features ranked by {count['ranked_by']}: " in html.unescape(readings)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ the recovery of the yes−no margin saturates within a few; where it is spread o
 become the answer readout (the same organism at `blocks.2.hook_resid_post`), no small count
 recovers it. `count_sweep` (`flipscope.experiments.sweeps`) runs every count on every case into a
 resumable store; `summarize_counts` reads it into one `summarize_patch` block per count, the
-patch command's statistics, and `features_needed` chooses the sentence: the framing is carried
-by the first k features only when their recovery's interval lies above the target and as many
-matched control features recover less than `MAX_CONTROL` of the margin.
+patch command's statistics, and `features_needed` chooses the sentence: the first k features are
+enough to undo the flips only when their recovery's interval lies above the target and as many
+matched control features recover less than `MAX_CONTROL` of the margin. The sentence speaks of
+the features given, not of a mechanism: whether they carry the framing is discovery's claim.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def features_needed(counts: list[Mapping[str, Any]], *, target: float = TARGET) 
         c = specific[0]
         out["reading"] = (
             f"{few}the first {c['k']} feature(s) recover {_est(c['flips']['mean_recovery'])} of the margin, the "
-            f"interval above {target}, while as many matched control features recover {control(c):+.2f}: here "
-            f"the framing is carried by {c['k']} feature(s)."
+            f"interval above {target}, while as many matched control features recover {control(c):+.2f}: "
+            f"{c['k']} of these features are enough to undo the flips here."
         )
     elif above:
         c = above[0]
@@ -130,8 +131,8 @@ def features_needed(counts: list[Mapping[str, Any]], *, target: float = TARGET) 
         last = counts[-1]
         out["reading"] = (
             f"{few}no count up to {last['k']} recovers {target} of the margin (all {last['k']} together: "
-            f"{_est(last['flips']['mean_recovery'])}): here the framing is spread over more features than these, "
-            "or is not in this SAE's features."
+            f"{_est(last['flips']['mean_recovery'])}): these features do not undo the flips here; what flipped them "
+            "is spread over more features, or lies outside them."
         )
     return out
 

@@ -260,14 +260,16 @@ def _site(run: _Run) -> None:
 
 
 def _count(run: _Run, sae: Any, found: Any, pairs: Any, name: str) -> dict[str, Any]:
-    """How many of discovery's first `count_top` features the framing needs at `sae`'s site."""
+    """How many of discovery's first `count_top` features (as `_patched` chooses them) undo the flips
+    at `sae`'s site, and what ranked them."""
     from flipscope.experiments.feature_count import count_features
 
-    features, _ = _patched(found, run.cfg.count_top)
-    return count_features(
+    features, chosen_by = _patched(found, run.cfg.count_top)
+    counted = count_features(
         run.vlm, sae, run.found["bank"], features, run.work / name, pairs=pairs, seed=run.cfg.seed,
         progress=run.progress,
     )  # fmt: skip
+    return {**counted, "ranked_by": "framing specificity" if chosen_by == "framing specificity" else "attribution"}
 
 
 def _clamp(run: _Run) -> None:

@@ -80,11 +80,11 @@ def site_recovery(sites: Sequence[Mapping[str, Any]], title: str = "Removing fea
 
 
 def feature_count(
-    sites: Sequence[Mapping[str, Any]], target: float = 0.5, title: str = "How many features carry the framing"
+    sites: Sequence[Mapping[str, Any]], target: float = 0.5, title: str = "How many features undo the flips"
 ) -> go.Figure:
     """Per site (`{site, counts}`, the counts of `summarize_counts`): the flips' mean recovery with
-    the first k framing features removed together, against k, with CIs; dotted beside it, as many
-    matched control features; the dashed line is the share a set must recover to carry the framing."""
+    the first k of a ranking's features removed together, against k, with CIs; dotted beside it, as
+    many matched control features; dashed, the share the features must recover to undo the flips."""
     if not sites or not all(s["counts"] for s in sites):
         raise FlipscopeError("no feature counts to plot")
     palette = [COLORS["patched"], COLORS["paraphrase"], COLORS["original"]]

@@ -84,13 +84,17 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
 
 
 def _counts(s: Mapping[str, Any], figure: Any) -> str:
-    """How many features each site needs: the first k framing features removed together."""
+    """How many features each site needs: the first k of discovery's features removed together."""
     counts = [c for c in (((s.get("site") or {}).get("entry") or {}).get("count"), s["patching"].get("count")) if c]
     if not counts:
         return ""
-    readings = "".join(reading(html.escape(f"At {c['hook']}: {c['needed']['reading']}")) for c in counts)
+    readings = "".join(
+        reading(html.escape(f"At {c['hook']}, features ranked by {c['ranked_by']}: {c['needed']['reading']}"))
+        for c in counts
+    )
     return (
-        "<h3>How many features carry the framing</h3><p>Discovery's framing features removed together, the first "
-        "one, then the first two, and so on, each count beside as many matched control features.</p>"
+        "<h3>How many features undo the flips</h3><p>Discovery's features removed together, the first one, then "
+        "the first two, and so on, each count beside as many matched control features. Whether those features "
+        "carry the framing is discovery's claim above; this says how many of them the flips need.</p>"
         f"{readings}{figure('feature_count')}"
     )
