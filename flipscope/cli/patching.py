@@ -31,7 +31,7 @@ BOUND_HELP = (
 )
 COUNT_HELP = (
     "Also remove the first 1, 2, ..., n of FEATURES together (in the order given, e.g. discover's ranking), each "
-    "beside as many matched control features (resumable, count.jsonl): how many features carry the framing here."
+    "beside as many matched control features (resumable, count.jsonl): how many of them the flips need."
 )
 ROWS_HELP = (
     "The --sweep's last-token rows per forward (prompt × feature): each holds a copy of its prompt's key/value "

@@ -1,4 +1,4 @@
-"""How many features carry the framing: the first k of a ranking removed together, k = 1..K.
+"""How many features undo the flips: the first k of a ranking removed together, k = 1..K.
 
 Where the framing is a handful of features (the shipped organism at `blocks.0.hook_attn_out`)
 the recovery of the yes−no margin saturates within a few; where it is spread over many, or has
@@ -23,7 +23,7 @@ from flipscope.experiments.patching import summarize_patch
 
 __all__ = ["MAX_CONTROL", "MIN_CASES", "TARGET", "count_features", "features_needed", "summarize_counts"]
 
-TARGET = 0.5  # the share of the margin a set of features must recover to carry the framing
+TARGET = 0.5  # the share of the margin a set of features must recover to undo the flips
 MAX_CONTROL = 0.1  # what as many matched control features may recover
 MIN_CASES = 10  # below this many flips an estimate says so
 
@@ -72,12 +72,10 @@ def summarize_counts(
         if not patched:
             raise FlipscopeError(f"the count sweep has no rows for the first {k} features; is the store complete?")
         control = by_variant.get(f"controls:{k}", {})
-        merged = [
-            {**row, "m_control_feature": control[case]["m_patched"]} if case in control else row
-            for case, row in patched.items()
-        ]
-        if control and len(control) != len(patched):
-            raise FlipscopeError(f"count {k}: {len(patched)} patched cases but {len(control)} with controls")
+        if control and set(control) != set(patched):
+            raise FlipscopeError(f"count {k}: the store's controls cover other cases than its patch; is it complete?")
+        merged = [{**row, "m_control_feature": control[case]["m_patched"]} if control else row
+                  for case, row in patched.items()]  # fmt: skip
         counts.append({"k": k, "features": features[:k], **summarize_patch(merged, seed=seed)})
     out = {"hook": header["hook"], "features": features, "controls": header.get("controls"), "counts": counts}
     if header.get("no_control"):
@@ -125,7 +123,7 @@ def features_needed(counts: list[Mapping[str, Any]], *, target: float = TARGET) 
         c = reached[0]
         out["reading"] = (
             f"{few}the first {c['k']} feature(s) recover {_est(c['flips']['mean_recovery'])} of the margin, but the "
-            f"interval reaches below {target}: these flips do not settle how many features carry the framing."
+            f"interval reaches below {target}: these flips do not settle how many of these features undo them."
         )
     else:
         last = counts[-1]

@@ -36,7 +36,8 @@ class DemoConfig:
         trace_cases: Flips traced to find where the framing enters.
         layer_stride: Every how many layers the layer sweep and the trace look (1: all).
         exact_top: Top attributed features checked by exact single-feature ablation.
-        count_top: The first how many framing features are removed together, one count at a time.
+        count_top: The first how many of discovery's features (framing, else attribution) are removed
+            together, one count at a time.
         seed: Seed of every bootstrap and of the control draw.
     """
 
