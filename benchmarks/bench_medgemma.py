@@ -6,11 +6,12 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 16,384 features at its middle layer. The organism's questions and films (resized to 896 px by the
 processor) go through the commands a user runs, each a fresh process whose peak RSS and wall time
 are measured: evaluate (image, blank) → curate → discover (attribution and exact ablation) →
-discovery-paths → patch (with a --sweep) → bank-patch → memo → rank1 → trace → stream → clamp. The
-discovery-paths, bank-patch, memo, rank1, trace and stream stages run in this process: discover's
+discovery-paths → patch (with a --sweep) → bank-patch → count → memo → rank1 → trace → stream → clamp.
+The discovery-paths, bank-patch, count, memo, rank1, trace and stream stages run in this process: discover's
 three model-running steps on their suffix and last-token paths against whole prompts
 (`discovery_paths`), `patch_bank` with both controls on the last-token path against full forwards
-(`bench_patch.bank_patch_paths`), `flipscope patch`'s steps with each film's tower output kept
+(`bench_patch.bank_patch_paths`), `flipscope patch --count`'s one sweep against a `patch_bank` per
+count (`bench_patch.count_paths`), `flipscope patch`'s steps with each film's tower output kept
 between them against the tower on every film in every step (`bench_patch.memo_paths`), rank-1
 patching at the SAE's hook with its random null drawn once at 32 directions against the expected
 best of 32 from 256 (`bench_patch.rank1_paths`), and the causal trace on the questions alone, each
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_patch import bank_patch_line, bank_patch_paths, memo_paths, rank1_paths
+from bench_patch import bank_patch_line, bank_patch_paths, count_line, count_paths, memo_paths, rank1_paths
 
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
@@ -56,7 +57,8 @@ from flipscope.organism.questions import export_questions
 from flipscope.sae.load import check_sae, load_sae
 
 STAGES = (
-    "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "memo", "rank1", "trace", "stream",
+    "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "count", "memo", "rank1", "trace",
+    "stream",
     "clamp",
 )  # fmt: skip
 
@@ -137,6 +139,12 @@ def medgemma_bank_patch(model: Path, sae: Path, bank: Path) -> dict:
     (8 prompts per forward, as the CLI stages run)."""
     vlm = HookedVLM.from_pretrained(model)
     return bank_patch_paths(vlm, load_sae(sae), load_flipbank(bank), n_features=3, batch_size=8)
+
+
+def medgemma_count(model: Path, sae: Path, bank: Path) -> dict:
+    """`flipscope patch --count` over 5 features as one sweep against a `patch_bank` per count
+    (`bench_patch.count_paths`), 8 prompts per forward."""
+    return count_paths(HookedVLM.from_pretrained(model), load_sae(sae), load_flipbank(bank), n_features=5, batch_size=8)
 
 
 def medgemma_memo(model: Path, sae: Path, bank: Path) -> dict:
@@ -346,6 +354,7 @@ def main() -> None:
         bank = work / "bank" / "flipbank.json"
         in_process = {
             "bank-patch": ("bank_patch", lambda: medgemma_bank_patch(model, sae, bank)),
+            "count": ("feature_count", lambda: medgemma_count(model, sae, bank)),
             "trace": ("trace", lambda: trace_paths(model, bank)),
             "discovery-paths": ("discovery_paths", lambda: discovery_paths(model, sae, bank)),
             "rank1": ("rank1", lambda: medgemma_rank1(model, args.depth // 2, bank)),
@@ -356,7 +365,8 @@ def main() -> None:
             if stage in in_process:
                 key, run = in_process[stage]
                 report[key] = run()
-                line = bank_patch_line(report[key]) if stage == "bank-patch" else f"{stage}: {json.dumps(report[key])}"
+                lines = {"bank-patch": bank_patch_line, "count": count_line}
+                line = lines[stage](report[key]) if stage in lines else f"{stage}: {json.dumps(report[key])}"
                 print(line, flush=True)
                 continue
             command = stage_commands(model, sae, questions, work, features)[stage]

@@ -18,7 +18,13 @@
    and 262,208-token vocabulary, through the full unembedding then `yes_no_margin` against the
    answer tokens' rows alone (`head_margin`, what the last-token and shared-prefix paths read);
    a rank-1 null scores 257 such rows per flip.
-5. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
+5. **Feature count**: how many of the top-`--count-features` features (by mean |Δf|, at the
+   organism's entry SAE) undo the flips, as `flipscope patch --count` runs it (`count_sweep`: each
+   paraphrase once up to its last token, then the last token once per count and per count's
+   controls) against `patch_bank` once per count with the same controls (a prompt forward per case
+   per count, plus its same-push control); prints seconds, the ratio, and the largest difference
+   between the two ways' patched margins.
+6. **Rank-1 null**: rank-1 patching at the organism's entry (`blocks.0.hook_attn_out`) with its
    random-direction null drawn once at the size it reports (the best of 32 from 32 directions)
    against the expected best of 32 from `--draws` directions (the default); prints seconds, the
    ratio, and both nulls' values.
@@ -50,7 +56,7 @@ from flipscope.data.store import read_rows
 from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.rank1 import rank1_patch
-from flipscope.experiments.sweeps import patch_sweep
+from flipscope.experiments.sweeps import count_sweep, patch_sweep
 from flipscope.experiments.upstream import framing_word_shifts
 from flipscope.interventions.edited import ClampedVLM
 from flipscope.model import HookedVLM, PromptSpec
@@ -221,6 +227,47 @@ def memo_paths(vlm, sae, bank: dict, n_features: int, batch_size: int, film: Pro
     return report
 
 
+def count_paths(vlm, sae, bank: dict, n_features: int, batch_size: int) -> dict:
+    """The count sweep against one `patch_bank` per count (same features, same controls)."""
+    hook = sae.cfg.metadata.hook_name
+    pairs = collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=False)
+    features = pairs.feature_delta(sae, hook)[torch.from_numpy(pairs.is_flip)].abs().mean(0).topk(n_features)
+    features = features.indices.tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm.image_memo.clear()
+        start = time.perf_counter()
+        store = count_sweep(vlm, sae, bank, features, Path(tmp) / "count.jsonl", pairs=pairs, batch_size=batch_size,
+                            progress=False)  # fmt: skip
+        sweep_s = time.perf_counter() - start
+        rows, controls = read_rows(store.path), store.header["controls"]
+    swept = {(r["case"], r["variant"]): r["m_patched"] for r in rows}
+    vlm.image_memo.clear()
+    start, diff = time.perf_counter(), 0.0
+    for k in range(1, n_features + 1):
+        patched = patch_bank(vlm, sae, bank, features[:k], pairs=pairs, batch_size=batch_size,
+                             control_features=controls[:k], progress=False).rows  # fmt: skip
+        for r in patched:
+            diff = max(diff, abs(r["m_patched"] - swept[r["case"], f"features:{k}"]),
+                       abs(r["m_control_feature"] - swept[r["case"], f"controls:{k}"]))  # fmt: skip
+    separate_s = time.perf_counter() - start
+    return {"cases": len(pairs.cases), "features": features, "count_s": sweep_s, "separate_s": separate_s,
+            "ratio": separate_s / sweep_s, "max_margin_diff": diff}  # fmt: skip
+
+
+def organism_count(n_features: int) -> dict:
+    from flipscope.organism.entry_sae import load_entry_sae
+
+    vlm, _, _ = load_organism()
+    return count_paths(vlm, load_entry_sae(), load_flipbank(BANK), n_features, batch_size=32)
+
+
+def count_line(n: dict) -> str:
+    return (
+        f"feature count, {len(n['features'])} counts x {n['cases']} cases: one sweep {n['count_s']:.2f} s, a patch "
+        f"per count {n['separate_s']:.2f} s, ratio {n['ratio']:.1f}x, max margin diff {n['max_margin_diff']:.1e}"
+    )
+
+
 def rank1_paths(vlm, pairs, hook: str, draws: int) -> dict:
     """Rank-1 patching at `hook` with its null drawn once at 32 directions and from `draws`."""
     rank1_patch(vlm, pairs, hook, n_random=4, n_draws=4)  # warm up
@@ -249,6 +296,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=256)
     parser.add_argument("--bank-features", type=int, default=5)
     parser.add_argument("--head-rows", type=int, default=257)
+    parser.add_argument("--count-features", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patch.json"))
     args = parser.parse_args()
@@ -262,6 +310,7 @@ def main() -> None:
         "bank_patch": organism_bank_patch(args.bank_features),
         "answer_head": answer_head(args.head_rows, args.rounds),
         "rank1_null": rank1_null(args.draws),
+        "feature_count": organism_count(args.count_features),
     }
     s, c, r, b = result["feature_sweep"], result["clamp"], result["rank1_null"], result["bank_patch"]
     print(
@@ -284,6 +333,7 @@ def main() -> None:
         f"({r['best_of_32_one_draw']:.3f}), expected from {r['draws']} {r['expected_s']:.2f} s "
         f"({r['best_of_32_expected']:.3f}), ratio {r['ratio']:.1f}x"
     )
+    print(count_line(result["feature_count"]))
     write_json(args.out, result, indent=1)
 
 

@@ -144,6 +144,8 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     assert report["precision"]["max_abs_prefix_vs_batched_float32"] < 1e-3
     # patching's last-token path against full forwards, and rank-1's null, at these shapes
     assert report["bank_patch"]["max_margin_diff"] < 1e-3 and report["bank_patch"]["cases"] > 0
+    counted = report["feature_count"]  # one count sweep against a patch_bank per count
+    assert counted["max_margin_diff"] < 1e-3 and counted["cases"] == report["bank_patch"]["cases"]
     assert report["rank1"]["flips"] == report["flipbank"]["flips"] and report["rank1"]["draws"] == 256
     # discover's model-running steps on their suffix and last-token paths against whole prompts
     for step in ("pairs", "attribution", "exact_ablation"):
