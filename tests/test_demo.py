@@ -222,6 +222,11 @@ def test_report_numbers_are_those_the_cli_commands_print(demo) -> None:
     assert f"site: {summary['site']['choice']['chosen']['label']} at {entry['hook']}" in printed
     assert entry["verdict"] in printed
 
+    for name, count in (("count_main", summary["patching"]["count"]), ("count_entry", entry["count"])):
+        printed = _cli(commands[name])  # the same features counted at the same site
+        assert f"removed together at {count['hook']}" in printed
+        assert count["needed"]["reading"] in printed and html.escape(count["needed"]["reading"]) in report
+
     printed = _cli(commands["discover"])
     verdict = summary["discovery"]["verdict"]
     assert verdict in printed and html.escape(verdict) in report

@@ -17,9 +17,11 @@ def demo_commands(
     planted: list[int],
     feature: int,
     cfg: Any,
+    counted: dict[str, list[int] | None] | None = None,
 ) -> dict[str, str]:
     """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
-    the demo's own stores, so they compute nothing twice)."""
+    the demo's own stores, so they compute nothing twice); `counted`: the features each site's
+    count removed (`main`, and `entry` where the demo read the trace's site)."""
 
     def ints(values: list[int]) -> str:
         return ",".join(str(v) for v in values)
@@ -48,6 +50,18 @@ def demo_commands(
         f"--layers 0 --out {work / 'site-cli.json'}",
         "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "
         f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
+        **_count_commands(m, bank, work, counted or {}),
+    }
+
+
+def _count_commands(m: str, bank: Path, work: Path, counted: dict[str, list[int] | None]) -> dict[str, str]:
+    """`patch --count` at the main SAE and, with `--sae auto`, at the site the demo's trace chose."""
+    sites = {"count_main": ("main", ""), "count_entry": ("entry", f" --sae auto --trace {work / 'trace.json'}")}
+    return {
+        name: f"flipscope patch{m}{sae} --flipbank {bank} --features {','.join(map(str, counted[key]))} --count "
+        f"--no-wording-bound --out {work / name.replace('_', '-')}"
+        for name, (key, sae) in sites.items()
+        if counted.get(key)
     }
 
 

@@ -314,9 +314,10 @@ def _figures(run: _Run) -> None:
     summary["png_skipped"] = written["png_skipped"]
     f = run.found
     if has_flips(run):
+        counted = {"main": f["count"]["features"], "entry": f["site"].get("count", {}).get("features")}
         summary["commands"] = demo_commands(
             run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"],
-            f["clamp_feature"], run.cfg,
+            f["clamp_feature"], run.cfg, counted,
         )  # fmt: skip
     else:
         summary["commands"] = evaluation_commands(run.directory, f["questions_path"], run.work, run.cfg)
