@@ -243,12 +243,12 @@ def count_sweep(
     header.update(model=vlm.identity(), bank=bank.get("source", {}).get("questions"), n_cases=len(pairs.cases))
     sets = [list(features), controls] if controls else [list(features)]
     deltas = pairs.feature_delta(sae, hook)
-    rows_of = [(deltas[:, s][:, :, None] * sae.W_dec.detach()[s]).cumsum(1) for s in sets]  # case × k × d_model
+    parts = [(deltas[:, s], sae.W_dec.detach()[s]) for s in sets]
     labels = [f"{name}:{k}" for name in ("features", "controls")[: len(sets)] for k in range(1, len(features) + 1)]
 
-    def hooks_for(chunk: list[int]) -> list:
-        vectors = torch.cat([rows[chunk] for rows in rows_of], dim=1)  # case-major: features 1..K, controls 1..K
-        return [(hook, subtract_at_last(vectors.reshape(-1, vectors.shape[-1])))]
+    def hooks_for(chunk: list[int]) -> list:  # only this chunk's case × k × d_model prefix sums are held
+        vectors = torch.cat([(delta[chunk][:, :, None] * w_dec).cumsum(1) for delta, w_dec in parts], dim=1)
+        return [(hook, subtract_at_last(vectors.reshape(-1, vectors.shape[-1])))]  # case-major: features, controls
 
     return _sweep(
         vlm, pairs, header, store_path, len(labels), hooks_for, labels,

@@ -23,9 +23,6 @@ def demo_commands(
     the demo's own stores, so they compute nothing twice); `counted`: the features each site's
     count removed (`main`, and `entry` where the demo read the trace's site)."""
 
-    def ints(values: list[int]) -> str:
-        return ",".join(str(v) for v in values)
-
     from flipscope.organism import default_organism_dir
 
     m = "" if Path(organism) == default_organism_dir() else f" --model {organism}"  # the default needs none
@@ -34,11 +31,11 @@ def demo_commands(
     return {
         **evaluation_commands(organism, questions, work, cfg),
         "discover": f"flipscope discover{m} --flipbank {bank} --out {work / 'discovery-cli.json'}",
-        "patch_discovered": f"flipscope patch{m} --flipbank {bank} --features {ints(chosen)} "
+        "patch_discovered": f"flipscope patch{m} --flipbank {bank} --features {_ints(chosen)} "
         f"--out {work / 'patch-discovered'}",
         **(
             {
-                "patch_planted": f"flipscope patch{m} --flipbank {bank} --features {ints(planted)} "
+                "patch_planted": f"flipscope patch{m} --flipbank {bank} --features {_ints(planted)} "
                 f"--out {work / 'patch-planted'}"
             }
             if planted
@@ -54,11 +51,15 @@ def demo_commands(
     }
 
 
+def _ints(values: list[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def _count_commands(m: str, bank: Path, work: Path, counted: dict[str, list[int] | None]) -> dict[str, str]:
     """`patch --count` at the main SAE and, with `--sae auto`, at the site the demo's trace chose."""
     sites = {"count_main": ("main", ""), "count_entry": ("entry", f" --sae auto --trace {work / 'trace.json'}")}
     return {
-        name: f"flipscope patch{m}{sae} --flipbank {bank} --features {','.join(map(str, counted[key]))} --count "
+        name: f"flipscope patch{m}{sae} --flipbank {bank} --features {_ints(counted[key])} --count "
         f"--no-wording-bound --out {work / name.replace('_', '-')}"
         for name, (key, sae) in sites.items()
         if counted.get(key)
