@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
+from flipscope.reporting.claims import framing_heads
 from flipscope.reporting.files import PNG_SIZE, png_renderer, save_figures
 from flipscope.reporting.report import fmt
 
@@ -94,7 +95,7 @@ def test_a_resumed_run_is_byte_identical_to_the_uninterrupted_one(demo, tmp_path
 def test_the_report_reads_claims_off_the_numbers(demo) -> None:
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 11
+    assert len(readings) == 12
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
@@ -102,6 +103,7 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
     assert "the framing is still a feature" in text  # the entry site's CI above the SAE layer's
     assert "diverge from their originals more than the same-family non-flips from layer 0 on" in text
     assert "No framing mechanism" not in text
+    assert "Head 0.0 carries the framing to the answer position" in text  # one head of layer 0 moves it there
     # removing the entry's five moves the non-flips about as far as their own framing words do, no further
     assert "under the patch at blocks.0.hook_attn_out" in text and "the patch does more than" not in text
 
@@ -216,6 +218,10 @@ def test_report_numbers_are_those_the_cli_commands_print(demo) -> None:
     for entry in summary["clamping"]["interventions"]:
         number = fmt(entry["summary"]["overall"]["flip_rate"])
         assert number in printed and number in report
+
+    printed = _cli(commands["trace"])  # the heads that move the framing to the answer position
+    heads = framing_heads(summary["upstream"]["heads"])
+    assert heads.startswith("Head 0.0 carries the framing") and heads in printed and html.escape(heads) in report
 
     printed = _cli(commands["site"])  # the entry site the trace chose, from the demo's own trace
     entry = summary["site"]["entry"]

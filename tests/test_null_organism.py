@@ -166,6 +166,10 @@ def test_the_demo_report_claims_no_mechanism(null_run) -> None:
         patch = readings[readings.index("Subtracting") :]
         assert patch.count(f"(from only {n_flips} case") >= 3
     assert summary["discovery"]["found"] is False and "No framing mechanism" in summary["discovery"]["verdict"]
+    # its framing words do not explain its flips, so no head is said to move them to the answer position
+    heads = summary["upstream"]["heads"]
+    assert not heads["explained"] and heads["carriers"] == []
+    assert "so no head is named" in readings and "the framing to the answer position:" not in readings
     # the count of features that undo the flips says how they were ranked, and claims no framing
     count = summary["patching"]["count"]
     assert summary["discovery"]["patched_by"].startswith(count["ranked_by"])

@@ -15,6 +15,7 @@ from flipscope.data.questions import load_questions
 from flipscope.data.store import iter_rows, read_header
 from flipscope.experiments.discovery import discover
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.experiments.heads import heads_before_entry
 from flipscope.experiments.pairs import collect_pairs
 from flipscope.experiments.patching import patch_bank
 from flipscope.experiments.rank1 import rank1_patch
@@ -23,6 +24,7 @@ from flipscope.experiments.upstream import MIN_EXPLAINED, framing_word_shifts, t
 from flipscope.organism import OrganismConfig, build_organism, load_organism
 from flipscope.organism.entry_sae import train_entry_sae
 from flipscope.organism.questions import export_questions
+from flipscope.reporting.claims import framing_heads
 from flipscope.sae.load import load_sae
 
 SECOND = OrganismConfig(shortcut_family="formal", shortcut_target="no", seed=1)
@@ -115,7 +117,10 @@ def entry_study(second, second_bank):
         f"{bound['wording']['value']:.3f}: {bound['verdict']}); rank-1 "
         f"{direction['recovery']['value']:.3f}, best random {direction['random']['best_mean_recovery']:.3f}"
     )
-    return {"entry": entry, "choice": choice, "found": found, "result": result, "bound": bound, "rank1": direction}
+    return {
+        "entry": entry, "choice": choice, "found": found, "result": result, "bound": bound, "rank1": direction,
+        "vlm": vlm, "bank": bank, "trace": trace,
+    }  # fmt: skip
 
 
 def _traced(entry_study: dict) -> dict:
@@ -160,3 +165,17 @@ def test_at_its_own_entry_site_the_matched_control_features_do_not_move_the_flip
     result = _traced(entry_study)["result"]
     assert abs(result["matched_control_feature"]["mean_recovery"]["value"]) < 0.1
     assert not set(result["setup"]["control_features"]) & set(result["setup"]["features"])
+
+
+@pytest.mark.slow
+def test_its_framing_reaches_the_answer_position_through_layer_0s_attention_spread_over_heads(entry_study) -> None:
+    """Where the default organism's layer 0 moves the framing with one head, this build's does it
+    with several: all of layer 0's heads restore it, no one head both restores and removes half, and
+    the reading says it is spread (the portable build's recorded outcome)."""
+    vlm, bank = _traced(entry_study)["vlm"], entry_study["bank"]
+    heads = heads_before_entry(vlm, bank, entry_study["trace"], max_cases=64, progress=False)
+    layer = heads["layers"][0]
+    assert [row["layer"] for row in heads["layers"]] == [0] and layer["all heads"]["low"] >= 0.9
+    assert heads["explained"] and heads["carriers"] == []
+    assert max(head["restored"]["value"] for head in layer["heads"]) < 0.5
+    assert framing_heads(heads).startswith("Layer 0's attention brings back")

@@ -10,7 +10,7 @@ import typer
 from flipscope.cli.common import ADAPTER_HELP, app, fmt, ints, load_model, one_line_errors, writable
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
-from flipscope.reporting.claims import framing_entry
+from flipscope.reporting.claims import framing_entry, framing_heads
 
 
 @app.command()
@@ -19,6 +19,12 @@ def trace(
     model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
     layers: str | None = typer.Option(None, help="Layers to restore, e.g. 0,8,17 (default: all)."),
     max_cases: int = typer.Option(64, help="Flips traced (the bank's first ones); 0 for all."),
+    heads: bool = typer.Option(
+        False, "--heads", help="Also trace each attention head at the last position, at the layers before the entry."
+    ),
+    head_layers: str | None = typer.Option(
+        None, help="Layers whose heads --heads traces, e.g. 0-3 (default: those before the entry layer, else all)."
+    ),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.trace.json beside the FlipBank)."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
@@ -26,20 +32,25 @@ def trace(
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
 ) -> None:
     """Corrupt each flip's framing words and restore the clean run layer by layer, position group by
-    group: where the framing enters, and which words carry it."""
+    group: where the framing enters, and which words carry it; with --heads, which attention heads
+    move it to the answer position."""
     from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.heads import heads_before_entry
     from flipscope.experiments.upstream import trace_framing
 
     with one_line_errors():
         path = writable(out or flipbank.with_name(f"{flipbank.stem}.trace.json"), folder=False)
+        if head_layers and not heads:
+            raise FlipscopeError("--head-layers needs --heads")
         bank = load_flipbank(flipbank)
         vlm = load_model(model, dtype, device, adapter)
-        layer_ids = ints(layers, "--layers") if layers else None
-        bad = [layer for layer in layer_ids or [] if not 0 <= layer < vlm.n_layers]
-        if bad:
-            raise FlipscopeError(f"--layers {bad}: the model has layers 0..{vlm.n_layers - 1}")
+        layer_ids = _layers(layers, "--layers", vlm.n_layers)
+        chosen = _layers(head_layers, "--head-layers", vlm.n_layers)
         traced = trace_framing(vlm, bank, layers=layer_ids, max_cases=max_cases or None, batch_size=batch_size)
         summary = traced.summary()
+        if heads:
+            kwargs = {"max_cases": max_cases or None, "batch_size": batch_size}
+            summary["heads"] = heads_before_entry(vlm, bank, summary, chosen, **kwargs)
         write_json(path, summary)
     typer.echo(f"{summary['n_cases']} flips traced; skipped: {json.dumps(summary['skipped'])}")
     if summary["effect"] is not None:
@@ -52,7 +63,32 @@ def trace(
     for word, estimate in list(summary["words"].items())[:8]:
         typer.echo(f"  corrupting '{word}' alone undoes {fmt(estimate)} of the margin shift")
     typer.echo(framing_entry(summary))
+    if heads:
+        _print_heads(summary["heads"])
     typer.echo(f"trace: {path}")
+
+
+def _layers(text: str | None, option: str, n_layers: int) -> list[int] | None:
+    """The layers `option` names (None when not given), each checked against the model's."""
+    if not text:
+        return None
+    layer_ids = ints(text, option)
+    bad = [layer for layer in layer_ids if not 0 <= layer < n_layers]
+    if bad:
+        raise FlipscopeError(f"{option} {bad}: the model has layers 0..{n_layers - 1}")
+    return layer_ids
+
+
+def _print_heads(heads: dict) -> None:
+    """Per traced layer, all heads' share and each head's restored and removed shares; the reading."""
+    typer.echo(f"{'head':>6}  {'restored alone [CI]':<28}{'removed alone [CI]':<28}")
+    for row in heads["layers"]:
+        if row["all heads"] is not None:
+            typer.echo(f"{row['layer']:>4}.*  {fmt(row['all heads']):<28}(all of layer {row['layer']}'s heads)")
+        for head in row["heads"]:
+            name = f"{row['layer']}.{head['head']}"
+            typer.echo(f"{name:>6}  {fmt(head['restored']):<28}{fmt(head['removed']):<28}")
+    typer.echo(framing_heads(heads))
 
 
 @app.command()

@@ -45,7 +45,15 @@ from flipscope.model.suffix import FullRuns, batch_runs
 from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
-__all__ = ["GROUPS", "UpstreamTrace", "framing_word_shifts", "framing_words", "trace_framing"]
+__all__ = [
+    "GROUPS",
+    "UpstreamTrace",
+    "corrupted_paraphrases",
+    "framing_word_shifts",
+    "framing_words",
+    "neutral_embedding",
+    "trace_framing",
+]
 
 GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
@@ -179,7 +187,7 @@ def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec]
 
 
 @torch.no_grad()
-def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: int) -> Float[Tensor, " d_model"]:
+def neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: int) -> Float[Tensor, " d_model"]:
     """Mean `blocks.0.hook_resid_pre` over the question tokens of the bank's original questions
     (their token embeddings, which no image or passage before them changes: asked without one)."""
     specs = [PromptSpec(question=c["original"], condition="none") for c in cases]
@@ -194,7 +202,7 @@ def _neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size:
     return total / count
 
 
-def _paraphrases(
+def corrupted_paraphrases(
     vlm: VLM, cases: Sequence[Mapping[str, Any]], neutral: Float[Tensor, " d_model"], fast: bool = True
 ) -> tuple[FullRuns, list[dict[str, Tensor]], Bool[Tensor, "group batch pos"], Float[Tensor, "batch pos d_model"]]:
     """One batch of the cases' paraphrases as the trace corrupts them: its runs (with `fast`, the
@@ -213,7 +221,7 @@ def _paraphrases(
 def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int], fast: bool) -> list[tuple]:
     """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
     → share, effect)`, counting the flips it skips in `skipped`."""
-    runs, word_masks, groups, fill = _paraphrases(vlm, cases, neutral, fast)
+    runs, word_masks, groups, fill = corrupted_paraphrases(vlm, cases, neutral, fast)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
     m_para, clean = runs.run_with_cache(hooks)
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
@@ -269,7 +277,7 @@ def trace_framing(
     if not flips:
         raise FlipscopeError("the FlipBank has no flips to trace")
     layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
-    neutral = _neutral_embedding(vlm, flips, batch_size)
+    neutral = neutral_embedding(vlm, flips, batch_size)
     skipped = {"no framing word": 0, "corruption moved nothing": 0}
     rows = []
     for start in tqdm(range(0, len(flips), batch_size), desc="tracing the framing", disable=not progress):
@@ -304,11 +312,11 @@ def framing_word_shifts(
     cases = list(bank[which])
     if not cases:
         raise FlipscopeError(f"the FlipBank has no {which}")
-    neutral = _neutral_embedding(vlm, cases, batch_size)
+    neutral = neutral_embedding(vlm, cases, batch_size)
     out: dict[str, float] = {}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        runs, _, groups, fill = _paraphrases(vlm, batch, neutral, fast)
+        runs, _, groups, fill = corrupted_paraphrases(vlm, batch, neutral, fast)
         m_para = runs.margins()
         m_corrupt = runs.margins([("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
         moved = (m_para - m_corrupt).abs().double().cpu().tolist()

@@ -5,7 +5,8 @@ They are TransformerLens hook functions `(activation, hook) -> activation`, for
 
 - `subtract_at_last` / `replace_at_last`: delta-only and original-value patches at the last
   prompt position (inputs are left-padded); `replace_where`: values put at any positions
-  (corrupting words, restoring a clean run);
+  (corrupting words, restoring a clean run); `replace_head_at`: one attention head's output
+  (its slice of `attn.hook_z`) put at given positions (head-level tracing);
 - `shift_features_hook`: move SAE features to a target wherever a mask says (clamping, span
   patches): x ← x − (f(x) − target) · W_dec, the error term untouched;
 - `ablate_direction_hook`: x ← x − (x · û) û;
@@ -29,6 +30,7 @@ __all__ = [
     "ablate_direction_hook",
     "clamp_hook",
     "replace_at_last",
+    "replace_head_at",
     "replace_where",
     "shift_features_hook",
     "splice_features_hook",
@@ -122,6 +124,19 @@ def replace_where(values: Float[Tensor, "batch pos d_model"], mask: Bool[Tensor,
         where = mask.to(x.device)
         x = x.clone()
         x[where] = values.to(device=x.device, dtype=x.dtype)[where]
+        return x
+
+    return hook
+
+
+def replace_head_at(values: Float[Tensor, "batch width"], positions: Int[Tensor, " batch"], heads: slice):
+    """A hook on `attn.hook_z` that puts `values`' columns `heads` (one head's slice of the
+    concatenated head outputs, or several) at each row's `positions`, and leaves the rest."""
+
+    def hook(x: Float[Tensor, "batch pos width"], hook: HookPoint) -> Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)
+        x = x.clone()
+        x[rows, positions.to(x.device), heads] = values[:, heads].to(device=x.device, dtype=x.dtype)
         return x
 
     return hook

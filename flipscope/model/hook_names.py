@@ -36,7 +36,7 @@ from torch import nn
 
 from flipscope.model.families import HookSite, family_of
 
-__all__ = ["GEMMASCOPE_SITES", "HookSite", "hook_sites", "hook_width", "resid_post"]
+__all__ = ["GEMMASCOPE_SITES", "HookSite", "attention_heads", "hook_sites", "hook_width", "resid_post"]
 
 # a GemmaScope 2 folder's site word (`resid_post/layer_17_...`) → the hook sae-lens gives its SAEs
 GEMMASCOPE_SITES = {"resid_post": "hook_resid_post", "attn_out": "attn.hook_z", "mlp_out": "hook_mlp_out"}
@@ -53,12 +53,18 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def attention_heads(hf_model: nn.Module) -> tuple[int, int]:
+    """The language model's query heads and their width (8 × 256 on Gemma 3 4B)."""
+    config = hf_model.config
+    text = getattr(config, "text_config", None) or config
+    heads = int(text.num_attention_heads)
+    return heads, int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+
+
 def hook_width(hf_model: nn.Module, hook: str, d_model: int) -> int:
     """The last dimension of a decoder hook's tensor: `d_model`, or for `attn.hook_z` the heads'
     width, n_heads × head_dim (2,048 on Gemma 3 4B against its 2,560)."""
     if not hook.endswith(".attn.hook_z"):
         return d_model
-    config = hf_model.config
-    text = getattr(config, "text_config", None) or config
-    heads = int(text.num_attention_heads)
-    return heads * int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    heads, head_dim = attention_heads(hf_model)
+    return heads * head_dim

@@ -21,6 +21,7 @@ __all__ = [
     "ablation_agreement",
     "family_concentration",
     "framing_entry",
+    "framing_heads",
     "peak_layer",
     "beats_control",
     "replicated",
@@ -106,6 +107,49 @@ def framing_entry(upstream: Mapping[str, Any]) -> str:
     return text + (
         f"; from layer {entry}'s input on, the last position alone carries {fmt(row['last position'])}: the "
         f"framing reaches the answer position in {within}."
+    )
+
+
+def framing_heads(heads: Mapping[str, Any]) -> str:
+    """Which heads move the framing to the answer position (`HeadTrace.summary()`): the heads
+    both enough and needed, else the layer whose attention carries it spread over heads, else none."""
+    n = heads.get("n_cases")
+    if not n:
+        return "No flip could be traced head by head: none had framing words whose corruption moved its margin."
+    if not heads.get("explained"):
+        return (
+            "The framing words do not explain the flips' shift (the CI's lower end is below half), so no head is named."
+        )
+    flag, bar = _only(n, "flips"), heads["bar"]
+    found = heads.get("carriers") or []
+    if found:
+        names = " and ".join(f"{c['layer']}.{c['head']}" for c in found)
+        shares = "; ".join(
+            ("" if len(found) == 1 else f"{c['layer']}.{c['head']}: ")
+            + f"restoring it alone brings back {fmt(c['restored'])} of the framing's effect, and corrupting it "
+            f"alone takes away {fmt(c['removed'])}"
+            for c in found
+        )
+        verb = "carries" if len(found) == 1 else "carry"
+        return f"Head{'s' if len(found) > 1 else ''} {names} {verb} the framing to the answer position: {shares}{flag}."
+    everyone = [(row, h) for row in heads["layers"] for h in row["heads"]]
+    row, best = max(everyone, key=lambda rh: rh[1]["restored"]["value"])
+    spread = [r for r in heads["layers"] if r["all heads"] and r["all heads"]["low"] >= bar]
+    where = f"head {row['layer']}.{best['head']} brings back {fmt(best['restored'])} alone"
+    if best["restored"]["low"] >= bar:
+        return (
+            f"No head both brings back and takes away half of the framing's effect at the answer position: {where}, "
+            f"but corrupting it alone takes away only {fmt(best['removed'])}, so other heads carry it too{flag}."
+        )
+    if spread:
+        layer = spread[0]
+        return (
+            f"Layer {layer['layer']}'s attention brings back {fmt(layer['all heads'])} of the framing's effect at the "
+            f"answer position, spread over its heads: no head alone brings back half ({where}){flag}."
+        )
+    return (
+        "No traced layer's attention at the answer position brings back half of the framing's effect: it reaches "
+        f"that position through other positions or the layers not traced ({where}){flag}."
     )
 
 

@@ -42,7 +42,8 @@ def demo_commands(
             else {}
         ),  # fmt: skip
         "patch_single": f"flipscope patch{m} --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
-        "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --out {work / 'trace-cli.json'}",
+        "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --heads "
+        f"--out {work / 'trace-cli.json'}",
         "site": f"flipscope discover{m} --flipbank {bank} --sae auto --trace {work / 'trace.json'} --exact-top 0 "
         f"--layers 0 --out {work / 'site-cli.json'}",
         "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "

@@ -215,14 +215,16 @@ def _patch(run: _Run) -> None:
 
 
 def _trace(run: _Run) -> None:
-    """Where the framing enters: its words corrupted, the clean run restored layer by layer."""
+    """Where the framing enters: its words corrupted, the clean run restored layer by layer; and
+    which heads before the entry move it to the answer position."""
+    from flipscope.experiments.heads import heads_before_entry
     from flipscope.experiments.upstream import trace_framing
 
-    traced = trace_framing(
-        run.vlm, run.found["bank"], layers=_layers(run), max_cases=run.cfg.trace_cases, progress=run.progress
-    )
-    run.found["upstream"] = traced.summary(seed=run.cfg.seed)
-    write_json(run.work / "trace.json", run.found["upstream"])
+    cfg, bank, progress = run.cfg, run.found["bank"], run.progress
+    traced = trace_framing(run.vlm, bank, layers=_layers(run), max_cases=cfg.trace_cases, progress=progress)
+    run.found["upstream"] = up = traced.summary(seed=cfg.seed)
+    up["heads"] = heads_before_entry(run.vlm, bank, up, max_cases=cfg.trace_cases, seed=cfg.seed, progress=progress)
+    write_json(run.work / "trace.json", up)
 
 
 def _site(run: _Run) -> None:

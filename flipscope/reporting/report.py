@@ -16,6 +16,7 @@ from flipscope.reporting.claims import (
     ablation_agreement,
     family_concentration,
     framing_entry,
+    framing_heads,
     peak_layer,
 )
 from flipscope.reporting.format import MIN_CASES, control_text, fmt, num
@@ -224,6 +225,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     )
     upstream = s["upstream"]
     entry = _figure(figures, "framing_entry") if "framing_entry" in figures else ""
+    heads = _reading(html.escape(framing_heads(upstream["heads"]))) if upstream.get("heads") else ""
     return (
         "<h2>3. Causal patching</h2>"
         "<p>Recovery = (m_patched − m_para) / (m_orig − m_para); reversed = the patched answer is the "
@@ -235,7 +237,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
         "embedding (replaced by the mean question-token embedding); the clean paraphrase's residual stream is then "
         "restored at one layer's input and one group of positions, and the share of the framing's effect on the "
         "margin that returns is plotted, beside original-value patching at the last position.</p>"
-        f"{_reading(html.escape(framing_entry(upstream)))}{entry}{site_section(s, figures)}"
+        f"{_reading(html.escape(framing_entry(upstream)))}{heads}{entry}{site_section(s, figures)}"
     )
 
 

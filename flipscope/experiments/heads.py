@@ -1,0 +1,221 @@
+"""Which attention heads move the framing to the answer position: the trace, head by head.
+
+The trace (`flipscope.experiments.upstream`) finds the layer from whose input on the last position
+carries the framing; only attention moves information between positions, so heads before it read
+the framing words into the answer position. With every framing word corrupted as the trace
+corrupts them, for each layer L and head h, at the paraphrase's last position only:
+
+- **restored** (denoising: is the head enough?): the clean run's output of head h (its slice of
+  `blocks.L.attn.hook_z`, the input of `o_proj`) put into the corrupted run; the share of the
+  framing's effect that returns, (m − m_corrupt) / (m_para − m_corrupt);
+- **removed** (noising: is the head needed?): the corrupted run's output of head h put into the
+  clean run; the share that goes, (m_para − m) / (m_para − m_corrupt);
+- **all heads** of layer L restored at once: exactly its `hook_attn_out` at the last position
+  (`o_proj` and the post-attention norm see the same input), the layer's whole share.
+
+Heads are not additive (the post-attention norm and later layers mix them), so a head "carries"
+the framing only when it is both enough and needed (`carriers`); a layer whose attention restores
+half of the effect with no such head spreads it over several. Every edit is at the last position,
+so each batch's prompts before the questions run once (`flipscope.model.suffix`), as in the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from flipscope.data.flipbank import check_flipbank_model
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.upstream import MIN_EFFECT, MIN_EXPLAINED, corrupted_paraphrases, neutral_embedding
+from flipscope.interventions.hooks import replace_head_at, replace_where
+from flipscope.model.caching import Recorder
+from flipscope.model.hook_names import attention_heads
+from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
+from flipscope.stats import bootstrap
+
+__all__ = ["MIN_CARRIED", "HeadTrace", "carriers", "heads_before_entry", "trace_heads"]
+
+MIN_CARRIED = 0.5  # the CI's lower end of both shares for a head to carry the framing
+
+
+def z_hook(layer: int) -> str:
+    """The hook of layer `layer`'s concatenated head outputs (the input of `o_proj`)."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+@dataclass(frozen=True)
+class HeadTrace:
+    """The head-level tracing of `trace_heads`.
+
+    Attributes:
+        layers: Layers whose heads were traced.
+        n_heads: Query heads per layer.
+        restored: [case, layer, head] share of the framing's effect one clean head brings back.
+        removed: [case, layer, head] share one corrupted head takes away from the clean run.
+        whole: [case, layer] share all of a layer's heads bring back together.
+        corrupted_share: Per case, the share of the flip's margin shift corrupting the words undoes.
+        case_ids: The traced flips.
+        skipped: Flips not traced: no word of their own, or corrupting it moved nothing.
+    """
+
+    layers: list[int]
+    n_heads: int
+    restored: Float[np.ndarray, "case layer head"]
+    removed: Float[np.ndarray, "case layer head"]
+    whole: Float[np.ndarray, "case layer"]
+    corrupted_share: Float[np.ndarray, " case"]
+    case_ids: list[str]
+    skipped: dict[str, int]
+
+    def explained(self, seed: int = 0) -> bool:
+        """Whether corrupting the framing words undoes at least `MIN_EXPLAINED` of the flips'
+        shift (the CI's lower end), as the trace requires before it names a layer."""
+        return bool(len(self.case_ids)) and bootstrap(self.corrupted_share, seed=seed).low >= MIN_EXPLAINED
+
+    def summary(self, seed: int = 0) -> dict[str, Any]:
+        """Per layer, the whole attention's share and each head's two shares with bootstrap CIs;
+        the heads that carry the framing (`carriers`), and whether the words explain the shift."""
+        n = len(self.case_ids)
+        layers = [
+            {
+                "layer": layer,
+                "all heads": bootstrap(self.whole[:, i], seed=seed).to_dict() if n else None,
+                "heads": [
+                    {
+                        "head": h,
+                        "restored": bootstrap(self.restored[:, i, h], seed=seed).to_dict(),
+                        "removed": bootstrap(self.removed[:, i, h], seed=seed).to_dict(),
+                    }
+                    for h in range(self.n_heads)
+                ]
+                if n
+                else [],
+            }
+            for i, layer in enumerate(self.layers)
+        ]
+        explained = self.explained(seed)
+        return {
+            "n_cases": n,
+            "skipped": self.skipped,
+            "n_heads": self.n_heads,
+            "bar": MIN_CARRIED,
+            "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if n else None,
+            "explained": explained,
+            "layers": layers,
+            "carriers": carriers(layers) if explained else [],
+        }
+
+
+def carriers(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The heads both enough and needed: restoring one alone brings back, and corrupting it alone
+    takes away, at least `MIN_CARRIED` of the framing's effect (each CI's lower end)."""
+    return [
+        {"layer": row["layer"], **head}
+        for row in layers
+        for head in row["heads"]
+        if head["restored"]["low"] >= MIN_CARRIED and head["removed"]["low"] >= MIN_CARRIED
+    ]
+
+
+@torch.no_grad()
+def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipped: dict[str, int], fast: bool):
+    """The traced rows of one batch of flips, `(id, restored [layer, head], removed [layer, head],
+    whole [layer], share undone)`, counting the flips it skips in `skipped`."""
+    runs, word_masks, groups, fill = corrupted_paraphrases(vlm, cases, neutral, fast)
+    hooks = [z_hook(layer) for layer in layers]
+    corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
+    at = runs.last_positions
+    m_para, clean = runs.run_with_cache(hooks, last=True)
+    recorder = Recorder(hooks, at)
+    m_corrupt = runs.margins([corrupt, *recorder.hooks(hooks)])
+    dirty = recorder.cache
+    width = clean[hooks[0]].shape[-1] // n_heads
+    effect = m_para - m_corrupt
+    restored = torch.empty(len(cases), len(layers), n_heads)
+    removed = torch.empty(len(cases), len(layers), n_heads)
+    whole = torch.empty(len(cases), len(layers))
+    every = slice(0, n_heads * width)
+    for i, hook in enumerate(hooks):
+        whole[:, i] = (runs.margins([corrupt, (hook, replace_head_at(clean[hook], at, every))]) - m_corrupt) / effect
+        for h in range(n_heads):
+            one = slice(h * width, (h + 1) * width)
+            m_back = runs.margins([corrupt, (hook, replace_head_at(clean[hook], at, one))])
+            m_out = runs.margins([(hook, replace_head_at(dirty[hook], at, one))])
+            restored[:, i, h] = (m_back - m_corrupt) / effect
+            removed[:, i, h] = (m_para - m_out) / effect
+    m_orig = torch.tensor([c["original_margin"] for c in cases])
+    undone = effect / (m_para - m_orig)
+    rows = []
+    for r, case in enumerate(cases):
+        if not word_masks[r]:
+            skipped["no framing word"] += 1
+        elif abs(float(effect[r])) < MIN_EFFECT:
+            skipped["corruption moved nothing"] += 1
+        else:
+            rows.append((case["id"], restored[r].numpy(), removed[r].numpy(), whole[r].numpy(), float(undone[r])))
+    return rows
+
+
+@images_once
+def trace_heads(
+    vlm: VLM,
+    bank: Mapping[str, Any],
+    *,
+    layers: Sequence[int] | None = None,
+    max_cases: int | None = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+    fast: bool = True,
+) -> HeadTrace:
+    """Restore and remove each head of `layers` (default all) at the last position, over the
+    bank's first `max_cases` flips (all with None): 2 + L × (2H + 1) forwards a batch, on the
+    questions alone where `flipscope.model.suffix` allows (with `fast=False`, whole prompts).
+
+    Raises:
+        FlipscopeError: the bank was made by another model, has no flips, or a layer is out of range.
+    """
+    check_flipbank_model(bank, vlm)
+    flips = list(bank["flips"])[:max_cases]
+    if not flips:
+        raise FlipscopeError("the FlipBank has no flips to trace")
+    layer_ids = list(range(vlm.n_layers)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layer_ids if not 0 <= layer < vlm.n_layers]
+    if bad or not layer_ids:
+        raise FlipscopeError(f"layers {bad or '[]'}: the model has layers 0..{vlm.n_layers - 1}")
+    n_heads, _ = attention_heads(vlm.hf_model)
+    neutral = neutral_embedding(vlm, flips, batch_size)
+    skipped = {"no framing word": 0, "corruption moved nothing": 0}
+    rows = []
+    for start in tqdm(range(0, len(flips), batch_size), desc="tracing heads", disable=not progress):
+        rows += _head_batch(vlm, flips[start : start + batch_size], layer_ids, n_heads, neutral, skipped, fast)
+    empty = np.zeros((0, len(layer_ids), n_heads))
+    return HeadTrace(
+        layers=layer_ids,
+        n_heads=n_heads,
+        restored=np.stack([r[1] for r in rows]) if rows else empty,
+        removed=np.stack([r[2] for r in rows]) if rows else empty,
+        whole=np.stack([r[3] for r in rows]) if rows else empty[..., 0],
+        corrupted_share=np.array([r[4] for r in rows]),
+        case_ids=[r[0] for r in rows],
+        skipped=skipped,
+    )
+
+
+def heads_before_entry(
+    vlm: VLM, bank: Mapping[str, Any], trace: Mapping[str, Any], layers: Sequence[int] | None = None, *,
+    seed: int = 0, **kwargs: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """`trace_heads`' summary at `layers`, by default those before the entry layer the trace
+    (`UpstreamTrace.summary()`) names, whose attention moved the framing to the answer position,
+    and every layer where it names none; `kwargs` go to `trace_heads`."""
+    entry = trace.get("entry_layer")
+    if layers is None and entry:
+        layers = list(range(entry))
+    return trace_heads(vlm, bank, layers=layers, **kwargs).summary(seed=seed)

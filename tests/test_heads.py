@@ -1,0 +1,131 @@
+"""Which attention heads move the framing to the answer position, on the shipped organism: one head
+of layer 0 is both enough and needed, all of a layer's heads restored equal its attention output
+restored, the suffix path equals whole prompts, and the heads after the entry carry nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.data.flipbank import load_flipbank
+from flipscope.errors import FlipscopeError
+from flipscope.experiments.heads import MIN_CARRIED, trace_heads
+from flipscope.experiments.upstream import GROUPS, trace_framing
+from flipscope.organism import load_organism
+from flipscope.reporting.claims import framing_heads
+from flipscope.reporting.format import fmt
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+
+
+@pytest.fixture(scope="module")
+def organism():
+    vlm, _, _ = load_organism()
+    return vlm, load_flipbank(BANK)
+
+
+@pytest.fixture(scope="module")
+def heads(organism):
+    vlm, bank = organism
+    return trace_heads(vlm, bank, max_cases=32, progress=False)
+
+
+def test_one_head_of_layer_0_carries_the_framing(heads) -> None:
+    summary = heads.summary()
+    assert summary["n_cases"] == 32 and summary["n_heads"] == 4 and summary["explained"]
+    assert [(c["layer"], c["head"]) for c in summary["carriers"]] == [(0, 0)]
+    carrier = summary["carriers"][0]
+    assert carrier["restored"]["value"] >= 0.9 and carrier["removed"]["value"] >= 0.7
+    others = heads.restored[:, 0, 1:].mean(0)
+    assert np.abs(others).max() < 0.1  # the other heads of layer 0 bring back little alone
+    later = summary["layers"][2:]  # past the entry the last position already holds it: no head moves it there
+    shares = [abs(h[k]["value"]) for r in later for h in r["heads"] for k in ("restored", "removed")]
+    assert max(shares) < 0.1
+    sentence = framing_heads(summary)
+    assert sentence.startswith("Head 0.0 carries the framing to the answer position")
+    assert fmt(carrier["restored"]) in sentence and fmt(carrier["removed"]) in sentence
+
+
+def test_all_of_layer_0s_heads_restore_what_its_attention_output_carries(organism, heads) -> None:
+    """Layer 0's last position reads only its own embedding, which the corruption leaves alone, so
+    restoring every head there is restoring layer 1's input at the last position (the trace's)."""
+    vlm, bank = organism
+    traced = trace_framing(vlm, bank, layers=[1], max_cases=32, progress=False)
+    assert traced.case_ids == heads.case_ids
+    np.testing.assert_allclose(heads.whole[:, 0], traced.restored[:, 0, GROUPS.index("last position")], atol=1e-4)
+
+
+def test_the_suffix_path_equals_whole_prompts(organism) -> None:
+    vlm, bank = organism
+    fast = trace_heads(vlm, bank, layers=[0, 1], max_cases=16, progress=False)
+    whole = trace_heads(vlm, bank, layers=[0, 1], max_cases=16, progress=False, fast=False)
+    for got, want in [(fast.restored, whole.restored), (fast.removed, whole.removed), (fast.whole, whole.whole)]:
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_heads_after_the_entry_are_not_named(organism) -> None:
+    vlm, bank = organism
+    summary = trace_heads(vlm, bank, layers=[2, 3], max_cases=16, progress=False).summary()
+    assert summary["explained"] and summary["carriers"] == []
+    assert framing_heads(summary).startswith("No traced layer's attention at the answer position brings back half")
+
+
+def _summary(restored: list[float], removed: list[float], whole: float, *, n: int = 40, explained: bool = True):
+    """A one-layer head summary with tight intervals around the given shares."""
+
+    def ci(v: float) -> dict:
+        return {"value": v, "low": v - 0.02, "high": v + 0.02, "n": n}
+
+    heads = [
+        {"head": h, "restored": ci(a), "removed": ci(b)} for h, (a, b) in enumerate(zip(restored, removed, strict=True))
+    ]
+    layers = [{"layer": 3, "all heads": ci(whole), "heads": heads}]
+    carriers = [
+        {"layer": 3, **h} for h in heads if h["restored"]["low"] >= MIN_CARRIED and h["removed"]["low"] >= MIN_CARRIED
+    ]
+    return {"n_cases": n, "explained": explained, "bar": MIN_CARRIED, "layers": layers, "carriers": carriers}
+
+
+def test_each_reading_is_chosen_by_the_numbers() -> None:
+    assert framing_heads(_summary([0.9, 0.1], [0.8, 0.0], 1.0)).startswith("Head 3.0 carries")
+    both = framing_heads(_summary([0.9, 0.8], [0.7, 0.6], 1.0))
+    assert both.startswith("Heads 3.0 and 3.1 carry") and "3.1: restoring it alone" in both
+    redundant = framing_heads(_summary([0.9, 0.8], [0.2, 0.1], 1.0))
+    assert redundant.startswith("No head both brings back and takes away half") and "other heads carry it" in redundant
+    spread = framing_heads(_summary([0.3, 0.3], [0.2, 0.2], 0.9))
+    assert spread.startswith("Layer 3's attention brings back 0.900") and "spread over its heads" in spread
+    assert framing_heads(_summary([0.1, 0.0], [0.1, 0.0], 0.2)).startswith("No traced layer's attention")
+    assert "no head is named" in framing_heads(_summary([0.9], [0.9], 1.0, explained=False))
+    assert "(from only 6 flips)" in framing_heads(_summary([0.9, 0.1], [0.8, 0.0], 1.0, n=6))
+    assert "nan" not in framing_heads({"n_cases": 0})
+
+
+def test_bad_layers_are_refused(organism) -> None:
+    vlm, bank = organism
+    with pytest.raises(FlipscopeError, match=r"layers \[7\]: the model has layers 0..3"):
+        trace_heads(vlm, bank, layers=[0, 7], progress=False)
+    with pytest.raises(FlipscopeError, match="no flips"):
+        trace_heads(vlm, {**bank, "flips": []}, progress=False)
+
+
+def test_the_trace_command_traces_heads_before_the_entry(tmp_path: Path) -> None:
+    out = tmp_path / "trace.json"
+    args = ["trace", "--flipbank", str(BANK), "--max-cases", "16", "--heads", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert written["entry_layer"] == 1 and [r["layer"] for r in written["heads"]["layers"]] == [0]
+    assert framing_heads(written["heads"]) in result.output
+    first = written["heads"]["layers"][0]["heads"][0]
+    assert f"{'0.0':>6}  {fmt(first['restored']):<28}{fmt(first['removed']):<28}" in result.output
+    chosen = CliRunner().invoke(app, [*args[:-2], "--head-layers", "2,3", "--out", str(out)])
+    assert chosen.exit_code == 0 and [r["layer"] for r in json.loads(out.read_text())["heads"]["layers"]] == [2, 3]
+    bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--head-layers", "0"])
+    assert bad.exit_code == 2 and "--head-layers needs --heads" in bad.output
+    bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--heads", "--head-layers", "9"])
+    assert bad.exit_code == 2 and "--head-layers [9]: the model has layers 0..3" in bad.output
