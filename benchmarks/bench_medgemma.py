@@ -6,17 +6,18 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 16,384 features at its middle layer. The organism's questions and films (resized to 896 px by the
 processor) go through the commands a user runs, each a fresh process whose peak RSS and wall time
 are measured: evaluate (image, blank) → curate → discover (attribution and exact ablation) →
-discovery-paths → patch (with a --sweep) → bank-patch → count → memo → rank1 → trace → stream → clamp.
-The discovery-paths, bank-patch, count, memo, rank1, trace and stream stages run in this process: discover's
-three model-running steps on their suffix and last-token paths against whole prompts
-(`discovery_paths`), `patch_bank` with both controls on the last-token path against full forwards
-(`bench_patch.bank_patch_paths`), `flipscope patch --count`'s one sweep against a `patch_bank` per
-count (`bench_patch.count_paths`), `flipscope patch`'s steps with each film's tower output kept
-between them against the tower on every film in every step (`bench_patch.memo_paths`), rank-1
-patching at the SAE's hook with its random null drawn once at 32 directions against the expected
-best of 32 from 256 (`bench_patch.rank1_paths`), and the causal trace on the questions alone, each
-batch's prompts before them run once, against whole prompts with each film encoded once and with the
-tower in every forward (`trace_paths`), and caching activations alone in forwards that end at their
+discovery-paths → patch (with a --sweep) → bank-patch → count → memo → rank1 → trace → heads →
+stream → clamp. The discovery-paths, bank-patch, count, memo, rank1, trace, heads and stream stages
+run in this process: discover's three model-running steps on their suffix and last-token paths
+against whole prompts (`discovery_paths`), `patch_bank` with both controls on the last-token path
+against full forwards (`bench_patch.bank_patch_paths`), `flipscope patch --count`'s one sweep
+against a `patch_bank` per count (`bench_patch.count_paths`), `flipscope patch`'s steps with each
+film's tower output kept between them against the tower on every film in every step
+(`bench_patch.memo_paths`), rank-1 patching at the SAE's hook with its random null drawn once at 32
+directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`), and the causal
+trace on the questions alone, each batch's prompts before them run once, against whole prompts with
+each film encoded once and with the tower in every forward (`trace_paths`), the trace head by head
+the same two first ways (`head_paths`), and caching activations alone in forwards that end at their
 hook against whole forwards (`stream_paths`). Then, also in this process, one film's margins on the
 shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
 bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
@@ -46,6 +47,7 @@ from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.data.questions import load_questions
 from flipscope.experiments.attribution import attribution_scores, exact_ablation_effects
+from flipscope.experiments.heads import trace_heads
 from flipscope.experiments.pairs import case_spec, collect_pairs
 from flipscope.experiments.upstream import trace_framing
 from flipscope.model import HookedVLM, PromptSpec
@@ -58,8 +60,7 @@ from flipscope.sae.load import check_sae, load_sae
 
 STAGES = (
     "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "count", "memo", "rank1", "trace",
-    "stream",
-    "clamp",
+    "heads", "stream", "clamp",
 )  # fmt: skip
 
 
@@ -220,6 +221,39 @@ def trace_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8
     }
 
 
+def head_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8) -> dict:
+    """`trace_heads` (every head of every layer restored and removed at the last position) over the
+    bank's first `max_cases` flips two ways, one after the other: as `flipscope trace --heads` runs
+    it, on the questions alone (`suffix`), and on whole prompts with each film through the tower
+    once (`whole`); with the forwards and tokens each made. The paths agree as margins: a share
+    times the framing's effect."""
+    vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
+    towers, tokens = counters(vlm)
+    seconds, counts, traced = {}, {}, {}
+    for name, fast in (("suffix", True), ("whole", False)):
+        towers.clear()
+        tokens.clear()
+        vlm.image_memo.clear()
+        start = time.perf_counter()
+        traced[name] = trace_heads(vlm, flipbank, max_cases=max_cases, batch_size=batch_size, progress=False, fast=fast)
+        seconds[name] = time.perf_counter() - start
+        counts[name] = {"forwards": len(tokens), "tokens": sum(tokens), "tower_runs": len(towers)}
+    suffix, whole = traced["suffix"], traced["whole"]
+    effect = np.abs(trace_framing(vlm, flipbank, layers=[0], max_cases=max_cases, progress=False).effect)
+    diffs = [np.abs(suffix.restored - whole.restored), np.abs(suffix.removed - whole.removed)]
+    margin_diff = max(float((d * effect[:, None, None]).max()) for d in diffs)
+    margin_diff = max(margin_diff, float((np.abs(suffix.whole - whole.whole) * effect[:, None]).max()))
+    return {
+        "flips": len(suffix.case_ids),
+        "layers": vlm.n_layers,
+        "heads": suffix.n_heads,
+        "seconds": seconds,
+        "ratio_whole_to_suffix": seconds["whole"] / seconds["suffix"],
+        "counts": counts,
+        "max_abs_margin_diff": margin_diff,
+    }
+
+
 def stream_paths(model: Path, bank: Path, n_cases: int = 2, rounds: int = 2) -> dict:
     """Caching activations alone (an SAE's training stream, a site's encoding, the projector's read)
     two ways, interleaved round by round: a forward that ends once the hook is cached
@@ -356,6 +390,7 @@ def main() -> None:
             "bank-patch": ("bank_patch", lambda: medgemma_bank_patch(model, sae, bank)),
             "count": ("feature_count", lambda: medgemma_count(model, sae, bank)),
             "trace": ("trace", lambda: trace_paths(model, bank)),
+            "heads": ("heads", lambda: head_paths(model, bank)),
             "discovery-paths": ("discovery_paths", lambda: discovery_paths(model, sae, bank)),
             "rank1": ("rank1", lambda: medgemma_rank1(model, args.depth // 2, bank)),
             "stream": ("stream", lambda: stream_paths(model, bank)),

@@ -26,7 +26,7 @@ RANKED = {
     "summary.site.entry.top": "framing_share",
 }
 # where a record names a direction by the sha256 of its float32 bytes: equal on one machine only
-_DIGESTS_UNDER = ("ablate_direction",)
+_DIGESTS_UNDER = ("ablate_direction", "ablate_heads")
 # what a run records that is not a result: where it ran, how long it took, which files it wrote
 # (and, under "organism" and the site choice, the folders it was loaded from)
 _VOLATILE = ("settings", "files", "figures", "png_skipped", "commands", "seconds", "paper")

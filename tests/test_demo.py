@@ -104,6 +104,9 @@ def test_the_report_reads_claims_off_the_numbers(demo) -> None:
     assert "diverge from their originals more than the same-family non-flips from layer 0 on" in text
     assert "No framing mechanism" not in text
     assert "Head 0.0 carries the framing to the answer position" in text  # one head of layer 0 moves it there
+    # switching that head off removes flips, but the head carries more than the framing: no cure
+    assert "Switching off head 0.0 (its output replaced by its mean over the questions)" in text
+    assert "it removes flips but costs accuracy, so the head carries more than the framing and is no cure" in text
     # removing the entry's five moves the non-flips about as far as their own framing words do, no further
     assert "under the patch at blocks.0.hook_attn_out" in text and "the patch does more than" not in text
 

@@ -9,15 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
+from flipscope.data.questions import load_questions
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.heads import MIN_CARRIED, trace_heads
+from flipscope.experiments.clamping import compare_interventions
+from flipscope.experiments.evaluation import EvalConfig
+from flipscope.experiments.heads import MIN_CARRIED, head_means, trace_heads
 from flipscope.experiments.upstream import GROUPS, trace_framing
-from flipscope.organism import load_organism
-from flipscope.reporting.claims import framing_heads
+from flipscope.interventions.edited import HeadAblatedVLM
+from flipscope.model.prompts import PromptSpec
+from flipscope.organism import OrganismConfig, load_organism
+from flipscope.organism.questions import export_questions
+from flipscope.reporting.claims import framing_heads, head_ablation
 from flipscope.reporting.format import fmt
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -129,3 +136,87 @@ def test_the_trace_command_traces_heads_before_the_entry(tmp_path: Path) -> None
     assert bad.exit_code == 2 and "--head-layers needs --heads" in bad.output
     bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--heads", "--head-layers", "9"])
     assert bad.exit_code == 2 and "--head-layers [9]: the model has layers 0..3" in bad.output
+
+
+@pytest.fixture(scope="module")
+def switched_off(organism, tmp_path_factory: pytest.TempPathFactory):
+    """The organism's held-out questions (20 films) evaluated as is and with each head of layer 0
+    mean-ablated."""
+    vlm, _ = organism
+    root = tmp_path_factory.mktemp("heads")
+    card = load_organism()[2]
+    questions = load_questions(export_questions(OrganismConfig.from_dict(card["config"]), root / "q", n_films=20))
+    means = head_means(vlm, questions, 0)
+    models = {f"head 0.{h}": HeadAblatedVLM(vlm, 0, [h], means) for h in range(4)}
+    report = compare_interventions(
+        vlm, questions, models, root / "out", EvalConfig(conditions=("image",)), progress=False
+    )
+    return questions, means, report
+
+
+def test_switching_off_the_carrier_removes_flips_at_an_accuracy_cost(switched_off) -> None:
+    _, _, report = switched_off
+    by_head = {e["description"]["ablate_heads"]["heads"][0]: e for e in report["interventions"]}
+    assert by_head[0]["paired"]["flip_rate"]["change"]["high"] < 0  # the head the trace names
+    assert all(by_head[h]["paired"]["flip_rate"]["change"]["high"] >= 0 for h in (1, 2, 3))  # the others: no cure
+    reading = head_ablation(by_head[0])
+    assert by_head[0]["paired"]["accuracy"]["change"]["high"] < 0 and "is no cure" in reading
+    assert reading.startswith(" Switching off head 0.0 (its output replaced by its mean over the questions)")
+    assert "do not fall beyond chance" in head_ablation(by_head[1])
+
+
+def test_every_head_zeroed_is_the_attention_output_zeroed(organism, switched_off) -> None:
+    """With no bias in `o_proj` and the post-attention norm of a zero vector zero, zeroing every
+    head of layer 0 is zeroing what its attention adds to the residual stream."""
+    vlm, _ = organism
+    questions, means, _ = switched_off
+    specs = [PromptSpec(question=q.question, image=q.image) for q in questions[:6]]
+    inputs = vlm.prompts.build(specs)
+    zeroed = HeadAblatedVLM(vlm, 0, [0, 1, 2, 3]).score(inputs)
+    with vlm.hooks(fwd_hooks=[("blocks.0.hook_attn_out", lambda x, hook: torch.zeros_like(x))]):
+        reference = vlm.score(inputs)
+    torch.testing.assert_close(zeroed, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(HeadAblatedVLM(vlm, 0, [0], means).score(inputs), vlm.score(inputs), atol=1e-3)
+    names = {json.dumps(HeadAblatedVLM(vlm, 0, heads, m).identity(), sort_keys=True, default=str)
+             for heads, m in (([0], means), ([1], means), ([0], None))}  # fmt: skip
+    assert len(names) == 3  # a store written under one ablation never resumes under another
+
+
+def test_bad_head_ablations_are_refused(organism) -> None:
+    vlm, _ = organism
+    with pytest.raises(FlipscopeError, match=r"heads \[4\]: each layer has heads 0..3"):
+        HeadAblatedVLM(vlm, 0, [4])
+    with pytest.raises(FlipscopeError, match="layer 5: the model has layers 0..3"):
+        HeadAblatedVLM(vlm, 5, [0])
+    with pytest.raises(FlipscopeError, match=r"means has shape \(3,\); expected \(128,\)"):
+        HeadAblatedVLM(vlm, 0, [0], torch.zeros(3))
+    with pytest.raises(FlipscopeError, match="at least one question"):
+        head_means(vlm, [], 0)
+
+
+def test_each_head_ablation_reading_is_chosen_by_the_numbers() -> None:
+    def entry(flips: tuple[float, float], accuracy: tuple[float, float], by: str = "mean") -> dict:
+        def change(v: tuple[float, float]) -> dict:
+            return {"change": {"value": sum(v) / 2, "low": v[0], "high": v[1], "n": 80}}
+
+        description = {"ablate_heads": {"layer": 2, "heads": [1, 3], "by": by}}
+        return {"description": description, "paired": {"flip_rate": change(flips), "accuracy": change(accuracy)}}
+
+    cure = head_ablation(entry((-0.3, -0.1), (-0.02, 0.01)))
+    assert "heads 2.1, 2.3 (each one's output replaced by its mean" in cure and cure.endswith(
+        "these questions can detect."
+    )
+    assert "and are no cure" in head_ablation(entry((-0.3, -0.1), (-0.2, -0.05)))
+    assert "do not fall beyond chance" in head_ablation(entry((-0.1, 0.02), (-0.2, -0.05), by="zero"))
+    assert "(each one's output zeroed), which the trace says carry" in head_ablation(
+        entry((-0.1, 0.02), (0, 0), by="zero")
+    )
+
+
+def test_the_clamp_command_refuses_a_head_that_is_not_layer_dot_head(tmp_path: Path) -> None:
+    questions = BANK.with_name("questions.jsonl")
+    args = ["clamp", "--questions", str(questions), "--features", "38", "--out", str(tmp_path / "c")]
+    bad = CliRunner().invoke(app, [*args, "--ablate-heads", "0"])
+    assert bad.exit_code == 2 and "--ablate-heads '0': each head is layer.head, e.g. 0.0 or 17.3" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--ablate-heads", "0.7"])
+    assert bad.exit_code == 2 and "heads [7]: each layer has heads 0..3" in bad.output

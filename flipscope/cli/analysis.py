@@ -24,7 +24,7 @@ from flipscope.cli.common import (
 )
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
-from flipscope.reporting.format import num
+from flipscope.reporting.format import edit_label, num
 
 
 @app.command()
@@ -168,6 +168,9 @@ def clamp(
         "--diffmean-from",
         help="FlipBank JSON: also ablate its DiffMean direction (flips vs controls, at the SAE's hook) for comparison.",
     ),
+    ablate_heads: str | None = typer.Option(
+        None, help="Also switch off these attention heads, e.g. 0.0 (layer.head, as trace --heads names them)."
+    ),
     model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
     sae: str | None = typer.Option(
         None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
@@ -188,28 +191,21 @@ def clamp(
     from flipscope.data.flipbank import load_flipbank
     from flipscope.data.questions import load_questions
     from flipscope.experiments.clamping import compare_clamped
-    from flipscope.experiments.discovery import diffmean_direction
     from flipscope.experiments.evaluation import EvalConfig
     from flipscope.experiments.launch import resolve_shard
-    from flipscope.experiments.pairs import collect_pairs
-    from flipscope.interventions.edited import DirectionAblatedVLM
-    from flipscope.sae.load import check_sae
 
     with one_line_errors():
         writable(out, folder=True)
         chosen = ints(features, "--features")
         levels = _clamp_values(values)
+        heads = _heads(ablate_heads) if ablate_heads else []
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
         launch = resolve_shard(shard)
         loaded = load_questions(questions, images)
         bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
         device = launch.device(device) if launch is not None else device
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
-        also = {}
-        if bank is not None:
-            hook = check_sae(dictionary, vlm)
-            direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
-            also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
+        also = _also(vlm, dictionary, bank, heads, loaded)
         clamps = [{f: v for f in chosen} for v in levels]
         report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also, launch=launch)
         if report is not None:
@@ -220,6 +216,34 @@ def clamp(
         return
     _print_comparison(report)
     typer.echo(f"results: {out / 'clamp.json'}")
+
+
+def _also(vlm, sae, bank, heads: list[tuple[int, int]], questions) -> dict:
+    """The interventions evaluated beside the clamps: the bank's DiffMean direction ablated at the
+    SAE's hook, and each head switched off (its mean over the questions in its place)."""
+    from flipscope.experiments.discovery import diffmean_direction
+    from flipscope.experiments.heads import head_ablations
+    from flipscope.experiments.pairs import collect_pairs
+    from flipscope.interventions.edited import DirectionAblatedVLM
+    from flipscope.sae.load import check_sae
+
+    also = {}
+    if bank is not None:
+        hook = check_sae(sae, vlm)
+        direction = diffmean_direction(collect_pairs(vlm, bank, [hook], progress=False), hook)
+        also["diffmean"] = DirectionAblatedVLM(vlm, hook, direction, name="DiffMean")
+    return {**also, **head_ablations(vlm, heads, questions)}
+
+
+def _heads(text: str) -> list[tuple[int, int]]:
+    """`--ablate-heads`' `layer.head` pairs."""
+    heads = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        layer, dot, head = part.partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise FlipscopeError(f"--ablate-heads {text!r}: each head is layer.head, e.g. 0.0 or 17.3")
+        heads.append((int(layer), int(head)))
+    return heads
 
 
 def _clamp_values(values: str) -> list[float]:
@@ -235,9 +259,7 @@ def _clamp_values(values: str) -> list[float]:
 def _intervention_label(description: dict) -> str:
     if "clamp" in description:
         return ",".join(f"{f}={v:g}" for f, v in description["clamp"]["values"].items())
-    if "ablate_direction" in description:
-        return f"{description['ablate_direction']['name']} ablated"
-    return "intervention"
+    return edit_label(description)
 
 
 def _print_comparison(report: dict) -> None:

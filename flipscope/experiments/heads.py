@@ -31,16 +31,28 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from flipscope.data.flipbank import check_flipbank_model
+from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.upstream import MIN_EFFECT, MIN_EXPLAINED, corrupted_paraphrases, neutral_embedding
+from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.interventions.hooks import replace_head_at, replace_where
 from flipscope.model.caching import Recorder
 from flipscope.model.hook_names import attention_heads
+from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
-__all__ = ["MIN_CARRIED", "HeadTrace", "carriers", "heads_before_entry", "trace_heads"]
+__all__ = [
+    "MIN_CARRIED",
+    "HeadTrace",
+    "carrier_ablations",
+    "carriers",
+    "head_ablations",
+    "head_means",
+    "heads_before_entry",
+    "trace_heads",
+]
 
 MIN_CARRIED = 0.5  # the CI's lower end of both shares for a head to carry the framing
 
@@ -219,3 +231,48 @@ def heads_before_entry(
     if layers is None and entry:
         layers = list(range(entry))
     return trace_heads(vlm, bank, layers=layers, **kwargs).summary(seed=seed)
+
+
+@torch.no_grad()
+@images_once
+def head_means(
+    vlm: VLM, questions: Sequence[Question], layer: int, *, batch_size: int = 16
+) -> Float[torch.Tensor, " width"]:
+    """Layer `layer`'s `attn.hook_z` averaged over every real position of the questions' prompts
+    (each wording, with its image or passage): the values a mean ablation puts in a head's place."""
+    if not questions:
+        raise FlipscopeError("head means need at least one question")
+    hook = z_hook(layer)
+    specs = [
+        PromptSpec(question=text, image=q.image)
+        if q.image is not None
+        else PromptSpec(question=text, condition="context", context=q.context)
+        for q in questions
+        for text in q.prompts
+    ]
+    total, count = None, 0
+    for start in range(0, len(specs), batch_size):
+        inputs = vlm.prompts.build(specs[start : start + batch_size])
+        z = vlm.cache_activations(inputs, names_filter=hook)[hook][inputs.attention_mask.bool()].double()
+        total, count = (z.sum(0) if total is None else total + z.sum(0)), count + len(z)
+    return (total / count).float()
+
+
+def head_ablations(
+    vlm: Any, heads: Sequence[tuple[int, int]], questions: Sequence[Question]
+) -> dict[str, HeadAblatedVLM]:
+    """One `HeadAblatedVLM` per `(layer, head)`, named `head-L.h`, the head replaced by its mean
+    over `questions` (`head_means`, once per layer)."""
+    means: dict[int, torch.Tensor] = {}
+    out: dict[str, HeadAblatedVLM] = {}
+    for layer, head in heads:
+        if layer not in means:
+            means[layer] = head_means(vlm, questions, layer)
+        out[f"head-{layer}.{head}"] = HeadAblatedVLM(vlm, layer, [head], means[layer])
+    return out
+
+
+def carrier_ablations(vlm: Any, heads: Mapping[str, Any], questions: Sequence[Question]) -> dict[str, HeadAblatedVLM]:
+    """`head_ablations` of the heads the head trace (`HeadTrace.summary()`) says carry the framing:
+    switching off the heads the trace names, to be evaluated beside the other cures."""
+    return head_ablations(vlm, [(int(c["layer"]), int(c["head"])) for c in heads.get("carriers") or []], questions)

@@ -5,7 +5,9 @@ every forward (prefill and each decoding step, on every scoring path).
 for each clamped feature f: the feature's own contribution is replaced by `value` (0 switches it
 off) and everything else, the SAE error term included, stays. **Direction ablation**
 (`DirectionAblatedVLM`): x ← x − (x · û) û at every position, the SAE-free baseline a feature has
-to beat (e.g. û the DiffMean direction of flips vs controls).
+to beat (e.g. û the DiffMean direction of flips vs controls). **Head ablation**
+(`HeadAblatedVLM`): attention heads' outputs replaced by their means (or zeros) at every position,
+switching off a head the trace names.
 
 Both are `HookedVLM`s (made as `HookedVLM.edited` makes siblings), so every stage takes them in
 place of the model; the edit fires exactly once per forward however hooks and contexts nest, and
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,12 +28,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from flipscope.errors import FlipscopeError
-from flipscope.interventions.hooks import ablate_direction_hook, clamp_hook
+from flipscope.interventions.hooks import ablate_direction_hook, ablate_heads_hook, clamp_hook
+from flipscope.model.hook_names import attention_heads
 from flipscope.model.hooked import Edit, HookedVLM
 from flipscope.sae.encode import check_features
 from flipscope.sae.load import check_sae
 
-__all__ = ["ClampedVLM", "DirectionAblatedVLM", "EditedVLM", "InterventionVLM", "clamp"]
+__all__ = ["ClampedVLM", "DirectionAblatedVLM", "EditedVLM", "HeadAblatedVLM", "InterventionVLM", "clamp"]
 
 
 class EditedVLM(HookedVLM):
@@ -109,6 +112,41 @@ class DirectionAblatedVLM(EditedVLM):
         description = {"ablate_direction": {"hook": hook_name, "name": name, "sha256": digest}}
         super().__init__(model, Edit(hook_name, ablate_direction_hook(direction), description))
         self.direction = direction
+
+
+class HeadAblatedVLM(EditedVLM):
+    """`model` with attention heads of one layer switched off at every position: each head's output
+    (its slice of `blocks.{layer}.attn.hook_z`) replaced by its mean over a set of prompts (`means`,
+    the whole hook's width; `flipscope.experiments.heads.head_means`), or by zeros without one.
+    `HeadAblatedVLM(vlm, 0, [0], means)` switches off head 0.0, the head `flipscope trace --heads` names.
+
+    Raises:
+        FlipscopeError: the layer or a head is not the model's, or `means` is not a finite vector of
+            the hook's width.
+    """
+
+    def __init__(
+        self, model: HookedVLM, layer: int, heads: Sequence[int], means: Float[Tensor, " width"] | None = None
+    ) -> None:
+        n_heads, head_dim = attention_heads(model.hf_model)
+        if not 0 <= int(layer) < model.n_layers:
+            raise FlipscopeError(f"layer {layer}: the model has layers 0..{model.n_layers - 1}")
+        bad = [h for h in heads if not 0 <= int(h) < n_heads]
+        if bad or not heads:
+            raise FlipscopeError(f"heads {bad or '[]'}: each layer has heads 0..{n_heads - 1}")
+        description: dict[str, Any] = {"layer": int(layer), "heads": sorted({int(h) for h in heads})}
+        if means is not None:
+            means = torch.as_tensor(means).detach().float().cpu()
+            if means.shape != (n_heads * head_dim,) or not torch.isfinite(means).all():
+                raise FlipscopeError(
+                    f"means has shape {tuple(means.shape)}; expected ({n_heads * head_dim},), finite: the heads' width"
+                )
+            description["sha256"] = hashlib.sha256(means.numpy().tobytes()).hexdigest()[:16]
+        description["by"] = "zero" if means is None else "mean"
+        columns = [slice(h * head_dim, (h + 1) * head_dim) for h in description["heads"]]
+        hook = f"blocks.{int(layer)}.attn.hook_z"
+        super().__init__(model, Edit(hook, ablate_heads_hook(columns, means), {"ablate_heads": description}))
+        self.layer, self.heads, self.means = int(layer), description["heads"], means
 
 
 @contextmanager

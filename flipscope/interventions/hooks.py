@@ -9,7 +9,8 @@ They are TransformerLens hook functions `(activation, hook) -> activation`, for
   (its slice of `attn.hook_z`) put at given positions (head-level tracing);
 - `shift_features_hook`: move SAE features to a target wherever a mask says (clamping, span
   patches): x ← x − (f(x) − target) · W_dec, the error term untouched;
-- `ablate_direction_hook`: x ← x − (x · û) û;
+- `ablate_direction_hook`: x ← x − (x · û) û; `ablate_heads_hook`: attention heads' outputs
+  replaced by their means (or zeros) at every position;
 - `splice_features_hook`: re-express the last position as decode(f) + error with f a leaf
   tensor, so the margin can be differentiated by every feature at once (attribution).
 """
@@ -28,6 +29,7 @@ from flipscope.sae.encode import encode_with_error, feature_encoder
 
 __all__ = [
     "ablate_direction_hook",
+    "ablate_heads_hook",
     "clamp_hook",
     "replace_at_last",
     "replace_head_at",
@@ -137,6 +139,19 @@ def replace_head_at(values: Float[Tensor, "batch width"], positions: Int[Tensor,
         rows = torch.arange(x.shape[0], device=x.device)
         x = x.clone()
         x[rows, positions.to(x.device), heads] = values[:, heads].to(device=x.device, dtype=x.dtype)
+        return x
+
+    return hook
+
+
+def ablate_heads_hook(heads: Sequence[slice], values: Float[Tensor, " width"] | None = None):
+    """A hook on `attn.hook_z` that replaces the columns of each of `heads` at every position with
+    `values`' (a mean ablation), or with zeros when `values` is None."""
+
+    def hook(x: Float[Tensor, "batch pos width"], hook: HookPoint) -> Tensor:
+        x = x.clone()
+        for columns in heads:
+            x[..., columns] = 0.0 if values is None else values[columns].to(device=x.device, dtype=x.dtype)
         return x
 
     return hook

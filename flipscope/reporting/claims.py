@@ -22,6 +22,7 @@ __all__ = [
     "family_concentration",
     "framing_entry",
     "framing_heads",
+    "head_ablation",
     "peak_layer",
     "beats_control",
     "replicated",
@@ -151,6 +152,31 @@ def framing_heads(heads: Mapping[str, Any]) -> str:
         "No traced layer's attention at the answer position brings back half of the framing's effect: it reaches "
         f"that position through other positions or the layers not traced ({where}){flag}."
     )
+
+
+def head_ablation(entry: Mapping[str, Any]) -> str:
+    """What switching off a head the trace names does (an `ablate_heads` entry of a clamping
+    comparison): the paired changes in flip rate and accuracy, and whether that is a cure, a
+    costly one, or none, by their CIs."""
+    d = entry["description"]["ablate_heads"]
+    names = ", ".join(f"{d['layer']}.{h}" for h in d["heads"])
+    flips, accuracy = entry["paired"]["flip_rate"]["change"], entry["paired"]["accuracy"]["change"]
+    one = len(d["heads"]) == 1
+    its, carries = ("its output", "carries") if one else ("each one's output", "carry")
+    how = f"{its} replaced by its mean over the questions" if d["by"] == "mean" else f"{its} zeroed"
+    text = (
+        f" Switching off head{'' if one else 's'} {names} ({how}), which the trace says {carries} the framing to the "
+        f"answer position, changes the flip rate by {fmt(flips)} and accuracy by {fmt(accuracy)}"
+    )
+    subject = "the head is" if one else "the heads are"
+    if flips["high"] >= 0:
+        return text + f": the flips do not fall beyond chance, so {subject} not what they need at run time."
+    if accuracy["high"] < 0:
+        what = (
+            "the head carries more than the framing and is" if one else "the heads carry more than the framing and are"
+        )
+        return text + f": it removes flips but costs accuracy, so {what} no cure."
+    return text + ": it removes flips at no accuracy cost these questions can detect."
 
 
 def replicated(run: Mapping[str, Any]) -> bool:

@@ -18,16 +18,19 @@ def demo_commands(
     feature: int,
     cfg: Any,
     counted: dict[str, list[int] | None] | None = None,
+    carriers: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
     the demo's own stores, so they compute nothing twice); `counted`: the features each site's
-    count removed (`main`, and `entry` where the demo read the trace's site)."""
+    count removed (`main`, and `entry` where the demo read the trace's site); `carriers`: the heads
+    the head trace named, which the demo switched off beside the clamps."""
 
     from flipscope.organism import default_organism_dir
 
     m = "" if Path(organism) == default_organism_dir() else f" --model {organism}"  # the default needs none
     conditions = ",".join(cfg.conditions)
     values = ",".join(f"{v:g}" for v in cfg.clamp_values)
+    heads = ",".join(f"{c['layer']}.{c['head']}" for c in carriers or [])
     return {
         **evaluation_commands(organism, questions, work, cfg),
         "discover": f"flipscope discover{m} --flipbank {bank} --out {work / 'discovery-cli.json'}",
@@ -47,7 +50,8 @@ def demo_commands(
         "site": f"flipscope discover{m} --flipbank {bank} --sae auto --trace {work / 'trace.json'} --exact-top 0 "
         f"--layers 0 --out {work / 'site-cli.json'}",
         "clamp": f"flipscope clamp{m} --questions {questions} --features {feature} --values {values} "
-        f"--diffmean-from {bank} --conditions {conditions} --out {work / 'clamp'}",
+        f"--diffmean-from {bank}{f' --ablate-heads {heads}' if heads else ''} --conditions {conditions} "
+        f"--out {work / 'clamp'}",
         **_count_commands(m, bank, work, counted or {}),
     }
 

@@ -215,8 +215,7 @@ def _patch(run: _Run) -> None:
 
 
 def _trace(run: _Run) -> None:
-    """Where the framing enters: its words corrupted, the clean run restored layer by layer; and
-    which heads before the entry move it to the answer position."""
+    """Where the framing enters (its words corrupted, the clean run restored), and by which heads."""
     from flipscope.experiments.heads import heads_before_entry
     from flipscope.experiments.upstream import trace_framing
 
@@ -276,11 +275,12 @@ def _count(run: _Run, sae: Any, found: Any, pairs: Any, name: str) -> dict[str, 
 
 
 def _clamp(run: _Run) -> None:
-    """The clamp-value curve of the clamped feature, with the DiffMean direction ablated beside it."""
+    """The clamped feature's curve, beside the DiffMean direction and the trace's heads ablated."""
     import torch
 
     from flipscope.experiments.clamping import compare_clamped
     from flipscope.experiments.evaluation import EvalConfig
+    from flipscope.experiments.heads import carrier_ablations
     from flipscope.interventions.edited import DirectionAblatedVLM
 
     f, cfg = run.found, run.cfg
@@ -289,7 +289,8 @@ def _clamp(run: _Run) -> None:
     clamps = [{f["clamp_feature"]: v} for v in cfg.clamp_values]
     f["clamping"] = compare_clamped(
         run.vlm, run.sae, f["questions"], clamps, run.work / "clamp", EvalConfig(conditions=cfg.conditions),
-        also={"diffmean": ablated}, baseline_store=f["eval_path"], progress=run.progress,
+        also={"diffmean": ablated, **carrier_ablations(run.vlm, f["upstream"]["heads"], f["questions"])},
+        baseline_store=f["eval_path"], progress=run.progress,
     )  # fmt: skip
     write_json(run.work / "clamp.json", f["clamping"])
 
@@ -319,7 +320,7 @@ def _figures(run: _Run) -> None:
         counted = {"main": f["count"]["features"], "entry": f["site"].get("count", {}).get("features")}
         summary["commands"] = demo_commands(
             run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"],
-            f["clamp_feature"], run.cfg, counted,
+            f["clamp_feature"], run.cfg, counted, f["upstream"]["heads"]["carriers"],
         )  # fmt: skip
     else:
         summary["commands"] = evaluation_commands(run.directory, f["questions_path"], run.work, run.cfg)

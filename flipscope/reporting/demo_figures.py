@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flipscope.reporting.format import edit_label
+
 __all__ = ["build_figures", "layer_recovery"]
 
 
@@ -33,7 +35,7 @@ def _clamp_points(report: dict[str, Any]) -> list[dict[str, Any]]:
             (value,) = set(entry["description"]["clamp"]["values"].values())
             label, kind = f"{value:g}", "clamp"
         else:
-            label = kind = f"{entry['description']['ablate_direction']['name']} ablated"
+            label = kind = edit_label(entry["description"])
         points.append({"label": label, "kind": kind, "flip_rate": o["flip_rate"], "accuracy": o["accuracy"]})
     return points
 

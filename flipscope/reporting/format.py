@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MIN_CASES", "control_text", "fmt", "num"]
+__all__ = ["MIN_CASES", "control_text", "edit_label", "fmt", "num"]
 
 MIN_CASES = 10  # fewer units than this and an estimate says so wherever it is printed
 
@@ -42,3 +42,15 @@ def control_text(patch: Mapping[str, Any]) -> str:
     control = patch.get("matched_control_feature", {}).get("mean_recovery")
     ratio = patch.get("setup", {}).get("control_size_ratio")
     return fmt(control) + (f" (a push {ratio:.2f}× the features')" if control and ratio is not None else "")
+
+
+def edit_label(description: Mapping[str, Any]) -> str:
+    """A short name for an edited model's edit other than a clamp (an `EditedVLM.description`):
+    `DiffMean ablated`, `head 0.0 mean-ablated`, else `intervention`."""
+    if "ablate_direction" in description:
+        return f"{description['ablate_direction']['name']} ablated"
+    if "ablate_heads" in description:
+        d = description["ablate_heads"]
+        heads = ", ".join(f"{d['layer']}.{h}" for h in d["heads"])
+        return f"head{'s' if len(d['heads']) > 1 else ''} {heads} {d['by']}-ablated"
+    return "intervention"

@@ -263,9 +263,11 @@ def clamp_tradeoff(
         "clamp": ("clamp values", "circle", COLORS["patched"]),
         "baseline": ("model as is", "star", "black"),
     }
+    others = [kind for kind in dict.fromkeys(p["kind"] for p in points) if kind not in groups]
+    groups.update({kind: (kind, "diamond", OTHER_COLORS[k % len(OTHER_COLORS)]) for k, kind in enumerate(others)})
     for kind in dict.fromkeys(p["kind"] for p in points):
         chosen = [p for p in points if p["kind"] == kind]
-        name, symbol, color = groups.get(kind, (kind, "diamond", COLORS["paraphrase"]))
+        name, symbol, color = groups[kind]
         fig.add_trace(
             go.Scatter(
                 x=[p["flip_rate"]["value"] for p in chosen],

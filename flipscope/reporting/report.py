@@ -17,9 +17,10 @@ from flipscope.reporting.claims import (
     family_concentration,
     framing_entry,
     framing_heads,
+    head_ablation,
     peak_layer,
 )
-from flipscope.reporting.format import MIN_CASES, control_text, fmt, num
+from flipscope.reporting.format import MIN_CASES, control_text, edit_label, fmt, num
 from flipscope.reporting.html_parts import figure as _figure
 from flipscope.reporting.html_parts import reading as _reading
 from flipscope.reporting.html_parts import table as _table
@@ -251,7 +252,9 @@ def _clamp_rows(c: Mapping[str, Any], paper: Mapping[str, Any]) -> list[list[str
         label = (
             f"feature {c['feature']} clamped to {next(iter(d['clamp']['values'].values())):g}"
             if "clamp" in d
-            else "DiffMean direction ablated"
+            else f"{d['ablate_direction']['name']} direction ablated"
+            if "ablate_direction" in d
+            else edit_label(d)
         )
         change = entry["paired"]["flip_rate"]
         rel = change["relative_change"]
@@ -299,12 +302,14 @@ def _clamping(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
             f" Clamped to {c['values'][len(clamps) - 1]:g} instead, the flip rate is "
             f"{fmt(last['summary']['overall']['flip_rate'])}: the curve below is the trade-off over clamp values."
         )
-    for entry in others:
+    for entry in [e for e in others if "ablate_direction" in e["description"]]:
         reading += (
             f" Ablating the {entry['description']['ablate_direction']['name']} direction, which needs no SAE, "
             f"changes the flip rate by {fmt(entry['paired']['flip_rate']['change'])} and accuracy by "
             f"{fmt(entry['paired']['accuracy']['change'])}: the baseline the feature is measured against."
         )
+    for entry in [e for e in others if "ablate_heads" in e["description"]]:
+        reading += head_ablation(entry)
     return (
         "<h2>4. Clamping</h2>"
         "<p>x ← x − (f(x) − value) · W_dec[f] at the SAE layer, every position; the same questions evaluated "
