@@ -30,10 +30,15 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from flipscope.data.flipbank import check_flipbank_model
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
-from flipscope.experiments.upstream import MIN_EFFECT, MIN_EXPLAINED, corrupted_paraphrases, neutral_embedding
+from flipscope.experiments.upstream import (
+    MIN_EXPLAINED,
+    corrupted_paraphrases,
+    neutral_embedding,
+    traced_flips,
+    traced_rows,
+)
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.interventions.hooks import replace_head_at, replace_where
 from flipscope.model.caching import Recorder
@@ -162,17 +167,11 @@ def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipp
             m_out = runs.margins([(hook, replace_head_at(dirty[hook], at, one))])
             restored[:, i, h] = (m_back - m_corrupt) / effect
             removed[:, i, h] = (m_para - m_out) / effect
-    m_orig = torch.tensor([c["original_margin"] for c in cases])
-    undone = effect / (m_para - m_orig)
-    rows = []
-    for r, case in enumerate(cases):
-        if not word_masks[r]:
-            skipped["no framing word"] += 1
-        elif abs(float(effect[r])) < MIN_EFFECT:
-            skipped["corruption moved nothing"] += 1
-        else:
-            rows.append((case["id"], restored[r].numpy(), removed[r].numpy(), whole[r].numpy(), float(undone[r])))
-    return rows
+    undone = effect / (m_para - torch.tensor([c["original_margin"] for c in cases]))
+    return [
+        (cases[r]["id"], restored[r].numpy(), removed[r].numpy(), whole[r].numpy(), float(undone[r]))
+        for r in traced_rows(word_masks, effect, skipped)
+    ]
 
 
 @images_once
@@ -193,10 +192,7 @@ def trace_heads(
     Raises:
         FlipscopeError: the bank was made by another model, has no flips, or a layer is out of range.
     """
-    check_flipbank_model(bank, vlm)
-    flips = list(bank["flips"])[:max_cases]
-    if not flips:
-        raise FlipscopeError("the FlipBank has no flips to trace")
+    flips = traced_flips(vlm, bank, max_cases)
     layer_ids = list(range(vlm.n_layers)) if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in layer_ids if not 0 <= layer < vlm.n_layers]
     if bad or not layer_ids:

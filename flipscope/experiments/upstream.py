@@ -53,6 +53,8 @@ __all__ = [
     "framing_words",
     "neutral_embedding",
     "trace_framing",
+    "traced_flips",
+    "traced_rows",
 ]
 
 GROUPS = ("framing words", "rest of question", "last position")
@@ -242,15 +244,37 @@ def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int], fast
         for r, w in enumerate(kth):
             if w:
                 words[r][w] = float((m_para[r] - m_word[r]) / (m_para[r] - m_orig[r]))
-    rows = []
-    for r, case in enumerate(cases):
-        if not word_masks[r]:
+    return [
+        (cases[r]["id"], restored[r].numpy(), float(undone[r]), words[r], float(m_para[r] - m_corrupt[r]))
+        for r in traced_rows(word_masks, m_para - m_corrupt, skipped)
+    ]
+
+
+def traced_rows(word_masks: Sequence[Mapping[str, Any]], effect: Float[Tensor, " batch"], skipped: dict[str, int]):
+    """The rows of a batch a trace keeps: those with a framing word whose corruption moved the
+    margin (`effect`, m_para − m_corrupt) by at least `MIN_EFFECT`; the others counted in `skipped`."""
+    kept = []
+    for r, masks in enumerate(word_masks):
+        if not masks:
             skipped["no framing word"] += 1
-        elif abs(float(m_para[r] - m_corrupt[r])) < MIN_EFFECT:
+        elif abs(float(effect[r])) < MIN_EFFECT:
             skipped["corruption moved nothing"] += 1
         else:
-            rows.append((case["id"], restored[r].numpy(), float(undone[r]), words[r], float(m_para[r] - m_corrupt[r])))
-    return rows
+            kept.append(r)
+    return kept
+
+
+def traced_flips(vlm: VLM, bank: Mapping[str, Any], max_cases: int | None) -> list[Mapping[str, Any]]:
+    """The bank's first `max_cases` flips (all with None), checked to be the model's.
+
+    Raises:
+        FlipscopeError: the bank was made by another model, or has no flips.
+    """
+    check_flipbank_model(bank, vlm)
+    flips = list(bank["flips"])[:max_cases]
+    if not flips:
+        raise FlipscopeError("the FlipBank has no flips to trace")
+    return flips
 
 
 @images_once
@@ -272,10 +296,7 @@ def trace_framing(
     Raises:
         FlipscopeError: the bank was made by another model, or has no flips.
     """
-    check_flipbank_model(bank, vlm)
-    flips = list(bank["flips"])[:max_cases]
-    if not flips:
-        raise FlipscopeError("the FlipBank has no flips to trace")
+    flips = traced_flips(vlm, bank, max_cases)
     layer_ids = list(range(vlm.n_layers)) if layers is None else list(layers)
     neutral = neutral_embedding(vlm, flips, batch_size)
     skipped = {"no framing word": 0, "corruption moved nothing": 0}
