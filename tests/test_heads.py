@@ -18,7 +18,7 @@ from flipscope.data.questions import load_questions
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.clamping import compare_interventions
 from flipscope.experiments.evaluation import EvalConfig
-from flipscope.experiments.heads import MIN_CARRIED, head_means, trace_heads
+from flipscope.experiments.heads import MIN_CARRIED, head_means, heads_before_entry, trace_heads
 from flipscope.experiments.upstream import GROUPS, trace_framing
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.model.prompts import PromptSpec
@@ -110,6 +110,16 @@ def test_each_reading_is_chosen_by_the_numbers() -> None:
     assert "no head is named" in framing_heads(_summary([0.9], [0.9], 1.0, explained=False))
     assert "(from only 6 flips)" in framing_heads(_summary([0.9, 0.1], [0.8, 0.0], 1.0, n=6))
     assert "nan" not in framing_heads({"n_cases": 0})
+
+
+def test_an_unexplained_trace_traces_no_heads_unless_asked(organism) -> None:
+    vlm, bank = organism
+    unexplained = {"n_cases": 16, "explained": False, "entry_layer": None, "skipped": {}}
+    summary = heads_before_entry(vlm, {}, unexplained)  # not a forward: the bank is not even read
+    assert summary["layers"] == [] and summary["carriers"] == [] and summary["n_heads"] == 4
+    assert framing_heads(summary).endswith("so no head is named.")
+    asked = heads_before_entry(vlm, bank, unexplained, [0], max_cases=16, progress=False)
+    assert [row["layer"] for row in asked["layers"]] == [0] and asked["explained"]  # the bank's own words explain
 
 
 def test_bad_layers_are_refused(organism) -> None:

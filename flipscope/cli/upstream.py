@@ -23,7 +23,9 @@ def trace(
         False, "--heads", help="Also trace each attention head at the last position, at the layers before the entry."
     ),
     head_layers: str | None = typer.Option(
-        None, help="Layers whose heads --heads traces, e.g. 0-3 (default: those before the entry layer, else all)."
+        None,
+        help="Layers whose heads --heads traces, e.g. 0-3 (default: those before the entry layer; all where the trace "
+        "names none; none where the framing words do not explain the shift).",
     ),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.trace.json beside the FlipBank)."),

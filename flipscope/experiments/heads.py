@@ -222,7 +222,14 @@ def heads_before_entry(
 ) -> dict[str, Any]:  # fmt: skip
     """`trace_heads`' summary at `layers`, by default those before the entry layer the trace
     (`UpstreamTrace.summary()`) names, whose attention moved the framing to the answer position,
-    and every layer where it names none; `kwargs` go to `trace_heads`."""
+    and every layer where it names none; `kwargs` go to `trace_heads`. Where the framing words do
+    not explain the flips' shift no head can be named, so without `layers` none is traced."""
+    if layers is None and not trace.get("explained"):
+        return {
+            "n_cases": trace.get("n_cases", 0), "skipped": trace.get("skipped", {}),
+            "n_heads": attention_heads(vlm.hf_model)[0], "bar": MIN_CARRIED,
+            "corrupted_share": trace.get("corrupted_share"), "explained": False, "layers": [], "carriers": [],
+        }  # fmt: skip
     entry = trace.get("entry_layer")
     if layers is None and entry:
         layers = list(range(entry))
