@@ -33,16 +33,16 @@ from tqdm.auto import tqdm
 from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.upstream import (
-    MIN_EXPLAINED,
     corrupted_paraphrases,
     neutral_embedding,
     traced_flips,
     traced_rows,
+    words_explain,
 )
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.interventions.hooks import replace_head_at, replace_where
 from flipscope.model.caching import Recorder
-from flipscope.model.hook_names import attention_heads
+from flipscope.model.hook_names import attention_heads, attn_z
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
@@ -60,11 +60,6 @@ __all__ = [
 ]
 
 MIN_CARRIED = 0.5  # the CI's lower end of both shares for a head to carry the framing
-
-
-def z_hook(layer: int) -> str:
-    """The hook of layer `layer`'s concatenated head outputs (the input of `o_proj`)."""
-    return f"blocks.{layer}.attn.hook_z"
 
 
 @dataclass(frozen=True)
@@ -92,9 +87,9 @@ class HeadTrace:
     skipped: dict[str, int]
 
     def explained(self, seed: int = 0) -> bool:
-        """Whether corrupting the framing words undoes at least `MIN_EXPLAINED` of the flips'
+        """Whether corrupting the framing words undoes at least `upstream.MIN_EXPLAINED` of the flips'
         shift (the CI's lower end), as the trace requires before it names a layer."""
-        return bool(len(self.case_ids)) and bootstrap(self.corrupted_share, seed=seed).low >= MIN_EXPLAINED
+        return words_explain(self.corrupted_share, seed)
 
     def summary(self, seed: int = 0) -> dict[str, Any]:
         """Per layer, the whole attention's share and each head's two shares with bootstrap CIs;
@@ -146,7 +141,7 @@ def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipp
     """The traced rows of one batch of flips, `(id, restored [layer, head], removed [layer, head],
     whole [layer], share undone)`, counting the flips it skips in `skipped`."""
     runs, word_masks, groups, fill = corrupted_paraphrases(vlm, cases, neutral, fast)
-    hooks = [z_hook(layer) for layer in layers]
+    hooks = [attn_z(layer) for layer in layers]
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
     at = runs.last_positions
     m_para, clean = runs.run_with_cache(hooks, last=True)
@@ -245,7 +240,7 @@ def head_means(
     (each wording, with its image or passage): the values a mean ablation puts in a head's place."""
     if not questions:
         raise FlipscopeError("head means need at least one question")
-    hook = z_hook(layer)
+    hook = attn_z(layer)
     specs = [
         PromptSpec(question=text, image=q.image)
         if q.image is not None

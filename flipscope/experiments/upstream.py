@@ -55,6 +55,7 @@ __all__ = [
     "trace_framing",
     "traced_flips",
     "traced_rows",
+    "words_explain",
 ]
 
 GROUPS = ("framing words", "rest of question", "last position")
@@ -149,9 +150,7 @@ class UpstreamTrace:
         """Whether corrupting the framing words explains the flips' shift: the lower end of the
         CI of the share it undoes is at least `MIN_EXPLAINED`. Where the words explain less, the
         tracing restores an effect that is not the flip, and no entry layer is named."""
-        if not len(self.case_ids):
-            return False
-        return bool(bootstrap(self.corrupted_share, seed=seed).low >= MIN_EXPLAINED)
+        return words_explain(self.corrupted_share, seed)
 
     def entry_layer(self) -> int | None:
         """The first layer whose last position carries at least half the framing's effect (mean);
@@ -248,6 +247,12 @@ def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int], fast
         (cases[r]["id"], restored[r].numpy(), float(undone[r]), words[r], float(m_para[r] - m_corrupt[r]))
         for r in traced_rows(word_masks, m_para - m_corrupt, skipped)
     ]
+
+
+def words_explain(corrupted_share: Float[np.ndarray, " case"], seed: int = 0) -> bool:
+    """Whether corrupting the framing words undoes at least `MIN_EXPLAINED` of the traced flips'
+    shift, by the CI's lower end (False with no flip traced): the bar before a layer or head is named."""
+    return bool(len(corrupted_share)) and bool(bootstrap(corrupted_share, seed=seed).low >= MIN_EXPLAINED)
 
 
 def traced_rows(word_masks: Sequence[Mapping[str, Any]], effect: Float[Tensor, " batch"], skipped: dict[str, int]):

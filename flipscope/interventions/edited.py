@@ -29,7 +29,7 @@ from torch import Tensor
 
 from flipscope.errors import FlipscopeError
 from flipscope.interventions.hooks import ablate_direction_hook, ablate_heads_hook, clamp_hook
-from flipscope.model.hook_names import attention_heads
+from flipscope.model.hook_names import attention_heads, attn_z
 from flipscope.model.hooked import Edit, HookedVLM
 from flipscope.sae.encode import check_features
 from flipscope.sae.load import check_sae
@@ -144,7 +144,7 @@ class HeadAblatedVLM(EditedVLM):
             description["sha256"] = hashlib.sha256(means.numpy().tobytes()).hexdigest()[:16]
         description["by"] = "zero" if means is None else "mean"
         columns = [slice(h * head_dim, (h + 1) * head_dim) for h in description["heads"]]
-        hook = f"blocks.{int(layer)}.attn.hook_z"
+        hook = attn_z(int(layer))
         super().__init__(model, Edit(hook, ablate_heads_hook(columns, means), {"ablate_heads": description}))
         self.layer, self.heads, self.means = int(layer), description["heads"], means
 
