@@ -225,8 +225,9 @@ def head_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8)
     """`trace_heads` (every head of every layer restored and removed at the last position) over the
     bank's first `max_cases` flips two ways, one after the other: as `flipscope trace --heads` runs
     it, on the questions alone (`suffix`), and on whole prompts with each film through the tower
-    once (`whole`); with the forwards and tokens each made. The paths agree as margins: a share
-    times the framing's effect."""
+    once (`whole`); with the forwards and tokens each made (each path's one whole-prompt forward
+    that reads the heads' patterns among them). The paths agree as margins: a share times the
+    framing's effect; the patterns are read on whole prompts either way, so they agree exactly."""
     vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
     towers, tokens = counters(vlm)
     seconds, counts, traced = {}, {}, {}
@@ -251,6 +252,7 @@ def head_paths(model: Path, bank: Path, max_cases: int = 8, batch_size: int = 8)
         "ratio_whole_to_suffix": seconds["whole"] / seconds["suffix"],
         "counts": counts,
         "max_abs_margin_diff": margin_diff,
+        "max_abs_looks_diff": float(np.abs(suffix.looks - whole.looks).max()),
     }
 
 

@@ -96,3 +96,18 @@ def test_with_image_matches_bridge_once_its_vision_norms_are_native(bridge, eage
         _set_native_vision_norms(bridge, False)
     torch.testing.assert_close(bridge_cache[f"blocks.{LAYER}.hook_out"], resid, rtol=0, atol=1e-6)
     torch.testing.assert_close(bridge_logits, logits, rtol=0, atol=1e-6)
+
+
+def test_attention_patterns_match_bridge(bridge, vlm: HookedVLM) -> None:
+    """`attn.hook_pattern` of the default-kernel model (eager only while read) is TransformerLens's."""
+    inputs = vlm.prompts.build([PromptSpec(question="Is there an effusion?", condition="none")])
+    name = f"blocks.{LAYER}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = vlm.run_with_cache(inputs, names_filter=name)
+        kwargs = inputs.as_kwargs()
+        _, theirs = bridge.run_with_cache(
+            kwargs["input_ids"], token_type_ids=kwargs["token_type_ids"], attention_mask=kwargs["attention_mask"],
+            names_filter=name,
+        )  # fmt: skip
+    assert vlm.hf_model.config.text_config._attn_implementation == "sdpa"
+    torch.testing.assert_close(theirs[name], cache[name], rtol=0, atol=1e-6)

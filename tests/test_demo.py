@@ -254,3 +254,17 @@ def test_figures_script_redraws_from_the_summary(demo, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for name in FIGURES:
         assert (tmp_path / f"{name}.html").read_text() == (out / f"{name}.html").read_text()
+
+
+def test_the_trace_command_traces_the_layers_the_demo_traced() -> None:
+    """A demo that looks at every `layer_stride`-th layer prints a trace command over those layers
+    (the entry, and so the heads traced, could differ over all of them)."""
+    from flipscope.reporting.commands import demo_commands
+    from flipscope.reporting.demo import DemoConfig
+
+    trace = {"layers": [0, 3, 6, 9, 12, 15, 17], "heads": {"carriers": [{"layer": 2, "head": 1}]}}
+    args = (Path("org"), Path("q.json"), Path("work"), Path("bank.json"), [1], [], 1)
+    sparse = demo_commands(*args, DemoConfig(layer_stride=3), None, trace)
+    assert " --layers 0,3,6,9,12,15,17 " in sparse["trace"] and "--ablate-heads 2.1" in sparse["clamp"]
+    every = demo_commands(*args, DemoConfig(), None, trace)
+    assert "--layers" not in every["trace"] and "--ablate-heads 2.1" in every["clamp"]

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.model import Edit, HookedVLM, PromptSpec
+from flipscope.model.hook_names import attn_pattern
+from flipscope.model.hook_points import is_pattern_hook
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.model.tiny_families import save_tiny
 from tests.conftest import WORDS
@@ -87,9 +89,34 @@ def test_hooked_logits_are_the_plain_forward_with_and_without_identity_hooks(mod
             plain = vlm.hf_model(**_plain(vlm, spec)).logits
             inputs = vlm.prompts.build([spec])
             hooked = vlm(inputs)
-            identity = vlm.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x)])
+            identity = vlm.run_with_hooks(
+                inputs, fwd_hooks=[(lambda name: not is_pattern_hook(name), lambda x, hook: x)]
+            )
         assert torch.equal(hooked, plain), (family, spec.condition)
         assert torch.equal(identity, plain), (family, spec.condition)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_patterns_are_hf_eager_weights_and_leave_the_kernel_as_it_was(models, family: str) -> None:
+    vlm = models[family]
+    config = vlm.hf_model.get_decoder().config
+    kernel = config._attn_implementation
+    names = [attn_pattern(layer) for layer in range(vlm.n_layers)]
+    inputs = vlm.prompts.build(_specs(vlm)[:1])
+    with torch.no_grad():
+        logits, cache = vlm.run_with_cache(inputs, names_filter=lambda n: n.endswith("hook_pattern"))
+        assert config._attn_implementation == kernel  # back where it was
+        config._attn_implementation = "eager"
+        try:
+            plain = vlm.hf_model(**vlm.family.forward_kwargs(vlm.hf_model, inputs.as_kwargs()), output_attentions=True)
+        finally:
+            config._attn_implementation = kernel
+    assert sorted(cache) == sorted(names)
+    assert torch.equal(logits, plain.logits), family  # HF's own eager forward
+    for layer, name in enumerate(names):
+        assert torch.equal(cache[name], plain.attentions[layer]), (family, layer)
+        torch.testing.assert_close(cache[name].sum(-1), torch.ones(cache[name].shape[:-1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[:, -1], vlm(inputs)[:, -1], rtol=0, atol=1e-4)  # sdpa agrees
 
 
 @pytest.mark.parametrize("family", FAMILIES)

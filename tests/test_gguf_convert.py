@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from flipscope.errors import FlipscopeError  # noqa: E402
 from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
 from flipscope.model.gguf import gguf_folder  # noqa: E402
+from flipscope.model.hook_points import is_pattern_hook  # noqa: E402
 
 # Gemma's special tokens first (control: 3, unknown: 2), then a few words (normal: 1)
 TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "▁", "▁yes", "▁no",
@@ -109,7 +110,7 @@ def test_a_gguf_path_loads_as_gemma3_text_with_the_plain_forward(
     inputs = vlm.prompts.build([PromptSpec(question="is there an effusion?", condition="none")])
     with torch.no_grad():
         plain = vlm.hf_model(**vlm.family.forward_kwargs(vlm.hf_model, inputs.as_kwargs()), use_cache=False)
-        hooked = vlm.run_with_hooks(inputs, fwd_hooks=[(lambda name: True, lambda x, hook: x)])
+        hooked = vlm.run_with_hooks(inputs, fwd_hooks=[(lambda name: not is_pattern_hook(name), lambda x, hook: x)])
     assert torch.equal(hooked, plain.logits)
 
 

@@ -73,6 +73,25 @@ def test_the_suffix_path_equals_whole_prompts(organism) -> None:
     whole = trace_heads(vlm, bank, layers=[0, 1], max_cases=16, progress=False, fast=False)
     for got, want in [(fast.restored, whole.restored), (fast.removed, whole.removed), (fast.whole, whole.whole)]:
         np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_array_equal(fast.looks, whole.looks)  # patterns are read on whole prompts either way
+
+
+def test_the_carrier_looks_at_the_framing_words_and_a_head_that_does_not_is_not_said_to(heads) -> None:
+    """Head 0.0 puts more of its attention from the answer position on the framing words than any
+    other head, and more than their share of the question's tokens; head 0.1, read as if it were
+    the carrier, gets the opposite sentence from its own numbers."""
+    np.testing.assert_allclose(heads.looks.sum(-1), 1.0, atol=1e-5)  # the four parts cover every real key
+    summary = heads.summary()
+    carrier = summary["carriers"][0]["looks"]
+    others = [h["looks"]["framing words"]["high"] for r in summary["layers"] for h in r["heads"]][1:]
+    assert carrier["framing words"]["low"] > max(others) and carrier["favours"]["low"] > 0
+    sentence = framing_heads(summary)
+    assert f"puts {fmt(carrier['framing words'])} of its attention on the framing words, more than any" in sentence
+    assert f"it favours them beyond their share ({fmt(carrier['favours'])})" in sentence
+    other = {"layer": 0, **summary["layers"][0]["heads"][1]}
+    assert other["looks"]["favours"]["high"] < 0
+    as_if = framing_heads({**summary, "carriers": [other]})
+    assert "more than any other" not in as_if and "it gives them less than their share" in as_if
 
 
 def test_heads_after_the_entry_are_not_named(organism) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import HookedVLM, PromptSpec
+from flipscope.model.hook_points import is_pattern_hook
 from flipscope.model.hooked import SiteHookPoint as _SiteHookPoint
 
 QUESTIONS = ("Is there an effusion?", "Do you see any pleural effusion in this film?", "Are the lungs clear?")
@@ -48,9 +49,9 @@ def test_logits_bit_identical_to_hf(vlm: HookedVLM, film_paths, mixed_batch, con
     with torch.no_grad():
         plain = vlm.hf_model(**batch.as_kwargs()).logits
         unhooked = vlm(batch)
-        with vlm.hooks(fwd_hooks=[(lambda name: True, lambda x, hook: x)]):
+        with vlm.hooks(fwd_hooks=[(lambda name: not is_pattern_hook(name), lambda x, hook: x)]):
             identity = vlm(batch)
-        with vlm.hooks(fwd_hooks=[(lambda name: True, lambda x, hook: None)]):
+        with vlm.hooks(fwd_hooks=[(lambda name: not is_pattern_hook(name), lambda x, hook: None)]):
             observe = vlm(batch)
     assert torch.equal(plain, unhooked)
     assert torch.equal(plain, identity)
@@ -211,3 +212,28 @@ def test_right_padded_inputs_are_refused(vlm: HookedVLM, mixed_batch) -> None:
     kwargs["attention_mask"] = kwargs["attention_mask"].flip(-1)
     with pytest.raises(FlipscopeError, match="right-padded"):
         vlm.score(kwargs)
+
+
+def test_attention_patterns_by_name_at_chosen_queries_and_read_only(vlm: HookedVLM, mixed_batch) -> None:
+    _, batch = mixed_batch
+    config = vlm.hf_model.model.language_model.config
+    names = ["blocks.0.attn.hook_pattern", "blocks.2.attn.hook_pattern"]
+    with torch.no_grad():
+        _, every = vlm.run_with_cache(batch)
+        _, whole = vlm.run_with_cache(batch, names_filter=names)
+        last = vlm.cache_activations(batch, names_filter=names[0], positions="last")
+        some = vlm.cache_activations(batch, names_filter=names[0], positions=slice(-3, None))
+    assert not any(name.endswith("hook_pattern") for name in every)  # "every hook" keeps HF's kernel
+    pattern = whole[names[0]]
+    assert pattern.shape == (len(batch), config.num_attention_heads, *batch.input_ids.shape[1:] * 2)
+    assert torch.equal(last[names[0]], pattern[:, :, -1]) and torch.equal(some[names[0]], pattern[:, :, -3:])
+    pad = batch.attention_mask == 0  # left padding: no real query looks at it
+    assert pad.any() and float(pattern[:, :, -1][pad[:, None].expand_as(pattern[:, :, -1])].abs().max()) == 0.0
+    with vlm.hooks(fwd_hooks=[(names[0], lambda x, hook: None)]):
+        with vlm.hooks(fwd_hooks=[(names[1], lambda x, hook: None)]):
+            assert config._attn_implementation == "eager"
+        assert config._attn_implementation == "eager"  # one pattern hook is still on
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(FlipscopeError, match="read only"):
+        vlm.run_with_hooks(batch, fwd_hooks=[(names[0], lambda x, hook: x * 0)])
+    assert _no_site_hooks(vlm) and config._attn_implementation == "sdpa"

@@ -82,14 +82,16 @@ def _layers(text: str | None, option: str, n_layers: int) -> list[int] | None:
 
 
 def _print_heads(heads: dict) -> None:
-    """Per traced layer, all heads' share and each head's restored and removed shares; the reading."""
-    typer.echo(f"{'head':>6}  {'restored alone [CI]':<28}{'removed alone [CI]':<28}")
+    """Per traced layer, all heads' share, each head's restored and removed shares and attention on the
+    framing words from the answer position; the reading."""
+    typer.echo(f"{'head':>6}  {'restored alone [CI]':<28}{'removed alone [CI]':<28}attention on framing words")
     for row in heads["layers"]:
         if row["all heads"] is not None:
             typer.echo(f"{row['layer']:>4}.*  {fmt(row['all heads']):<28}(all of layer {row['layer']}'s heads)")
         for head in row["heads"]:
             name = f"{row['layer']}.{head['head']}"
-            typer.echo(f"{name:>6}  {fmt(head['restored']):<28}{fmt(head['removed']):<28}")
+            on = fmt(head["looks"]["framing words"])
+            typer.echo(f"{name:>6}  {fmt(head['restored']):<28}{fmt(head['removed']):<28}{on}")
     typer.echo(framing_heads(heads))
 
 

@@ -13,6 +13,12 @@ corrupts them, for each layer L and head h, at the paraphrase's last position on
 - **all heads** of layer L restored at once: exactly its `hook_attn_out` at the last position
   (`o_proj` and the post-attention norm see the same input), the layer's whole share.
 
+Beside them, where each head looks from the last position (`LOOKS`): its attention weights'
+mass on the framing words, the rest of the question, the prompt before it (header, image) and the
+template after it, from one whole-prompt forward a batch with the patterns read
+(`blocks.L.attn.hook_pattern`). Attention is where a head reads, not what it writes: the shares
+above say whether it matters, the pattern says which words it reads.
+
 Heads are not additive (the post-attention norm and later layers mix them), so a head "carries"
 the framing only when it is both enough and needed (`carriers`); a layer whose attention restores
 half of the effect with no such head spreads it over several. Every edit is at the last position,
@@ -23,11 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from tqdm.auto import tqdm
 
 from flipscope.data.questions import Question
@@ -42,13 +48,14 @@ from flipscope.experiments.upstream import (
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.interventions.hooks import replace_head_at, replace_where
 from flipscope.model.caching import Recorder
-from flipscope.model.hook_names import attention_heads, attn_z
+from flipscope.model.hook_names import attention_heads, attn_pattern, attn_z
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
 __all__ = [
+    "LOOKS",
     "MIN_CARRIED",
     "HeadTrace",
     "carrier_ablations",
@@ -60,6 +67,7 @@ __all__ = [
 ]
 
 MIN_CARRIED = 0.5  # the CI's lower end of both shares for a head to carry the framing
+LOOKS = ("framing words", "rest of question", "before the question", "after the question")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class HeadTrace:
         restored: [case, layer, head] share of the framing's effect one clean head brings back.
         removed: [case, layer, head] share one corrupted head takes away from the clean run.
         whole: [case, layer] share all of a layer's heads bring back together.
+        looks: [case, layer, head, where] each head's attention from the last position on each of `LOOKS`.
+        word_share: Per case, the framing words' share of the question's tokens.
         corrupted_share: Per case, the share of the flip's margin shift corrupting the words undoes.
         case_ids: The traced flips.
         skipped: Flips not traced: no word of their own, or corrupting it moved nothing.
@@ -82,6 +92,8 @@ class HeadTrace:
     restored: Float[np.ndarray, "case layer head"]
     removed: Float[np.ndarray, "case layer head"]
     whole: Float[np.ndarray, "case layer"]
+    looks: Float[np.ndarray, "case layer head where"]
+    word_share: Float[np.ndarray, " case"]
     corrupted_share: Float[np.ndarray, " case"]
     case_ids: list[str]
     skipped: dict[str, int]
@@ -104,6 +116,7 @@ class HeadTrace:
                         "head": h,
                         "restored": bootstrap(self.restored[:, i, h], seed=seed).to_dict(),
                         "removed": bootstrap(self.removed[:, i, h], seed=seed).to_dict(),
+                        "looks": self._looks(i, h, seed),
                     }
                     for h in range(self.n_heads)
                 ]
@@ -119,9 +132,24 @@ class HeadTrace:
             "n_heads": self.n_heads,
             "bar": MIN_CARRIED,
             "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if n else None,
+            "word_share": bootstrap(self.word_share, seed=seed).to_dict() if n else None,
             "explained": explained,
             "layers": layers,
             "carriers": carriers(layers) if explained else [],
+        }
+
+    def _looks(self, i: int, h: int, seed: int) -> dict[str, Any]:
+        """Head h of the i-th layer: its mass on each of `LOOKS`, and the framing words' share of
+        what it gives the question beside their share of its tokens (`favours`: the paired
+        difference, over the flips where it gives the question any attention)."""
+        mass = self.looks[:, i, h]
+        on_question = mass[:, 0] + mass[:, 1]
+        seen = on_question > 1e-6
+        share = mass[seen, 0] / on_question[seen]
+        return {
+            **{where: bootstrap(mass[:, k], seed=seed).to_dict() for k, where in enumerate(LOOKS)},
+            "of the question": bootstrap(share, seed=seed).to_dict() if seen.any() else None,
+            "favours": bootstrap(share - self.word_share[seen], seed=seed).to_dict() if seen.any() else None,
         }
 
 
@@ -136,11 +164,20 @@ def carriers(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+class _Row(NamedTuple):
+    case_id: str
+    restored: Float[np.ndarray, "layer head"]
+    removed: Float[np.ndarray, "layer head"]
+    whole: Float[np.ndarray, " layer"]
+    looks: Float[np.ndarray, "layer head where"]
+    word_share: float
+    undone: float
+
+
 @torch.no_grad()
 def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipped: dict[str, int], fast: bool):
-    """The traced rows of one batch of flips, `(id, restored [layer, head], removed [layer, head],
-    whole [layer], share undone)`, counting the flips it skips in `skipped`."""
-    runs, word_masks, groups, fill = corrupted_paraphrases(vlm, cases, neutral, fast)
+    """The traced rows of one batch of flips (`_Row`), counting the flips it skips in `skipped`."""
+    runs, word_masks, groups, fill, at_batch = corrupted_paraphrases(vlm, cases, neutral, fast)
     hooks = [attn_z(layer) for layer in layers]
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
     at = runs.last_positions
@@ -162,11 +199,38 @@ def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipp
             m_out = runs.margins([(hook, replace_head_at(dirty[hook], at, one))])
             restored[:, i, h] = (m_back - m_corrupt) / effect
             removed[:, i, h] = (m_para - m_out) / effect
+    looks = _looks(vlm, runs.inputs, at_batch, layers)
+    question = at_batch[0] | at_batch[1]
+    word_share = at_batch[0].sum(1) / question.sum(1).clamp(min=1)
     undone = effect / (m_para - torch.tensor([c["original_margin"] for c in cases]))
     return [
-        (cases[r]["id"], restored[r].numpy(), removed[r].numpy(), whole[r].numpy(), float(undone[r]))
+        _Row(
+            cases[r]["id"],
+            restored[r].numpy(),
+            removed[r].numpy(),
+            whole[r].numpy(),
+            looks[r].numpy(),
+            float(word_share[r]),
+            float(undone[r]),
+        )  # fmt: skip
         for r in traced_rows(word_masks, effect, skipped)
     ]
+
+
+def _looks(
+    vlm: VLM, inputs: Any, groups: Bool[torch.Tensor, "group batch pos"], layers: list[int]
+) -> Float[torch.Tensor, "batch layer head where"]:
+    """Each head's attention weights from the last position (one whole-prompt forward, the
+    patterns read), summed over each of `LOOKS` (`groups`: the trace's `GROUPS` at these positions)."""
+    names = [attn_pattern(layer) for layer in layers]
+    patterns = vlm.cache_activations(inputs, names_filter=names, positions="last")  # [batch head key] each
+    framing, rest = groups[0], groups[1]
+    question = framing | rest
+    real = inputs.attention_mask.bool()
+    before = real & (question.cumsum(1) == 0)
+    after = real & ~before & ~question
+    where = torch.stack([framing, rest, before, after], -1).float()  # [batch key where]
+    return torch.stack([torch.einsum("bhk,bkw->bhw", patterns[name].float(), where) for name in names], 1)
 
 
 @images_once
@@ -182,7 +246,8 @@ def trace_heads(
 ) -> HeadTrace:
     """Restore and remove each head of `layers` (default all) at the last position, over the
     bank's first `max_cases` flips (all with None): 2 + L × (2H + 1) forwards a batch, on the
-    questions alone where `flipscope.model.suffix` allows (with `fast=False`, whole prompts).
+    questions alone where `flipscope.model.suffix` allows (with `fast=False`, whole prompts), and
+    one whole-prompt forward, to the last of `layers`, that reads where each head looks.
 
     Raises:
         FlipscopeError: the bank was made by another model, has no flips, or a layer is out of range.
@@ -202,11 +267,13 @@ def trace_heads(
     return HeadTrace(
         layers=layer_ids,
         n_heads=n_heads,
-        restored=np.stack([r[1] for r in rows]) if rows else empty,
-        removed=np.stack([r[2] for r in rows]) if rows else empty,
-        whole=np.stack([r[3] for r in rows]) if rows else empty[..., 0],
-        corrupted_share=np.array([r[4] for r in rows]),
-        case_ids=[r[0] for r in rows],
+        restored=np.stack([r.restored for r in rows]) if rows else empty,
+        removed=np.stack([r.removed for r in rows]) if rows else empty,
+        whole=np.stack([r.whole for r in rows]) if rows else empty[..., 0],
+        looks=np.stack([r.looks for r in rows]) if rows else np.zeros((0, len(layer_ids), n_heads, len(LOOKS))),
+        word_share=np.array([r.word_share for r in rows]),
+        corrupted_share=np.array([r.undone for r in rows]),
+        case_ids=[r.case_id for r in rows],
         skipped=skipped,
     )
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from flipscope.stats import bootstrap
 __all__ = [
     "GROUPS",
     "UpstreamTrace",
+    "Corrupted",
     "corrupted_paraphrases",
     "framing_word_shifts",
     "framing_words",
@@ -138,6 +139,7 @@ class UpstreamTrace:
             "n_cases": len(self.case_ids),
             "skipped": self.skipped,
             "groups": list(GROUPS),
+            "layers": list(self.layers),
             "corrupted_share": bootstrap(self.corrupted_share, seed=seed).to_dict() if len(self.case_ids) else None,
             "effect": bootstrap(self.effect, seed=seed).to_dict() if len(self.case_ids) else None,
             "profile": profile,
@@ -203,9 +205,19 @@ def neutral_embedding(vlm: VLM, cases: Sequence[Mapping[str, Any]], batch_size: 
     return total / count
 
 
+class Corrupted(NamedTuple):
+    """One batch of paraphrases as the trace corrupts them (`corrupted_paraphrases`)."""
+
+    runs: FullRuns  # its forwards (with `fast`, on the questions alone where sound)
+    word_masks: list[dict[str, Tensor]]  # per row, each framing word's tokens (at the batch's positions)
+    groups: Bool[Tensor, "group batch run_pos"]  # the `GROUPS`' masks at the runs' positions
+    fill: Float[Tensor, "batch run_pos d_model"]  # the neutral embedding at the runs' positions
+    at_batch: Bool[Tensor, "group batch pos"]  # the `GROUPS`' masks at the batch's positions
+
+
 def corrupted_paraphrases(
     vlm: VLM, cases: Sequence[Mapping[str, Any]], neutral: Float[Tensor, " d_model"], fast: bool = True
-) -> tuple[FullRuns, list[dict[str, Tensor]], Bool[Tensor, "group batch pos"], Float[Tensor, "batch pos d_model"]]:
+) -> Corrupted:
     """One batch of the cases' paraphrases as the trace corrupts them: its runs (with `fast`, the
     prompts before the questions once where that is sound: `flipscope.model.suffix`), each row's
     framing-word masks (at the batch's positions; `runs.to_run` moves them), and the `GROUPS`'
@@ -215,14 +227,14 @@ def corrupted_paraphrases(
     word_masks, groups = _masks(vlm, cases, specs, inputs)
     runs = batch_runs(vlm, inputs, groups.any(0), fast=fast)
     fill = runs.to_run(neutral.expand(*inputs.input_ids.shape, -1))
-    return runs, word_masks, torch.stack([runs.to_run(g) for g in groups]), fill
+    return Corrupted(runs, word_masks, torch.stack([runs.to_run(g) for g in groups]), fill, groups)
 
 
 @torch.no_grad()
 def _trace_batch(vlm: VLM, cases, layers, neutral, skipped: dict[str, int], fast: bool) -> list[tuple]:
     """The traced rows of one batch of flips, `(id, restored [layer, group], share undone, word
     → share, effect)`, counting the flips it skips in `skipped`."""
-    runs, word_masks, groups, fill = corrupted_paraphrases(vlm, cases, neutral, fast)
+    runs, word_masks, groups, fill, _ = corrupted_paraphrases(vlm, cases, neutral, fast)
     hooks = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
     m_para, clean = runs.run_with_cache(hooks)
     corrupt = ("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))
@@ -342,7 +354,7 @@ def framing_word_shifts(
     out: dict[str, float] = {}
     for start in range(0, len(cases), batch_size):
         batch = cases[start : start + batch_size]
-        runs, _, groups, fill = corrupted_paraphrases(vlm, batch, neutral, fast)
+        runs, _, groups, fill, _ = corrupted_paraphrases(vlm, batch, neutral, fast)
         m_para = runs.margins()
         m_corrupt = runs.margins([("blocks.0.hook_resid_pre", replace_where(fill, groups[0]))])
         moved = (m_para - m_corrupt).abs().double().cpu().tolist()

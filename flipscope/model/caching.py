@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from flipscope.model.hook_points import Positions, is_text_hook, select_positions
+from flipscope.model.hook_points import Positions, is_pattern_hook, is_text_hook, select_positions
 
 __all__ = ["FIRST_TEXT_HOOK", "Recorder", "StopForward", "selected_names"]
 
@@ -33,9 +33,10 @@ class StopForward(Exception):
 
 
 def selected_names(names: Iterable[str], names_filter: NamesFilter) -> list[str]:
-    """The hook names a `names_filter` picks: one name, a list, a predicate over `names`, or all of them."""
+    """The hook names a `names_filter` picks: one name, a list, a predicate over `names`, or all of them
+    but the attention patterns (reading one switches attention to HF's eager kernel: only by name)."""
     if names_filter is None:
-        return list(names)
+        return [name for name in names if not is_pattern_hook(name)]
     if isinstance(names_filter, str):
         return [names_filter]
     if callable(names_filter):
@@ -44,8 +45,9 @@ def selected_names(names: Iterable[str], names_filter: NamesFilter) -> list[str]
 
 
 class Recorder:
-    """Hooks that store the activations at `names` (language-model hooks at `positions` only, detached,
-    on `device`), and with `stop`, end the forward once every one of them is stored.
+    """Hooks that store the activations at `names` (language-model hooks at `positions` only, an
+    attention pattern at those query positions; detached, on `device`), and with `stop`, end the
+    forward once every one of them is stored.
 
     Attributes:
         cache: Hook name → the activation stored (filled as the forward runs).
@@ -73,7 +75,11 @@ class Recorder:
 
     def _save(self, tensor: Tensor, hook: HookPoint) -> None:
         name = hook.name
-        kept = select_positions(tensor, self.positions) if is_text_hook(name) else tensor
+        if is_pattern_hook(name):  # [batch head query key]: the positions are queries
+            kept = select_positions(tensor.transpose(1, 2), self.positions)
+            kept = kept.transpose(1, 2) if kept.dim() == tensor.dim() else kept
+        else:
+            kept = select_positions(tensor, self.positions) if is_text_hook(name) else tensor
         self.cache[name] = kept.detach().to(self.device) if self.device is not None else kept.detach()
         self._waiting.discard(name)
         if is_text_hook(name):

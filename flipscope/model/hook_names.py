@@ -36,7 +36,16 @@ from torch import nn
 
 from flipscope.model.families import HookSite, family_of
 
-__all__ = ["GEMMASCOPE_SITES", "HookSite", "attention_heads", "attn_z", "hook_sites", "hook_width", "resid_post"]
+__all__ = [
+    "GEMMASCOPE_SITES",
+    "HookSite",
+    "attention_heads",
+    "attn_pattern",
+    "attn_z",
+    "hook_sites",
+    "hook_width",
+    "resid_post",
+]
 
 # a GemmaScope 2 folder's site word (`resid_post/layer_17_...`) → the hook sae-lens gives its SAEs
 GEMMASCOPE_SITES = {"resid_post": "hook_resid_post", "attn_out": "attn.hook_z", "mlp_out": "hook_mlp_out"}
@@ -51,6 +60,11 @@ def hook_sites(hf_model: nn.Module, family: str | None = None) -> dict[str, Hook
 def attn_z(layer: int) -> str:
     """The hook of decoder layer `layer`'s concatenated head outputs (the input of `o_proj`)."""
     return f"blocks.{layer}.attn.hook_z"
+
+
+def attn_pattern(layer: int) -> str:
+    """The hook of decoder layer `layer`'s attention weights, `[batch head query key]`."""
+    return f"blocks.{layer}.attn.hook_pattern"
 
 
 def resid_post(layer: int) -> str:

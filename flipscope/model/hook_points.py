@@ -1,4 +1,13 @@
-"""`HookPoint`s fired from HF modules, attached only while in use, and activation selection."""
+"""`HookPoint`s fired from HF modules, attached only while in use, and activation selection.
+
+An attention pattern (`blocks.{L}.attn.hook_pattern`, `[batch head query key]`) is what HF's
+attention module returns beside its output, and only its eager kernel computes it (sdpa fuses the
+softmax away). While a pattern hook is on, the language model's config names the eager kernel
+(causal masks are built for it too), and the kernel it named before returns when the last pattern
+hook comes off: the forward then equals HF's own eager forward, and every other forward stays on
+HF's default. The pattern is read only: the layer has used it by the time it is returned, so a
+hook that returns a changed pattern raises instead of changing nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +19,29 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import HookSite
 
-__all__ = ["Positions", "SiteHookPoint", "describe_names", "is_text_hook", "select_positions"]
+__all__ = ["Positions", "SiteHookPoint", "describe_names", "is_pattern_hook", "is_text_hook", "select_positions"]
 
 Positions = int | Literal["last"] | slice | Sequence[int] | Int[Tensor, "batch"] | None
+
+# config id → [pattern hooks on, the attention kernel it named before the first]
+_EAGER: dict[int, list[Any]] = {}
+
+
+def _eager_on(config: Any) -> None:
+    held = _EAGER.setdefault(id(config), [0, config._attn_implementation])
+    held[0] += 1
+    config._attn_implementation = "eager"
+
+
+def _eager_off(config: Any) -> None:
+    held = _EAGER[id(config)]
+    held[0] -= 1
+    if not held[0]:
+        config._attn_implementation = held[1]
+        del _EAGER[id(config)]
 
 
 class SiteHookPoint(HookPoint):
@@ -38,6 +65,16 @@ class SiteHookPoint(HookPoint):
             return (self(output[0]), *output[1:])
         return self(output)
 
+    def _fire_pattern(self, module: nn.Module, args: Any, output: tuple) -> None:
+        weights = output[1]
+        if weights is None:
+            raise FlipscopeError(f"{self.name}: {type(module).__name__} returned no attention weights")
+        if self(weights) is not weights:
+            raise FlipscopeError(
+                f"{self.name} is read only: the layer has used the pattern when the hook sees it "
+                "(edit a head's output, attn.hook_z, instead)"
+            )
+
     def _fire_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             return (self(args[0]), *args[1:]), kwargs
@@ -49,11 +86,17 @@ class SiteHookPoint(HookPoint):
             module, reads = self._site[0]
             if reads == "output":
                 self._site_handle = module.register_forward_hook(self._fire_output)
+            elif reads == "pattern":
+                _eager_on(module.config)
+                self._site_handle = module.register_forward_hook(self._fire_pattern)
             else:
                 self._site_handle = module.register_forward_pre_hook(self._fire_input, with_kwargs=True)
         elif not in_use and self._site_handle is not None:
             self._site_handle.remove()
             self._site_handle = None
+            module, reads = self._site[0]
+            if reads == "pattern":
+                _eager_off(module.config)
 
 
 def describe_names(names: Sequence[str]) -> str:
@@ -76,7 +119,12 @@ def is_text_hook(name: str) -> bool:
     return name.startswith(("blocks.", "ln_final."))
 
 
-def select_positions(tensor: Float[Tensor, "batch pos d"], positions: Positions) -> Tensor:
+def is_pattern_hook(name: str) -> bool:
+    """An attention pattern's hook (`[batch head query key]`: positions select queries)."""
+    return name.endswith(".attn.hook_pattern")
+
+
+def select_positions(tensor: Float[Tensor, "batch pos *rest"], positions: Positions) -> Tensor:
     if positions is None:
         return tensor
     if positions == "last":

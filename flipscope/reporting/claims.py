@@ -132,7 +132,11 @@ def framing_heads(heads: Mapping[str, Any]) -> str:
             for c in found
         )
         verb = "carries" if len(found) == 1 else "carry"
-        return f"Head{'s' if len(found) > 1 else ''} {names} {verb} the framing to the answer position: {shares}{flag}."
+        looks = "".join(_carrier_looks(c, heads) for c in found)
+        return (
+            f"Head{'s' if len(found) > 1 else ''} {names} {verb} the framing to the answer position: {shares}{flag}."
+            + looks
+        )
     everyone = [(row, h) for row in heads["layers"] for h in row["heads"]]
     row, best = max(everyone, key=lambda rh: rh[1]["restored"]["value"])
     spread = [r for r in heads["layers"] if r["all heads"] and r["all heads"]["low"] >= bar]
@@ -152,6 +156,37 @@ def framing_heads(heads: Mapping[str, Any]) -> str:
         "No traced layer's attention at the answer position brings back half of the framing's effect: it reaches "
         f"that position through other positions or the layers not traced ({where}){flag}."
     )
+
+
+def _carrier_looks(carrier: Mapping[str, Any], heads: Mapping[str, Any]) -> str:
+    """Where a carrier head looks from the answer position (`HeadTrace.summary()`'s `looks`): its
+    attention on the framing words; whether that is more than any other traced head's (CIs apart);
+    and whether, of what it gives the question, the framing words get more than their share of its
+    tokens (the paired difference's CI)."""
+    looks = carrier.get("looks")
+    if not looks or looks.get("favours") is None:
+        return ""
+    name, on = f"{carrier['layer']}.{carrier['head']}", looks["framing words"]
+    others = [
+        (f"{row['layer']}.{h['head']}", h["looks"]["framing words"])
+        for row in heads["layers"]
+        for h in row["heads"]
+        if (row["layer"], h["head"]) != (carrier["layer"], carrier["head"])
+    ]
+    text = f" From the answer position head {name} puts {fmt(on)} of its attention on the framing words"
+    if others:
+        runner, best = max(others, key=lambda o: o[1]["value"])
+        if on["low"] > max(o[1]["high"] for o in others):
+            text += f", more than any other traced head (next: head {runner}, {fmt(best)})"
+    favours, share = looks["favours"], heads["word_share"]
+    compared = (
+        f"{fmt(looks['of the question'])} of what it gives the question, whose tokens are {fmt(share)} framing words"
+    )
+    if favours["low"] > 0:
+        return text + f"; {compared}: it favours them beyond their share ({fmt(favours)})."
+    if favours["high"] < 0:
+        return text + f"; {compared}: it gives them less than their share ({fmt(favours)})."
+    return text + f"; {compared}: in proportion to their share."
 
 
 def head_ablation(entry: Mapping[str, Any]) -> str:

@@ -18,19 +18,22 @@ def demo_commands(
     feature: int,
     cfg: Any,
     counted: dict[str, list[int] | None] | None = None,
-    carriers: list[dict[str, Any]] | None = None,
+    trace: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The CLI commands that print each of the report's numbers (rerunning them on `work` resumes
     the demo's own stores, so they compute nothing twice); `counted`: the features each site's
-    count removed (`main`, and `entry` where the demo read the trace's site); `carriers`: the heads
-    the head trace named, which the demo switched off beside the clamps."""
+    count removed (`main`, and `entry` where the demo read the trace's site); `trace`: the demo's
+    trace summary (the layers it traced, and under `heads` the heads it named, which the demo
+    switched off beside the clamps)."""
 
     from flipscope.organism import default_organism_dir
 
     m = "" if Path(organism) == default_organism_dir() else f" --model {organism}"  # the default needs none
     conditions = ",".join(cfg.conditions)
     values = ",".join(f"{v:g}" for v in cfg.clamp_values)
-    heads = ",".join(f"{c['layer']}.{c['head']}" for c in carriers or [])
+    trace = trace or {}
+    heads = ",".join(f"{c['layer']}.{c['head']}" for c in trace.get("heads", {}).get("carriers") or [])
+    traced = f" --layers {_ints(trace['layers'])}" if cfg.layer_stride > 1 and trace.get("layers") else ""
     return {
         **evaluation_commands(organism, questions, work, cfg),
         "discover": f"flipscope discover{m} --flipbank {bank} --out {work / 'discovery-cli.json'}",
@@ -45,7 +48,7 @@ def demo_commands(
             else {}
         ),  # fmt: skip
         "patch_single": f"flipscope patch{m} --flipbank {bank} --features {feature} --out {work / 'patch-single'}",
-        "trace": f"flipscope trace{m} --flipbank {bank} --max-cases {cfg.trace_cases} --heads "
+        "trace": f"flipscope trace{m} --flipbank {bank}{traced} --max-cases {cfg.trace_cases} --heads "
         f"--out {work / 'trace-cli.json'}",
         "site": f"flipscope discover{m} --flipbank {bank} --sae auto --trace {work / 'trace.json'} --exact-top 0 "
         f"--layers 0 --out {work / 'site-cli.json'}",

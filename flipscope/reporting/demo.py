@@ -320,7 +320,7 @@ def _figures(run: _Run) -> None:
         counted = {"main": f["count"]["features"], "entry": f["site"].get("count", {}).get("features")}
         summary["commands"] = demo_commands(
             run.directory, f["questions_path"], run.work, f["bank_path"], f["chosen"], f["planted"],
-            f["clamp_feature"], run.cfg, counted, f["upstream"]["heads"]["carriers"],
+            f["clamp_feature"], run.cfg, counted, f["upstream"],
         )  # fmt: skip
     else:
         summary["commands"] = evaluation_commands(run.directory, f["questions_path"], run.work, run.cfg)

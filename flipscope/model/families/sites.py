@@ -12,9 +12,10 @@ Two decoder-layer styles cover the families:
 
 In both, `attn.hook_z` is the attention output projection's input (every head's output,
 concatenated: `[batch pos n_heads·d_head]`, where GemmaScope 2's attention SAEs read),
-`hook_resid_pre` is the layer's input, `hook_resid_post` its output (HF
-`hidden_states[L+1]` for every layer but the last), and `ln_final.hook_normalized` the final
-norm's output.
+`attn.hook_pattern` the attention weights `self_attn` returns (`[batch head query key]`, read
+only, under HF's eager kernel: `flipscope.model.hook_points`), `hook_resid_pre` is the layer's
+input, `hook_resid_post` its output (HF `hidden_states[L+1]` for every layer but the last), and
+`ln_final.hook_normalized` the final norm's output.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ __all__ = ["HookSite", "decoder_sites", "find_language_model"]
 
 
 class HookSite(NamedTuple):
-    """Where a hook name is fired: a module's input (`hidden_states`) or its output."""
+    """Where a hook name is fired: a module's input (`hidden_states`), its output (the first
+    element of a tuple), or an attention module's weights (`pattern`, the second)."""
 
     module: nn.Module
-    reads: Literal["input", "output"]
+    reads: Literal["input", "output", "pattern"]
 
 
 def decoder_sites(language_model: nn.Module) -> dict[str, HookSite]:
@@ -50,6 +52,7 @@ def decoder_sites(language_model: nn.Module) -> dict[str, HookSite]:
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
         if isinstance(o_proj, nn.Module):  # the heads' outputs, concatenated: GemmaScope 2's attention site
             sites[f"blocks.{i}.attn.hook_z"] = HookSite(o_proj, "input")
+            sites[f"blocks.{i}.attn.hook_pattern"] = HookSite(layer.self_attn, "pattern")
         sites[f"blocks.{i}.hook_resid_post"] = HookSite(layer, "output")
     sites["ln_final.hook_normalized"] = HookSite(language_model.norm, "output")
     return sites
