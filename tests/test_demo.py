@@ -35,6 +35,7 @@ FIGURES = (
     "clamp_tradeoff",
     "layer_auc",
     "framing_entry",
+    "head_trace",
     "lens_divergence",
     "site_recovery",
     "feature_count",

@@ -18,7 +18,7 @@ from flipscope.data.questions import load_questions
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.clamping import compare_interventions
 from flipscope.experiments.evaluation import EvalConfig
-from flipscope.experiments.heads import MIN_CARRIED, head_means, heads_before_entry, trace_heads
+from flipscope.experiments.heads import LOOKS, MIN_CARRIED, head_means, heads_before_entry, trace_heads
 from flipscope.experiments.upstream import GROUPS, trace_framing
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.model.prompts import PromptSpec
@@ -249,3 +249,16 @@ def test_the_clamp_command_refuses_a_head_that_is_not_layer_dot_head(tmp_path: P
     assert bad.exit_code == 2 and "--ablate-heads '0': each head is layer.head, e.g. 0.0 or 17.3" in bad.output
     bad = CliRunner().invoke(app, [*args, "--ablate-heads", "0.7"])
     assert bad.exit_code == 2 and "heads [7]: each layer has heads 0..3" in bad.output
+
+
+def test_the_head_figure_stacks_each_heads_attention_to_one(heads) -> None:
+    from flipscope.reporting.plots_sites import head_trace
+
+    summary = heads.summary()
+    fig = head_trace(summary)
+    names = [f"{r['layer']}.{h['head']}" for r in summary["layers"] for h in r["heads"]]
+    assert [t.name for t in fig.data] == ["restored alone", "removed alone", *LOOKS] and list(fig.data[0].x) == names
+    top = np.array(fig.data[-1].base) + np.array(fig.data[-1].y)
+    np.testing.assert_allclose(top, 1.0, atol=1e-5)
+    with pytest.raises(FlipscopeError, match="no traced heads"):
+        head_trace({"layers": []})

@@ -87,10 +87,13 @@ def build_figures(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _site_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """The lens, and the two sites' recoveries when the demo read a second site."""
+    """The heads the trace traced, the lens, and the two sites' recoveries when the demo read a
+    second site."""
     from flipscope.reporting import plots_sites
 
     out = {}
+    if (summary["upstream"].get("heads") or {}).get("layers"):
+        out["head_trace"] = plots_sites.head_trace(summary["upstream"]["heads"])
     if (summary.get("lens") or {}).get("layers"):
         out["lens_divergence"] = plots_sites.lens_divergence(summary["lens"])
     entry = (summary.get("site") or {}).get("entry")

@@ -1,5 +1,5 @@
-"""Figures of where the framing lives: the logit lens per layer, the two SAE sites side by side,
-and how many features each site needs.
+"""Figures of where the framing lives: the heads that carry it and where they look, the logit lens
+per layer, the two SAE sites side by side, and how many features each site needs.
 
 Results in, `plotly.graph_objects.Figure` out, like `flipscope.reporting.plots`."""
 
@@ -14,7 +14,47 @@ from plotly.subplots import make_subplots
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.plots import COLORS, LAYOUT, _error
 
-__all__ = ["feature_count", "lens_divergence", "site_recovery"]
+__all__ = ["feature_count", "head_trace", "lens_divergence", "site_recovery"]
+
+LOOK_COLORS = ("#c53030", "#feb2b2", "#718096", "#cbd5e0")  # framing words, rest of question, before, after
+
+
+def head_trace(
+    heads: Mapping[str, Any], title: str = "Which heads carry the framing, and where they look"
+) -> go.Figure:
+    """Per traced head (`HeadTrace.summary()`): the share of the framing's effect that restoring it
+    alone brings back and corrupting it alone takes away, with CIs and the bar a carrier clears
+    (left); where its attention from the answer position falls (right, stacked over `LOOKS`)."""
+    from flipscope.experiments.heads import LOOKS
+
+    traced = [(f"{row['layer']}.{h['head']}", h) for row in heads.get("layers") or [] for h in row["heads"]]
+    if not traced:
+        raise FlipscopeError("no traced heads to plot")
+    names = [name for name, _ in traced]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("share of the framing's effect", "attention from the answer"))
+    for key, label, colour in (
+        ("restored", "restored alone", COLORS["patched"]),
+        ("removed", "removed alone", "#dd6b20"),
+    ):
+        shares = [h[key] for _, h in traced]
+        fig.add_trace(
+            go.Bar(x=names, y=[e["value"] for e in shares], error_y=_error(shares), name=label, marker_color=colour),
+            row=1, col=1,
+        )  # fmt: skip
+    fig.add_hline(y=heads["bar"], line=dict(color="gray", dash="dash"), row=1, col=1)
+    base = [0.0] * len(traced)
+    for where, colour in zip(LOOKS, LOOK_COLORS, strict=True):  # stacked: one offset group, each on the last
+        mass = [h["looks"][where]["value"] for _, h in traced]
+        fig.add_trace(
+            go.Bar(x=names, y=mass, base=base, offsetgroup="looks", name=where, marker_color=colour),
+            row=1, col=2,
+        )  # fmt: skip
+        base = [b + m for b, m in zip(base, mass, strict=True)]
+    fig.update_xaxes(title_text="head (layer.head)")
+    fig.update_yaxes(title_text="share", row=1, col=1)
+    fig.update_yaxes(title_text="attention weight", range=[0, 1.02], row=1, col=2)
+    fig.update_layout(title=title, barmode="group", **LAYOUT)
+    return fig
 
 
 def lens_divergence(summary: Mapping[str, Any], title: str = "Where flips diverge: the logit lens") -> go.Figure:

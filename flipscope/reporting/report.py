@@ -227,6 +227,7 @@ def _patching(s: Mapping[str, Any], figures: Mapping[str, go.Figure]) -> str:
     upstream = s["upstream"]
     entry = _figure(figures, "framing_entry") if "framing_entry" in figures else ""
     heads = _reading(html.escape(framing_heads(upstream["heads"]))) if upstream.get("heads") else ""
+    heads += _figure(figures, "head_trace") if "head_trace" in figures else ""
     return (
         "<h2>3. Causal patching</h2>"
         "<p>Recovery = (m_patched − m_para) / (m_orig − m_para); reversed = the patched answer is the "
