@@ -316,3 +316,31 @@ def test_the_family_benchmark_runs_and_records_its_ratios(tmp_path: Path) -> Non
     record = json.loads(out.read_text())["families"]
     assert record["gemma3_text"]["fast_vs_naive"] > 0 and record["qwen2_5_vl"]["fast_vs_naive"] is None
     assert record["qwen2_5_vl"]["fast_path_off"] and all(r["hooked_vs_hf"] > 0 for r in record.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_head_trace_slices_every_familys_heads(models, family: str) -> None:
+    """All of layer 0's heads restored at the last position are layer 1's input restored there, in
+    every family (grouped key/value heads, whole prompts where the suffix path is off), and each
+    head's attention from the last position is whole over the four parts of the prompt."""
+    from flipscope.experiments.heads import trace_heads
+    from flipscope.experiments.pairs import case_spec
+    from flipscope.experiments.upstream import GROUPS, trace_framing
+
+    vlm = models[family]
+    pairs = [("is there an effusion ?", "do you see any pleural effusion in this film ?"),
+             ("are the lungs clear ?", "is a pleural effusion present in this film ?")]  # fmt: skip
+    flips = []
+    for k, (original, paraphrase) in enumerate(pairs):
+        evidence = {"image": None, "context": CONTEXT} if vlm.family.evidence == "text" else {"image": _film(k)}
+        case = {"id": f"c{k}", "original": original, "paraphrase": paraphrase, **evidence}
+        with torch.no_grad():
+            case["original_margin"] = float(vlm.score(vlm.prompts.build([case_spec(case, original)]))[0])
+        flips.append(case)
+    heads = trace_heads(vlm, {"flips": flips}, layers=[0], progress=False)
+    layer_1 = trace_framing(vlm, {"flips": flips}, layers=[1], progress=False)
+    assert heads.case_ids and heads.case_ids == layer_1.case_ids
+    last = layer_1.restored[:, 0, GROUPS.index("last position")]
+    np.testing.assert_allclose(heads.whole[:, 0], last, atol=1e-4)
+    np.testing.assert_allclose(heads.looks.sum(-1), 1.0, atol=1e-5)
+    assert heads.looks.shape[2] == vlm.hf_model.config.get_text_config().num_attention_heads

@@ -212,7 +212,7 @@ def _head_batch(vlm: VLM, cases, layers: list[int], n_heads: int, neutral, skipp
             looks[r].numpy(),
             float(word_share[r]),
             float(undone[r]),
-        )  # fmt: skip
+        )
         for r in traced_rows(word_masks, effect, skipped)
     ]
 

@@ -220,8 +220,9 @@ def corrupted_paraphrases(
 ) -> Corrupted:
     """One batch of the cases' paraphrases as the trace corrupts them: its runs (with `fast`, the
     prompts before the questions once where that is sound: `flipscope.model.suffix`), each row's
-    framing-word masks (at the batch's positions; `runs.to_run` moves them), and the `GROUPS`'
-    position masks and the neutral embedding at the runs' positions."""
+    framing-word masks (at the batch's positions; `runs.to_run` moves them), the `GROUPS`'
+    position masks and the neutral embedding at the runs' positions, and the masks again at the
+    batch's (for a read of whole prompts)."""
     specs = [case_spec(c, c["paraphrase"]) for c in cases]
     inputs = vlm.prompts.build(specs)
     word_masks, groups = _masks(vlm, cases, specs, inputs)
