@@ -9,7 +9,7 @@ import torch
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import HookedVLM, PromptSpec
-from flipscope.model.hook_points import is_pattern_hook
+from flipscope.model.hook_points import check_activation_hook, is_pattern_hook
 from flipscope.model.hooked import SiteHookPoint as _SiteHookPoint
 
 QUESTIONS = ("Is there an effusion?", "Do you see any pleural effusion in this film?", "Are the lungs clear?")
@@ -237,3 +237,6 @@ def test_attention_patterns_by_name_at_chosen_queries_and_read_only(vlm: HookedV
     with pytest.raises(FlipscopeError, match="read only"):
         vlm.run_with_hooks(batch, fwd_hooks=[(names[0], lambda x, hook: x * 0)])
     assert _no_site_hooks(vlm) and config._attn_implementation == "sdpa"
+    with pytest.raises(FlipscopeError, match="is an attention pattern .* use blocks.0.attn.hook_z"):
+        check_activation_hook(vlm, names[0])  # an SAE's, a pair's or a probe's site
+    check_activation_hook(vlm, "blocks.0.attn.hook_z")

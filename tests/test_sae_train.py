@@ -81,6 +81,11 @@ def test_bad_settings_are_refused_before_any_forward(llava, tmp_path: Path) -> N
                                       "--hook", "blocks.99.hook_attn_out", "--out", str(tmp_path / "x")])  # fmt: skip
     assert result.exit_code == 2 and "unknown hook name 'blocks.99.hook_attn_out'" in result.output
     assert not (tmp_path / "x" / "cfg.json").exists()
+    pattern = "blocks.0.attn.hook_pattern"
+    result = CliRunner().invoke(app, ["sae", "train", "--model", str(checkpoint), "--questions", str(questions),
+                                      "--hook", pattern, "--out", str(tmp_path / "x")])  # fmt: skip
+    assert result.exit_code == 2 and "blocks.0.attn.hook_pattern is an attention pattern" in result.output
+    assert "use blocks.0.attn.hook_z" in result.output and not (tmp_path / "x" / "cfg.json").exists()
 
 
 def test_topk_trains_with_exactly_k_features_on(llava, tmp_path: Path) -> None:

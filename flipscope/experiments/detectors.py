@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float
 
 from flipscope.errors import FlipscopeError
 from flipscope.interventions.guarded import apply_probe
+from flipscope.model.hook_points import check_activation_hook
 
 __all__ = [
     "DETECTORS",
@@ -119,7 +120,7 @@ def probe_features(
     from flipscope.model.prompts import PromptSpec
 
     hook = hook or f"blocks.{vlm.n_layers - 1}.hook_resid_post"
-    vlm.check_hook_name(hook)
+    check_activation_hook(vlm, hook)
     by_id = {q.id: q for q in questions}
     specs = [PromptSpec(question=by_id[q].question, condition="image", image=load_image(by_id[q].image)) for q in ids]
     chunks = []

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import require_finite
+from flipscope.model.hook_points import check_activation_hook
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.suffix import question_runs
@@ -138,7 +139,7 @@ def collect_pairs(
     """
     check_flipbank_model(bank, vlm)
     for hook in hooks:
-        vlm.check_hook_name(hook)
+        check_activation_hook(vlm, hook)
     cases, is_flip = bank_cases(bank)
     if not is_flip.any():
         raise FlipscopeError(

@@ -21,6 +21,7 @@ from flipscope.data.questions import Question
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.evaluation import check_evidence, swap_images, unit_prompts
 from flipscope.kernels import build_kernels
+from flipscope.model.hook_points import check_activation_hook
 from flipscope.sae.train import SAETrainConfig, sae_stats, save_trained_sae, site_activations, train_sae
 
 __all__ = ["REPORT_NAME", "train_site_sae"]
@@ -55,7 +56,7 @@ def train_site_sae(
             evidence, or fewer than two questions.
     """
     cfg = cfg or SAETrainConfig()
-    vlm.check_hook_name(hook)
+    check_activation_hook(vlm, hook)
     check_evidence(questions, conditions, vlm)
     if len(questions) < 2:
         raise FlipscopeError("training an SAE needs at least two questions (some are held out to measure it)")

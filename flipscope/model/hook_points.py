@@ -22,7 +22,15 @@ from transformer_lens.hook_points import HookPoint
 from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import HookSite
 
-__all__ = ["Positions", "SiteHookPoint", "describe_names", "is_pattern_hook", "is_text_hook", "select_positions"]
+__all__ = [
+    "Positions",
+    "SiteHookPoint",
+    "check_activation_hook",
+    "describe_names",
+    "is_pattern_hook",
+    "is_text_hook",
+    "select_positions",
+]
 
 Positions = int | Literal["last"] | slice | Sequence[int] | Int[Tensor, "batch"] | None
 
@@ -122,6 +130,22 @@ def is_text_hook(name: str) -> bool:
 def is_pattern_hook(name: str) -> bool:
     """An attention pattern's hook (`[batch head query key]`: positions select queries)."""
     return name.endswith(".attn.hook_pattern")
+
+
+def check_activation_hook(vlm: Any, hook: str) -> None:
+    """`vlm.check_hook_name`, and refuse an attention pattern where an activation `[batch pos d]` is
+    read (an SAE's site, a pair's, a probe's).
+
+    Raises:
+        FlipscopeError: an unknown hook name, or an attention pattern's.
+    """
+    vlm.check_hook_name(hook)
+    if is_pattern_hook(hook):
+        raise FlipscopeError(
+            f"{hook} is an attention pattern [batch head query key], not an activation with a width an SAE, a pair "
+            f"or a probe reads: use {hook.replace('hook_pattern', 'hook_z')} (the heads' outputs) or "
+            f"{hook.replace('attn.hook_pattern', 'hook_attn_out')}"
+        )
 
 
 def select_positions(tensor: Float[Tensor, "batch pos *rest"], positions: Positions) -> Tensor:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from flipscope.data.atomic import write_atomic
 from flipscope.errors import FlipscopeError
+from flipscope.model.hook_points import check_activation_hook
 
 __all__ = [
     "ARCHITECTURES",
@@ -171,7 +172,7 @@ def site_activations(
     vlm: Any, specs: Sequence[Any], hook: str, *, batch_size: int = 32, progress: bool = True
 ) -> Float[Tensor, "n_tokens d_model"]:
     """Activations at `hook` at every real token position of `specs`' prompts (padding dropped)."""
-    vlm.check_hook_name(hook)
+    check_activation_hook(vlm, hook)
     chunks: list[Tensor] = []
     for start in tqdm(range(0, len(specs), batch_size), desc=f"caching {hook}", disable=not progress):
         batch = vlm.prompts.build(list(specs[start : start + batch_size]))
