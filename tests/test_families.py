@@ -323,7 +323,7 @@ def test_the_head_trace_slices_every_familys_heads(models, family: str) -> None:
     """All of layer 0's heads restored at the last position are layer 1's input restored there, in
     every family (grouped key/value heads, whole prompts where the suffix path is off), and each
     head's attention from the last position is whole over the four parts of the prompt."""
-    from flipscope.experiments.heads import trace_heads
+    from flipscope.experiments.heads import LOOKS, trace_heads
     from flipscope.experiments.pairs import case_spec
     from flipscope.experiments.upstream import GROUPS, trace_framing
 
@@ -344,3 +344,5 @@ def test_the_head_trace_slices_every_familys_heads(models, family: str) -> None:
     np.testing.assert_allclose(heads.whole[:, 0], last, atol=1e-4)
     np.testing.assert_allclose(heads.looks.sum(-1), 1.0, atol=1e-5)
     assert heads.looks.shape[2] == vlm.hf_model.config.get_text_config().num_attention_heads
+    on_image = heads.looks[..., LOOKS.index("image")]
+    assert (on_image > 0).all() if vlm.family.evidence == "image" else (on_image == 0).all()

@@ -76,11 +76,18 @@ def test_the_suffix_path_equals_whole_prompts(organism) -> None:
     np.testing.assert_array_equal(fast.looks, whole.looks)  # patterns are read on whole prompts either way
 
 
-def test_the_carrier_looks_at_the_framing_words_and_a_head_that_does_not_is_not_said_to(heads) -> None:
+def test_the_carrier_looks_at_the_framing_words_and_a_head_that_does_not_is_not_said_to(organism, heads) -> None:
     """Head 0.0 puts more of its attention from the answer position on the framing words than any
     other head, and more than their share of the question's tokens; head 0.1, read as if it were
     the carrier, gets the opposite sentence from its own numbers."""
     np.testing.assert_allclose(heads.looks.sum(-1), 1.0, atol=1e-5)  # the four parts cover every real key
+    vlm, bank = organism
+    cases = [c for c in bank["flips"] if c["id"] in heads.case_ids]
+    inputs = vlm.prompts.build([PromptSpec(question=c["paraphrase"], image=c["image"]) for c in cases])
+    pattern = vlm.cache_activations(inputs, names_filter="blocks.0.attn.hook_pattern", positions="last")
+    soft = inputs.token_type_ids.bool()  # the processor's own mark of the image soft tokens
+    on_film = (pattern["blocks.0.attn.hook_pattern"] * soft[:, None]).sum(-1).numpy()
+    np.testing.assert_allclose(heads.looks[:, 0, :, LOOKS.index("image")], on_film, atol=1e-6)
     summary = heads.summary()
     carrier = summary["carriers"][0]["looks"]
     others = [h["looks"]["framing words"]["high"] for r in summary["layers"] for h in r["heads"]][1:]

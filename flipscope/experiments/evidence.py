@@ -174,32 +174,19 @@ def gradient_maps(
 
 @torch.no_grad()
 def attention_map(vlm: HookedVLM, question: str, film: Film) -> Float[np.ndarray, " n_cells"]:
-    """The last prompt position's attention to each image token, mean over layers and heads."""
-    from flipscope.model.families.sites import find_language_model
+    """The last prompt position's attention to each image token, mean over layers and heads (the
+    patterns of `blocks.{L}.attn.hook_pattern`)."""
+    from flipscope.model.families import image_token_mask
+    from flipscope.model.hook_names import attn_pattern
 
-    model = vlm.hf_model
-    image_token = getattr(model.config, "image_token_id", None)
-    if image_token is None:
-        image_token = model.config.image_token_index
     batch = vlm.prompts.build([PromptSpec(question=question, image=film)])
-    positions = torch.nonzero(batch.as_kwargs()["input_ids"][0] == image_token).flatten()
-    weights: list[Tensor] = []
-
-    def keep(module: torch.nn.Module, args: object, output: tuple) -> None:
-        weights.append(output[1][0, :, -1, positions].float().mean(0))  # [image tokens], mean over heads
-
-    previous = model.config._attn_implementation
-    handles = [layer.self_attn.register_forward_hook(keep) for layer in find_language_model(model).layers]
-    try:
-        model.set_attn_implementation("eager")
-        vlm.score(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.set_attn_implementation(previous)
-    if not weights or len(positions) == 0:
-        raise FlipscopeError("the model returned no attention weights or its prompt holds no image tokens")
-    return torch.stack(weights).mean(0).double().numpy()
+    positions = torch.nonzero(image_token_mask(vlm.hf_model, batch.input_ids)[0]).flatten()
+    if len(positions) == 0:
+        raise FlipscopeError("the prompt holds no image tokens: there is no attention to the film to map")
+    names = [attn_pattern(layer) for layer in range(vlm.n_layers)]
+    patterns = vlm.cache_activations(batch, names_filter=names, positions="last")  # [1, head, key] each
+    weights = torch.stack([patterns[name][0][:, positions].float().mean(0) for name in names])
+    return weights.mean(0).double().numpy()
 
 
 def evidence_share(

@@ -14,9 +14,9 @@ corrupts them, for each layer L and head h, at the paraphrase's last position on
   (`o_proj` and the post-attention norm see the same input), the layer's whole share.
 
 Beside them, where each head looks from the last position (`LOOKS`): its attention weights'
-mass on the framing words, the rest of the question, the prompt before it (header, image) and the
-template after it, from one whole-prompt forward a batch with the patterns read
-(`blocks.L.attn.hook_pattern`). Attention is where a head reads, not what it writes: the shares
+mass on the framing words, the rest of the question, the image's soft tokens and the rest of the
+prompt (the chat template, a text model's passage), from one whole-prompt forward a batch with the
+patterns read (`blocks.L.attn.hook_pattern`). Attention is where a head reads, not what it writes: the shares
 above say whether it matters, the pattern says which words it reads.
 
 Heads are not additive (the post-attention norm and later layers mix them), so a head "carries"
@@ -48,6 +48,7 @@ from flipscope.experiments.upstream import (
 from flipscope.interventions.edited import HeadAblatedVLM
 from flipscope.interventions.hooks import replace_head_at, replace_where
 from flipscope.model.caching import Recorder
+from flipscope.model.families import image_token_mask
 from flipscope.model.hook_names import attention_heads, attn_pattern, attn_z
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 MIN_CARRIED = 0.5  # the CI's lower end of both shares for a head to carry the framing
-LOOKS = ("framing words", "rest of question", "before the question", "after the question")
+LOOKS = ("framing words", "rest of question", "image", "rest of prompt")
 
 
 @dataclass(frozen=True)
@@ -227,9 +228,8 @@ def _looks(
     framing, rest = groups[0], groups[1]
     question = framing | rest
     real = inputs.attention_mask.bool()
-    before = real & (question.cumsum(1) == 0)
-    after = real & ~before & ~question
-    where = torch.stack([framing, rest, before, after], -1).float()  # [batch key where]
+    image = image_token_mask(vlm.hf_model, inputs.input_ids) & real
+    where = torch.stack([framing, rest, image, real & ~question & ~image], -1).float()  # [batch key where]
     return torch.stack([torch.einsum("bhk,bkw->bhw", patterns[name].float(), where) for name in names], 1)
 
 

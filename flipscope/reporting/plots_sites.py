@@ -16,7 +16,7 @@ from flipscope.reporting.plots import COLORS, LAYOUT, _error
 
 __all__ = ["feature_count", "head_trace", "lens_divergence", "site_recovery"]
 
-LOOK_COLORS = ("#c53030", "#feb2b2", "#718096", "#cbd5e0")  # framing words, rest of question, before, after
+LOOK_COLORS = ("#c53030", "#feb2b2", "#2b6cb0", "#cbd5e0")  # framing words, rest of question, image, rest
 
 
 def head_trace(

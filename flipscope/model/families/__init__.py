@@ -23,7 +23,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.families.base import Family
 from flipscope.model.families.sites import HookSite, decoder_sites, find_language_model
 
-__all__ = ["FAMILIES", "Family", "HookSite", "family_of", "final_norm_gain"]
+__all__ = ["FAMILIES", "Family", "HookSite", "family_of", "final_norm_gain", "image_token_mask"]
 
 
 def _auto_processor(source: str) -> Any:
@@ -206,3 +206,13 @@ def final_norm_gain(norm: nn.Module) -> torch.Tensor:
     """The final RMSNorm's effective per-channel gain: `1 + weight` for Gemma's norms, `weight` otherwise."""
     weight = norm.weight.detach().float()
     return 1.0 + weight if type(norm).__name__.startswith("Gemma") else weight
+
+
+def image_token_mask(hf_model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Where `input_ids` ([batch, pos]) hold the image soft tokens the projector fills (the
+    config's image token id: `image_token_id`, or LLaVA's `image_token_index`); none on a text model."""
+    config = hf_model.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    return torch.zeros_like(input_ids, dtype=torch.bool) if token is None else input_ids == token
