@@ -337,7 +337,8 @@ def test_the_head_trace_slices_every_familys_heads(models, family: str) -> None:
         with torch.no_grad():
             case["original_margin"] = float(vlm.score(vlm.prompts.build([case_spec(case, original)]))[0])
         flips.append(case)
-    heads = trace_heads(vlm, {"flips": flips}, layers=[0], progress=False)
+    last_layer = vlm.n_layers - 1  # global attention in every family (Gemma's first layers slide)
+    heads = trace_heads(vlm, {"flips": flips}, layers=[0, last_layer], progress=False)
     layer_1 = trace_framing(vlm, {"flips": flips}, layers=[1], progress=False)
     assert heads.case_ids and heads.case_ids == layer_1.case_ids
     last = layer_1.restored[:, 0, GROUPS.index("last position")]
@@ -345,4 +346,7 @@ def test_the_head_trace_slices_every_familys_heads(models, family: str) -> None:
     np.testing.assert_allclose(heads.looks.sum(-1), 1.0, atol=1e-5)
     assert heads.looks.shape[2] == vlm.hf_model.config.get_text_config().num_attention_heads
     on_image = heads.looks[..., LOOKS.index("image")]
-    assert (on_image > 0).all() if vlm.family.evidence == "image" else (on_image == 0).all()
+    if vlm.family.evidence == "image":
+        assert (on_image[:, 1] > 0).all() and (on_image >= 0).all()
+    else:
+        assert (on_image == 0).all()
