@@ -142,6 +142,8 @@ def test_an_unexplained_trace_traces_no_heads_unless_asked(organism) -> None:
     vlm, bank = organism
     unexplained = {"n_cases": 16, "explained": False, "entry_layer": None, "skipped": {}}
     summary = heads_before_entry(vlm, {}, unexplained)  # not a forward: the bank is not even read
+    traced = trace_heads(vlm, bank, layers=[0], max_cases=4, progress=False).summary()
+    assert summary.keys() == traced.keys()  # the same fields as a summary of traced heads
     assert summary["layers"] == [] and summary["carriers"] == [] and summary["n_heads"] == 4
     assert framing_heads(summary).endswith("so no head is named.")
     asked = heads_before_entry(vlm, bank, unexplained, [0], max_cases=16, progress=False)

@@ -290,7 +290,8 @@ def heads_before_entry(
         return {
             "n_cases": trace.get("n_cases", 0), "skipped": trace.get("skipped", {}),
             "n_heads": attention_heads(vlm.hf_model)[0], "bar": MIN_CARRIED,
-            "corrupted_share": trace.get("corrupted_share"), "explained": False, "layers": [], "carriers": [],
+            "corrupted_share": trace.get("corrupted_share"), "word_share": None, "explained": False,
+            "layers": [], "carriers": [],
         }  # fmt: skip
     entry = trace.get("entry_layer")
     if layers is None and entry:
