@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.model import Edit, HookedVLM, PromptSpec
+from flipscope.model.families import image_token_mask
 from flipscope.model.hook_names import attn_pattern
 from flipscope.model.hook_points import is_pattern_hook
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
@@ -134,6 +135,17 @@ def test_resid_post_is_the_hf_hidden_state(models, family: str) -> None:
     assert "ln_final.hook_normalized" in names
     if vlm.family.evidence == "image" and family != "generic":
         assert "projector.hook_out" in names and "vision.blocks.0.hook_resid_post" in names
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3_text"])
+def test_the_prompt_builders_image_token_is_the_soft_token_the_model_fills(models, family: str) -> None:
+    vlm = models[family]
+    spec = _specs(vlm)[0]
+    inputs = vlm.prompts.build([spec])
+    soft = image_token_mask(vlm.hf_model, inputs.input_ids)
+    assert int(soft.sum()) > 1, family  # the image expands to several soft tokens
+    assert torch.equal(inputs.input_ids == vlm.prompts.image_token_id, soft), family
+    assert torch.equal(inputs.token_type_ids.bool(), soft), family  # the mask the builder derives
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -250,7 +250,8 @@ class PromptBuilder:
 
     @cached_property
     def image_token_id(self) -> int | None:
-        token = getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        """The image's soft-token id: the tokenizer's (Gemma 3's processor names `<start_of_image>`)."""
+        token = getattr(self.tokenizer, "image_token", None) or getattr(self.processor, "image_token", None)
         return None if token is None else int(self.tokenizer.convert_tokens_to_ids(token))
 
     @cached_property
@@ -290,15 +291,9 @@ class PromptBuilder:
         """Processor output for one prompt (batch of one, unpadded): the reference path.
 
         Always carries `token_type_ids` (1 on image tokens, whatever the processor calls it)."""
-        encoded = dict(
-            self.processor.apply_chat_template(
-                self.messages(spec, self.image_for(spec)),
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-            )
-        )
+        messages = self.messages(spec, self.image_for(spec))
+        template = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+        encoded = dict(self.processor.apply_chat_template(messages, **template))
         mask = encoded.pop("mm_token_type_ids", None)
         if "token_type_ids" not in encoded:
             ids = encoded["input_ids"]
