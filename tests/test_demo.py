@@ -4,6 +4,7 @@ numbers equal to those the individual CLI commands print."""
 from __future__ import annotations
 
 import html
+import importlib
 import json
 import re
 import shlex
@@ -65,6 +66,26 @@ def test_the_run_finds_the_recorded_values(demo, request: pytest.FixtureRequest)
         pytest.skip(f"recorded {EXPECTED}")
     problems = mismatches(values, json.loads(EXPECTED.read_text()))
     assert not problems, f"{len(problems)} value(s) depart from the recorded run:\n" + "\n".join(problems[:30])
+
+
+def test_a_rerun_reads_each_finished_stage_back(demo, tmp_path: Path, monkeypatch) -> None:
+    """Rerun on the demo's own work folder, nothing changed: every stage that computes is read back
+    (each analysis it would call raises here), and the summary is the first run's."""
+    out, _, first = demo
+    for module, name in [("evaluation", "run_sweep"), ("discovery", "discover"), ("patching", "patch_bank"),
+                         ("replication", "replicate"), ("upstream", "trace_framing"), ("lens", "lens_trajectory"),
+                         ("clamping", "compare_clamped"), ("directions", "activation_by_family")]:  # fmt: skip
+        monkeypatch.setattr(
+            importlib.import_module(f"flipscope.experiments.{module}"),
+            name,
+            lambda *a, _n=name, **k: pytest.fail(f"{_n} ran"),
+        )
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--work", str(out / "work"), "--no-png"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished before: read back from") == 9
+    again = json.loads((tmp_path / "summary.json").read_text())
+    skip = ("seconds", "figures", "png_skipped")
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in first.items() if k not in skip}
 
 
 def test_a_resumed_run_is_byte_identical_to_the_uninterrupted_one(demo, tmp_path: Path) -> None:

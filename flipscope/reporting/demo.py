@@ -4,9 +4,9 @@
 its FlipBank, discovers the features that track the framing, patches them out, clamps the
 top one (and ablates the DiffMean direction beside it), and writes every figure and
 `report.html`. The stages are declared in `STAGES`, each a function of the shared `_Run`.
-Every stage calls the same function its CLI command does, with the same
-defaults, so the report's numbers are those the commands print; each stage's results go to a
-resumable store or file under `work`, so a rerun after a crash recomputes only what is missing.
+Every stage calls the same function its CLI command does, with the same defaults, so the report's
+numbers are those the commands print. Its stores under `work` resume, and a finished stage is read
+back while nothing it was computed from changed (`demo_resume`): a rerun recomputes only what is missing.
 """
 
 from __future__ import annotations
@@ -18,57 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from flipscope.data.atomic import write_json
+from flipscope.reporting.demo_config import REAL_DEMO, DemoConfig
 from flipscope.reporting.demo_figures import build_figures
+from flipscope.reporting.demo_resume import StageRecords, demo_inputs
 from flipscope.reporting.demo_summary import PAPER, demo_summary, has_flips
 
-__all__ = ["PAPER", "DemoConfig", "build_figures", "run_demo"]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo runs.
-
-    Attributes:
-        n_films: Held-out films evaluated (4 questions each, 10 prompts per question).
-        conditions: Image conditions; `blank` is the paper's "image removed".
-        top_k: Features patched together: the first `top_k` by attribution.
-        clamp_values: Values the top feature is clamped to (the trade-off curve).
-        trace_cases: Flips traced to find where the framing enters.
-        layer_stride: Every how many layers the layer sweep and the trace look (1: all).
-        exact_top: Top attributed features checked by exact single-feature ablation.
-        count_top: The first how many of discovery's features (framing, else attribution) are removed
-            together, one count at a time.
-        seed: Seed of every bootstrap and of the control draw.
-    """
-
-    n_films: int = 40
-    conditions: tuple[str, ...] = ("image", "blank")
-    top_k: int = 5
-    clamp_values: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
-    trace_cases: int = 64
-    layer_stride: int = 1
-    exact_top: int = 50
-    count_top: int = 12
-    seed: int = 0
-
-    @classmethod
-    def for_organism(cls, card: dict[str, Any], **overrides: Any) -> DemoConfig:
-        """The demo's settings for an organism: the defaults, or for one on a real base the
-        lighter ones that fit its cost on two cores (`REAL_DEMO`); `overrides` win."""
-        base = REAL_DEMO if card["config"].get("base") else {}
-        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-
-# A 270M-parameter model costs ~0.2 s a prompt on two cores: fewer films, one clamp value, a
-# sparser layer sweep; the text-only condition is asked as well.
-REAL_DEMO: dict[str, Any] = {
-    "n_films": 20,
-    "conditions": ("image", "blank", "none"),
-    "clamp_values": (0.0,),
-    "trace_cases": 16,
-    "layer_stride": 3,
-    "exact_top": 10,
-}
+__all__ = ["PAPER", "REAL_DEMO", "DemoConfig", "build_figures", "run_demo"]
 
 
 @dataclass
@@ -379,6 +334,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work is not None else out / "work"
     run = _Run(cfg, out, work, directory, vlm, sae, card, progress, png, echo)
+    records = StageRecords(work, demo_inputs(vlm, sae, card, cfg))
     seconds: dict[str, float] = {}
     stages = [(name, stage) for name, stage in STAGES if stage is not _base_text or card["config"].get("base")]
     k = 0
@@ -388,7 +344,10 @@ def run_demo(
         label = name.format(**run.found)
         echo(f"[{k}/{len(stages)}] {label} ...")
         start = time.perf_counter()
-        stage(run)
+        if stage in (_figures, _report):
+            stage(run)
+        elif records.run(k, stage, run):
+            echo(f"    finished before: read back from {records.path(k, stage)}")
         seconds[label] = round(time.perf_counter() - start, 2)
         if stage is _curate and not has_flips(run):
             echo(f"no flips on {cfg.n_films} films: nothing for discovery, patching, tracing or clamping to explain")
