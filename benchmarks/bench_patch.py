@@ -245,7 +245,7 @@ def count_paths(vlm, sae, bank: dict, n_features: int, batch_size: int) -> dict:
     start, diff = time.perf_counter(), 0.0
     for k in range(1, n_features + 1):
         patched = patch_bank(vlm, sae, bank, features[:k], pairs=pairs, batch_size=batch_size,
-                             control_features=controls[:k], progress=False).rows  # fmt: skip
+                             control_features=controls[k - 1], progress=False).rows  # fmt: skip
         for r in patched:
             diff = max(diff, abs(r["m_patched"] - swept[r["case"], f"features:{k}"]),
                        abs(r["m_control_feature"] - swept[r["case"], f"controls:{k}"]))  # fmt: skip

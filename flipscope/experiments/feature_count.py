@@ -55,7 +55,8 @@ def summarize_counts(
     rows: Iterable[Mapping[str, Any]], header: Mapping[str, Any], *, target: float = TARGET, seed: int = 0
 ) -> dict[str, Any]:
     """Per count k (a `count_sweep` store's rows and header): `summarize_patch` of its rows, the
-    matched controls' rows as its `matched_control_feature`; and `features_needed`'s reading.
+    matched controls' rows as its `matched_control_feature` (those features as `control_features`);
+    and `features_needed`'s reading. `controls` lists each count's control features.
 
     Raises:
         FlipscopeError: the header is not a count sweep's, or a count has no rows.
@@ -66,6 +67,9 @@ def summarize_counts(
     for row in rows:
         by_variant.setdefault(str(row["variant"]), {})[row["case"]] = dict(row)
     features = [int(f) for f in header["features"]]
+    controls = header.get("controls") or []
+    if controls and isinstance(controls[0], int):  # a store of one nested list: its prefixes
+        controls = [controls[:k] for k in range(1, len(features) + 1)]
     counts = []
     for k in range(1, len(features) + 1):
         patched = by_variant.get(f"features:{k}")
@@ -76,8 +80,11 @@ def summarize_counts(
             raise FlipscopeError(f"count {k}: the store's controls cover other cases than its patch; is it complete?")
         merged = [{**row, "m_control_feature": control[case]["m_patched"]} if control else row
                   for case, row in patched.items()]  # fmt: skip
-        counts.append({"k": k, "features": features[:k], **summarize_patch(merged, seed=seed)})
-    out = {"hook": header["hook"], "features": features, "controls": header.get("controls"), "counts": counts}
+        chosen = controls[k - 1] if control and controls else None
+        counts.append(
+            {"k": k, "features": features[:k], "control_features": chosen, **summarize_patch(merged, seed=seed)}
+        )
+    out = {"hook": header["hook"], "features": features, "controls": controls or None, "counts": counts}
     if header.get("no_control"):
         out["no_control"] = header["no_control"]
     out["needed"] = features_needed(counts, target=target)

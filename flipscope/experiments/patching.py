@@ -55,6 +55,7 @@ __all__ = [
     "POSITIONS",
     "PatchResult",
     "matched_control_features",
+    "prefix_control_features",
     "patch_bank",
     "patched_margins",
     "recovery",
@@ -89,18 +90,18 @@ class PatchResult:
     summary: dict[str, Any]
 
 
-def matched_control_features(
-    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], max_abs_r: float = 0.1
-) -> list[int]:
-    """For each of `features` in turn, a distinct other feature that does not track the margin
-    shift (|Pearson r| of Δf with it, over flips, below `max_abs_r`; else the least correlated)
-    and whose patch is as large: its mean |Δf| over flips closest to that feature's. A feature
-    whose Δf never varies is no control (its patch would be nothing)."""
+def _control_stats(sae: Any, hook: str, pairs: PairActivations) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature, over flips: |Pearson r| of its Δf with the margin shift, whether its Δf varies,
+    and its mean |Δf|: what `matched_control_features` matches on."""
     flips = torch.from_numpy(pairs.is_flip)
     f_orig, f_para = (f[flips].double() for f in pairs.features(sae, hook))
     delta = (f_para - f_orig).numpy()
     r = np.abs(correlations(delta, pairs.margin_shift[flips].double().numpy())["r"])
-    moved = np.isfinite(r) & (delta.std(0) > 0)
+    return r, np.isfinite(r) & (delta.std(0) > 0), np.abs(delta).mean(0)
+
+
+def _match(stats: tuple[np.ndarray, np.ndarray, np.ndarray], features: Sequence[int], max_abs_r: float) -> list[int]:
+    r, moved, size = stats
     allowed = np.ones(len(r), dtype=bool)
     allowed[list(features)] = False
     candidates = np.flatnonzero(allowed & moved & (r < max_abs_r))
@@ -112,12 +113,30 @@ def matched_control_features(
             f"only {len(candidates)} other features move between original and paraphrase; "
             f"{len(features)} are needed as matched controls"
         )
-    size = np.abs(delta).mean(0)
     chosen: list[int] = []
     for feature in features:
         free = np.array([c for c in candidates if c not in chosen])
         chosen.append(int(free[np.argmin(np.abs(size[free] - size[feature]))]))
     return chosen
+
+
+def matched_control_features(
+    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], max_abs_r: float = 0.1
+) -> list[int]:
+    """For each of `features` in turn, a distinct other feature that does not track the margin
+    shift (|Pearson r| of Δf with it, over flips, below `max_abs_r`; else the least correlated)
+    and whose patch is as large: its mean |Δf| over flips closest to that feature's. A feature
+    whose Δf never varies is no control (its patch would be nothing)."""
+    return _match(_control_stats(sae, hook, pairs), features, max_abs_r)
+
+
+def prefix_control_features(
+    sae: Any, hook: str, pairs: PairActivations, features: Sequence[int], max_abs_r: float = 0.1
+) -> list[list[int]]:
+    """`matched_control_features` of each prefix `features[:k]`, k = 1..len(features), the
+    statistics they match on computed once: a count's controls as `patch` would pick them."""
+    stats = _control_stats(sae, hook, pairs)
+    return [_match(stats, features[:k], max_abs_r) for k in range(1, len(features) + 1)]
 
 
 def _vectors(

@@ -224,10 +224,12 @@ def count_sweep(
     shard: tuple[int, int] | None = None,
 ) -> ResultStore:
     """Delta-only patch of the first k of `features` together, k = 1..len(features), on every
-    case, beside the first k of their matched control features (`matched_control_features`, one
-    per feature in rank order, each by its own Δf), into a resumable store: rows carry `variant` =
-    `features:k` or `controls:k`. The header names the controls, or says why there are none."""
-    from flipscope.experiments.patching import matched_control_features
+    case, beside as many matched control features, each by its own Δf: those `patch` matches to
+    the first k (`prefix_control_features`), so a count's controls are the patch's own for that
+    set. Into a resumable store: rows carry `variant` = `features:k` or `controls:k`; the header
+    names each count's controls, or says why there are none."""
+    from flipscope.experiments.patching import prefix_control_features
+    from flipscope.sae.encode import decoder_vectors
 
     hook = check_sae(sae, vlm)
     check_features(sae, features)
@@ -236,18 +238,22 @@ def count_sweep(
     pairs = pairs if pairs is not None else collect_pairs(vlm, bank, [hook], batch_size=batch_size, progress=progress)
     header = {"kind": "count-sweep", "hook": hook, "features": [int(f) for f in features], "controls": None}
     try:
-        controls = matched_control_features(sae, hook, pairs, features)
+        controls = prefix_control_features(sae, hook, pairs, features)
         header["controls"] = controls
     except FlipscopeError as err:
         controls, header["no_control"] = [], str(err)
     header.update(model=vlm.identity(), bank=bank.get("source", {}).get("questions"), n_cases=len(pairs.cases))
-    sets = [list(features), controls] if controls else [list(features)]
     deltas = pairs.feature_delta(sae, hook)
-    parts = [(deltas[:, s], sae.W_dec.detach()[s]) for s in sets]
-    labels = [f"{name}:{k}" for name in ("features", "controls")[: len(sets)] for k in range(1, len(features) + 1)]
+    ranked, w_dec = list(features), sae.W_dec.detach()[list(features)]
+    labels = [
+        f"{name}:{k}" for name in ("features", "controls")[: 1 + bool(controls)] for k in range(1, len(ranked) + 1)
+    ]
 
-    def hooks_for(chunk: list[int]) -> list:  # only this chunk's case × k × d_model prefix sums are held
-        vectors = torch.cat([(delta[chunk][:, :, None] * w_dec).cumsum(1) for delta, w_dec in parts], dim=1)
+    def hooks_for(chunk: list[int]) -> list:  # only this chunk's case × k × d_model vectors are held
+        delta = deltas[chunk]
+        parts = [(delta[:, ranked, None] * w_dec).cumsum(1)]  # the first k features: prefix sums
+        parts += [torch.stack([decoder_vectors(sae, delta[:, c], c) for c in controls], 1)] if controls else []
+        vectors = torch.cat(parts, dim=1)
         return [(hook, subtract_at_last(vectors.reshape(-1, vectors.shape[-1])))]  # case-major: features, controls
 
     return _sweep(
