@@ -195,7 +195,9 @@ def organism_flipbank(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("figures"), help="Folder for the figures, summary.json and report.html."),
-    work: Path | None = typer.Option(None, help="Folder for the stages' resumable stores (default: OUT/work)."),
+    work: Path | None = typer.Option(
+        None, help="Folder for the stages' resumable stores and finished stages' records (default: OUT/work)."
+    ),
     organism: Path | None = typer.Option(
         None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
     ),
