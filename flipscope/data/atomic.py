@@ -10,6 +10,7 @@ the umask), not the temporary file's owner-only 0o600, so a shared results folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,16 @@ from typing import Any
 
 from flipscope.errors import FlipscopeError
 
-__all__ = ["folder_in_scratch", "write_atomic", "write_json"]
+__all__ = ["file_sha256", "folder_in_scratch", "write_atomic", "write_json"]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read a mebibyte at a time."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

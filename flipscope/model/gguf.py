@@ -17,14 +17,13 @@ transformers parses the file's metadata three times (config, weights, tokenizer)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flipscope.data.atomic import write_json
+from flipscope.data.atomic import file_sha256, write_json
 from flipscope.data.lock import build_once
 from flipscope.errors import FlipscopeError
 
@@ -38,14 +37,6 @@ def cache_root(kind: str = "gguf") -> Path:
     `~/.cache/flipscope/<kind>` (`gguf`: converted GGUFs; `organisms`: assembled organisms)."""
     base = os.environ.get("FLIPSCOPE_CACHE")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "flipscope") / kind
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gguf_folder(gguf_file: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> Path:

@@ -11,7 +11,6 @@ Layout of an organism directory::
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import platform
@@ -24,7 +23,7 @@ from jaxtyping import Float
 from sae_lens import JumpReLUSAE
 from torch import Tensor
 
-from flipscope.data.atomic import write_json
+from flipscope.data.atomic import file_sha256, write_json
 from flipscope.errors import FlipscopeError
 from flipscope.kernels import build_kernels
 from flipscope.model.answers import yes_no_margin
@@ -184,10 +183,6 @@ def aligned_features(sae: JumpReLUSAE, directions: dict[str, Any], top: int = 5)
     ]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _vector(v: Float[Tensor, " d_model"]) -> list[float]:
     return [round(float(x), 6) for x in v]
 
@@ -231,7 +226,7 @@ def _train_and_save(cfg: OrganismConfig, out: Path, progress: bool) -> tuple[Hoo
         done = {"config": training, "training": _training_block(cfg, log)}
         done["training"]["seconds"] = round(time.perf_counter() - start, 1)
         write_json(marker, done, allow_nan=False)
-    sha256 = {name: _sha256(out / name) for name in delta_files(out)}
+    sha256 = {name: file_sha256(out / name) for name in delta_files(out)}
     return HookedVLM.from_pretrained(assemble(out, cfg, sha256)), done["training"]
 
 
@@ -304,7 +299,7 @@ def build_organism(cfg: OrganismConfig, out: str | Path, *, progress: bool = Tru
         "framing_features": [] if directions is None else aligned_features(sae, directions),
     }
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != CARD_NAME)
-    card["sha256"] = {str(p.relative_to(out)): _sha256(p) for p in files}
+    card["sha256"] = {str(p.relative_to(out)): file_sha256(p) for p in files}
     write_json(out / CARD_NAME, card, allow_nan=False)
     return load_card(out)
 

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from flipscope.data.atomic import write_atomic, write_json
+from flipscope.data.atomic import file_sha256, write_atomic, write_json
 from flipscope.data.lock import build_once
 from flipscope.errors import FlipscopeError
-from flipscope.model.gguf import cache_root, file_sha256
+from flipscope.model.gguf import cache_root
 from flipscope.organism.config import OrganismConfig
 
 __all__ = ["ADAPTER_DIR", "ASSEMBLED_NAME", "VISION_FILE", "assemble", "delta_files", "save_deltas", "verify_files"]

@@ -10,12 +10,11 @@ share on the recipe's held-out prompts in the card (`entry_sae`), with the files
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flipscope.data.atomic import write_json
+from flipscope.data.atomic import file_sha256, write_json
 from flipscope.errors import FlipscopeError
 from flipscope.kernels import build_kernels
 
@@ -54,7 +53,7 @@ def train_entry_sae(organism: str | Path | None, hook: str, *, d_sae: int | None
     files = sorted(p for p in (directory / ENTRY_DIR).iterdir() if p.is_file())
     card["entry_sae"] = entry
     kept = {k: v for k, v in card["sha256"].items() if not k.startswith(f"{ENTRY_DIR}/")}
-    added = {f"{ENTRY_DIR}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    added = {f"{ENTRY_DIR}/{p.name}": file_sha256(p) for p in files}
     card["sha256"] = dict(sorted((kept | added).items()))
     write_json(directory / CARD_NAME, card, allow_nan=False)
     return entry

@@ -5,7 +5,7 @@ what it added there is pickled to `work/stages/NN-<stage>.pkl` (atomically), wit
 computed from: the organism (the model's and SAE's weights, its card), the demo's settings,
 flipscope's own code and the libraries' versions, the folder itself (the results name paths in
 it, so a moved folder runs again), the record of the stage before it (a hash
-chain: a stage that ran again makes every later one run again) and the sha256 of each file the
+chain: a stage that ran again to another result makes every later one run again) and the sha256 of each file the
 stage wrote under `work`. On a rerun a stage is read back only while all of these hold; else it
 runs again, and its own stores resume where they stopped. So a demo that died in its last stage
 loses none of the stages before it, and a changed setting, organism or line of code recomputes.
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from flipscope.data.atomic import write_atomic
+from flipscope.data.atomic import file_sha256, write_atomic
 
 __all__ = ["StageRecords", "demo_inputs"]
 
@@ -36,14 +36,6 @@ VERSIONS = ("torch", "transformers", "sae-lens", "numpy", "scipy", "pandas")
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_digest() -> str:
@@ -112,7 +104,7 @@ class StageRecords:
             return False
         for rel, sha in record["files"].items():
             path = self.work / rel
-            if not path.is_file() or _file_sha(path) != sha:
+            if not path.is_file() or file_sha256(path) != sha:
                 return False
         return True
 
@@ -132,7 +124,7 @@ class StageRecords:
         before, found = _files(self.work), dict(run.found)
         stage(run)
         after = _files(self.work)
-        written = {rel: _file_sha(self.work / rel) for rel, stat in after.items() if before.get(rel) != stat}
+        written = {rel: file_sha256(self.work / rel) for rel, stat in after.items() if before.get(rel) != stat}
         added = {key: value for key, value in run.found.items() if key not in found or found[key] is not value}
         blob = pickle.dumps({"chain": self.chain, "files": written, "found": added}, protocol=pickle.HIGHEST_PROTOCOL)
         write_atomic(path, blob)
