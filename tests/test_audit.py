@@ -126,3 +126,38 @@ def test_the_fold_takes_decoder_rows_or_a_file_and_refuses_anything_else(tmp_pat
     ):
         bad = cure(*args, "--out", str(tmp_path / "bad"))
         assert bad.exit_code == 2 and said in bad.output, bad.output
+
+
+def test_the_audit_sends_each_film_through_the_tower_once(tmp_path: Path) -> None:
+    """The base and its clamp cures share one image memo: every film (and the blank) is encoded once
+    for the whole audit, and every store is byte for byte what a tower run per prompt writes."""
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.audit import audit_cures
+    from flipscope.interventions.edited import ClampedVLM
+    from flipscope.organism.questions import export_questions
+
+    def audit(out: Path, memo_bytes: int) -> tuple[int, dict[str, bytes]]:
+        vlm, sae, card = load_organism()
+        vlm.image_memo.max_bytes = memo_bytes
+        images = [0]
+        tower = vlm.hf_model.model.vision_tower
+
+        def count(module, args, kwargs, output) -> None:
+            images[0] += len(args[0] if args else kwargs["pixel_values"])
+
+        handle = tower.register_forward_hook(count, with_kwargs=True)
+        questions = load_questions(
+            export_questions(OrganismConfig.from_dict(card["config"]), out / "data", n_films=4, first=40)
+        )
+        cures = {"clamp-38": ClampedVLM(vlm, sae, {38: 0.0}), "clamp-3": ClampedVLM(vlm, sae, {3: 0.0})}
+        audit_cures(vlm, cures, questions, out, progress=False)
+        handle.remove()
+        films = {q.image for q in questions}
+        assert len(films) == 4
+        return images[0], {n: (out / n / "results.jsonl").read_bytes() for n in ("base", *cures)}
+
+    encoded, stores = audit(tmp_path / "memo", memo_bytes=1 << 30)
+    every, reference = audit(tmp_path / "no-memo", memo_bytes=0)
+    assert encoded <= 4 + 1  # the four films and the blank, once each
+    assert every >= 3 * encoded  # without the memo: per model, and again per opposite-film prompt
+    assert stores == reference

@@ -31,6 +31,7 @@ from flipscope.experiments.clamping import paired_difference
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.experiments.summary import question_table
 from flipscope.model.hooked import HookedVLM
+from flipscope.model.vision_once import distinct_images_of
 
 __all__ = ["AUDIT_MEASURES", "NON_INFERIORITY", "audit_cures", "audit_measures", "verdict"]
 
@@ -76,7 +77,11 @@ def verdict(paired: Mapping[str, Mapping[str, Any]], danger_measure: str = "dang
 
 
 def _table(model: HookedVLM, questions: Sequence[Question], cfg: EvalConfig, path: Path, progress: bool):
-    run_sweep(model, questions, cfg, path, progress=progress)
+    """`model`'s evaluation, each film through the tower once (`distinct_images_of`): a cure that
+    is the base's edited sibling (a clamp) shares its image memo, so films the base saw are not
+    encoded again, and a film shown with its own question and as another's opposite is encoded once."""
+    with distinct_images_of(model):
+        run_sweep(model, questions, cfg, path, progress=progress)
     return question_table(iter_rows(path))
 
 
