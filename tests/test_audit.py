@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -129,35 +130,47 @@ def test_the_fold_takes_decoder_rows_or_a_file_and_refuses_anything_else(tmp_pat
 
 
 def test_the_audit_sends_each_film_through_the_tower_once(tmp_path: Path) -> None:
-    """The base and its clamp cures share one image memo: every film (and the blank) is encoded once
-    for the whole audit, and every store is byte for byte what a tower run per prompt writes."""
+    """The base, its clamp cures and a text-only LoRA cure loaded on its own (its tower holds the
+    base's weights) share one image memo: every film (and the blank) is encoded once for the whole
+    audit, and every store is byte for byte what a tower run per prompt writes. A cure whose tower
+    differs keeps its own memo."""
     from flipscope.data.questions import load_questions
     from flipscope.experiments.audit import audit_cures
     from flipscope.interventions.edited import ClampedVLM
+    from flipscope.model.vision_once import share_image_memo
+    from flipscope.organism import organism_checkpoint
     from flipscope.organism.questions import export_questions
+
+    text_lora = default_adapters_dir() / "lora-r4-text"
 
     def audit(out: Path, memo_bytes: int) -> tuple[int, dict[str, bytes]]:
         vlm, sae, card = load_organism()
         vlm.image_memo.max_bytes = memo_bytes
+        lora = HookedVLM.from_pretrained(organism_checkpoint(), adapter=text_lora)
         images = [0]
-        tower = vlm.hf_model.model.vision_tower
 
         def count(module, args, kwargs, output) -> None:
             images[0] += len(args[0] if args else kwargs["pixel_values"])
 
-        handle = tower.register_forward_hook(count, with_kwargs=True)
+        handles = [m.hf_model.model.vision_tower.register_forward_hook(count, with_kwargs=True) for m in (vlm, lora)]
         questions = load_questions(
             export_questions(OrganismConfig.from_dict(card["config"]), out / "data", n_films=4, first=40)
         )
-        cures = {"clamp-38": ClampedVLM(vlm, sae, {38: 0.0}), "clamp-3": ClampedVLM(vlm, sae, {3: 0.0})}
+        cures = {"clamp-38": ClampedVLM(vlm, sae, {38: 0.0}), "clamp-3": ClampedVLM(vlm, sae, {3: 0.0}), "lora": lora}
         audit_cures(vlm, cures, questions, out, progress=False)
-        handle.remove()
-        films = {q.image for q in questions}
-        assert len(films) == 4
+        for handle in handles:
+            handle.remove()
+        assert len({q.image for q in questions}) == 4
         return images[0], {n: (out / n / "results.jsonl").read_bytes() for n in ("base", *cures)}
 
     encoded, stores = audit(tmp_path / "memo", memo_bytes=1 << 30)
     every, reference = audit(tmp_path / "no-memo", memo_bytes=0)
     assert encoded <= 4 + 1  # the four films and the blank, once each
-    assert every >= 3 * encoded  # without the memo: per model, and again per opposite-film prompt
+    assert every >= 4 * encoded  # without the memo: per model, and again per opposite-film prompt
     assert stores == reference
+
+    base = load_organism()[0]
+    other = HookedVLM.from_pretrained(organism_checkpoint())
+    with torch.no_grad():
+        next(other.hf_model.model.vision_tower.parameters()).add_(1e-3)
+    assert not share_image_memo(base, other) and other.image_memo is not base.image_memo

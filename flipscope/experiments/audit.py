@@ -31,7 +31,7 @@ from flipscope.experiments.clamping import paired_difference
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.experiments.summary import question_table
 from flipscope.model.hooked import HookedVLM
-from flipscope.model.vision_once import distinct_images_of
+from flipscope.model.vision_once import distinct_images_of, share_image_memo
 
 __all__ = ["AUDIT_MEASURES", "NON_INFERIORITY", "audit_cures", "audit_measures", "verdict"]
 
@@ -78,8 +78,9 @@ def verdict(paired: Mapping[str, Mapping[str, Any]], danger_measure: str = "dang
 
 def _table(model: HookedVLM, questions: Sequence[Question], cfg: EvalConfig, path: Path, progress: bool):
     """`model`'s evaluation, each film through the tower once (`distinct_images_of`): a cure that
-    is the base's edited sibling (a clamp) shares its image memo, so films the base saw are not
-    encoded again, and a film shown with its own question and as another's opposite is encoded once."""
+    shares the base's image memo (an edited sibling such as a clamp, or one whose tower holds the
+    base's weights: `share_image_memo`) does not encode the films the base saw again, and a film
+    shown with its own question and as another's opposite is encoded once."""
     with distinct_images_of(model):
         run_sweep(model, questions, cfg, path, progress=progress)
     return question_table(iter_rows(path))
@@ -112,6 +113,8 @@ def audit_cures(
     for name in cured:
         if name == "base" or not name or "/" in name:
             raise FlipscopeError(f"cure name {name!r}: use a nonempty folder name other than 'base'")
+    for model in cured.values():  # a cure loaded on its own whose tower is the base's: its memo too
+        share_image_memo(base, model)
     cfg = EvalConfig(conditions=("image", "blank", "swap"), swap_match="opposite")
     out = Path(out)
     before = _table(base, questions, cfg, out / "base" / "results.jsonl", progress)

@@ -43,6 +43,7 @@ __all__ = [
     "image_digest",
     "images_once",
     "pixel_bytes",
+    "share_image_memo",
 ]
 
 T = TypeVar("T")
@@ -96,6 +97,7 @@ class ImageMemo:
         self.max_bytes, self.encoded, self.served, self.nbytes = max_bytes, 0, 0, 0
         self._rows: OrderedDict[Hashable, Tensor] = OrderedDict()
         self._tower: Hashable = None
+        self._same: dict[Hashable, Hashable] = {}  # a tower state → an equal-valued one it is served as
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -105,8 +107,13 @@ class ImageMemo:
         self._rows.clear()
         self.nbytes = 0
 
+    def alias(self, state: Hashable, same_as: Hashable) -> None:
+        """Serve tower state `state` as `same_as`: another model's tower holding the same weights."""
+        self._same[state] = same_as
+
     def for_tower(self, state: Hashable) -> ImageMemo:
         """This memo, emptied first if the tower's state is not the one its encodings came from."""
+        state = self._same.get(state, state)
         if state != self._tower:
             self.clear()
             self._tower = state
@@ -185,6 +192,36 @@ def encode_images_once(vlm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         vlm.image_memo.for_tower(_tower_state(modules))
     rest = {k: v for k, v in kwargs.items() if k != "pixel_values"}
     return {**rest, "mm_encoder_outputs": {"image": _encode(vlm, pixels, memo=memo)}}
+
+
+def _weights(modules: list[nn.Module]) -> list[tuple[str, Tensor]]:
+    return [(name, t) for module in modules for name, t in (*module.named_parameters(), *module.named_buffers())]
+
+
+def share_image_memo(base: Any, other: Any) -> bool:
+    """Let `other` (a separately loaded model, e.g. a cure of `base`) use `base`'s image memo when
+    its vision tower and projector hold the same weights (names, shapes, dtypes, devices and
+    values), so each film is encoded once for both: the encodings are then the same bits. A later
+    in-place change to either tower changes its state, and the memo empties as for any change.
+    Returns whether they share it."""
+    if getattr(other, "image_memo", None) is getattr(base, "image_memo", None):
+        return hasattr(base, "image_memo")
+    if not (hasattr(base, "hf_model") and hasattr(other, "hf_model")):
+        return False
+    mine, theirs = _tower_modules(base.hf_model), _tower_modules(other.hf_model)
+    a, b = _weights(mine), _weights(theirs)
+    same = (
+        bool(a)
+        and len(a) == len(b)
+        and all(
+            n == m and x.dtype == y.dtype and x.device == y.device and x.shape == y.shape and torch.equal(x, y)
+            for (n, x), (m, y) in zip(a, b, strict=True)
+        )
+    )
+    if same:
+        base.image_memo.alias(_tower_state(theirs), _tower_state(mine))
+        other.image_memo = base.image_memo
+    return same
 
 
 def distinct_images_of(vlm: Any) -> AbstractContextManager[Any]:
