@@ -129,6 +129,20 @@ def test_the_sentence_is_chosen_by_the_numbers() -> None:
     assert all("nan" not in r["reading"] for r in (carried, unspecific, uncontrolled, unsettled, spread, few))
 
 
+def test_a_store_with_one_nested_control_list_reads_as_its_prefixes() -> None:
+    """Stores written before each count had its own controls list them once, for the whole ranking."""
+    rows = [
+        {"variant": f"{kind}:{k}", "case": "a", "kind": "flip", "direction": "no→yes", "m_orig": 2.0,
+         "m_para": -1.0, "m_patched": patched}
+        for k in (1, 2) for kind, patched in (("features", 0.5 * k), ("controls", -1.0))
+    ]  # fmt: skip
+    header = {"kind": "count-sweep", "hook": "h", "features": [1, 2], "controls": [7, 9]}
+    summary = summarize_counts(rows, header)
+    assert summary["controls"] == [[7], [7, 9]]
+    assert [c["control_features"] for c in summary["counts"]] == [[7], [7, 9]]
+    assert summary["counts"][1]["matched_control_feature"]["mean_recovery"]["value"] == pytest.approx(0.0)
+
+
 def test_bad_input_says_what_is_wrong(sites, tmp_path: Path) -> None:
     vlm, bank, by_site = sites
     with pytest.raises(FlipscopeError, match="name a feature twice"):

@@ -4,8 +4,8 @@ The demo's stages share their results in one dictionary (`run.found`). After a s
 what it added there is pickled to `work/stages/NN-<stage>.pkl` (atomically), with what it was
 computed from: the organism (the model's and SAE's weights, its card), the demo's settings,
 flipscope's own code and the libraries' versions, the folder itself (the results name paths in
-it, so a moved folder runs again), the record of the stage before it (a hash
-chain: a stage that ran again to another result makes every later one run again) and the sha256 of each file the
+it, so a moved folder runs again), the record of the stage before it (a hash chain: a stage that
+ran again to another result makes every later one run again) and the sha256 of each file the
 stage wrote under `work`. On a rerun a stage is read back only while all of these hold; else it
 runs again, and its own stores resume where they stopped. So a demo that died in its last stage
 loses none of the stages before it, and a changed setting, organism or line of code recomputes.
@@ -117,16 +117,17 @@ class StageRecords:
             record = pickle.loads(blob)
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
             record = None
-        if isinstance(record, dict) and self._intact(record):
+        read_back = isinstance(record, dict) and self._intact(record)
+        if read_back:
             run.found.update(record["found"])
-            self.chain = _sha((self.chain + _sha(blob)).encode())
-            return True
-        before, found = _files(self.work), dict(run.found)
-        stage(run)
-        after = _files(self.work)
-        written = {rel: file_sha256(self.work / rel) for rel, stat in after.items() if before.get(rel) != stat}
-        added = {key: value for key, value in run.found.items() if key not in found or found[key] is not value}
-        blob = pickle.dumps({"chain": self.chain, "files": written, "found": added}, protocol=pickle.HIGHEST_PROTOCOL)
-        write_atomic(path, blob)
+        else:
+            before, found = _files(self.work), dict(run.found)
+            stage(run)
+            after = _files(self.work)
+            written = {rel: file_sha256(self.work / rel) for rel, stat in after.items() if before.get(rel) != stat}
+            added = {key: value for key, value in run.found.items() if key not in found or found[key] is not value}
+            record = {"chain": self.chain, "files": written, "found": added}
+            blob = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+            write_atomic(path, blob)
         self.chain = _sha((self.chain + _sha(blob)).encode())
-        return False
+        return read_back
