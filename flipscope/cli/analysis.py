@@ -22,6 +22,7 @@ from flipscope.cli.common import (
     one_line_errors,
     writable,
 )
+from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import edit_label, num
@@ -161,7 +162,8 @@ def _print_nulls(framing: dict) -> None:
 @app.command()
 def clamp(
     questions: Path = typer.Option(..., help="Questions JSONL to evaluate (e.g. flipbank/organism/questions.jsonl)."),
-    features: str = typer.Option(..., help="SAE features to clamp, e.g. 38 or 38,32."),
+    features: str = typer.Option(..., help=features_help("clamp")),
+    discovery: Path | None = typer.Option(None, help=DISCOVERY_HELP),
     values: str = typer.Option("0", help="Clamp value(s); several give the trade-off curve, e.g. 0,1,2,4."),
     diffmean_from: Path | None = typer.Option(
         None,
@@ -196,7 +198,7 @@ def clamp(
 
     with one_line_errors():
         writable(out, folder=True)
-        chosen = ints(features, "--features")
+        request = feature_request(features)
         levels = _clamp_values(values)
         heads = _heads(ablate_heads) if ablate_heads else []
         cfg = EvalConfig(conditions=tuple(c.strip() for c in conditions.split(",")))
@@ -205,6 +207,7 @@ def clamp(
         bank = load_flipbank(diffmean_from) if diffmean_from is not None else None
         device = launch.device(device) if launch is not None else device
         vlm, dictionary = load_model_and_sae(model, sae, sae_id, dtype, device, adapter)
+        chosen = resolve_features(request, discovery, dictionary)
         also = _also(vlm, dictionary, bank, heads, loaded)
         clamps = [{f: v for f in chosen} for v in levels]
         report = compare_clamped(vlm, dictionary, loaded, clamps, out, cfg, also=also, launch=launch)
@@ -258,7 +261,10 @@ def _clamp_values(values: str) -> list[float]:
 
 def _intervention_label(description: dict) -> str:
     if "clamp" in description:
-        return ",".join(f"{f}={v:g}" for f, v in description["clamp"]["values"].items())
+        values = description["clamp"]["values"]
+        if len(set(values.values())) == 1:  # one value for all: "38,32 = 0"
+            return f"{','.join(str(f) for f in values)} = {next(iter(values.values())):g}"
+        return ",".join(f"{f}={v:g}" for f, v in values.items())
     return edit_label(description)
 
 
@@ -267,14 +273,15 @@ def _print_comparison(report: dict) -> None:
     typer.echo(
         f"questions: {base['flip_rate']['n']}   (95% bootstrap CIs over questions; McNemar p for paired changes)"
     )
-    typer.echo(f"{'model':<22}{'flip rate':<24}{'accuracy':<24}text-only agreement")
+    labels = [_intervention_label(entry["description"]) for entry in report["interventions"]]
+    w = max([20, *map(len, labels)]) + 2  # a long label never runs into its numbers
+    typer.echo(f"{'model':<{w}}{'flip rate':<24}{'accuracy':<24}text-only agreement")
     typer.echo(
-        f"{'as is':<22}{fmt(base['flip_rate']):<24}{fmt(base['accuracy']):<24}{fmt(base['text_only_agreement'])}"
+        f"{'as is':<{w}}{fmt(base['flip_rate']):<24}{fmt(base['accuracy']):<24}{fmt(base['text_only_agreement'])}"
     )
-    for entry in report["interventions"]:
+    for entry, label in zip(report["interventions"], labels, strict=True):
         o = entry["summary"]["overall"]
-        label = _intervention_label(entry["description"])
-        typer.echo(f"{label:<22}{fmt(o['flip_rate']):<24}{fmt(o['accuracy']):<24}{fmt(o['text_only_agreement'])}")
+        typer.echo(f"{label:<{w}}{fmt(o['flip_rate']):<24}{fmt(o['accuracy']):<24}{fmt(o['text_only_agreement'])}")
         for measure, p in entry["paired"].items():
             rel = f", {p['relative_change']:+.1%} relative" if p["relative_change"] is not None else ""
             typer.echo(

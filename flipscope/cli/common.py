@@ -209,7 +209,8 @@ def load_model_and_sae(
 
 SITE_HELP = (
     "With --sae auto: where to look for SAEs, a folder (each subfolder one SAE; default: the model's folder, e.g. "
-    "the organism's sae/ and sae_entry/) or a sae-lens release (e.g. gemma-scope-2-4b-it-att)."
+    "the organism's sae/ and sae_entry/) or a sae-lens release (e.g. gemma-scope-2-4b-it-att), or several, "
+    "comma-separated."
 )
 TRACE_HELP = "With --sae auto: a trace JSON from `flipscope trace` (default: trace the bank's first 64 flips now)."
 
@@ -240,8 +241,10 @@ def load_model_and_site(
         raise FlipscopeError("--sae auto chooses the SAE itself; drop --sae-id (or name one with --sae)")
     vlm = load_model(model, dtype, device, adapter)
     where = saes or str(organism_dir(model) if model is None or model in SHIPPED else model)
-    is_folder = Path(where).exists() or "/" in where  # a release name has no slash
-    candidates = folder_candidates(where) if is_folder else release_candidates(where)
+    candidates = []
+    for part in [where] if Path(where).exists() else [p.strip() for p in where.split(",") if p.strip()]:
+        is_folder = Path(part).exists() or "/" in part  # a release name has no slash
+        candidates += folder_candidates(part) if is_folder else release_candidates(part)
     if trace is not None:
         try:
             summary = json.loads(trace.read_text(encoding="utf-8"))

@@ -207,12 +207,13 @@ def _print_summary(summary: dict) -> None:
     typer.echo(f"questions: {overall['n_questions']}   (95% bootstrap CIs over questions)")
     for key in ("flip_rate", "pairwise_disagreement", "accuracy", "text_only_agreement", "swap_sensitivity"):
         typer.echo(f"  {key.replace('_', ' '):<24}{fmt(overall[key])}")
-    typer.echo(f"{'finding':<20}{'n':>5}  flip rate")
+    w = max([18, *map(len, summary["by_finding"]), *map(len, summary["by_strategy"])]) + 2  # PSF-Med's long names
+    typer.echo(f"{'finding':<{w}}{'n':>5}  flip rate")
     for name, block in summary["by_finding"].items():
-        typer.echo(f"{name:<20}{block['n_questions']:>5}  {fmt(block['flip_rate'])}")
-    typer.echo(f"{'strategy':<20}{'n':>5}  paraphrase flip rate")
+        typer.echo(f"{name:<{w}}{block['n_questions']:>5}  {fmt(block['flip_rate'])}")
+    typer.echo(f"{'strategy':<{w}}{'n':>5}  paraphrase flip rate")
     for name, block in summary["by_strategy"].items():
-        typer.echo(f"{name:<20}{block['n_paraphrases']:>5}  {fmt(block['paraphrase_flip_rate'])}")
+        typer.echo(f"{name:<{w}}{block['n_paraphrases']:>5}  {fmt(block['paraphrase_flip_rate'])}")
     cells = {name: (fmt(b["share"]), fmt(b["accuracy"])) for name, b in summary["by_quadrant"].items()}
     share, accuracy = (max(24, *(len(c[k]) + 2 for c in cells.values())) for k in (0, 1))  # a long CI note
     typer.echo(f"{'quadrant':<12}{'n':>5}  {'share':<{share}}{'accuracy':<{accuracy}}entropy (bits)")

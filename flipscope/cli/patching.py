@@ -21,6 +21,7 @@ from flipscope.cli.common import (
     one_line_errors,
     writable,
 )
+from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.claims import wording_bound_reading
@@ -42,7 +43,10 @@ ROWS_HELP = (
 @app.command()
 def patch(
     flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
-    features: str = typer.Option(..., help="SAE features to remove together, e.g. 38 or 38,32,0."),
+    features: str = typer.Option(..., help=features_help("remove together")),
+    discovery: Path | None = typer.Option(
+        None, help=DISCOVERY_HELP + " Default: <flipbank>.features.json beside the FlipBank."
+    ),
     model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
     sae: str | None = typer.Option(
         None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
@@ -74,12 +78,14 @@ def patch(
     out = out or flipbank.with_name(f"{flipbank.stem}.patch")
     with one_line_errors():
         writable(out, folder=True)
-        chosen, swept = _patch_features(positions, features, sweep, count)
+        request, swept = _patch_features(positions, features, sweep, count)
         launch = resolve_shard(shard)
         main = launch is None or launch.is_main
         bank = load_flipbank(flipbank)
         device = launch.device(device) if launch is not None else device
         vlm, dictionary, site = load_model_and_site(model, sae, sae_id, saes, trace, bank, dtype, device, adapter)
+        ranked = discovery or flipbank.with_name(f"{flipbank.stem}.features.json")
+        chosen = resolve_features(request, ranked, dictionary)
         pairs = collect_pairs(vlm, bank, [check_sae(dictionary, vlm)], batch_size=batch_size)
         sizes = {"batch_size": batch_size, "rows_per_forward": rows_per_forward}
         if main:
@@ -133,15 +139,15 @@ def _patch_main(vlm, dictionary, bank, chosen: list[int], pairs, site, out: Path
 
 def _patch_features(
     positions: str, features: str, sweep: str | None, count: bool = False
-) -> tuple[list[int], list[int] | None]:
-    """The features patched together and those swept alone, after checking `positions`."""
+) -> tuple[list[int] | int, list[int] | None]:
+    """The features patched together (or framing:K's K) and those swept alone, after checking `positions`."""
     from flipscope.experiments.patching import POSITIONS
 
     if positions not in POSITIONS:
         raise FlipscopeError(f"positions {positions!r} is unknown; expected one of {POSITIONS}")
     if count and positions != "last":
         raise FlipscopeError(f"--count patches the last position; got --positions {positions}")
-    return ints(features, "--features"), (_feature_list(sweep) if sweep else None)
+    return feature_request(features), (_feature_list(sweep) if sweep else None)
 
 
 def _feature_list(text: str) -> list[int]:

@@ -65,9 +65,25 @@ def trace(
     for word, estimate in list(summary["words"].items())[:8]:
         typer.echo(f"  corrupting '{word}' alone undoes {fmt(estimate)} of the margin shift")
     typer.echo(framing_entry(summary))
+    _print_entry_site(summary, path)
     if heads:
         _print_heads(summary["heads"])
     typer.echo(f"trace: {path}")
+
+
+def _print_entry_site(summary: dict, path: Path) -> None:
+    """The hook the trace names (what `--sae auto` reads) and how to get an SAE there."""
+    site, entry = summary.get("entry_site"), summary.get("entry_layer")
+    if site is None:
+        return
+    layers = summary["layers"]
+    before = layers[layers.index(entry) - 1] if layers.index(entry) else -1  # -1: the embeddings
+    skipped = f"layer {before + 1}" if entry - before == 2 else f"layers {before + 1}–{entry - 1}"
+    gap = "" if entry - before == 1 else f" (the traced layers skip {skipped}: trace them too to place it exactly)"
+    typer.echo(
+        f"entry site: {site}{gap}. An SAE there: flipscope sae train --hook {site}; then "
+        f"flipscope discover --sae auto --trace {path} picks it."
+    )
 
 
 def _layers(text: str | None, option: str, n_layers: int) -> list[int] | None:

@@ -42,10 +42,10 @@ from flipscope.experiments.pairs import PairActivations, collect_pairs
 from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
-from flipscope.sae.load import check_sae
+from flipscope.sae.load import check_sae, sae_digest
 from flipscope.stats import bh_qvalues, bootstrap, bootstrap_means, correlations, mann_whitney
 
-__all__ = ["Discovery", "discover", "feature_table", "records"]
+__all__ = ["Discovery", "discover", "feature_table", "load_discovery", "records"]
 
 RANKINGS = ("framing", "pearson", "spearman", "auc", "size", "attribution")
 
@@ -192,6 +192,36 @@ class Discovery:
         return path, csv
 
 
+def load_discovery(path: str | Path) -> Discovery:
+    """Read a `Discovery.save` JSON back (its table, meta and framing analysis).
+
+    Raises:
+        FlipscopeError: the file is unreadable, not a discovery, or a field is missing (named).
+    """
+    import json
+
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FlipscopeError(f"cannot read discovery {str(path)!r}: {err}") from err
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != "flipscope-discovery/2":
+        raise FlipscopeError(f"{str(path)!r} is not a discovery from flipscope discover (format {fmt!r})")
+    for name, kind in (("hook", str), ("meta", dict), ("features", list), ("framing", dict)):
+        if not isinstance(data.get(name), kind):
+            raise FlipscopeError(f"discovery {str(path)!r}: field {name!r} is missing or not a {kind.__name__}")
+    if not isinstance(data["meta"].get("sae"), dict):
+        raise FlipscopeError(f"discovery {str(path)!r}: field 'meta.sae' is missing or not an object")
+    return Discovery(
+        table=pd.DataFrame(data["features"]), hook=data["hook"], layers=data.get("layers") or [],
+        diffmean=data.get("diffmean") or {}, ablation=data.get("ablation"), meta=data["meta"],
+        framing=data["framing"],
+    )  # fmt: skip
+
+
 def _diffmean_summary(sae: Any, pairs: PairActivations, hook: str) -> dict[str, Any]:
     """The DiffMean direction at `hook` and the five SAE decoder rows closest to it (cosine)."""
     direction = diffmean_direction(pairs, hook)
@@ -209,7 +239,7 @@ def _meta(vlm: VLM, sae: Any, bank: Mapping[str, Any], hook: str, pairs: PairAct
     flips = pairs.is_flip
     return {
         "model": vlm.identity(),
-        "sae": {"hook": hook, "d_sae": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in)},
+        "sae": {"hook": hook, "d_sae": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in), "digest": sae_digest(sae)},
         "bank": {
             "n_flips": int(flips.sum()),
             "n_controls": int((~flips).sum()),

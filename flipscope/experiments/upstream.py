@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from flipscope.data.flipbank import check_flipbank_model
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import case_spec
+from flipscope.experiments.sites import entry_site
 from flipscope.interventions.hooks import replace_where
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
@@ -131,6 +132,7 @@ class UpstreamTrace:
         for case in self.words:
             for word, share in case.items():
                 by_word.setdefault(word, []).append(share)
+        entry = self.entry_layer()
         words = {
             w: bootstrap(np.array(v), seed=seed).to_dict()
             for w, v in sorted(by_word.items(), key=lambda kv: -float(np.mean(kv[1])))
@@ -145,7 +147,8 @@ class UpstreamTrace:
             "profile": profile,
             "words": words,
             "explained": self.explained(seed),
-            "entry_layer": self.entry_layer(),
+            "entry_layer": entry,
+            "entry_site": None if entry is None else entry_site(entry),
         }
 
     def explained(self, seed: int = 0) -> bool:

@@ -24,9 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flipscope.data.atomic import file_sha256, write_atomic
+from flipscope.sae.load import sae_digest
 
 __all__ = ["StageRecords", "demo_inputs"]
 
@@ -47,13 +46,6 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def _sae_digest(sae: Any) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(sae.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -66,7 +58,7 @@ def demo_inputs(vlm: Any, sae: Any, card: Mapping[str, Any], cfg: Any) -> dict[s
     the organism's card, the settings, flipscope's code and the libraries' versions."""
     return {
         "model": vlm.identity(),
-        "sae": _sae_digest(sae),
+        "sae": sae_digest(sae),
         "card": card,
         "settings": asdict(cfg),
         "code": code_digest(),

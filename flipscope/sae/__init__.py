@@ -9,7 +9,7 @@ from flipscope.sae.encode import (
     encode_with_error,
     feature_encoder,
 )
-from flipscope.sae.load import check_sae, gemmascope_folder_to_sae, load_sae
+from flipscope.sae.load import check_sae, gemmascope_folder_to_sae, load_sae, sae_digest
 
 __all__ = [
     "PositionEncoding",
@@ -22,4 +22,5 @@ __all__ = [
     "feature_encoder",
     "gemmascope_folder_to_sae",
     "load_sae",
+    "sae_digest",
 ]

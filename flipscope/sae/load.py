@@ -16,10 +16,12 @@ sae-lens's HF hook path `model.layers.{L}.output`, the text model's, to `blocks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
+import torch
 from sae_lens import SAE, JumpReLUSAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -30,7 +32,17 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import GEMMASCOPE_SITES, hook_width, resid_post
 from flipscope.model.protocol import VLM
 
-__all__ = ["check_sae", "gemmascope_folder_to_sae", "load_sae"]
+__all__ = ["check_sae", "gemmascope_folder_to_sae", "load_sae", "sae_digest"]
+
+
+def sae_digest(sae: SAE) -> str:
+    """sha256 over the SAE's parameters (names and float32 values): which dictionary a feature index
+    belongs to, whatever folder or release it was loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
 
 RAW_KEYS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
 
