@@ -100,9 +100,11 @@ def test_patch_with_sae_auto_patches_at_the_site_a_trace_file_names(tmp_path: Pa
     trace = tmp_path / "bank.trace.json"
     trace.write_text(json.dumps(_trace(1)))
     out = tmp_path / "patch"
+    two = f"{default_organism_dir() / 'sae'}, {default_organism_dir() / 'sae_entry'}"  # --saes: several sources
     run = CliRunner().invoke(app, ["patch", "--flipbank", str(BANK), "--sae", "auto", "--trace", str(trace),
-                                   "--features", "10,62", "--out", str(out)])  # fmt: skip
+                                   "--saes", two, "--features", "10,62", "--out", str(out)])  # fmt: skip
     assert run.exit_code == 0, run.output
     assert "removing features [10, 62] at blocks.0.hook_attn_out" in run.output
     written = json.loads((out / "patch.json").read_text())
     assert written["summary"]["setup"]["hook"] == written["site"]["chosen"]["hook"] == "blocks.0.hook_attn_out"
+    assert written["site"]["candidates"] == ["blocks.0.hook_attn_out", "blocks.2.hook_resid_post"]
