@@ -42,6 +42,7 @@ __all__ = [
     "compare_interventions",
     "diffmean_direction",
     "discover",
+    "load_discovery",
     "load_flipbank",
     "load_organism",
     "load_questions",
@@ -61,6 +62,7 @@ _WHERE = {
     "compare_interventions": "flipscope.experiments.clamping",
     "diffmean_direction": "flipscope.experiments.directions",
     "discover": "flipscope.experiments.discovery",
+    "load_discovery": "flipscope.experiments.discovery",
     "load_flipbank": "flipscope.data.flipbank",
     "load_organism": "flipscope.organism",
     "load_questions": "flipscope.data.questions",
@@ -99,7 +101,7 @@ if TYPE_CHECKING:
     from flipscope.errors import FlipscopeError
     from flipscope.experiments.clamping import compare_interventions
     from flipscope.experiments.directions import diffmean_direction
-    from flipscope.experiments.discovery import discover
+    from flipscope.experiments.discovery import discover, load_discovery
     from flipscope.experiments.evaluation import run_sweep
     from flipscope.experiments.patching import patch_bank
     from flipscope.experiments.summary import summarize

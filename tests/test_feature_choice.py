@@ -44,6 +44,7 @@ def test_the_digest_names_the_weights_not_the_folder() -> None:
 
 def test_patch_removes_the_first_k_framing_features_of_the_discovery(discovery: Path, tmp_path: Path) -> None:
     found = load_discovery(discovery)
+    assert found.to_dict() == json.loads(discovery.read_text())  # read back whole
     assert found.meta["sae"]["digest"] == sae_digest(load_sae(default_organism_dir() / "sae"))
     first = found.framing_features(3)
     assert len(first) == 3 and first == [int(f) for f in found.table["feature"][:3]]  # the table is in that order

@@ -262,7 +262,7 @@ def _clamp_values(values: str) -> list[float]:
 def _intervention_label(description: dict) -> str:
     if "clamp" in description:
         values = description["clamp"]["values"]
-        if len(set(values.values())) == 1:  # one value for all: "38,32 = 0"
+        if len(values) > 1 and len(set(values.values())) == 1:  # one value for all: "38,32 = 0"
             return f"{','.join(str(f) for f in values)} = {next(iter(values.values())):g}"
         return ",".join(f"{f}={v:g}" for f, v in values.items())
     return edit_label(description)
