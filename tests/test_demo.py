@@ -84,8 +84,12 @@ def test_a_rerun_reads_each_finished_stage_back(demo, tmp_path: Path, monkeypatc
     assert result.exit_code == 0, result.output
     assert result.output.count("finished before: read back from") == 9
     again = json.loads((tmp_path / "summary.json").read_text())
-    skip = ("seconds", "figures", "png_skipped")
+    skip = ("seconds", "seconds_read_back", "figures", "png_skipped")
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in first.items() if k not in skip}
+    saved = again["seconds_read_back"]  # each stage read back: what computing it took the first time
+    assert len(saved) == 9  # the first run's times held its records' writing too
+    assert saved == pytest.approx({label: first["seconds"][label] for label in saved}, abs=0.5)
+    assert "seconds_read_back" not in first
 
 
 def test_a_resumed_run_is_byte_identical_to_the_uninterrupted_one(demo, tmp_path: Path) -> None:

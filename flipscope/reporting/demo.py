@@ -336,6 +336,7 @@ def run_demo(
     run = _Run(cfg, out, work, directory, vlm, sae, card, progress, png, echo)
     records = StageRecords(work, demo_inputs(vlm, sae, card, cfg))
     seconds: dict[str, float] = {}
+    saved: dict[str, float | None] = {}  # the stages read back: what computing them took
     stages = [(name, stage) for name, stage in STAGES if stage is not _base_text or card["config"].get("base")]
     k = 0
     while k < len(stages):
@@ -347,6 +348,7 @@ def run_demo(
         if stage in (_figures, _report):
             stage(run)
         elif records.run(k, stage, run):
+            saved[label] = records.seconds[k]
             echo(f"    finished before: read back from {records.path(k, stage)}")
         seconds[label] = round(time.perf_counter() - start, 2)
         if stage is _curate and not has_flips(run):
@@ -354,6 +356,8 @@ def run_demo(
             stages = [s for s in stages if s[1] not in FLIP_STAGES]
     summary = run.found["summary"]
     summary["seconds"] = {**seconds, "total": round(time.perf_counter() - total, 2)}
+    if saved:
+        summary["seconds_read_back"] = saved
     write_json(out / "summary.json", summary, default=str)
     echo(f"report: {out / 'report.html'}  ({summary['seconds']['total']:.0f} s)")
     return summary

@@ -9,6 +9,7 @@ ran again to another result makes every later one run again) and the sha256 of e
 stage wrote under `work`. On a rerun a stage is read back only while all of these hold; else it
 runs again, and its own stores resume where they stopped. So a demo that died in its last stage
 loses none of the stages before it, and a changed setting, organism or line of code recomputes.
+Each record also keeps the seconds its stage took, so a rerun's summary can say what it saved.
 
 The records are pickles: read only `work` folders your own runs wrote.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from importlib import metadata
@@ -86,6 +88,7 @@ class StageRecords:
         self.work = Path(work)
         seed = {**inputs, "work": str(self.work.resolve())}  # results hold paths under it: a moved folder reruns
         self.chain = _sha(json.dumps(seed, sort_keys=True, default=str).encode())
+        self.seconds: dict[int, float | None] = {}
 
     def path(self, k: int, stage: Callable[..., Any]) -> Path:
         return self.work / FOLDER / f"{k:02d}-{stage.__name__.strip('_')}.pkl"
@@ -102,24 +105,32 @@ class StageRecords:
 
     def run(self, k: int, stage: Callable[[Any], None], run: Any) -> bool:
         """Stage `k`: its results read back into `run.found` when its record holds (True), else
-        the stage run and its record written (False)."""
+        the stage run and its record written (False). `self.seconds[k]` is what computing it took.
+
+        The file holds the results' own pickle beside the seconds, and the chain follows those
+        bytes alone: a stage that reruns to the same results in another time keeps later records valid."""
         path = self.path(k, stage)
         try:
-            blob = path.read_bytes()
+            outer = pickle.loads(path.read_bytes())
+            blob, seconds = outer["result"], outer["seconds"]
             record = pickle.loads(blob)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError,
+                KeyError):  # fmt: skip
             record = None
         read_back = isinstance(record, dict) and self._intact(record)
         if read_back:
             run.found.update(record["found"])
         else:
-            before, found = _files(self.work), dict(run.found)
+            before, found, start = _files(self.work), dict(run.found), time.perf_counter()
             stage(run)
+            seconds = round(time.perf_counter() - start, 2)
             after = _files(self.work)
             written = {rel: file_sha256(self.work / rel) for rel, stat in after.items() if before.get(rel) != stat}
             added = {key: value for key, value in run.found.items() if key not in found or found[key] is not value}
-            record = {"chain": self.chain, "files": written, "found": added}
-            blob = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-            write_atomic(path, blob)
+            blob = pickle.dumps(
+                {"chain": self.chain, "files": written, "found": added}, protocol=pickle.HIGHEST_PROTOCOL
+            )
+            write_atomic(path, pickle.dumps({"result": blob, "seconds": seconds}, protocol=pickle.HIGHEST_PROTOCOL))
+        self.seconds[k] = seconds
         self.chain = _sha((self.chain + _sha(blob)).encode())
         return read_back
