@@ -1,4 +1,4 @@
-"""`flipscope guard calibrate` and `flipscope guard report`: flag flip-prone and image-unreliant answers."""
+"""`flipscope guard calibrate`, `report` and `answer`: flag flip-prone and image-unreliant answers."""
 
 from __future__ import annotations
 
@@ -98,3 +98,89 @@ def report(
     if written["png_skipped"]:
         typer.echo(f"PNGs skipped: {written['png_skipped']}")
     typer.echo(f"report: {page}")
+
+
+@guard_app.command("answer")
+def answer(
+    questions: Path = typer.Argument(..., help="Questions JSONL to answer: every wording of each, with its film."),
+    guard: Path = typer.Option(..., help="guard.json from `flipscope guard calibrate` (or the folder that holds it)."),
+    reference: Path = typer.Option(
+        ..., help="The questions JSONL the guard was calibrated on: its calibration films are the reference films."
+    ),
+    out: Path = typer.Option(..., help="Folder for answers.jsonl (resumable) and summary.json."),
+    model: str | None = typer.Option(None, help="The model the guard was calibrated on (default: the organism)."),
+    images: Path | None = typer.Option(None, help="Directory for QUESTIONS' relative image paths."),
+    reference_images: Path | None = typer.Option(None, help="Directory for REFERENCE's relative image paths."),
+    image_check: str = typer.Option("opposite", help="opposite (a reference film of the other label), blank or off."),
+    probe: bool = typer.Option(True, help="Use the hidden-state probe where the guard fitted one."),
+    batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+) -> None:
+    """Answer every wording of QUESTIONS through the calibrated guard: each answer with its flags and
+    whether to abstain; where the truth is known, what the flags caught."""
+    from flipscope.cli.common import load_model
+    from flipscope.data.atomic import file_sha256, write_json
+    from flipscope.data.questions import load_questions
+    from flipscope.experiments.evaluation import questions_fingerprint
+    from flipscope.experiments.guard_run import guard_run, guard_run_summary
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
+
+    with one_line_errors():
+        writable(out, folder=True)
+        path = guard / "guard.json" if guard.is_dir() else guard
+        study = _study(path)
+        asked = load_questions(questions, images)
+        refs = load_questions(reference, reference_images)
+        if questions_fingerprint(refs) != study["source"]["questions"]["sha256"]:
+            raise FlipscopeError(f"--reference {str(reference)!r} is not the questions {str(path)!r} was calibrated on")
+        vlm = load_model(model, "float32", device, adapter)
+        calibrated = study["source"]["model"]["fingerprint"]
+        if vlm.identity()["fingerprint"] != calibrated:
+            raise FlipscopeError(f"{str(path)!r} was calibrated on another model (fingerprint {calibrated})")
+        ids = set(study["calibration_ids"])
+        config = GuardConfig.from_study(study, image_check=image_check, probe=probe)
+        guarded = GuardedVLM(vlm, config, reference_films([q for q in refs if q.id in ids]))
+        header = {"model": vlm.identity(), "guard": file_sha256(path), "image_check": image_check, "probe": probe,
+                  "questions": {"n": len(asked), "sha256": questions_fingerprint(asked)}}  # fmt: skip
+        store = guard_run(guarded, asked, out / "answers.jsonl", header, batch_size=batch_size)
+        summary = {**guard_run_summary(store), "calibration_overlap": sum(q.id in ids for q in asked)}
+        write_json(out / "summary.json", summary)
+    _print_run(summary)
+    typer.echo(f"answers: {store}\nsummary: {out / 'summary.json'}")
+
+
+def _study(path: Path) -> dict:
+    """guard.json, checked for what answering needs."""
+    try:
+        study = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FlipscopeError(f"cannot read guard {str(path)!r}: {err}; run `flipscope guard calibrate RUN`") from err
+    if not isinstance(study, dict):
+        raise FlipscopeError(f"guard {str(path)!r} is a JSON {type(study).__name__}; expected guard calibrate's object")
+    for field in ("thresholds", "calibration_ids", "source"):
+        if field not in study:
+            raise FlipscopeError(f"guard {str(path)!r} has no {field!r}; write it with `flipscope guard calibrate`")
+    return study
+
+
+def _print_run(s: dict) -> None:
+    from flipscope.reporting.format import fmt
+
+    def show(estimate) -> str:
+        return "n/a (none)" if estimate is None else fmt(estimate)
+
+    typer.echo(f"{s['n_answers']} answers to {s['n_questions']} questions (95% bootstrap CIs over questions)")
+    typer.echo(f"  abstained on            {show(s['abstained'])}")
+    typer.echo(f"  accuracy, kept answers  {show(s['accuracy_kept'])}")
+    typer.echo(f"  accuracy, held answers  {show(s['accuracy_held'])}")
+    typer.echo(f"  flip-prone questions    {show(s['flip_prone_questions'])}")
+    typer.echo(f"  flagged flip-prone: of the flip-prone {show(s['flagged_flip_prone'])}, of the stable "
+               f"{show(s['flagged_stable'])}")  # fmt: skip
+    if s["image_check_unknown"]:
+        typer.echo(
+            f"  {s['image_check_unknown']} answers had no reference film of the other label: image reliance unknown"
+        )
+    if s["calibration_overlap"]:
+        typer.echo(f"  {s['calibration_overlap']} of these questions calibrated the guard: on them its measures are "
+                   "in-sample")  # fmt: skip

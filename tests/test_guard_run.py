@@ -1,0 +1,90 @@
+"""`flipscope guard answer`: a guard calibrated on some films answers every wording of new
+questions with the model's own answers and its flags, resumes a store cut mid-unit to the same
+bytes, measures what it caught, and refuses reference questions or a model it was not calibrated on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.data.questions import load_questions
+from flipscope.data.store import read_rows
+from flipscope.experiments.evaluation import EvalConfig, run_sweep
+from flipscope.model.prompts import PromptSpec
+from flipscope.organism import OrganismConfig, load_organism, organism_dir
+from flipscope.organism.questions import export_questions
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory):
+    """A guard calibrated (with its probe) on 24 films; 6 other films' questions to answer."""
+    vlm, _, card = load_organism()
+    cfg = OrganismConfig.from_dict(card["config"])
+    root = tmp_path_factory.mktemp("guard-run")
+    reference = export_questions(cfg, root / "calibration", n_films=24)
+    fresh = export_questions(cfg, root / "fresh", n_films=6, first=24)
+    evaluated = EvalConfig(conditions=("image", "blank", "swap"), swap_match="opposite", batch_size=64)
+    run_sweep(vlm, load_questions(reference), evaluated, root / "run" / "results.jsonl", progress=False)
+    args = ["guard", "calibrate", str(root / "run"), "--model", str(organism_dir()), "--questions", str(reference)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return vlm, root / "run" / "guard.json", reference, fresh
+
+
+def _answer(guard: Path, reference: Path, questions: Path, out: Path, *extra: str):
+    args = ["guard", "answer", str(questions), "--guard", str(guard), "--reference", str(reference)]
+    return runner.invoke(app, [*args, "--out", str(out), *extra])
+
+
+def test_the_guard_answers_as_the_model_and_measures_what_it_caught(calibrated, tmp_path: Path) -> None:
+    vlm, guard, reference, fresh = calibrated
+    result = _answer(guard, reference, fresh, tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    rows = read_rows(tmp_path / "a" / "answers.jsonl")
+    questions = load_questions(fresh)
+    assert len(rows) == sum(1 + len(q.paraphrases) for q in questions)
+    specs = [PromptSpec(question=r["prompt"], image=next(q.image for q in questions if q.id == r["question_id"]))
+             for r in rows]  # fmt: skip
+    plain = np.concatenate([vlm.score(vlm.prompts.build(specs[i : i + 32])).numpy() for i in range(0, len(specs), 32)])
+    np.testing.assert_allclose([r["margin"] for r in rows], plain, atol=1e-4)  # the model's own answers
+    assert all(r["answer"] == ("yes" if r["margin"] > 0 else "no") for r in rows)
+    assert all(r["abstain"] == (r["flip_prone"] or bool(r["image_unreliant"])) for r in rows)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["n_answers"] == len(rows) and summary["calibration_overlap"] == 0
+    assert summary["abstained"]["value"] == pytest.approx(np.mean([r["abstain"] for r in rows]))
+    kept = [r["answer"] == r["truth"] for r in rows if not r["abstain"]]
+    assert summary["accuracy_kept"]["value"] == pytest.approx(np.mean(kept))
+    # the flip-prone gate flags the questions that flip on new films more often than the stable ones
+    assert summary["flagged_flip_prone"]["value"] > summary["flagged_stable"]["value"]
+    assert "answers to 24 questions" in result.output and "nan" not in result.output
+
+
+def test_a_store_cut_mid_unit_resumes_to_the_same_bytes(calibrated, tmp_path: Path) -> None:
+    _, guard, reference, fresh = calibrated
+    assert _answer(guard, reference, fresh, tmp_path / "whole").exit_code == 0
+    whole = (tmp_path / "whole" / "answers.jsonl").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    lines = whole.splitlines(keepends=True)
+    (cut / "answers.jsonl").write_bytes(b"".join(lines[: len(lines) // 2]))
+    assert _answer(guard, reference, fresh, cut).exit_code == 0
+    assert (cut / "answers.jsonl").read_bytes() == whole
+
+
+def test_other_reference_questions_or_another_model_are_refused(calibrated, tiny_dir: Path, tmp_path: Path) -> None:
+    _, guard, reference, fresh = calibrated
+    wrong = _answer(guard, fresh, fresh, tmp_path / "r")
+    assert wrong.exit_code == 2 and "is not the questions" in wrong.output
+    other = _answer(guard, reference, fresh, tmp_path / "m", "--model", str(tiny_dir))
+    assert other.exit_code == 2 and "was calibrated on another model" in other.output
+    (tmp_path / "bad.json").write_text("[]")
+    bad = _answer(tmp_path / "bad.json", reference, fresh, tmp_path / "b")
+    assert bad.exit_code == 2 and "expected guard calibrate's object" in bad.output
+    assert not (tmp_path / "r" / "answers.jsonl").exists() and not (tmp_path / "m" / "answers.jsonl").exists()
