@@ -88,3 +88,20 @@ def test_other_reference_questions_or_another_model_are_refused(calibrated, tiny
     bad = _answer(tmp_path / "bad.json", reference, fresh, tmp_path / "b")
     assert bad.exit_code == 2 and "expected guard calibrate's object" in bad.output
     assert not (tmp_path / "r" / "answers.jsonl").exists() and not (tmp_path / "m" / "answers.jsonl").exists()
+    odd = _answer(guard, reference, fresh, tmp_path / "g", "--gates", "margin,dice")
+    assert odd.exit_code == 2 and "--gates 'margin,dice'" in odd.output
+
+
+def test_each_gate_flags_by_its_own_threshold(calibrated, tmp_path: Path) -> None:
+    _, guard, reference, fresh = calibrated
+    thresholds = json.loads(guard.read_text())["thresholds"]
+    flagged = {}
+    for gates in ("margin", "probe"):
+        result = _answer(guard, reference, fresh, tmp_path / gates, "--gates", gates, "--image-check", "off")
+        assert result.exit_code == 0, result.output
+        rows = read_rows(tmp_path / gates / "answers.jsonl")
+        assert all(r["image_unreliant"] is None and r["abstain"] == r["flip_prone"] for r in rows)
+        flagged[gates] = [r["flip_prone"] for r in rows]
+        if gates == "margin":
+            assert flagged[gates] == [abs(r["margin"]) <= thresholds["margin"] for r in rows]
+    assert flagged["margin"] != flagged["probe"]  # the probe reads the hidden state, not the margin

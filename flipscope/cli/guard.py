@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def answer(
     images: Path | None = typer.Option(None, help="Directory for QUESTIONS' relative image paths."),
     reference_images: Path | None = typer.Option(None, help="Directory for REFERENCE's relative image paths."),
     image_check: str = typer.Option("opposite", help="opposite (a reference film of the other label), blank or off."),
-    probe: bool = typer.Option(True, help="Use the hidden-state probe where the guard fitted one."),
+    gates: str = typer.Option(
+        "margin,probe", help="The flip-prone gates that flag (either suffices): margin, probe, or both."
+    ),
     batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass."),
     adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
@@ -124,7 +127,7 @@ def answer(
     from flipscope.data.questions import load_questions
     from flipscope.experiments.evaluation import questions_fingerprint
     from flipscope.experiments.guard_run import guard_run, guard_run_summary
-    from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
+    from flipscope.interventions.guarded import GuardedVLM, reference_films
 
     with one_line_errors():
         writable(out, folder=True)
@@ -139,15 +142,28 @@ def answer(
         if vlm.identity()["fingerprint"] != calibrated:
             raise FlipscopeError(f"{str(path)!r} was calibrated on another model (fingerprint {calibrated})")
         ids = set(study["calibration_ids"])
-        config = GuardConfig.from_study(study, image_check=image_check, probe=probe)
+        chosen, config = _config(study, path, gates, image_check)
         guarded = GuardedVLM(vlm, config, reference_films([q for q in refs if q.id in ids]))
-        header = {"model": vlm.identity(), "guard": file_sha256(path), "image_check": image_check, "probe": probe,
+        header = {"model": vlm.identity(), "guard": file_sha256(path), "image_check": image_check, "gates": chosen,
                   "questions": {"n": len(asked), "sha256": questions_fingerprint(asked)}}  # fmt: skip
         store = guard_run(guarded, asked, out / "answers.jsonl", header, batch_size=batch_size)
         summary = {**guard_run_summary(store), "calibration_overlap": sum(q.id in ids for q in asked)}
         write_json(out / "summary.json", summary)
     _print_run(summary)
     typer.echo(f"answers: {store}\nsummary: {out / 'summary.json'}")
+
+
+def _config(study: dict, path: Path, gates: str, image_check: str):
+    """The flip-prone gates `--gates` names, as the study calibrated them, and the image check."""
+    from flipscope.interventions.guarded import GuardConfig
+
+    chosen = sorted({g.strip() for g in gates.split(",") if g.strip()})
+    if not chosen or not set(chosen) <= {"margin", "probe"}:
+        raise FlipscopeError(f"--gates {gates!r}: expected margin, probe or margin,probe")
+    config = GuardConfig.from_study(study, image_check=image_check, probe="probe" in chosen)
+    if "probe" in chosen and config.probe is None:
+        raise FlipscopeError(f"{str(path)!r} has no probe gate (calibrate with --model); use --gates margin")
+    return chosen, config if "margin" in chosen else dataclasses.replace(config, abs_margin=None)
 
 
 def _study(path: Path) -> dict:
