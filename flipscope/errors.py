@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FlipscopeError", "problems_error"]
+__all__ = ["FlipscopeError", "first_line", "problems_error"]
 
 
 class FlipscopeError(ValueError):
@@ -18,3 +18,9 @@ def problems_error(what: str, problems: list[str], limit: int = 50) -> Flipscope
         return FlipscopeError(f"{what}: {problems[0]}")
     more = f"\n... and {len(problems) - limit} more" if len(problems) > limit else ""
     return FlipscopeError(f"{len(problems)} problems in {what}:\n" + "\n".join(problems[:limit]) + more)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (its type where it says nothing), for a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

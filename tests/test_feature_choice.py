@@ -94,8 +94,11 @@ def test_a_discovery_with_no_framing_feature_and_bad_requests_are_one_line(disco
     with pytest.raises(FlipscopeError, match="needs --discovery"):
         resolve_features(2, None, sae)
     (tmp_path / "list.json").write_text("[]")
-    with pytest.raises(FlipscopeError, match="is not a discovery from flipscope discover"):
+    with pytest.raises(FlipscopeError, match=r"is a JSON list; expected an object \(a discovery from"):
         resolve_features(2, tmp_path / "list.json", sae)
+    (tmp_path / "other.json").write_text(json.dumps({"format": "flipscope-trace/1"}))
+    with pytest.raises(FlipscopeError, match=r"not a discovery from flipscope discover \(format .flipscope-trace"):
+        resolve_features(2, tmp_path / "other.json", sae)
     del data["meta"]
     (tmp_path / "cut.json").write_text(json.dumps(data))
     with pytest.raises(FlipscopeError, match="field 'meta' is missing"):
@@ -106,7 +109,7 @@ def test_a_discovery_with_no_framing_feature_and_bad_requests_are_one_line(disco
             feature_request(bad)
     args = ["patch", "--flipbank", str(BANK), "--features", "framing:2"]
     run = runner.invoke(app, [*args, "--out", str(tmp_path / "p")])
-    assert run.exit_code == 2 and "cannot read discovery" in run.output and "flipbank.features.json" in run.output
+    assert run.exit_code == 2 and "flipbank.features.json' is not a JSON discovery" in run.output
 
 
 def test_clamp_takes_the_ranking_and_keeps_its_table_apart(discovery: Path, tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_other_reference_questions_or_another_model_are_refused(calibrated, tiny
     assert other.exit_code == 2 and "was calibrated on another model" in other.output
     (tmp_path / "bad.json").write_text("[]")
     bad = _answer(tmp_path / "bad.json", reference, fresh, tmp_path / "b")
-    assert bad.exit_code == 2 and "expected guard calibrate's object" in bad.output
+    assert bad.exit_code == 2 and "expected an object (a guard from" in bad.output
     assert not (tmp_path / "r" / "answers.jsonl").exists() and not (tmp_path / "m" / "answers.jsonl").exists()
     odd = _answer(guard, reference, fresh, tmp_path / "g", "--gates", "margin,dice")
     assert odd.exit_code == 2 and "--gates 'margin,dice'" in odd.output

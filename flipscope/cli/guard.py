@@ -168,12 +168,9 @@ def _config(study: dict, path: Path, gates: str, image_check: str):
 
 def _study(path: Path) -> dict:
     """guard.json, checked for what answering needs."""
-    try:
-        study = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FlipscopeError(f"cannot read guard {str(path)!r}: {err}; run `flipscope guard calibrate RUN`") from err
-    if not isinstance(study, dict):
-        raise FlipscopeError(f"guard {str(path)!r} is a JSON {type(study).__name__}; expected guard calibrate's object")
+    from flipscope.data.jsonfile import read_json_object
+
+    study = read_json_object(path, "guard from `flipscope guard calibrate`")
     for field in ("thresholds", "calibration_ids", "source"):
         if field not in study:
             raise FlipscopeError(f"guard {str(path)!r} has no {field!r}; write it with `flipscope guard calibrate`")

@@ -198,16 +198,12 @@ def load_discovery(path: str | Path) -> Discovery:
     Raises:
         FlipscopeError: the file is unreadable, not a discovery, or a field is missing (named).
     """
-    import json
-
     import pandas as pd
 
-    path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise FlipscopeError(f"cannot read discovery {str(path)!r}: {err}") from err
-    fmt = data.get("format") if isinstance(data, dict) else None
+    from flipscope.data.jsonfile import read_json_object
+
+    data = read_json_object(path, "discovery from `flipscope discover`")
+    fmt = data.get("format")
     if fmt != "flipscope-discovery/2":
         raise FlipscopeError(f"{str(path)!r} is not a discovery from flipscope discover (format {fmt!r})")
     for name, kind in (("hook", str), ("meta", dict), ("features", list), ("framing", dict)):

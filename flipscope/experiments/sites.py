@@ -21,13 +21,13 @@ it when a candidate sits there, so a report can show both.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from flipscope.data.jsonfile import read_json_object
 from flipscope.errors import FlipscopeError
 from flipscope.model.hook_names import GEMMASCOPE_SITES
 
@@ -100,12 +100,7 @@ def _folder_hook(folder: Path) -> str | None:
     """The hook of the SAE in `folder` from its config alone (no weights read), or None."""
     cfg_path = folder / "cfg.json"
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FlipscopeError(f"{str(cfg_path)!r} is not a JSON SAE config ({err})") from err
-        if not isinstance(cfg, dict):
-            raise FlipscopeError(f"{str(cfg_path)!r} is a JSON {type(cfg).__name__}; expected an object")
+        cfg = read_json_object(cfg_path, "SAE config")
         hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
         if not isinstance(hook, str):
             raise FlipscopeError(f"{str(cfg_path)!r} names no hook (metadata.hook_name)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +13,8 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig
 
-from flipscope.errors import FlipscopeError
+from flipscope.data.jsonfile import read_json_object
+from flipscope.errors import FlipscopeError, first_line
 from flipscope.model.families import Family, family_of
 
 __all__ = ["check_device", "load_hf_vlm", "merge_adapter"]
@@ -46,7 +46,7 @@ def load_hf_vlm(
     except OSError as err:
         raise FlipscopeError(_hub_help(source, err)) from err
     except ValueError as err:  # e.g. an unknown model type
-        raise FlipscopeError(f"model {source!r}: {_first_line(err)}") from err
+        raise FlipscopeError(f"model {source!r}: {first_line(err)}") from err
     try:
         chosen = family_of(config, family)
     except FlipscopeError as err:
@@ -56,7 +56,7 @@ def load_hf_vlm(
         processor = chosen.processor(source)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise FlipscopeError(
-            f"model {source!r} has no usable processor or tokenizer ({_first_line(err)}); expected "
+            f"model {source!r} has no usable processor or tokenizer ({first_line(err)}); expected "
             "tokenizer.json (or tokenizer.model), tokenizer_config.json and processor_config.json beside "
             "config.json, as `processor.save_pretrained(folder)` writes them"
         ) from err
@@ -105,7 +105,7 @@ def merge_adapter(hf_model: nn.Module, adapter: str | os.PathLike[str]) -> nn.Mo
             warnings.simplefilter("ignore", FutureWarning)
             merged = PeftModel.from_pretrained(hf_model, str(path), is_trainable=False).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
-        raise FlipscopeError(f"adapter {str(adapter)!r} does not fit this model: {_first_line(err)}") from err
+        raise FlipscopeError(f"adapter {str(adapter)!r} does not fit this model: {first_line(err)}") from err
     return merged.eval()
 
 
@@ -135,12 +135,7 @@ def _check_local_config(local: Path) -> None:
         raise FlipscopeError(
             f"model directory {str(local)!r} has no config.json; expected a saved HF model (`save_pretrained`)"
         )
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise FlipscopeError(f"{str(path)!r} is not JSON ({_first_line(err)})") from err
-    if not isinstance(config, dict):
-        raise FlipscopeError(f"{str(path)!r} is a JSON {type(config).__name__}; expected an object")
+    config = read_json_object(path, "model config")
     if "auto_map" in config:
         raise FlipscopeError(
             f"{str(path)!r} asks for remote code (auto_map); flipscope never runs code from a model folder. "
@@ -159,19 +154,14 @@ def _check_chat_template(source: str, processor: Any) -> None:
         processor.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
     except (TemplateError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise FlipscopeError(
-            f"the chat template of {source!r} cannot be rendered ({type(err).__name__}: {_first_line(err)}); "
+            f"the chat template of {source!r} cannot be rendered ({type(err).__name__}: {first_line(err)}); "
             "expected the model's own template (chat_template.jinja)"
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _weights_help(source: str, err: BaseException) -> str:
     return (
-        f"could not load the weights of {source!r}: {_first_line(err)}; expected model.safetensors (or its "
+        f"could not load the weights of {source!r}: {first_line(err)}; expected model.safetensors (or its "
         "shards and index) matching config.json, as `save_pretrained` writes them"
     )
 

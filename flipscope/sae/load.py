@@ -28,7 +28,8 @@ from sae_lens.saes.sae import SAEMetadata
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flipscope.errors import FlipscopeError
+from flipscope.data.jsonfile import read_json_object
+from flipscope.errors import FlipscopeError, first_line
 from flipscope.model.hook_names import GEMMASCOPE_SITES, hook_width, resid_post
 from flipscope.model.protocol import VLM
 
@@ -109,7 +110,7 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
             except FlipscopeError:
                 raise
             except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
-                raise FlipscopeError(f"cannot load the GemmaScope SAE in {str(path)!r}: {_first_line(err)}") from err
+                raise FlipscopeError(f"cannot load the GemmaScope SAE in {str(path)!r}: {first_line(err)}") from err
         raise FlipscopeError(
             f"{str(source)!r} holds neither a sae-lens SAE (cfg.json) nor a GemmaScope 2 SAE (params.safetensors)"
         )
@@ -119,24 +120,14 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
         raise FlipscopeError(_download_help(str(source), sae_id, err)) from err
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _from_disk(path: Path, device: str) -> SAE:
     """`SAE.load_from_disk`, with a bad cfg.json or weights file named rather than a traceback."""
-    try:
-        cfg = json.loads((path / "cfg.json").read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise FlipscopeError(f"{str(path / 'cfg.json')!r} is not a JSON SAE config ({_first_line(err)})") from err
-    if not isinstance(cfg, dict):
-        raise FlipscopeError(f"{str(path / 'cfg.json')!r} is a JSON {type(cfg).__name__}; expected an object")
+    read_json_object(path / "cfg.json", "SAE config")
     try:
         return SAE.load_from_disk(str(path), device=device)
     except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise FlipscopeError(
-            f"cannot load the SAE in {str(path)!r} ({type(err).__name__}: {_first_line(err)}); expected "
+            f"cannot load the SAE in {str(path)!r} ({type(err).__name__}: {first_line(err)}); expected "
             "cfg.json and sae_weights.safetensors as sae-lens's save_model writes them"
         ) from err
 
