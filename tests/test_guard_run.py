@@ -105,3 +105,39 @@ def test_each_gate_flags_by_its_own_threshold(calibrated, tmp_path: Path) -> Non
         if gates == "margin":
             assert flagged[gates] == [abs(r["margin"]) <= thresholds["margin"] for r in rows]
     assert flagged["margin"] != flagged["probe"]  # the probe reads the hidden state, not the margin
+
+
+def test_each_film_goes_through_the_tower_once(calibrated, tmp_path: Path) -> None:
+    """A question's wordings share its film, and the reference films serve many questions: with the
+    memo the tower encodes each distinct film once; the answers are those of a tower run per prompt."""
+    from flipscope.experiments.guard_run import guard_run
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
+
+    vlm, guard, reference, fresh = calibrated
+    study = json.loads(guard.read_text())
+    ids = set(study["calibration_ids"])
+    refs = reference_films([q for q in load_questions(reference) if q.id in ids])
+    questions = load_questions(fresh)
+    images = [0]
+
+    def count(module, args, kwargs, output) -> None:
+        images[0] += len(args[0] if args else kwargs["pixel_values"])
+
+    counts, margins = [], []
+    handle = vlm.hf_model.model.vision_tower.register_forward_hook(count, with_kwargs=True)
+    try:
+        for name, memo in (("memo", 1 << 30), ("none", 0)):
+            guarded = GuardedVLM(vlm, GuardConfig.from_study(study), refs)
+            guarded.image_memo.clear()
+            guarded.image_memo.max_bytes = memo
+            images[0] = 0
+            path = guard_run(guarded, questions, tmp_path / name / "answers.jsonl", {}, progress=False)
+            counts.append(images[0])
+            margins.append([r["margin"] for r in read_rows(path)])
+    finally:
+        handle.remove()
+        vlm.image_memo.max_bytes = 1 << 30
+    films = {q.image for q in questions}
+    # its films and at most as many references; per batch of prompts without the memo (43 against 12 here)
+    assert counts[0] <= 2 * len(films) and counts[1] >= 3 * counts[0]
+    np.testing.assert_allclose(margins[0], margins[1], atol=1e-5)

@@ -42,7 +42,7 @@ def resolve_features(
 ) -> list[int]:
     """`request`'s features: a list as it is; for `framing:K`, the first K framing features of
     `discovery`, which must have ranked this SAE's features (its weights' digest, or for a
-    discovery without one, its hook and sizes).
+    discovery without one, its sizes).
 
     Raises:
         FlipscopeError: no discovery given, one made with another SAE, or one with no framing feature.

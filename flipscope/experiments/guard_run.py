@@ -28,6 +28,7 @@ from flipscope.data.store import ResultStore, iter_rows
 from flipscope.errors import FlipscopeError
 from flipscope.interventions.guarded import GuardedVLM
 from flipscope.model.prompts import PromptSpec
+from flipscope.model.vision_once import distinct_images_of
 
 __all__ = ["QUESTIONS_PER_UNIT", "guard_run", "guard_run_summary"]
 
@@ -48,7 +49,7 @@ def _rows(guard: GuardedVLM, chunk: Sequence[Question], batch_size: int) -> list
     return [
         {
             "question_id": q.id, "prompt_index": k, "prompt": text, "finding": q.finding,
-            "truth": ("yes" if q.answer else "no") if not q.inverted(k) else ("no" if q.answer else "yes"),
+            "truth": "yes" if q.answer != q.inverted(k) else "no",
             "relation": "inverted" if q.inverted(k) else "same",
             "answer": a.answer, "margin": a.margin, "flip_prone": a.flip_prone,
             "image_unreliant": a.image_unreliant, "abstain": a.abstain, "reasons": list(a.reasons),
@@ -73,7 +74,8 @@ def guard_run(
     if not questions:
         raise FlipscopeError("no questions to answer")
     chunks = [questions[i : i + QUESTIONS_PER_UNIT] for i in range(0, len(questions), QUESTIONS_PER_UNIT)]
-    with ResultStore.open(path, {"kind": "guarded-answers", **header}) as store:
+    # a film serves its question's every wording and the reference films serve many: the tower once each
+    with distinct_images_of(guard), ResultStore.open(path, {"kind": "guarded-answers", **header}) as store:
         for n, chunk in enumerate(tqdm(chunks, desc="guarded answers", disable=not progress)):
             unit = f"questions-{n:05d}"
             if unit not in store.done:
