@@ -11,7 +11,9 @@ import typer
 from flipscope.cli.common import ADAPTER_HELP, app, one_line_errors, writable
 from flipscope.errors import FlipscopeError
 
-guard_app = typer.Typer(help="Calibrate and measure a guard on an evaluation.", no_args_is_help=True)
+guard_app = typer.Typer(
+    help="Calibrate a guard on an evaluation, measure it, and answer new questions through it.", no_args_is_help=True
+)
 app.add_typer(guard_app, name="guard")
 
 
