@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
-from flipscope.experiments.upstream import GROUPS, _token_words, framing_words, trace_framing
+from flipscope.experiments.upstream import GROUPS, UpstreamTrace, _token_words, framing_words, trace_framing
 from flipscope.organism import load_organism
 from flipscope.reporting.format import fmt
 
@@ -56,6 +56,24 @@ def test_the_leading_words_carry_the_flip_and_enter_after_layer_0(traced) -> Non
     assert traced.restored[:, -1, last].mean() >= 0.9 and traced.restored[:, -1, framing].mean() < 0.1
     assert summary["entry_layer"] == 1
     assert {"suspected", "the"} <= set(list(summary["words"])[:3])
+
+
+def test_the_entry_is_a_layer_whose_every_flip_carries_it_not_a_mean() -> None:
+    """A layer where half the flips' answer position carries the framing and half does not (mean
+    0.55, a CI reaching far below half, as on a random checkpoint) is not named; the next layer,
+    where all carry it, is."""
+    rng = np.random.default_rng(0)
+    n, last = 32, GROUPS.index("last position")
+    restored = np.zeros((n, 3, len(GROUPS)))
+    restored[:, 1, last] = np.where(np.arange(n) % 2 == 0, 1.1, 0.0) + rng.normal(0, 0.01, n)
+    restored[:, 2, last] = 1.0 + rng.normal(0, 0.02, n)
+    trace = UpstreamTrace(layers=[0, 1, 2], restored=restored, corrupted_share=np.full(n, 0.95),
+                          effect=np.full(n, 3.0), words=[{} for _ in range(n)], case_ids=[str(i) for i in range(n)],
+                          skipped={})  # fmt: skip
+    assert restored[:, 1, last].mean() >= 0.5 and trace.summary()["profile"][1]["last position"]["low"] < 0.5
+    assert trace.entry_layer() == 2 and trace.summary()["entry_site"] == "blocks.1.hook_attn_out"
+    restored[:, 2, last] = restored[:, 1, last]  # no layer where every flip carries it: none named
+    assert trace.entry_layer() is None and trace.summary()["entry_site"] is None
 
 
 def test_trace_command_prints_where_the_framing_enters(tmp_path: Path) -> None:

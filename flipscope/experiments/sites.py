@@ -1,7 +1,8 @@
 """Which SAE to read: among the dictionaries at hand, the one nearest where the framing enters the answer.
 
 The trace (`flipscope.experiments.upstream.trace_framing`) names the first layer E whose input
-carries at least half of the framing's effect at the last prompt position (`entry_layer`). Only
+carries at least half of the framing's effect at the last prompt position, by the lower end of its
+CI over the traced flips (`entry_layer`). Only
 attention moves information between positions, so the wording reached the answer position
 through layer E−1's attention (`blocks.{E-1}.hook_attn_out`); with E = 0 it was there from the
 embedding (`blocks.0.hook_resid_pre`). An SAE at that site, or just after it, reads the framing
@@ -226,7 +227,7 @@ def choose_site(
         where = "is where" if chosen.hook == entry else f"is the first SAE site after {entry}, where"
         reason = (
             f"{chosen.hook} {where} the trace says the framing reaches the answer position: layer {entry_layer}'s "
-            f"input is the first to carry at least half of it at the last position{carried}."
+            f"input is the first to carry at least half of it at the last position by its CI's lower end{carried}."
         )
     else:
         reason = (

@@ -64,6 +64,7 @@ GROUPS = ("framing words", "rest of question", "last position")
 WORD = re.compile(r"[\w'-]+")
 MIN_EFFECT = 1e-3  # a corruption that moves the margin less than this explains nothing
 MIN_EXPLAINED = 0.5  # the share of the flips' shift the framing words must undo (CI's lower end) to trace it
+MIN_ENTRY = 0.5  # the share of the framing's effect the last position must carry (CI's lower end) at the entry
 
 
 def framing_words(original: str, paraphrase: str) -> list[str]:
@@ -132,7 +133,7 @@ class UpstreamTrace:
         for case in self.words:
             for word, share in case.items():
                 by_word.setdefault(word, []).append(share)
-        entry = self.entry_layer()
+        entry = self.entry_layer(seed)
         words = {
             w: bootstrap(np.array(v), seed=seed).to_dict()
             for w, v in sorted(by_word.items(), key=lambda kv: -float(np.mean(kv[1])))
@@ -157,13 +158,17 @@ class UpstreamTrace:
         tracing restores an effect that is not the flip, and no entry layer is named."""
         return words_explain(self.corrupted_share, seed)
 
-    def entry_layer(self) -> int | None:
-        """The first layer whose last position carries at least half the framing's effect (mean);
-        None when no flip was traced or the framing words do not explain the shift (`explained`)."""
-        if not self.explained():
+    def entry_layer(self, seed: int = 0) -> int | None:
+        """The first layer whose last position carries at least half the framing's effect, by the
+        lower end of its CI over the traced flips (as `explained` judges the words): a layer where
+        some flips' answer position carries it and others' does not is not named. None when no
+        flip was traced, the framing words do not explain the shift, or no layer carries half."""
+        if not self.explained(seed):
             return None
-        last = self.restored[:, :, GROUPS.index("last position")].mean(0)
-        return next((layer for layer, share in zip(self.layers, last, strict=True) if share >= 0.5), None)
+        last = self.restored[:, :, GROUPS.index("last position")]
+        return next(
+            (layer for i, layer in enumerate(self.layers) if bootstrap(last[:, i], seed=seed).low >= MIN_ENTRY), None
+        )
 
 
 def _masks(vlm: VLM, cases: Sequence[Mapping[str, Any]], specs: list[PromptSpec], inputs: Any):

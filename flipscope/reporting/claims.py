@@ -98,7 +98,7 @@ def framing_entry(upstream: Mapping[str, Any]) -> str:
             "cannot say where it enters."
         )
     if entry is None:
-        return text + ", and at no traced layer does the last position alone carry half of it."
+        return text + ", and at no traced layer does the last position alone carry half of it (by its CI's lower end)."
     row = next(r for r in upstream["profile"] if r["layer"] == entry)
     if entry == first["layer"]:
         return text + f"; the last position alone already carries {fmt(row['last position'])} there."
