@@ -86,14 +86,12 @@ def test_trace_command_prints_where_the_framing_enters(tmp_path: Path) -> None:
     assert written["entry_layer"] == 1 and written["effect"]["value"] > 1  # the words move the margin by logits
     assert f"moves the margin by {fmt(written['effect'])} logits" in result.output
     assert written["entry_site"] == "blocks.0.hook_attn_out"
-    assert (
-        f"entry site: blocks.0.hook_attn_out. An SAE there: flipscope sae train --hook blocks.0.hook_attn_out; "
-        f"then flipscope discover --sae auto --trace {out} picks it." in result.output
-    )
+    site = "entry site: blocks.0.hook_attn_out at the answer position. An SAE there: flipscope sae train --hook "
+    assert f"{site}blocks.0.hook_attn_out; then flipscope discover --sae auto --trace {out} picks it." in result.output
     sparse = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--max-cases", "4", "--layers", "0,2",
                                       "--out", str(tmp_path / "sparse.json")])  # fmt: skip
     assert sparse.exit_code == 0, sparse.output  # the entry lies somewhere before layer 2's input: said so
-    assert "entry site: blocks.1.hook_attn_out (the traced layers skip layer 1: trace them too" in sparse.output
+    assert "entry site: blocks.1.hook_attn_out at the answer position (the traced layers skip layer 1" in sparse.output
     bad = CliRunner().invoke(app, ["trace", "--flipbank", str(BANK), "--layers", "9"])
     assert bad.exit_code == 2 and "--layers [9]: the model has layers 0..3" in bad.output
 

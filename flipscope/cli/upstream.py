@@ -81,7 +81,7 @@ def _print_entry_site(summary: dict, path: Path) -> None:
     skipped = f"layer {before + 1}" if entry - before == 2 else f"layers {before + 1}–{entry - 1}"
     gap = "" if entry - before == 1 else f" (the traced layers skip {skipped}: trace them too to place it exactly)"
     typer.echo(
-        f"entry site: {site}{gap}. An SAE there: flipscope sae train --hook {site}; then "
+        f"entry site: {site} at the answer position{gap}. An SAE there: flipscope sae train --hook {site}; then "
         f"flipscope discover --sae auto --trace {path} picks it."
     )
 
