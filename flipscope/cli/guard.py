@@ -140,13 +140,13 @@ def answer(
         if questions_fingerprint(refs) != study["source"]["questions"]["sha256"]:
             raise FlipscopeError(f"--reference {str(reference)!r} is not the questions {str(path)!r} was calibrated on")
         vlm = load_model(model, "float32", device, adapter)
-        calibrated = study["source"]["model"]["fingerprint"]
-        if vlm.identity()["fingerprint"] != calibrated:
+        identity, calibrated = vlm.identity(), study["source"]["model"]["fingerprint"]
+        if identity["fingerprint"] != calibrated:
             raise FlipscopeError(f"{str(path)!r} was calibrated on another model (fingerprint {calibrated})")
         ids = set(study["calibration_ids"])
         chosen, config = _config(study, path, gates, image_check)
         guarded = GuardedVLM(vlm, config, reference_films([q for q in refs if q.id in ids]))
-        header = {"model": vlm.identity(), "guard": file_sha256(path), "image_check": image_check, "gates": chosen,
+        header = {"model": identity, "guard": file_sha256(path), "image_check": image_check, "gates": chosen,
                   "questions": {"n": len(asked), "sha256": questions_fingerprint(asked)}}  # fmt: skip
         store = guard_run(guarded, asked, out / "answers.jsonl", header, batch_size=batch_size)
         summary = {**guard_run_summary(store), "calibration_overlap": sum(q.id in ids for q in asked)}
