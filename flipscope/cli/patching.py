@@ -54,7 +54,11 @@ def patch(
     sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
     saes: str | None = typer.Option(None, help=SITE_HELP),
     trace: Path | None = typer.Option(None, help=TRACE_HELP),
-    positions: str = typer.Option("last", help="Where to patch: last (the paper's), question or all."),
+    positions: str = typer.Option(
+        "last",
+        help="Where to patch: last (the paper's), question (each token to the original question's mean) "
+        "or all (the question and the template's tail after it, the last position included).",
+    ),
     sweep: str | None = typer.Option(
         None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
     ),

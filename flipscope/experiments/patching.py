@@ -2,9 +2,10 @@
 
 **Delta-only patching** (the paper's protocol): x_patched = x_para − Σ_f Δf · W_dec[f] at the last
 prompt position, Δf = f(x_para) − f(x_orig). Only the chosen features' decoder directions are
-subtracted, so the SAE error term stays in. With `positions="question"` or `"all"` the feature is
-moved, at every such position of the paraphrase, from its value there to the original's mean
-value over the same span (for the last position alone this is exactly Δf). **Original-value
+subtracted, so the SAE error term stays in. With `positions="question"` the features are moved,
+at each of the paraphrase's question tokens, to the original's mean over its question; with
+`"all"`, also at each position of the template's tail after the question to the original's value
+there, the last position's patch included (`flipscope.experiments.span_patch`). **Original-value
 patching** puts the original's whole activation vector in place of the paraphrase's (no SAE).
 
 Per case: the margins of the original, the paraphrase and the patched paraphrase; **recovery**
@@ -42,7 +43,8 @@ from tqdm.auto import tqdm
 from flipscope.errors import FlipscopeError
 from flipscope.experiments.control_bound import wording_bound
 from flipscope.experiments.pairs import PairActivations, collect_pairs, pair_specs
-from flipscope.interventions.hooks import replace_at_last, shift_features_hook, subtract_at_last
+from flipscope.experiments.span_patch import span_hook, span_reference
+from flipscope.interventions.hooks import replace_at_last, subtract_at_last
 from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.answers import require_finite
 from flipscope.model.protocol import VLM
@@ -152,23 +154,6 @@ def _vectors(
     return vectors, own, decoder_vectors(sae, delta[:, list(features)], controls)
 
 
-def _span_reference(
-    vlm: VLM, sae: Any, hook: str, specs: list, features: Sequence[int], positions: str, batch_size: int
-):
-    """Mean activation of `features` over the span of each original prompt."""
-    out = []
-    for start in range(0, len(specs), batch_size):
-        chunk = specs[start : start + batch_size]
-        inputs = vlm.prompts.build(chunk)
-        acts = vlm.cache_activations(inputs, names_filter=hook)[hook]
-        mask = inputs.attention_mask.bool() if positions == "all" else vlm.prompts.question_mask(chunk, inputs)
-        mask = mask.to(acts.device)
-        with torch.no_grad():
-            feats = sae.encode(acts.to(sae.dtype))[..., list(features)]
-        out.append((feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out)
-
-
 def _check_setup(sae: Any, features: Sequence[int] | None, variant: str, positions: str) -> None:
     if variant not in ("delta", "original"):
         raise FlipscopeError(f"variant {variant!r} is unknown; expected 'delta' or 'original'")
@@ -190,10 +175,12 @@ class _Patcher:
         self.vectors = self.control_vectors = self.push_vectors = self.reference = None
         if variant == "delta" and positions == "last":
             self.vectors, self.control_vectors, self.push_vectors = _vectors(sae, hook, pairs, features, controls)
-        if positions != "last":
+        if positions != "last":  # each distinct original runs once
             specs, orig_index, _ = pair_specs(pairs.cases)
-            originals = [specs[i] for i in orig_index]
-            self.reference = _span_reference(vlm, sae, hook, originals, features, positions, batch_size)
+            distinct = sorted(set(orig_index))
+            reference = span_reference(vlm, sae, hook, [specs[i] for i in distinct], features, batch_size)
+            row = {prompt: k for k, prompt in enumerate(distinct)}
+            self.reference = reference.take([row[i] for i in orig_index])
 
     def last_token_margins(self, batch_size: int, fast: bool, progress: bool) -> tuple[Tensor, list[Tensor]]:
         """Delta-only at the last position: the margins under the features' patch and under each
@@ -209,9 +196,8 @@ class _Patcher:
     def hook_fn(self, chunk: list, inputs: Any, start: int, stop: int):
         if self.variant == "original":
             return replace_at_last(self.pairs.orig[self.hook][start:stop])
-        prompts = self.vlm.prompts
-        mask = inputs.attention_mask.bool() if self.positions == "all" else prompts.question_mask(chunk, inputs)
-        return shift_features_hook(self.sae, self.features, self.reference[start:stop, None], mask)
+        reference = self.reference.take(range(start, stop))
+        return span_hook(self.vlm, self.sae, self.features, reference, chunk, inputs, self.positions)
 
 
 def _controls(
