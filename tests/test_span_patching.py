@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from flipscope.data.flipbank import load_flipbank
+from flipscope.data.store import read_rows
 from flipscope.experiments.pairs import collect_pairs, pair_specs
 from flipscope.experiments.patching import POSITIONS, patch_bank
 from flipscope.experiments.span_patch import SpanReference, span_targets
+from flipscope.experiments.sweeps import layer_sweep
 from flipscope.organism import load_organism
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -82,3 +84,16 @@ def test_span_patches_do_not_depend_on_the_batch_and_all_holds_the_last_position
     flips = lambda r: r.summary["flips"]["mean_recovery"]["value"]  # noqa: E731
     last, every = (flips(patch_bank(vlm, sae, few, features, positions=p, **kw)) for p in ("last", "all"))
     assert every >= last - 0.02 and last > 0.1
+
+
+def test_original_value_patching_equals_the_layer_sweep_at_the_saes_layer(setup, tmp_path: Path) -> None:
+    vlm, sae, card, few = setup
+    layer = int(card["hook_name"].split(".")[1])
+    pairs = collect_pairs(vlm, few, [card["hook_name"]], progress=False)
+    result = patch_bank(vlm, sae, few, None, variant="original", pairs=pairs, progress=False)
+    assert result.summary["setup"]["variant"] == "original" and "matched_control_feature" not in result.summary
+    store = layer_sweep(vlm, few, tmp_path / "layers.jsonl", layers=[layer], pairs=pairs, progress=False)
+    swept = read_rows(store.path)
+    by_case = {(r["case"], r["kind"]): r["m_patched"] for r in swept}
+    np.testing.assert_allclose(_margins(result), [by_case[(r["case"], r["kind"])] for r in result.rows], atol=1e-4)
+    assert result.summary["flips"]["mean_recovery"]["value"] > 0.9  # by layer 2 the answer position holds the framing
