@@ -202,10 +202,28 @@ def test_the_share_read_from_a_runs_margins_is_the_share_the_model_gives(organis
     for family in ("leading", "formal"):
         assert from_run["by_family"][family]["value"] == pytest.approx(direct["by_family"][family]["value"], abs=1e-4)
     assert from_run["by_family"]["original"]["value"] == pytest.approx(direct["original"]["value"], abs=1e-4)
+    _evidence_cli_reads_the_run(store, from_run, tmp_path / "cli")
     image_only = tmp_path / "image" / "results.jsonl"
     run_sweep(vlm, questions, EvalConfig(conditions=("image",)), image_only, progress=False)
     with pytest.raises(FlipscopeError, match="--conditions image,blank"):
         run_shares(image_only)
+
+
+def _evidence_cli_reads_the_run(store: Path, from_run: dict, out: Path) -> None:
+    """`flipscope evidence --run` writes and prints what `run_shares` finds; both inputs at once are refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
+
+    result = CliRunner().invoke(app, ["evidence", "--run", str(store.parent), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "evidence.json").read_text()) == json.loads(json.dumps(from_run))
+    assert "image-evidence share, leading:" in result.output and "nan" not in result.output
+    assert "flipping paraphrase minus its original:" in result.output
+    both = CliRunner().invoke(app, ["evidence", "--run", str(store), "--flipbank", str(store), "--out", str(out)])
+    assert both.exit_code == 2 and "exactly one of --flipbank and --run" in both.output
 
 
 def test_a_bank_without_controls_reports_none_for_them_never_nan(organism) -> None:
