@@ -229,3 +229,30 @@ def test_a_hooked_runs_answers_imported_as_a_table_compare_identical_to_it(organ
     assert result.exit_code == 0, result.output
     assert "no difference in flipping can be claimed" in result.output
     assert "yes-rate" in (out / "compare.html").read_text()
+
+
+def test_p_yes_is_read_as_its_log_odds_and_an_impossible_one_is_named(tmp_path: Path) -> None:
+    import math
+
+    rows = [{"study_id": r["study_id"], "baseline_question": r["baseline_question"], "ground_truth": r["ground_truth"],
+             "variant_index": r["variant_index"], "question": r["question"],
+             "p_yes": 0.8 if r["extracted_answer"] == "yes" else 0.1} for r in _lab_table(flip_every=3)]  # fmt: skip
+    rows[0]["p_yes"], rows[4]["p_yes"] = 1.0, 0.0  # certain answers: finite log-odds, not ±inf
+    store = import_answers(write_csv(tmp_path / "p.csv", rows), tmp_path / "p", model="m")["m"]
+    margins = sorted(r["margin"] for r in read_rows(store))
+    assert margins[0] == pytest.approx(math.log(1e-7 / (1 - 1e-7))) and margins[-1] == pytest.approx(-margins[0])
+    assert {round(m, 6) for m in margins[1:-1]} == {round(math.log(4), 6), round(math.log(1 / 9), 6)}
+    assert all((r["answer"] == "yes") == (r["margin"] > 0) for r in read_rows(store))
+    table = _lab_table(flip_every=3)
+    for r, p in zip(rows, [1.5, "high", float("nan")], strict=False):
+        r["p_yes"] = p
+    table[2]["margin"] = "inf"
+    for r in table:
+        r.setdefault("margin", 1.0 if r["extracted_answer"] == "yes" else -1.0)
+    with pytest.raises(FlipscopeError) as err:
+        import_answers(write_csv(tmp_path / "bad_p.csv", rows), tmp_path / "bad_p", model="m")
+    for line in (2, 3, 4):
+        assert f"bad_p.csv:{line}: field 'p_yes'" in str(err.value) and "a probability in [0, 1]" in str(err.value)
+    with pytest.raises(FlipscopeError, match=r"bad_m.csv:4: field 'margin'.*a non-finite margin is no answer"):
+        import_answers(write_csv(tmp_path / "bad_m.csv", table), tmp_path / "bad_m", model="m")
+    assert not (tmp_path / "bad_p").exists() and not (tmp_path / "bad_m").exists()
