@@ -9,6 +9,7 @@ import typer
 from flipscope.cli import (  # noqa: F401 - registers the commands
     analysis,
     compare,
+    dashboard,
     data,
     evaluation,
     evidence,
@@ -35,6 +36,7 @@ ORDER = (
     "export",
     "curate",
     "discover",
+    "dashboard",
     "patch",
     "trace",
     "lens",

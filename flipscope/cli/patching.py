@@ -34,6 +34,10 @@ COUNT_HELP = (
     "Also remove the first 1, 2, ..., n of FEATURES together (in the order given, e.g. discover's ranking), each "
     "beside as many matched control features (resumable, count.jsonl): how many of them the flips need."
 )
+POSITIONS_HELP = (
+    "Where to patch: last (the paper's), question (each token to the original question's mean) or all (the "
+    "question and the template's tail after it, the last position included)."
+)
 ROWS_HELP = (
     "The --sweep's last-token rows per forward (prompt × feature): each holds a copy of its prompt's key/value "
     "cache, so this bounds the sweep's memory."
@@ -54,11 +58,7 @@ def patch(
     sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
     saes: str | None = typer.Option(None, help=SITE_HELP),
     trace: Path | None = typer.Option(None, help=TRACE_HELP),
-    positions: str = typer.Option(
-        "last",
-        help="Where to patch: last (the paper's), question (each token to the original question's mean) "
-        "or all (the question and the template's tail after it, the last position included).",
-    ),
+    positions: str = typer.Option("last", help=POSITIONS_HELP),
     sweep: str | None = typer.Option(
         None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
     ),

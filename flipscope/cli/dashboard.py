@@ -1,0 +1,68 @@
+"""The `dashboard` command: where discovered features fire across a FlipBank's prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flipscope.cli.common import (
+    ADAPTER_HELP,
+    SITE_HELP,
+    TRACE_HELP,
+    app,
+    echo_site,
+    load_model_and_site,
+    one_line_errors,
+    writable,
+)
+from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
+
+
+@app.command()
+def dashboard(
+    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    features: str = typer.Option(..., help=features_help("show")),
+    discovery: Path | None = typer.Option(
+        None, help=DISCOVERY_HELP + " Default: <flipbank>.features.json beside the FlipBank."
+    ),
+    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    sae: str | None = typer.Option(
+        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
+    ),
+    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
+    saes: str | None = typer.Option(None, help=SITE_HELP),
+    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    top: int = typer.Option(12, min=1, help="Top activations and tokens listed per feature."),
+    examples: int = typer.Option(3, min=0, help="Flips shaded token by token per feature."),
+    out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.dashboard/ beside the FlipBank)."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per forward pass."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+) -> None:
+    """Where each feature fires on the FlipBank's prompts (image, header, question, the template's tail,
+    the last position) and how the paraphrase moves it where the answer is read; a page with its top
+    activations in context and flips shaded token by token."""
+    from flipscope.data.atomic import write_json
+    from flipscope.data.flipbank import load_flipbank
+    from flipscope.experiments.dashboard import feature_dashboard
+    from flipscope.reporting.dashboard_page import feature_sentence, write_dashboard_page
+
+    out = out or flipbank.with_name(f"{flipbank.stem}.dashboard")
+    with one_line_errors():
+        writable(out, folder=True)
+        request = feature_request(features)
+        bank = load_flipbank(flipbank)
+        vlm, dictionary, site = load_model_and_site(model, sae, sae_id, saes, trace, bank, dtype, device, adapter)
+        chosen = resolve_features(
+            request, discovery or flipbank.with_name(f"{flipbank.stem}.features.json"), dictionary
+        )
+        found = feature_dashboard(vlm, dictionary, bank, chosen, top=top, examples=examples, batch_size=batch_size)
+        write_json(out / "dashboard.json", found)
+        page = write_dashboard_page(out / "dashboard.html", found, str(flipbank))
+    if site is not None:
+        echo_site(site)
+    for feature, shown in found["features"].items():
+        typer.echo(feature_sentence(feature, shown))
+    typer.echo(f"dashboard: {page}\n           {out / 'dashboard.json'}")

@@ -1,0 +1,119 @@
+"""The feature dashboard in words and on a page (`feature_dashboard` results in): per feature, where
+it fires and how the wording moves it at the answer position, each comparison said only where its
+interval says so; its segment means, its top activations in context, its tokens, and flips shaded
+token by token."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flipscope.data.atomic import write_atomic
+from flipscope.reporting.format import fmt, num
+from flipscope.reporting.html_parts import reading, table
+from flipscope.reporting.report import STYLE
+
+__all__ = ["feature_sentence", "write_dashboard_page"]
+
+PLACES = {"image": "the image block", "before question": "the chat header", "question": "the question's tokens",
+          "tail": "the template's tail after the question"}  # fmt: skip
+DENSE = 0.5  # a feature active at more than this share of positions is called dense
+SHADE = (49, 130, 206)
+
+
+def _moves(shift: Mapping[str, Any], place: str) -> str:
+    """Paraphrase minus original at `place` on the flips, read by its interval, the controls beside."""
+    flips, controls = shift["flips"], shift["controls"]
+    if not flips or not flips.get("n"):
+        return f"{place}: no flips in the bank"
+    beside = f"; same-family controls {fmt(controls)}" if controls and controls.get("n") else ""
+    if flips["low"] > 0:
+        said = "the paraphrase raises it"
+    elif flips["high"] < 0:
+        said = "the paraphrase lowers it"
+    else:
+        said = "no change, as the interval stands"
+    return f"{place}, {said} (flips {fmt(flips)}{beside})"
+
+
+def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
+    """How the wording moves `feature` on the question's tokens and at the answer position."""
+    density = found["segments"]["density"]
+    if not density:
+        return f"Feature {feature} does not fire on the bank's prompts."
+    dense = ", dense" if density > DENSE else ""
+    shift = found["shift"]
+    return (
+        f"Feature {feature} (active at {density:.0%} of positions{dense}): "
+        f"{_moves(shift['question'], 'on the question tokens')}; "
+        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}."
+    )
+
+
+def _segment_rows(seg: Mapping[str, Any]) -> list[list[str]]:
+    groups = ("originals", "paraphrases", "flips' paraphrases")
+    rows = [[PLACES.get(s, s)] + [num(seg[g][s]["mean"], ".2f") for g in groups] for s in (*PLACES, "last position")]
+    return rows + [["prompts"] + [str(seg[g]["n_prompts"]) for g in groups]]
+
+
+def _shade(tokens: list[list[Any]], scale: float) -> str:
+    """Tokens as spans shaded by activation (darkest at `scale`), each with its value on hover."""
+    spans = []
+    for token, value in tokens:
+        alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, value / scale))
+        r, g, b = SHADE
+        spans.append(f'<span title="{value:.2f}" style="background: rgba({r},{g},{b},{alpha:.2f}); '
+                     f'padding: 0 1px; margin-right: 1px">{html.escape(token)}</span>')  # fmt: skip
+    return "<code>" + "".join(spans) + "</code>"
+
+
+def _top_table(rows: list[Mapping[str, Any]]) -> str:
+    head = "<tr><th>activation</th><th>token in context</th><th>where</th><th>wording</th></tr>"
+    body = "".join(
+        f'<tr><td class="num">{r["activation"]:.2f}</td><td><code>{html.escape(r["before"])}<mark>'
+        f"{html.escape(r['token'])}</mark>{html.escape(r['after'])}</code></td>"
+        f"<td>{'last position' if r['last'] else html.escape(r['segment'])}</td>"
+        f"<td>{html.escape(r['strategy'])}: {html.escape(r['wording'])}</td></tr>"
+        for r in rows
+    )
+    return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
+def _section(feature: str, found: Mapping[str, Any]) -> str:
+    examples = found["examples"]
+    scale = max((v for e in examples for w in ("original", "paraphrase") for _, v in e[w]), default=0.0)
+    strips = "".join(
+        f"<p>{html.escape(e['case'])}<br>original: {_shade(e['original'], scale)}<br>"
+        f"paraphrase: {_shade(e['paraphrase'], scale)}</p>"
+        for e in examples
+    )
+    last = [[name, num(v["mean"], ".2f"), str(v["n"])] for name, v in found["last"].items()]
+    tokens = [[repr(t["token"]), t["n_active"], num(t["mean_activation"], ".2f")] for t in found["tokens"]]
+    return (
+        f"<h2>Feature {html.escape(feature)}</h2>"
+        + reading(html.escape(feature_sentence(feature, found)))
+        + table(["mean activation per token", "originals", "paraphrases", "flips' paraphrases"],
+                _segment_rows(found["segments"]))  # fmt: skip
+        + table(["at the last position, by wording", "mean", "prompts"], last)
+        + "<h3>Largest on the question and the tail</h3>" + _top_table(found["top"])
+        + table(["token", "times active", "mean when active"], tokens)
+        + ("<h3>Flips whose paraphrase reads it most at the last position</h3>" + strips if strips else "")
+    )  # fmt: skip
+
+
+def write_dashboard_page(path: str | Path, found: Mapping[str, Any], source: str) -> Path:
+    """Write the self-contained dashboard page for `found` (`feature_dashboard`'s result)."""
+    meta = found["meta"]
+    body = (
+        f"<h1>flipscope: where the features fire</h1><p>{html.escape(source)}: SAE at {html.escape(meta['hook'])}, "
+        f"{meta['n_prompts']} distinct prompts of {meta['n_flips']} flips and {meta['n_controls']} controls. "
+        "Where a feature fires is not yet what it does: patching says that.</p>"
+        + "".join(_section(f, v) for f, v in found["features"].items())
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>flipscope features</title>'
+        f"<style>{STYLE}</style></head><body>{body}</body></html>"
+    )
+    return write_atomic(path, page)

@@ -1,0 +1,117 @@
+"""The feature dashboard: its last-position and question shifts equal what the pairs and the
+position encodings give by another path, its segments split each prompt where the wordings can
+differ, its sentences follow the intervals (and say nothing moves where the two wordings are the
+same), and the command writes its page and refuses a feature the SAE lacks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flipscope.cli import app
+from flipscope.data.flipbank import load_flipbank
+from flipscope.experiments.dashboard import feature_dashboard
+from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.organism import load_organism
+from flipscope.reporting.dashboard_page import feature_sentence
+from flipscope.sae.encode import encode_prompts
+
+BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+FRAMING, READOUT = 38, 32  # the organism's first framing feature, and a feature that writes "no"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    vlm, sae, card = load_organism()
+    bank = load_flipbank(BANK)
+    few = {**bank, "flips": bank["flips"][:24], "controls": bank["controls"][:12]}
+    return vlm, sae, card, few, feature_dashboard(vlm, sae, few, [FRAMING, READOUT], progress=False)
+
+
+def test_the_shifts_equal_the_pairs_and_the_position_encodings(setup) -> None:
+    vlm, sae, card, few, found = setup
+    pairs = collect_pairs(vlm, few, [card["hook_name"]], progress=False)
+    delta = pairs.feature_delta(sae, card["hook_name"]).double().numpy()
+    for f in (FRAMING, READOUT):
+        shift = found["features"][str(f)]["shift"]
+        for who, mask in (("flips", pairs.is_flip), ("controls", ~pairs.is_flip)):
+            assert shift["last position"][who]["value"] == pytest.approx(delta[mask, f].mean(), abs=1e-4)
+            assert shift["last position"][who]["n"] == int(mask.sum())
+    specs, orig, para = pair_specs(pairs.cases)
+    encoded = encode_prompts(vlm, sae, specs, positions="question")
+    question = (encoded.features[..., FRAMING].sum(1) / encoded.mask.sum(1)).double().numpy()
+    by_case = question[para] - question[orig]
+    got = found["features"][str(FRAMING)]["shift"]["question"]["flips"]["value"]
+    assert got == pytest.approx(by_case[pairs.is_flip].mean(), abs=1e-4)
+
+
+def test_segments_split_a_prompt_where_the_wordings_can_differ(setup) -> None:
+    vlm, sae, _, few, _ = setup
+    one = {**few, "flips": few["flips"][:1], "controls": []}
+    seg = feature_dashboard(vlm, sae, one, [FRAMING], progress=False)["features"][str(FRAMING)]["segments"]
+    original, paraphrase = seg["originals"], seg["paraphrases"]
+    assert original["n_prompts"] == paraphrase["n_prompts"] == 1
+    for same in ("image", "before question", "tail"):  # the film and the template: as many tokens in both
+        assert original[same]["n"] == paraphrase[same]["n"] > 0
+    for same in ("image", "before question"):  # and, before the question, the same activations
+        assert original[same]["mean"] == pytest.approx(paraphrase[same]["mean"], abs=1e-5)
+    assert original["question"]["n"] != paraphrase["question"]["n"]  # the wordings differ in length
+    assert original["last position"]["n"] == 1 and seg["density"] > 0
+
+
+def test_top_activations_are_the_questions_and_tails_largest(setup) -> None:
+    _, _, _, _, found = setup
+    for f in (FRAMING, READOUT):
+        top = found["features"][str(f)]["top"]
+        values = [r["activation"] for r in top]
+        assert values == sorted(values, reverse=True) and len(top) == 12 and values[-1] > 0
+        assert all(r["segment"] in ("question", "tail") for r in top)
+        assert all(r["segment"] == "tail" for r in top if r["last"])
+    strip = found["features"][str(FRAMING)]["examples"][0]
+    assert strip["paraphrase"][-1][1] == max(
+        e["paraphrase"][-1][1] for e in found["features"][str(FRAMING)]["examples"]
+    )
+
+
+def test_the_sentences_follow_the_intervals_and_a_bank_of_identical_wordings_moves_nothing(setup) -> None:
+    vlm, sae, _, few, found = setup
+    framing = feature_sentence(str(FRAMING), found["features"][str(FRAMING)])
+    readout = feature_sentence(str(READOUT), found["features"][str(READOUT)])
+    assert "at the last position, where the answer is read, the paraphrase raises it" in framing
+    assert "at the last position, where the answer is read, the paraphrase lowers it" in readout
+    same = copy.deepcopy(few)
+    for case in [*same["flips"], *same["controls"]]:
+        case["paraphrase"] = case["original"]
+    null = feature_dashboard(vlm, sae, same, [FRAMING], progress=False)["features"][str(FRAMING)]
+    assert null["shift"]["last position"]["flips"]["value"] == 0.0
+    said = feature_sentence(str(FRAMING), null)
+    assert said.count("no change, as the interval stands") == 2 and "nan" not in said
+    silent = copy.deepcopy(sae)
+    with torch.no_grad():
+        silent.threshold[FRAMING] = 1e9
+    dead = feature_dashboard(vlm, silent, few, [FRAMING], progress=False)["features"][str(FRAMING)]
+    assert feature_sentence(str(FRAMING), dead) == f"Feature {FRAMING} does not fire on the bank's prompts."
+    assert dead["top"] == [] and dead["tokens"] == [] and np.isfinite(dead["segments"]["density"])
+
+
+def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_path: Path) -> None:
+    out = tmp_path / "dash"
+    result = CliRunner().invoke(app, ["dashboard", "--flipbank", str(BANK), "--features", f"{FRAMING}", "--top", "5",
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "dashboard.json").read_text())
+    assert list(found["features"]) == [str(FRAMING)] and len(found["features"][str(FRAMING)]["top"]) == 5
+    page = (out / "dashboard.html").read_text()
+    assert f"Feature {FRAMING}" in page and "<mark>" in page and "nan" not in result.output
+    assert f"Feature {FRAMING} (active at" in result.output
+    bad = CliRunner().invoke(
+        app, ["dashboard", "--flipbank", str(BANK), "--features", "64", "--out", str(tmp_path / "b")]
+    )
+    assert bad.exit_code == 2 and "feature index 64 is out of range" in bad.output
+    assert not (tmp_path / "b" / "dashboard.json").exists()
