@@ -22,6 +22,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.experiments.directions import diffmean_direction
 from flipscope.experiments.evaluation import EvalConfig, run_sweep
 from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.experiments.patching import POSITIONS
 from flipscope.experiments.sweeps import layer_sweep
 from flipscope.interventions.edited import DirectionAblatedVLM
 from flipscope.model import HookedVLM, PromptSpec
@@ -242,3 +243,49 @@ def test_sae_free_stages_run_on_every_family(root: Path, family: str, tmp_path: 
     batch = vlm.prompts.build([specs[i] for i in para])
     moved = (ablated.score(batch) - vlm.score(batch)).abs().max()
     assert 0 < float(moved) < float("inf")
+    _span_patch_and_dashboard_read_the_template(vlm, bank, pairs, middle)
+
+
+def _random_sae(vlm, hook: str, d_sae: int = 16):
+    """A JumpReLU SAE of random directions at `hook`, thresholds at 0, so half its features fire."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    cfg = JumpReLUSAEConfig(d_in=vlm.d_model, d_sae=d_sae, dtype="float32", device="cpu", apply_b_dec_to_input=False,
+                            normalize_activations="none", metadata=SAEMetadata(hook_name=hook))  # fmt: skip
+    sae = JumpReLUSAE(cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(vlm.d_model, d_sae, generator=generator))
+        sae.W_dec.copy_(torch.randn(d_sae, vlm.d_model, generator=generator) / vlm.d_model**0.5)
+        sae.threshold.zero_()
+    return sae
+
+
+def _span_patch_and_dashboard_read_the_template(vlm, bank, pairs, middle: str) -> None:
+    """On each family's own template: at the last layer a patch over the question and the tail
+    equals the last position's (only it reaches the logits there), the question alone moves
+    nothing; and the dashboard finds the same tokens before the question, with the same
+    activations, in each case's two wordings."""
+    from flipscope.experiments.dashboard import feature_dashboard
+    from flipscope.experiments.patching import patch_bank
+
+    last_hook = f"blocks.{vlm.n_layers - 1}.hook_resid_post"
+    sae = _random_sae(vlm, last_hook)
+    kw = {"control_features": None, "progress": False}
+    last_pairs = collect_pairs(vlm, bank, [last_hook], progress=False)
+    runs = {p: patch_bank(vlm, sae, bank, range(16), positions=p, pairs=last_pairs, **kw).rows for p in POSITIONS}
+    margins = {p: np.array([r["m_patched"] for r in rows]) for p, rows in runs.items()}
+    para = np.array([r["m_para"] for r in runs["last"]])
+    assert np.abs(margins["last"] - para).max() > 1e-3  # the patch reaches the margin
+    np.testing.assert_allclose(margins["all"], margins["last"], atol=1e-4)
+    np.testing.assert_allclose(margins["question"], para, atol=1e-4)
+    one = {**bank, "flips": bank["flips"][:1], "controls": []}
+    seg = feature_dashboard(vlm, _random_sae(vlm, middle), one, range(16), progress=False)["features"]
+    for found in seg.values():
+        original, paraphrase = found["segments"]["originals"], found["segments"]["paraphrases"]
+        assert original["tail"]["n"] == paraphrase["tail"]["n"] > 0
+        assert original["before question"]["n"] == paraphrase["before question"]["n"] > 0
+        for place in ("image", "before question"):
+            if original[place]["n"]:
+                assert original[place]["mean"] == pytest.approx(paraphrase[place]["mean"], rel=1e-4, abs=1e-5)
