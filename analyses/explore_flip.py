@@ -28,12 +28,13 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from flipscope import ClampedVLM, PromptSpec, load_flipbank
+from flipscope import ClampedVLM, PromptSpec, feature_dashboard, load_flipbank
 from flipscope.experiments.evidence import image_grid
 from flipscope.experiments.evidence_pairs import pair_evidence
 from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.interventions import subtract_at_last
 from flipscope.organism import load_organism
+from flipscope.reporting.dashboard_page import feature_sentence
 from flipscope.reporting.evidence_plots import overlay_figure
 from flipscope.sae import decoder_vectors
 
@@ -96,6 +97,23 @@ cos, cut = answer_alignment(sae, vlm), alignment_threshold(sae)
 for f in top.tolist():
     note = "  writes the answer" if abs(cos[f]) > cut else ""
     print(f"feature {f:>3}: decoder · answer direction {cos[f]:+.2f}{note}")
+
+# %% [markdown]
+# ## Where in the prompt does the framing feature fire?
+# `feature_dashboard` reads features at every token of a bank's prompts: the image block, the header,
+# the question, and the template's tail, whose last position is where the answer is read. First the
+# card's framing feature on this case's two wordings, token by token; then, over the whole bank, how
+# the paraphrase moves it on the question's tokens and at the last position (`flipscope dashboard`
+# writes the same as a page).
+
+# %%
+framing = card["framing_features"][0]["feature"]
+one = feature_dashboard(vlm, sae, {**bank, "flips": [case], "controls": []}, [framing], progress=False)
+for wording in ("original", "paraphrase"):
+    strip = one["features"][str(framing)]["examples"][0][wording]
+    print(f"{wording:>10}: " + " ".join(f"{token.strip() or repr(token)}:{value:.1f}" for token, value in strip))
+found = feature_dashboard(vlm, sae, bank, [framing], progress=False)
+print(feature_sentence(str(framing), found["features"][str(framing)]))
 
 # %% [markdown]
 # ## Patch: remove the framing features' contribution

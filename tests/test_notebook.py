@@ -27,3 +27,4 @@ def test_notebook_executes_top_to_bottom(tmp_path: Path) -> None:
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "answer restored: True" in text  # the patch undid this flip
     assert "recovery" in text and "clamped margins" in text and "film's share of the margin" in text
+    assert "at the last position, where the answer is read, the paraphrase raises it" in text  # the framing feature
