@@ -125,6 +125,9 @@ def test_a_llava_organism_builds_from_its_config_file_and_loads_as_llava(tmp_pat
 def test_an_entry_site_sae_is_trained_by_the_recipe_and_recorded_in_the_card(built, tmp_path: Path) -> None:
     import shutil
 
+    from typer.testing import CliRunner
+
+    from flipscope.cli import app
     from flipscope.organism.entry_sae import ENTRY_DIR, load_entry_sae, train_entry_sae
 
     out, _ = built
@@ -138,9 +141,11 @@ def test_an_entry_site_sae_is_trained_by_the_recipe_and_recorded_in_the_card(bui
         assert card["sha256"][f"{ENTRY_DIR}/{name}"] == digest
     sae = load_entry_sae(copy)
     assert sae.cfg.metadata.hook_name == "blocks.0.hook_attn_out" and sae.cfg.d_in == REDUCED.d_model
-    again = tmp_path / "again"
+    again = tmp_path / "again"  # the same recipe through the command gives the same bytes
     shutil.copytree(out, again)
-    train_entry_sae(again, "blocks.0.hook_attn_out")
+    result = CliRunner().invoke(app, ["organism", "entry-sae", "--organism", str(again)])
+    assert result.exit_code == 0, result.output
+    assert f"entry SAE at blocks.0.hook_attn_out: {REDUCED.d_sae} features; held-out FVU" in result.output
     assert (again / ENTRY_DIR / "sae_weights.safetensors").read_bytes() == (
         copy / ENTRY_DIR / "sae_weights.safetensors"
     ).read_bytes()
