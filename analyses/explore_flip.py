@@ -34,8 +34,8 @@ from flipscope.experiments.evidence_pairs import pair_evidence
 from flipscope.experiments.readout import alignment_threshold, answer_alignment
 from flipscope.interventions import subtract_at_last
 from flipscope.organism import load_organism
-from flipscope.reporting.dashboard_page import feature_sentence
 from flipscope.reporting.evidence_plots import overlay_figure
+from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.sae import decoder_vectors
 
 vlm, sae, card = load_organism()

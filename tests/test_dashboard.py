@@ -9,7 +9,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,7 +18,7 @@ from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
 from flipscope.experiments.pairs import collect_pairs, pair_specs
 from flipscope.organism import load_organism
-from flipscope.reporting.dashboard_page import feature_sentence
+from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.sae.encode import encode_prompts
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -54,7 +53,8 @@ def test_the_shifts_equal_the_pairs_and_the_position_encodings(setup) -> None:
 def test_segments_split_a_prompt_where_the_wordings_can_differ(setup) -> None:
     vlm, sae, _, few, _ = setup
     one = {**few, "flips": few["flips"][:1], "controls": []}
-    seg = feature_dashboard(vlm, sae, one, [FRAMING], progress=False)["features"][str(FRAMING)]["segments"]
+    shown = feature_dashboard(vlm, sae, one, [FRAMING], progress=False)["features"][str(FRAMING)]
+    seg = shown["segments"]
     original, paraphrase = seg["originals"], seg["paraphrases"]
     assert original["n_prompts"] == paraphrase["n_prompts"] == 1
     for same in ("image", "before question", "tail"):  # the film and the template: as many tokens in both
@@ -62,7 +62,7 @@ def test_segments_split_a_prompt_where_the_wordings_can_differ(setup) -> None:
     for same in ("image", "before question"):  # and, before the question, the same activations
         assert original[same]["mean"] == pytest.approx(paraphrase[same]["mean"], abs=1e-5)
     assert original["question"]["n"] != paraphrase["question"]["n"]  # the wordings differ in length
-    assert original["last position"]["n"] == 1 and seg["density"] > 0
+    assert original["last position"]["n"] == 1 and shown["density"] > 0
 
 
 def test_top_activations_are_the_questions_and_tails_largest(setup) -> None:
@@ -97,7 +97,7 @@ def test_the_sentences_follow_the_intervals_and_a_bank_of_identical_wordings_mov
         silent.threshold[FRAMING] = 1e9
     dead = feature_dashboard(vlm, silent, few, [FRAMING], progress=False)["features"][str(FRAMING)]
     assert feature_sentence(str(FRAMING), dead) == f"Feature {FRAMING} does not fire on the bank's prompts."
-    assert dead["top"] == [] and dead["tokens"] == [] and np.isfinite(dead["segments"]["density"])
+    assert dead["top"] == [] and dead["tokens"] == [] and dead["density"] == 0.0
 
 
 def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_a_resumed_run_is_byte_identical_to_the_uninterrupted_one(demo, tmp_path
 def test_the_report_reads_claims_off_the_numbers(demo) -> None:
     out, _, _ = demo
     readings = re.findall(r'<p class="reading">(.*?)</p>', (out / "report.html").read_text(), flags=re.S)
-    assert len(readings) == 12
+    assert len(readings) == 14
     text = " ".join(readings)
     assert not re.search(r"\bnan\b", text, flags=re.I)
     assert "The flips concentrate in the planted 'leading' family" in text  # its interval is above every other
@@ -158,6 +158,15 @@ def test_the_report_reads_both_sites_side_by_side(demo) -> None:
     entry_reading = r"At blocks\.0\.hook_attn_out, features ranked by framing specificity: the first \d+ feature\(s\)"
     assert re.search(entry_reading + r" recover .*? enough to undo the flips", page)
     assert "At blocks.2.hook_resid_post, features ranked by framing specificity: no count up to" in page
+    # where the removed features fire: a sentence per site from its dashboard, and the page behind it
+    hooks = [summary["dashboards"][s]["hook"] for s in ("main", "entry")]
+    assert hooks == ["blocks.2.hook_resid_post", "blocks.0.hook_attn_out"]
+    first = next(iter(summary["dashboards"]["main"]["features"]))
+    assert first == str(summary["discovery"]["patched"][0])
+    assert f"At blocks.2.hook_resid_post: Feature {first} (active at" in page
+    assert "at the last position, where the answer is read, the paraphrase raises it" in page
+    for site in ("main", "entry"):
+        assert f'href="dashboard_{site}.html"' in page and "<mark>" in (out / f"dashboard_{site}.html").read_text()
 
 
 def test_demo_writes_every_figure_and_the_report(demo) -> None:

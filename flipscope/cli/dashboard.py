@@ -47,7 +47,8 @@ def dashboard(
     from flipscope.data.atomic import write_json
     from flipscope.data.flipbank import load_flipbank
     from flipscope.experiments.dashboard import feature_dashboard
-    from flipscope.reporting.dashboard_page import feature_sentence, write_dashboard_page
+    from flipscope.reporting.dashboard_page import write_dashboard_page
+    from flipscope.reporting.feature_claims import feature_sentence
 
     out = out or flipbank.with_name(f"{flipbank.stem}.dashboard")
     with one_line_errors():

@@ -101,7 +101,7 @@ def _read(vlm: VLM, sae: Any, hook: str, specs, roles, features, batch_size: int
 
 def _segments(prompts: list[_Prompt], j: int) -> dict[str, Any]:
     """Feature j's mean activation per position in each segment and at the last position, over
-    originals, paraphrases and the flips' paraphrases; and its density over real positions."""
+    originals, paraphrases and the flips' paraphrases."""
     groups = {"originals": [p for p in prompts if p.kind == "original"],
               "paraphrases": [p for p in prompts if p.kind == "paraphrase"],
               "flips' paraphrases": [p for p in prompts if p.flip]}  # fmt: skip
@@ -114,9 +114,13 @@ def _segments(prompts: list[_Prompt], j: int) -> dict[str, Any]:
             values["last position"].append(p.acts[-1:, j])
         out[name] = {s: _mean(np.concatenate(v) if v else np.zeros(0)) for s, v in values.items()}
         out[name]["n_prompts"] = len(group)
-    active = sum(float((p.acts[:, j] > 0).sum()) for p in prompts)
-    out["density"] = active / sum(len(p.tokens) for p in prompts) if prompts else None
     return out
+
+
+def _density(prompts: list[_Prompt], j: int) -> float | None:
+    """The share of real positions where feature j is active."""
+    active = sum(float((p.acts[:, j] > 0).sum()) for p in prompts)
+    return active / sum(len(p.tokens) for p in prompts) if prompts else None
 
 
 def _mean(values: np.ndarray) -> dict[str, Any]:
@@ -195,8 +199,9 @@ def feature_dashboard(
 
     Returns:
         `meta` (hook, prompts, flips, controls, tail length) and `features`, per feature (its
-        index as a string): `segments` (mean activation per position in each segment and at the
-        last position, over originals, paraphrases and the flips' paraphrases; `density`),
+        index as a string): `density` (its share of active positions), `segments` (its mean
+        activation per position in each segment and at the last position, over originals,
+        paraphrases and the flips' paraphrases),
         `last` (its mean at the last position by wording family), `top` (its largest activations
         on the question's and tail's tokens, in context), `tokens` (the tokens carrying most of
         it), `examples` (the flips whose paraphrase reads it most at the last position: both
@@ -218,6 +223,7 @@ def feature_dashboard(
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
     for j, f in enumerate(features):
         out["features"][str(int(f))] = {
+            "density": _density(prompts, j),
             "segments": _segments(prompts, j),
             "last": _last_by_family(prompts, j),
             "top": _top(prompts, j, top, context, vlm.prompts.tokenizer.decode),

@@ -11,45 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from flipscope.data.atomic import write_atomic
-from flipscope.reporting.format import fmt, num
+from flipscope.reporting.feature_claims import feature_sentence
+from flipscope.reporting.format import num
 from flipscope.reporting.html_parts import reading, table
 from flipscope.reporting.report import STYLE
 
-__all__ = ["feature_sentence", "write_dashboard_page"]
+__all__ = ["write_dashboard_page"]
 
 PLACES = {"image": "the image block", "before question": "the chat header", "question": "the question's tokens",
           "tail": "the template's tail after the question"}  # fmt: skip
-DENSE = 0.5  # a feature active at more than this share of positions is called dense
 SHADE = (49, 130, 206)
-
-
-def _moves(shift: Mapping[str, Any], place: str) -> str:
-    """Paraphrase minus original at `place` on the flips, read by its interval, the controls beside."""
-    flips, controls = shift["flips"], shift["controls"]
-    if not flips or not flips.get("n"):
-        return f"{place}: no flips in the bank"
-    beside = f"; same-family controls {fmt(controls)}" if controls and controls.get("n") else ""
-    if flips["low"] > 0:
-        said = "the paraphrase raises it"
-    elif flips["high"] < 0:
-        said = "the paraphrase lowers it"
-    else:
-        said = "no change, as the interval stands"
-    return f"{place}, {said} (flips {fmt(flips)}{beside})"
-
-
-def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
-    """How the wording moves `feature` on the question's tokens and at the answer position."""
-    density = found["segments"]["density"]
-    if not density:
-        return f"Feature {feature} does not fire on the bank's prompts."
-    dense = ", dense" if density > DENSE else ""
-    shift = found["shift"]
-    return (
-        f"Feature {feature} (active at {density:.0%} of positions{dense}): "
-        f"{_moves(shift['question'], 'on the question tokens')}; "
-        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}."
-    )
 
 
 def _segment_rows(seg: Mapping[str, Any]) -> list[list[str]]:

@@ -197,6 +197,7 @@ def _site(run: _Run) -> None:
     lens = lens_trajectory(run.vlm, f["bank"], pairs=f["pairs"], progress=run.progress)
     f["lens"] = lens.summary(seed=cfg.seed)
     write_json(run.work / "lens.json", f["lens"])
+    f["dashboards"] = {"main": _dashboard(run, run.sae, f["chosen"])}
     try:
         choice = choose_site(folder_candidates(run.directory), f["upstream"], run.vlm.n_layers)
     except FlipscopeError as err:
@@ -214,6 +215,14 @@ def _site(run: _Run) -> None:
     write_json(run.work / "site_patch.json", {"summary": result.summary, "cases": result.rows}, indent=None)
     count = _count(run, sae, found, pairs, "count_entry.jsonl")
     f["site"].update(discovery=found, chosen=chosen, chosen_by=chosen_by, patch=result, count=count)
+    f["dashboards"]["entry"] = _dashboard(run, sae, chosen)
+
+
+def _dashboard(run: _Run, sae: Any, features: list[int]) -> dict[str, Any]:
+    """Where the patched features fire on the bank's prompts (`flipscope.experiments.dashboard`)."""
+    from flipscope.experiments.dashboard import feature_dashboard
+
+    return feature_dashboard(run.vlm, sae, run.found["bank"], features, progress=run.progress)
 
 
 def _count(run: _Run, sae: Any, found: Any, pairs: Any, name: str) -> dict[str, Any]:
@@ -282,8 +291,11 @@ def _figures(run: _Run) -> None:
 
 
 def _report(run: _Run) -> None:
+    from flipscope.reporting.dashboard_page import write_dashboard_page
     from flipscope.reporting.report import write_report
 
+    for site, found in run.found.get("dashboards", {}).items():
+        write_dashboard_page(run.out / f"dashboard_{site}.html", found, Path(run.found["bank_path"]).name)
     write_report(run.out / "report.html", run.found["summary"], run.found["figures"])
 
 

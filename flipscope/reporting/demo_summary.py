@@ -57,7 +57,9 @@ def demo_summary(run: Any) -> dict[str, Any]:
         | {"by_direction": {d: sum(c["direction"] == d for c in bank["flips"]) for d in ("yes→no", "no→yes")}},
         "paper": PAPER,
     }
-    flips = {key: None for key in ("discovery", "patching", "replication", "upstream", "lens", "site", "clamping")}
+    flips = dict.fromkeys(
+        ("discovery", "patching", "replication", "upstream", "lens", "site", "dashboards", "clamping")
+    )
     if has_flips(run):
         flips = _flip_summary(run)
         summary["files"] |= {
@@ -95,8 +97,16 @@ def _flip_summary(run: Any) -> dict[str, Any]:
         "upstream": f["upstream"],
         "lens": f["lens"],
         "site": _site_summary(f["site"]),
+        "dashboards": {site: _dashboard_summary(d) for site, d in f["dashboards"].items()},
         "clamping": {"feature": f["clamp_feature"], "values": list(cfg.clamp_values), **f["clamping"]},
     }
+
+
+def _dashboard_summary(found: dict[str, Any]) -> dict[str, Any]:
+    """A site's dashboard as the report reads it: per feature, its density and how the paraphrase
+    moves it (the page, `dashboard_<site>.html`, holds the rest)."""
+    features = {f: {"density": d["density"], "shift": d["shift"]} for f, d in found["features"].items()}
+    return {"hook": found["meta"]["hook"], "features": features}
 
 
 def _site_summary(site: dict[str, Any]) -> dict[str, Any]:

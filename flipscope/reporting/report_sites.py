@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flipscope.reporting.claims import lens_reading, site_comparison, wording_bound_reading
+from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.reporting.format import control_text, fmt
 from flipscope.reporting.html_parts import figure as html_figure
 from flipscope.reporting.html_parts import reading, table
@@ -55,7 +56,7 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     sentence = html.escape(site_comparison(site, s["discovery"], s["patching"]))
     head = lens + "<h3>Where the framing is a feature, and where it is the answer</h3>"
     if not site or not site.get("entry"):
-        return head + reading(sentence) + _counts(s, figure)
+        return head + reading(sentence) + _where_they_fire(s) + _counts(s, figure)
     entry = site["entry"]
     main_hook = s["patching"]["discovered"]["setup"]["hook"]
     rows = [
@@ -79,7 +80,28 @@ def site_section(s: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
     return (
         f"{head}<p>The SAE nearest where the framing enters was chosen from the trace: {why} Discovery and patching "
         "ran there as at the SAE's layer, on the same FlipBank.</p>"
-        f"{grid}{reading(sentence)}{controls}{figure('site_recovery')}{_counts(s, figure)}"
+        f"{grid}{reading(sentence)}{controls}{figure('site_recovery')}{_where_they_fire(s)}{_counts(s, figure)}"
+    )
+
+
+def _where_they_fire(s: Mapping[str, Any]) -> str:
+    """Each site's first removed feature: how the paraphrase moves it on the question and at the
+    answer position, with the page that shows where every removed feature fires."""
+    sites = s.get("dashboards") or {}
+    if not sites:
+        return ""
+    parts = []
+    for name, d in sites.items():
+        first, found = next(iter(d["features"].items()))
+        parts.append(
+            reading(html.escape(f"At {d['hook']}: {feature_sentence(first, found)}"))
+            + f'<p><a href="dashboard_{html.escape(name)}.html">Where each removed feature at {html.escape(d["hook"])} '
+            "fires, token by token</a></p>"
+        )
+    return (
+        "<h3>Where the removed features fire</h3><p>Each feature read at every token of the bank's prompts; each "
+        "case's paraphrase minus its original, on the question's tokens and at the last position, with a bootstrap "
+        "CI over cases.</p>" + "".join(parts)
     )
 
 

@@ -1,0 +1,43 @@
+"""A feature's sentence, chosen by its intervals: how the paraphrase moves it on the question's
+tokens and at the answer position (`flipscope.experiments.dashboard` measures both)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flipscope.reporting.format import fmt
+
+__all__ = ["DENSE", "feature_sentence"]
+
+DENSE = 0.5  # a feature active at more than this share of positions is called dense
+
+
+def _moves(shift: Mapping[str, Any], place: str) -> str:
+    """Paraphrase minus original at `place` on the flips, read by its interval, the controls beside."""
+    flips, controls = shift["flips"], shift["controls"]
+    if not flips or not flips.get("n"):
+        return f"{place}: no flips in the bank"
+    beside = f"; same-family controls {fmt(controls)}" if controls and controls.get("n") else ""
+    if flips["low"] > 0:
+        said = "the paraphrase raises it"
+    elif flips["high"] < 0:
+        said = "the paraphrase lowers it"
+    else:
+        said = "no change, as the interval stands"
+    return f"{place}, {said} (flips {fmt(flips)}{beside})"
+
+
+def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
+    """How the wording moves `feature` on the question's tokens and at the answer position (from
+    its `density` and `shift`)."""
+    density = found["density"]
+    if not density:
+        return f"Feature {feature} does not fire on the bank's prompts."
+    dense = ", dense" if density > DENSE else ""
+    shift = found["shift"]
+    return (
+        f"Feature {feature} (active at {density:.0%} of positions{dense}): "
+        f"{_moves(shift['question'], 'on the question tokens')}; "
+        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}."
+    )
