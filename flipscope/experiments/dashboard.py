@@ -4,9 +4,11 @@ Discovery says which features track the framing; this says where in the prompt t
 distinct prompt of the bank (each original and paraphrase, with its film) runs once, and the
 chosen features are read at every position: the image block, the tokens before the question
 (header), the question's own tokens, and the template's tail after it (end of turn, the model
-turn's header), whose last position is where the answer is read. Per feature: the share of its
-activation in each of those segments, its density, its value at the last position by wording
-family, the tokens it fires on most, and its top activations with their context.
+turn's header), whose last position is where the answer is read. Per feature: its mean activation
+per token in each of those segments, its density, its value at the last position by wording
+family, how each case's paraphrase moves it from its original (on the question's tokens and at
+the last position, with a bootstrap CI over cases), the tokens it fires on most, and its top
+activations with their context.
 
 A feature whose activation sits on the framing words is reading the wording; one whose activation
 sits at the last position carries what attention has already moved there. The numbers describe
