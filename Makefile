@@ -36,7 +36,8 @@ test-all: $(STAMP)
 
 # The numerically sensitive tests under four float summation orders (tests/README.md).
 PORTABLE := tests/test_demo.py tests/test_gguf.py tests/test_organism_default.py tests/test_organism_build.py \
-	tests/test_null_organism.py tests/test_patching.py tests/test_kernels.py tests/test_heads.py
+	tests/test_null_organism.py tests/test_patching.py tests/test_kernels.py tests/test_heads.py \
+	tests/test_span_patching.py tests/test_dashboard.py
 test-portable: $(STAMP)
 	@for setting in OMP_NUM_THREADS=1 OMP_NUM_THREADS=2 OMP_NUM_THREADS=4 ATEN_CPU_CAPABILITY=default; do \
 	  echo "== $$setting"; env $$setting $(PY) -m pytest -q $(PORTABLE) || exit 1; \
