@@ -7,26 +7,29 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 processor) go through the commands a user runs, each a fresh process whose peak RSS and wall time
 are measured: evaluate (image, blank) → curate → discover (attribution and exact ablation) →
 discovery-paths → patch (with a --sweep) → bank-patch → count → memo → rank1 → trace → heads →
-stream → clamp. The discovery-paths, bank-patch, count, memo, rank1, trace, heads and stream stages
-run in this process: discover's three model-running steps on their suffix and last-token paths
-against whole prompts (`discovery_paths`), `patch_bank` with both controls on the last-token path
-against full forwards (`bench_patch.bank_patch_paths`), `flipscope patch --count`'s one sweep
-against a `patch_bank` per count (`bench_patch.count_paths`), `flipscope patch`'s steps with each
-film's tower output kept between them against the tower on every film in every step
-(`bench_patch.memo_paths`), rank-1 patching at the SAE's hook with its random null drawn once at 32
-directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`), and the causal
-trace on the questions alone, each batch's prompts before them run once, against whole prompts with
-each film encoded once and with the tower in every forward (`trace_paths`), the trace head by head
-the same two first ways (`head_paths`), and caching activations alone in forwards that end at their
-hook against whole forwards (`stream_paths`). Then, also in this process, one film's margins on the
-shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native bf16 matmuls,
-bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
+stream → dashboard → clamp. The discovery-paths, bank-patch, count, memo, rank1, trace, heads,
+stream and dashboard stages run in this process: discover's three model-running steps on their
+suffix and last-token paths against whole prompts (`discovery_paths`), `patch_bank` with both
+controls on the last-token path against full forwards (`bench_patch.bank_patch_paths`), `flipscope
+patch --count`'s one sweep against a `patch_bank` per count (`bench_patch.count_paths`), `flipscope
+patch`'s steps with each film's tower output kept between them against the tower on every film in
+every step (`bench_patch.memo_paths`), rank-1 patching at the SAE's hook with its random null drawn
+once at 32 directions against the expected best of 32 from 256 (`bench_patch.rank1_paths`), and the
+causal trace on the questions alone, each batch's prompts before them run once, against whole
+prompts with each film encoded once and with the tower in every forward (`trace_paths`), the trace
+head by head the same two first ways (`head_paths`), caching activations alone in forwards that
+end at their hook against whole forwards (`stream_paths`), and the feature dashboard with each
+film's prompt part before the questions run once against whole prompts, at the SAE's hook and at
+layer 0's attention (`bench_dashboard.dashboard_paths`). Then, also in this process, one film's
+margins on the shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native
+bf16 matmuls, bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_dashboard import dashboard_paths
 from bench_patch import bank_patch_line, bank_patch_paths, count_line, count_paths, memo_paths, rank1_paths
 
 from flipscope.data.atomic import write_json
@@ -60,7 +64,7 @@ from flipscope.sae.load import check_sae, load_sae
 
 STAGES = (
     "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "count", "memo", "rank1", "trace",
-    "heads", "stream", "clamp",
+    "heads", "stream", "dashboard", "clamp",
 )  # fmt: skip
 
 
@@ -162,6 +166,21 @@ def medgemma_rank1(model: Path, layer: int, bank: Path) -> dict:
     vlm, hook = HookedVLM.from_pretrained(model), f"blocks.{layer}.hook_resid_post"
     pairs = collect_pairs(vlm, load_flipbank(bank), [hook], batch_size=8, progress=False)
     return rank1_paths(vlm, pairs, hook, draws=256)
+
+
+def medgemma_dashboard(model: Path, sae_path: Path, bank: Path, n_features: int = 8) -> dict:
+    """`feature_dashboard` over the whole bank both ways (`bench_dashboard.dashboard_paths`), with
+    the SAE at its own hook and the same SAE read at layer 0's attention output (the entry site's
+    shape: width 2,560 either way; thresholds at 0, so about half its features fire), 8 prompts per
+    forward."""
+    vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
+    sae = load_sae(sae_path)
+    entry = copy.deepcopy(sae)
+    entry.cfg.metadata.hook_name = "blocks.0.hook_attn_out"
+    with torch.no_grad():  # thresholds set for unit-variance input would silence every feature on this smaller one
+        entry.threshold.zero_()
+    features = list(range(n_features))
+    return {check_sae(s, vlm): dashboard_paths(vlm, s, flipbank, features) for s in (sae, entry)}
 
 
 def counters(vlm: HookedVLM) -> tuple[list[int], list[int]]:
@@ -397,6 +416,7 @@ def main() -> None:
             "rank1": ("rank1", lambda: medgemma_rank1(model, args.depth // 2, bank)),
             "stream": ("stream", lambda: stream_paths(model, bank)),
             "memo": ("memo", lambda: medgemma_memo(model, sae, bank)),
+            "dashboard": ("dashboard", lambda: medgemma_dashboard(model, sae, bank)),
         }
         for stage in [s for s in args.stages.split(",") if s]:
             if stage in in_process:

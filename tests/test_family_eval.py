@@ -28,6 +28,7 @@ from flipscope.interventions.edited import DirectionAblatedVLM
 from flipscope.model import HookedVLM, PromptSpec
 from flipscope.model.adapter import load_model_adapter
 from flipscope.model.shapes import centre_answer_readout
+from flipscope.model.suffix import SuffixRuns, batch_runs
 from tests.test_families import FAMILIES, _save
 
 QUESTIONS = [
@@ -265,8 +266,9 @@ def _random_sae(vlm, hook: str, d_sae: int = 16):
 def _span_patch_and_dashboard_read_the_template(vlm, bank, pairs, middle: str) -> None:
     """On each family's own template: at the last layer a patch over the question and the tail
     equals the last position's (only it reaches the logits there), the question alone moves
-    nothing; and the dashboard finds the same tokens before the question, with the same
-    activations, in each case's two wordings."""
+    nothing; and the dashboard reads the same features with the part before the question run
+    once (where the family has that path) as on whole prompts, and finds the same tokens before
+    the question, with the same activations, in each case's two wordings."""
     from flipscope.experiments.dashboard import feature_dashboard
     from flipscope.experiments.patching import patch_bank
 
@@ -281,7 +283,20 @@ def _span_patch_and_dashboard_read_the_template(vlm, bank, pairs, middle: str) -
     np.testing.assert_allclose(margins["all"], margins["last"], atol=1e-4)
     np.testing.assert_allclose(margins["question"], para, atol=1e-4)
     one = {**bank, "flips": bank["flips"][:1], "controls": []}
-    seg = feature_dashboard(vlm, _random_sae(vlm, middle), one, range(16), progress=False)["features"]
+    middle_sae = _random_sae(vlm, middle)
+    specs = pair_specs(one["flips"])[0]
+    inputs = vlm.prompts.build(specs)
+    runs = batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
+    assert isinstance(runs, SuffixRuns) == (vlm.fast_path_off is None)  # the dashboard's path is the same
+    seg = feature_dashboard(vlm, middle_sae, one, range(16), progress=False)["features"]
+    whole = feature_dashboard(vlm, middle_sae, one, range(16), fast=False, progress=False)["features"]
+    for f, found in seg.items():  # each film's prompt before the question run once, or with every wording
+        for group, places in found["segments"].items():
+            for place, value in places.items():
+                expected = whole[f]["segments"][group][place]
+                assert value == expected if place == "n_prompts" else value["n"] == expected["n"]
+                if place != "n_prompts" and value["mean"] is not None:
+                    assert value["mean"] == pytest.approx(expected["mean"], rel=1e-4, abs=1e-5)
     for found in seg.values():
         original, paraphrase = found["segments"]["originals"], found["segments"]["paraphrases"]
         assert original["tail"]["n"] == paraphrase["tail"]["n"] > 0

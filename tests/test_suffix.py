@@ -17,7 +17,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.experiments.pairs import case_spec, collect_pairs
 from flipscope.experiments.upstream import framing_word_shifts, trace_framing
 from flipscope.model.prompts import PromptSpec
-from flipscope.model.suffix import FullRuns, SuffixRuns, batch_runs
+from flipscope.model.suffix import FullRuns, SuffixReads, SuffixRuns, batch_runs, prompt_activations
 from flipscope.organism import load_organism
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
@@ -137,3 +137,49 @@ def test_the_pairs_run_each_films_prompts_before_the_questions_once(organism) ->
     assert fast_counted["tower"] == whole_counted["tower"] == [1] * films  # each film once, for all its prompts
     prompts = whole_counted["tokens"]  # one forward a batch; 16 image tokens here, MedGemma's 256 save far more
     assert sum(fast_counted["tokens"]) < 0.6 * sum(prompts) and len(fast_counted["tokens"]) == 2 * len(prompts)
+
+
+def _layer_tokens(vlm) -> tuple[list, list[int]]:
+    """Handles of hooks that count the tokens each decoder layer runs, and the counts."""
+    counts = [0] * vlm.n_layers
+    layers = vlm.hf_model.model.language_model.layers
+
+    def counter(i: int):
+        def count(module, args, kwargs) -> None:
+            counts[i] += int(args[0].shape[:2].numel() if args else kwargs["hidden_states"].shape[:2].numel())
+
+        return count
+
+    return [layer.register_forward_pre_hook(counter(i), with_kwargs=True) for i, layer in enumerate(layers)], counts
+
+
+def test_prompt_activations_read_each_films_prefix_once_and_stop_at_the_hook(organism) -> None:
+    vlm = organism
+    cases = load_flipbank(BANK)["flips"][:8]
+    specs = [case_spec(c, text) for c in cases for text in (c["original"], c["paraphrase"])]
+    films = len({c["image"] for c in cases})
+    last = vlm.n_layers - 1
+    for layer, hook in ((0, "blocks.0.hook_attn_out"), (last, f"blocks.{last}.hook_resid_post")):
+        ran = {}
+        for fast in (True, False):
+            handles, counts = _layer_tokens(vlm)
+            try:
+                inputs, ran[fast] = prompt_activations(vlm, specs, [hook], fast=fast)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            ran[fast, "counts"] = counts
+        real = inputs.attention_mask.bool()
+        assert bool((~real).any())  # rows of different lengths: left padding
+        torch.testing.assert_close(ran[True][hook][real], ran[False][hook][real], atol=1e-4, rtol=1e-4)
+        assert float(ran[True][hook][~real].abs().max()) == 0.0
+        fast_counts, whole_counts = ran[True, "counts"], ran[False, "counts"]
+        assert fast_counts[layer + 1 :] == whole_counts[layer + 1 :] == [0] * (vlm.n_layers - layer - 1)  # both stop
+        prefix = vlm.prompts.question_mask(specs, inputs).int().argmax(1) - (~real).sum(1)
+        suffix = real.sum(1) - prefix
+        assert fast_counts[layer] == films * int(prefix.min()) + len(specs) * int(suffix.max())  # a prefix per film
+        assert whole_counts[layer] == inputs.input_ids.numel()
+    batch = vlm.prompts.build(specs)
+    reads = SuffixReads(vlm, batch, int(prefix.min()), ["blocks.0.hook_attn_out"])
+    with pytest.raises(FlipscopeError, match="give no margins"):
+        reads.margins()

@@ -30,6 +30,7 @@ from flipscope.experiments.pairs import bank_cases, pair_specs
 from flipscope.experiments.span_patch import tail_length
 from flipscope.model.families import image_token_mask
 from flipscope.model.protocol import VLM
+from flipscope.model.suffix import prompt_activations
 from flipscope.model.vision_once import images_once
 from flipscope.sae.encode import check_features, feature_encoder
 from flipscope.sae.load import check_sae
@@ -77,14 +78,16 @@ def _token_strings(vlm: VLM, ids: Sequence[int], image: np.ndarray) -> list[str]
 
 
 @torch.no_grad()
-def _read(vlm: VLM, sae: Any, hook: str, specs, roles, features, batch_size: int, progress: bool) -> list[_Prompt]:
+def _read(
+    vlm: VLM, sae: Any, hook: str, specs, roles, features, batch_size: int, fast: bool, progress: bool
+) -> list[_Prompt]:
     """Every prompt's features at every real position, with its segments."""
     encode, tail = feature_encoder(sae, features), tail_length(vlm)
     out: list[_Prompt] = []
     for start in tqdm(range(0, len(specs), batch_size), desc="dashboard", disable=not progress):
         chunk = specs[start : start + batch_size]
-        inputs = vlm.prompts.build(chunk)
-        feats = encode(vlm.cache_activations(inputs, names_filter=hook)[hook].to(sae.dtype)).float().cpu().numpy()
+        inputs, acts = prompt_activations(vlm, chunk, [hook], fast=fast)
+        feats = encode(acts[hook].to(sae.dtype)).float().cpu().numpy()
         question = vlm.prompts.question_mask(chunk, inputs).numpy()
         image = image_token_mask(vlm.hf_model, inputs.input_ids).cpu().numpy()
         real = inputs.attention_mask.bool().cpu().numpy()
@@ -195,9 +198,12 @@ def feature_dashboard(
     context: int = 6,
     examples: int = 3,
     batch_size: int = 16,
+    fast: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Where `features` fire over the bank's distinct prompts (module docstring).
+    """Where `features` fire over the bank's distinct prompts (module docstring). Batches of
+    `batch_size` prompts; with `fast`, each batch's part before the questions runs once per film
+    (`prompt_activations`).
 
     Returns:
         `meta` (hook, prompts, flips, controls, tail length) and `features`, per feature (its
@@ -218,7 +224,7 @@ def feature_dashboard(
     check_features(sae, features)
     cases, is_flip = bank_cases(bank)
     specs, roles, orig, para = _roles(cases, is_flip)
-    prompts = _read(vlm, sae, hook, specs, roles, [int(f) for f in features], batch_size, progress)
+    prompts = _read(vlm, sae, hook, specs, roles, [int(f) for f in features], batch_size, fast, progress)
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
     out: dict[str, Any] = {"meta": meta, "features": {}}
