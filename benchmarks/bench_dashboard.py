@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flipscope.experiments.dashboard import feature_dashboard
+from flipscope.experiments.feature_logits import feature_writes
 
 
 def layer_tokens(vlm: Any) -> tuple[list, list[int], list[int]]:
@@ -50,8 +51,10 @@ def _numbers(found: Mapping[str, Any]) -> Iterator[float]:
 def dashboard_paths(
     vlm: Any, sae: Any, bank: Mapping[str, Any], features: Sequence[int], batch_size: int = 8
 ) -> dict[str, Any]:
-    """Seconds, decoder-layer tokens and tower runs of the dashboard each way, their ratio, and the
-    largest difference between the two dashboards' numbers (beside the largest number)."""
+    """Seconds, decoder-layer tokens and tower runs of the dashboard each way (its logits panel
+    left out), their ratio, the largest difference between the two dashboards' numbers (beside the
+    largest number), and the seconds of the logits panel alone (`feature_writes`: the whole
+    unembedding read in blocks, and the answer alignment's null)."""
     row: dict[str, Any] = {"features": list(features)}
     found = {}
     for path, fast in (("fast", True), ("whole", False)):
@@ -61,7 +64,7 @@ def dashboard_paths(
             start = time.perf_counter()
             with torch.no_grad():
                 found[path] = feature_dashboard(vlm, sae, bank, features, batch_size=batch_size, fast=fast,
-                                                progress=False)  # fmt: skip
+                                                logits=0, progress=False)  # fmt: skip
             row[f"{path}_s"] = time.perf_counter() - start
         finally:
             for handle in handles:
@@ -72,4 +75,7 @@ def dashboard_paths(
     pairs = list(zip(_numbers(found["fast"]), _numbers(found["whole"]), strict=True))
     row["max_abs_diff"] = max(abs(a - b) for a, b in pairs)
     row["max_abs_value"] = max(abs(b) for _, b in pairs)  # the scale the difference is against
+    start = time.perf_counter()
+    feature_writes(vlm, sae, features)
+    row["writes_s"] = time.perf_counter() - start
     return row

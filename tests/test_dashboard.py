@@ -9,6 +9,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -16,7 +17,9 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
+from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.model.families import final_norm_gain
 from flipscope.organism import load_organism
 from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.sae.encode import encode_prompts
@@ -100,6 +103,38 @@ def test_the_sentences_follow_the_intervals_and_a_bank_of_identical_wordings_mov
     assert dead["top"] == [] and dead["tokens"] == [] and dead["density"] == 0.0
 
 
+def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup) -> None:
+    vlm, sae, _, few, found = setup
+    w_u = vlm.hf_model.get_output_embeddings().weight.detach().float()
+    gain = final_norm_gain(vlm.hf_model.model.language_model.norm)
+    decode = vlm.prompts.tokenizer.decode
+    for f in (FRAMING, READOUT):
+        writes = found["features"][str(f)]["writes"]
+        logits = (sae.W_dec[f].detach().float() * gain) @ w_u.T  # the whole vocabulary at once
+        for key, descending in (("raises", True), ("lowers", False)):
+            order = logits.argsort(descending=descending)[:10]
+            assert [t for t, _ in writes[key]] == [decode([int(i)]) for i in order]
+            np.testing.assert_allclose([v for _, v in writes[key]], logits[order].numpy(), atol=1e-5)
+    blocked, whole = (
+        direct_logits(vlm, sae, [FRAMING, READOUT], 10, block=7),
+        direct_logits(vlm, sae, [FRAMING, READOUT], 10),
+    )
+    for a, b in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    readout = found["features"][str(READOUT)]["writes"]
+    assert readout["raises"][0][0] == "no" and readout["lowers"][0][0] == "yes"
+    assert "its decoder row writes no (answer alignment -0.7" in feature_sentence(
+        str(READOUT), found["features"][str(READOUT)]
+    )
+    scrambled = copy.deepcopy(sae)  # the same feature, its decoder row a random direction of the same norm
+    with torch.no_grad():
+        row = torch.randn(sae.W_dec.shape[1], generator=torch.Generator().manual_seed(0))
+        scrambled.W_dec[READOUT] = row / row.norm() * sae.W_dec[READOUT].norm()
+    random = feature_dashboard(vlm, scrambled, few, [READOUT], progress=False)["features"][str(READOUT)]
+    assert abs(random["writes"]["answer_alignment"]) < random["writes"]["null"]
+    assert "its decoder row does not point at the answer" in feature_sentence(str(READOUT), random)
+
+
 def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_path: Path) -> None:
     out = tmp_path / "dash"
     result = CliRunner().invoke(app, ["dashboard", "--flipbank", str(BANK), "--features", f"{FRAMING}", "--top", "5",
@@ -110,6 +145,12 @@ def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_pat
     page = (out / "dashboard.html").read_text()
     assert f"Feature {FRAMING}" in page and "<mark>" in page and "nan" not in result.output
     assert f"Feature {FRAMING} (active at" in result.output
+    assert "read directly through the unembedding" in page and "decoder row" in result.output
+    bare = CliRunner().invoke(app, ["dashboard", "--flipbank", str(BANK), "--features", f"{READOUT}", "--logits", "0",
+                                    "--out", str(tmp_path / "bare")])  # fmt: skip
+    assert bare.exit_code == 0, bare.output
+    assert "writes" not in json.loads((tmp_path / "bare" / "dashboard.json").read_text())["features"][str(READOUT)]
+    assert "decoder row" not in bare.output
     bad = CliRunner().invoke(
         app, ["dashboard", "--flipbank", str(BANK), "--features", "64", "--out", str(tmp_path / "b")]
     )

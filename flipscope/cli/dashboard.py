@@ -35,6 +35,9 @@ def dashboard(
     trace: Path | None = typer.Option(None, help=TRACE_HELP),
     top: int = typer.Option(12, min=1, help="Top activations and tokens listed per feature."),
     examples: int = typer.Option(3, min=0, help="Flips shaded token by token per feature."),
+    logits: int = typer.Option(
+        10, min=0, help="Tokens each feature's decoder row raises and lowers most through the unembedding (0: skip)."
+    ),
     out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.dashboard/ beside the FlipBank)."),
     batch_size: int = typer.Option(16, min=1, help="Prompts per forward pass."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
@@ -59,7 +62,9 @@ def dashboard(
         chosen = resolve_features(
             request, discovery or flipbank.with_name(f"{flipbank.stem}.features.json"), dictionary
         )
-        found = feature_dashboard(vlm, dictionary, bank, chosen, top=top, examples=examples, batch_size=batch_size)
+        found = feature_dashboard(
+            vlm, dictionary, bank, chosen, top=top, examples=examples, logits=logits, batch_size=batch_size
+        )
         write_json(out / "dashboard.json", found)
         page = write_dashboard_page(out / "dashboard.html", found, str(flipbank))
     if site is not None:

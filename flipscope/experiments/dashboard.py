@@ -7,8 +7,9 @@ chosen features are read at every position: the image block, the tokens before t
 turn's header), whose last position is where the answer is read. Per feature: its mean activation
 per token in each of those segments, its density, its value at the last position by wording
 family, how each case's paraphrase moves it from its original (on the question's tokens and at
-the last position, with a bootstrap CI over cases), the tokens it fires on most, and its top
-activations with their context.
+the last position, with a bootstrap CI over cases), the tokens it fires on most, its top
+activations with their context, and what its decoder row writes through the unembedding
+(`feature_logits`).
 
 A feature whose activation sits on the framing words is reading the wording; one whose activation
 sits at the last position carries what attention has already moved there. The numbers describe
@@ -26,6 +27,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from flipscope.experiments.feature_logits import feature_writes
 from flipscope.experiments.pairs import bank_cases, pair_specs
 from flipscope.experiments.span_patch import tail_length
 from flipscope.model.families import image_token_mask
@@ -197,6 +199,7 @@ def feature_dashboard(
     top: int = 12,
     context: int = 6,
     examples: int = 3,
+    logits: int = 10,
     batch_size: int = 16,
     fast: bool = True,
     progress: bool = True,
@@ -215,7 +218,9 @@ def feature_dashboard(
         it), `examples` (the flips whose paraphrase reads it most at the last position: both
         wordings' question and tail tokens with its activation, for a page to shade), `shift`
         (paraphrase minus original at the last position and over the question's tokens, over
-        flips and over controls).
+        flips and over controls), and with `logits` > 0 `writes` (the `logits` tokens its decoder
+        row raises and lowers most through the unembedding, its answer alignment and that
+        alignment's random-direction null: `feature_logits`).
 
     Raises:
         FlipscopeError: the SAE does not fit the model, or a feature is out of range.
@@ -227,6 +232,7 @@ def feature_dashboard(
     prompts = _read(vlm, sae, hook, specs, roles, [int(f) for f in features], batch_size, fast, progress)
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
+    writes = feature_writes(vlm, sae, [int(f) for f in features], logits) if logits > 0 else None
     out: dict[str, Any] = {"meta": meta, "features": {}}
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
     for j, f in enumerate(features):
@@ -239,6 +245,8 @@ def feature_dashboard(
             "examples": _examples(flips, j, examples),
             "shift": _shift(prompts, orig, para, is_flip, j),
         }
+        if writes is not None:
+            out["features"][str(int(f))]["writes"] = writes[str(int(f))]
     return out
 
 

@@ -71,7 +71,19 @@ def _section(feature: str, found: Mapping[str, Any]) -> str:
         + "<h3>Largest on the question and the tail</h3>" + _top_table(found["top"])
         + table(["token", "times active", "mean when active"], tokens)
         + ("<h3>Flips whose paraphrase reads it most at the last position</h3>" + strips if strips else "")
+        + (_writes_table(found["writes"]) if "writes" in found else "")
     )  # fmt: skip
+
+
+def _writes_table(writes: Mapping[str, Any]) -> str:
+    """The tokens the decoder row raises and lowers most on the direct path, side by side."""
+    rows = [[repr(up[0]), num(up[1], ".3f"), repr(down[0]), num(down[1], ".3f")]
+            for up, down in zip(writes["raises"], writes["lowers"], strict=True)]  # fmt: skip
+    return (
+        "<h3>What its decoder row writes, read directly through the unembedding</h3><p>Per unit of activation, "
+        "before the final norm's 1/rms; the layers after the SAE's hook are ignored.</p>"
+        + table(["raises", "logit", "lowers", "logit"], rows)
+    )
 
 
 def write_dashboard_page(path: str | Path, found: Mapping[str, Any], source: str) -> Path:

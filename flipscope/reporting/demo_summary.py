@@ -103,9 +103,13 @@ def _flip_summary(run: Any) -> dict[str, Any]:
 
 
 def _dashboard_summary(found: dict[str, Any]) -> dict[str, Any]:
-    """A site's dashboard as the report reads it: per feature, its density and how the paraphrase
-    moves it (the page, `dashboard_<site>.html`, holds the rest)."""
-    features = {f: {"density": d["density"], "shift": d["shift"]} for f, d in found["features"].items()}
+    """A site's dashboard as the report reads it: per feature, its density, how the paraphrase
+    moves it and its answer alignment with the null (the page, `dashboard_<site>.html`, holds the rest)."""
+    features = {
+        f: {"density": d["density"], "shift": d["shift"],
+            "writes": {k: d["writes"][k] for k in ("answer_alignment", "null")}}
+        for f, d in found["features"].items()
+    }  # fmt: skip
     return {"hook": found["meta"]["hook"], "features": features}
 
 

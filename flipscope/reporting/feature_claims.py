@@ -1,5 +1,6 @@
 """A feature's sentence, chosen by its intervals: how the paraphrase moves it on the question's
-tokens and at the answer position (`flipscope.experiments.dashboard` measures both)."""
+tokens and at the answer position (`flipscope.experiments.dashboard` measures both), and whether
+its decoder row writes the answer, by its alignment against the random-direction null."""
 
 from __future__ import annotations
 
@@ -36,8 +37,19 @@ def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
         return f"Feature {feature} does not fire on the bank's prompts."
     dense = ", dense" if density > DENSE else ""
     shift = found["shift"]
+    writes = f" {_writes(found['writes'])}" if "writes" in found else ""
     return (
         f"Feature {feature} (active at {density:.0%} of positions{dense}): "
         f"{_moves(shift['question'], 'on the question tokens')}; "
-        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}."
+        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}.{writes}"
     )
+
+
+def _writes(writes: Mapping[str, Any]) -> str:
+    """What the decoder row writes on the direct path, judged by its answer alignment against the null."""
+    cos, null = writes["answer_alignment"], writes["null"]
+    if abs(cos) > null:
+        said = f"writes {'yes' if cos > 0 else 'no'} (answer alignment {cos:+.2f}, beyond the null's {null:.2f})"
+    else:
+        said = f"does not point at the answer (answer alignment {cos:+.2f}, within the null's {null:.2f})"
+    return f"Read directly through the unembedding, its decoder row {said}."
