@@ -8,10 +8,7 @@ from pathlib import Path
 import typer
 
 from flipscope.cli.common import (
-    ADAPTER_HELP,
     SHARD_HELP,
-    SITE_HELP,
-    TRACE_HELP,
     app,
     echo_shard_done,
     echo_site,
@@ -23,6 +20,7 @@ from flipscope.cli.common import (
     writable,
 )
 from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
+from flipscope.cli.options import Adapter, Device, Dtype, Flipbank, SaeId, Saes, SiteSae, Trace
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.format import edit_label, num
@@ -30,7 +28,7 @@ from flipscope.reporting.format import edit_label, num
 
 @app.command()
 def discover(
-    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    flipbank: Flipbank,
     model: str | None = typer.Option(
         None, help="Hub id or model directory that made the FlipBank (default: the shipped organism)."
     ),
@@ -42,16 +40,16 @@ def discover(
     sae_id: str | None = typer.Option(
         None, help="SAE id within a sae-lens release, e.g. layer_17_width_16k_l0_medium."
     ),
-    saes: str | None = typer.Option(None, help=SITE_HELP),
-    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    saes: Saes = None,
+    trace: Trace = None,
     layers: str | None = typer.Option(None, help="Layers of the flip-prediction AUC sweep, e.g. 0,4,8 (default: all)."),
     top: int = typer.Option(10, help="Features to print."),
     exact_top: int = typer.Option(50, help="Check attribution against exact ablation of this many features (0: skip)."),
     batch_size: int = typer.Option(32, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.features.json beside the FlipBank)."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Rank the SAE features that track the paraphrase framing behind the FlipBank's flips."""
     from flipscope.data.flipbank import load_flipbank
@@ -174,18 +172,16 @@ def clamp(
         None, help="Also switch off these attention heads, e.g. 0.0 (layer.head, as trace --heads names them)."
     ),
     model: str | None = typer.Option(None, help="Model (default: the shipped organism)."),
-    sae: str | None = typer.Option(
-        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
-    ),
-    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
-    saes: str | None = typer.Option(None, help=SITE_HELP),
-    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    sae: SiteSae = None,
+    sae_id: SaeId = None,
+    saes: Saes = None,
+    trace: Trace = None,
     images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
     conditions: str = typer.Option("image,blank", help="Image conditions, 'image' first: image, blank, none, swap."),
     out: Path = typer.Option(..., help="Output folder; rerunning resumes."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
     shard: str | None = typer.Option(None, help="The evaluations' part this process runs. " + SHARD_HELP),
 ) -> None:
     """Evaluate with features clamped vs not: flip rate, accuracy, text-only agreement, paired tests."""

@@ -7,9 +7,6 @@ from pathlib import Path
 import typer
 
 from flipscope.cli.common import (
-    ADAPTER_HELP,
-    SITE_HELP,
-    TRACE_HELP,
     app,
     echo_site,
     load_model_and_site,
@@ -17,22 +14,21 @@ from flipscope.cli.common import (
     writable,
 )
 from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
+from flipscope.cli.options import Adapter, BankModel, Device, Dtype, Flipbank, SaeId, Saes, SiteSae, Trace
 
 
 @app.command()
 def dashboard(
-    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    flipbank: Flipbank,
     features: str = typer.Option(..., help=features_help("show")),
     discovery: Path | None = typer.Option(
         None, help=DISCOVERY_HELP + " Default: <flipbank>.features.json beside the FlipBank."
     ),
-    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
-    sae: str | None = typer.Option(
-        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
-    ),
-    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
-    saes: str | None = typer.Option(None, help=SITE_HELP),
-    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    model: BankModel = None,
+    sae: SiteSae = None,
+    sae_id: SaeId = None,
+    saes: Saes = None,
+    trace: Trace = None,
     top: int = typer.Option(12, min=1, help="Top activations and tokens listed per feature."),
     examples: int = typer.Option(3, min=0, help="Flips shaded token by token per feature."),
     logits: int = typer.Option(
@@ -40,9 +36,9 @@ def dashboard(
     ),
     out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.dashboard/ beside the FlipBank)."),
     batch_size: int = typer.Option(16, min=1, help="Prompts per forward pass."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Where each feature fires on the FlipBank's prompts (image, header, question, the template's tail,
     the last position) and how the paraphrase moves it where the answer is read; a page with its top

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from flipscope.cli.common import (
-    ADAPTER_HELP,
     DTYPES,
     FAMILY_HELP,
     MODEL_ADAPTER_HELP,
@@ -20,6 +19,7 @@ from flipscope.cli.common import (
     shard_stores,
     writable,
 )
+from flipscope.cli.options import Adapter, Dtype
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 
@@ -39,7 +39,7 @@ RELIANCE_HELP = (
 @app.command()
 def hooks(
     model: str = typer.Argument(..., help="Hub id (e.g. google/medgemma-4b-it) or local model directory."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    adapter: Adapter = None,
     family: str | None = typer.Option(None, help=FAMILY_HELP),
 ) -> None:
     """List the hook names of MODEL (the names SAE configs and run_with_cache use)."""
@@ -77,7 +77,7 @@ def evaluate(
     swap_match: str = typer.Option("any", help=SWAP_MATCH_HELP),
     batch_size: int = typer.Option(32, help="Prompts per forward pass."),
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    dtype: Dtype = "float32",
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
     generate_tokens: int = typer.Option(
         0, help="Also generate this many tokens per prompt and keyword-parse them, as the paper does (0: off)."
@@ -87,7 +87,7 @@ def evaluate(
     ),
     reliance: str | None = typer.Option(None, help=RELIANCE_HELP),
     shard: str | None = typer.Option(None, help=SHARD_HELP),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    adapter: Adapter = None,
     family: str | None = typer.Option(None, help=FAMILY_HELP),
     model_adapter: str | None = typer.Option(None, help=MODEL_ADAPTER_HELP),
 ) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, app, fmt, load_model, one_line_errors, writable
+from flipscope.cli.common import app, fmt, load_model, one_line_errors, writable
+from flipscope.cli.options import Adapter, BankModel, Device, Dtype
 
 
 @app.command()
@@ -15,14 +16,14 @@ def evidence(
     run: Path | None = typer.Option(
         None, help="Instead: an evaluation (image and blank) whose shares are read from its margins, no model."
     ),
-    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    model: BankModel = None,
     max_cases: int = typer.Option(20, min=1, help="Flips mapped (the bank's first ones), and as many controls."),
     pictures: int = typer.Option(4, min=0, help="Flip cases drawn as overlays (original beside paraphrase)."),
     out: Path = typer.Option(..., help="Folder for evidence.json and the overlay figure."),
     png: bool = typer.Option(True, help="Also write the figure as PNG (needs a Chromium)."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Occlusion maps of each case's original and paraphrase on its film: did a flip stop using the
     film (its share of the margin falls) or use it differently (the maps' cosine falls)? With --run,

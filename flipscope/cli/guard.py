@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, app, one_line_errors, writable
+from flipscope.cli.common import app, one_line_errors, writable
+from flipscope.cli.options import Adapter, Device
 from flipscope.errors import FlipscopeError
 
 guard_app = typer.Typer(
@@ -36,7 +37,7 @@ def calibrate(
     model: str | None = typer.Option(None, help="The model it evaluated, for the hidden-state probe (omit: no probe)."),
     questions: Path | None = typer.Option(None, help="Its questions JSONL (needed with --model)."),
     images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    adapter: Adapter = None,
     recall: float = typer.Option(0.9, help="The recall each gate is calibrated for."),
     seed: int = typer.Option(0, help="Seed of the calibration / held-out split and the paraphrase halves."),
     out: Path | None = typer.Option(None, help="Where guard.json goes (default: RUN/guard.json)."),
@@ -119,8 +120,8 @@ def answer(
         "margin,probe", help="The flip-prone gates that flag (either suffices): margin, probe, or both."
     ),
     batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
+    adapter: Adapter = None,
+    device: Device = "cpu",
 ) -> None:
     """Answer every wording of QUESTIONS through the calibrated guard: each answer with its flags and
     whether to abstain; where the truth is known, what the flags caught."""

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from flipscope.cli.common import app, fmt, one_line_errors, organism_app, writable
+from flipscope.cli.options import OrganismDir
 from flipscope.errors import FlipscopeError
 from flipscope.kernels import prefer_portable
 from flipscope.reporting.format import num
@@ -98,9 +99,7 @@ def organism_sweep(
 @organism_app.command("evidence")
 def organism_evidence(
     out: Path = typer.Option(..., help="Folder for evidence.json and the overlay figure."),
-    organism: Path | None = typer.Option(
-        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-    ),
+    organism: OrganismDir = None,
     films: int = typer.Option(50, min=1, help="Held-out films (the test stream's first)."),
     png: bool = typer.Option(True, help="Also write the figure as PNG (needs a Chromium)."),
 ) -> None:
@@ -169,9 +168,7 @@ def _framing_line(card: dict) -> str:
 @organism_app.command("flipbank")
 def organism_flipbank(
     out: Path = typer.Option(..., help="Folder to write films, questions, evaluation and flipbank.json to."),
-    organism: Path | None = typer.Option(
-        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-    ),
+    organism: OrganismDir = None,
     n_films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
     min_margin: float = typer.Option(0.2, help="Keep flips whose two margins are both at least this far from 0."),
 ) -> None:
@@ -198,9 +195,7 @@ def demo(
     work: Path | None = typer.Option(
         None, help="Folder for the stages' resumable stores and finished stages' records (default: OUT/work)."
     ),
-    organism: Path | None = typer.Option(
-        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-    ),
+    organism: OrganismDir = None,
     films: int | None = typer.Option(
         None, help="Held-out films to evaluate, 4 questions each (default 40; 20 for an organism on a real base)."
     ),
@@ -275,9 +270,7 @@ def _study(out: Path, organism: Path | None, films: int | None, png: bool) -> No
 @organism_app.command("finetune")
 def organism_finetune(
     out: Path = typer.Option(..., help="Folder to write the adapters to, one subfolder per configuration."),
-    organism: Path | None = typer.Option(
-        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-    ),
+    organism: OrganismDir = None,
     only: str | None = typer.Option(None, help="Comma-separated configuration names (default: all of them)."),
 ) -> None:
     """LoRA-fine-tune the organism the way deployment fine-tunes are made (consistent, text-heavy data);
@@ -307,9 +300,7 @@ def organism_entry_sae(
     hook: str = typer.Option(
         "blocks.0.hook_attn_out", help="Where the framing enters (the site `flipscope trace` names)."
     ),
-    organism: Path | None = typer.Option(
-        None, help="Organism directory, or a shipped organism's name (default, gemma3-270m; default: default)."
-    ),
+    organism: OrganismDir = None,
     d_sae: int | None = typer.Option(None, help="Dictionary size (default: the organism's first SAE's)."),
 ) -> None:
     """Train the organism's second SAE, at the entry site, by its own recipe; record it in the card."""

@@ -8,10 +8,7 @@ from pathlib import Path
 import typer
 
 from flipscope.cli.common import (
-    ADAPTER_HELP,
     SHARD_HELP,
-    SITE_HELP,
-    TRACE_HELP,
     app,
     echo_shard_done,
     echo_site,
@@ -22,6 +19,7 @@ from flipscope.cli.common import (
     writable,
 )
 from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
+from flipscope.cli.options import Adapter, BankModel, Device, Dtype, Flipbank, SaeId, Saes, SiteSae, Trace
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.claims import wording_bound_reading
@@ -46,18 +44,16 @@ ROWS_HELP = (
 
 @app.command()
 def patch(
-    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
+    flipbank: Flipbank,
     features: str = typer.Option(..., help=features_help("remove together")),
     discovery: Path | None = typer.Option(
         None, help=DISCOVERY_HELP + " Default: <flipbank>.features.json beside the FlipBank."
     ),
-    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
-    sae: str | None = typer.Option(
-        None, help="SAE folder, sae-lens release, or auto (as discover --sae auto) (default: MODEL/sae)."
-    ),
-    sae_id: str | None = typer.Option(None, help="SAE id within a sae-lens release."),
-    saes: str | None = typer.Option(None, help=SITE_HELP),
-    trace: Path | None = typer.Option(None, help=TRACE_HELP),
+    model: BankModel = None,
+    sae: SiteSae = None,
+    sae_id: SaeId = None,
+    saes: Saes = None,
+    trace: Trace = None,
     positions: str = typer.Option("last", help=POSITIONS_HELP),
     sweep: str | None = typer.Option(
         None, help="Also patch each of these features alone over every case (resumable), e.g. 0-49 or 3,38."
@@ -65,9 +61,9 @@ def patch(
     out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.patch/ beside the FlipBank)."),
     batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass (caching the pairs, patching)."),
     rows_per_forward: int = typer.Option(1024, min=1, help=ROWS_HELP),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
     shard: str | None = typer.Option(None, help="The --sweep's part this process runs. " + SHARD_HELP),
     wording_bound: bool = typer.Option(True, help=BOUND_HELP),
     count: bool = typer.Option(False, "--count", help=COUNT_HELP),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, app, load_any_model, model_source, one_line_errors, writable
+from flipscope.cli.common import app, load_any_model, model_source, one_line_errors, writable
+from flipscope.cli.options import Adapter, Device, Dtype
 from flipscope.kernels import prefer_portable
 
 __all__ = ["sae_app"]
@@ -32,9 +33,9 @@ def train(
     held_out: float = typer.Option(0.2, help="Share of the questions held out to measure FVU, L0 and dead share."),
     seed: int = typer.Option(0, help="Seed of the initialisation, batch order and held-out split."),
     family: str | None = typer.Option(None, help="Model family (default: from the checkpoint's config)."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Train an SAE at HOOK on the questions' prompts; report FVU, L0 and dead share on held-out questions."""
     prefer_portable()  # before torch loads: on a CPU the SAE's bits are then any AVX2 CPU's

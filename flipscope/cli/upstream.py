@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from flipscope.cli.common import ADAPTER_HELP, app, fmt, ints, load_model, one_line_errors, writable
+from flipscope.cli.common import app, fmt, ints, load_model, one_line_errors, writable
+from flipscope.cli.options import Adapter, BankModel, Device, Dtype, Flipbank
 from flipscope.data.atomic import write_json
 from flipscope.errors import FlipscopeError
 from flipscope.reporting.claims import framing_entry, framing_heads
@@ -15,8 +16,8 @@ from flipscope.reporting.claims import framing_entry, framing_heads
 
 @app.command()
 def trace(
-    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
-    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    flipbank: Flipbank,
+    model: BankModel = None,
     layers: str | None = typer.Option(None, help="Layers to restore, e.g. 0,8,17 (default: all)."),
     max_cases: int = typer.Option(64, help="Flips traced (the bank's first ones); 0 for all."),
     heads: bool = typer.Option(
@@ -29,9 +30,9 @@ def trace(
     ),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.trace.json beside the FlipBank)."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Corrupt each flip's framing words and restore the clean run layer by layer, position group by
     group: where the framing enters, and which words carry it; with --heads, which attention heads
@@ -113,8 +114,8 @@ def _print_heads(heads: dict) -> None:
 
 @app.command()
 def lens(
-    flipbank: Path = typer.Option(..., help="FlipBank JSON (e.g. flipbank/organism/flipbank.json)."),
-    model: str | None = typer.Option(None, help="Model that made the FlipBank (default: the shipped organism)."),
+    flipbank: Flipbank,
+    model: BankModel = None,
     layers: str | None = typer.Option(None, help="Layers to read, e.g. 0,8,16,17 (default: all)."),
     sites: str | None = typer.Option(
         None, help="Extra hooks to rank-1 patch, e.g. blocks.0.hook_attn_out (each layer's resid_post always)."
@@ -123,9 +124,9 @@ def lens(
         32, help="The null is the best of this many norm-matched random directions (its expectation, from 8× as many)."
     ),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.lens.json beside the FlipBank)."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, ..."),
-    adapter: Path | None = typer.Option(None, help=ADAPTER_HELP),
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    adapter: Adapter = None,
 ) -> None:
     """Logit lens per layer (flips' divergence against same-family non-flips, the commit layer) and
     rank-1 patching of one cross-fitted framing direction per site, beside random directions."""
