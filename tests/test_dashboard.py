@@ -23,6 +23,8 @@ from flipscope.model.families import final_norm_gain
 from flipscope.organism import load_organism
 from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.sae.encode import encode_prompts
+from flipscope.sae.load import load_sae
+from tests.test_sae import _raw_folder
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 FRAMING, READOUT = 38, 32  # the organism's first framing feature, and a feature that writes "no"
@@ -133,6 +135,16 @@ def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup)
     random = feature_dashboard(vlm, scrambled, few, [READOUT], progress=False)["features"][str(READOUT)]
     assert abs(random["writes"]["answer_alignment"]) < random["writes"]["null"]
     assert "its decoder row does not point at the answer" in feature_sentence(str(READOUT), random)
+
+
+def test_an_sae_on_the_heads_outputs_is_not_read_through_the_unembedding(tmp_path: Path, setup) -> None:
+    vlm, _, _, few, _ = setup
+    heads = load_sae(_raw_folder(tmp_path, layer=0, d_in=vlm.d_model, site="attn_out")[0])  # blocks.0.attn.hook_z
+    one = {**few, "flips": few["flips"][:2], "controls": []}
+    found = feature_dashboard(vlm, heads, one, [0, 1], progress=False)
+    assert found["meta"]["hook"] == "blocks.0.attn.hook_z" and "output projection" in found["meta"]["writes"]
+    assert all("writes" not in shown for shown in found["features"].values())
+    assert "decoder row" not in feature_sentence("0", found["features"]["0"])
 
 
 def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_path: Path) -> None:

@@ -220,7 +220,8 @@ def feature_dashboard(
         (paraphrase minus original at the last position and over the question's tokens, over
         flips and over controls), and with `logits` > 0 `writes` (the `logits` tokens its decoder
         row raises and lowers most through the unembedding, its answer alignment and that
-        alignment's random-direction null: `feature_logits`).
+        alignment's random-direction null: `feature_logits`; for an SAE on the heads' outputs,
+        `attn.hook_z`, none, and `meta["writes"]` says why).
 
     Raises:
         FlipscopeError: the SAE does not fit the model, or a feature is out of range.
@@ -229,14 +230,19 @@ def feature_dashboard(
     check_features(sae, features)
     cases, is_flip = bank_cases(bank)
     specs, roles, orig, para = _roles(cases, is_flip)
-    prompts = _read(vlm, sae, hook, specs, roles, [int(f) for f in features], batch_size, fast, progress)
+    chosen = [int(f) for f in features]
+    prompts = _read(vlm, sae, hook, specs, roles, chosen, batch_size, fast, progress)
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
-    writes = feature_writes(vlm, sae, [int(f) for f in features], logits) if logits > 0 else None
+    writes = None
+    if logits > 0 and hook.endswith(".attn.hook_z"):  # as discovery: its rows are heads' outputs, not residual
+        meta["writes"] = "not read: the SAE's decoder rows are the heads' outputs before the output projection"
+    elif logits > 0:
+        writes = feature_writes(vlm, sae, chosen, logits)
     out: dict[str, Any] = {"meta": meta, "features": {}}
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
-    for j, f in enumerate(features):
-        out["features"][str(int(f))] = {
+    for j, f in enumerate(chosen):
+        out["features"][str(f)] = {
             "density": _density(prompts, j),
             "segments": _segments(prompts, j),
             "last": _last_by_family(prompts, j),
@@ -246,7 +252,7 @@ def feature_dashboard(
             "shift": _shift(prompts, orig, para, is_flip, j),
         }
         if writes is not None:
-            out["features"][str(int(f))]["writes"] = writes[str(int(f))]
+            out["features"][str(f)]["writes"] = writes[str(f)]
     return out
 
 
