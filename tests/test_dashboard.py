@@ -18,7 +18,7 @@ from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
 from flipscope.experiments.feature_logits import direct_logits
-from flipscope.experiments.pairs import collect_pairs, pair_specs
+from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
 from flipscope.model.families import final_norm_gain
 from flipscope.organism import load_organism
 from flipscope.reporting.feature_claims import feature_sentence
@@ -53,6 +53,33 @@ def test_the_shifts_equal_the_pairs_and_the_position_encodings(setup) -> None:
     by_case = question[para] - question[orig]
     got = found["features"][str(FRAMING)]["shift"]["question"]["flips"]["value"]
     assert got == pytest.approx(by_case[pairs.is_flip].mean(), abs=1e-4)
+
+
+def test_each_batch_runs_its_films_prompt_parts_before_the_questions_once(setup) -> None:
+    """58 prompts on 15 films in batches of 8: with each film's prompts side by side, at most
+    8 + 15 - 1 prefixes run (in the bank's order, 35 would); the layer after the hook runs nothing."""
+    vlm, sae, card, few, found = setup
+    specs = pair_specs(bank_cases(few)[0])[0]
+    films, batches = len({str(s.image) for s in specs}), -(-len(specs) // 8)
+    counted: list[int] = []
+    layers = vlm.hf_model.model.language_model.layers
+    handles = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: counted.append((i, a[0].shape[:2] if a else
+               k["hidden_states"].shape[:2])), with_kwargs=True) for i in range(len(layers))]  # fmt: skip
+    try:
+        grouped = feature_dashboard(vlm, sae, few, [FRAMING, READOUT], batch_size=8, logits=0, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layer = int(card["hook_name"].split(".")[1])
+    assert not [c for c in counted if c[0] > layer]  # both forwards end at the hook
+    forwards = [shape for i, shape in counted if i == 0]
+    prefixes = [shape for shape in forwards if shape[1] > 20]  # the prefix (header, 16 image tokens) is the long one
+    assert len(forwards) == len(prefixes) + batches  # a prefix forward and a suffix forward each batch
+    assert sum(shape[0] for shape in prefixes) <= batches + films - 1 < 35
+    for f in (FRAMING, READOUT):  # batches of 8 in another order read the same numbers as batches of 16
+        for place, moved in grouped["features"][str(f)]["shift"].items():
+            for who, value in moved.items():
+                assert value == pytest.approx(found["features"][str(f)]["shift"][place][who], abs=1e-5)
 
 
 def test_segments_split_a_prompt_where_the_wordings_can_differ(setup) -> None:

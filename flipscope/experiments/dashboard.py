@@ -28,7 +28,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from flipscope.experiments.feature_logits import feature_writes
-from flipscope.experiments.pairs import bank_cases, pair_specs
+from flipscope.experiments.pairs import bank_cases, evidence_order, pair_specs
 from flipscope.experiments.span_patch import tail_length
 from flipscope.model.families import image_token_mask
 from flipscope.model.protocol import VLM
@@ -83,27 +83,30 @@ def _token_strings(vlm: VLM, ids: Sequence[int], image: np.ndarray) -> list[str]
 def _read(
     vlm: VLM, sae: Any, hook: str, specs, roles, features, batch_size: int, fast: bool, progress: bool
 ) -> list[_Prompt]:
-    """Every prompt's features at every real position, with its segments."""
+    """Every prompt's features at every real position, with its segments (in batches of each
+    film's prompts side by side, so a batch runs few prefixes)."""
     encode, tail = feature_encoder(sae, features), tail_length(vlm)
-    out: list[_Prompt] = []
-    for start in tqdm(range(0, len(specs), batch_size), desc="dashboard", disable=not progress):
-        chunk = specs[start : start + batch_size]
+    placed: dict[int, _Prompt] = {}
+    order = evidence_order(specs)
+    for start in tqdm(range(0, len(order), batch_size), desc="dashboard", disable=not progress):
+        rows = order[start : start + batch_size]
+        chunk = [specs[i] for i in rows]
         inputs, acts = prompt_activations(vlm, chunk, [hook], fast=fast)
         feats = encode(acts[hook].to(sae.dtype)).float().cpu().numpy()
         question = vlm.prompts.question_mask(chunk, inputs).numpy()
         image = image_token_mask(vlm.hf_model, inputs.input_ids).cpu().numpy()
         real = inputs.attention_mask.bool().cpu().numpy()
         width = question.shape[1]
-        for row, spec in enumerate(chunk):
+        for row, (i, spec) in enumerate(zip(rows, chunk, strict=True)):
             segment = np.where(image[row], 0, np.where(question[row], 2, 1))
             segment[width - tail :] = 3
             keep = real[row]
             ids = inputs.input_ids[row][torch.from_numpy(keep)].tolist()
-            r = roles[start + row]
+            r = roles[i]
             tokens = _token_strings(vlm, ids, image[row][keep])
-            out.append(_Prompt(spec.question, r["kind"], r["strategy"], r["case"], r["flip"], ids, tokens,
-                               segment[keep], feats[row][keep]))  # fmt: skip
-    return out
+            placed[i] = _Prompt(spec.question, r["kind"], r["strategy"], r["case"], r["flip"], ids, tokens,
+                                segment[keep], feats[row][keep])  # fmt: skip
+    return [placed[i] for i in range(len(specs))]
 
 
 def _segments(prompts: list[_Prompt], j: int) -> dict[str, Any]:
