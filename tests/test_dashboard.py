@@ -19,6 +19,7 @@ from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
 from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
+from flipscope.experiments.readout import answer_direction
 from flipscope.model.families import final_norm_gain
 from flipscope.organism import load_organism
 from flipscope.reporting.feature_claims import feature_sentence
@@ -164,14 +165,30 @@ def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup)
     assert "its decoder row does not point at the answer" in feature_sentence(str(READOUT), random)
 
 
-def test_an_sae_on_the_heads_outputs_is_not_read_through_the_unembedding(tmp_path: Path, setup) -> None:
+def test_an_sae_on_the_heads_outputs_is_read_through_the_output_projection(tmp_path: Path, setup) -> None:
+    """GemmaScope 2's attention SAEs read the heads' outputs (`attn.hook_z`): a row solved so that
+    the output projection and the post-attention norm's gain carry it onto the answer direction
+    is said to write yes, and one they carry orthogonal to it is not."""
     vlm, _, _, few, _ = setup
     heads = load_sae(_raw_folder(tmp_path, layer=0, d_in=vlm.d_model, site="attn_out")[0])  # blocks.0.attn.hook_z
+    layer = vlm.hf_model.model.language_model.layers[0]
+    w_o = layer.self_attn.o_proj.weight.detach().float()
+    gain = final_norm_gain(layer.post_attention_layernorm)
+    target = answer_direction(vlm) / gain
+    away = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(0))
+    away -= (away @ answer_direction(vlm)) * answer_direction(vlm)  # a write orthogonal to the answer
+    with torch.no_grad():
+        heads.W_dec[1] = torch.linalg.lstsq(w_o, target[:, None]).solution[:, 0]
+        heads.W_dec[0] = torch.linalg.lstsq(
+            w_o, (away / final_norm_gain(layer.post_attention_layernorm))[:, None]
+        ).solution[:, 0]
     one = {**few, "flips": few["flips"][:2], "controls": []}
     found = feature_dashboard(vlm, heads, one, [0, 1], progress=False)
-    assert found["meta"]["hook"] == "blocks.0.attn.hook_z" and "output projection" in found["meta"]["writes"]
-    assert all("writes" not in shown for shown in found["features"].values())
-    assert "decoder row" not in feature_sentence("0", found["features"]["0"])
+    assert found["meta"]["hook"] == "blocks.0.attn.hook_z"
+    solved, orthogonal = found["features"]["1"]["writes"], found["features"]["0"]["writes"]
+    assert solved["answer_alignment"] > 0.99 and abs(orthogonal["answer_alignment"]) < 1e-3
+    assert "its decoder row writes yes" in feature_sentence("1", found["features"]["1"])
+    assert "does not point at the answer" in feature_sentence("0", found["features"]["0"])
 
 
 def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_path: Path) -> None:

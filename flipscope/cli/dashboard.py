@@ -67,6 +67,4 @@ def dashboard(
         echo_site(site)
     for feature, shown in found["features"].items():
         typer.echo(feature_sentence(feature, shown))
-    if "writes" in found["meta"]:
-        typer.echo(f"what the decoder rows write: {found['meta']['writes']}")
     typer.echo(f"dashboard: {page}\n           {out / 'dashboard.json'}")

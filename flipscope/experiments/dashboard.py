@@ -223,8 +223,7 @@ def feature_dashboard(
         (paraphrase minus original at the last position and over the question's tokens, over
         flips and over controls), and with `logits` > 0 `writes` (the `logits` tokens its decoder
         row raises and lowers most through the unembedding, its answer alignment and that
-        alignment's random-direction null: `feature_logits`; for an SAE on the heads' outputs,
-        `attn.hook_z`, none, and `meta["writes"]` says why).
+        alignment's random-direction null: `feature_logits`).
 
     Raises:
         FlipscopeError: the SAE does not fit the model, or a feature is out of range.
@@ -237,11 +236,7 @@ def feature_dashboard(
     prompts = _read(vlm, sae, hook, specs, roles, chosen, batch_size, fast, progress)
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
-    writes = None
-    if logits > 0 and hook.endswith(".attn.hook_z"):  # as discovery: its rows are heads' outputs, not residual
-        meta["writes"] = "not read: the SAE's decoder rows are the heads' outputs before the output projection"
-    elif logits > 0:
-        writes = feature_writes(vlm, sae, chosen, logits)
+    writes = feature_writes(vlm, sae, chosen, logits, hook) if logits > 0 else None
     out: dict[str, Any] = {"meta": meta, "features": {}}
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
     for j, f in enumerate(chosen):

@@ -318,13 +318,13 @@ def _framing(
     min_margin: float,
 ) -> FramingAnalysis:
     """The framing analysis of the pairs, with the decoder's answer alignment where the model
-    exposes its unembedding and the SAE writes the residual stream (not the heads' `attn.hook_z`);
-    `min_margin` is the bank's curation floor."""
+    exposes its unembedding (an SAE on the heads' `attn.hook_z` read through the output
+    projection: `readout.residual_rows`); `min_margin` is the bank's curation floor."""
     readout = {}
-    if hasattr(vlm, "hf_model") and not hook.endswith(".attn.hook_z"):
+    if hasattr(vlm, "hf_model"):
         readout = {
-            "answer_cos": answer_alignment(sae, vlm),
-            "answer_cos_threshold": alignment_threshold(sae, seed=seed),
+            "answer_cos": answer_alignment(sae, vlm, hook),
+            "answer_cos_threshold": alignment_threshold(sae, vlm=vlm, hook=hook, seed=seed),
         }
     return framing_analysis(
         delta_f, shift, pairs.cases, hook, margin_orig=pairs.margin_orig.double().numpy(),

@@ -11,6 +11,11 @@ The direction is the logit lens of the margin. Gemma's final RMSNorm scales x / 
 by about ((1 + w) ⊙ (ū_yes − ū_no)) · δ / rms(x), with ū_yes (ū_no) the mean unembedding row of
 the yes (no) spellings. Layers between a feature's hook and the final norm are ignored, so the
 alignment is a first-order reading, and exact for features written into the last layer.
+
+An SAE on the heads' outputs (`attn.hook_z`, GemmaScope 2's attention SAEs) does not write the
+residual stream directly: its rows go through the attention output projection and, in Gemma's
+layers, the post-attention norm's gain (whose 1/rms is one scalar per position) before they are
+added. `residual_rows` maps them there, so such an SAE is read the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from flipscope.model.families import final_norm_gain
 from flipscope.model.families.sites import find_language_model
 from flipscope.model.hooked import HookedVLM
 
-__all__ = ["alignment_threshold", "answer_alignment", "answer_direction"]
+__all__ = ["alignment_threshold", "answer_alignment", "answer_direction", "residual_rows"]
 
 
 @torch.no_grad()
@@ -41,22 +46,47 @@ def answer_direction(vlm: HookedVLM) -> Float[Tensor, " d_model"]:
 
 
 @torch.no_grad()
-def answer_alignment(sae: SAE, vlm: HookedVLM) -> Float[np.ndarray, " d_sae"]:
-    """Cosine of each feature's decoder row with `answer_direction`: near ±1 for a feature that
-    writes yes (+) or no (−), near 0 for one the readout does not see."""
-    w_dec = sae.W_dec.detach().float().cpu()
-    rows = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (rows @ answer_direction(vlm).cpu()).numpy()
+def residual_rows(sae: SAE, vlm: HookedVLM | None = None, hook: str | None = None) -> Float[Tensor, "d_sae d_model"]:
+    """The SAE's decoder rows as the directions they add to the residual stream: the rows, or for
+    an SAE at `hook` = `blocks.L.attn.hook_z` each row through layer L's attention output projection
+    and, where the layer norms attention's output before adding it (Gemma), that norm's gain."""
+    rows = sae.W_dec.detach().float().cpu()
+    if hook is None or not hook.endswith(".attn.hook_z"):
+        return rows
+    layer = find_language_model(vlm.hf_model).layers[int(hook.split(".")[1])]
+    rows = rows @ layer.self_attn.o_proj.weight.detach().float().cpu().T
+    if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
+        rows = rows * final_norm_gain(layer.post_attention_layernorm).cpu()
+    return rows
+
+
+def _unit(rows: Tensor) -> Tensor:
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
-def alignment_threshold(sae: SAE, *, n_directions: int = 1000, level: float = 0.95, seed: int = 0) -> float:
+def answer_alignment(sae: SAE, vlm: HookedVLM, hook: str | None = None) -> Float[np.ndarray, " d_sae"]:
+    """Cosine of each feature's residual write (`residual_rows`, for an SAE at `hook`) with
+    `answer_direction`: near ±1 for a feature that writes yes (+) or no (−), near 0 for one the
+    readout does not see."""
+    return (_unit(residual_rows(sae, vlm, hook)) @ answer_direction(vlm).cpu()).numpy()
+
+
+@torch.no_grad()
+def alignment_threshold(
+    sae: SAE,
+    *,
+    vlm: HookedVLM | None = None,
+    hook: str | None = None,
+    n_directions: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> float:
     """The null of `answer_alignment`: the `level` quantile of the largest |cosine| between the
-    SAE's decoder rows and a random direction (isotropic in the residual stream). A feature more
-    aligned with the answer than the best-aligned feature is with a direction that means nothing
-    writes the answer."""
-    w_dec = sae.W_dec.detach().float().cpu()
-    rows = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    SAE's residual writes (`residual_rows`) and a random direction (isotropic in the residual
+    stream). A feature more aligned with the answer than the best-aligned feature is with a
+    direction that means nothing writes the answer."""
+    rows = _unit(residual_rows(sae, vlm, hook))
     generator = torch.Generator().manual_seed(seed)
     best = []
     for start in range(0, n_directions, 100):
