@@ -39,7 +39,7 @@ from flipscope.experiments.attribution import attribution_scores, check_attribut
 from flipscope.experiments.directions import diffmean_direction, layer_auc_sweep
 from flipscope.experiments.framing import FramingAnalysis, framing_analysis
 from flipscope.experiments.pairs import PairActivations, collect_pairs
-from flipscope.experiments.readout import alignment_threshold, answer_alignment
+from flipscope.experiments.readout import alignment_threshold, answer_alignment, residual_rows
 from flipscope.model.hook_names import resid_post
 from flipscope.model.protocol import VLM
 from flipscope.sae.load import check_sae, sae_digest
@@ -322,9 +322,10 @@ def _framing(
     projection: `readout.residual_rows`); `min_margin` is the bank's curation floor."""
     readout = {}
     if hasattr(vlm, "hf_model"):
+        rows = residual_rows(sae, vlm, hook)
         readout = {
-            "answer_cos": answer_alignment(sae, vlm, hook),
-            "answer_cos_threshold": alignment_threshold(sae, vlm=vlm, hook=hook, seed=seed),
+            "answer_cos": answer_alignment(sae, vlm, rows=rows),
+            "answer_cos_threshold": alignment_threshold(sae, rows=rows, seed=seed),
         }
     return framing_analysis(
         delta_f, shift, pairs.cases, hook, margin_orig=pairs.margin_orig.double().numpy(),

@@ -40,7 +40,7 @@ def direct_logits(
     first, smallest first), the unembedding read `block` rows at a time."""
     w_u = vlm.hf_model.get_output_embeddings().weight
     gain = final_norm_gain(find_language_model(vlm.hf_model).norm).to(w_u.device)
-    rows = residual_rows(sae, vlm, hook)[list(features)].to(w_u.device) * gain  # [feature, d_model]
+    rows = residual_rows(sae, vlm, hook, features).to(w_u.device) * gain  # [feature, d_model]
     k = min(k, w_u.shape[0])
     top = bottom = (rows.new_zeros((len(rows), 0)), torch.zeros((len(rows), 0), dtype=torch.long))
     for start in range(0, w_u.shape[0], block):
@@ -65,7 +65,8 @@ def feature_writes(vlm: Any, sae: Any, features: Sequence[int], k: int = 10, hoo
     that alignment is judged against (the SAE's, the same for every feature); for an SAE at `hook`."""
     decode = vlm.prompts.tokenizer.decode
     up, up_ids, down, down_ids = direct_logits(vlm, sae, features, k, hook)
-    alignment, null = answer_alignment(sae, vlm, hook), alignment_threshold(sae, vlm=vlm, hook=hook)
+    rows = residual_rows(sae, vlm, hook)
+    alignment, null = answer_alignment(sae, vlm, rows=rows), alignment_threshold(sae, rows=rows)
     return {
         str(int(f)): {
             "raises": [[decode([int(i)]), float(v)] for v, i in zip(up[j], up_ids[j], strict=True)],

@@ -14,11 +14,15 @@ alignment is a first-order reading, and exact for features written into the last
 
 An SAE on the heads' outputs (`attn.hook_z`, GemmaScope 2's attention SAEs) does not write the
 residual stream directly: its rows go through the attention output projection and, in Gemma's
-layers, the post-attention norm's gain (whose 1/rms is one scalar per position) before they are
-added. `residual_rows` maps them there, so such an SAE is read the same way.
+layers, the post-attention norm before they are added. `residual_rows` maps them there through the
+projection and the norm's gain, leaving out its 1/rms and its projection off the activation (first
+order again), so such an SAE is read the same way. At MedGemma's shapes the map of a 16k-feature
+SAE is ~86 GFLOP, so a caller that needs both the alignment and its null maps once (`rows`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
+from flipscope.errors import FlipscopeError
 from flipscope.model.families import final_norm_gain
 from flipscope.model.families.sites import find_language_model
 from flipscope.model.hooked import HookedVLM
@@ -46,13 +51,23 @@ def answer_direction(vlm: HookedVLM) -> Float[Tensor, " d_model"]:
 
 
 @torch.no_grad()
-def residual_rows(sae: SAE, vlm: HookedVLM | None = None, hook: str | None = None) -> Float[Tensor, "d_sae d_model"]:
-    """The SAE's decoder rows as the directions they add to the residual stream: the rows, or for
-    an SAE at `hook` = `blocks.L.attn.hook_z` each row through layer L's attention output projection
-    and, where the layer norms attention's output before adding it (Gemma), that norm's gain."""
-    rows = sae.W_dec.detach().float().cpu()
+def residual_rows(
+    sae: SAE, vlm: HookedVLM | None = None, hook: str | None = None, features: Sequence[int] | None = None
+) -> Float[Tensor, "d_sae d_model"]:
+    """The SAE's decoder rows (those of `features`, default all) as the directions they add to the
+    residual stream: the rows, or for an SAE at `hook` = `blocks.L.attn.hook_z` each row through
+    layer L's attention output projection and, where the layer norms attention's output before
+    adding it (Gemma), that norm's gain.
+
+    Raises:
+        FlipscopeError: an attention SAE's rows asked for without the model they feed.
+    """
+    rows = sae.W_dec.detach()
+    rows = (rows if features is None else rows[list(features)]).float().cpu()
     if hook is None or not hook.endswith(".attn.hook_z"):
         return rows
+    if vlm is None:
+        raise FlipscopeError(f"an SAE at {hook} writes the residual stream through the model's output projection")
     layer = find_language_model(vlm.hf_model).layers[int(hook.split(".")[1])]
     rows = rows @ layer.self_attn.o_proj.weight.detach().float().cpu().T
     if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
@@ -65,11 +80,14 @@ def _unit(rows: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def answer_alignment(sae: SAE, vlm: HookedVLM, hook: str | None = None) -> Float[np.ndarray, " d_sae"]:
-    """Cosine of each feature's residual write (`residual_rows`, for an SAE at `hook`) with
-    `answer_direction`: near ±1 for a feature that writes yes (+) or no (−), near 0 for one the
-    readout does not see."""
-    return (_unit(residual_rows(sae, vlm, hook)) @ answer_direction(vlm).cpu()).numpy()
+def answer_alignment(
+    sae: SAE, vlm: HookedVLM, hook: str | None = None, *, rows: Tensor | None = None
+) -> Float[np.ndarray, " d_sae"]:
+    """Cosine of each feature's residual write (`residual_rows`, for an SAE at `hook`, or `rows`
+    where the caller has them) with `answer_direction`: near ±1 for a feature that writes yes (+)
+    or no (−), near 0 for one the readout does not see."""
+    rows = residual_rows(sae, vlm, hook) if rows is None else rows
+    return (_unit(rows) @ answer_direction(vlm).cpu()).numpy()
 
 
 @torch.no_grad()
@@ -78,15 +96,16 @@ def alignment_threshold(
     *,
     vlm: HookedVLM | None = None,
     hook: str | None = None,
+    rows: Tensor | None = None,
     n_directions: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> float:
     """The null of `answer_alignment`: the `level` quantile of the largest |cosine| between the
-    SAE's residual writes (`residual_rows`) and a random direction (isotropic in the residual
-    stream). A feature more aligned with the answer than the best-aligned feature is with a
-    direction that means nothing writes the answer."""
-    rows = _unit(residual_rows(sae, vlm, hook))
+    SAE's residual writes (`residual_rows`, or `rows`) and a random direction (isotropic in the
+    residual stream). A feature more aligned with the answer than the best-aligned feature is with
+    a direction that means nothing writes the answer."""
+    rows = _unit(residual_rows(sae, vlm, hook) if rows is None else rows)
     generator = torch.Generator().manual_seed(seed)
     best = []
     for start in range(0, n_directions, 100):
