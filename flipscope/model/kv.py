@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from flipscope.errors import FlipscopeError
+from flipscope.model.caching import StopForward
 from flipscope.model.prompts import ModelInputs, PromptBuilder, PromptSpec
 
 __all__ = [
@@ -64,11 +66,18 @@ def run_prefix(model: Any, builder: PromptBuilder, spec: PromptSpec, length: int
     return Prefix(prefix_cache(model, builder.build([spec]), torch.arange(length)[None]), length)
 
 
-def prefix_cache(model: Any, inputs: ModelInputs, columns: Int[Tensor, "batch width"]) -> Any:
+def prefix_cache(model: Any, inputs: ModelInputs, columns: Int[Tensor, "batch width"], until: Any = None) -> Any:
     """The key/value cache of each row's tokens at `columns` (a prefix: the same columns after it
-    run on the cache), its images through the tower, with the model's edits and no hooks."""
+    run on the cache), its images through the tower, with the model's edits and no hooks; with
+    `until` (a stopping `caching.Recorder`), that recorder's hooks on and the forward ended once it
+    holds them, so the cache holds only the layers before that point."""
     prefix = inputs.columns(columns).to(model.device, model.dtype)
-    return model.hf_hidden(**prefix.as_kwargs(), use_cache=True).past_key_values
+    if until is None:
+        return model.hf_hidden(**prefix.as_kwargs(), use_cache=True).past_key_values
+    cache = DynamicCache(config=model.hf_model.config.get_text_config())
+    with model.hooks(fwd_hooks=until.hooks(model.hook_dict)), suppress(StopForward):
+        model.hf_hidden(**prefix.as_kwargs(), past_key_values=cache, use_cache=True)
+    return cache
 
 
 def shared_rows(cache: Any, rows: int | Int[Tensor, " row"]) -> Any:

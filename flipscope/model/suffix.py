@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers.cache_utils import DynamicCache
 
 from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
@@ -136,10 +135,7 @@ class SuffixReads(SuffixRuns):
 
     def _prefix_cache(self, prefixes: ModelInputs, columns: Int[Tensor, "row cut"]) -> Any:
         recorder = Recorder(self.names, stop=True)
-        cache = DynamicCache(config=self.vlm.hf_model.config.get_text_config())
-        batch = prefixes.columns(columns).to(self.vlm.device, self.vlm.dtype)
-        with self.vlm.hooks(fwd_hooks=recorder.hooks(self.vlm.hook_dict)), suppress(StopForward):
-            self.vlm.hf_hidden(**batch.as_kwargs(), past_key_values=cache, use_cache=True)
+        cache = prefix_cache(self.vlm, prefixes, columns, until=recorder)
         self.prefix_values = recorder.cache
         return cache
 
@@ -185,9 +181,8 @@ def question_runs(vlm: Any, specs: Sequence[PromptSpec], hooks: Sequence[str], f
     """The runs of `specs` for edits and reads at `hooks` from their questions on: `batch_runs`
     cut before the questions where every hook is in the language model, else whole prompts."""
     inputs = vlm.prompts.build(specs)
-    if not all(is_text_hook(hook) for hook in hooks):
-        return FullRuns(vlm, inputs)
-    return batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs), fast=fast)
+    cut = _question_cut(vlm, specs, inputs, hooks, fast)
+    return FullRuns(vlm, inputs) if cut is None else SuffixRuns(vlm, inputs, cut)
 
 
 def batch_runs(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"], fast: bool = True) -> FullRuns:
@@ -207,12 +202,20 @@ def prompt_activations(
     the suffix path (`SuffixReads`) where it is sound (and `fast`), else in forwards of whole
     prompts that end at the last hook."""
     inputs = vlm.prompts.build(specs)
-    cut = None
-    if fast and all(is_text_hook(name) for name in names):
-        cut = _suffix_cut(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
+    cut = _question_cut(vlm, specs, inputs, names, fast)
     if cut is None:
         return inputs, vlm.cache_activations(inputs, names_filter=list(names))
     return inputs, SuffixReads(vlm, inputs, cut, names).activations()
+
+
+def _question_cut(
+    vlm: Any, specs: Sequence[PromptSpec], inputs: ModelInputs, hooks: Sequence[str], fast: bool
+) -> int | None:
+    """Where the suffix path cuts the batch `specs` build (`inputs`) before the questions, for
+    edits and reads at `hooks`: only where every hook is in the language model (and `fast`)."""
+    if not fast or not all(is_text_hook(hook) for hook in hooks):
+        return None
+    return _suffix_cut(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
 
 
 def _suffix_cut(vlm: Any, inputs: ModelInputs, edited: Bool[Tensor, "batch pos"]) -> int | None:
