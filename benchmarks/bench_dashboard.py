@@ -4,7 +4,10 @@ ending at the SAE's hook (`fast`), against whole prompts in forwards that end th
 
 Each path starts from an empty image memo (every film through the tower once, as a run alone
 would), counts the tokens each decoder layer runs and the tower's runs, and the two dashboards'
-numbers are compared: every segment mean and every shift. Used by `bench_medgemma.py` (stage
+numbers are compared: every segment mean and every shift. Then the effects panel
+(`feature_effects`, each feature's row and its random directions written at the answer position)
+two ways: each prompt run once to its last token and that token once per write, against a full
+forward per write. Used by `bench_medgemma.py` (stage
 `dashboard`) at MedGemma's shapes, at the SAE's layer and at layer 0's attention output; run alone,
 on the shipped organism's FlipBank with its two SAEs (the features the demo removes at each).
 Run: `.venv/bin/python benchmarks/bench_dashboard.py [--out FILE]`.
@@ -24,7 +27,9 @@ import torch
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
+from flipscope.experiments.feature_effects import feature_effects
 from flipscope.experiments.feature_logits import feature_writes
+from flipscope.experiments.pairs import bank_cases, pair_specs
 from flipscope.organism import default_organism_dir, load_organism
 from flipscope.sae.load import check_sae, load_sae
 
@@ -64,7 +69,7 @@ def dashboard_paths(
     vlm: Any, sae: Any, bank: Mapping[str, Any], features: Sequence[int], batch_size: int = 8, rounds: int = 2
 ) -> dict[str, Any]:
     """Seconds (the fastest of `rounds`, the two ways alternating), decoder-layer tokens and tower
-    runs of the dashboard each way (its logits panel left out), their ratio, the largest difference
+    runs of the dashboard each way (its logits and effects panels left out), their ratio, the largest difference
     between the two dashboards' numbers (beside the largest number), and the seconds of the logits
     panel alone (`feature_writes`: the whole unembedding read in blocks, and the answer alignment's
     null)."""
@@ -78,7 +83,7 @@ def dashboard_paths(
                 start = time.perf_counter()
                 with torch.no_grad():
                     found[path] = feature_dashboard(vlm, sae, bank, features, batch_size=batch_size, fast=fast,
-                                                    logits=0, progress=False)  # fmt: skip
+                                                    logits=0, effects=0, progress=False)  # fmt: skip
                 seconds[path].append(time.perf_counter() - start)
             finally:
                 for handle in handles:
@@ -97,6 +102,29 @@ def dashboard_paths(
     return row
 
 
+def effects_paths(
+    vlm: Any, sae: Any, bank: Mapping[str, Any], features: Sequence[int], prompts: int, n_random: int, rounds: int = 2
+) -> dict[str, Any]:
+    """Seconds of `feature_effects` on the bank's first `prompts` prompts (the fastest of `rounds`,
+    alternating) on the last-token path and as full forwards, their ratio, the writes per prompt
+    and the largest difference between the two ways' effects (beside the largest effect)."""
+    specs = pair_specs(bank_cases(bank)[0])[0][:prompts]
+    hook, scales = check_sae(sae, vlm), [4.0] * len(features)
+    seconds: dict[str, list[float]] = {"fast": [], "whole": []}
+    found: dict[str, Any] = {}
+    for _ in range(rounds):
+        for path, fast in (("fast", True), ("whole", False)):
+            start = time.perf_counter()
+            found[path] = feature_effects(vlm, sae, hook, features, scales, specs, n_random=n_random, fast=fast)
+            seconds[path].append(time.perf_counter() - start)
+    pairs = [(found["fast"][f]["effect"]["value"], found["whole"][f]["effect"]["value"]) for f in found["fast"]]
+    fast_s, whole_s = min(seconds["fast"]), min(seconds["whole"])
+    return {"features": list(features), "prompts": len(specs), "writes_per_prompt": 2 * len(features) * (1 + n_random),
+            "fast_s": fast_s, "whole_s": whole_s, "rounds": seconds, "ratio": whole_s / fast_s,
+            "max_abs_diff": max(abs(a - b) for a, b in pairs),
+            "max_abs_value": max(abs(b) for _, b in pairs)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -109,9 +137,14 @@ def main() -> None:
     for name, features in ORGANISM_FEATURES.items():
         sae = load_sae(default_organism_dir() / name)
         row = dashboard_paths(vlm, sae, bank, features, batch_size=args.batch, rounds=args.rounds)
+        row["effects"] = effects_paths(vlm, sae, bank, features, prompts=16, n_random=16, rounds=args.rounds)
         result["sites"][check_sae(sae, vlm)] = row
         print(f"{check_sae(sae, vlm)}: {row['prompts']} prompts, fast {row['fast_s']:.2f} s, whole "
               f"{row['whole_s']:.2f} s, ratio {row['ratio']:.2f}x, max diff {row['max_abs_diff']:.1e}")  # fmt: skip
+        e = row["effects"]
+        print(f"  effects: {e['prompts']} prompts x {e['writes_per_prompt']} writes, last-token path "
+              f"{e['fast_s']:.2f} s, full forwards {e['whole_s']:.2f} s, ratio {e['ratio']:.1f}x, "
+              f"max diff {e['max_abs_diff']:.1e}")  # fmt: skip
     write_json(args.out, result, indent=2)
 
 

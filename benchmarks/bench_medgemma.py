@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_dashboard import dashboard_paths
+from bench_dashboard import dashboard_paths, effects_paths
 from bench_patch import bank_patch_line, bank_patch_paths, count_line, count_paths, memo_paths, rank1_paths
 
 from flipscope.data.atomic import write_json
@@ -172,7 +172,7 @@ def medgemma_dashboard(model: Path, sae_path: Path, bank: Path, n_features: int 
     """`feature_dashboard` over the whole bank both ways (`bench_dashboard.dashboard_paths`), with
     the SAE at its own hook and the same SAE read at layer 0's attention output (the entry site's
     shape: width 2,560 either way; thresholds at 0, so about half its features fire), 8 prompts per
-    forward."""
+    forward; and the effects panel both ways (`bench_dashboard.effects_paths`) at both sites."""
     vlm, flipbank = HookedVLM.from_pretrained(model), load_flipbank(bank)
     sae = load_sae(sae_path)
     entry = copy.deepcopy(sae)
@@ -180,7 +180,10 @@ def medgemma_dashboard(model: Path, sae_path: Path, bank: Path, n_features: int 
     with torch.no_grad():  # thresholds set for unit-variance input would silence every feature on this smaller one
         entry.threshold.zero_()
     features = list(range(n_features))
-    return {check_sae(s, vlm): dashboard_paths(vlm, s, flipbank, features) for s in (sae, entry)}
+    out = {check_sae(s, vlm): dashboard_paths(vlm, s, flipbank, features) for s in (sae, entry)}
+    for s in (sae, entry):  # the effects panel: 2 features, 4 random directions, 4 prompts (20 writes a prompt)
+        out[check_sae(s, vlm)]["effects"] = effects_paths(vlm, s, flipbank, features[:2], prompts=4, n_random=4)
+    return out
 
 
 def counters(vlm: HookedVLM) -> tuple[list[int], list[int]]:

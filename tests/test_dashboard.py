@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
+from flipscope.experiments.feature_effects import write_effects
 from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
 from flipscope.experiments.readout import answer_direction
@@ -67,7 +68,9 @@ def test_each_batch_runs_its_films_prompt_parts_before_the_questions_once(setup)
     handles = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: counted.append((i, a[0].shape[:2] if a else
                k["hidden_states"].shape[:2])), with_kwargs=True) for i in range(len(layers))]  # fmt: skip
     try:
-        grouped = feature_dashboard(vlm, sae, few, [FRAMING, READOUT], batch_size=8, logits=0, progress=False)
+        grouped = feature_dashboard(
+            vlm, sae, few, [FRAMING, READOUT], batch_size=8, logits=0, effects=0, progress=False
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -131,6 +134,7 @@ def test_the_sentences_follow_the_intervals_and_a_bank_of_identical_wordings_mov
     dead = feature_dashboard(vlm, silent, few, [FRAMING], progress=False)["features"][str(FRAMING)]
     assert feature_sentence(str(FRAMING), dead) == f"Feature {FRAMING} does not fire on the bank's prompts."
     assert dead["top"] == [] and dead["tokens"] == [] and dead["density"] == 0.0
+    assert dead["effect"]["effect"] is None and not dead["effect"]["moves"]
 
 
 def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup) -> None:
@@ -163,6 +167,42 @@ def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup)
     random = feature_dashboard(vlm, scrambled, few, [READOUT], progress=False)["features"][str(READOUT)]
     assert abs(random["writes"]["answer_alignment"]) < random["writes"]["null"]
     assert "its decoder row does not point at the answer" in feature_sentence(str(READOUT), random)
+    assert not random["effect"]["moves"] and abs(random["effect"]["effect"]["value"]) < random["effect"]["null"]
+    assert "no more than random directions of its norm do" in feature_sentence(str(READOUT), random)
+
+
+def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwards_do(setup) -> None:
+    """The measured effect is half the difference of two full forwards, the row added and
+    subtracted at the last position (at a residual hook and at the heads' outputs); the feature
+    whose row writes "no" moves the margin toward no beyond 16 random directions of its norm."""
+    vlm, sae, card, few, found = setup
+    specs = pair_specs(bank_cases(few)[0])[0][:5]
+    writes = torch.randn(2, vlm.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    for hook in (card["hook_name"], "blocks.0.attn.hook_z"):
+        got = write_effects(vlm, specs, hook, writes)
+        for k, w in enumerate(writes):
+            moved = []
+            for sign in (1, -1):
+
+                def add(x, hook, w=w * sign):
+                    x = x.clone()
+                    x[:, -1] += w
+                    return x
+
+                with vlm.hooks(fwd_hooks=[(hook, add)]):
+                    moved.append(vlm.score(vlm.prompts.build(specs)).double().numpy())
+            np.testing.assert_allclose(got[:, k], (moved[0] - moved[1]) / 2, atol=1e-4)
+            assert np.abs(got[:, k]).max() > 0.01  # the writes move the margin at both hooks
+    effect = found["features"][str(READOUT)]["effect"]
+    assert effect["moves"] and effect["effect"]["high"] < 0 and effect["effect"]["n"] == 16
+    assert effect["scale"] == pytest.approx(max(float(p["activation"]) for p in found["features"][str(READOUT)]["top"]))
+    said = feature_sentence(str(READOUT), found["features"][str(READOUT)])
+    assert "it moves the margin toward no by" in said and "as its direct reading says" in said
+    turned = copy.deepcopy(found["features"][str(READOUT)])
+    turned["writes"]["answer_alignment"] *= -1  # a direct reading of yes that the measured effect contradicts
+    assert "the opposite of its direct reading" in feature_sentence(str(READOUT), turned)
+    turned["writes"]["answer_alignment"] = 0.0
+    assert "the layers after the hook carry it there" in feature_sentence(str(READOUT), turned)
 
 
 def test_an_sae_on_the_heads_outputs_is_read_through_the_output_projection(tmp_path: Path, setup) -> None:
@@ -202,11 +242,13 @@ def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_pat
     assert f"Feature {FRAMING}" in page and "<mark>" in page and "nan" not in result.output
     assert f"Feature {FRAMING} (active at" in result.output
     assert "read directly through the unembedding" in page and "decoder row" in result.output
+    assert "What writing it at the answer position does" in page and "Written at the answer position" in result.output
     bare = CliRunner().invoke(app, ["dashboard", "--flipbank", str(BANK), "--features", f"{READOUT}", "--logits", "0",
-                                    "--out", str(tmp_path / "bare")])  # fmt: skip
+                                    "--effects", "0", "--out", str(tmp_path / "bare")])  # fmt: skip
     assert bare.exit_code == 0, bare.output
-    assert "writes" not in json.loads((tmp_path / "bare" / "dashboard.json").read_text())["features"][str(READOUT)]
-    assert "decoder row" not in bare.output
+    shown = json.loads((tmp_path / "bare" / "dashboard.json").read_text())["features"][str(READOUT)]
+    assert "writes" not in shown and "effect" not in shown
+    assert "decoder row" not in bare.output and "Written at" not in bare.output
     bad = CliRunner().invoke(
         app, ["dashboard", "--flipbank", str(BANK), "--features", "64", "--out", str(tmp_path / "b")]
     )

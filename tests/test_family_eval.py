@@ -288,8 +288,8 @@ def _span_patch_and_dashboard_read_the_template(vlm, bank, pairs, middle: str) -
     inputs = vlm.prompts.build(specs)
     runs = batch_runs(vlm, inputs, vlm.prompts.question_mask(specs, inputs))
     assert isinstance(runs, SuffixRuns) == (vlm.fast_path_off is None)  # the dashboard's path is the same
-    seg = feature_dashboard(vlm, middle_sae, one, range(16), progress=False)["features"]
-    whole = feature_dashboard(vlm, middle_sae, one, range(16), fast=False, progress=False)["features"]
+    seg = feature_dashboard(vlm, middle_sae, one, range(16), effects=0, progress=False)["features"]
+    whole = feature_dashboard(vlm, middle_sae, one, range(16), effects=0, fast=False, progress=False)["features"]
     for f, found in seg.items():  # each film's prompt before the question run once, or with every wording
         for group, places in found["segments"].items():
             for place, value in places.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -15,6 +16,15 @@ from flipscope.cli.common import (
 )
 from flipscope.cli.features import DISCOVERY_HELP, feature_request, features_help, resolve_features
 from flipscope.cli.options import Adapter, BankModel, Device, Dtype, Flipbank, SaeId, Saes, SiteSae, Trace
+
+Effects = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Prompts on which each feature's decoder row is written at the answer position, its margin's move "
+        "beside 16 random directions of the same norm (0: skip).",
+    ),
+]
 
 
 @app.command()
@@ -34,6 +44,7 @@ def dashboard(
     logits: int = typer.Option(
         10, min=0, help="Tokens each feature's decoder row raises and lowers most through the unembedding (0: skip)."
     ),
+    effects: Effects = 16,
     out: Path | None = typer.Option(None, help="Output folder (default: <flipbank>.dashboard/ beside the FlipBank)."),
     batch_size: int = typer.Option(16, min=1, help="Prompts per forward pass."),
     dtype: Dtype = "float32",
@@ -59,7 +70,15 @@ def dashboard(
             request, discovery or flipbank.with_name(f"{flipbank.stem}.features.json"), dictionary
         )
         found = feature_dashboard(
-            vlm, dictionary, bank, chosen, top=top, examples=examples, logits=logits, batch_size=batch_size
+            vlm,
+            dictionary,
+            bank,
+            chosen,
+            top=top,
+            examples=examples,
+            logits=logits,
+            effects=effects,
+            batch_size=batch_size,
         )
         write_json(out / "dashboard.json", found)
         page = write_dashboard_page(out / "dashboard.html", found, str(flipbank))

@@ -8,8 +8,9 @@ turn's header), whose last position is where the answer is read. Per feature: it
 per token in each of those segments, its density, its value at the last position by wording
 family, how each case's paraphrase moves it from its original (on the question's tokens and at
 the last position, with a bootstrap CI over cases), the tokens it fires on most, its top
-activations with their context, and what its decoder row writes through the unembedding
-(`feature_logits`).
+activations with their context, what its decoder row writes through the unembedding
+(`feature_logits`), and what writing it at the answer position does to the margin
+(`feature_effects`).
 
 A feature whose activation sits on the framing words is reading the wording; one whose activation
 sits at the last position carries what attention has already moved there. The numbers describe
@@ -27,6 +28,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from flipscope.experiments.feature_effects import feature_effects
 from flipscope.experiments.feature_logits import feature_writes
 from flipscope.experiments.pairs import bank_cases, evidence_order, pair_specs
 from flipscope.experiments.span_patch import tail_length
@@ -203,6 +205,7 @@ def feature_dashboard(
     context: int = 6,
     examples: int = 3,
     logits: int = 10,
+    effects: int = 16,
     batch_size: int = 16,
     fast: bool = True,
     progress: bool = True,
@@ -223,7 +226,10 @@ def feature_dashboard(
         (paraphrase minus original at the last position and over the question's tokens, over
         flips and over controls), and with `logits` > 0 `writes` (the `logits` tokens its decoder
         row raises and lowers most through the unembedding, its answer alignment and that
-        alignment's random-direction null: `feature_logits`).
+        alignment's random-direction null: `feature_logits`), and with `effects` > 0 `effect`
+        (on that many of the prompts, drawn seeded, the margin's move when its decoder row is
+        written at the answer position at its peak activation here, beside random directions of
+        the same norm: `feature_effects`).
 
     Raises:
         FlipscopeError: the SAE does not fit the model, or a feature is out of range.
@@ -237,6 +243,7 @@ def feature_dashboard(
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
     writes = feature_writes(vlm, sae, chosen, logits, hook) if logits > 0 else None
+    moved = _effects(vlm, sae, hook, chosen, prompts, specs, effects, fast) if effects > 0 else None
     out: dict[str, Any] = {"meta": meta, "features": {}}
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
     for j, f in enumerate(chosen):
@@ -251,7 +258,17 @@ def feature_dashboard(
         }
         if writes is not None:
             out["features"][str(f)]["writes"] = writes[str(f)]
+        if moved is not None:
+            out["features"][str(f)]["effect"] = moved[str(f)]
     return out
+
+
+def _effects(vlm: VLM, sae: Any, hook: str, chosen: list[int], prompts: list[_Prompt], specs, n: int, fast: bool):
+    """`feature_effects` on `n` of the prompts (a seeded draw), each feature written at the largest
+    activation it reaches on any prompt read."""
+    peaks = [max((float(p.acts[:, j].max()) for p in prompts), default=0.0) for j in range(len(chosen))]
+    drawn = sorted(np.random.default_rng(0).permutation(len(specs))[:n].tolist())
+    return feature_effects(vlm, sae, hook, chosen, peaks, [specs[i] for i in drawn], fast=fast)
 
 
 def _shift(prompts: list[_Prompt], orig: list[int], para: list[int], is_flip: np.ndarray, j: int) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 
 from flipscope.data.atomic import write_atomic
 from flipscope.reporting.feature_claims import feature_sentence
-from flipscope.reporting.format import num
+from flipscope.reporting.format import fmt, num
 from flipscope.reporting.html_parts import reading, table
 from flipscope.reporting.report import STYLE
 
@@ -72,6 +72,7 @@ def _section(feature: str, found: Mapping[str, Any]) -> str:
         + table(["token", "times active", "mean when active"], tokens)
         + ("<h3>Flips whose paraphrase reads it most at the last position</h3>" + strips if strips else "")
         + (_writes_table(found["writes"]) if "writes" in found else "")
+        + (_effect_table(found["effect"]) if "effect" in found else "")
     )  # fmt: skip
 
 
@@ -83,6 +84,19 @@ def _writes_table(writes: Mapping[str, Any]) -> str:
         "<h3>What its decoder row writes, read directly through the unembedding</h3><p>Per unit of activation, "
         "before the final norm's 1/rms; the layers after the SAE's hook are ignored.</p>"
         + table(["raises", "logit", "lowers", "logit"], rows)
+    )
+
+
+def _effect_table(effect: Mapping[str, Any]) -> str:
+    """The margin's move when the decoder row is written at the answer position, beside the null."""
+    est = effect["effect"]
+    row = [num(effect["scale"], ".2f"), fmt(est), num(effect["per_unit"], ".3f"), num(effect["null"], ".3f"),
+           "yes" if effect["moves"] else "no"]  # fmt: skip
+    return (
+        "<h3>What writing it at the answer position does</h3><p>Its decoder row times its peak activation added at "
+        "the SAE's hook at the last prompt position, and once subtracted; half the difference of the two margins, "
+        f"over {est['n'] if est else 0} prompts, beside {effect['n_random']} random directions of the same norm.</p>"
+        + table(["peak activation", "margin's move", "per unit", "random directions' largest", "beyond them"], [row])
     )
 
 

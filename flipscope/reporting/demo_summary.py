@@ -104,11 +104,14 @@ def _flip_summary(run: Any) -> dict[str, Any]:
 
 def _dashboard_summary(found: dict[str, Any]) -> dict[str, Any]:
     """A site's dashboard as the report reads it: per feature, its density, how the paraphrase
-    moves it and its answer alignment with the null (the page, `dashboard_<site>.html`, holds the rest)."""
+    moves it, its answer alignment with the null and its measured effect on the margin (the page,
+    `dashboard_<site>.html`, holds the rest)."""
     features = {f: {"density": d["density"], "shift": d["shift"]} for f, d in found["features"].items()}
     for f, d in found["features"].items():
         if "writes" in d:
             features[f]["writes"] = {k: d["writes"][k] for k in ("answer_alignment", "null")}
+        if "effect" in d:
+            features[f]["effect"] = d["effect"]
     return {"hook": found["meta"]["hook"], "features": features}
 
 

@@ -1,6 +1,7 @@
 """A feature's sentence, chosen by its intervals: how the paraphrase moves it on the question's
 tokens and at the answer position (`flipscope.experiments.dashboard` measures both), and whether
-its decoder row writes the answer, by its alignment against the random-direction null."""
+its decoder row writes the answer, by its alignment against the random-direction null, and whether
+writing it at the answer position moves the margin beyond random directions of its norm."""
 
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
     dense = ", dense" if density > DENSE else ""
     shift = found["shift"]
     writes = f" {_writes(found['writes'])}" if "writes" in found else ""
+    effect = f" {_effect(found['effect'], found.get('writes'))}" if "effect" in found else ""
     return (
         f"Feature {feature} (active at {density:.0%} of positions{dense}): "
         f"{_moves(shift['question'], 'on the question tokens')}; "
-        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}.{writes}"
+        f"{_moves(shift['last position'], 'at the last position, where the answer is read')}.{writes}{effect}"
     )
 
 
@@ -53,3 +55,27 @@ def _writes(writes: Mapping[str, Any]) -> str:
     else:
         said = f"does not point at the answer (answer alignment {cos:+.2f}, within the null's {null:.2f})"
     return f"Read directly through the unembedding, its decoder row {said}."
+
+
+def _effect(effect: Mapping[str, Any], writes: Mapping[str, Any] | None) -> str:
+    """What writing the row at the answer position did to the margin, against random directions of
+    its norm, and whether that bears out the direct reading (`writes`, where there is one)."""
+    if effect["effect"] is None:
+        return "It has no write to measure: it never fires on the prompts read."
+    est, null, n = effect["effect"], effect["null"], effect["n_random"]
+    rand = f"the largest of {n} moves it {null:.3f}"
+    head = f"Written at the answer position at its peak activation ({effect['scale']:.2f}), it moves the margin"
+    if not effect["moves"]:
+        said = f"{head} by {fmt(est)}: no more than random directions of its norm do ({rand})"
+        direct = writes is not None and abs(writes["answer_alignment"]) > writes["null"]
+        return f"{said}, so its direct reading is not borne out." if direct else f"{said}."
+    toward = "yes" if est["value"] > 0 else "no"
+    said = f"{head} toward {toward} by {fmt(est)}, beyond every one of {n} random directions of its norm ({rand})"
+    if writes is None:
+        return f"{said}."
+    cos, bar = writes["answer_alignment"], writes["null"]
+    if abs(cos) <= bar:
+        return f"{said}: its row does not point at the answer directly, so the layers after the hook carry it there."
+    if (cos > 0) == (est["value"] > 0):
+        return f"{said}, as its direct reading says."
+    return f"{said}: the opposite of its direct reading, so the layers after the hook turn it around."

@@ -1,0 +1,98 @@
+"""What writing a feature at the answer position does to the answer: its measured effect.
+
+The logits panel (`feature_logits`) reads a decoder row through the unembedding alone, to first
+order: it skips every layer between the SAE's hook and the final norm. Here the row is written and
+the rest of the model runs. At the SAE's hook, on each prompt, the feature's decoder row times its
+peak activation a (the largest it reaches on the prompts read) is added at the last prompt
+position, where the answer is read, and once subtracted; the yes-minus-no margin moves by Δ₊ and
+Δ₋. The **effect** is (Δ₊ − Δ₋) / 2: the part of the move that turns with the write's sign, the
+part the direct reading predicts (what does not turn, any pull a write of either sign has, is left
+out). It is a bootstrap estimate over prompts.
+
+**The null**: `n_random` directions drawn isotropic in the hook's space, each scaled to the norm
+of the feature's write (a‖row‖) and written the same way. A feature moves the answer when its
+interval excludes zero and its mean effect is larger in size than every random direction's (the
+best of `n_random`, so the null matches a search over that many). A write at the last position
+cannot reach earlier positions, so each prompt's earlier positions run once and the last token once
+per write (`variant_margins`): 2·K·(1 + n_random) single tokens per prompt for K features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from flipscope.interventions.last_token import subtracted_margins
+from flipscope.model.prompts import PromptSpec
+from flipscope.model.protocol import VLM
+from flipscope.stats import bootstrap
+
+__all__ = ["feature_effects", "write_effects"]
+
+
+@torch.no_grad()
+def write_effects(
+    vlm: VLM,
+    specs: Sequence[PromptSpec],
+    hook: str,
+    writes: Float[Tensor, "write d"],
+    *,
+    rows_per_forward: int = 512,
+    fast: bool = True,
+) -> Float[np.ndarray, "spec write"]:
+    """Per prompt and write w: (margin with +w − margin with −w) / 2, w added at `hook`'s last
+    position (`subtracted_margins`: each prompt's earlier positions run once)."""
+    signed = torch.cat([writes, -writes]).float()  # [2 write, d]: −(−w) adds w, −(w) subtracts it
+    vectors = (-signed)[None].expand(len(specs), -1, -1)
+    margins = subtracted_margins(vlm, specs, hook, vectors, rows_per_forward, fast=fast)
+    return ((margins[:, : len(writes)] - margins[:, len(writes) :]) / 2).double().numpy()
+
+
+def feature_effects(
+    vlm: VLM,
+    sae: Any,
+    hook: str,
+    features: Sequence[int],
+    scales: Sequence[float],
+    specs: Sequence[PromptSpec],
+    *,
+    n_random: int = 16,
+    seed: int = 0,
+    rows_per_forward: int = 512,
+    fast: bool = True,
+) -> dict[str, Any]:
+    """Per feature (its index as a string), the measured effect of writing its decoder row at
+    `scales` (its peak activation) at the answer position of each of `specs` (module docstring):
+    `scale`, `effect` (bootstrap estimate over prompts of the margin's move), `per_unit` (that
+    mean over the scale), `null` (the largest |mean effect| among `n_random` random directions of
+    the write's norm), `n_random` and `moves` (interval excludes zero and beyond the null). A
+    feature that never fires (scale 0) gets `effect` None: it has no write to make."""
+    rows = sae.W_dec.detach().float().cpu()[[int(f) for f in features]]  # [feature, d]
+    generator = torch.Generator().manual_seed(seed)
+    probes = torch.randn(n_random, rows.shape[1], generator=generator)
+    probes = probes / probes.norm(dim=1, keepdim=True)
+    writes = []
+    for row, scale in zip(rows, scales, strict=True):
+        writes += [row * scale, *(probes * (row.norm() * scale))]
+    effects = write_effects(vlm, specs, hook, torch.stack(writes), rows_per_forward=rows_per_forward, fast=fast)
+    out = {}
+    for j, (f, scale) in enumerate(zip(features, scales, strict=True)):
+        block = effects[:, j * (1 + n_random) : (j + 1) * (1 + n_random)]
+        out[str(int(f))] = _judged(block[:, 0], block[:, 1:], float(scale), n_random)
+    return out
+
+
+def _judged(effect: np.ndarray, random: np.ndarray, scale: float, n_random: int) -> dict[str, Any]:
+    """One feature's effect over prompts, judged against the random directions' (one column each)."""
+    if scale <= 0 or not np.isfinite(effect).all():
+        return {"scale": scale, "effect": None, "per_unit": None, "null": None, "n_random": n_random, "moves": False}
+    estimate = bootstrap(effect)
+    null = float(np.abs(random.mean(0)).max()) if n_random else 0.0
+    beyond = abs(estimate.value) > null and (estimate.low > 0 or estimate.high < 0)
+    return {"scale": scale, "effect": estimate.to_dict(), "per_unit": estimate.value / scale, "null": null,
+            "n_random": n_random, "moves": bool(beyond)}  # fmt: skip
