@@ -108,7 +108,7 @@ for f in top.tolist():
 
 # %%
 framing = card["framing_features"][0]["feature"]
-one = feature_dashboard(vlm, sae, {**bank, "flips": [case], "controls": []}, [framing], progress=False)
+one = feature_dashboard(vlm, sae, {**bank, "flips": [case], "controls": []}, [framing], effects=0, progress=False)
 for wording in ("original", "paraphrase"):
     strip = one["features"][str(framing)]["examples"][0][wording]
     print(f"{wording:>10}: " + " ".join(f"{token.strip() or repr(token)}:{value:.1f}" for token, value in strip))

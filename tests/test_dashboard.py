@@ -193,6 +193,18 @@ def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwa
                     moved.append(vlm.score(vlm.prompts.build(specs)).double().numpy())
             np.testing.assert_allclose(got[:, k], (moved[0] - moved[1]) / 2, atol=1e-4)
             assert np.abs(got[:, k]).max() > 0.01  # the writes move the margin at both hooks
+    rows: list[int] = []  # 4 variants a prompt, at most 3 rows a forward: each prompt's variants in two slices
+    layer = vlm.hf_model.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(
+        lambda m, a, k: rows.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    try:
+        sliced = write_effects(vlm, specs, card["hook_name"], writes, rows_per_forward=3)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(sliced, write_effects(vlm, specs, card["hook_name"], writes), atol=1e-5)
+    # the first slice (3 variants) one prompt a forward, the second (1 variant) three; each a prefix, then the writes
+    assert max(rows) <= 3 and len(rows) == 2 * (len(specs) + -(-len(specs) // 3))
     effect = found["features"][str(READOUT)]["effect"]
     assert effect["moves"] and effect["effect"]["high"] < 0 and effect["effect"]["n"] == 16
     assert effect["scale"] == pytest.approx(max(float(p["activation"]) for p in found["features"][str(READOUT)]["top"]))

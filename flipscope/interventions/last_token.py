@@ -52,9 +52,14 @@ def subtracted_margins(
     desc: str = "patching",
 ) -> Float[Tensor, "spec variant"]:
     """Margin of each prompt with each of its variant vectors subtracted at `hook`, last position,
-    in chunks of about `rows_per_forward` prompt × variant rows (the key/value cache of a chunk is
-    repeated once per variant, so this bounds memory as a batch size does)."""
+    in chunks of at most `rows_per_forward` prompt × variant rows (the key/value cache of a chunk
+    is repeated once per variant, so this bounds memory as a batch size does). Where one prompt has
+    more variants than that, they run in slices of `rows_per_forward`, its prefix once per slice."""
     n_variants = vectors.shape[1]
+    if n_variants > rows_per_forward:
+        slices = [vectors[:, k : k + rows_per_forward] for k in range(0, n_variants, rows_per_forward)]
+        return torch.cat([subtracted_margins(vlm, specs, hook, v, rows_per_forward, fast=fast, progress=progress,
+                                             desc=desc) for v in slices], dim=1)  # fmt: skip
     per_chunk = max(1, rows_per_forward // n_variants)
     out = []
     for start in tqdm(range(0, len(specs), per_chunk), desc=desc, disable=not progress):
