@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
-from flipscope.experiments.feature_effects import write_effects
+from flipscope.experiments.feature_effects import _judged, write_effects
 from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
 from flipscope.experiments.readout import answer_direction
@@ -215,6 +215,10 @@ def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwa
     assert "the opposite of its direct reading" in feature_sentence(str(READOUT), turned)
     turned["writes"]["answer_alignment"] = 0.0
     assert "the layers after the hook carry it there" in feature_sentence(str(READOUT), turned)
+    turned["effect"] = _judged(np.array([0.5, np.inf]), np.zeros((2, 16)), 3.0, 16)  # a margin that is no number
+    said = feature_sentence(str(READOUT), turned)
+    assert turned["effect"]["effect"] is None and "its written margins are not finite numbers" in said
+    assert "nan" not in said and "inf" not in said
 
 
 def test_an_sae_on_the_heads_outputs_is_read_through_the_output_projection(tmp_path: Path, setup) -> None:

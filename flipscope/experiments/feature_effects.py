@@ -71,7 +71,8 @@ def feature_effects(
     `scale`, `effect` (bootstrap estimate over prompts of the margin's move), `per_unit` (that
     mean over the scale), `null` (the largest |mean effect| among `n_random` random directions of
     the write's norm), `n_random` and `moves` (interval excludes zero and beyond the null). A
-    feature that never fires (scale 0) gets `effect` None: it has no write to make."""
+    feature that never fires (scale 0), or whose written margins are not finite, gets `effect`
+    None and `why`."""
     rows = sae.W_dec.detach().float().cpu()[[int(f) for f in features]]  # [feature, d]
     generator = torch.Generator().manual_seed(seed)
     probes = torch.randn(n_random, rows.shape[1], generator=generator)
@@ -90,7 +91,9 @@ def feature_effects(
 def _judged(effect: np.ndarray, random: np.ndarray, scale: float, n_random: int) -> dict[str, Any]:
     """One feature's effect over prompts, judged against the random directions' (one column each)."""
     if scale <= 0 or not np.isfinite(effect).all():
-        return {"scale": scale, "effect": None, "per_unit": None, "null": None, "n_random": n_random, "moves": False}
+        why = "it never fires on the prompts read" if scale <= 0 else "its written margins are not finite numbers"
+        return {"scale": scale, "effect": None, "why": why, "per_unit": None, "null": None, "n_random": n_random,
+                "moves": False}  # fmt: skip
     estimate = bootstrap(effect)
     null = float(np.abs(random.mean(0)).max()) if n_random else 0.0
     beyond = abs(estimate.value) > null and (estimate.low > 0 or estimate.high < 0)

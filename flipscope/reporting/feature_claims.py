@@ -61,7 +61,7 @@ def _effect(effect: Mapping[str, Any], writes: Mapping[str, Any] | None) -> str:
     """What writing the row at the answer position did to the margin, against random directions of
     its norm, and whether that bears out the direct reading (`writes`, where there is one)."""
     if effect["effect"] is None:
-        return "It has no write to measure: it never fires on the prompts read."
+        return f"Its effect is not measured: {effect.get('why', 'it never fires on the prompts read')}."
     est, null, n = effect["effect"], effect["null"], effect["n_random"]
     rand = f"the largest of {n} moves it {null:.3f}"
     head = f"Written at the answer position at its peak activation ({effect['scale']:.2f}), it moves the margin"
