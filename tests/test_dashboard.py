@@ -203,6 +203,15 @@ def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwa
     finally:
         handle.remove()
     np.testing.assert_allclose(sliced, write_effects(vlm, specs, card["hook_name"], writes), atol=1e-5)
+    vlm.image_memo.clear()
+    towers: list[int] = []  # as full forwards, 4 rows a prompt: still each film through the tower once
+    handle = vlm.hf_model.model.vision_tower.register_forward_hook(lambda m, i, o: towers.append(o[0].shape[0]))
+    try:
+        whole = write_effects(vlm, specs, card["hook_name"], writes, fast=False)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(whole, sliced, atol=1e-4)
+    assert sum(towers) == len({str(spec.image) for spec in specs})
     # the first slice (3 variants) one prompt a forward, the second (1 variant) three; each a prefix, then the writes
     assert max(rows) <= 3 and len(rows) == 2 * (len(specs) + -(-len(specs) // 3))
     effect = found["features"][str(READOUT)]["effect"]

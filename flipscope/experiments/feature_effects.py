@@ -30,11 +30,13 @@ from torch import Tensor
 from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
 __all__ = ["feature_effects", "write_effects"]
 
 
+@images_once
 @torch.no_grad()
 def write_effects(
     vlm: VLM,
@@ -46,7 +48,8 @@ def write_effects(
     fast: bool = True,
 ) -> Float[np.ndarray, "spec write"]:
     """Per prompt and write w: (margin with +w − margin with −w) / 2, w added at `hook`'s last
-    position (`subtracted_margins`: each prompt's earlier positions run once)."""
+    position (`subtracted_margins`: each prompt's earlier positions run once; each film through
+    the vision tower once)."""
     signed = torch.cat([writes, -writes]).float()  # [2 write, d]: −(−w) adds w, −(w) subtracts it
     vectors = (-signed)[None].expand(len(specs), -1, -1)
     margins = subtracted_margins(vlm, specs, hook, vectors, rows_per_forward, fast=fast)
