@@ -17,18 +17,21 @@ from typer.testing import CliRunner
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
-from flipscope.experiments.feature_effects import _judged, write_effects
+from flipscope.experiments.feature_effects import _judged, removal_effects, write_effects
 from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
 from flipscope.experiments.readout import answer_direction
+from flipscope.experiments.span_patch import tail_length
+from flipscope.interventions.hooks import shift_features_hook
 from flipscope.model.families import final_norm_gain
 from flipscope.organism import load_organism
 from flipscope.reporting.feature_claims import feature_sentence
 from flipscope.sae.encode import encode_prompts
-from flipscope.sae.load import load_sae
+from flipscope.sae.load import check_sae, load_sae
 from tests.test_sae import _raw_folder
 
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
+ENTRY = Path(__file__).parents[1] / "flipscope" / "organism" / "default" / "sae_entry"
 FRAMING, READOUT = 38, 32  # the organism's first framing feature, and a feature that writes "no"
 
 
@@ -168,6 +171,7 @@ def test_what_a_feature_writes_is_its_decoder_row_through_the_unembedding(setup)
     assert abs(random["writes"]["answer_alignment"]) < random["writes"]["null"]
     assert "its decoder row does not point at the answer" in feature_sentence(str(READOUT), random)
     assert not random["effect"]["moves"] and abs(random["effect"]["effect"]["value"]) < random["effect"]["null"]
+    assert not random["removal"]["moves"]
     assert "no more than random directions of its norm do" in feature_sentence(str(READOUT), random)
 
 
@@ -224,9 +228,12 @@ def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwa
     assert "the opposite of its direct reading" in feature_sentence(str(READOUT), turned)
     turned["writes"]["answer_alignment"] = 0.0
     assert "the layers after the hook carry it there" in feature_sentence(str(READOUT), turned)
+    framing = found["features"][str(FRAMING)]
+    assert framing["removal"]["moves"] and framing["removal"]["effect"]["high"] < 0
+    assert "where it fires it pushes the answer toward yes" in feature_sentence(str(FRAMING), framing)
     turned["effect"] = _judged(np.array([0.5, np.inf]), np.zeros((2, 16)), 3.0, 16)  # a margin that is no number
     said = feature_sentence(str(READOUT), turned)
-    assert turned["effect"]["effect"] is None and "its written margins are not finite numbers" in said
+    assert turned["effect"]["effect"] is None and "its margins are not finite numbers" in said
     assert "nan" not in said and "inf" not in said
 
 
@@ -279,3 +286,22 @@ def test_the_command_writes_the_page_and_refuses_a_feature_the_sae_lacks(tmp_pat
     )
     assert bad.exit_code == 2 and "feature index 64 is out of range" in bad.output
     assert not (tmp_path / "b" / "dashboard.json").exists()
+
+
+def test_switching_a_feature_off_where_the_wordings_differ_moves_the_margin_as_full_forwards_do(setup) -> None:
+    """The removal equals whole-prompt forwards with x − f(x)·row on the question's and the tail's
+    positions (the SAE's error term kept), at the SAE's layer and at the entry's attention."""
+    vlm, sae, card, few, _ = setup
+    entry = load_sae(ENTRY)
+    specs = pair_specs(bank_cases(few)[0])[0][:6]
+    inputs = vlm.prompts.build(specs)
+    where = vlm.prompts.question_mask(specs, inputs)
+    where[:, inputs.input_ids.shape[1] - tail_length(vlm) :] = True
+    base = vlm.score(inputs).double().numpy()
+    for dictionary, feature in ((sae, FRAMING), (entry, 62)):
+        hook = check_sae(dictionary, vlm)
+        got = removal_effects(vlm, dictionary, hook, [feature], specs, batch_size=4)[str(feature)]
+        with vlm.hooks(fwd_hooks=[(hook, shift_features_hook(dictionary, [feature], torch.zeros(1), where))]):
+            removed = vlm.score(inputs).double().numpy() - base
+        assert got["effect"]["value"] == pytest.approx(removed.mean(), abs=1e-4)
+        assert abs(removed.mean()) > 0.05 and got["effect"]["n"] == len(specs)

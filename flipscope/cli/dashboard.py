@@ -21,8 +21,8 @@ Effects = Annotated[
     int,
     typer.Option(
         min=0,
-        help="Prompts on which each feature's decoder row is written at the answer position, its margin's move "
-        "beside 16 random directions of the same norm (0: skip).",
+        help="Prompts on which each feature's decoder row is written at the answer position, and the feature "
+        "switched off on the question and the tail, each beside random directions of the same norm (0: skip).",
     ),
 ]
 

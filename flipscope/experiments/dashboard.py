@@ -9,8 +9,8 @@ per token in each of those segments, its density, its value at the last position
 family, how each case's paraphrase moves it from its original (on the question's tokens and at
 the last position, with a bootstrap CI over cases), the tokens it fires on most, its top
 activations with their context, what its decoder row writes through the unembedding
-(`feature_logits`), and what writing it at the answer position does to the margin
-(`feature_effects`).
+(`feature_logits`), and what writing it at the answer position, or switching it off where the
+wordings differ, does to the margin (`feature_effects`).
 
 A feature whose activation sits on the framing words is reading the wording; one whose activation
 sits at the last position carries what attention has already moved there. The numbers describe
@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from flipscope.experiments.feature_effects import feature_effects
+from flipscope.experiments.feature_effects import feature_effects, removal_effects
 from flipscope.experiments.feature_logits import feature_writes
 from flipscope.experiments.pairs import bank_cases, evidence_order, pair_specs
 from flipscope.experiments.span_patch import tail_length
@@ -229,7 +229,9 @@ def feature_dashboard(
         alignment's random-direction null: `feature_logits`), and with `effects` > 0 `effect`
         (on that many of the prompts, drawn seeded, the margin's move when its decoder row is
         written at the answer position at its peak activation here, beside random directions of
-        the same norm: `feature_effects`).
+        the same norm: `feature_effects`) and `removal` (on the same prompts, the margin's move
+        when it is switched off on the question and the tail, beside random directions removed in
+        the same amounts: `removal_effects`).
 
     Raises:
         FlipscopeError: the SAE does not fit the model, or a feature is out of range.
@@ -243,7 +245,7 @@ def feature_dashboard(
     meta = {"hook": hook, "n_prompts": len(prompts), "n_flips": int(is_flip.sum()),
             "n_controls": int((~is_flip).sum()), "tail": tail_length(vlm)}  # fmt: skip
     writes = feature_writes(vlm, sae, chosen, logits, hook) if logits > 0 else None
-    moved = _effects(vlm, sae, hook, chosen, prompts, specs, effects, fast) if effects > 0 else None
+    moved, removed = _effects(vlm, sae, hook, chosen, prompts, specs, effects, fast) if effects > 0 else (None, None)
     out: dict[str, Any] = {"meta": meta, "features": {}}
     flips = [(prompts[o], prompts[p]) for o, p, flip in zip(orig, para, is_flip, strict=True) if flip]
     for j, f in enumerate(chosen):
@@ -260,15 +262,17 @@ def feature_dashboard(
             out["features"][str(f)]["writes"] = writes[str(f)]
         if moved is not None:
             out["features"][str(f)]["effect"] = moved[str(f)]
+            out["features"][str(f)]["removal"] = removed[str(f)]
     return out
 
 
 def _effects(vlm: VLM, sae: Any, hook: str, chosen: list[int], prompts: list[_Prompt], specs, n: int, fast: bool):
-    """`feature_effects` on `n` of the prompts (a seeded draw), each feature written at the largest
-    activation it reaches on any prompt read."""
+    """`feature_effects` (each feature written at the largest activation it reaches on any prompt
+    read) and `removal_effects` on the same `n` of the prompts (a seeded draw)."""
     peaks = [max((float(p.acts[:, j].max()) for p in prompts), default=0.0) for j in range(len(chosen))]
-    drawn = sorted(np.random.default_rng(0).permutation(len(specs))[:n].tolist())
-    return feature_effects(vlm, sae, hook, chosen, peaks, [specs[i] for i in drawn], fast=fast)
+    drawn = [specs[i] for i in sorted(np.random.default_rng(0).permutation(len(specs))[:n].tolist())]
+    return (feature_effects(vlm, sae, hook, chosen, peaks, drawn, fast=fast),
+            removal_effects(vlm, sae, hook, chosen, drawn, fast=fast))  # fmt: skip
 
 
 def _shift(prompts: list[_Prompt], orig: list[int], para: list[int], is_flip: np.ndarray, j: int) -> dict:

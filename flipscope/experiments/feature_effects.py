@@ -9,6 +9,13 @@ position, where the answer is read, and once subtracted; the yes-minus-no margin
 part the direct reading predicts (what does not turn, any pull a write of either sign has, is left
 out). It is a bootstrap estimate over prompts.
 
+The **removal** (`removal_effects`) asks what the feature's actual activations do: it is
+switched off where two wordings can differ (the question's tokens and the template's tail after
+them, the last position among them), x ← x − f(x)·row with the SAE's error term kept, and the
+margin's move is read against the same prompts as they are. Its null removes the same amounts
+along random directions of the row's norm. Each batch's part before the questions runs once per
+film (`question_runs`) and every removal runs on the questions and tails alone.
+
 **The null**: `n_random` directions drawn isotropic in the hook's space, each scaled to the norm
 of the feature's write (a‖row‖) and written the same way. A feature moves the answer when its
 interval excludes zero and its mean effect is larger in size than every random direction's (the
@@ -27,13 +34,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from flipscope.experiments.span_patch import tail_length
+from flipscope.interventions.hooks import shift_features_hook
 from flipscope.interventions.last_token import subtracted_margins
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
+from flipscope.model.suffix import question_runs
 from flipscope.model.vision_once import images_once
 from flipscope.stats import bootstrap
 
-__all__ = ["feature_effects", "write_effects"]
+__all__ = ["feature_effects", "removal_effects", "write_effects"]
 
 
 @images_once
@@ -77,9 +87,7 @@ def feature_effects(
     feature that never fires (scale 0), or whose written margins are not finite, gets `effect`
     None and `why`."""
     rows = sae.W_dec.detach().float().cpu()[[int(f) for f in features]]  # [feature, d]
-    generator = torch.Generator().manual_seed(seed)
-    probes = torch.randn(n_random, rows.shape[1], generator=generator)
-    probes = probes / probes.norm(dim=1, keepdim=True)
+    probes = _probes(n_random, rows.shape[1], seed)
     writes = []
     for row, scale in zip(rows, scales, strict=True):
         writes += [row * scale, *(probes * (row.norm() * scale))]
@@ -91,14 +99,58 @@ def feature_effects(
     return out
 
 
-def _judged(effect: np.ndarray, random: np.ndarray, scale: float, n_random: int) -> dict[str, Any]:
-    """One feature's effect over prompts, judged against the random directions' (one column each)."""
+def _judged(effect: np.ndarray, random: np.ndarray, scale: float, n_random: int, scaled: bool = True) -> dict:
+    """One feature's effect over prompts, judged against the random directions' (one column each);
+    with `scaled`, a write at `scale` (its `scale` and `per_unit` reported)."""
     if scale <= 0 or not np.isfinite(effect).all():
-        why = "it never fires on the prompts read" if scale <= 0 else "its written margins are not finite numbers"
-        return {"scale": scale, "effect": None, "why": why, "per_unit": None, "null": None, "n_random": n_random,
-                "moves": False}  # fmt: skip
+        why = "it never fires on the prompts read" if scale <= 0 else "its margins are not finite numbers"
+        out = {"effect": None, "why": why, "null": None, "n_random": n_random, "moves": False}
+        return {"scale": scale, "per_unit": None, **out} if scaled else out
     estimate = bootstrap(effect)
     null = float(np.abs(random.mean(0)).max()) if n_random else 0.0
     beyond = abs(estimate.value) > null and (estimate.low > 0 or estimate.high < 0)
-    return {"scale": scale, "effect": estimate.to_dict(), "per_unit": estimate.value / scale, "null": null,
-            "n_random": n_random, "moves": bool(beyond)}  # fmt: skip
+    out = {"effect": estimate.to_dict(), "null": null, "n_random": n_random, "moves": bool(beyond)}
+    return {"scale": scale, "per_unit": estimate.value / scale, **out} if scaled else out
+
+
+def _probes(n: int, width: int, seed: int) -> Float[Tensor, "n d"]:
+    """`n` unit directions drawn isotropic in `width` dimensions (seeded)."""
+    probes = torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+    return probes / probes.norm(dim=1, keepdim=True)
+
+
+@images_once
+@torch.no_grad()
+def removal_effects(
+    vlm: VLM,
+    sae: Any,
+    hook: str,
+    features: Sequence[int],
+    specs: Sequence[PromptSpec],
+    *,
+    n_random: int = 8,
+    seed: int = 0,
+    batch_size: int = 16,
+    fast: bool = True,
+) -> dict[str, Any]:
+    """Per feature (its index as a string), the margin's move when it is switched off on each of
+    `specs`' questions and tails (module docstring): `effect` (bootstrap estimate over prompts of
+    removed minus as-is), `null` (the largest |mean move| among `n_random` random directions of
+    its row's norm removed in the same amounts), `n_random` and `moves` (interval excludes zero
+    and beyond the null)."""
+    chosen = [int(f) for f in features]
+    rows = sae.W_dec.detach().float()[chosen]
+    probes = _probes(n_random, rows.shape[1], seed).to(rows)
+    moved = np.zeros((len(specs), len(chosen), 1 + n_random))
+    for start in range(0, len(specs), batch_size):
+        chunk = list(specs[start : start + batch_size])
+        runs = question_runs(vlm, chunk, [hook], fast=fast)
+        inputs = runs.inputs
+        where = vlm.prompts.question_mask(chunk, inputs)
+        where[:, inputs.input_ids.shape[1] - tail_length(vlm) :] = True
+        mask, base = runs.to_run(where), runs.margins()
+        for j, (f, row) in enumerate(zip(chosen, rows, strict=True)):
+            for r, direction in enumerate([row, *(probes * row.norm())]):
+                edit = shift_features_hook(sae, [f], torch.zeros(1), mask, directions=direction[None])
+                moved[start : start + len(chunk), j, r] = (runs.margins([(hook, edit)]) - base).double().cpu().numpy()
+    return {str(f): _judged(moved[:, j, 0], moved[:, j, 1:], 1.0, n_random, scaled=False) for j, f in enumerate(chosen)}

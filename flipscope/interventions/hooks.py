@@ -68,11 +68,13 @@ def shift_features_hook(
     features: Sequence[int],
     target: Float[Tensor, "*target n_features"],
     mask: Bool[Tensor, "batch pos"] | None = None,
+    directions: Float[Tensor, "n_features d_model"] | None = None,
 ):
     """A hook that moves `features` to `target` (broadcast over [batch, pos]) at the positions in
     `mask` (default: every position): x ← x − (f(x) − target) · W_dec, computed from the
-    activations as they arrive. Clamping and span patching both use it."""
-    w_dec = sae.W_dec.detach()[torch.tensor(list(features))]
+    activations as they arrive; with `directions`, those take W_dec's rows' place (a null that
+    moves the same amounts along other directions). Clamping and span patching both use it."""
+    w_dec = sae.W_dec.detach()[torch.tensor(list(features))] if directions is None else directions
     encode = feature_encoder(sae, features)
 
     def hook(x: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
@@ -80,7 +82,7 @@ def shift_features_hook(
         shift = current - target.to(current)
         if mask is not None:
             shift = shift * mask[..., None].to(current)
-        return x - (shift @ w_dec).to(x.dtype)
+        return x - (shift @ w_dec.to(current)).to(x.dtype)
 
     return hook
 

@@ -73,6 +73,7 @@ def _section(feature: str, found: Mapping[str, Any]) -> str:
         + ("<h3>Flips whose paraphrase reads it most at the last position</h3>" + strips if strips else "")
         + (_writes_table(found["writes"]) if "writes" in found else "")
         + (_effect_table(found["effect"]) if "effect" in found else "")
+        + (_removal_table(found["removal"]) if "removal" in found else "")
     )  # fmt: skip
 
 
@@ -97,6 +98,18 @@ def _effect_table(effect: Mapping[str, Any]) -> str:
         "the SAE's hook at the last prompt position, and once subtracted; half the difference of the two margins, "
         f"over {est['n'] if est else 0} prompts, beside {effect['n_random']} random directions of the same norm.</p>"
         + table(["peak activation", "margin's move", "per unit", "random directions' largest", "beyond them"], [row])
+    )
+
+
+def _removal_table(removal: Mapping[str, Any]) -> str:
+    """The margin's move when the feature is switched off where the wordings differ, beside the null."""
+    est = removal["effect"]
+    row = [fmt(est), num(removal["null"], ".3f"), "yes" if removal["moves"] else "no"]
+    return (
+        "<h3>What switching it off does</h3><p>The feature removed on the question's tokens and the template's tail "
+        "(x − f(x)·row, the SAE's error term kept), the margin's move against the same prompts as they are, beside "
+        f"{removal['n_random']} random directions of its row's norm removed in the same amounts.</p>"
+        + table(["margin's move", "random directions' largest", "beyond them"], [row])
     )
 
 

@@ -110,8 +110,9 @@ def _dashboard_summary(found: dict[str, Any]) -> dict[str, Any]:
     for f, d in found["features"].items():
         if "writes" in d:
             features[f]["writes"] = {k: d["writes"][k] for k in ("answer_alignment", "null")}
-        if "effect" in d:
-            features[f]["effect"] = d["effect"]
+        for panel in ("effect", "removal"):
+            if panel in d:
+                features[f][panel] = d[panel]
     return {"hook": found["meta"]["hook"], "features": features}
 
 

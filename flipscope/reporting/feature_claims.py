@@ -1,7 +1,8 @@
 """A feature's sentence, chosen by its intervals: how the paraphrase moves it on the question's
 tokens and at the answer position (`flipscope.experiments.dashboard` measures both), and whether
 its decoder row writes the answer, by its alignment against the random-direction null, and whether
-writing it at the answer position moves the margin beyond random directions of its norm."""
+writing it at the answer position, or switching it off where the wordings differ, moves the margin
+beyond random directions of its norm."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def feature_sentence(feature: str, found: Mapping[str, Any]) -> str:
     shift = found["shift"]
     writes = f" {_writes(found['writes'])}" if "writes" in found else ""
     effect = f" {_effect(found['effect'], found.get('writes'))}" if "effect" in found else ""
+    effect += f" {_removal(found['removal'])}" if "removal" in found else ""
     return (
         f"Feature {feature} (active at {density:.0%} of positions{dense}): "
         f"{_moves(shift['question'], 'on the question tokens')}; "
@@ -79,3 +81,21 @@ def _effect(effect: Mapping[str, Any], writes: Mapping[str, Any] | None) -> str:
     if (cos > 0) == (est["value"] > 0):
         return f"{said}, as its direct reading says."
     return f"{said}: the opposite of its direct reading, so the layers after the hook turn it around."
+
+
+def _removal(removal: Mapping[str, Any]) -> str:
+    """What switching the feature off on the question and the tail did to the margin, against the
+    same amounts removed along random directions: which way it pushes the answer where it fires."""
+    if removal["effect"] is None:
+        return f"Its removal is not measured: {removal['why']}."
+    est, null, n = removal["effect"], removal["null"], removal["n_random"]
+    head = f"Switched off on the question and the tail, it moves the margin by {fmt(est)}"
+    if not removal["moves"]:
+        return (
+            f"{head}: no more than random directions removed in the same amounts do (the largest of {n}: {null:.3f})."
+        )
+    pushes = "yes" if est["value"] < 0 else "no"
+    return (
+        f"{head}: where it fires it pushes the answer toward {pushes}, beyond every one of {n} random directions "
+        f"removed in the same amounts (the largest moves it {null:.3f})."
+    )
