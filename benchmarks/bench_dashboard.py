@@ -7,7 +7,8 @@ would), counts the tokens each decoder layer runs and the tower's runs, and the 
 numbers are compared: every segment mean and every shift. Then the effects panel
 (`feature_effects`, each feature's row and its random directions written at the answer position)
 two ways: each prompt run once to its last token and that token once per write, against a full
-forward per write. Used by `bench_medgemma.py` (stage
+forward per write; and its removals (`removal_effects`) on the questions and tails after each film's
+prefix run once, against whole prompts. Used by `bench_medgemma.py` (stage
 `dashboard`) at MedGemma's shapes, at the SAE's layer and at layer 0's attention output; run alone,
 on the shipped organism's FlipBank with its two SAEs (the features the demo removes at each).
 Run: `.venv/bin/python benchmarks/bench_dashboard.py [--out FILE]`.
@@ -27,7 +28,7 @@ import torch
 from flipscope.data.atomic import write_json
 from flipscope.data.flipbank import load_flipbank
 from flipscope.experiments.dashboard import feature_dashboard
-from flipscope.experiments.feature_effects import feature_effects
+from flipscope.experiments.feature_effects import feature_effects, removal_effects
 from flipscope.experiments.feature_logits import feature_writes
 from flipscope.experiments.pairs import bank_cases, pair_specs
 from flipscope.organism import default_organism_dir, load_organism
@@ -107,7 +108,8 @@ def effects_paths(
 ) -> dict[str, Any]:
     """Seconds of `feature_effects` on the bank's first `prompts` prompts (the fastest of `rounds`,
     alternating) on the last-token path and as full forwards, their ratio, the writes per prompt
-    and the largest difference between the two ways' effects (beside the largest effect)."""
+    and the largest difference between the two ways' effects (beside the largest effect); under
+    `removal`, the same for `removal_effects` on the suffix path and on whole prompts."""
     specs = pair_specs(bank_cases(bank)[0])[0][:prompts]
     hook, scales = check_sae(sae, vlm), [4.0] * len(features)
     seconds: dict[str, list[float]] = {"fast": [], "whole": []}
@@ -117,10 +119,23 @@ def effects_paths(
             start = time.perf_counter()
             found[path] = feature_effects(vlm, sae, hook, features, scales, specs, n_random=n_random, fast=fast)
             seconds[path].append(time.perf_counter() - start)
-    pairs = [(found["fast"][f]["effect"]["value"], found["whole"][f]["effect"]["value"]) for f in found["fast"]]
+    row = {"features": list(features), "prompts": len(specs), "writes_per_prompt": 2 * len(features) * (1 + n_random),
+           **_ways(found, seconds, "effect")}  # fmt: skip
+    seconds, found = {"fast": [], "whole": []}, {}
+    for _ in range(rounds):
+        for path, fast in (("fast", True), ("whole", False)):
+            start = time.perf_counter()
+            found[path] = removal_effects(vlm, sae, hook, features, specs, n_random=n_random, fast=fast)
+            seconds[path].append(time.perf_counter() - start)
+    row["removal"] = {"removals_per_prompt": len(features) * (1 + n_random), **_ways(found, seconds, "effect")}
+    return row
+
+
+def _ways(found: Mapping[str, Any], seconds: Mapping[str, list[float]], key: str) -> dict[str, Any]:
+    """The two ways' fastest seconds, their ratio and the largest difference of their `key` values."""
+    pairs = [(found["fast"][f][key]["value"], found["whole"][f][key]["value"]) for f in found["fast"]]
     fast_s, whole_s = min(seconds["fast"]), min(seconds["whole"])
-    return {"features": list(features), "prompts": len(specs), "writes_per_prompt": 2 * len(features) * (1 + n_random),
-            "fast_s": fast_s, "whole_s": whole_s, "rounds": seconds, "ratio": whole_s / fast_s,
+    return {"fast_s": fast_s, "whole_s": whole_s, "rounds": dict(seconds), "ratio": whole_s / fast_s,
             "max_abs_diff": max(abs(a - b) for a, b in pairs),
             "max_abs_value": max(abs(b) for _, b in pairs)}  # fmt: skip
 
@@ -145,6 +160,9 @@ def main() -> None:
         print(f"  effects: {e['prompts']} prompts x {e['writes_per_prompt']} writes, last-token path "
               f"{e['fast_s']:.2f} s, full forwards {e['whole_s']:.2f} s, ratio {e['ratio']:.1f}x, "
               f"max diff {e['max_abs_diff']:.1e}")  # fmt: skip
+        r = e["removal"]
+        print(f"  removal: {r['removals_per_prompt']} a prompt, suffix path {r['fast_s']:.2f} s, whole prompts "
+              f"{r['whole_s']:.2f} s, ratio {r['ratio']:.1f}x, max diff {r['max_abs_diff']:.1e}")  # fmt: skip
     write_json(args.out, result, indent=2)
 
 
