@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from flipscope.cli import app
 from flipscope.data.flipbank import load_flipbank
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.dashboard import feature_dashboard
-from flipscope.experiments.feature_effects import _judged, removal_effects, write_effects
+from flipscope.experiments.feature_effects import _judged, feature_effects, removal_effects, write_effects
 from flipscope.experiments.feature_logits import direct_logits
 from flipscope.experiments.pairs import bank_cases, collect_pairs, pair_specs
 from flipscope.experiments.readout import answer_direction
@@ -235,6 +236,10 @@ def test_writing_a_feature_at_the_answer_position_moves_the_margin_as_full_forwa
     said = feature_sentence(str(READOUT), turned)
     assert turned["effect"]["effect"] is None and "its margins are not finite numbers" in said
     assert "nan" not in said and "inf" not in said
+    with pytest.raises(FlipscopeError, match="feature index 64 is out of range"):
+        removal_effects(vlm, sae, card["hook_name"], [64], specs)
+    with pytest.raises(FlipscopeError, match="1 scales for 2 features"):
+        feature_effects(vlm, sae, card["hook_name"], [FRAMING, READOUT], [1.0], specs)
 
 
 def test_an_sae_on_the_heads_outputs_is_read_through_the_output_projection(tmp_path: Path, setup) -> None:

@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from flipscope.errors import FlipscopeError
 from flipscope.experiments.span_patch import tail_length
 from flipscope.interventions.hooks import shift_features_hook
 from flipscope.interventions.last_token import subtracted_margins
@@ -41,6 +42,7 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.model.protocol import VLM
 from flipscope.model.suffix import question_runs
 from flipscope.model.vision_once import images_once
+from flipscope.sae.encode import check_features
 from flipscope.stats import bootstrap
 
 __all__ = ["feature_effects", "removal_effects", "write_effects"]
@@ -85,7 +87,14 @@ def feature_effects(
     mean over the scale), `null` (the largest |mean effect| among `n_random` random directions of
     the write's norm), `n_random` and `moves` (interval excludes zero and beyond the null). A
     feature that never fires (scale 0), or whose written margins are not finite, gets `effect`
-    None and `why`."""
+    None and `why`.
+
+    Raises:
+        FlipscopeError: a feature outside the SAE, or not one scale per feature.
+    """
+    check_features(sae, features)
+    if len(scales) != len(features):
+        raise FlipscopeError(f"{len(scales)} scales for {len(features)} features: one scale per feature")
     rows = sae.W_dec.detach().float().cpu()[[int(f) for f in features]]  # [feature, d]
     probes = _probes(n_random, rows.shape[1], seed)
     writes = []
@@ -137,7 +146,12 @@ def removal_effects(
     `specs`' questions and tails (module docstring): `effect` (bootstrap estimate over prompts of
     removed minus as-is), `null` (the largest |mean move| among `n_random` random directions of
     its row's norm removed in the same amounts), `n_random` and `moves` (interval excludes zero
-    and beyond the null)."""
+    and beyond the null).
+
+    Raises:
+        FlipscopeError: a feature outside the SAE.
+    """
+    check_features(sae, features)
     chosen = [int(f) for f in features]
     rows = sae.W_dec.detach().float()[chosen]
     probes = _probes(n_random, rows.shape[1], seed).to(rows)
