@@ -1,4 +1,5 @@
-"""What writing a feature at the answer position does to the answer: its measured effect.
+"""What a feature does to the answer, measured: its row written at the answer position, and the
+feature switched off where the wordings differ.
 
 The logits panel (`feature_logits`) reads a decoder row through the unembedding alone, to first
 order: it skips every layer between the SAE's hook and the final norm. Here the row is written and
@@ -9,19 +10,19 @@ position, where the answer is read, and once subtracted; the yes-minus-no margin
 part the direct reading predicts (what does not turn, any pull a write of either sign has, is left
 out). It is a bootstrap estimate over prompts.
 
-The **removal** (`removal_effects`) asks what the feature's actual activations do: it is
-switched off where two wordings can differ (the question's tokens and the template's tail after
-them, the last position among them), x ← x − f(x)·row with the SAE's error term kept, and the
-margin's move is read against the same prompts as they are. Its null removes the same amounts
-along random directions of the row's norm. Each batch's part before the questions runs once per
-film (`question_runs`) and every removal runs on the questions and tails alone.
-
 **The null**: `n_random` directions drawn isotropic in the hook's space, each scaled to the norm
 of the feature's write (a‖row‖) and written the same way. A feature moves the answer when its
 interval excludes zero and its mean effect is larger in size than every random direction's (the
 best of `n_random`, so the null matches a search over that many). A write at the last position
 cannot reach earlier positions, so each prompt's earlier positions run once and the last token once
 per write (`variant_margins`): 2·K·(1 + n_random) single tokens per prompt for K features.
+
+The **removal** (`removal_effects`) asks what the feature's actual activations do: it is
+switched off where two wordings can differ (the question's tokens and the template's tail after
+them, the last position among them), x ← x − f(x)·row with the SAE's error term kept, and the
+margin's move is read against the same prompts as they are. Its null removes the same amounts
+along random directions of the row's norm. Each batch's part before the questions runs once per
+film (`question_runs`) and every removal runs on the questions and tails alone.
 """
 
 from __future__ import annotations
