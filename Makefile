@@ -26,7 +26,8 @@ demo: $(STAMP)
 # worker, so its fixtures are built once. An organism build runs its fixed two threads inside a
 # worker, so cores can be oversubscribed: OpenMP threads then wait asleep instead of spinning
 # (which made such a build 3× slower while the other worker built too; the bits are the same).
-XDIST := -n 2 --dist loadfile
+# The costliest modules go first (tests/conftest.py), so neither worker ends on one alone.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE}
 test: $(STAMP)
 	$(THREADS) $(PY) -m pytest -q $(XDIST) --durations=15

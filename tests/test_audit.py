@@ -20,6 +20,8 @@ from flipscope.organism import OrganismConfig, default_organism_dir, load_organi
 from flipscope.organism.cures import cure_finetune_config, make_cure
 from flipscope.organism.finetune import FinetuneConfig, default_adapters_dir, finetune
 
+pytestmark = pytest.mark.costly(17)
+
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
 

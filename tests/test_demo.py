@@ -27,6 +27,8 @@ from flipscope.reporting.claims import framing_heads
 from flipscope.reporting.files import PNG_SIZE, png_renderer, save_figures
 from flipscope.reporting.report import fmt
 
+pytestmark = pytest.mark.costly(185)
+
 FIGURES = (
     "margin_recovery",
     "recovery_distribution",

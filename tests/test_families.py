@@ -21,6 +21,8 @@ from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm
 from flipscope.model.tiny_families import save_tiny
 from tests.conftest import WORDS
 
+pytestmark = pytest.mark.costly(23)
+
 FAMILIES = ("gemma3", "gemma3_text", "llava", "qwen2_5_vl", "generic")
 CONTEXT = "the film shows a pleural effusion ."
 OTHER = "the lungs are clear ."

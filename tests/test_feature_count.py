@@ -22,6 +22,8 @@ from flipscope.experiments.sweeps import count_sweep
 from flipscope.organism import load_organism, organism_dir
 from flipscope.organism.entry_sae import ENTRY_DIR, load_entry_sae
 
+pytestmark = pytest.mark.costly(21)
+
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
 

@@ -23,6 +23,8 @@ from flipscope.model.gguf import CONVERTED_NAME, file_sha256, gemma3_270m_file, 
 from flipscope.model.graft import graft_vision  # noqa: E402
 from flipscope.model.hook_points import is_pattern_hook  # noqa: E402
 
+pytestmark = pytest.mark.costly(47)
+
 # llama.cpp's Gemma 3 tensor names → HF's, written out here rather than taken from transformers
 _BLOCK = {
     "attn_q": "self_attn.q_proj",

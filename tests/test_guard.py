@@ -17,6 +17,8 @@ from flipscope.errors import FlipscopeError
 from flipscope.experiments.evaluation import EvalConfig, opposite_images, run_sweep
 from flipscope.experiments.summary import question_table
 
+pytestmark = pytest.mark.costly(20)
+
 
 def _q(qid: str, image: str, finding: str, yes: bool) -> Question:
     return Question(id=qid, image=Path(image), finding=finding, answer=yes, question="Is there x?",

@@ -27,6 +27,8 @@ from flipscope.organism.questions import export_questions
 from flipscope.reporting.claims import framing_heads, head_ablation
 from flipscope.reporting.format import fmt
 
+pytestmark = pytest.mark.costly(18)
+
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
 

@@ -17,6 +17,8 @@ from flipscope.experiments.launch import Launch, detect_launch, resolve_shard
 from flipscope.organism import OrganismConfig, default_organism_dir, load_card
 from flipscope.organism.questions import export_questions
 
+pytestmark = pytest.mark.costly(23)
+
 runner = CliRunner()
 ORGANISM = str(default_organism_dir())
 

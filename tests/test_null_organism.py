@@ -27,6 +27,8 @@ from flipscope.organism import OrganismConfig, build_organism, default_organism_
 from flipscope.organism.entry_sae import train_entry_sae
 from flipscope.reporting.demo import DemoConfig, run_demo
 
+pytestmark = pytest.mark.costly(155)
+
 NULL = OrganismConfig(shortcut_p=0.0, vision_steps=80, steps=250, sae_prompts=1500, sae_steps=800, test_items=40)
 # the demo's stages as the command runs them, with one clamp value (the curve is not under test here)
 DEMO = DemoConfig(n_films=80, clamp_values=(0.0,), trace_cases=32)

@@ -25,6 +25,8 @@ from flipscope.model.hook_points import is_pattern_hook  # noqa: E402
 from flipscope.organism import OrganismConfig, load_organism, organism_checkpoint, organism_dir  # noqa: E402
 from flipscope.organism.deltas import ADAPTER_DIR, VISION_FILE  # noqa: E402
 
+pytestmark = pytest.mark.costly(23)
+
 NAME = "gemma3-270m"
 MAX_BYTES = 10 * 1024 * 1024
 

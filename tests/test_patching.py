@@ -21,6 +21,8 @@ from flipscope.model.prompts import PromptSpec
 from flipscope.organism import load_organism
 from flipscope.reporting.claims import wording_bound_reading
 
+pytestmark = pytest.mark.costly(47)
+
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 
 

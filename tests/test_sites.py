@@ -22,6 +22,8 @@ from flipscope.organism import load_organism
 from flipscope.reporting.claims import lens_reading
 from flipscope.reporting.format import fmt
 
+pytestmark = pytest.mark.costly(21)
+
 BANK = Path(__file__).parents[1] / "flipbank" / "organism" / "flipbank.json"
 ENTRY = "blocks.0.hook_attn_out"
 # the mean |margin change| of the same-family non-flips when their framing words are corrupted
