@@ -9,7 +9,9 @@ prompts four ways, each repeated and interleaved so drift hits all alike:
 - `gate+probe`: the same with a hidden-state probe read at the answer position during that pass;
 - `gate+image`: with the blank-image check (a second pass, for scale).
 
-Prints each path's median seconds and its ratio to `plain`; writes JSON.
+Prints each path's median seconds and its ratio to `plain`; writes JSON. `guard_run_paths` (run
+by `bench_medgemma.py`'s guard stage at MedGemma's 896-px tower) times `flipscope guard answer`'s
+run, each film through the tower once, against `GuardedVLM.answer` alone.
 Run: `.venv/bin/python benchmarks/bench_guard.py [--vocab 262208] [--prompts 24] [--repeats 5]`.
 """
 
@@ -20,18 +22,64 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_dashboard import layer_tokens  # noqa: E402
 from bench_eval import CONFIGS, PARAPHRASES, VOCAB, WORDS  # noqa: E402
 
 from flipscope.data.atomic import write_json
-from flipscope.interventions.guarded import GuardConfig, GuardedVLM  # noqa: E402
+from flipscope.data.questions import Question  # noqa: E402
+from flipscope.data.store import iter_rows  # noqa: E402
+from flipscope.experiments.guard_run import guard_run, guarded_rows  # noqa: E402
+from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films  # noqa: E402
 from flipscope.model import HookedVLM, PromptSpec  # noqa: E402
 from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm  # noqa: E402
+
+
+def guard_run_paths(
+    vlm: HookedVLM, questions: Sequence[Question], n_questions: int = 2, batch_size: int = 8, rounds: int = 2
+) -> dict[str, Any]:
+    """`flipscope guard answer`'s run (`guard_run`: each film through the vision tower once for all
+    its question's wordings and the opposite-film checks) against the same chunks answered by
+    `GuardedVLM.answer` alone (the tower on every prompt, as a plain forward): seconds (the faster
+    of `rounds`, the two ways alternating, each from an empty memo), tower images, the largest
+    margin difference and whether every flag agrees. The |margin| gate at 0.5 and the opposite-film
+    check, with the questions' own films as the references."""
+    chosen = list(questions[:n_questions])
+    guard = GuardedVLM(vlm, GuardConfig(abs_margin=0.5, image_check="opposite"), reference_films(questions))
+    found: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, list[float]] = {"once": [], "plain": []}
+    row: dict[str, Any] = {"questions": len(chosen), "rounds": rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for path in ("once", "plain"):
+                vlm.image_memo.clear()
+                handles, _, towers = layer_tokens(vlm)
+                start = time.perf_counter()
+                if path == "once":
+                    store = guard_run(guard, chosen, Path(tmp) / f"run-{r}.jsonl", {}, batch_size=batch_size,
+                                      progress=False)  # fmt: skip
+                    found[path] = list(iter_rows(store))
+                else:
+                    found[path] = guarded_rows(guard, chosen, batch_size)
+                seconds[path].append(time.perf_counter() - start)
+                for handle in handles:
+                    handle.remove()
+                row[f"{path}_tower_images"] = sum(towers)
+    for path, times in seconds.items():
+        row[f"{path}_s"], row[f"{path}_s_rounds"] = min(times), times
+    row["answers"], row["ratio"] = len(found["once"]), row["plain_s"] / row["once_s"]
+    pairs = list(zip(found["once"], found["plain"], strict=True))
+    row["max_margin_diff"] = max(abs(a["margin"] - b["margin"]) for a, b in pairs)
+    flags = ("answer", "flip_prone", "image_unreliant", "abstain")
+    row["flags_equal"] = all(a[k] == b[k] for a, b in pairs for k in flags)
+    return row
 
 
 def main() -> None:

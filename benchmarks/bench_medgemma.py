@@ -7,8 +7,8 @@ answer readout put at the decision boundary so paraphrases flip it, and a random
 processor) go through the commands a user runs, each a fresh process whose peak RSS and wall time
 are measured: evaluate (image, blank) → curate → discover (attribution and exact ablation) →
 discovery-paths → patch (with a --sweep) → bank-patch → count → memo → rank1 → trace → heads →
-stream → dashboard → clamp. The discovery-paths, bank-patch, count, memo, rank1, trace, heads,
-stream and dashboard stages run in this process: discover's three model-running steps on their
+stream → dashboard → guard → clamp. The discovery-paths, bank-patch, count, memo, rank1, trace,
+heads, stream, dashboard and guard stages run in this process: discover's three model-running steps on their
 suffix and last-token paths against whole prompts (`discovery_paths`), `patch_bank` with both
 controls on the last-token path against full forwards (`bench_patch.bank_patch_paths`), `flipscope
 patch --count`'s one sweep against a `patch_bank` per count (`bench_patch.count_paths`), `flipscope
@@ -20,9 +20,11 @@ prompts with each film encoded once and with the tower in every forward (`trace_
 head by head the same two first ways (`head_paths`), caching activations alone in forwards that
 end at their hook against whole forwards (`stream_paths`), and the feature dashboard with each
 film's prompt part before the questions run once against whole prompts, at the SAE's hook and at
-layer 0's attention (`bench_dashboard.dashboard_paths`). Then, also in this process, one film's
-margins on the shared-prefix path against whole prompts (and, with `--bf16` on a CPU with native
-bf16 matmuls, bfloat16 against float32; `bench_gpu.py` makes that comparison on a GPU).
+layer 0's attention (`bench_dashboard.dashboard_paths`), and `flipscope guard answer`'s run with
+each film through the tower once against `GuardedVLM.answer` alone (`bench_guard.guard_run_paths`).
+Then, also in this process, one film's margins on the shared-prefix path against whole prompts
+(and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16 against float32; `bench_gpu.py`
+makes that comparison on a GPU).
 Run: `.venv/bin/python benchmarks/bench_medgemma.py [--depth 2] [--films 3] [--out FILE]`.
 """
 
@@ -45,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_dashboard import dashboard_paths, effects_paths
+from bench_guard import guard_run_paths
 from bench_patch import bank_patch_line, bank_patch_paths, count_line, count_paths, memo_paths, rank1_paths
 
 from flipscope.data.atomic import write_json
@@ -64,7 +67,7 @@ from flipscope.sae.load import check_sae, load_sae
 
 STAGES = (
     "evaluate", "curate", "discover", "discovery-paths", "patch", "bank-patch", "count", "memo", "rank1", "trace",
-    "heads", "stream", "dashboard", "clamp",
+    "heads", "stream", "dashboard", "guard", "clamp",
 )  # fmt: skip
 
 
@@ -420,6 +423,7 @@ def main() -> None:
             "stream": ("stream", lambda: stream_paths(model, bank)),
             "memo": ("memo", lambda: medgemma_memo(model, sae, bank)),
             "dashboard": ("dashboard", lambda: medgemma_dashboard(model, sae, bank)),
+            "guard": ("guard", lambda: guard_run_paths(HookedVLM.from_pretrained(model), load_questions(questions))),
         }
         for stage in [s for s in args.stages.split(",") if s]:
             if stage in in_process:

@@ -30,12 +30,13 @@ from flipscope.interventions.guarded import GuardedVLM
 from flipscope.model.prompts import PromptSpec
 from flipscope.model.vision_once import distinct_images_of
 
-__all__ = ["QUESTIONS_PER_UNIT", "guard_run", "guard_run_summary"]
+__all__ = ["QUESTIONS_PER_UNIT", "guard_run", "guard_run_summary", "guarded_rows"]
 
 QUESTIONS_PER_UNIT = 8
 
 
-def _rows(guard: GuardedVLM, chunk: Sequence[Question], batch_size: int) -> list[dict[str, Any]]:
+def guarded_rows(guard: GuardedVLM, chunk: Sequence[Question], batch_size: int) -> list[dict[str, Any]]:
+    """Every wording of `chunk`'s questions answered through `guard`: one store row each (module docstring)."""
     specs, findings, where = [], [], []
     for q in chunk:
         for k, text in enumerate((q.question, *q.paraphrases)):
@@ -79,7 +80,7 @@ def guard_run(
         for n, chunk in enumerate(tqdm(chunks, desc="guarded answers", disable=not progress)):
             unit = f"questions-{n:05d}"
             if unit not in store.done:
-                store.append(unit, _rows(guard, chunk, batch_size))
+                store.append(unit, guarded_rows(guard, chunk, batch_size))
     return Path(path)
 
 
