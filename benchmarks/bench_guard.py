@@ -11,7 +11,8 @@ prompts four ways, each repeated and interleaved so drift hits all alike:
 
 Prints each path's median seconds and its ratio to `plain`; writes JSON. `guard_run_paths` (run
 by `bench_medgemma.py`'s guard stage at MedGemma's 896-px tower) times `flipscope guard answer`'s
-run, each film through the tower once, against `GuardedVLM.answer` alone.
+run (each film through the tower once, the wordings on their film's cached prefix) against the
+tower once with whole prompts and against `GuardedVLM.answer` alone.
 Run: `.venv/bin/python benchmarks/bench_guard.py [--vocab 262208] [--prompts 24] [--repeats 5]`.
 """
 
@@ -45,40 +46,45 @@ from flipscope.model.tiny import TinyVLMConfig, save_tiny_vlm  # noqa: E402
 def guard_run_paths(
     vlm: HookedVLM, questions: Sequence[Question], n_questions: int = 2, batch_size: int = 8, rounds: int = 2
 ) -> dict[str, Any]:
-    """`flipscope guard answer`'s run (`guard_run`: each film through the vision tower once for all
-    its question's wordings and the opposite-film checks) against the same chunks answered by
-    `GuardedVLM.answer` alone (the tower on every prompt, as a plain forward): seconds (the faster
-    of `rounds`, the two ways alternating, each from an empty memo), tower images, the largest
-    margin difference and whether every flag agrees. The |margin| gate at 0.5 and the opposite-film
-    check, with the questions' own films as the references."""
+    """`flipscope guard answer`'s run three ways on the same questions' wordings and their
+    opposite-film checks: `suffix` (`guard_run` as the command runs it: each film through the vision
+    tower once, each batch's header and film once per film and the wordings on its cache), `memo`
+    (`guard_run(fast=False)`: the tower once a film, every prompt whole) and `plain`
+    (`GuardedVLM.answer` alone: the tower and the whole prompt for each). Seconds (the fastest of
+    `rounds`, the ways alternating, each from an empty memo), tower images and decoder tokens per
+    way, the ratios to `suffix`, the largest margin difference from `plain` and whether every flag
+    agrees with it. The |margin| gate at 0.5 and the opposite-film check, with the questions' own
+    films as the references."""
     chosen = list(questions[:n_questions])
     guard = GuardedVLM(vlm, GuardConfig(abs_margin=0.5, image_check="opposite"), reference_films(questions))
     found: dict[str, list[dict[str, Any]]] = {}
-    seconds: dict[str, list[float]] = {"once": [], "plain": []}
+    seconds: dict[str, list[float]] = {"suffix": [], "memo": [], "plain": []}
     row: dict[str, Any] = {"questions": len(chosen), "rounds": rounds}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for path in ("once", "plain"):
+            for path in seconds:
                 vlm.image_memo.clear()
-                handles, _, towers = layer_tokens(vlm)
+                handles, counts, towers = layer_tokens(vlm)
                 start = time.perf_counter()
-                if path == "once":
-                    store = guard_run(guard, chosen, Path(tmp) / f"run-{r}.jsonl", {}, batch_size=batch_size,
-                                      progress=False)  # fmt: skip
-                    found[path] = list(iter_rows(store))
+                if path == "plain":
+                    found[path] = guarded_rows(guard, chosen, batch_size, fast=False)
                 else:
-                    found[path] = guarded_rows(guard, chosen, batch_size)
+                    store = guard_run(guard, chosen, Path(tmp) / f"{path}-{r}.jsonl", {}, batch_size=batch_size,
+                                      fast=path == "suffix", progress=False)  # fmt: skip
+                    found[path] = list(iter_rows(store))
                 seconds[path].append(time.perf_counter() - start)
                 for handle in handles:
                     handle.remove()
-                row[f"{path}_tower_images"] = sum(towers)
+                row[f"{path}_tower_images"], row[f"{path}_decoder_tokens"] = sum(towers), counts[0]
     for path, times in seconds.items():
         row[f"{path}_s"], row[f"{path}_s_rounds"] = min(times), times
-    row["answers"], row["ratio"] = len(found["once"]), row["plain_s"] / row["once_s"]
-    pairs = list(zip(found["once"], found["plain"], strict=True))
-    row["max_margin_diff"] = max(abs(a["margin"] - b["margin"]) for a, b in pairs)
+    row["answers"] = len(found["suffix"])
+    row["ratio_plain"], row["ratio_memo"] = row["plain_s"] / row["suffix_s"], row["memo_s"] / row["suffix_s"]
     flags = ("answer", "flip_prone", "image_unreliant", "abstain")
-    row["flags_equal"] = all(a[k] == b[k] for a, b in pairs for k in flags)
+    for path in ("suffix", "memo"):
+        pairs = list(zip(found[path], found["plain"], strict=True))
+        row[f"{path}_max_margin_diff"] = max(abs(a["margin"] - b["margin"]) for a, b in pairs)
+        row[f"{path}_flags_equal"] = all(a[k] == b[k] for a, b in pairs for k in flags)
     return row
 
 

@@ -141,3 +141,48 @@ def test_each_film_goes_through_the_tower_once(calibrated, tmp_path: Path) -> No
     # its films and at most as many references; per batch of prompts without the memo (43 against 12 here)
     assert counts[0] <= 2 * len(films) and counts[1] >= 3 * counts[0]
     np.testing.assert_allclose(margins[0], margins[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("check", ["opposite", "blank"])
+def test_the_suffix_path_gives_the_whole_prompts_answers_probe_and_flags(calibrated, check: str) -> None:
+    """`answer(fast=True)` runs each batch's header and film once and the wordings on its cache:
+    the margins and the probe's p of whole prompts to float rounding, with fewer tokens through the
+    decoder; every flag the same but where a number sits within that rounding of its threshold."""
+    from dataclasses import replace
+
+    from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
+
+    vlm, guard, reference, fresh = calibrated
+    study = json.loads(guard.read_text())
+    config = GuardConfig.from_study(study)
+    config = replace(config, image_check="blank", blank_delta=0.5) if check == "blank" else config
+    assert config.probe is not None and config.abs_margin is not None
+    refs = reference_films([q for q in load_questions(reference) if q.id in set(study["calibration_ids"])])
+    guarded = GuardedVLM(vlm, config, refs)
+    questions = load_questions(fresh)[:6]
+    specs = [PromptSpec(question=p, image=q.image) for q in questions for p in q.prompts]
+    findings = [q.finding for q in questions for _ in q.prompts]
+    tokens = [0]
+
+    def count(module, args, kwargs) -> None:
+        tokens[0] += int(kwargs["inputs_embeds"].shape[:2].numel())
+
+    handle = vlm.hf_model.model.language_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        runs = {}
+        for fast in (False, True):
+            tokens[0] = 0
+            runs[fast] = (guarded.answer(specs, findings, batch_size=16, fast=fast),
+                          guarded._margins(specs, 16, fast), tokens[0])  # fmt: skip
+    finally:
+        handle.remove()
+    (whole, (m0, p0), t0), (fast, (m1, p1), t1) = runs[False], runs[True]
+    np.testing.assert_allclose(m1, m0, atol=1e-4)
+    np.testing.assert_allclose(p1, p0, atol=1e-4)
+    assert t1 < t0 / 2  # the film's tokens once a batch, not once a wording
+    near = np.abs(np.abs(m0) - config.abs_margin) < 1e-4
+    near |= np.abs(p0 - config.probe_threshold) < 1e-4
+    for a, b, close in zip(whole, fast, near, strict=True):
+        assert a.answer == b.answer and a.image_unreliant == b.image_unreliant
+        assert close or a.flip_prone == b.flip_prone
+    assert any(a.image_unreliant is not None for a in fast)

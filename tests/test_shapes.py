@@ -176,5 +176,7 @@ def test_every_stage_runs_at_medgemma_shapes(tmp_path: Path) -> None:
     assert memo["kept"]["tower_runs"] == memo["films"] < memo["none"]["tower_runs"] and memo["max_abs_diff"] == 0
     # `flipscope guard answer`: each film once for its wordings and checks, the answers and flags of the plain path
     guard = report["guard"]
-    assert guard["once_tower_images"] < guard["plain_tower_images"] / 4 and guard["answers"] == 10 * guard["questions"]
-    assert guard["flags_equal"] and guard["max_margin_diff"] < 1e-3
+    assert guard["suffix_tower_images"] == guard["memo_tower_images"] < guard["plain_tower_images"] / 4
+    assert guard["suffix_decoder_tokens"] < guard["memo_decoder_tokens"] / 4
+    assert guard["answers"] == 10 * guard["questions"]
+    assert guard["suffix_max_margin_diff"] < 1e-3 and guard["memo_max_margin_diff"] < 1e-3

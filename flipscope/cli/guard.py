@@ -148,7 +148,8 @@ def answer(
         chosen, config = _config(study, path, gates, image_check)
         guarded = GuardedVLM(vlm, config, reference_films([q for q in refs if q.id in ids]))
         header = {"model": identity, "guard": file_sha256(path), "image_check": image_check, "gates": chosen,
-                  "questions": {"n": len(asked), "sha256": questions_fingerprint(asked)}}  # fmt: skip
+                  "questions": {"n": len(asked), "sha256": questions_fingerprint(asked)},
+                  "path": "suffix"}  # fmt: skip
         store = guard_run(guarded, asked, out / "answers.jsonl", header, batch_size=batch_size)
         summary = {**guard_run_summary(store), "calibration_overlap": sum(q.id in ids for q in asked)}
         write_json(out / "summary.json", summary)

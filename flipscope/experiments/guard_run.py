@@ -35,8 +35,11 @@ __all__ = ["QUESTIONS_PER_UNIT", "guard_run", "guard_run_summary", "guarded_rows
 QUESTIONS_PER_UNIT = 8
 
 
-def guarded_rows(guard: GuardedVLM, chunk: Sequence[Question], batch_size: int) -> list[dict[str, Any]]:
-    """Every wording of `chunk`'s questions answered through `guard`: one store row each (module docstring)."""
+def guarded_rows(
+    guard: GuardedVLM, chunk: Sequence[Question], batch_size: int, fast: bool = True
+) -> list[dict[str, Any]]:
+    """Every wording of `chunk`'s questions answered through `guard` (on the suffix path with
+    `fast`): one store row each (module docstring)."""
     specs, findings, where = [], [], []
     for q in chunk:
         for k, text in enumerate((q.question, *q.paraphrases)):
@@ -46,7 +49,7 @@ def guarded_rows(guard: GuardedVLM, chunk: Sequence[Question], batch_size: int) 
                 specs.append(PromptSpec(question=text, condition="context" if q.context else "none", context=q.context))
             findings.append(q.finding)
             where.append((q, k, text))
-    answers = guard.answer(specs, findings, batch_size=batch_size)
+    answers = guard.answer(specs, findings, batch_size=batch_size, fast=fast)
     return [
         {
             "question_id": q.id, "prompt_index": k, "prompt": text, "finding": q.finding,
@@ -66,10 +69,12 @@ def guard_run(
     header: Mapping[str, Any],
     *,
     batch_size: int = 32,
+    fast: bool = True,
     progress: bool = True,
 ) -> Path:
     """Answer every wording of `questions` through `guard` into the store at `path` (one unit per
-    `QUESTIONS_PER_UNIT` questions; a rerun with the same `header` resumes). Returns the path."""
+    `QUESTIONS_PER_UNIT` questions; a rerun with the same `header` resumes), each batch's part
+    before the questions run once per film with `fast` (`GuardedVLM.answer`). Returns the path."""
     from tqdm.auto import tqdm
 
     if not questions:
@@ -80,7 +85,7 @@ def guard_run(
         for n, chunk in enumerate(tqdm(chunks, desc="guarded answers", disable=not progress)):
             unit = f"questions-{n:05d}"
             if unit not in store.done:
-                store.append(unit, guarded_rows(guard, chunk, batch_size))
+                store.append(unit, guarded_rows(guard, chunk, batch_size, fast))
     return Path(path)
 
 

@@ -13,6 +13,12 @@ ablated one: its edits stay) that answers exactly as `model` does and adds, per 
 - `abstain`: either flag set.
 
 Thresholds come from `flipscope guard calibrate` (`GuardConfig.from_study`).
+
+`answer(..., fast=True)` reads the same margins and probe states on the suffix path
+(`flipscope.model.suffix`): each batch's part before the questions (chat header and film, ~265 of
+MedGemma's ~280 tokens) runs once per film and every wording's question and tail on its key/value
+cache, equal to the whole prompts' to float rounding (tested to 1e-4); without it every prompt runs
+whole, bit for bit the model's own forward. `flipscope guard answer` runs that way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from flipscope.errors import FlipscopeError
 from flipscope.model.answers import yes_no_margin
 from flipscope.model.hooked import HookedVLM
 from flipscope.model.prompts import PromptSpec
+from flipscope.model.suffix import question_runs
 
 __all__ = ["IMAGE_CHECKS", "GuardConfig", "GuardedAnswer", "GuardedVLM", "apply_probe", "reference_films"]
 
@@ -118,38 +125,52 @@ class GuardedVLM(HookedVLM):
         self.config = config
         self.references = {f: {k: [Path(p) for p in v] for k, v in by.items()} for f, by in (references or {}).items()}
 
-    def _margins(self, specs: Sequence[PromptSpec], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Margins (as `score` gives them) and, with a probe, its p per prompt: one pass."""
+    def _margins(
+        self, specs: Sequence[PromptSpec], batch_size: int, fast: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Margins (as `score` gives them, or on the suffix path with `fast`) and, with a probe,
+        its p per prompt: one pass."""
         margins, probs = [], []
+        hook = None if self.config.probe is None else self.config.probe["hook"]
         with torch.no_grad():
             for start in range(0, len(specs), batch_size):
-                batch = self.prompts.build(specs[start : start + batch_size])
-                if self.config.probe is None:
-                    margins.append(self.score(batch).float().cpu())
-                    continue
-                hook = self.config.probe["hook"]
-                logits, cache = self.run_with_cache(batch, names_filter=[hook], positions="last", logits_to_keep=1)
-                margins.append(yes_no_margin(logits[:, -1], self.answer_tokens).float().cpu())
-                probs.append(
-                    apply_probe(self.config.probe, cache[hook].reshape(len(logits), -1).double().cpu().numpy())
-                )
+                chunk = specs[start : start + batch_size]
+                if fast:
+                    runs = question_runs(self, chunk, [hook] if hook else [])
+                    margin, cache = runs.run_with_cache([hook], last=True) if hook else (runs.margins(), None)
+                elif hook is None:
+                    margin, cache = self.score(self.prompts.build(chunk)), None
+                else:
+                    logits, cache = self.run_with_cache(
+                        self.prompts.build(chunk), names_filter=[hook], positions="last", logits_to_keep=1
+                    )
+                    margin = yes_no_margin(logits[:, -1], self.answer_tokens)
+                margins.append(margin.float().cpu())
+                if hook:
+                    states = cache[hook].reshape(len(chunk), -1).double().cpu().numpy()
+                    probs.append(apply_probe(self.config.probe, states))
         return torch.cat(margins).numpy(), (np.concatenate(probs) if probs else None)
 
     def answer(
-        self, specs: Sequence[PromptSpec], findings: Sequence[str] | None = None, *, batch_size: int = 32
+        self,
+        specs: Sequence[PromptSpec],
+        findings: Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        fast: bool = False,
     ) -> list[GuardedAnswer]:
         """Guarded answers to `specs` (each with its film), `findings[i]` naming what prompt i asks
-        about (needed by the `opposite` image check)."""
+        about (needed by the `opposite` image check); `fast`: on the suffix path (module docstring)."""
         if self.config.image_check == "opposite" and (findings is None or len(findings) != len(specs)):
             raise FlipscopeError("the opposite-film check needs one finding per prompt")
-        margins, probs = self._margins(specs, batch_size)
+        margins, probs = self._margins(specs, batch_size, fast)
         cfg = self.config
         flip = np.zeros(len(specs), dtype=bool)
         if cfg.abs_margin is not None:
             flip |= np.abs(margins) <= cfg.abs_margin
         if probs is not None:
             flip |= probs >= cfg.probe_threshold
-        unreliant, reasons = self._image_check(specs, findings, margins, batch_size)
+        unreliant, reasons = self._image_check(specs, findings, margins, batch_size, fast)
         out = []
         for i, m in enumerate(margins.tolist()):
             why = [*(("flip-prone",) if flip[i] else ()), *reasons[i]]
@@ -158,7 +179,12 @@ class GuardedVLM(HookedVLM):
         return out
 
     def _image_check(
-        self, specs: Sequence[PromptSpec], findings: Sequence[str] | None, margins: np.ndarray, batch_size: int
+        self,
+        specs: Sequence[PromptSpec],
+        findings: Sequence[str] | None,
+        margins: np.ndarray,
+        batch_size: int,
+        fast: bool,
     ) -> tuple[list[bool | None], list[list[str]]]:
         n = len(specs)
         if self.config.image_check == "off":
@@ -175,7 +201,7 @@ class GuardedVLM(HookedVLM):
                 reasons[i].append(f"no reference film of {findings[i]!r} labelled {other!r}: image reliance unknown")
             second.append(replace(spec, image=pool[0]) if pool else None)
         asked = [i for i, s in enumerate(second) if s is not None]
-        moved, _ = self._margins([second[i] for i in asked], batch_size) if asked else (np.zeros(0), None)
+        moved, _ = self._margins([second[i] for i in asked], batch_size, fast) if asked else (np.zeros(0), None)
         unreliant: list[bool | None] = [None] * n
         for i, m2 in zip(asked, moved.tolist(), strict=True):
             m = float(margins[i])
