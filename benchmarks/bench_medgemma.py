@@ -20,8 +20,9 @@ prompts with each film encoded once and with the tower in every forward (`trace_
 head by head the same two first ways (`head_paths`), caching activations alone in forwards that
 end at their hook against whole forwards (`stream_paths`), and the feature dashboard with each
 film's prompt part before the questions run once against whole prompts, at the SAE's hook and at
-layer 0's attention (`bench_dashboard.dashboard_paths`), and `flipscope guard answer`'s run with
-each film through the tower once against `GuardedVLM.answer` alone (`bench_guard.guard_run_paths`).
+layer 0's attention (`bench_dashboard.dashboard_paths`), and `flipscope guard answer`'s run (each
+film through the tower once, the wordings on their film's cached prefix) against the tower once with
+whole prompts and against `GuardedVLM.answer` alone (`bench_guard.guard_run_paths`).
 Then, also in this process, one film's margins on the shared-prefix path against whole prompts
 (and, with `--bf16` on a CPU with native bf16 matmuls, bfloat16 against float32; `bench_gpu.py`
 makes that comparison on a GPU).
