@@ -144,12 +144,16 @@ def test_each_film_goes_through_the_tower_once(calibrated, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("check", ["opposite", "blank"])
-def test_the_suffix_path_gives_the_whole_prompts_answers_probe_and_flags(calibrated, check: str) -> None:
+def test_the_suffix_path_gives_the_whole_prompts_answers_probe_and_flags(
+    calibrated, check: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`answer(fast=True)` runs each batch's header and film once and the wordings on its cache:
     the margins and the probe's p of whole prompts to float rounding, with fewer tokens through the
-    decoder; every flag the same but where a number sits within that rounding of its threshold."""
+    decoder; every flag the same but where a number sits within that rounding of its threshold.
+    Either way the probe reads the asked prompts' states only, not the image check's."""
     from dataclasses import replace
 
+    from flipscope.interventions import guarded as guarded_module
     from flipscope.interventions.guarded import GuardConfig, GuardedVLM, reference_films
 
     vlm, guard, reference, fresh = calibrated
@@ -162,18 +166,25 @@ def test_the_suffix_path_gives_the_whole_prompts_answers_probe_and_flags(calibra
     questions = load_questions(fresh)[:6]
     specs = [PromptSpec(question=p, image=q.image) for q in questions for p in q.prompts]
     findings = [q.finding for q in questions for _ in q.prompts]
-    tokens = [0]
+    tokens, probed = [0], [0]
 
     def count(module, args, kwargs) -> None:
         tokens[0] += int(kwargs["inputs_embeds"].shape[:2].numel())
+
+    def probe(fitted, x: np.ndarray, apply=guarded_module.apply_probe) -> np.ndarray:
+        probed[0] += len(x)
+        return apply(fitted, x)
+
+    monkeypatch.setattr(guarded_module, "apply_probe", probe)
 
     handle = vlm.hf_model.model.language_model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         runs = {}
         for fast in (False, True):
-            tokens[0] = 0
-            runs[fast] = (guarded.answer(specs, findings, batch_size=16, fast=fast),
-                          guarded._margins(specs, 16, fast), tokens[0])  # fmt: skip
+            tokens[0] = probed[0] = 0
+            answers = guarded.answer(specs, findings, batch_size=16, fast=fast)
+            assert probed[0] == len(specs)
+            runs[fast] = (answers, guarded._margins(specs, 16, fast), tokens[0])
     finally:
         handle.remove()
     (whole, (m0, p0), t0), (fast, (m1, p1), t1) = runs[False], runs[True]

@@ -126,12 +126,12 @@ class GuardedVLM(HookedVLM):
         self.references = {f: {k: [Path(p) for p in v] for k, v in by.items()} for f, by in (references or {}).items()}
 
     def _margins(
-        self, specs: Sequence[PromptSpec], batch_size: int, fast: bool = False
+        self, specs: Sequence[PromptSpec], batch_size: int, fast: bool = False, probe: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Margins (as `score` gives them, or on the suffix path with `fast`) and, with a probe,
-        its p per prompt: one pass."""
+        """Margins (as `score` gives them, or on the suffix path with `fast`) and, with a probe and
+        `probe`, its p per prompt: one pass."""
         margins, probs = [], []
-        hook = None if self.config.probe is None else self.config.probe["hook"]
+        hook = None if self.config.probe is None or not probe else self.config.probe["hook"]
         with torch.no_grad():
             for start in range(0, len(specs), batch_size):
                 chunk = specs[start : start + batch_size]
@@ -201,7 +201,7 @@ class GuardedVLM(HookedVLM):
                 reasons[i].append(f"no reference film of {findings[i]!r} labelled {other!r}: image reliance unknown")
             second.append(replace(spec, image=pool[0]) if pool else None)
         asked = [i for i, s in enumerate(second) if s is not None]
-        moved, _ = self._margins([second[i] for i in asked], batch_size, fast) if asked else (np.zeros(0), None)
+        moved = self._margins([second[i] for i in asked], batch_size, fast, probe=False)[0] if asked else np.zeros(0)
         unreliant: list[bool | None] = [None] * n
         for i, m2 in zip(asked, moved.tolist(), strict=True):
             m = float(margins[i])
