@@ -148,6 +148,7 @@ def test_the_guarded_model_answers_as_the_model_and_flags_by_its_gates(organism_
 
 
 def test_a_guard_composes_with_a_clamp(organism_store) -> None:
+    """The guard answers as the clamped model, on whole prompts bit for bit and on the suffix path."""
     from flipscope.interventions import ClampedVLM
     from flipscope.interventions.guarded import GuardConfig, GuardedVLM
     from flipscope.model.prompts import PromptSpec
@@ -162,6 +163,9 @@ def test_a_guard_composes_with_a_clamp(organism_store) -> None:
     assert margins == clamped.score(clamped.prompts.build(specs)).tolist()
     assert margins != vlm.score(vlm.prompts.build(specs)).tolist()  # the clamp is in force
     assert guarded.identity() == clamped.identity()
+    # on the suffix path the clamp holds in the shared prefix's pass and the wordings' alike
+    fast = [a.margin for a in guarded.answer(specs, fast=True)]
+    assert max(abs(a - b) for a, b in zip(fast, margins, strict=True)) < 1e-4
 
 
 def test_guard_commands_calibrate_and_report_and_refuse_a_run_without_opposite_films(organism_store, tmp_path) -> None:
