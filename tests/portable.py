@@ -80,6 +80,20 @@ def _answers(actual: Mapping[str, Any], expected: Mapping[str, Any], where: str)
     return problems + ([f"{where}.answers: {len(flipped)} differ, e.g. {flipped[:5]}"] if flipped else [])
 
 
+def _decision(actual: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> list[str]:
+    """An effect judged against its random directions (`moves`: |value| beyond the null and the
+    interval clear of 0): the verdict equal, except where a recorded number it was decided by sits
+    within the tolerance of its threshold (then either verdict is the same result)."""
+    e = expected["effect"]
+    near = e is not None and min(abs(abs(e["value"]) - expected["null"]), abs(e["low"]), abs(e["high"])) <= ATOL
+    rest = {k: v for k, v in expected.items() if k != "moves"}
+    got = {k: v for k, v in actual.items() if k != "moves"} if isinstance(actual, Mapping) else actual
+    problems = mismatches(got, rest, where)
+    if isinstance(actual, Mapping) and actual.get("moves") != expected["moves"] and not near:
+        problems.append(f"{where}.moves: {actual.get('moves')!r}, recorded {expected['moves']!r}")
+    return problems
+
+
 def _ranked(actual: list[Any], expected: list[Any], where: str, score: str) -> list[str]:
     """A ranked table: at each place the recorded feature, or one whose recorded score ties with it
     within the tolerance; then each feature's record compared with its recorded one."""
@@ -103,6 +117,8 @@ def mismatches(actual: Any, expected: Any, where: str = "") -> list[str]:
         return _ranked(actual, expected, where, RANKED[where])
     if isinstance(expected, Mapping) and set(expected) == {"keys", "answers", "margins"}:
         return _answers(actual, expected, where)
+    if isinstance(expected, Mapping) and {"moves", "effect", "null"} <= set(expected):
+        return _decision(actual, expected, where)
     if isinstance(expected, bool) or expected is None or isinstance(expected, str):
         return [] if actual == expected else [f"{where}: {actual!r}, recorded {expected!r}"]
     if isinstance(expected, int | float):
