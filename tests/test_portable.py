@@ -44,3 +44,17 @@ def test_a_verdict_decided_within_the_tolerance_of_its_threshold_may_come_out_ei
     # the numbers themselves are still compared
     moved = {"removal": _panel(-0.03, -0.05, 1e-4, 0.01, False)}
     assert mismatches(moved, recorded) == ["removal.effect.value: -0.03, recorded -0.02"]
+
+
+def test_a_printed_decimal_may_round_the_other_way_but_no_word_or_integer_may_differ() -> None:
+    recorded = {"reading": "the first 5 feature(s) recover 0.57 [0.50, 0.64] of the margin"}
+    assert mismatches({"reading": "the first 5 feature(s) recover 0.58 [0.50, 0.63] of the margin"}, recorded) == []
+    for departed in (
+        "the first 5 feature(s) recover 0.59 [0.50, 0.64] of the margin",  # two units
+        "the first 6 feature(s) recover 0.57 [0.50, 0.64] of the margin",  # an integer
+        "the first 5 feature(s) recover 0.570 [0.50, 0.64] of the margin",  # another precision
+        "the first 5 feature(s) recover 0.57 [0.50, 0.64] of the flips",  # a word
+    ):
+        expected = f"reading: {departed!r}, recorded {recorded['reading']!r}"
+        assert mismatches({"reading": departed}, recorded) == [expected]
+    assert mismatches({"v": "moves it −0.12"}, {"v": "moves it -0.11"}) == []  # a printed minus either way
