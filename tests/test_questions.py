@@ -77,7 +77,7 @@ def test_missing_file_and_empty_file(root: Path) -> None:
     with pytest.raises(FlipscopeError, match="does not exist"):
         load_questions(root / "nope.jsonl")
     (root / "empty.jsonl").write_text("\n")
-    with pytest.raises(FlipscopeError, match="no questions found"):
+    with pytest.raises(FlipscopeError, match="no questions found in questions file .*empty.jsonl"):
         load_questions(root / "empty.jsonl")
 
 

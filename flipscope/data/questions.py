@@ -189,7 +189,8 @@ def _check_row(
     )
 
 
-def _collect(rows: Iterable[tuple[str, Any]], image_root: Path | None) -> list[Question]:
+def _collect(rows: Iterable[tuple[str, Any]], image_root: Path | None, empty: str) -> list[Question]:
+    """Every row checked (all problems listed at once); `empty`: the error when there is no row."""
     questions: list[Question] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
@@ -201,7 +202,7 @@ def _collect(rows: Iterable[tuple[str, Any]], image_root: Path | None) -> list[Q
     if problems:
         raise problems_error("the questions", problems)
     if not questions:
-        raise FlipscopeError("no questions found")
+        raise FlipscopeError(empty)
     return questions
 
 
@@ -240,7 +241,8 @@ def load_questions(path: str | Path, image_root: str | Path | None = None) -> li
                 except (json.JSONDecodeError, RecursionError) as err:
                     yield where, _Malformed(str(err) if isinstance(err, json.JSONDecodeError) else "nested too deeply")
 
-    return _collect(rows(), root)
+    empty = f"no questions found in questions file {str(path)!r}: expected one JSON object per line"
+    return _collect(rows(), root, empty)
 
 
 class _Malformed:
@@ -277,4 +279,5 @@ def questions_from_table(
                     row[field] = list(value)
             yield f"{name}:{index}", row
 
-    return _collect(rows(), Path(image_root) if image_root is not None else None)
+    root = Path(image_root) if image_root is not None else None
+    return _collect(rows(), root, f"no questions found in {name}: it has no rows")
