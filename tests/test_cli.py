@@ -67,6 +67,7 @@ def test_the_command_answers_every_wrong_path_or_option_in_one_line(tmp_path: Pa
         ("demo", "--organism", str(tmp_path), "--out", str(tmp_path / "f")): "holds no organism",
         ("organism", "flipbank", "--organism", str(tmp_path), "--out", str(tmp_path / "b")): "holds no organism",
         ("evaluate", "--nope"): "No such option",
+        ("organism", "build", "--config", "nope", "--out", str(tmp_path / "o")): "expected a preset (default",
     }
     for args, message in cases.items():
         monkeypatch.setattr("sys.argv", ["flipscope", *args])
@@ -77,7 +78,7 @@ def test_the_command_answers_every_wrong_path_or_option_in_one_line(tmp_path: Pa
         assert exited.value.code == 2, (args, captured)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, captured.err)
         assert "Traceback" not in captured.out + captured.err
-    assert not (tmp_path / "f").exists() and not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
+    assert not any((tmp_path / name).exists() for name in ("f", "b", "m", "o"))
 
 
 def test_the_quadrant_table_keeps_its_columns_apart_when_a_cell_notes_few_cases(tmp_path: Path) -> None:

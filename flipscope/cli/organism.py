@@ -51,7 +51,9 @@ def _read_config(config: Path | None) -> Any:
             return OrganismConfig.preset(str(config))
         return OrganismConfig.from_dict(json.loads(config.read_bytes().decode("utf-8"))) if config else OrganismConfig()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise typer.BadParameter(f"cannot read {config}: {err}", param_hint="--config") from err
+        known = ", ".join(sorted(PRESETS))
+        msg = f"cannot read {config}: {err}; expected a preset ({known}) or a JSON file of OrganismConfig fields"
+        raise typer.BadParameter(msg, param_hint="--config") from err
     except FlipscopeError as err:
         raise typer.BadParameter(f"{config}: {err}", param_hint="--config") from err
 
