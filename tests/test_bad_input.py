@@ -106,6 +106,13 @@ def _cases(root: Path) -> list[tuple[tuple[str, ...], str]]:
         (("organism", "build", "--config", str(root / "config_list.json"), "--out", out), "is a JSON list; expected an object"),
         (("organism", "build", "--out", str(a_file)), "is a file; expected a folder"),
         (("organism", "flipbank", "--out", str(a_file)), "is a file; expected a folder"),
+        (("trace", "--flipbank", str(BANK), "--batch-size", "0"), "'--batch-size': Input should be greater than or equal to 1"),
+        (("discover", "--flipbank", str(BANK), "--batch-size", "0"), "'--batch-size': Input should be greater than or equal to 1"),
+        (("discover", "--flipbank", str(BANK), "--exact-top", "-1"), "'--exact-top': Input should be greater than or equal to 0"),
+        (("lens", "--flipbank", str(BANK), "--n-random", "0"), "'--n-random': Input should be greater than or equal to 1"),
+        (("curate", "--results", str(root), "--questions", str(QUESTIONS), "--min-margin", "-1", "--out", out), "'--min-margin': Input should be greater than or equal to 0"),
+        (("demo", "--films", "0", "--out", out), "'--films': Input should be greater than or equal to 1"),
+        (("organism", "flipbank", "--n-films", "0", "--out", out), "'--n-films': Input should be greater than or equal to 1"),
     ]  # fmt: skip
 
 
@@ -137,3 +144,17 @@ def test_a_decompression_bomb_is_refused_by_the_image_loader(tmp_path: Path) -> 
     with pytest.raises(FlipscopeError, match="bomb.png' is not a readable image .*decompression bomb"):
         load_image(path)
     assert np.asarray(load_image(BANK.parent / "images" / "film0000.png")).ndim == 3
+
+
+def test_the_library_refuses_what_the_options_refuse(tmp_path: Path) -> None:
+    """A negative margin bound or no films is refused from Python too, not read as a default."""
+    from flipscope.data.curation import CurationRules
+    from flipscope.errors import FlipscopeError
+    from flipscope.organism import OrganismConfig
+    from flipscope.organism.questions import export_questions
+
+    with pytest.raises(FlipscopeError, match="min_margin -0.5 is negative"):
+        CurationRules(min_margin=-0.5)
+    with pytest.raises(FlipscopeError, match="n_films 0: expected at least 1 film"):
+        export_questions(OrganismConfig(), tmp_path / "q", n_films=0)
+    assert len(export_questions(OrganismConfig(), tmp_path / "q", n_films=1).read_text().splitlines()) == 4

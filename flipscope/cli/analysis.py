@@ -43,9 +43,11 @@ def discover(
     saes: Saes = None,
     trace: Trace = None,
     layers: str | None = typer.Option(None, help="Layers of the flip-prediction AUC sweep, e.g. 0,4,8 (default: all)."),
-    top: int = typer.Option(10, help="Features to print."),
-    exact_top: int = typer.Option(50, help="Check attribution against exact ablation of this many features (0: skip)."),
-    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    top: int = typer.Option(10, min=0, help="Features to print."),
+    exact_top: int = typer.Option(
+        50, min=0, help="Check attribution against exact ablation of this many features (0: skip)."
+    ),
+    batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.features.json beside the FlipBank)."),
     dtype: Dtype = "float32",
     device: Device = "cpu",

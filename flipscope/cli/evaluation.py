@@ -75,7 +75,7 @@ def evaluate(
     conditions: str | None = typer.Option(None, help=CONDITIONS_HELP),
     blank: str = typer.Option("gray", help="What 'blank' shows: gray, white or noise (mean 128, sd 64)."),
     swap_match: str = typer.Option("any", help=SWAP_MATCH_HELP),
-    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    batch_size: int = typer.Option(32, min=1, help="Prompts per forward pass."),
     out: Path = typer.Option(..., help="Output directory; rerunning the same command resumes what is there."),
     dtype: Dtype = "float32",
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:1, ..."),
@@ -230,14 +230,16 @@ def curate(
     questions: Path = typer.Option(..., help="The questions JSONL that evaluation ran on."),
     images: Path | None = typer.Option(None, help="Directory for relative image paths (default: beside questions)."),
     out: Path = typer.Option(..., help="FlipBank file to write (e.g. flipbank/mymodel/flipbank.json)."),
-    min_margin: float = typer.Option(0.0, help="Keep flips whose two margins are both at least this far from 0."),
+    min_margin: float = typer.Option(
+        0.0, min=0, help="Keep flips whose two margins are both at least this far from 0."
+    ),
     use_generated: bool = typer.Option(
         False, help="Flip on the keyword-parsed generated answers (both must parse without hedges)."
     ),
     min_similarity: float | None = typer.Option(
         None, help="Keep paraphrases with similarity >= this (rows must carry a 'similarity' value)."
     ),
-    controls_per_flip: int = typer.Option(1, help="Non-flip controls drawn per flip."),
+    controls_per_flip: int = typer.Option(1, min=0, help="Non-flip controls drawn per flip."),
     match: str = typer.Option(
         "family",
         help="Per flip, a non-flip of the same paraphrase family and finding (family: what discovery needs to "

@@ -171,8 +171,10 @@ def _framing_line(card: dict) -> str:
 def organism_flipbank(
     out: Path = typer.Option(..., help="Folder to write films, questions, evaluation and flipbank.json to."),
     organism: OrganismDir = None,
-    n_films: int = typer.Option(40, help="Held-out films to evaluate (4 questions each)."),
-    min_margin: float = typer.Option(0.2, help="Keep flips whose two margins are both at least this far from 0."),
+    n_films: int = typer.Option(40, min=1, help="Held-out films to evaluate (4 questions each)."),
+    min_margin: float = typer.Option(
+        0.2, min=0, help="Keep flips whose two margins are both at least this far from 0."
+    ),
 ) -> None:
     """Evaluate held-out films of an organism and curate its FlipBank (what flipbank/organism holds)."""
     import json
@@ -199,7 +201,9 @@ def demo(
     ),
     organism: OrganismDir = None,
     films: int | None = typer.Option(
-        None, help="Held-out films to evaluate, 4 questions each (default 40; 20 for an organism on a real base)."
+        None,
+        min=1,
+        help="Held-out films to evaluate, 4 questions each (default 40; 20 for an organism on a real base).",
     ),
     png: bool = typer.Option(True, help="Also render PNGs (needs Chromium; skipped with a message if absent)."),
     study: bool = typer.Option(

@@ -19,7 +19,7 @@ def trace(
     flipbank: Flipbank,
     model: BankModel = None,
     layers: str | None = typer.Option(None, help="Layers to restore, e.g. 0,8,17 (default: all)."),
-    max_cases: int = typer.Option(64, help="Flips traced (the bank's first ones); 0 for all."),
+    max_cases: int = typer.Option(64, min=0, help="Flips traced (the bank's first ones); 0 for all."),
     heads: bool = typer.Option(
         False, "--heads", help="Also trace each attention head at the last position, at the layers before the entry."
     ),
@@ -28,7 +28,7 @@ def trace(
         help="Layers whose heads --heads traces, e.g. 0-3 (default: those before the entry layer; all where the trace "
         "names none; none where the framing words do not explain the shift).",
     ),
-    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.trace.json beside the FlipBank)."),
     dtype: Dtype = "float32",
     device: Device = "cpu",
@@ -121,7 +121,9 @@ def lens(
         None, help="Extra hooks to rank-1 patch, e.g. blocks.0.hook_attn_out (each layer's resid_post always)."
     ),
     n_random: int = typer.Option(
-        32, help="The null is the best of this many norm-matched random directions (its expectation, from 8× as many)."
+        32,
+        min=1,
+        help="The null is the best of this many norm-matched random directions (its expectation, from 8× as many).",
     ),
     out: Path | None = typer.Option(None, help="Output JSON (default: <flipbank>.lens.json beside the FlipBank)."),
     dtype: Dtype = "float32",

@@ -64,6 +64,8 @@ class CurationRules:
             raise FlipscopeError(f"control match {self.match!r} is unknown; expected one of {', '.join(MATCHES)}")
         if self.controls_per_flip < 0:
             raise FlipscopeError(f"controls_per_flip {self.controls_per_flip} is negative")
+        if not self.min_margin >= 0:
+            raise FlipscopeError(f"min_margin {self.min_margin} is negative; expected 0 or more (a distance from 0)")
 
     def to_dict(self) -> dict[str, Any]:
         """The rules as a bank records them (banks without `match` predate the option and were

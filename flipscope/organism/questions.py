@@ -71,7 +71,10 @@ def export_questions(
     (out / "images").mkdir(parents=True, exist_ok=True)
     if first < 0:
         raise FlipscopeError(f"first film {first} is negative")
-    films = sample_films(cfg, stream(cfg, STREAM_TEST), first + (n_films or cfg.test_items), SITES[site])[first:]
+    n_films = cfg.test_items if n_films is None else n_films
+    if n_films < 1:
+        raise FlipscopeError(f"n_films {n_films}: expected at least 1 film")
+    films = sample_films(cfg, stream(cfg, STREAM_TEST), first + n_films, SITES[site])[first:]
     prefix = "" if site == "site1" else f"{site}-"
     prompts = [(fam.name, t) for fam in cfg.families for t in range(len(fam.templates))]
     lines = []
