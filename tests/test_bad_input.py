@@ -158,3 +158,7 @@ def test_the_library_refuses_what_the_options_refuse(tmp_path: Path) -> None:
     with pytest.raises(FlipscopeError, match="n_films 0: expected at least 1 film"):
         export_questions(OrganismConfig(), tmp_path / "q", n_films=0)
     assert len(export_questions(OrganismConfig(), tmp_path / "q", n_films=1).read_text().splitlines()) == 4
+    from flipscope.reporting.demo_config import DemoConfig
+
+    with pytest.raises(FlipscopeError, match=r"demo settings: top_k 0 \(at least 1\); layer_stride -1 \(at least 1\)"):
+        DemoConfig(top_k=0, layer_stride=-1)

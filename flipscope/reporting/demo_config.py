@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flipscope.errors import FlipscopeError
+
 __all__ = ["REAL_DEMO", "DemoConfig"]
 
 
@@ -34,6 +36,14 @@ class DemoConfig:
     exact_top: int = 50
     count_top: int = 12
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        least = {"n_films": 1, "top_k": 1, "trace_cases": 1, "layer_stride": 1, "exact_top": 0, "count_top": 1}
+        bad = [f"{k} {getattr(self, k)} (at least {low})" for k, low in least.items() if getattr(self, k) < low]
+        if not self.conditions or not self.clamp_values:
+            bad.append("no conditions or no clamp values (at least one each)")
+        if bad:
+            raise FlipscopeError(f"demo settings: {'; '.join(bad)}")
 
     @classmethod
     def for_organism(cls, card: dict[str, Any], **overrides: Any) -> DemoConfig:
