@@ -9,7 +9,7 @@ import torch
 
 from flipscope.errors import FlipscopeError
 from flipscope.model import HookedVLM, PromptSpec
-from flipscope.model.hook_points import check_activation_hook, is_pattern_hook
+from flipscope.model.hook_points import check_activation_hook, check_positions, is_pattern_hook
 from flipscope.model.hooked import SiteHookPoint as _SiteHookPoint
 
 QUESTIONS = ("Is there an effusion?", "Do you see any pleural effusion in this film?", "Are the lungs clear?")
@@ -125,6 +125,25 @@ def test_cache_positions_store_only_the_selection(vlm: HookedVLM, mixed_batch) -
     assert last[name].untyped_storage().nbytes() == last[name].numel() * last[name].element_size()
     assert torch.equal(some[name], full[name][:, [-3, -1]])
     assert torch.equal(per_row[name], torch.stack([full[name][i, r] for i, r in enumerate(rows.tolist())]))
+
+
+@pytest.mark.parametrize("positions", ["middle", 1.5, [0, "x"], True, {"a": 1}])
+def test_positions_it_cannot_index_with_are_refused_before_the_forward(vlm: HookedVLM, mixed_batch, positions) -> None:
+    """The check names what it expected; through `run_with_cache` the suite's runtime type check
+    may refuse first, and either way no forward has run."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises(FlipscopeError, match=r"positions .*: expected an int, 'last', a slice, a list of ints"):
+        check_positions(positions)
+    _, batch = mixed_batch
+    calls = []
+    handle = vlm.hf_model.model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises((FlipscopeError, TypeCheckError)):
+            vlm.run_with_cache(batch, names_filter="blocks.1.hook_resid_post", positions=positions)
+    finally:
+        handle.remove()
+    assert not calls
 
 
 def test_editing_hook_moves_margin(vlm: HookedVLM, mixed_batch) -> None:

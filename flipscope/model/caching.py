@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from flipscope.model.hook_points import Positions, is_pattern_hook, is_text_hook, select_positions
+from flipscope.model.hook_points import Positions, check_positions, is_pattern_hook, is_text_hook, select_positions
 
 __all__ = ["FIRST_TEXT_HOOK", "Recorder", "StopForward", "selected_names"]
 
@@ -61,6 +61,7 @@ class Recorder:
         *,
         stop: bool = False,
     ) -> None:
+        check_positions(positions)
         self.names, self.positions, self.device, self.stop = list(names), positions, device, stop
         self.cache: dict[str, Tensor] = {}
         self._waiting = set(self.names)

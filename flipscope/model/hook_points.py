@@ -11,6 +11,7 @@ hook that returns a changed pattern raises instead of changing nothing.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ __all__ = [
     "Positions",
     "SiteHookPoint",
     "check_activation_hook",
+    "check_positions",
     "describe_names",
     "is_pattern_hook",
     "is_text_hook",
@@ -145,6 +147,25 @@ def check_activation_hook(vlm: Any, hook: str) -> None:
             f"{hook} is an attention pattern [batch head query key], not an activation with a width an SAE, a pair "
             f"or a probe reads: use {hook.replace('hook_pattern', 'hook_z')} (the heads' outputs) or "
             f"{hook.replace('attn.hook_pattern', 'hook_attn_out')}"
+        )
+
+
+def check_positions(positions: Any) -> None:
+    """Refuse, before any forward, a `positions` that `select_positions` cannot index with (typed
+    `Any`: it is the check, so it takes whatever a caller passed)."""
+    if (
+        positions is None
+        or isinstance(positions, slice | Tensor)
+        or (isinstance(positions, str) and positions == "last")
+    ):
+        return
+    try:
+        items = [positions] if isinstance(positions, str | numbers.Number) else list(positions)
+    except TypeError:
+        items = [positions]
+    if not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in items):
+        raise FlipscopeError(
+            f"positions {positions!r}: expected an int, 'last', a slice, a list of ints or a per-row index tensor"
         )
 
 
